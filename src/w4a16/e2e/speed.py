@@ -1,0 +1,442 @@
+"""End-to-end speed on a Llama-3-8B-shaped model: fp16 vs W4A16, on a GPU.
+
+The model is transformers' ``LlamaForCausalLM`` built from a config written here (Llama-3-8B's
+dimensions; ``layers`` shrinks it) with random weights in fp16 on the device: nothing is
+downloaded. The same model is measured in fp16, then quantized in place with
+:func:`w4a16.quantize_model` (``lm_head`` left in fp16) and measured again:
+
+* prefill: one forward over ``prefill_tokens`` tokens (batch 1, no KV cache) and the
+  ``lm_head`` of the last position, eager, median of a few runs;
+* decode: one token for each of ``batch`` sequences on a static KV cache (transformers'
+  ``StaticCache``, ``context`` slots) after a prompt, captured once as a CUDA graph and replayed;
+  tokens/s = batch / step time. Manual capture rather than ``torch.compile(mode=
+  "reduce-overhead")``: no compile time (the run must fit in minutes), the same code on every
+  transformers version, and a failure is an exception at capture, not a silent fallback. If
+  capture fails the step is timed eagerly and the table says so;
+* weight memory: bytes of the parameters and buffers, and ``torch.cuda.memory_allocated``.
+
+Checks that stop the run (RuntimeError) before anything is timed:
+* the W4A16 model's logits on a prompt match the same model computing with its dequantized
+  weights (``F.linear``), so the kernels are right on every layer of the real model; the
+  top-1 agreement and relative error against the fp16 model are reported;
+* one replayed decode step matches a full forward over prompt + token (graph and cache right);
+* no logit is NaN or Inf.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False)
+KERNEL_TOL = 2e-2   # W4A16 model vs its own dequantized weights, relative Frobenius error of logits
+GRAPH_TOL = 3e-2    # replayed decode step vs a full forward (different GEMM shapes, fp16)
+FP16_TOL = 1.0      # W4A16 vs fp16 model: beyond this it predicts worse than all-zero logits
+
+
+@dataclass
+class DecodeSpeed:
+    """One decode measurement: ``batch`` sequences, one token each per step."""
+
+    batch: int
+    step_ms: float
+    tokens_per_s: float
+    mode: str            # "cuda-graph" or "eager"
+    graph_check: float   # relative error of a replayed step vs a full forward
+    note: str = ""
+
+
+@dataclass
+class ModelSpeed:
+    name: str
+    weight_bytes: int            # parameters + buffers
+    memory_allocated: int        # torch.cuda.memory_allocated() with the model alone (0 on CPU)
+    prefill_ms: float
+    decode: List[DecodeSpeed] = field(default_factory=list)
+
+
+@dataclass
+class SpeedResult:
+    config: Dict[str, object]
+    device: str
+    versions: Dict[str, str]
+    check: Dict[str, float]      # top1_vs_fp16, rel_err_vs_fp16, rel_err_vs_dequantized
+    models: List[ModelSpeed] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------- model
+def llama_dims(layers: Optional[int] = None, **overrides) -> Dict[str, object]:
+    """Llama-3-8B's dimensions, with ``layers`` decoder layers and any field overridden."""
+    dims = dict(LLAMA3_8B, **overrides)
+    if layers is not None:
+        dims["num_hidden_layers"] = int(layers)
+    return dims
+
+
+def llama_config(dims: Dict[str, object]):
+    """transformers.LlamaConfig from :func:`llama_dims` (rope_theta lands in ``rope_parameters`` on
+    transformers 5), SDPA attention."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(**dims)
+    theta = getattr(cfg, "rope_parameters", None) or {"rope_theta": getattr(cfg, "rope_theta", None)}
+    if theta.get("rope_theta") != dims["rope_theta"]:
+        raise RuntimeError(f"LlamaConfig: rope_theta expected {dims['rope_theta']}, got {theta}")
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def build_model(config, device: str = "cuda", dtype: torch.dtype = torch.float16, seed: int = 0):
+    """A ``LlamaForCausalLM`` with transformers' random init (normal, std ``initializer_range``),
+    created directly on ``device`` in ``dtype``; eval mode."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer (shared tensors once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+def _finite(t: torch.Tensor, what: str) -> torch.Tensor:
+    if not bool(torch.isfinite(t).all()):
+        raise RuntimeError(f"{what}: logits contain NaN or Inf")
+    return t
+
+
+@torch.no_grad()
+def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    """ids int64 [B, T] -> fp32 logits [B, T, V] on the CPU."""
+    return _finite(model(input_ids=ids, use_cache=False).logits.float().cpu(), "forward")
+
+
+@contextlib.contextmanager
+def dequantized_weights(model):
+    """Within the block every W4A16Linear computes ``F.linear(x, W, bias)`` with its dequantized W."""
+    from ..nn import W4A16Linear
+
+    mods = [m for m in model.modules() if isinstance(m, W4A16Linear)]
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight_q.dequantize(x.dtype), self.bias)
+
+    for m in mods:
+        m.forward = forward.__get__(m)
+    try:
+        yield len(mods)
+    finally:
+        for m in mods:
+            del m.forward
+
+
+# ---------------------------------------------------------------------- timing
+def _timer(device: str) -> Callable[[Callable[[], object], int], float]:
+    """time_ms(fn, iters): mean ms of ``iters`` back-to-back calls (CUDA events on a GPU)."""
+    def cuda_ms(fn, iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / iters
+
+    def cpu_ms(fn, iters):
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t) * 1e3 / iters
+
+    return cuda_ms if str(device).startswith("cuda") else cpu_ms
+
+
+@torch.no_grad()
+def prefill_ms(model, tokens: int, device: str, iters: int = 3, seed: int = 1) -> float:
+    """Median ms of one forward over [1, tokens] (no cache) plus lm_head on the last position."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=g).to(device)
+
+    def run():
+        h = model.model(input_ids=ids, use_cache=False).last_hidden_state
+        return model.lm_head(h[:, -1])
+
+    _finite(run(), "prefill")
+    time_ms = _timer(device)
+    return statistics.median(time_ms(run, 1) for _ in range(iters))
+
+
+class StaticDecoder:
+    """One decode step of ``model`` for ``batch`` sequences on a transformers StaticCache.
+
+    Inputs live in static tensors (``ids`` int64 [batch, 1], positions) so the step can be
+    captured as a CUDA graph. Works with the cache passed as ``past_key_values`` (+ an explicit
+    ``cache_position``, transformers 4.x) or as ``cache`` (positions kept by the cache, 5.x).
+    """
+
+    def __init__(self, model, batch: int, context: int, prompt_len: int, device: str):
+        from transformers import StaticCache
+
+        self.model, self.batch, self.prompt_len, self.device = model, batch, prompt_len, device
+        dtype = next(model.parameters()).dtype
+        try:
+            self.cache = StaticCache(config=model.config, max_batch_size=batch, max_cache_len=context,
+                                     device=device, dtype=dtype)
+        except TypeError:
+            self.cache = StaticCache(config=model.config, max_cache_len=context)
+        params = inspect.signature(model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.explicit_position = "cache_position" in params
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.kwargs = {self.cache_kw: self.cache, "use_cache": True,
+                       "position_ids": torch.full((batch, 1), prompt_len, dtype=torch.long, device=device)}
+        if self.explicit_position:
+            self.kwargs["cache_position"] = torch.tensor([prompt_len], device=device)
+        self.graph, self.out, self.used = None, None, False
+
+    @torch.no_grad()
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        """prompt int64 [batch, prompt_len]: reset the cache, fill it; -> last logits [batch, V]."""
+        if self.used:
+            self.cache.reset()
+        self.used = True
+        P = prompt.shape[1]
+        pos = torch.arange(P, device=self.device)
+        kw = {self.cache_kw: self.cache, "use_cache": True, "position_ids": pos.expand(self.batch, P)}
+        if self.explicit_position:
+            kw["cache_position"] = pos
+        return self.model(input_ids=prompt, **kw).logits[:, -1]
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """Decode ``self.ids`` at position prompt_len -> logits [batch, V] (eager)."""
+        return self.model(input_ids=self.ids, **self.kwargs).logits[:, -1]
+
+    def capture(self, warmup: int = 3) -> None:
+        """Record :meth:`step` as a CUDA graph (after ``warmup`` eager steps on a side stream)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                self.step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.step()
+        self.graph, self.out = graph, out
+
+    def run(self) -> torch.Tensor:
+        if self.graph is None:
+            return self.step()
+        self.graph.replay()
+        return self.out
+
+
+@torch.no_grad()
+def decode_speed(model, batch: int, device: str, context: int = 256, prompt_len: int = 32, iters: int = 50,
+                 warmup: int = 5, use_graph: bool = True, seed: int = 2, say=print) -> DecodeSpeed:
+    """Time one decode step for ``batch`` sequences; checks a replay against a full forward first."""
+    if prompt_len + 3 + warmup + iters + 1 > context:
+        raise ValueError(f"context: expected >= prompt_len + warmup + iters + 4 = "
+                         f"{prompt_len + warmup + iters + 4}, got {context}")
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
+    dec = StaticDecoder(model, batch, context, prompt_len, device)
+    dec.prefill(prompt)
+    dec.ids.copy_(torch.randint(0, vocab, (batch, 1), generator=g).to(device))
+    mode, note = "eager", ""
+    if not str(device).startswith("cuda"):
+        note = "no CUDA device: eager steps"
+    elif use_graph:
+        try:
+            dec.capture()
+            mode = "cuda-graph"
+        except Exception as e:  # reported in the table and the JSON, never hidden
+            note = f"CUDA graph capture failed, eager steps timed instead: {type(e).__name__}: {e}"
+            say(f"WARNING: batch {batch}: {note}")
+            dec.graph = None
+            torch.cuda.synchronize()
+    dec.prefill(prompt)
+    got = _finite(dec.run().float(), f"decode batch {batch}")
+    want = logits_of(model, torch.cat([prompt, dec.ids], dim=1))[:, -1].to(got.device)
+    err = _rel(got, want)
+    if err > GRAPH_TOL:
+        raise RuntimeError(f"decode batch {batch} ({mode}): logits differ from a full forward, "
+                           f"relative error {err:.3g} > {GRAPH_TOL}")
+    time_ms = _timer(device)
+    time_ms(dec.run, warmup)
+    ms = time_ms(dec.run, iters)
+    return DecodeSpeed(batch, ms, batch * 1e3 / ms, mode, err, note)
+
+
+# ---------------------------------------------------------------------- the run
+def _versions() -> Dict[str, str]:
+    import importlib.metadata
+
+    from .. import __version__
+
+    out = {"torch": torch.__version__, "w4a16": __version__}
+    for pkg in ("transformers", "triton"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _measure(name, model, device, batches, prefill_tokens, decode_kw, say) -> ModelSpeed:
+    mem = torch.cuda.memory_allocated() if str(device).startswith("cuda") else 0
+    say(f"{name}: prefill {prefill_tokens} tokens ...")
+    ms = ModelSpeed(name, weight_bytes(model), mem, prefill_ms(model, prefill_tokens, device))
+    for b in batches:
+        say(f"{name}: decode batch {b} ...")
+        ms.decode.append(decode_speed(model, b, device, say=say, **decode_kw))
+    return ms
+
+
+def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), prefill_tokens: int = 2048,
+              group_size: int = 128, symmetric: bool = True, device: str = "cuda", context: int = 256,
+              iters: int = 50, verify_tokens: int = 64, use_graph: bool = True, config_overrides=None,
+              print_fn: Optional[Callable[[str], None]] = print) -> SpeedResult:
+    """Measure fp16 and W4A16 on the Llama-3-8B shape (see the module docstring).
+
+    Args:
+        layers: decoder layers (default 32); batches: decode batch sizes;
+        prefill_tokens: prompt length timed for prefill; group_size / symmetric: quantization;
+        device: "cuda" (timings) or "cpu" (structure only: no graphs, times meaningless);
+        context: KV cache slots (decode attends over all of them); iters: timed decode steps;
+        verify_tokens: prompt length of the logits check; use_graph: False times eager steps;
+        config_overrides: dict of LlamaConfig fields (e.g. a tiny model for tests).
+    Returns:
+        SpeedResult; raises RuntimeError if a check fails.
+    """
+    from ..model import quantize_model
+
+    say = print_fn or (lambda s: None)
+    dims = llama_dims(layers, **(config_overrides or {}))
+    config = llama_config(dims)
+    t0 = time.perf_counter()
+    model = build_model(config, device)
+    say(f"built Llama ({dims['num_hidden_layers']} layers, hidden {dims['hidden_size']}) on {device} "
+        f"in {time.perf_counter() - t0:.1f} s")
+    g = torch.Generator().manual_seed(3)
+    vids = torch.randint(0, config.vocab_size, (1, verify_tokens), generator=g).to(device)
+    ref = logits_of(model, vids)
+    decode_kw = dict(context=context, iters=iters, use_graph=use_graph)
+    dev_name = torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu"
+    result = SpeedResult(dict(dims, group_size=group_size, symmetric=symmetric, prefill_tokens=prefill_tokens,
+                              context=context, verify_tokens=verify_tokens), dev_name, _versions(), {})
+    result.models.append(_measure("fp16", model, device, batches, prefill_tokens, decode_kw, say))
+
+    t0 = time.perf_counter()
+    report = quantize_model(model, group_size=group_size, symmetric=symmetric, skip=("lm_head",),
+                            dtype=torch.float16, progress=False)
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    say(f"{report} in {time.perf_counter() - t0:.1f} s")
+    if not report.replaced:
+        raise RuntimeError("quantize_model replaced no layer")
+    got = logits_of(model, vids)
+    with dequantized_weights(model):
+        deq = logits_of(model, vids)
+    result.check = {"top1_vs_fp16": float((got.argmax(-1) == ref.argmax(-1)).double().mean()),
+                    "rel_err_vs_fp16": _rel(got, ref), "rel_err_vs_dequantized": _rel(got, deq),
+                    "layers_quantized": len(report.replaced)}
+    say("W4A16 logits on a {}-token prompt: top-1 agreement with fp16 {top1_vs_fp16:.3f}, relative error "
+        "{rel_err_vs_fp16:.3g}; vs its own dequantized weights {rel_err_vs_dequantized:.3g}"
+        .format(verify_tokens, **result.check))
+    if result.check["rel_err_vs_dequantized"] > KERNEL_TOL:
+        raise RuntimeError(f"W4A16 model disagrees with its dequantized weights: relative error "
+                           f"{result.check['rel_err_vs_dequantized']:.3g} > {KERNEL_TOL}")
+    if result.check["rel_err_vs_fp16"] > FP16_TOL:
+        raise RuntimeError(f"W4A16 model far from the fp16 model: relative error "
+                           f"{result.check['rel_err_vs_fp16']:.3g} > {FP16_TOL}")
+    name = f"w4a16 g{group_size} {'sym' if symmetric else 'asym'}"
+    result.models.append(_measure(name, model, device, batches, prefill_tokens, decode_kw, say))
+    say(format_speed(result))
+    return result
+
+
+# ---------------------------------------------------------------------- output
+def format_speed(result: SpeedResult) -> str:
+    """A markdown table: one row per model and a speed-up row (fp16 / W4A16)."""
+    from ..model import format_bytes
+
+    batches = [d.batch for d in result.models[0].decode]
+    c = result.config
+    head = (f"Llama-3-8B shape, {c['num_hidden_layers']} layers, {result.device} "
+            f"(torch {result.versions['torch']}, transformers {result.versions['transformers']}, "
+            f"triton {result.versions['triton']}); decode on a {c['context']}-slot KV cache")
+    cols = ["model", "weights", f"prefill {c['prefill_tokens']} ms"] + [f"decode b={b} tok/s" for b in batches]
+    lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for m in result.models:
+        dec = [f"{d.tokens_per_s:.1f}" + ("" if d.mode == "cuda-graph" else f" ({d.mode})") for d in m.decode]
+        lines.append("| " + " | ".join([m.name, format_bytes(m.weight_bytes), f"{m.prefill_ms:.2f}"] + dec) + " |")
+    if len(result.models) == 2:
+        a, b = result.models
+        ratio = [f"{a.weight_bytes / b.weight_bytes:.2f}x smaller", f"{a.prefill_ms / b.prefill_ms:.2f}x"]
+        ratio += [f"{db.tokens_per_s / da.tokens_per_s:.2f}x" for da, db in zip(a.decode, b.decode)]
+        lines.append("| W4A16 / fp16 | " + " | ".join(ratio) + " |")
+    notes = [f"b={d.batch} {m.name}: {d.note}" for m in result.models for d in m.decode if d.note]
+    return "\n".join(lines + [f"note: {n}" for n in notes])
+
+
+def write_json(result: SpeedResult, out_dir: str) -> str:
+    """Write ``speed.json`` into ``out_dir`` (created); returns its path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "speed.json")
+    with open(path, "w") as f:
+        json.dump(asdict(result), f, indent=2)
+    return path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> SpeedResult:
+    p = argparse.ArgumentParser(description="fp16 vs W4A16 on a Llama-3-8B-shaped model (random weights)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default 32)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="decode batch sizes")
+    p.add_argument("--prefill-tokens", type=int, default=2048)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--asym", action="store_true", help="asymmetric (zero points) instead of symmetric")
+    p.add_argument("--context", type=int, default=256, help="KV cache slots for decode")
+    p.add_argument("--iters", type=int, default=50, help="timed decode steps")
+    p.add_argument("--no-graph", action="store_true", help="time eager decode steps")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default=None, help="folder for speed.json")
+    a = p.parse_args(argv)
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("no CUDA device: this benchmark needs a GPU (--device cpu only checks that it runs)")
+    result = run_speed(a.layers, a.batches, a.prefill_tokens, a.group_size, not a.asym, a.device, a.context,
+                       a.iters, use_graph=not a.no_graph)
+    if a.out:
+        print(f"wrote {write_json(result, a.out)}")
+    return result

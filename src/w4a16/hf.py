@@ -1,0 +1,297 @@
+"""Load a Hugging Face style 4-bit checkpoint directory into a model of ``nn.Linear`` layers.
+
+The directory holds ``config.json`` (with ``quantization_config``) and either ``model.safetensors``
+or ``model.safetensors.index.json`` plus its shards. Only safetensors is read (nothing is
+unpickled). Supported ``quantization_config`` (anything else raises :class:`W4A16Error` naming the
+field, the expected and the actual value):
+
+    quant_method "gptq"                bits 4; checkpoint_format "gptq" (v1) or "gptq_v2";
+                                       sym and desc_act any (act-order via g_idx)
+    quant_method "awq"                 bits 4; version "gemm"
+    quant_method "compressed-tensors"  format "pack-quantized"; every config group: weights
+                                       num_bits 4, type "int", strategy "group" or "channel",
+                                       no input_activations quantization
+
+Quantized layer tensors (``prefix`` = the Linear's module name):
+    GPTQ / AWQ          {prefix}.qweight, .qzeros, .scales, [.g_idx (GPTQ)], [.bias]
+    compressed-tensors  {prefix}.weight_packed, .weight_scale, .weight_shape,
+                        [.weight_zero_point], [.weight_g_idx], [.bias]
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from . import formats, spec
+from .errors import W4A16Error, expect, fail
+from .model import QuantizationReport, linear_weight_bytes
+from .nn import W4A16Linear
+from .weight import QuantizedWeight
+
+METHODS = ("gptq", "awq", "compressed-tensors")
+MARKER = {"gptq": "qweight", "awq": "qweight", "compressed-tensors": "weight_packed"}
+PARTS = {
+    "gptq": ("qweight", "qzeros", "scales", "g_idx"),
+    "awq": ("qweight", "qzeros", "scales"),
+    "compressed-tensors": ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx"),
+}
+OPTIONAL = {"g_idx", "weight_zero_point", "weight_g_idx"}
+QC = "quantization_config"
+
+
+# ---------------------------------------------------------------------- configuration
+def read_quantization_config(path: Union[str, os.PathLike]) -> dict:
+    """``config.json["quantization_config"]`` of the checkpoint directory ``path``."""
+    cfg_path = Path(path) / "config.json"
+    expect(cfg_path.is_file(), "path", "a directory with config.json", os.fspath(path))
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        fail("config.json", "valid JSON", f"a parse error ({e})")
+    qc = cfg.get(QC) if isinstance(cfg, dict) else None
+    expect(isinstance(qc, dict), f"config.json {QC}", "a JSON object", type(qc).__name__ if qc is not None
+           else "none (not a quantized checkpoint)")
+    return qc
+
+
+def parse_quantization_config(qc: dict) -> Tuple[str, dict]:
+    """Check ``qc`` is a supported 4-bit configuration; return (quant_method, options) where
+    options has ``group_size`` (GPTQ/AWQ; None when not given or compressed-tensors), and for
+    GPTQ ``checkpoint_format`` and ``desc_act``."""
+    method = str(qc.get("quant_method", "")).lower()
+    expect(method in METHODS, f"{QC}.quant_method", f"one of {METHODS}", repr(qc.get("quant_method")))
+    if method == "compressed-tensors":
+        _check_compressed_tensors(qc)
+        return method, {"group_size": None}
+    bkey = "bits" if "bits" in qc or "w_bit" not in qc else "w_bit"
+    expect(qc.get(bkey) == 4, f"{QC}.{bkey}", 4, qc.get(bkey))
+    gkey = "group_size" if "group_size" in qc or "q_group_size" not in qc else "q_group_size"
+    group_size = qc.get(gkey)
+    expect(group_size is None or group_size in spec.SUPPORTED_GROUP_SIZES, f"{QC}.{gkey}",
+           f"one of {spec.SUPPORTED_GROUP_SIZES}", group_size)
+    if method == "awq":
+        version = str(qc.get("version", "gemm")).lower()
+        expect(version == "gemm", f"{QC}.version", "'gemm'", repr(qc.get("version")))
+        return method, {"group_size": group_size}
+    expect(not qc.get("is_marlin_format", False), f"{QC}.is_marlin_format", False, qc.get("is_marlin_format"))
+    fkey = "checkpoint_format" if "checkpoint_format" in qc or "format" not in qc else "format"
+    ckpt_format = str(qc.get(fkey, "gptq")).lower()
+    expect(ckpt_format in formats.gptq.CHECKPOINT_FORMATS, f"{QC}.{fkey}",
+           f"one of {formats.gptq.CHECKPOINT_FORMATS}", repr(qc.get(fkey)))
+    return method, {"group_size": group_size, "checkpoint_format": ckpt_format,
+                    "desc_act": bool(qc.get("desc_act", False))}
+
+
+def _check_compressed_tensors(qc: dict) -> None:
+    groups = qc.get("config_groups")
+    expect(isinstance(groups, dict) and groups, f"{QC}.config_groups", "a non-empty JSON object", groups)
+    for name, grp in groups.items():
+        arg = f"{QC}.config_groups.{name}"
+        expect(isinstance(grp, dict), arg, "a JSON object", grp)
+        fkey = f"{arg}.format" if grp.get("format") else f"{QC}.format"
+        fmt = grp.get("format") or qc.get("format")
+        expect(fmt == "pack-quantized", fkey, "'pack-quantized'", repr(fmt))
+        w = grp.get("weights")
+        expect(isinstance(w, dict), f"{arg}.weights", "a JSON object", w)
+        expect(w.get("num_bits") == 4, f"{arg}.weights.num_bits", 4, w.get("num_bits"))
+        expect(w.get("type", "int") == "int", f"{arg}.weights.type", "'int'", repr(w.get("type")))
+        expect(w.get("strategy") in ("group", "channel"), f"{arg}.weights.strategy", "'group' or 'channel'",
+               repr(w.get("strategy")))
+        if w.get("strategy") == "group":
+            expect(w.get("group_size") in spec.SUPPORTED_GROUP_SIZES, f"{arg}.weights.group_size",
+                   f"one of {spec.SUPPORTED_GROUP_SIZES}", w.get("group_size"))
+        expect(grp.get("input_activations") is None, f"{arg}.input_activations",
+               "None (weight-only quantization)", grp.get("input_activations"))
+
+
+# ---------------------------------------------------------------------- tensors on disk
+def checkpoint_files(path: Union[str, os.PathLike]) -> List[Path]:
+    """The safetensors files of the checkpoint directory: the index's shards or model.safetensors."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        expect(isinstance(weight_map, dict), "model.safetensors.index.json weight_map", "a JSON object",
+               type(weight_map).__name__)
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        for f in files:
+            expect(f.is_file(), "model.safetensors.index.json shard", "an existing file", f.name)
+        return files
+    single = path / "model.safetensors"
+    expect(single.is_file(), "path", "a directory with model.safetensors or model.safetensors.index.json",
+           os.fspath(path))
+    return [single]
+
+
+class _Tensors:
+    """Lazy access to the tensors of a set of safetensors files (kept open inside a ``with``)."""
+
+    def __init__(self, files: List[Path]):
+        self.files = files
+        self.handles: list = []
+        self.where: Dict[str, int] = {}  # key -> index of its file
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "_Tensors":
+        for i, f in enumerate(self.files):
+            handle = self._stack.enter_context(safe_open(os.fspath(f), framework="pt", device="cpu"))
+            self.handles.append(handle)
+            for key in handle.keys():
+                self.where[key] = i
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.handles[self.where[key]].get_tensor(key)
+
+    def keys_by_file(self) -> List[List[str]]:
+        out: List[List[str]] = [[] for _ in self.files]
+        for key, i in self.where.items():
+            out[i].append(key)
+        return out
+
+
+# ---------------------------------------------------------------------- loading
+def _build_weight(method: str, opts: dict, t: Dict[str, torch.Tensor]) -> QuantizedWeight:
+    if method == "gptq":
+        return formats.from_gptq(t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"),
+                                 checkpoint_format=opts["checkpoint_format"])
+    if method == "awq":
+        return formats.from_awq(t["qweight"], t["qzeros"], t["scales"])
+    return formats.from_compressed_tensors(t["weight_packed"], t["weight_scale"], t["weight_shape"],
+                                           t.get("weight_zero_point"), t.get("weight_g_idx"))
+
+
+def _target_module(model: nn.Module, prefix: str) -> Optional[nn.Module]:
+    try:
+        module = model.get_submodule(prefix)
+    except AttributeError:
+        return None
+    expect(isinstance(module, nn.Linear), f"model module {prefix!r}", "an nn.Linear (the checkpoint quantizes it)",
+           type(module).__name__)
+    return module
+
+
+def _quantized_layer(model, prefix, method, opts, ckpt: _Tensors, dtype, report) -> Optional[W4A16Linear]:
+    """Build the W4A16Linear for ``prefix`` (None when the model has no such module)."""
+    module = _target_module(model, prefix)
+    if module is None:
+        return None
+    tensors = {p: ckpt.get(f"{prefix}.{p}") for p in PARTS[method] if f"{prefix}.{p}" in ckpt}
+    for p in PARTS[method]:
+        expect(p in tensors or p in OPTIONAL, f"{prefix}.{p}", "a tensor in the checkpoint", "none")
+    expect("g_idx" in tensors or not opts.get("desc_act"), f"{prefix}.g_idx",
+           "a tensor in the checkpoint (desc_act is true)", "none")
+    try:
+        w = _build_weight(method, opts, tensors)
+    except W4A16Error as e:
+        raise W4A16Error(f"{prefix}: {e}") from e
+    N, K = module.out_features, module.in_features
+    expect(w.shape == (N, K), f"{prefix}.{MARKER[method]}", f"a weight of shape (N, K) = {(N, K)} (the model's)",
+           w.shape)
+    g_cfg = opts.get("group_size")
+    if g_cfg is not None:
+        expect(w.group_size_effective == (K if g_cfg == -1 else g_cfg), f"{prefix}.scales",
+               f"groups of {g_cfg} (quantization_config.group_size)", f"groups of {w.group_size_effective}")
+    target = dtype or (module.weight.dtype if module.weight.dtype in spec.ACTIVATION_DTYPES else w.dtype)
+    device = torch.device("cpu") if module.weight.is_meta else module.weight.device
+    w = QuantizedWeight.from_plain(w.qweight.to(device), w.scales.to(device, target),
+                                   None if w.zeros is None else w.zeros.to(device, target),
+                                   w.group_size, None if w.perm is None else w.perm.to(device))
+    bias = ckpt.get(f"{prefix}.bias") if f"{prefix}.bias" in ckpt else None
+    if module.bias is None and bias is not None and bool((bias != 0).any()):
+        report.unexpected_keys.append(f"{prefix}.bias")
+    if module.bias is not None and bias is None:
+        report.missing_keys.append(f"{prefix}.bias")
+        bias = module.bias.detach()
+    return W4A16Linear.from_quantized(w, bias if module.bias is not None else None)
+
+
+def _load_rest(model: nn.Module, ckpt: _Tensors, used: set, report: QuantizationReport) -> set:
+    """Load every unused checkpoint tensor whose key the model has (one file at a time, like
+    ``load_state_dict(strict=False)``); others go to ``report.unexpected_keys``. Returns the keys loaded."""
+    own = model.state_dict(keep_vars=True)
+    loaded: set = set()
+    for keys in ckpt.keys_by_file():
+        chunk = {}
+        for key in sorted(keys):
+            if key in used:
+                continue
+            if key not in own:
+                report.unexpected_keys.append(key)
+                continue
+            t = ckpt.get(key)
+            expect(tuple(t.shape) == tuple(own[key].shape), key, f"shape {tuple(own[key].shape)} (the model's)",
+                   tuple(t.shape))
+            chunk[key] = t
+        if chunk:
+            model.load_state_dict(chunk, strict=False)
+            loaded.update(chunk)
+    return loaded
+
+
+def load_pretrained_quantized(model: nn.Module, path: Union[str, os.PathLike],
+                              dtype: Optional[torch.dtype] = None) -> QuantizationReport:
+    """Load the 4-bit checkpoint directory ``path`` into ``model``, in place.
+
+    Every ``nn.Linear`` whose quantized tensors the checkpoint holds (matched by module name) is
+    replaced by a :class:`W4A16Linear` (with the checkpoint's bias, if any); every other tensor of
+    the checkpoint is copied into the model as ``model.load_state_dict(..., strict=False)`` would.
+
+    Args:
+        model: the float model the checkpoint was made from (any device but meta); modified in place.
+        path: the checkpoint directory (config.json + model.safetensors or an index and shards).
+        dtype: fp16/bf16 for the new layers' scales, zeros and bias; default each Linear's dtype
+            when that is fp16/bf16, else the checkpoint's scales dtype.
+
+    Returns:
+        QuantizationReport: replaced layers, Linear layers left alone (no quantized tensors),
+        weight bytes before/after, and the missing / unexpected checkpoint keys.
+    """
+    expect(isinstance(model, nn.Module), "model", "a torch.nn.Module", type(model).__name__)
+    if dtype is not None:
+        expect(dtype in spec.ACTIVATION_DTYPES, "dtype", "torch.float16 or torch.bfloat16", dtype)
+    method, opts = parse_quantization_config(read_quantization_config(path))
+    report = QuantizationReport()
+    suffix = "." + MARKER[method]
+    with _Tensors(checkpoint_files(path)) as ckpt:
+        prefixes = [k[: -len(suffix)] for k in sorted(ckpt.where) if k.endswith(suffix)]
+        expect(bool(prefixes), "checkpoint", f"tensors named '*{suffix}' ({method})", "none")
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        prefixes.sort(key=lambda p: (order.get(p, len(order)), p))
+        # build every layer first, so that a bad tensor leaves the model untouched
+        built = [(p, _quantized_layer(model, p, method, opts, ckpt, dtype, report)) for p in prefixes]
+        built = [(p, new) for p, new in built if new is not None]
+        expect(bool(built), "checkpoint tensor names",
+               f"quantized layers named after the model's modules (e.g. {prefixes[0]!r})", "none matching")
+        used: set = set()
+        for prefix, new in built:
+            parent_name, _, attr = prefix.rpartition(".")
+            old = model.get_submodule(prefix)
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+            report.replaced.append(prefix)
+            report.bytes_before += linear_weight_bytes(old)
+            report.bytes_after += linear_weight_bytes(new)
+            used.update(f"{prefix}.{p}" for p in PARTS[method] + ("bias",) if f"{prefix}.{p}" in ckpt)
+        loaded = _load_rest(model, ckpt, used, report)
+    replaced = set(report.replaced)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            report.skipped[name] = "no quantized tensors in the checkpoint"
+    for key in model.state_dict():
+        owner = key.rpartition(".")[0]
+        if key not in loaded and owner not in replaced and key not in report.missing_keys:
+            report.missing_keys.append(key)
+    return report

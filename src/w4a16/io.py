@@ -1,0 +1,153 @@
+"""Save and load quantized weights as safetensors (never pickle).
+
+A file holds one of three contents, named in its metadata header:
+
+    "weight"      one QuantizedWeight, stored under the name "weight"
+    "weights"     a dict[str, QuantizedWeight]
+    "state_dict"  the tensors of an nn.Module's state_dict (e.g. a model of W4A16Linear layers)
+
+Tensors of a weight called ``name``: ``{name}.qweight`` (uint8 [N, K/2]), ``{name}.scales``
+([N, K/g] fp16/bf16), and when present ``{name}.zeros`` ([N, K/g]) and ``{name}.perm`` (int64 [K]).
+Metadata (str -> str): ``format = "w4a16"``, ``format_version = "1"``, ``content`` as above, and for
+weights ``weights``: JSON ``{name: {"group_size", "shape", "symmetric", "has_perm"}}``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import expect, fail
+from .weight import QuantizedWeight
+
+FORMAT_NAME = "w4a16"
+FORMAT_VERSION = "1"
+CONTENTS = ("weight", "weights", "state_dict")
+SINGLE_NAME = "weight"
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _weight_tensors(name: str, w: QuantizedWeight) -> Dict[str, torch.Tensor]:
+    out = {f"{name}.qweight": w.qweight, f"{name}.scales": w.scales}
+    if w.zeros is not None:
+        out[f"{name}.zeros"] = w.zeros
+    if w.perm is not None:
+        out[f"{name}.perm"] = w.perm
+    return out
+
+
+def _weight_info(w: QuantizedWeight) -> dict:
+    return {"group_size": w.group_size, "shape": list(w.shape), "symmetric": w.zeros is None,
+            "has_perm": w.perm is not None}
+
+
+def _state_dict_tensors(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The module's state_dict as independent contiguous CPU tensors (shared storage is copied)."""
+    out, seen = {}, set()
+    for key, t in module.state_dict().items():
+        expect(isinstance(t, torch.Tensor), f"state_dict[{key!r}]", "a torch.Tensor", type(t).__name__)
+        t = t.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel():
+            t = t.clone()
+        seen.add(ptr)
+        out[key] = t
+    return out
+
+
+def save(obj: Union[QuantizedWeight, Dict[str, QuantizedWeight], torch.nn.Module], path: PathLike) -> None:
+    """Write ``obj`` to ``path`` as safetensors with a ``w4a16`` metadata header.
+
+    Args:
+        obj: a QuantizedWeight, a dict[str, QuantizedWeight], or an nn.Module (its state_dict).
+        path: the file to write (replaced atomically if it exists).
+    """
+    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+    if isinstance(obj, torch.nn.Module):
+        meta["content"] = "state_dict"
+        tensors = _state_dict_tensors(obj)
+    else:
+        if isinstance(obj, QuantizedWeight):
+            meta["content"], weights = "weight", {SINGLE_NAME: obj}
+        elif isinstance(obj, dict):
+            meta["content"], weights = "weights", obj
+        else:
+            fail("obj", "a QuantizedWeight, a dict[str, QuantizedWeight] or an nn.Module", type(obj).__name__)
+        tensors, info = {}, {}
+        for name, w in weights.items():
+            expect(isinstance(name, str) and name != "", "obj key", "a non-empty str", repr(name))
+            expect(isinstance(w, QuantizedWeight), f"obj[{name!r}]", "a QuantizedWeight", type(w).__name__)
+            tensors.update({k: t.detach().cpu().contiguous() for k, t in _weight_tensors(name, w).items()})
+            info[name] = _weight_info(w)
+        meta["weights"] = json.dumps(info)
+    path = os.fspath(path)
+    tmp = f"{path}.tmp"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def _load_weight(f, name: str, info, keys: set, device) -> QuantizedWeight:
+    arg = f"weights[{name!r}]"
+    ok = isinstance(info, dict) and {"group_size", "shape", "symmetric", "has_perm"} <= info.keys()
+    expect(ok, f"metadata {arg}", "group_size, shape, symmetric and has_perm", info)
+    get = lambda part: f.get_tensor(f"{name}.{part}").to(device)  # noqa: E731
+    for part, present in (("qweight", True), ("scales", True), ("zeros", not info["symmetric"]),
+                          ("perm", info["has_perm"])):
+        expect((f"{name}.{part}" in keys) == bool(present), f"tensor {name}.{part}",
+               "present" if present else "absent (per the metadata)", "present" if not present else "missing")
+    w = QuantizedWeight.from_plain(get("qweight"), get("scales"), None if info["symmetric"] else get("zeros"),
+                                   info["group_size"], get("perm") if info["has_perm"] else None)
+    expect(list(w.shape) == list(info["shape"]), f"{name}.qweight shape", f"(N, K) = {tuple(info['shape'])}",
+           w.shape)
+    return w
+
+
+def load(path: PathLike, device: Union[str, torch.device] = "cpu"
+         ) -> Union[QuantizedWeight, Dict[str, QuantizedWeight], Dict[str, torch.Tensor]]:
+    """Read a file written by :func:`save` (safetensors only; nothing is unpickled).
+
+    Returns:
+        what was saved: a QuantizedWeight, a dict[str, QuantizedWeight], or, for a module, its
+        state_dict as dict[str, Tensor] (pass it to ``module.load_state_dict``). Tensors land on
+        ``device``.
+    """
+    path = os.fspath(path)
+    try:
+        handle = safe_open(path, framework="pt", device="cpu")
+    except SafetensorError as e:
+        fail("path", "a safetensors file", f"{path!r} ({e})")
+    with handle as f:
+        return _read(f, device)
+
+
+def _read(f, device):
+    meta = f.metadata() or {}
+    keys = set(f.keys())
+    expect(meta.get("format") == FORMAT_NAME, "metadata 'format'", repr(FORMAT_NAME), repr(meta.get("format")))
+    expect(meta.get("format_version") == FORMAT_VERSION, "metadata 'format_version'", repr(FORMAT_VERSION),
+           repr(meta.get("format_version")))
+    content = meta.get("content")
+    expect(content in CONTENTS, "metadata 'content'", f"one of {CONTENTS}", repr(content))
+    if content == "state_dict":
+        return {k: f.get_tensor(k).to(device) for k in sorted(keys)}
+    try:
+        info = json.loads(meta.get("weights", ""))
+    except json.JSONDecodeError:
+        info = None
+    expect(isinstance(info, dict), "metadata 'weights'", "a JSON object", repr(meta.get("weights")))
+    expected_keys, weights = set(), {}
+    for name, item in info.items():
+        weights[name] = _load_weight(f, name, item, keys, device)
+        expected_keys.update(_weight_tensors(name, weights[name]).keys())
+    extra = sorted(keys - expected_keys)
+    expect(not extra, "tensors", "only those named in metadata 'weights'", extra)
+    if content == "weight":
+        expect(list(weights) == [SINGLE_NAME], "metadata 'weights'", f"one weight named {SINGLE_NAME!r}",
+               list(weights))
+        return weights[SINGLE_NAME]
+    return weights

@@ -1,0 +1,30 @@
+"""Checks of the arguments of a GEMM call, shared by the reference and the kernels."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import spec
+from .errors import expect
+
+
+def check_gemm_args(x: torch.Tensor, w, bias, alpha) -> None:
+    """Validate ``x [..., K]`` fp16/bf16, a QuantizedWeight ``w`` of shape (N, K) with scales in x's
+    dtype on x's device, ``bias`` None or [N] in x's dtype, and a finite float ``alpha``."""
+    from .weight import QuantizedWeight
+
+    expect(isinstance(x, torch.Tensor), "x", "a torch.Tensor", type(x).__name__)
+    expect(isinstance(w, QuantizedWeight), "w", "a w4a16.QuantizedWeight", type(w).__name__)
+    spec.check_activation_dtype(x.dtype, "x")
+    N, K = w.shape
+    expect(x.dim() >= 1 and x.shape[-1] == K, "x.shape[-1]", f"K = {K} (w.shape = {(N, K)})",
+           tuple(x.shape)[-1:] if x.dim() else "a 0-D tensor")
+    expect(w.scales.dtype == x.dtype, "w.scales.dtype", f"x's dtype {x.dtype}", w.scales.dtype)
+    expect(w.qweight.device == x.device, "w.device", f"x's device {x.device}", w.qweight.device)
+    if bias is not None:
+        expect(isinstance(bias, torch.Tensor), "bias", "a torch.Tensor or None", type(bias).__name__)
+        expect(tuple(bias.shape) == (N,), "bias.shape", (N,), tuple(bias.shape))
+        expect(bias.dtype == x.dtype, "bias.dtype", f"x's dtype {x.dtype}", bias.dtype)
+        expect(bias.device == x.device, "bias.device", f"x's device {x.device}", bias.device)
+    expect(isinstance(alpha, (int, float)) and math.isfinite(float(alpha)), "alpha", "a finite float", alpha)

@@ -1,0 +1,78 @@
+"""Kernel correctness on a CUDA GPU: the full option matrix, bf16, CUDA graphs, determinism."""
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernel_cases import check_gemm, identity_probe, make_weight  # noqa: E402
+
+import w4a16  # noqa: E402
+from w4a16.config import GemmConfig  # noqa: E402
+
+DTYPES = [torch.float16, torch.bfloat16]
+CONFIGS = ["auto", "128", "64", "decode", GemmConfig("splitk", 16, 64, split_k=4, dequant="portable"),
+           GemmConfig("tile", 64, 128, num_warps=4, num_stages=4, dequant="portable")]
+SHAPES = [(1, 72, 576), (3, 200, 1376), (17, 72, 4096), (100, 200, 576), (257, 72, 1376), (16, 200, 14336)]
+
+
+def _group_ok(K, g):
+    return g == -1 or K % g == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("zeros", [None, "int", "float"])
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c if isinstance(c, str) else c.short())
+def test_matrix(dtype, zeros, group_size, config):
+    for i, (M, N, K) in enumerate(SHAPES):
+        if _group_ok(K, group_size):
+            check_gemm(M, N, K, group_size, zeros, dtype, "cuda", config=config,
+                       bias=i % 2 == 0, alpha=1.0 if i % 3 else 0.5, seed=i)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("config", ["128", "decode"])
+def test_identity_probe(dtype, config):
+    identity_probe(1024, 256, 128, "int", dtype, "cuda", config=config)
+    identity_probe(512, 96, 32, None, dtype, "cuda", config=config)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_cuda_graph_replay_matches_eager(deterministic):
+    qw = make_weight(4096, 4096, 128, None, torch.float16, "cuda")
+    x = torch.randn(16, 4096, device="cuda", dtype=torch.float16)
+    w4a16.gemm(x, qw, deterministic=deterministic)  # compile + prepare outside capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = w4a16.gemm(x, qw, deterministic=deterministic)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.cuda.synchronize()
+        eager = w4a16.gemm(x, qw, deterministic=deterministic)
+        if deterministic:
+            assert torch.equal(y, eager)
+        else:
+            torch.testing.assert_close(y, eager, rtol=1e-3, atol=1e-3)
+
+
+def test_deterministic_is_bitwise_reproducible():
+    qw = make_weight(8192, 8192, 128, "int", torch.bfloat16, "cuda")
+    x = torch.randn(4, 8192, device="cuda", dtype=torch.bfloat16)
+    cfg = GemmConfig("splitk", 16, 64, split_k=16)
+    first = w4a16.gemm(x, qw, config=cfg, deterministic=True)
+    for _ in range(5):
+        assert torch.equal(first, w4a16.gemm(x, qw, config=cfg, deterministic=True))
+
+
+def test_kernel_info_reports_resources():
+    qw = make_weight(4096, 4096, 128, None, torch.float16, "cuda")
+    x = torch.randn(8, 4096, device="cuda", dtype=torch.float16)
+    info = w4a16.kernel_info(x, qw)
+    assert info.registers > 0 and info.blocks_per_sm >= 1 and info.spills >= 0

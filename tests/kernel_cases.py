@@ -1,0 +1,64 @@
+"""Shared checks of the kernels against the reference (used by CPU-interpreter and GPU tests)."""
+from __future__ import annotations
+
+import torch
+
+import w4a16
+from w4a16.config import GemmConfig
+
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def make_weight(N, K, group_size, zeros, dtype, device, seed=0):
+    """A quantized random weight; zeros: None (symmetric), "int" or "float" zero points."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=gen) * 0.05 + 0.01
+    qw = w4a16.quantize(w, group_size, symmetric=zeros is None, dtype=dtype)
+    if zeros == "float":
+        z = torch.rand(qw.scales.shape, generator=gen) * 15
+        qw = w4a16.QuantizedWeight.from_plain(qw.qweight, qw.scales, z.to(dtype), group_size)
+    return qw.to(device)
+
+
+def rel_err(y, ref):
+    y, ref = y.double(), ref.double()
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def check_gemm(M, N, K, group_size, zeros, dtype, device, config="auto", bias=True, alpha=1.0,
+               deterministic=True, seed=0):
+    """Run the public gemm and the launcher into a NaN-poisoned output; compare every element
+    with the reference (relative Frobenius error within TOLERANCE, no NaN, all written)."""
+    from w4a16.kernels.launch import launch_gemm
+    from w4a16.ops import chosen_config, prepare
+
+    qw = make_weight(N, K, group_size, zeros, dtype, device, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(M, K, generator=gen).to(dtype).to(device)
+    b = (torch.randn(N, generator=gen) * 0.1).to(dtype).to(device) if bias else None
+    ref = w4a16.reference.gemm(x.cpu(), qw.to("cpu"), None if b is None else b.cpu(), alpha)
+
+    y = w4a16.gemm(x, qw, b, alpha, config=config, deterministic=deterministic)
+    assert y.shape == (M, N) and y.dtype == dtype
+    cfg = chosen_config(x, qw, config)
+    assert isinstance(cfg, GemmConfig), f"expected the kernel path, got {cfg}"
+    out = torch.full((M, N), float("nan"), dtype=dtype, device=device)
+    launch_gemm(x, prepare(qw), b, alpha, cfg, deterministic, out=out)
+    for name, result in (("gemm", y), ("launch into poisoned out", out)):
+        assert not torch.isnan(result).any(), f"{name}: {int(torch.isnan(result).sum())} elements NaN/unwritten"
+        if M > 0:
+            err = rel_err(result.cpu(), ref)
+            assert err <= TOLERANCE[dtype], f"{name}: rel err {err:.2e} > {TOLERANCE[dtype]} ({cfg.short()})"
+    return y
+
+
+def identity_probe(K, N, group_size, zeros, dtype, device, config="auto"):
+    """x = eye(K) makes y = W (the dequantized weight) exactly when W is representable in dtype."""
+    qw = make_weight(N, K, group_size, zeros, dtype, device)
+    # Exactly representable products: scales that are powers of two, integer zeros.
+    s = torch.exp2(torch.randint(-8, -2, qw.scales.shape)).to(dtype).to(device)
+    qw = w4a16.QuantizedWeight.from_plain(qw.qweight, s, None if zeros is None else qw.zeros.round(),
+                                          group_size)
+    x = torch.eye(K, dtype=dtype, device=device)
+    y = w4a16.gemm(x, qw, config=config)
+    assert torch.equal(y.t().cpu(), qw.dequantize(dtype).cpu())

@@ -1,0 +1,69 @@
+"""The Triton kernels in Triton's CPU interpreter (fp16; bf16 dots are checked on the GPU)."""
+import os
+
+import pytest
+import torch
+
+from kernel_cases import check_gemm, identity_probe, rel_err
+
+import w4a16
+from w4a16.config import GemmConfig
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="CPU interpreter tests (TRITON_INTERPRET=1, no GPU); tests/gpu covers the GPU")
+triton = pytest.importorskip("triton")
+
+SMALL = [GemmConfig("tile", 16, 32, num_warps=4, num_stages=2),
+         GemmConfig("splitk", 16, 16, split_k=3, num_warps=4, num_stages=2)]
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1])
+@pytest.mark.parametrize("zeros", [None, "int", "float"])
+def test_group_sizes_and_zeros(group_size, zeros):
+    check_gemm(3, 40, 512, group_size, zeros, torch.float16, "cpu", config=SMALL[0], alpha=0.75)
+
+
+@pytest.mark.parametrize("M,N,K,g", [(1, 72, 576, 64), (17, 200, 1376, 32), (3, 72, 576, -1),
+                                     (20, 33, 256, 128), (0, 16, 128, 128)])
+@pytest.mark.parametrize("cfg", SMALL + ["auto"], ids=["tile", "splitk", "auto"])
+def test_odd_shapes(M, N, K, g, cfg):
+    check_gemm(M, N, K, g, "int", torch.float16, "cpu", config=cfg, bias=M % 2 == 1)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_split_k_modes(deterministic):
+    check_gemm(5, 48, 1024, 128, None, torch.float16, "cpu", config=SMALL[1], deterministic=deterministic)
+
+
+def test_deterministic_split_k_is_bitwise_repeatable():
+    a = check_gemm(4, 32, 768, 64, None, torch.float16, "cpu", config=SMALL[1], seed=3)
+    b = check_gemm(4, 32, 768, 64, None, torch.float16, "cpu", config=SMALL[1], seed=3)
+    assert torch.equal(a, b)
+
+
+def test_leading_dims_and_perm():
+    qw = w4a16.quantize(torch.randn(24, 256), 64)
+    perm = torch.randperm(256)
+    qp = w4a16.QuantizedWeight.from_plain(qw.qweight, qw.scales, None, 64, perm=perm)
+    x = torch.randn(2, 3, 256).half()
+    y = w4a16.gemm(x, qp, config=SMALL[0])
+    ref = w4a16.reference.gemm(x, qp)
+    assert y.shape == (2, 3, 24)
+    assert rel_err(y, ref) <= 2e-3
+
+
+@pytest.mark.parametrize("group_size,zeros", [(32, None), (128, "int"), (-1, None)])
+def test_identity_probe_through_kernel(group_size, zeros):
+    identity_probe(256, 32, group_size, zeros, torch.float16, "cpu", config=SMALL[0])
+
+
+def test_layout_round_trip():
+    from w4a16.kernels.layout import prepare_layout
+    qw = w4a16.quantize(torch.randn(8, 320), 32)
+    pw = prepare_layout(qw)
+    codes = qw.unpack()
+    c = pw.qk.reshape(8, -1, pw.kc // 2)
+    rebuilt = torch.cat([torch.cat([c[:, i] & 15, c[:, i] >> 4], 1) for i in range(c.shape[1])], 1)
+    assert torch.equal(rebuilt[:, :320], codes)
+    assert pw.K_pad % pw.kc == 0 and pw.scales_t.shape == (pw.K_pad // 32, 8)
