@@ -84,9 +84,8 @@ def section_test():
     t = time.time()
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "tests/gpu", "-p", "no:cacheprovider", "-n", "8"],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "src"})
-    (OUT / "pytest_gpu.txt").write_text(r.stdout + r.stderr)
-    tail = (r.stdout + r.stderr).strip().splitlines()
-    log(f"gpu tests rc={r.returncode} in {time.time() - t:.0f}s:\n" + "\n".join(tail[-25:]))
+    tail = [ln for ln in (r.stdout + r.stderr).strip().splitlines() if "Warning" not in ln and "warner(" not in ln]
+    log(f"gpu tests rc={r.returncode} in {time.time() - t:.0f}s:\n" + "\n".join(tail[-40:]))
 
 
 def sass_text(compiled) -> str:
@@ -194,8 +193,7 @@ def section_bench(args):
     t = time.time()
     r = subprocess.run([sys.executable, "-m", "w4a16", "bench", "--no-progress", "--out", str(OUT / "bench")] + args,
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "src"})
-    (OUT / "bench_stdout.txt").write_text(r.stdout + r.stderr)
-    log(f"bench {' '.join(args)} rc={r.returncode} in {time.time() - t:.0f}s")
+    log(f"bench {' '.join(args)} rc={r.returncode} in {time.time() - t:.0f}s\n" + (r.stdout + r.stderr)[-1500:])
 
 
 def section_e2e():
@@ -203,8 +201,7 @@ def section_e2e():
     code = ("import sys; from w4a16.e2e.speed import main; main(sys.argv[1:])")
     r = subprocess.run([sys.executable, "-c", code, "--out", str(OUT / "e2e")], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": "src"})
-    (OUT / "e2e_stdout.txt").write_text(r.stdout + r.stderr)
-    log(f"e2e rc={r.returncode} in {time.time() - t:.0f}s\n" + "\n".join((r.stdout + r.stderr).strip().splitlines()[-18:]))
+    log(f"e2e rc={r.returncode} in {time.time() - t:.0f}s\n" + "\n".join((r.stdout + r.stderr).strip().splitlines()[-30:]))
 
 
 def main(argv):

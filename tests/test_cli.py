@@ -21,7 +21,7 @@ def test_no_command_is_a_usage_error(capsys):
 def test_info(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
-    path, reason = cli.describe_path(cli._device())
+    path, reason = ops.describe_path(cli._device())
     for word in ("torch", torch.__version__, "triton", "TRITON_INTERPRET", "CUDA available",
                  "compute capability", "SMs", "gemm path", path, reason):
         assert word in out, word
@@ -31,7 +31,7 @@ def test_check_default(capsys):
     """The CPU default is the quick set in fp16; on a GPU the quick set in fp16 and bf16."""
     assert cli.main(["check", "--quick"] if HAS_CUDA else ["check"]) == 0
     out = capsys.readouterr().out
-    path = cli.describe_path(cli._device())[0]
+    path = ops.describe_path(cli._device())[0]
     assert out.startswith("device: ") and f"gemm path: {path}" in out
     assert "| config |" in out and "rel err" in out
     passed = len(cli.QUICK_CASES) * (2 if HAS_CUDA else 1)
@@ -84,7 +84,7 @@ def test_check_reports_nan_and_exceptions(monkeypatch, capsys):
 def test_demo_cpu(capsys):
     assert cli.main(["demo"]) == 0
     out = capsys.readouterr().out
-    path = cli.describe_path(torch.device("cpu"))[0]
+    path = ops.describe_path(torch.device("cpu"))[0]
     assert out.startswith("device: cpu")
     assert f"no CUDA GPU: ran a small version on the CPU, using {path}" in out
     assert "SQNR dB" in out and "saved" in out and "timing skipped" in out

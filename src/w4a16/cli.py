@@ -6,6 +6,9 @@
 * ``demo``  — quantizes a Llama-3-8B-shaped layer set, reports SQNR and memory, checks the GEMM
   at several M and, on a CUDA GPU, times it against fp16 ``torch.nn.functional.linear``.
 * ``bench`` — the benchmark harness of :mod:`w4a16.bench.cli`, where that module is present.
+
+Without a CUDA GPU the commands run the Triton kernels in Triton's CPU interpreter: ``main`` sets
+TRITON_INTERPRET=1 unless it is already set (TRITON_INTERPRET=0 keeps the pure-torch reference).
 """
 from __future__ import annotations
 
@@ -43,18 +46,6 @@ def _triton_version() -> str:
     return triton.__version__
 
 
-def describe_path(device: torch.device) -> tuple:
-    """(path, reason): which implementation ``w4a16.gemm`` runs on ``device``, and why.
-
-    Asks ``w4a16.ops.describe_path``; a build without kernel dispatch always runs the reference.
-    """
-    fn = getattr(ops, "describe_path", None)
-    if callable(fn):
-        return tuple(fn(device))
-    return ("reference", "w4a16.ops has no kernel dispatch in this build: every call runs the "
-                         "pure-torch reference")
-
-
 def _interpret_state() -> str:
     v = os.environ.get("TRITON_INTERPRET")
     return "unset" if v is None else v
@@ -63,7 +54,7 @@ def _interpret_state() -> str:
 def _headline(device: torch.device) -> str:
     """Three lines that say what a command runs on: device, versions, and the GEMM path."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "no CUDA GPU"
-    path, reason = describe_path(device)
+    path, reason = ops.describe_path(device)
     return (f"device: {device.type} ({name})\n"
             f"versions: w4a16 {__version__}, torch {torch.__version__}, triton {_triton_version()}, "
             f"TRITON_INTERPRET={_interpret_state()}\n"
@@ -82,7 +73,7 @@ def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------- info
 def cmd_info(args) -> int:
     dev = _device()
-    path, reason = describe_path(dev)
+    path, reason = ops.describe_path(dev)
     rows = [["w4a16", __version__], ["python", sys.version.split()[0]], ["torch", torch.__version__],
             ["triton", _triton_version()], ["TRITON_INTERPRET", _interpret_state()],
             ["CUDA available", "yes" if dev.type == "cuda" else "no"],
@@ -219,7 +210,11 @@ SMALL_M = (1, 16, 64)
 
 
 def time_cuda_ms(fn, warmup: int = 10, reps: int = 50) -> float:
-    """Median milliseconds of ``fn()`` on the current CUDA stream, L2 flushed before each run."""
+    """Median milliseconds of ``fn()`` on the current CUDA stream, L2 flushed before each run.
+
+    The flush (256 MiB of writes) runs on the GPU just before the start event, so the host has
+    enqueued ``fn``'s kernels by the time the GPU reaches them: launch overhead is not counted.
+    """
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     for _ in range(warmup):
         fn()
@@ -239,18 +234,18 @@ def cmd_demo(args) -> int:
     dev = _device()
     small = args.small or dev.type != "cuda"
     dt = DTYPES[args.dtype]
+    path = ops.describe_path(dev)[0]
+    print(_headline(dev))
     if dev.type != "cuda" and dt == torch.bfloat16:
         print(f"{BF16_ON_CPU}; using fp16")
         dt = torch.float16
-    path = describe_path(dev)[0]
-    print(_headline(dev))
     note = None
     if dev.type != "cuda":
         note = f"no CUDA GPU: ran a small version on the CPU, using {path}"
     elif small:
         note = f"small version (--small) on {torch.cuda.get_device_name(dev)}, using {path}"
     layers = [(n, N // SMALL_DIV, K // SMALL_DIV) if small else (n, N, K) for n, N, K in LLAMA3_8B_LAYERS]
-    ms = SMALL_M if small else DEMO_M
+    m_values = SMALL_M if small else DEMO_M
     if note:
         print(note)
     print(f"layers of a Llama-3-8B block{f' (shapes / {SMALL_DIV})' if small else ''}, weights "
@@ -275,7 +270,7 @@ def cmd_demo(args) -> int:
     grows, failed = [], 0
     for name, w in weights:
         W16 = w.dequantize(dt) if timed else None
-        for M in ms:
+        for M in m_values:
             x = torch.randn(M, w.shape[1], generator=gen, device=dev).to(dt)
             y = ops.gemm(x, w)
             err = rel_error(y, reference.gemm(x, w))
@@ -351,6 +346,8 @@ def build_parser(bench=None, bench_error: Optional[str] = None) -> argparse.Argu
 
 def main(argv: Optional[list] = None) -> int:
     """Run one sub-command; returns the exit status (0 ok, 1 a check failed, 2 bad usage)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     bench, bench_error = _bench_module()
     parser = build_parser(bench, bench_error)
     try:

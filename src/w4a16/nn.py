@@ -115,7 +115,12 @@ class W4A16Linear(nn.Module):
     @property
     def weight_q(self) -> QuantizedWeight:
         """A QuantizedWeight over the buffers (no copies), rebuilt whenever a buffer is replaced or
-        changed in place (``.to()``, ``load_state_dict``, ``copy_``)."""
+        changed in place (``.to()``, ``load_state_dict``, ``copy_``). Under torch.compile the view
+        built by an eager call is reused as is (version counters cannot be traced)."""
+        if torch.compiler.is_compiling():
+            if self._view is not None:
+                return self._view
+            return QuantizedWeight(self.qweight, self.scales, self.zeros, self.group_size, self.perm)
         key = self._buffers_key()
         if self._view is None or key != self._view_key:
             self._view = QuantizedWeight(self.qweight, self.scales, self.zeros, self.group_size, self.perm)

@@ -1,0 +1,85 @@
+"""Structure of the end-to-end speed run (w4a16.e2e.speed) on a tiny Llama, on the CPU.
+
+Timings on a CPU mean nothing; these check that the run goes through, returns its fields,
+checks the W4A16 logits, writes its JSON, and stops loudly when the quantized model is wrong.
+"""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the e2e extra (pip install 'w4a16[e2e]') is not installed")
+
+from w4a16.e2e import speed  # noqa: E402
+from w4a16.nn import W4A16Linear  # noqa: E402
+
+TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+RUN = dict(layers=2, batches=(1, 2), prefill_tokens=16, group_size=32, device="cpu", context=32, iters=2,
+           prompt_len=4, verify_tokens=8, config_overrides=TINY, print_fn=None)
+
+
+@pytest.fixture(scope="module")
+def result():
+    return speed.run_speed(**RUN)
+
+
+def test_config_has_llama3_8b_dimensions():
+    dims = speed.llama_dims()
+    assert (dims["hidden_size"], dims["intermediate_size"], dims["num_hidden_layers"]) == (4096, 14336, 32)
+    assert (dims["num_attention_heads"], dims["num_key_value_heads"], dims["vocab_size"]) == (32, 8, 128256)
+    assert speed.llama_dims(layers=3)["num_hidden_layers"] == 3
+
+
+def test_run_returns_both_models(result):
+    assert [m.name for m in result.models] == ["fp16", "w4a16 g32 sym"]
+    fp16, w4 = result.models
+    assert w4.weight_bytes < fp16.weight_bytes
+    for m in result.models:
+        assert m.prefill_ms > 0
+        assert [d.batch for d in m.decode] == [1, 2]
+        for d in m.decode:
+            assert d.mode == "eager" and "no CUDA" in d.note
+            assert d.tokens_per_s == pytest.approx(d.batch * 1e3 / d.step_ms)
+            assert d.graph_check < speed.GRAPH_TOL
+
+
+def test_logit_checks(result):
+    c = result.check
+    assert c["layers_quantized"] == 2 * 7
+    assert c["rel_err_vs_dequantized"] < speed.KERNEL_TOL
+    assert 0 < c["rel_err_vs_fp16"] < speed.FP16_TOL
+    assert 0 <= c["top1_vs_fp16"] <= 1
+
+
+def test_table_and_json(result, tmp_path):
+    table = speed.format_speed(result)
+    assert "| fp16 |" in table and "| W4A16 / fp16 |" in table and "decode b=2 tok/s" in table
+    data = json.loads(open(speed.write_json(result, str(tmp_path / "out"))).read())
+    assert data["config"]["num_hidden_layers"] == 2 and data["config"]["group_size"] == 32
+    assert data["models"][1]["decode"][0]["batch"] == 1
+    assert set(data["versions"]) >= {"torch", "transformers", "w4a16"}
+
+
+def test_static_decoder_matches_full_forward():
+    model = speed.build_model(speed.llama_config(speed.llama_dims(layers=1, **TINY)), "cpu", torch.float32)
+    dec = speed.StaticDecoder(model, batch=2, context=16, prompt_len=5, device="cpu")
+    prompt = torch.randint(0, TINY["vocab_size"], (2, 5))
+    dec.prefill(prompt)
+    dec.ids.copy_(torch.tensor([[3], [7]]))
+    dec.prefill(prompt)  # a second prefill resets the cache first
+    got = dec.run()
+    want = speed.logits_of(model, torch.cat([prompt, dec.ids], 1))[:, -1]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_wrong_kernel_fails_loudly(monkeypatch):
+    monkeypatch.setattr(W4A16Linear, "forward", lambda self, x: torch.zeros(
+        *x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device))
+    with pytest.raises(RuntimeError, match="dequantized weights"):
+        speed.run_speed(**dict(RUN, batches=(1,)))
+
+
+def test_context_too_small_is_rejected():
+    model = speed.build_model(speed.llama_config(speed.llama_dims(layers=1, **TINY)), "cpu", torch.float32)
+    with pytest.raises(ValueError, match="context"):
+        speed.decode_speed(model, 1, "cpu", context=8, prompt_len=4, iters=10)
