@@ -217,3 +217,18 @@ def test_configs_mode(tmp_path):
     named = [r for r in res.rows if r["peer"] == "w4a16[128]"]
     assert named[0]["config"].startswith("128: ")
     assert "fastest" in report.markdown(res)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (interpreter)")
+def test_fake_run_through_kernels(tmp_path, monkeypatch):
+    """With TRITON_INTERPRET=1 on a CPU, w4a16 runs its Triton kernels: checked and labelled by config."""
+    if torch.cuda.is_available():
+        pytest.skip("the fake timer runs on the CPU; on a GPU the interpreter is not used")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    s = Settings.from_args(parse(["--shape", "64,256", "--m", "1,16", "--group-size", "64", "--fake-timer",
+                                  "--peers", "w4a16,cublas-fp16", "--out", str(tmp_path)]))
+    res = runner.run_bench(s, "cpu", progress=False)
+    w = [r for r in res.rows if r["peer"] == "w4a16"]
+    assert len(w) == 2
+    for r in w:
+        assert r["status"] == "ok" and r["config"] != "reference", (r["status"], r["config"], r["note"])

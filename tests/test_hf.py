@@ -18,37 +18,9 @@ D, G = 64, 32
 LINEARS = ("layers.0.q_proj", "layers.0.up", "layers.0.down", "layers.1.q_proj", "layers.1.up", "layers.1.down")
 
 
-@pytest.fixture(autouse=True)
-def reference_gemm(monkeypatch):
-    """These tests check checkpoint loading against ``w4a16.reference``: CPU tensors take the reference path
-    (the kernels, run in Triton's interpreter, have their own tests)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+from tiny_models import Block, TinyLM, reference_gemm  # noqa: E402,F401
 
-
-class Block(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.up = nn.Linear(d, 2 * d)
-        self.down = nn.Linear(2 * d, d)
-
-    def forward(self, h):
-        return h + self.q_proj(h) + self.down(torch.relu(self.up(h)))
-
-
-class TinyLM(nn.Module):
-    def __init__(self, vocab=48, d=D):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.layers = nn.ModuleList([Block(d), Block(d)])
-        self.norm = nn.LayerNorm(d)
-        self.lm_head = nn.Linear(d, vocab, bias=False)
-
-    def forward(self, ids):
-        h = self.embed(ids)
-        for blk in self.layers:
-            h = blk(h)
-        return self.lm_head(self.norm(h))
+pytestmark = pytest.mark.usefixtures("reference_gemm")
 
 
 # ---------------------------------------------------------------------- a GPTQ packer from the spec
@@ -101,7 +73,7 @@ def write_checkpoint(tmp_path, qc, tensors, shards=1):
 def float_tensors(seed=0):
     """The non-quantized tensors of a TinyLM checkpoint (and the biases of its Linear layers)."""
     torch.manual_seed(seed)
-    src = TinyLM().half()
+    src = TinyLM(vocab=48, d=D, norm=True).half()
     out = {k: v.detach().clone() for k, v in src.state_dict().items() if not k.endswith("proj.weight")
            and not k.endswith("up.weight") and not k.endswith("down.weight")}
     return out
@@ -149,7 +121,7 @@ def check_loaded(model, tensors, expected, dtype=torch.float16):
 ])
 def test_gptq(tmp_path, checkpoint_format, symmetric, desc_act, shards):
     path, tensors, expected = gptq_checkpoint(tmp_path, checkpoint_format, symmetric, desc_act, shards)
-    model = TinyLM().half()
+    model = TinyLM(vocab=48, d=D, norm=True).half()
     report = load_pretrained_quantized(model, path)
     assert report.replaced == list(LINEARS)
     assert report.skipped == {"lm_head": "no quantized tensors in the checkpoint"}
@@ -169,13 +141,13 @@ def test_gptq(tmp_path, checkpoint_format, symmetric, desc_act, shards):
 
 def test_gptq_into_bf16_model_and_dtype_override(tmp_path):
     path, tensors, expected = gptq_checkpoint(tmp_path)
-    model = TinyLM().bfloat16()
+    model = TinyLM(vocab=48, d=D, norm=True).bfloat16()
     load_pretrained_quantized(model, path)
     check_loaded(model, tensors, expected, dtype=torch.bfloat16)
-    model32 = TinyLM()
+    model32 = TinyLM(vocab=48, d=D, norm=True)
     load_pretrained_quantized(model32, path, dtype=torch.bfloat16)
     assert model32.layers[0].up.dtype == torch.bfloat16
-    model32 = TinyLM()
+    model32 = TinyLM(vocab=48, d=D, norm=True)
     load_pretrained_quantized(model32, path)  # fp32 Linear: keep the checkpoint's fp16
     assert model32.layers[0].up.dtype == torch.float16
 
@@ -191,7 +163,7 @@ def test_missing_and_unexpected_keys(tmp_path):
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
     (path / "model.safetensors").unlink()
     write_checkpoint(path, qc, tensors)
-    model = TinyLM().half()
+    model = TinyLM(vocab=48, d=D, norm=True).half()
     report = load_pretrained_quantized(model, path)
     assert "layers.1.down" not in report.replaced and isinstance(model.layers[1].down, nn.Linear)
     assert report.skipped == {"layers.1.down": "no quantized tensors in the checkpoint",
@@ -227,7 +199,7 @@ def exported_checkpoint(tmp_path, method):
 @pytest.mark.parametrize("method", ["awq", "compressed-tensors"])
 def test_awq_and_compressed_tensors(tmp_path, method):
     path, tensors, expected = exported_checkpoint(tmp_path, method)
-    model = TinyLM().half()
+    model = TinyLM(vocab=48, d=D, norm=True).half()
     report = load_pretrained_quantized(model, path)
     assert report.replaced == list(LINEARS) and list(report.skipped) == ["lm_head"]
     assert report.missing_keys == [] and report.unexpected_keys == []
@@ -248,7 +220,7 @@ GPTQ_QC = {"quant_method": "gptq", "bits": 4, "group_size": G, "desc_act": False
 def test_config_errors_name_the_field(tmp_path, change, arg):
     write_checkpoint(tmp_path, {**GPTQ_QC, **change}, {"x": torch.zeros(1)})
     with pytest.raises(W4A16Error, match=rf"^{arg}: expected .*, got "):
-        load_pretrained_quantized(TinyLM().half(), tmp_path)
+        load_pretrained_quantized(TinyLM(vocab=48, d=D, norm=True).half(), tmp_path)
 
 
 @pytest.mark.parametrize("change,arg", [
@@ -265,12 +237,12 @@ def test_compressed_tensors_config_errors(tmp_path, change, arg):
     qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": grp}}
     write_checkpoint(tmp_path, qc, {"x": torch.zeros(1)})
     with pytest.raises(W4A16Error, match=rf"^{arg}: expected"):
-        load_pretrained_quantized(TinyLM().half(), tmp_path)
+        load_pretrained_quantized(TinyLM(vocab=48, d=D, norm=True).half(), tmp_path)
     qc["format"] = "float-quantized"
     qc["config_groups"]["group_0"].pop("format", None)
     write_checkpoint(tmp_path, qc, {"x": torch.zeros(1)})
     with pytest.raises(W4A16Error, match=r"^quantization_config.format: expected 'pack-quantized'"):
-        load_pretrained_quantized(TinyLM().half(), tmp_path)
+        load_pretrained_quantized(TinyLM(vocab=48, d=D, norm=True).half(), tmp_path)
 
 
 def test_tensor_errors_name_the_tensor(tmp_path):
@@ -278,7 +250,7 @@ def test_tensor_errors_name_the_tensor(tmp_path):
     del tensors["layers.0.up.qzeros"]
     (path / "model.safetensors").unlink()
     write_checkpoint(path, {**GPTQ_QC, "sym": False}, tensors)
-    model = TinyLM().half()
+    model = TinyLM(vocab=48, d=D, norm=True).half()
     with pytest.raises(W4A16Error, match=r"^layers\.0\.up\.qzeros: expected a tensor"):
         load_pretrained_quantized(model, path)
     assert not any(isinstance(m, W4A16Linear) for m in model.modules())  # left untouched
@@ -298,7 +270,7 @@ def test_shape_and_layout_errors(tmp_path):
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
     (path / "config.json").write_text(json.dumps({"quantization_config": {**qc, "group_size": 64}}))
     with pytest.raises(W4A16Error, match=r"^layers\.0\.q_proj\.scales: expected groups of 64"):
-        load_pretrained_quantized(TinyLM().half(), path)
+        load_pretrained_quantized(TinyLM(vocab=48, d=D, norm=True).half(), path)
 
 
 def test_desc_act_needs_g_idx(tmp_path):
@@ -308,18 +280,18 @@ def test_desc_act_needs_g_idx(tmp_path):
     (path / "model.safetensors").unlink()
     write_checkpoint(path, {**GPTQ_QC, "desc_act": True, "sym": False}, tensors)
     with pytest.raises(W4A16Error, match=r"^layers\.0\.q_proj\.g_idx: expected a tensor .*desc_act"):
-        load_pretrained_quantized(TinyLM().half(), path)
+        load_pretrained_quantized(TinyLM(vocab=48, d=D, norm=True).half(), path)
 
 
 def test_directory_errors(tmp_path):
     with pytest.raises(W4A16Error, match=r"^path: expected a directory with config.json"):
-        load_pretrained_quantized(TinyLM(), tmp_path)
+        load_pretrained_quantized(TinyLM(vocab=48, d=D, norm=True), tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "tiny"}))
     with pytest.raises(W4A16Error, match=r"^config.json quantization_config: expected"):
-        load_pretrained_quantized(TinyLM(), tmp_path)
+        load_pretrained_quantized(TinyLM(vocab=48, d=D, norm=True), tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"quantization_config": GPTQ_QC}))
     with pytest.raises(W4A16Error, match=r"^path: expected a directory with model.safetensors"):
-        load_pretrained_quantized(TinyLM(), tmp_path)
+        load_pretrained_quantized(TinyLM(vocab=48, d=D, norm=True), tmp_path)
 
 
 def test_exported_at_top_level():

@@ -10,36 +10,9 @@ from w4a16 import W4A16Error, W4A16Linear, quantize_model, reference
 from w4a16.model import QuantizationReport, format_bytes
 
 
-@pytest.fixture(autouse=True)
-def reference_gemm(monkeypatch):
-    """These tests check model conversion against ``w4a16.reference``: CPU tensors take the reference path
-    (the kernels, run in Triton's interpreter, have their own tests)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+from tiny_models import Block, TinyLM, reference_gemm  # noqa: E402,F401
 
-
-class Block(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.up = nn.Linear(d, 2 * d)
-        self.down = nn.Linear(2 * d, d)
-
-    def forward(self, h):
-        return h + self.q_proj(h) + self.down(torch.relu(self.up(h)))
-
-
-class TinyLM(nn.Module):
-    def __init__(self, vocab=40, d=64, layers=2):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.layers = nn.ModuleList(Block(d) for _ in range(layers))
-        self.lm_head = nn.Linear(d, vocab, bias=False)
-
-    def forward(self, ids):
-        h = self.embed(ids)
-        for blk in self.layers:
-            h = blk(h)
-        return self.lm_head(h)
+pytestmark = pytest.mark.usefixtures("reference_gemm")
 
 
 def test_tiny_lm_replaced_skipped_and_bytes():

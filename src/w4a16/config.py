@@ -36,6 +36,7 @@ class GemmConfig:
     group_m:    tile-order grouping for L2 reuse ("tile" kernels).
     swap_ab:    True computes y^T = W x^T (the dequantized weight is the first MMA operand, from
                 registers); False computes y = x W^T (the weight is staged in shared memory).
+    unroll:     layout chunks (128 K values, 64 for g = 32) per main-loop iteration: 1, 2 or 4.
     dequant:    "magic" (inline-PTX int4 -> fp16/bf16, GPU only) or "portable" (plain Triton);
                 under Triton's interpreter "magic" runs as "portable".
     """
@@ -49,6 +50,7 @@ class GemmConfig:
     group_m: int = 8
     swap_ab: bool = True
     dequant: str = "magic"
+    unroll: int = 1
 
     def __post_init__(self):
         expect(self.kind in KINDS, "config.kind", f"one of {KINDS}", self.kind)
@@ -62,6 +64,7 @@ class GemmConfig:
         expect(1 <= self.num_stages <= 6, "config.num_stages", "an integer in [1, 6]", self.num_stages)
         expect(1 <= self.group_m <= 64, "config.group_m", "an integer in [1, 64]", self.group_m)
         expect(self.dequant in DEQUANTS, "config.dequant", f"one of {DEQUANTS}", self.dequant)
+        expect(self.unroll in (1, 2, 4), "config.unroll", "1, 2 or 4", self.unroll)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -70,6 +73,7 @@ class GemmConfig:
         """A compact label, e.g. 'tile 128x128 w8 s3' or 'splitk 16x64 k8 w4 s4'."""
         sk = f" k{self.split_k}" if self.kind == "splitk" else ""
         dq = ("" if self.swap_ab else " noswap") + ("" if self.dequant == "magic" else " portable")
+        dq += f" u{self.unroll}" if self.unroll > 1 else ""
         return (f"{self.kind} {self.block_m}x{self.block_n}{sk} "
                 f"w{self.num_warps} s{self.num_stages}{dq}")
 

@@ -37,16 +37,17 @@ def candidate_configs(M: int, N: int, K: int, num_sms: int) -> List[GemmConfig]:
     if M <= 64:
         bm = max(16, min(64, 1 << (max(M, 1) - 1).bit_length()))
         chunks = max(1, K // 128)
-        for bn in (64, 128):
+        for bn in (64, 128, 256):
             tiles = -(-N // bn)
             base = max(1, -(-2 * num_sms // tiles))
             for split in sorted({base, 2 * base, max(1, base // 2)}):
                 if split > chunks:
                     continue
-                for warps, stages in ((4, 4), (4, 6)):
+                shapes = ((8, 4, 1),) if bn == 256 else ((4, 4, 1), (4, 6, 1), (4, 4, 2))
+                for warps, stages, unroll in shapes:
                     for swap in (True, False):
-                        cands.add(GemmConfig("splitk", block_m=bm, block_n=bn, split_k=split,
-                                             num_warps=warps, num_stages=stages, swap_ab=swap))
+                        cands.add(GemmConfig("splitk", block_m=bm, block_n=bn, split_k=split, num_warps=warps,
+                                             num_stages=stages, swap_ab=swap, unroll=unroll))
     else:
         for bm, bn, warps, stages in ((64, 128, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3),
                                       (256, 128, 8, 2), (128, 256, 8, 2), (128, 64, 4, 4)):

@@ -9,9 +9,27 @@ from . import spec
 from .errors import expect
 
 
+def _all_ok(x, w, bias, alpha) -> bool:
+    """The checks of :func:`check_gemm_args` as one boolean, without building any message."""
+    from .weight import QuantizedWeight
+
+    if not (isinstance(x, torch.Tensor) and isinstance(w, QuantizedWeight) and x.dim() >= 1):
+        return False
+    s = w.scales
+    if not (x.dtype in spec.ACTIVATION_DTYPES and s.dtype == x.dtype and x.shape[-1] == 2 * w.qweight.shape[1]
+            and w.qweight.device == x.device):
+        return False
+    if bias is not None and not (isinstance(bias, torch.Tensor) and bias.dtype == x.dtype
+                                 and bias.shape == (w.qweight.shape[0],) and bias.device == x.device):
+        return False
+    return isinstance(alpha, (int, float)) and math.isfinite(float(alpha))
+
+
 def check_gemm_args(x: torch.Tensor, w, bias, alpha) -> None:
     """Validate ``x [..., K]`` fp16/bf16, a QuantizedWeight ``w`` of shape (N, K) with scales in x's
     dtype on x's device, ``bias`` None or [N] in x's dtype, and a finite float ``alpha``."""
+    if _all_ok(x, w, bias, alpha):  # the common case: no message is built
+        return
     from .weight import QuantizedWeight
 
     expect(isinstance(x, torch.Tensor), "x", "a torch.Tensor", type(x).__name__)

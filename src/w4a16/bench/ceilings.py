@@ -15,6 +15,7 @@ from .timing import percentile
 FAKE_BANDWIDTH = 2.0e12
 FAKE_RATE = 400e12
 FAKE_L2 = 50 * 2**20
+FALLBACK_L2 = 64 * 2**20  # where torch does not report the L2 size: above H100 (50 MB) and H200 (60 MB)
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def measure(device, copy_bytes: int = 512 * 2**20, gemm_size: int = 8192) -> Cei
     device = torch.device(device)
     bw, bw_max = measure_copy_bandwidth(device, copy_bytes)
     rate, rate_max = measure_gemm_rate(device, gemm_size)
-    l2 = int(torch.cuda.get_device_properties(device).L2_cache_size)
+    l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or FALLBACK_L2)
     torch.cuda.empty_cache()
     return Ceilings(bw, bw_max, rate, rate_max, l2, copy_bytes, gemm_size, "measured")
 

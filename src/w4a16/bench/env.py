@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import platform
 import re
 import subprocess
@@ -30,11 +31,13 @@ def _driver_version() -> str:
 
 
 def _triton_version() -> str:
-    try:
-        import triton
-    except ImportError:
-        return "absent"
-    return getattr(triton, "__version__", "unknown")
+    """The installed triton's version, read from its metadata (importing it would fix its settings)."""
+    for dist in ("triton", "pytorch-triton"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "absent"
 
 
 def card(device) -> dict:

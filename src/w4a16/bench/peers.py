@@ -8,6 +8,7 @@ timing any.
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -80,14 +81,18 @@ class W4A16Peer(Peer):
         self.name = "w4a16" if config == "auto" else f"w4a16[{config}]"
 
     def _label(self, x, w) -> str:
-        if self.config != "auto":
-            cfg = config_mod.NAMED_CONFIGS.get(self.config)
-            return f"{self.config}: {cfg.short()}" if cfg is not None else self.config
+        """The config gemm runs for x: ``ops.chosen_config`` where it exists ("auto" otherwise);
+        a named config is shown as 'name: what runs' (e.g. '128: reference' on a CPU)."""
         chosen = getattr(ops, "chosen_config", None)
         if chosen is None:
-            return "auto"
-        c = chosen(x, w)
-        return c.short() if hasattr(c, "short") else str(c)
+            c = config_mod.NAMED_CONFIGS.get(self.config, self.config)
+        else:
+            try:
+                c = chosen(x, w, self.config)
+            except TypeError:  # a chosen_config(x, w) without the config argument
+                c = chosen(x, w) if self.config == "auto" else config_mod.NAMED_CONFIGS.get(self.config, self.config)
+        text = c.short() if hasattr(c, "short") else str(c)
+        return text if self.config == "auto" else f"{self.config}: {text}"
 
     def build(self, w, copies):
         ws = [w] + [clone_weight(w) for _ in range(copies - 1)]
@@ -210,10 +215,12 @@ class GemlitePeer(Peer):
         return roofline.w4_bytes(0, p.N, p.K, p.group_size, zeros=True)
 
     def unavailable(self, p, device):
-        if _gemlite() is None:
+        if importlib.util.find_spec("gemlite") is None:
             return "gemlite not installed"
         if device.type != "cuda":
             return "gemlite needs a CUDA device"
+        if _gemlite() is None:
+            return "gemlite: import failed or no GemLiteLinear / DType in gemlite.core"
         return None
 
     def build(self, w, copies):

@@ -98,7 +98,8 @@ def measure_peer(peer, built, x, ref, p, timers, ceil, card: dict, copies: int,
 
 def add_speedups(rows: list) -> None:
     """Fill speedup_vs_fp16 = cuBLAS fp16 median / median for rows of the same point and timing."""
-    key = lambda r: (r["layer"], r["N"], r["K"], r["M"], r["dtype"], r["group_size"], r["zeros"], r["timing"])  # noqa: E731
+    fields = ("layer", "N", "K", "M", "dtype", "group_size", "zeros", "timing")
+    key = lambda r: tuple(r[f] for f in fields)  # noqa: E731
     base = {key(r): r["median_us"] for r in rows if r["peer"] == BASELINE and r["status"] == "ok"}
     for r in rows:
         if r["status"] == "ok":
@@ -138,8 +139,9 @@ def run_bench(settings, device, progress: bool = True) -> BenchResult:
     card = env_mod.card(device)
     header = dict(env_mod.collect(device), settings=settings.as_dict(), ceilings=ceil.as_dict(),
                   tolerance={spec.dtype_name(k): v for k, v in TOLERANCE.items()}, baseline=BASELINE)
-    result = BenchResult(header)
     peers = make_peers(settings.peers, configs=settings.configs)
+    header["peers_run"] = [peer.name for peer in peers]
+    result = BenchResult(header)
     timers = make_timers(settings.timing, fake=fake)
     points = sh.grid(settings.shapes, settings.ms, settings.dtypes, settings.group_sizes, settings.zeros)
     bar = tqdm(total=len(points) * len(peers), disable=not progress, unit="meas", dynamic_ncols=True)
@@ -150,12 +152,18 @@ def run_bench(settings, device, progress: bool = True) -> BenchResult:
             # Fake times need no L2 rotation: two copies keep the rotation code exercised.
             built = _build_all(peers, w, pts[0], device, 0 if fake else ceil.l2_bytes)
             for p in pts:
-                x = random_activation(p.M, p.K, dtype, device, gen)
-                ref = reference.gemm(x, w)
+                x = ref = None
+                try:
+                    x = random_activation(p.M, p.K, dtype, device, gen)
+                    ref = reference.gemm(x, w)
+                    ref_error = None
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory at a huge M
+                    ref_error = f"reference: {_short(e)}"
                 for peer in peers:
                     bar.set_description(f"{p.shape.label} M={p.M} {peer.name}", refresh=False)
                     b, copies, reason = built[peer.name]
-                    result.rows += measure_peer(peer, b, x, ref, p, timers, ceil, card, copies, na=reason)
+                    result.rows += measure_peer(peer, b, x, ref, p, timers, ceil, card, copies,
+                                                na=reason or ref_error)
                     bar.update(1)
                 del x, ref
             del w, built

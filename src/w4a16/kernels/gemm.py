@@ -64,11 +64,28 @@ def _group_params(s_ptr, z_ptr, k0, K, N, rows, GROUP_LOG2: tl.constexpr, H: tl.
 
 
 @triton.jit
+def _load_x(x_ptrs, k0, offs_h, m_ok, live, K, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr):
+    """The x tile of K range [k0, k0 + H): [H, BM] (x^T) with SWAP_AB, else [BM, H]; rows past M,
+    columns past K and chunks that are not ``live`` read as 0."""
+    rows_ok = m_ok & live
+    if SWAP_AB:
+        mask = rows_ok[None, :]
+        if not EVEN_K:
+            mask = mask & ((k0 + offs_h) < K)[:, None]
+    else:
+        mask = rows_ok[:, None]
+        if not EVEN_K:
+            mask = mask & ((k0 + offs_h) < K)[None, :]
+    return tl.load(x_ptrs + k0, mask=mask, other=0.0)
+
+
+@triton.jit
 def w4a16_gemm_kernel(
     x_ptr, qk_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, part_ptr,
     M, N, K, chunks, chunks_per_split, alpha,
     GROUP_LOG2: tl.constexpr, KC: tl.constexpr, ONE_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, EPILOGUE: tl.constexpr, GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
+    UNROLL: tl.constexpr,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, USE_ASM: tl.constexpr,
     DTYPE: tl.constexpr,
 ):
@@ -100,38 +117,31 @@ def w4a16_gemm_kernel(
     # Scales (and zeros) of the next chunk are loaded one iteration ahead, so their latency
     # hides behind this chunk's math instead of stalling it.
     nxt = _group_params(s_ptr, z_ptr, c_begin * KC, K, N, rows, GROUP_LOG2, H, ONE_SCALE, HAS_ZEROS)
-    for c in range(c_begin, c_end):
-        k0 = c * KC
-        t = tl.load(q_ptrs + c * H)
-        s_lo, s_hi, z_lo, z_hi = nxt
-        nxt = _group_params(s_ptr, z_ptr, tl.minimum(c + 1, chunks - 1) * KC, K, N, rows,
-                            GROUP_LOG2, H, ONE_SCALE, HAS_ZEROS)
-        if USE_ASM:
-            w_lo, w_hi = codes_magic(t, z_lo, z_hi, HAS_ZEROS, DTYPE)
-        else:
-            w_lo, w_hi = codes_portable(t, z_lo, z_hi, HAS_ZEROS, DTYPE)
-        w_lo = w_lo * s_lo[:, None]
-        w_hi = w_hi * s_hi[:, None]
-        if SWAP_AB:
-            if EVEN_K:
-                x_lo = tl.load(x_ptrs + k0, mask=m_ok[None, :], other=0.0)
-                x_hi = tl.load(x_ptrs + (k0 + H), mask=m_ok[None, :], other=0.0)
+    for c0 in range(c_begin, c_end, UNROLL):
+        for u in tl.static_range(UNROLL):
+            # With UNROLL > 1 the last step may run past this split's end: such a chunk re-reads
+            # the split's last weights and meets x masked to 0, so it adds nothing.
+            live = c0 + u < c_end
+            c = tl.minimum(c0 + u, c_end - 1)
+            k0 = c * KC
+            t = tl.load(q_ptrs + c * H)
+            s_lo, s_hi, z_lo, z_hi = nxt
+            nxt = _group_params(s_ptr, z_ptr, tl.minimum(c + 1, chunks - 1) * KC, K, N, rows,
+                                GROUP_LOG2, H, ONE_SCALE, HAS_ZEROS)
+            if USE_ASM:
+                w_lo, w_hi = codes_magic(t, z_lo, z_hi, HAS_ZEROS, DTYPE)
             else:
-                x_lo = tl.load(x_ptrs + k0, mask=m_ok[None, :] & ((k0 + offs_h) < K)[:, None], other=0.0)
-                x_hi = tl.load(x_ptrs + (k0 + H), mask=m_ok[None, :] & ((k0 + H + offs_h) < K)[:, None],
-                               other=0.0)
-            acc = tl.dot(w_lo, x_lo, acc)
-            acc = tl.dot(w_hi, x_hi, acc)
-        else:
-            if EVEN_K:
-                x_lo = tl.load(x_ptrs + k0, mask=m_ok[:, None], other=0.0)
-                x_hi = tl.load(x_ptrs + (k0 + H), mask=m_ok[:, None], other=0.0)
+                w_lo, w_hi = codes_portable(t, z_lo, z_hi, HAS_ZEROS, DTYPE)
+            w_lo = w_lo * s_lo[:, None]
+            w_hi = w_hi * s_hi[:, None]
+            x_lo = _load_x(x_ptrs, k0, offs_h, m_ok, live, K, EVEN_K, SWAP_AB)
+            x_hi = _load_x(x_ptrs, k0 + H, offs_h, m_ok, live, K, EVEN_K, SWAP_AB)
+            if SWAP_AB:
+                acc = tl.dot(w_lo, x_lo, acc)
+                acc = tl.dot(w_hi, x_hi, acc)
             else:
-                x_lo = tl.load(x_ptrs + k0, mask=m_ok[:, None] & ((k0 + offs_h) < K)[None, :], other=0.0)
-                x_hi = tl.load(x_ptrs + (k0 + H), mask=m_ok[:, None] & ((k0 + H + offs_h) < K)[None, :],
-                               other=0.0)
-            acc = tl.dot(x_lo, tl.trans(w_lo), acc)
-            acc = tl.dot(x_hi, tl.trans(w_hi), acc)
+                acc = tl.dot(x_lo, tl.trans(w_lo), acc)
+                acc = tl.dot(x_hi, tl.trans(w_hi), acc)
 
     if SWAP_AB:
         out_mask = n_ok[:, None] & m_ok[None, :]
