@@ -10,6 +10,13 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Import Triton now, under this setting: its own @jit helpers (tl.cdiv, ...) take the mode in
+    # force at import, and a later test that turns the interpreter off for a while (reference
+    # path) may import it indirectly (transformers does), which would break the kernel tests after it.
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
 
 import pytest  # noqa: E402
 
@@ -46,3 +53,18 @@ def gen() -> torch.Generator:
 def device() -> torch.device:
     """The device the kernels run on: the GPU where there is one, else the CPU (interpreter)."""
     return DEVICE
+
+
+@pytest.fixture
+def reference_gemm(monkeypatch):
+    """CPU tensors take w4a16's pure-torch reference path for this test (the kernels, run in Triton's
+    interpreter, have their own tests). Use: ``pytestmark = pytest.mark.usefixtures("reference_gemm")``."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture(scope="module")
+def reference_gemm_module():
+    """:func:`reference_gemm` for a whole module (whole-model runs: the interpreter would take hours)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")
+        yield

@@ -34,14 +34,8 @@ MEASURED = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def reference_gemm_on_cpu():
-    """Whole-model runs take the pure-torch GEMM on the CPU: the Triton interpreter (which
-    conftest turns on without a GPU) would take hours on a model, and the kernels have their
-    own tests."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "0")
-        yield
+# Whole-model runs take the pure-torch GEMM on the CPU (conftest.reference_gemm_module).
+pytestmark = pytest.mark.usefixtures("reference_gemm_module")
 
 
 def test_text_is_a_few_hundred_tokens_of_prose():

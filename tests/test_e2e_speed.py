@@ -18,14 +18,8 @@ RUN = dict(layers=2, batches=(1, 2), prefill_tokens=16, group_size=32, device="c
            prompt_len=4, verify_tokens=8, config_overrides=TINY, print_fn=None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def reference_gemm_on_cpu():
-    """Whole-model runs take the pure-torch GEMM on the CPU: the Triton interpreter (which
-    conftest turns on without a GPU) would take hours on a model, and the kernels have their
-    own tests."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "0")
-        yield
+# Whole-model runs take the pure-torch GEMM on the CPU (conftest.reference_gemm_module).
+pytestmark = pytest.mark.usefixtures("reference_gemm_module")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ D, G = 64, 32
 LINEARS = ("layers.0.q_proj", "layers.0.up", "layers.0.down", "layers.1.q_proj", "layers.1.up", "layers.1.down")
 
 
-from tiny_models import Block, TinyLM, reference_gemm  # noqa: E402,F401
+from tiny_models import Block, TinyLM  # noqa: E402,F401
 
 pytestmark = pytest.mark.usefixtures("reference_gemm")
 

@@ -67,3 +67,14 @@ def test_layout_round_trip():
     rebuilt = torch.cat([torch.cat([c[:, i] & 15, c[:, i] >> 4], 1) for i in range(c.shape[1])], 1)
     assert torch.equal(rebuilt[:, :320], codes)
     assert pw.K_pad % pw.kc == 0 and pw.scales_t.shape == (pw.K_pad // 32, 8)
+
+
+def test_row_blocks_below_int32_offsets(monkeypatch):
+    """Above 2**31 elements of x or y the launcher runs row blocks; shrink the limit to see it."""
+    import w4a16.kernels.launch as launch
+    monkeypatch.setattr(launch, "INT32_LIMIT", 64 * 256 + 5)  # 64-row blocks for K = 256
+    qw = w4a16.quantize(torch.randn(40, 256), 64)
+    x = torch.randn(150, 256).half()
+    bias = torch.randn(80).half()[::2]  # non-contiguous: gemm copies it
+    y = w4a16.gemm(x, qw, bias, config=SMALL[0])
+    assert rel_err(y, w4a16.reference.gemm(x, qw, bias.contiguous())) <= 2e-3

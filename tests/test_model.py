@@ -10,7 +10,7 @@ from w4a16 import W4A16Error, W4A16Linear, quantize_model, reference
 from w4a16.model import QuantizationReport, format_bytes
 
 
-from tiny_models import Block, TinyLM, reference_gemm  # noqa: E402,F401
+from tiny_models import Block, TinyLM  # noqa: E402,F401
 
 pytestmark = pytest.mark.usefixtures("reference_gemm")
 

@@ -11,11 +11,9 @@ from w4a16 import QuantizedWeight, W4A16Error, W4A16Linear, reference
 DTYPES = [torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def reference_gemm(monkeypatch):
-    """These tests check the module against ``w4a16.reference``: CPU tensors take the reference path
-    (the kernels, run in Triton's interpreter, have their own tests; one test here goes through them)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+# The module is checked against w4a16.reference on the reference path; one test goes through the
+# kernels (it turns the interpreter back on itself).
+pytestmark = pytest.mark.usefixtures("reference_gemm")
 
 
 def make_linear(K, N, bias=True, dtype=torch.float32, seed=0):

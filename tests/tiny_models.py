@@ -1,14 +1,6 @@
 """Small torch models shared by the module, model-conversion and checkpoint tests."""
-import pytest
 import torch
 from torch import nn
-
-
-@pytest.fixture
-def reference_gemm(monkeypatch):
-    """CPU tensors take w4a16's reference path (the kernels, run in Triton's interpreter, have
-    their own tests); use with ``pytestmark = pytest.mark.usefixtures("reference_gemm")``."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
 class Block(nn.Module):

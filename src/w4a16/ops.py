@@ -154,6 +154,8 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
         x2 = x2.index_select(1, w.perm)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
     pw = prepare(w)
     if torch.compiler.is_compiling():
         y = gemm_op(x2, pw.qk, pw.scales_t, pw.zeros_t, bias, float(alpha), K, pw.group, pw.kc,

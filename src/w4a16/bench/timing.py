@@ -55,6 +55,17 @@ def copies_for(weight_bytes: int, l2_bytes: int, factor: float = 2.0, lo: int = 
     return int(min(hi, max(lo, need)))
 
 
+def _loop_ms(calls: Sequence[Callable[[], object]], n: int) -> float:
+    """Milliseconds between CUDA events around ``n`` eager calls cycling through ``calls``."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(n):
+        calls[i % len(calls)]()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 class _CudaTimer:
     """Shared sizing for the CUDA timers.
 
@@ -81,13 +92,7 @@ class _CudaTimer:
             f()
         torch.cuda.synchronize()
         n = max(3, len(calls))
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for i in range(n):
-            calls[i % len(calls)]()
-        end.record()
-        end.synchronize()
-        return max(start.elapsed_time(end) * 1e-3 / n, 1e-7)
+        return max(_loop_ms(calls, n) * 1e-3 / n, 1e-7)
 
     def _sizes(self, est_s: float, copies: int) -> tuple:
         n = min(self.max_calls, max(1, math.ceil(self.target_ms * 1e-3 / est_s)))
@@ -137,13 +142,7 @@ class EagerTimer(_CudaTimer):
         per_call = []
         for _ in range(reps):
             torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for i in range(n):
-                calls[i % len(calls)]()
-            end.record()
-            end.synchronize()
-            per_call.append(start.elapsed_time(end) * 1e3 / n)
+            per_call.append(_loop_ms(calls, n) * 1e3 / n)
         return summarize(per_call, n)
 
 

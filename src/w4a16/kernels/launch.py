@@ -9,12 +9,14 @@ import triton
 import triton.language as tl
 
 from ..config import GemmConfig
+from ..errors import expect
 from .gemm import w4a16_gemm_kernel
 from .layout import PreparedWeight
 from .reduce import splitk_reduce_kernel
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 REDUCE_BLOCK = 1024
+INT32_LIMIT = 2**31
 
 
 def interpreting() -> bool:
@@ -61,6 +63,15 @@ def launch_gemm_compiled(x: torch.Tensor, pw: PreparedWeight, bias: Optional[tor
     y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
     if M == 0:
         return y, None
+    expect(N * pw.K_pad // 2 < INT32_LIMIT, "w.shape", "N * K / 2 < 2**31 bytes of codes", (N, pw.K))
+    rows = (INT32_LIMIT - 1) // max(N, pw.K)
+    if M > rows:
+        # The kernel indexes x and y with 32-bit offsets: run row blocks that stay below 2**31.
+        compiled = None
+        for m0 in range(0, M, rows):
+            _, compiled = launch_gemm_compiled(x[m0:m0 + rows], pw, bias, alpha, cfg, deterministic,
+                                               y[m0:m0 + rows])
+        return y, compiled
     chunks = pw.K_pad // pw.kc
     splits, per = split_plan(cfg, chunks)
     atomic = splits > 1 and not deterministic
