@@ -17,7 +17,6 @@ import torch
 from . import reference
 from .config import KINDS, GemmConfig, resolve_named
 from .dispatch import choose_config
-from .errors import expect
 from .validate import check_gemm_args
 from .weight import QuantizedWeight
 
