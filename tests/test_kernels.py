@@ -31,6 +31,14 @@ def test_odd_shapes(M, N, K, g, cfg):
     check_gemm(M, N, K, g, "int", torch.float16, "cpu", config=cfg, bias=M % 2 == 1)
 
 
+@pytest.mark.parametrize("cfg", [GemmConfig("tile", 16, 32, num_warps=4, num_stages=2, prefetch=False),
+                                 GemmConfig("splitk", 16, 16, split_k=2, swap_ab=False, unroll=2, prefetch=False)],
+                         ids=["tile", "splitk-noswap-u2"])
+@pytest.mark.parametrize("group_size,zeros", [(32, "float"), (64, None), (-1, "int")])
+def test_scales_loaded_in_loop(cfg, group_size, zeros):
+    check_gemm(5, 40, 576, group_size, zeros, torch.float16, "cpu", config=cfg, bias=True, alpha=0.5)
+
+
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_split_k_modes(deterministic):
     check_gemm(5, 48, 1024, 128, None, torch.float16, "cpu", config=SMALL[1], deterministic=deterministic)

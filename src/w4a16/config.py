@@ -37,6 +37,8 @@ class GemmConfig:
     swap_ab:    True computes y^T = W x^T (the dequantized weight is the first MMA operand, from
                 registers); False computes y = x W^T (the weight is staged in shared memory).
     unroll:     layout chunks (128 K values, 64 for g = 32) per main-loop iteration: 1, 2 or 4.
+    prefetch:   load the next chunk's scales one iteration ahead (True) or in the iteration that
+                uses them (False); it also changes how Triton stages the weight tile.
     dequant:    "magic" (inline-PTX int4 -> fp16/bf16, GPU only) or "portable" (plain Triton);
                 under Triton's interpreter "magic" runs as "portable".
     """
@@ -51,6 +53,7 @@ class GemmConfig:
     swap_ab: bool = True
     dequant: str = "magic"
     unroll: int = 1
+    prefetch: bool = True
 
     def __post_init__(self):
         expect(self.kind in KINDS, "config.kind", f"one of {KINDS}", self.kind)
@@ -65,6 +68,8 @@ class GemmConfig:
         expect(1 <= self.group_m <= 64, "config.group_m", "an integer in [1, 64]", self.group_m)
         expect(self.dequant in DEQUANTS, "config.dequant", f"one of {DEQUANTS}", self.dequant)
         expect(self.unroll in (1, 2, 4), "config.unroll", "1, 2 or 4", self.unroll)
+        expect(isinstance(self.swap_ab, bool), "config.swap_ab", "a bool", self.swap_ab)
+        expect(isinstance(self.prefetch, bool), "config.prefetch", "a bool", self.prefetch)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +79,7 @@ class GemmConfig:
         sk = f" k{self.split_k}" if self.kind == "splitk" else ""
         dq = ("" if self.swap_ab else " noswap") + ("" if self.dequant == "magic" else " portable")
         dq += f" u{self.unroll}" if self.unroll > 1 else ""
+        dq += "" if self.prefetch else " noprefetch"
         return (f"{self.kind} {self.block_m}x{self.block_n}{sk} "
                 f"w{self.num_warps} s{self.num_stages}{dq}")
 

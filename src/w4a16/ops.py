@@ -88,12 +88,13 @@ def chosen_config(x: torch.Tensor, w: QuantizedWeight, config="auto") -> "GemmCo
 
 def _config_to_list(cfg: GemmConfig) -> List[int]:
     return [KINDS.index(cfg.kind), cfg.block_m, cfg.block_n, cfg.split_k, cfg.num_warps,
-            cfg.num_stages, cfg.group_m, int(cfg.swap_ab), 0 if cfg.dequant == "magic" else 1, cfg.unroll]
+            cfg.num_stages, cfg.group_m, int(cfg.swap_ab), 0 if cfg.dequant == "magic" else 1, cfg.unroll,
+            int(cfg.prefetch)]
 
 
 def _config_from_list(v: List[int]) -> GemmConfig:
     return GemmConfig(KINDS[v[0]], v[1], v[2], v[3], v[4], v[5], v[6], bool(v[7]), ("magic", "portable")[v[8]],
-                      v[9])
+                      v[9], bool(v[10]))
 
 
 def _run_kernel(x2: torch.Tensor, qk: torch.Tensor, scales_t: torch.Tensor, zeros_t: Optional[torch.Tensor],

@@ -50,11 +50,11 @@ def candidate_configs(M: int, N: int, K: int, num_sms: int) -> List[GemmConfig]:
                                              num_stages=stages, swap_ab=swap, unroll=unroll))
     else:
         for bm, bn, warps, stages in ((64, 128, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3),
-                                      (256, 128, 8, 2), (128, 256, 8, 2), (128, 64, 4, 4)):
+                                      (256, 128, 8, 3), (256, 128, 8, 2), (128, 256, 8, 2), (128, 64, 4, 4)):
             if bm <= max(64, 1 << (M - 1).bit_length()):
-                for swap in (True, False):
+                for swap, prefetch in ((True, True), (False, True), (True, False)):
                     cands.add(GemmConfig("tile", block_m=bm, block_n=bn, num_warps=warps, num_stages=stages,
-                                         swap_ab=swap))
+                                         swap_ab=swap, prefetch=prefetch))
     return sorted(cands, key=lambda c: c.short())
 
 

@@ -17,6 +17,7 @@ from w4a16.config import GemmConfig  # noqa: E402
 DTYPES = [torch.float16, torch.bfloat16]
 CONFIGS = ["auto", "128", "64", "decode", GemmConfig("splitk", 16, 64, split_k=4, dequant="portable"),
            GemmConfig("splitk", 16, 128, split_k=3, swap_ab=False, unroll=2),
+           GemmConfig("tile", 128, 128, num_warps=8, num_stages=3, prefetch=False),
            GemmConfig("tile", 64, 128, num_warps=4, num_stages=4, dequant="portable")]
 SHAPES = [(1, 72, 576), (3, 200, 1376), (17, 72, 4096), (100, 200, 576), (257, 72, 1376), (16, 200, 14336)]
 

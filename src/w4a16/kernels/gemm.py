@@ -85,7 +85,7 @@ def w4a16_gemm_kernel(
     M, N, K, chunks, chunks_per_split, alpha,
     GROUP_LOG2: tl.constexpr, KC: tl.constexpr, ONE_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, EPILOGUE: tl.constexpr, GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
-    UNROLL: tl.constexpr,
+    UNROLL: tl.constexpr, PREFETCH: tl.constexpr,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, USE_ASM: tl.constexpr,
     DTYPE: tl.constexpr,
 ):
@@ -114,8 +114,10 @@ def w4a16_gemm_kernel(
 
     c_begin = pid_k * chunks_per_split
     c_end = tl.minimum(c_begin + chunks_per_split, chunks)
-    # Scales (and zeros) of the next chunk are loaded one iteration ahead, so their latency
-    # hides behind this chunk's math instead of stalling it.
+    # PREFETCH: scales (and zeros) of the next chunk are loaded one iteration ahead, so their
+    # latency hides behind this chunk's math. A side effect seen in the TTGIR on sm_90: with it,
+    # Triton stages the dequantized tile through shared memory for some tile shapes instead of
+    # feeding the MMA from registers (docs/PERF_NOTES.md).
     nxt = _group_params(s_ptr, z_ptr, c_begin * KC, K, N, rows, GROUP_LOG2, H, ONE_SCALE, HAS_ZEROS)
     for c0 in range(c_begin, c_end, UNROLL):
         for u in tl.static_range(UNROLL):
@@ -125,9 +127,13 @@ def w4a16_gemm_kernel(
             c = tl.minimum(c0 + u, c_end - 1)
             k0 = c * KC
             t = tl.load(q_ptrs + c * H)
-            s_lo, s_hi, z_lo, z_hi = nxt
-            nxt = _group_params(s_ptr, z_ptr, tl.minimum(c + 1, chunks - 1) * KC, K, N, rows,
-                                GROUP_LOG2, H, ONE_SCALE, HAS_ZEROS)
+            if PREFETCH:
+                s_lo, s_hi, z_lo, z_hi = nxt
+                nxt = _group_params(s_ptr, z_ptr, tl.minimum(c + 1, chunks - 1) * KC, K, N, rows,
+                                    GROUP_LOG2, H, ONE_SCALE, HAS_ZEROS)
+            else:
+                s_lo, s_hi, z_lo, z_hi = _group_params(s_ptr, z_ptr, k0, K, N, rows, GROUP_LOG2, H,
+                                                       ONE_SCALE, HAS_ZEROS)
             if USE_ASM:
                 w_lo, w_hi = codes_magic(t, z_lo, z_hi, HAS_ZEROS, DTYPE)
             else:

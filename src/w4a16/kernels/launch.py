@@ -91,7 +91,7 @@ def launch_gemm_compiled(x: torch.Tensor, pw: PreparedWeight, bias: Optional[tor
         M, N, pw.K, chunks, per, float(alpha),
         GROUP_LOG2=group_log2(pw), KC=pw.kc, ONE_SCALE=pw.group == pw.K or pw.group % pw.kc == 0,
         EVEN_K=pw.K % pw.kc == 0, BM=bm, BN=cfg.block_n, EPILOGUE=splits == 1, GROUP_M=cfg.group_m,
-        SWAP_AB=cfg.swap_ab, UNROLL=cfg.unroll,
+        SWAP_AB=cfg.swap_ab, UNROLL=cfg.unroll, PREFETCH=cfg.prefetch,
         HAS_ZEROS=pw.zeros_t is not None, HAS_BIAS=bias is not None, ATOMIC=atomic,
         USE_ASM=cfg.dequant == "magic" and not interpreting(), DTYPE=dtype,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
