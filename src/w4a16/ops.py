@@ -15,8 +15,9 @@ from typing import List, Optional
 import torch
 
 from . import reference
-from .config import KINDS, GemmConfig, resolve_named
+from .config import DEQUANTS, KINDS, GemmConfig, resolve_named
 from .dispatch import choose_config
+from .kernels.layout import LAYOUT_VERSION, PreparedWeight, prepare_layout  # plain torch, no Triton
 from .validate import check_gemm_args
 from .weight import QuantizedWeight
 
@@ -61,12 +62,9 @@ def _uses_kernels(device: torch.device) -> bool:
 
 def prepare(w: QuantizedWeight):
     """The weight in the kernels' private layout (built once, cached on ``w``)."""
-    if w._prepared:
-        return next(iter(w._prepared.values()))
-    from .kernels.layout import LAYOUT_VERSION, prepare_layout
-
-    pw = prepare_layout(w)
-    w._prepared[LAYOUT_VERSION] = pw
+    pw = w._prepared.get(LAYOUT_VERSION)
+    if pw is None:
+        pw = w._prepared[LAYOUT_VERSION] = prepare_layout(w)
     return pw
 
 
@@ -88,23 +86,20 @@ def chosen_config(x: torch.Tensor, w: QuantizedWeight, config="auto") -> "GemmCo
 
 def _config_to_list(cfg: GemmConfig) -> List[int]:
     return [KINDS.index(cfg.kind), cfg.block_m, cfg.block_n, cfg.split_k, cfg.num_warps,
-            cfg.num_stages, cfg.group_m, int(cfg.swap_ab), 0 if cfg.dequant == "magic" else 1, cfg.unroll,
+            cfg.num_stages, cfg.group_m, int(cfg.swap_ab), DEQUANTS.index(cfg.dequant), cfg.unroll,
             int(cfg.prefetch)]
 
 
 def _config_from_list(v: List[int]) -> GemmConfig:
-    return GemmConfig(KINDS[v[0]], v[1], v[2], v[3], v[4], v[5], v[6], bool(v[7]), ("magic", "portable")[v[8]],
+    return GemmConfig(KINDS[v[0]], v[1], v[2], v[3], v[4], v[5], v[6], bool(v[7]), DEQUANTS[v[8]],
                       v[9], bool(v[10]))
 
 
 def _run_kernel(x2: torch.Tensor, qk: torch.Tensor, scales_t: torch.Tensor, zeros_t: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor], alpha: float, K: int, group: int, kc: int,
                 config: List[int], deterministic: bool) -> torch.Tensor:
-    from .kernels.launch import launch_gemm
-    from .kernels.layout import PreparedWeight
-
     pw = PreparedWeight(qk, scales_t, zeros_t, qk.shape[0], K, qk.shape[1] * 2, kc, group)
-    return launch_gemm(x2, pw, bias, alpha, _config_from_list(config), deterministic)
+    return _launcher()(x2, pw, bias, alpha, _config_from_list(config), deterministic)
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,1 +1,1 @@
-"""Triton kernels. Importing this package needs Triton; the rest of w4a16 does not."""
+"""Triton kernels and their host side. ``layout`` is plain torch; the other modules need Triton."""
