@@ -28,18 +28,18 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from w4a16.kernels.gemm import w4a16_gemm_kernel  # noqa: E402
 
-ARGS = ("x_ptr", "qk_ptr", "s_ptr", "z_ptr", "bias_ptr", "y_ptr", "part_ptr", "M", "N", "K", "chunks",
-        "chunks_per_split", "alpha")
+ARGS = ("x_ptr", "qk_ptr", "s_ptr", "z_ptr", "bias_ptr", "y_ptr", "part_ptr", "counter_ptr", "M", "N", "K", "chunks",
+        "chunks_per_split", "n_blocks", "alpha")
 
 
 def compile_kernel(a):
     dt = "fp16" if a.dtype == "fp16" else "bf16"
-    sig = dict(zip(ARGS, (f"*{dt}", "*u8", f"*{dt}", f"*{dt}", f"*{dt}", f"*{dt}", "*fp32",
-                          "i32", "i32", "i32", "i32", "i32", "fp32")))
+    sig = dict(zip(ARGS, (f"*{dt}", "*u8", os.environ.get("S_TYPE", f"*{dt}"), f"*{dt}", f"*{dt}", f"*{dt}", "*fp32", "*i32",
+                          "i32", "i32", "i32", "i32", "i32", "i32", "fp32")))
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(ARGS) if n != "alpha"}
     cx = dict(GROUP_LOG2=a.group_log2, KC=128 if a.group_log2 != 5 else 64, ONE_SCALE=a.group_log2 != 6,
               EVEN_K=True, BM=a.block_m, BN=a.block_n, EPILOGUE=a.kind == "tile", GROUP_M=8,
-              SWAP_AB=not a.no_swap, UNROLL=a.unroll, PREFETCH=not a.no_prefetch,
+              SWAP_AB=not a.no_swap, UNROLL=a.unroll, PREFETCH=not a.no_prefetch, SCALE_AFTER=a.scale_after,
               HAS_ZEROS=a.zeros, HAS_BIAS=False, ATOMIC=False, USE_ASM=a.dequant != "portable", DTYPE=tl.float16 if dt == "fp16" else tl.bfloat16)
     for k in cx:
         sig[k] = "constexpr"
@@ -83,6 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("num_stages", type=int)
     p.add_argument("--no-swap", action="store_true")
     p.add_argument("--no-prefetch", action="store_true")
+    p.add_argument("--scale-after", action="store_true", help="scale the MMA's partial sums")
     p.add_argument("--unroll", type=int, default=1)
     p.add_argument("--zeros", action="store_true")
     p.add_argument("--dequant", choices=("magic", "portable"), default="magic")

@@ -186,6 +186,18 @@ def section_overhead():
         rows[name] = best
     log(f"host overhead per eager call (CPU timer, 1x256x256): F.linear {rows['F.linear']:.1f} us, "
         f"w4a16.gemm {rows['w4a16.gemm']:.1f} us, ratio {rows['w4a16.gemm'] / rows['F.linear']:.2f}")
+    import cProfile
+    import io
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(2000):
+        w4a16.gemm(x, qw)
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(14)
+    log("profile of 2000 eager calls:\n" + "\n".join(text.getvalue().splitlines()[-24:]))
     RESULTS["overhead_us"] = rows
 
 

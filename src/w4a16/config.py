@@ -39,6 +39,11 @@ class GemmConfig:
     unroll:     layout chunks (128 K values, 64 for g = 32) per main-loop iteration: 1, 2 or 4.
     prefetch:   load the next chunk's scales one iteration ahead (True) or in the iteration that
                 uses them (False); it also changes how Triton stages the weight tile.
+    scale_after: multiply each half chunk's fp32 MMA result by its scales (True; the MMA takes the
+                integer-valued weights) or scale the weights before the MMA (False). Fewer
+                instructions when the accumulator tile is small (decode), more registers.
+    wide_scales: read scales and zeros from fp32 copies (True: 4-byte loads that Triton stages
+                with cp.async; 2x the scale bytes) or in the activation dtype (False).
     dequant:    "magic" (inline-PTX int4 -> fp16/bf16, GPU only) or "portable" (plain Triton);
                 under Triton's interpreter "magic" runs as "portable".
     """
@@ -54,6 +59,8 @@ class GemmConfig:
     dequant: str = "magic"
     unroll: int = 1
     prefetch: bool = True
+    wide_scales: bool = False
+    scale_after: bool = False
 
     def __post_init__(self):
         expect(self.kind in KINDS, "config.kind", f"one of {KINDS}", self.kind)
@@ -70,6 +77,8 @@ class GemmConfig:
         expect(self.unroll in (1, 2, 4), "config.unroll", "1, 2 or 4", self.unroll)
         expect(isinstance(self.swap_ab, bool), "config.swap_ab", "a bool", self.swap_ab)
         expect(isinstance(self.prefetch, bool), "config.prefetch", "a bool", self.prefetch)
+        expect(isinstance(self.wide_scales, bool), "config.wide_scales", "a bool", self.wide_scales)
+        expect(isinstance(self.scale_after, bool), "config.scale_after", "a bool", self.scale_after)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -80,6 +89,8 @@ class GemmConfig:
         dq = ("" if self.swap_ab else " noswap") + ("" if self.dequant == "magic" else " portable")
         dq += f" u{self.unroll}" if self.unroll > 1 else ""
         dq += "" if self.prefetch else " noprefetch"
+        dq += " s32" if self.wide_scales else ""
+        dq += " sa" if self.scale_after else ""
         return (f"{self.kind} {self.block_m}x{self.block_n}{sk} "
                 f"w{self.num_warps} s{self.num_stages}{dq}")
 
@@ -87,10 +98,11 @@ class GemmConfig:
 # The SPEC's two entry points, plus the decode kernel. split_k of a named "splitk" config is the
 # upper bound; the launcher lowers it so every split has at least one K step.
 NAMED_CONFIGS = {
-    "128": GemmConfig("tile", block_m=128, block_n=128, num_warps=8, num_stages=4),
-    "64": GemmConfig("splitk", block_m=64, block_n=128, split_k=4, num_warps=4, num_stages=4),
-    "decode": GemmConfig("splitk", block_m=16, block_n=128, split_k=8, num_warps=4, num_stages=4,
-                         swap_ab=False, unroll=2),
+    "128": GemmConfig("tile", block_m=128, block_n=128, num_warps=8, num_stages=4, prefetch=False,
+                      wide_scales=True),
+    "64": GemmConfig("splitk", block_m=64, block_n=64, split_k=4, num_warps=4, num_stages=1, unroll=2),
+    "decode": GemmConfig("splitk", block_m=16, block_n=64, split_k=8, num_warps=4, num_stages=1,
+                         scale_after=True),
 }
 
 

@@ -31,30 +31,33 @@ def heuristic_config(M: int, N: int, K: int, num_sms: int) -> GemmConfig:
     """A config from the problem's shape alone, for shapes and GPUs without a tuned entry.
 
     Rules read off the H200 tuning table (``data/tuned.json``, 48 winners over the Llama-3
-    8B/70B layers at M = 1..4096; times there are CUDA-graph replays):
+    8B/70B layers at M = 1..4096, layout version 2; times there are CUDA-graph replays):
 
-    * M <= 16 (memory-bound): the winners ran 580-900 programs (4-7 per SM). Layers of more than
-      1e8 weights won with the weight as the second MMA operand (swap_ab=False), 128-wide N tiles
-      and two chunks per loop step (70B gate_up 114 us); smaller ones with swap-AB and 64-wide tiles.
-    * M <= 64: a 64-row tile, 128-wide N tiles, swap-AB, about 300 programs.
-    * M <= 256: 128x128 tiles (8 warps, 4 stages); 128x64 without swap-AB where N <= 4096.
-    * larger M: 128x128 tiles, 8 warps, 4 stages (13 of the 16 winners at M = 1024 and 4096).
+    * M <= 16 (memory-bound): 64-wide N tiles, one pipeline stage (the codes go straight from
+      global memory to registers), scales applied after the MMA, about 600-900 programs
+      (4-7 per SM); 14 of the 16 winners.
+    * M <= 64: a 64-row tile, 64-wide N tiles, one stage, two chunks per loop step, about 300-600
+      programs (all 8 winners).
+    * M <= 256: 128x64 tiles (4 warps) where N <= 4096, 256x128 tiles where N >= 10240, else 128x128
+      (8 warps, 4 stages, scales in fp32 loaded in the loop).
+    * larger M: 256x128 tiles, 8 warps, 3 stages, fp32 scales loaded in the loop (15 of 16).
     """
     scale = num_sms / 132
     if M <= 16:
-        if N * K > 100_000_000:
-            split = _split_for(-(-N // 128), K, 700 * scale)
-            return GemmConfig("splitk", block_m=16, block_n=128, split_k=split, num_warps=4, num_stages=4,
-                              swap_ab=False, unroll=2)
-        split = _split_for(-(-N // 64), K, 600 * scale)
-        return GemmConfig("splitk", block_m=16, block_n=64, split_k=split, num_warps=4, num_stages=4)
+        split = _split_for(-(-N // 64), K, 768 * scale)
+        return GemmConfig("splitk", block_m=16, block_n=64, split_k=split, num_warps=4, num_stages=1,
+                          scale_after=True)
     if M <= 64:
         bm = 32 if M <= 32 else 64
-        split = _split_for(-(-N // 128), K, 300 * scale)
-        return GemmConfig("splitk", block_m=bm, block_n=128, split_k=split, num_warps=4, num_stages=4)
+        split = _split_for(-(-N // 64), K, 450 * scale)
+        return GemmConfig("splitk", block_m=bm, block_n=64, split_k=split, num_warps=4, num_stages=1, unroll=2)
     if M <= 256 and N <= 4096:
-        return GemmConfig("tile", block_m=128, block_n=64, num_warps=4, num_stages=4, swap_ab=False)
-    return GemmConfig("tile", block_m=128, block_n=128, num_warps=8, num_stages=4)
+        return GemmConfig("tile", block_m=128, block_n=64, num_warps=4, num_stages=4)
+    if M <= 256 and N < 10240:
+        return GemmConfig("tile", block_m=128, block_n=128, num_warps=8, num_stages=4, prefetch=False,
+                          wide_scales=True)
+    return GemmConfig("tile", block_m=256, block_n=128, num_warps=8, num_stages=3, prefetch=False,
+                      wide_scales=True)
 
 
 def choose_config(M: int, N: int, K: int, group: int, dtype: torch.dtype, device: torch.device) -> GemmConfig:

@@ -67,7 +67,7 @@ def kernel_info(x: torch.Tensor, w: QuantizedWeight, config="auto", bias: Option
     expect(isinstance(cfg, GemmConfig), "x.device", "a device where the Triton kernels run", x.device)
     x2 = x.reshape(-1, w.shape[1]).contiguous()
     expect(x2.shape[0] > 0, "x", "at least one row (M >= 1)", tuple(x.shape))
-    pw = prepare(w)
+    pw = prepare(w, cfg.wide_scales)
     _, compiled = launch_gemm_compiled(x2, pw, bias, 1.0, cfg)
     shared = int(getattr(compiled.metadata, "shared", 0))
     warps = int(getattr(compiled.metadata, "num_warps", cfg.num_warps))

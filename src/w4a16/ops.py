@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from typing import List, Optional
 
 import torch
@@ -17,7 +16,8 @@ import torch
 from . import reference
 from .config import DEQUANTS, KINDS, GemmConfig, resolve_named
 from .dispatch import choose_config
-from .kernels.layout import LAYOUT_VERSION, PreparedWeight, prepare_layout  # plain torch, no Triton
+from .kernels.env import interpreting  # plain Python, no Triton
+from .kernels.layout import LAYOUT_VERSION, PreparedWeight, prepare_layout, widen_scales  # plain torch
 from .validate import check_gemm_args
 from .weight import QuantizedWeight
 
@@ -25,10 +25,6 @@ from .weight import QuantizedWeight
 @functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def describe_path(device) -> tuple:
@@ -42,7 +38,7 @@ def describe_path(device) -> tuple:
             return "reference", f"compute capability {major}.{minor} < 8.0 (the kernels need sm_80+)"
         tuned = "tuned for sm_90 (Hopper)" if major == 9 else "runs, tuned for sm_90 (Hopper)"
         return "triton", f"CUDA device with compute capability {major}.{minor}: {tuned}"
-    if device.type == "cpu" and _interpret():
+    if device.type == "cpu" and interpreting():
         return "triton-interpreter", "CPU tensors and TRITON_INTERPRET=1: kernels run in Triton's interpreter"
     return "reference", f"{device.type} tensors (set TRITON_INTERPRET=1 to run the kernels on CPU)"
 
@@ -53,18 +49,21 @@ _CONFIG_CACHE: dict = {}
 
 def _uses_kernels(device: torch.device) -> bool:
     """describe_path(device) != "reference", cached per device (TRITON_INTERPRET read each call)."""
-    key = (device.type, device.index, device.type == "cpu" and _interpret())
+    key = (device.type, device.index, device.type == "cpu" and interpreting())
     hit = _PATH_CACHE.get(key)
     if hit is None:
         hit = _PATH_CACHE[key] = describe_path(device)[0] != "reference"
     return hit
 
 
-def prepare(w: QuantizedWeight):
-    """The weight in the kernels' private layout (built once, cached on ``w``)."""
-    pw = w._prepared.get(LAYOUT_VERSION)
+def prepare(w: QuantizedWeight, wide_scales: bool = False):
+    """The weight in the kernels' private layout (built once, cached on ``w``); with
+    ``wide_scales`` its scales and zeros in fp32 (see GemmConfig.wide_scales)."""
+    key = (LAYOUT_VERSION, wide_scales)
+    pw = w._prepared.get(key)
     if pw is None:
-        pw = w._prepared[LAYOUT_VERSION] = prepare_layout(w)
+        pw = prepare_layout(w) if not wide_scales else widen_scales(prepare(w))
+        w._prepared[key] = pw
     return pw
 
 
@@ -87,18 +86,18 @@ def chosen_config(x: torch.Tensor, w: QuantizedWeight, config="auto") -> "GemmCo
 def _config_to_list(cfg: GemmConfig) -> List[int]:
     return [KINDS.index(cfg.kind), cfg.block_m, cfg.block_n, cfg.split_k, cfg.num_warps,
             cfg.num_stages, cfg.group_m, int(cfg.swap_ab), DEQUANTS.index(cfg.dequant), cfg.unroll,
-            int(cfg.prefetch)]
+            int(cfg.prefetch), int(cfg.wide_scales), int(cfg.scale_after)]
 
 
 def _config_from_list(v: List[int]) -> GemmConfig:
     return GemmConfig(KINDS[v[0]], v[1], v[2], v[3], v[4], v[5], v[6], bool(v[7]), DEQUANTS[v[8]],
-                      v[9], bool(v[10]))
+                      v[9], bool(v[10]), bool(v[11]), bool(v[12]))
 
 
 def _run_kernel(x2: torch.Tensor, qk: torch.Tensor, scales_t: torch.Tensor, zeros_t: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor], alpha: float, K: int, group: int, kc: int,
                 config: List[int], deterministic: bool) -> torch.Tensor:
-    pw = PreparedWeight(qk, scales_t, zeros_t, qk.shape[0], K, qk.shape[1] * 2, kc, group)
+    pw = PreparedWeight(qk, scales_t, zeros_t, scales_t.shape[1], K, qk.shape[1] // 8, kc, group)
     return _launcher()(x2, pw, bias, alpha, _config_from_list(config), deterministic)
 
 
@@ -113,14 +112,15 @@ def _launcher():
 def gemm_op(x2: torch.Tensor, qk: torch.Tensor, scales_t: torch.Tensor, zeros_t: Optional[torch.Tensor],
             bias: Optional[torch.Tensor], alpha: float, K: int, group: int, kc: int,
             config: List[int], deterministic: bool) -> torch.Tensor:
-    """The kernel as a custom op. x2 [M, K] fp16/bf16 contiguous; qk, scales_t, zeros_t: layout v1
-    (see w4a16.kernels.layout); bias [N] or None; config: a GemmConfig as a list. -> y [M, N]."""
+    """The kernel as a custom op. x2 [M, K] fp16/bf16 contiguous; qk, scales_t [G_pad, N], zeros_t:
+    the prepared layout (see w4a16.kernels.layout); bias [N] or None; config: a GemmConfig as a
+    list. -> y [M, N]."""
     return _run_kernel(x2, qk, scales_t, zeros_t, bias, alpha, K, group, kc, config, deterministic)
 
 
 @gemm_op.register_fake
 def _gemm_fake(x2, qk, scales_t, zeros_t, bias, alpha, K, group, kc, config, deterministic):
-    return x2.new_empty((x2.shape[0], qk.shape[0]))
+    return x2.new_empty((x2.shape[0], scales_t.shape[1]))
 
 
 def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = None, alpha: float = 1.0,
@@ -144,18 +144,18 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
     if cfg == "reference":
         return reference.gemm(x, w, bias, alpha)
     N, K = w.shape
-    x2 = x.reshape(-1, K)
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if w.perm is not None:
         x2 = x2.index_select(1, w.perm)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
-    pw = prepare(w)
+    pw = prepare(w, cfg.wide_scales)
     if torch.compiler.is_compiling():
         y = gemm_op(x2, pw.qk, pw.scales_t, pw.zeros_t, bias, float(alpha), K, pw.group, pw.kc,
                     _config_to_list(cfg), bool(deterministic))
     else:
         # Eager calls skip the op dispatcher and the config round trip: less host time per call.
         y = _launcher()(x2, pw, bias, float(alpha), cfg, bool(deterministic))
-    return y.reshape(*x.shape[:-1], N)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)

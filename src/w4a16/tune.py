@@ -32,7 +32,12 @@ class TuneResult:
 
 
 def candidate_configs(M: int, N: int, K: int, num_sms: int) -> List[GemmConfig]:
-    """The search space for one problem: split-K shapes for small M, tiles for large M."""
+    """The search space for one problem: split-K shapes for small M, tiles for large M.
+
+    Candidates come with scales in the activation dtype (prefetched a chunk ahead) or in fp32
+    (``wide_scales``, staged by the pipeline), with one or more pipeline stages and chunks per
+    loop step.
+    """
     cands = {heuristic_config(M, N, K, num_sms)}
     if M <= 64:
         bm = max(16, min(64, 1 << (max(M, 1) - 1).bit_length()))
@@ -40,21 +45,29 @@ def candidate_configs(M: int, N: int, K: int, num_sms: int) -> List[GemmConfig]:
         for bn in (64, 128, 256):
             tiles = -(-N // bn)
             base = max(1, -(-2 * num_sms // tiles))
-            for split in sorted({base, 2 * base, max(1, base // 2)}):
+            warps = 8 if bn == 256 else 4
+            # (warps, stages, unroll, swap_ab, wide_scales, scale_after)
+            shapes = [(warps, 4, 1, True, False, False), (warps, 4, 1, True, True, True)]
+            if bn != 256:
+                shapes += [(4, 1, 2, True, False, False), (4, 1, 2, True, False, True), (4, 1, 1, True, False, True),
+                           (4, 2, 2, True, False, True), (4, 4, 1, True, False, True), (4, 4, 1, True, True, False),
+                           (4, 4, 2, False, False, False)]
+            for split in sorted({base, 2 * base}):
                 if split > chunks:
                     continue
-                shapes = ((8, 4, 1),) if bn == 256 else ((4, 4, 1), (4, 6, 1), (4, 4, 2))
-                for warps, stages, unroll in shapes:
-                    for swap in (True, False):
-                        cands.add(GemmConfig("splitk", block_m=bm, block_n=bn, split_k=split, num_warps=warps,
-                                             num_stages=stages, swap_ab=swap, unroll=unroll))
+                for warps_, stages, unroll, swap, wide, after in shapes:
+                    cands.add(GemmConfig("splitk", block_m=bm, block_n=bn, split_k=split, num_warps=warps_,
+                                         num_stages=stages, swap_ab=swap, unroll=unroll, wide_scales=wide,
+                                         prefetch=not wide, scale_after=after))
     else:
         for bm, bn, warps, stages in ((64, 128, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3),
-                                      (256, 128, 8, 3), (256, 128, 8, 2), (128, 256, 8, 2), (128, 64, 4, 4)):
+                                      (256, 128, 8, 3), (128, 64, 4, 4)):
             if bm <= max(64, 1 << (M - 1).bit_length()):
-                for swap, prefetch in ((True, True), (False, True), (True, False)):
+                # (swap_ab, prefetch, wide_scales)
+                for swap, prefetch, wide in ((True, True, False), (True, False, False), (True, False, True),
+                                             (False, True, False)):
                     cands.add(GemmConfig("tile", block_m=bm, block_n=bn, num_warps=warps, num_stages=stages,
-                                         swap_ab=swap, prefetch=prefetch))
+                                         swap_ab=swap, prefetch=prefetch, wide_scales=wide))
     return sorted(cands, key=lambda c: c.short())
 
 

@@ -1,7 +1,8 @@
 """Tuned configurations on disk: the shipped table and the user's cache written by ``tune``.
 
 Key: (GPU name, M bucket, N, K, group size, dtype). M is bucketed to the next power of two
-(at least 1) so that a winner measured at M = 16 serves M = 9..16.
+(at least 1) so that a winner measured at M = 16 serves M = 9..16. Files carry the version of the
+weight layout their timings were measured with; files of another version are ignored.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Optional
 import torch
 
 from .config import GemmConfig
+from .kernels.layout import LAYOUT_VERSION  # plain torch, no Triton
 from .spec import dtype_name
 
 SHIPPED = Path(__file__).with_name("data") / "tuned.json"
@@ -47,7 +49,9 @@ def _read(path: str, mtime: float) -> dict:
             data = json.load(f)
     except (OSError, ValueError):
         return {}
-    return data.get("entries", {}) if isinstance(data, dict) else {}
+    if not isinstance(data, dict) or data.get("version") != LAYOUT_VERSION:
+        return {}
+    return data.get("entries", {})
 
 
 def _entries(path: Path) -> dict:
@@ -81,7 +85,7 @@ def store(gpu: str, M: int, N: int, K: int, group: int, dtype: torch.dtype, cfg:
     """Record a winner (atomically rewrites the JSON file)."""
     path = Path(path or cache_path())
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"version": 1, "entries": dict(_entries(path))}
+    data = {"version": LAYOUT_VERSION, "entries": dict(_entries(path))}
     data["entries"][key(gpu, M, N, K, group, dtype)] = {"config": asdict(cfg), "time_us": round(time_us, 3)}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))

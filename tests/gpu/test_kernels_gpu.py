@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernel_cases import check_gemm, identity_probe, make_weight  # noqa: E402
+from kernel_cases import check_gemm, identity_probe, make_weight, rel_err  # noqa: E402
 
 import w4a16  # noqa: E402
 from w4a16.config import GemmConfig  # noqa: E402
@@ -18,6 +18,9 @@ DTYPES = [torch.float16, torch.bfloat16]
 CONFIGS = ["auto", "128", "64", "decode", GemmConfig("splitk", 16, 64, split_k=4, dequant="portable"),
            GemmConfig("splitk", 16, 128, split_k=3, swap_ab=False, unroll=2),
            GemmConfig("tile", 128, 128, num_warps=8, num_stages=3, prefetch=False),
+           GemmConfig("tile", 256, 128, num_warps=8, num_stages=3, prefetch=False, wide_scales=True),
+           GemmConfig("splitk", 16, 128, split_k=3, num_stages=1, unroll=2, scale_after=True),
+           GemmConfig("splitk", 32, 64, split_k=5, wide_scales=True, prefetch=False),
            GemmConfig("tile", 64, 128, num_warps=4, num_stages=4, dequant="portable")]
 SHAPES = [(1, 72, 576), (3, 200, 1376), (17, 72, 4096), (100, 200, 576), (257, 72, 1376), (16, 200, 14336)]
 
@@ -78,3 +81,21 @@ def test_kernel_info_reports_resources():
     x = torch.randn(8, 4096, device="cuda", dtype=torch.float16)
     info = w4a16.kernel_info(x, qw)
     assert info.registers > 0 and info.blocks_per_sm >= 1 and info.spills >= 0
+
+
+@pytest.mark.parametrize("config", ["decode", "128"])
+def test_cached_launch_with_misaligned_x(config):
+    """The second call of a shape takes the cached launcher; an x that is not 16-byte aligned must
+    get its own compiled kernel, not the aligned one."""
+    from w4a16.kernels.launch import _GEMM
+
+    qw = make_weight(256, 1024, 128, "int", torch.float16, "cuda")
+    base = torch.randn(33 * 1024 + 1, device="cuda", dtype=torch.float16)
+    aligned, shifted = base[:33 * 1024].view(33, 1024), base[1:].view(33, 1024)
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16 != 0
+    compiled = []
+    for x in (aligned, aligned, shifted, shifted):
+        y = w4a16.gemm(x, qw, config=config)
+        assert rel_err(y.cpu(), w4a16.reference.gemm(x.cpu(), qw.to("cpu"))) <= 2e-3
+        compiled.append(len(_GEMM._compiled))
+    assert compiled[1] == compiled[0] and compiled[2] > compiled[1] and compiled[3] == compiled[2], compiled

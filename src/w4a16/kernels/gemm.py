@@ -1,8 +1,10 @@
 """The W4A16 GEMM kernel (one Triton kernel for both the tile and the split-K shapes).
 
-The K loop walks layout-v1 chunks of KC values: one uint8 [BN, KC/2] load gives the weight tiles
-of both half chunks (low / high nibbles), each with one scale (and zero) per row, or one per
-chunk when the group spans it (ONE_SCALE).
+The K loop walks the layout's chunks of KC values (:mod:`.layout`, version 2): each thread loads
+its own fragment bytes of a [BN, KC/2] uint8 tile (16 at a time, from 16-row fragment blocks), a
+register-only reshape gives the chunk tile back, and its low and high nibbles are the weight tiles
+of the two half chunks, each with one scale (and zero) per row, or one per chunk when the group
+spans it (ONE_SCALE).
 
 SWAP_AB: each program computes the transposed output tile out^T[BN, BM] = W[BN, K] @ x^T[K, BM],
 so the dequantized weight is the first ``tl.dot`` operand (on Hopper, wgmma reads it from
@@ -11,8 +13,10 @@ second operand (staged through shared memory).
 
 With one split (EPILOGUE) the program applies alpha, bias and the cast and writes y.
 With several splits, program (tile, s) covers chunks [s * CPS, (s + 1) * CPS) and writes its fp32
-partial tile to ``part[s]`` (deterministic; :mod:`.reduce` sums them in a fixed order), or with
-ATOMIC adds it into a zeroed fp32 ``part[0]`` (not bitwise reproducible).
+partial tile to ``part[s]``; the last program of a tile to arrive (an acquire-release counter per
+tile, reset to 0 after use) sums the partials in split order and writes y, so the result is
+bitwise reproducible and one launch does it all. With ATOMIC the programs add their partials into
+a zeroed fp32 ``part[0]`` instead (not reproducible) and :mod:`.reduce` writes y.
 """
 import triton
 import triton.language as tl
@@ -43,24 +47,61 @@ def _group_of(k, K, GROUP_LOG2: tl.constexpr):
 
 @triton.jit
 def _group_params(s_ptr, z_ptr, k0, K, N, rows, GROUP_LOG2: tl.constexpr, H: tl.constexpr,
-                  ONE_SCALE: tl.constexpr, HAS_ZEROS: tl.constexpr):
-    """(s_lo, s_hi, z_lo, z_hi), each [BN], for the two half chunks starting at K index k0.
-    Without zeros the z values are unused placeholders (the scales)."""
+                  ONE_SCALE: tl.constexpr, HAS_ZEROS: tl.constexpr, DTYPE: tl.constexpr):
+    """(s_lo, s_hi, z_lo, z_hi), each [BN] in DTYPE (stored as DTYPE or fp32), for the two half
+    chunks starting at K index k0. Without zeros the z values are unused placeholders (the scales)."""
     g_lo = _group_of(k0, K, GROUP_LOG2)
-    s_lo = tl.load(s_ptr + g_lo * N + rows)
+    s_lo = tl.load(s_ptr + g_lo * N + rows).to(DTYPE)
     z_lo = s_lo
     if HAS_ZEROS:
-        z_lo = tl.load(z_ptr + g_lo * N + rows)
+        z_lo = tl.load(z_ptr + g_lo * N + rows).to(DTYPE)
     if ONE_SCALE:
         s_hi = s_lo
         z_hi = z_lo
     else:
         g_hi = _group_of(k0 + H, K, GROUP_LOG2)
-        s_hi = tl.load(s_ptr + g_hi * N + rows)
+        s_hi = tl.load(s_ptr + g_hi * N + rows).to(DTYPE)
         z_hi = s_hi
         if HAS_ZEROS:
-            z_hi = tl.load(z_ptr + g_hi * N + rows)
+            z_hi = tl.load(z_ptr + g_hi * N + rows).to(DTYPE)
     return s_lo, s_hi, z_lo, z_hi
+
+
+@triton.jit
+def _unswizzle(t, BN: tl.constexpr, SH: tl.constexpr):
+    """A loaded fragment-block tile [4 (t), 8 (g), BN/16 (b), SH, 16] -> the chunk tile [BN, 32 * SH]
+    (layout.py: row 16b + 8*r8 + g, byte 32*sh + 16*sl + 8*h + 2*t + j); register moves only."""
+    t = tl.reshape(t, (4, 8, BN // 16, SH, 2, 2, 2, 2))        # t g b sh sl h r8 j
+    t = tl.permute(t, (2, 6, 1, 3, 4, 5, 0, 7))                # b r8 g sh sl h t j
+    return tl.reshape(t, (BN, 32 * SH))
+
+
+@triton.jit
+def _dot(w, x, SWAP_AB: tl.constexpr, acc=None):
+    """acc + w @ x ([BN, BM], SWAP_AB) or acc + x @ w^T ([BM, BN]), fp32; w [BN, H], x as loaded."""
+    if SWAP_AB:
+        return tl.dot(w, x, acc)
+    else:
+        return tl.dot(x, tl.trans(w), acc)
+
+
+@triton.jit
+def _per_row(v, SWAP_AB: tl.constexpr):
+    """A per-weight-row vector [BN] as fp32, broadcastable against the accumulator."""
+    if SWAP_AB:
+        return v.to(tl.float32)[:, None]
+    else:
+        return v.to(tl.float32)[None, :]
+
+
+@triton.jit
+def _write_y(acc, y_ptr, bias_ptr, rows, out_offs, out_mask, alpha, HAS_BIAS: tl.constexpr,
+             SWAP_AB: tl.constexpr, DTYPE: tl.constexpr):
+    """y = alpha * acc + bias, cast to DTYPE, stored at out_offs where out_mask."""
+    acc = acc * alpha
+    if HAS_BIAS:
+        acc += _per_row(tl.load(bias_ptr + rows), SWAP_AB)
+    tl.store(y_ptr + out_offs, acc.to(DTYPE), mask=out_mask)
 
 
 @triton.jit
@@ -81,16 +122,18 @@ def _load_x(x_ptrs, k0, offs_h, m_ok, live, K, EVEN_K: tl.constexpr, SWAP_AB: tl
 
 @triton.jit
 def w4a16_gemm_kernel(
-    x_ptr, qk_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, part_ptr,
-    M, N, K, chunks, chunks_per_split, alpha,
+    x_ptr, qk_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, part_ptr, counter_ptr,
+    M, N, K, chunks, chunks_per_split, n_blocks, alpha,
     GROUP_LOG2: tl.constexpr, KC: tl.constexpr, ONE_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, EPILOGUE: tl.constexpr, GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
-    UNROLL: tl.constexpr, PREFETCH: tl.constexpr,
+    UNROLL: tl.constexpr, PREFETCH: tl.constexpr, SCALE_AFTER: tl.constexpr,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, USE_ASM: tl.constexpr,
     DTYPE: tl.constexpr,
 ):
-    """x [M, K] DTYPE; qk uint8 [N, K_pad/2] (layout v1); s, z [G_pad, N] DTYPE; bias [N];
-    y [M, N] DTYPE; part fp32 [splits, M, N] (unused with EPILOGUE, the single-split case)."""
+    """x [M, K] DTYPE; qk uint8 [n_blocks, K_pad*8] (16-row fragment blocks, see layout.py);
+    s, z [G_pad, N] in DTYPE or fp32; bias [N]; y [M, N] DTYPE; part fp32 [splits, M, N] and
+    counter int32 [tiles], zero (both unused with EPILOGUE, the single-split case; counter unused
+    with ATOMIC)."""
     H: tl.constexpr = KC // 2
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
@@ -104,7 +147,17 @@ def w4a16_gemm_kernel(
     m_ok = offs_m < M
     # Clamped row indices: loads of rows past N read row N-1 and are never stored.
     rows = tl.minimum(offs_n, N - 1)
-    q_ptrs = qk_ptr + rows[:, None] * (chunks * H) + offs_h[None, :]
+    # The [4 (t), 8 (g), BN/16 (b), H/32, 16] code tile: the dimension order puts lanes on (t, g)
+    # and warps on the 16-row blocks (Triton orders a load's non-contiguous dimensions by index),
+    # which is what makes the reshape in _unswizzle free. Blocks past the last are clamped (their
+    # rows are never stored).
+    a_t = tl.arange(0, 4)[:, None, None, None, None]
+    a_g = tl.arange(0, 8)[None, :, None, None, None]
+    a_b = tl.arange(0, BN // 16)[None, None, :, None, None]
+    a_s = tl.arange(0, H // 32)[None, None, None, :, None]
+    a_e = tl.arange(0, 16)[None, None, None, None, :]
+    blk = tl.minimum(pid_n * (BN // 16) + a_b, n_blocks - 1)
+    q_ptrs = qk_ptr + blk * (chunks * 16 * H) + (a_s * 512 + a_g * 64 + a_t * 16 + a_e)
     if SWAP_AB:
         x_ptrs = x_ptr + offs_m[None, :] * K + offs_h[:, None]      # x^T tile [H, BM]
         acc = tl.zeros((BN, BM), dtype=tl.float32)
@@ -115,10 +168,10 @@ def w4a16_gemm_kernel(
     c_begin = pid_k * chunks_per_split
     c_end = tl.minimum(c_begin + chunks_per_split, chunks)
     # PREFETCH: scales (and zeros) of the next chunk are loaded one iteration ahead, so their
-    # latency hides behind this chunk's math. A side effect seen in the TTGIR on sm_90: with it,
-    # Triton stages the dequantized tile through shared memory for some tile shapes instead of
-    # feeding the MMA from registers (docs/PERF_NOTES.md).
-    nxt = _group_params(s_ptr, z_ptr, c_begin * KC, K, N, rows, GROUP_LOG2, H, ONE_SCALE, HAS_ZEROS)
+    # latency hides behind this chunk's math. Without it they are loaded where they are used;
+    # fp32 scales (4-byte loads) are then staged by Triton's cp.async pipeline like the codes,
+    # 2-byte ones are not (docs/PERF_NOTES.md).
+    nxt = _group_params(s_ptr, z_ptr, c_begin * KC, K, N, rows, GROUP_LOG2, H, ONE_SCALE, HAS_ZEROS, DTYPE)
     for c0 in range(c_begin, c_end, UNROLL):
         for u in tl.static_range(UNROLL):
             # With UNROLL > 1 the last step may run past this split's end: such a chunk re-reads
@@ -126,28 +179,34 @@ def w4a16_gemm_kernel(
             live = c0 + u < c_end
             c = tl.minimum(c0 + u, c_end - 1)
             k0 = c * KC
-            t = tl.load(q_ptrs + c * H)
+            t = _unswizzle(tl.load(q_ptrs + c * (16 * H)), BN, H // 32)
             if PREFETCH:
                 s_lo, s_hi, z_lo, z_hi = nxt
                 nxt = _group_params(s_ptr, z_ptr, tl.minimum(c + 1, chunks - 1) * KC, K, N, rows,
-                                    GROUP_LOG2, H, ONE_SCALE, HAS_ZEROS)
+                                    GROUP_LOG2, H, ONE_SCALE, HAS_ZEROS, DTYPE)
             else:
                 s_lo, s_hi, z_lo, z_hi = _group_params(s_ptr, z_ptr, k0, K, N, rows, GROUP_LOG2, H,
-                                                       ONE_SCALE, HAS_ZEROS)
+                                                       ONE_SCALE, HAS_ZEROS, DTYPE)
             if USE_ASM:
                 w_lo, w_hi = codes_magic(t, z_lo, z_hi, HAS_ZEROS, DTYPE)
             else:
                 w_lo, w_hi = codes_portable(t, z_lo, z_hi, HAS_ZEROS, DTYPE)
-            w_lo = w_lo * s_lo[:, None]
-            w_hi = w_hi * s_hi[:, None]
             x_lo = _load_x(x_ptrs, k0, offs_h, m_ok, live, K, EVEN_K, SWAP_AB)
             x_hi = _load_x(x_ptrs, k0 + H, offs_h, m_ok, live, K, EVEN_K, SWAP_AB)
-            if SWAP_AB:
-                acc = tl.dot(w_lo, x_lo, acc)
-                acc = tl.dot(w_hi, x_hi, acc)
+            if SCALE_AFTER:
+                # The integer-valued tiles go into the MMA as they are; each half chunk's fp32
+                # partial product is scaled per row afterwards (fewer instructions when the
+                # accumulator tile is small, as in decode).
+                if ONE_SCALE:
+                    p = _dot(w_lo, x_lo, SWAP_AB)
+                    p = _dot(w_hi, x_hi, SWAP_AB, p)
+                    acc += p * _per_row(s_lo, SWAP_AB)
+                else:
+                    acc += _dot(w_lo, x_lo, SWAP_AB) * _per_row(s_lo, SWAP_AB)
+                    acc += _dot(w_hi, x_hi, SWAP_AB) * _per_row(s_hi, SWAP_AB)
             else:
-                acc = tl.dot(x_lo, tl.trans(w_lo), acc)
-                acc = tl.dot(x_hi, tl.trans(w_hi), acc)
+                acc = _dot(w_lo * s_lo[:, None], x_lo, SWAP_AB, acc)
+                acc = _dot(w_hi * s_hi[:, None], x_hi, SWAP_AB, acc)
 
     if SWAP_AB:
         out_mask = n_ok[:, None] & m_ok[None, :]
@@ -156,15 +215,20 @@ def w4a16_gemm_kernel(
         out_mask = m_ok[:, None] & n_ok[None, :]
         out_offs = offs_m[:, None] * N + offs_n[None, :]
     if EPILOGUE:
-        acc = acc * alpha
-        if HAS_BIAS:
-            b = tl.load(bias_ptr + rows).to(tl.float32)
-            if SWAP_AB:
-                acc += b[:, None]
-            else:
-                acc += b[None, :]
-        tl.store(y_ptr + out_offs, acc.to(DTYPE), mask=out_mask)
+        _write_y(acc, y_ptr, bias_ptr, rows, out_offs, out_mask, alpha, HAS_BIAS, SWAP_AB, DTYPE)
     elif ATOMIC:
         tl.atomic_add(part_ptr + out_offs, acc, mask=out_mask, sem="relaxed")
     else:
         tl.store(part_ptr + pid_k * M * N + out_offs, acc, mask=out_mask)
+        # The tile's last program to arrive sums the partial tiles in split order and writes y:
+        # the same additions whichever program that is, so the result is bitwise reproducible.
+        tile = tl.program_id(0)
+        splits = tl.num_programs(1)
+        tl.debug_barrier()  # every thread's partial stores precede the release below
+        arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == splits - 1:
+            total = tl.zeros_like(acc)
+            for s in range(0, splits):
+                total += tl.load(part_ptr + s * M * N + out_offs, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next call
+            _write_y(total, y_ptr, bias_ptr, rows, out_offs, out_mask, alpha, HAS_BIAS, SWAP_AB, DTYPE)

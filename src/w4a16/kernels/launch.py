@@ -1,32 +1,35 @@
 """Host side of the GEMM kernel: grid, split-K, workspace, launch on torch's current stream."""
 from __future__ import annotations
 
-import os
+from dataclasses import replace
 from typing import Optional
 
 import torch
-import triton
 import triton.language as tl
 
 from ..config import GemmConfig
 from ..errors import expect
+from .env import interpreting
 from .gemm import w4a16_gemm_kernel
-from .layout import PreparedWeight
+from .fast_launch import CachedLaunch, _arg_key
+from .layout import PreparedWeight, widen_scales
 from .reduce import splitk_reduce_kernel
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 REDUCE_BLOCK = 1024
+_COUNTERS: dict = {}
+_GEMM = CachedLaunch(w4a16_gemm_kernel)
+_REDUCE = CachedLaunch(splitk_reduce_kernel)
 INT32_LIMIT = 2**31
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def effective_block_m(cfg: GemmConfig, M: int) -> int:
     """The config's block_m, lowered to the smallest power of two >= M (at least 16)."""
-    return max(16, min(cfg.block_m, triton.next_power_of_2(max(M, 1))))
+    return max(16, min(cfg.block_m, 1 << (max(M, 1) - 1).bit_length()))
 
 
 def group_log2(pw: PreparedWeight) -> int:
@@ -38,8 +41,50 @@ def split_plan(cfg: GemmConfig, chunks: int) -> tuple:
     """(splits, chunks_per_split) for a K of ``chunks`` layout chunks: no split is left empty."""
     if cfg.kind == "tile" or chunks <= 1:
         return 1, chunks
-    per = triton.cdiv(chunks, min(cfg.split_k, chunks))
-    return triton.cdiv(chunks, per), per
+    per = _cdiv(chunks, min(cfg.split_k, chunks))
+    return _cdiv(chunks, per), per
+
+
+def launch_plan(pw: PreparedWeight, M: int, cfg: GemmConfig, has_bias: bool, atomic_ok: bool,
+                dtype: torch.dtype) -> tuple:
+    """(grid, splits, chunks_per_split, atomic, constexprs, static_key, constexpr values) of one
+    launch, cached on ``pw``. static_key covers everything the compiled kernel depends on except
+    the alignment of the per-call tensors (x, y, workspace, bias)."""
+    key = (M, cfg, has_bias, atomic_ok, dtype)
+    plan = pw.plans.get(key)
+    if plan is not None:
+        return plan
+    chunks = pw.K_pad // pw.kc
+    splits, per = split_plan(cfg, chunks)
+    atomic = splits > 1 and atomic_ok
+    bm = effective_block_m(cfg, M)
+    grid = (_cdiv(M, bm) * _cdiv(pw.N, cfg.block_n), splits)
+    constexprs = dict(
+        GROUP_LOG2=group_log2(pw), KC=pw.kc, ONE_SCALE=pw.group == pw.K or pw.group % pw.kc == 0,
+        EVEN_K=pw.K % pw.kc == 0, BM=bm, BN=cfg.block_n, EPILOGUE=splits == 1, GROUP_M=cfg.group_m,
+        SWAP_AB=cfg.swap_ab, UNROLL=cfg.unroll, PREFETCH=cfg.prefetch, SCALE_AFTER=cfg.scale_after,
+        HAS_ZEROS=pw.zeros_t is not None, HAS_BIAS=has_bias, ATOMIC=atomic,
+        USE_ASM=cfg.dequant == "magic" and not interpreting(), DTYPE=TL_DTYPES[dtype])
+    cx = tuple(constexprs.values())
+    zeros = pw.zeros_t if pw.zeros_t is not None else pw.scales_t
+    static = (cx, cfg.num_warps, cfg.num_stages, dtype, has_bias, _arg_key(pw.qk), _arg_key(pw.scales_t),
+              _arg_key(zeros), tuple(_arg_key(v) for v in (M, pw.N, pw.K, chunks, per, pw.qk.shape[0])))
+    if len(pw.plans) >= 256:  # many distinct M (e.g. prefill lengths): keep the cache bounded
+        pw.plans.clear()
+    plan = pw.plans[key] = (grid, splits, per, atomic, constexprs, static, cx)
+    return plan
+
+
+def tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed int32 counters for the split-K programs of ``tiles`` output tiles: one buffer per
+    (device, current stream), grown on demand; the kernel leaves every counter it uses at 0.
+    (Launches on one stream are ordered, so they can share a buffer; other streams get their own.)"""
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < tiles:
+        buf = _COUNTERS[key] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    return buf
 
 
 def launch_gemm(x: torch.Tensor, pw: PreparedWeight, bias: Optional[torch.Tensor], alpha: float,
@@ -53,13 +98,19 @@ def launch_gemm_compiled(x: torch.Tensor, pw: PreparedWeight, bias: Optional[tor
                          out: Optional[torch.Tensor] = None) -> tuple:
     """y = alpha * x @ W^T + bias.
 
-    x: [M, K] contiguous, pw.dtype; bias: None or [N]; out: None or a contiguous [M, N] tensor of
+    x: [M, K] contiguous, fp16/bf16; bias: None or [N]; out: None or a contiguous [M, N] tensor of
     x's dtype to write into (tests poison it first). Returns y [M, N] in x's dtype.
-    Workspace (split-K partial sums, fp32) comes from torch's caching allocator; everything is
-    launched on torch's current stream, so the call can be captured in a CUDA graph.
+    Workspace (split-K partial sums, fp32) comes from torch's caching allocator, the split-K tile
+    counters from :func:`tile_counters`; everything is launched on torch's current stream, so the
+    call can be captured in a CUDA graph.
     """
     M = x.shape[0]
     N = pw.N
+    if cfg.wide_scales != (pw.scales_t.dtype == torch.float32):
+        # Callers that pass the matching form (w4a16.gemm does) skip this per-call conversion.
+        pw = widen_scales(pw) if cfg.wide_scales else replace(
+            pw, scales_t=pw.scales_t.to(x.dtype), zeros_t=None if pw.zeros_t is None else pw.zeros_t.to(x.dtype),
+            plans={})
     y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
     if M == 0:
         return y, None
@@ -72,34 +123,55 @@ def launch_gemm_compiled(x: torch.Tensor, pw: PreparedWeight, bias: Optional[tor
             _, compiled = launch_gemm_compiled(x[m0:m0 + rows], pw, bias, alpha, cfg, deterministic,
                                                y[m0:m0 + rows])
         return y, compiled
+    grid, splits, per, atomic, constexprs, static, cx = launch_plan(pw, M, cfg, bias is not None,
+                                                                     not deterministic, x.dtype)
+    if splits == 1:
+        part = counters = y
+    elif atomic:
+        part = counters = torch.zeros((M, N), dtype=torch.float32, device=x.device)
+    else:
+        part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device)
+        counters = tile_counters(x.device, grid[0])
+    scales = pw.scales_t
+    zeros = pw.zeros_t if pw.zeros_t is not None else scales
+    bias_arg = bias if bias is not None else scales
+    # What the compiled kernel depends on beyond the plan: the per-call tensors' 16-byte alignment
+    # (their dtypes follow from the plan: x's dtype, fp32 workspace, int32 counters).
+    aligned = (not x.data_ptr() & 15, not y.data_ptr() & 15, not part.data_ptr() & 15,
+               not counters.data_ptr() & 15, not bias_arg.data_ptr() & 15, y.dtype, part.dtype, counters.dtype,
+               bias_arg.dtype)
+    compiled = _GEMM(grid, (x, pw.qk, scales, zeros, bias_arg, y, part, counters, M, N, pw.K, pw.K_pad // pw.kc,
+                            per, pw.qk.shape[0], float(alpha)),
+                     constexprs, cfg.num_warps, cfg.num_stages, key=(static, aligned), cx=cx)
+    if atomic:
+        _REDUCE((_cdiv(M * N, REDUCE_BLOCK),), (part, bias_arg, y, M, N, float(alpha)),
+                dict(HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, DTYPE=constexprs["DTYPE"]), 4, 3)
+    return y, compiled
     chunks = pw.K_pad // pw.kc
     splits, per = split_plan(cfg, chunks)
     atomic = splits > 1 and not deterministic
-    if splits == 1:
-        part = y
-    elif atomic:
-        part = torch.zeros((M, N), dtype=torch.float32, device=x.device)
-    else:
-        part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device)
     bm = effective_block_m(cfg, M)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, cfg.block_n), splits)
+    if splits == 1:
+        part = counters = y
+    elif atomic:
+        part = counters = torch.zeros((M, N), dtype=torch.float32, device=x.device)
+    else:
+        part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device)
+        counters = tile_counters(x.device, grid[0])
     dtype = TL_DTYPES[x.dtype]
     zeros = pw.zeros_t if pw.zeros_t is not None else pw.scales_t
     bias_arg = bias if bias is not None else pw.scales_t
-    compiled = w4a16_gemm_kernel[grid](
-        x, pw.qk, pw.scales_t, zeros, bias_arg, y, part,
-        M, N, pw.K, chunks, per, float(alpha),
-        GROUP_LOG2=group_log2(pw), KC=pw.kc, ONE_SCALE=pw.group == pw.K or pw.group % pw.kc == 0,
-        EVEN_K=pw.K % pw.kc == 0, BM=bm, BN=cfg.block_n, EPILOGUE=splits == 1, GROUP_M=cfg.group_m,
-        SWAP_AB=cfg.swap_ab, UNROLL=cfg.unroll, PREFETCH=cfg.prefetch,
-        HAS_ZEROS=pw.zeros_t is not None, HAS_BIAS=bias is not None, ATOMIC=atomic,
-        USE_ASM=cfg.dequant == "magic" and not interpreting(), DTYPE=dtype,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    if splits > 1:
-        splitk_reduce_kernel[(triton.cdiv(M * N, REDUCE_BLOCK),)](
-            part, bias_arg, y, M, N, float(alpha), 1 if atomic else splits,
-            HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, DTYPE=dtype,
-            num_warps=4,
-        )
+    compiled = _GEMM(
+        grid, (x, pw.qk, pw.scales_t, zeros, bias_arg, y, part, counters, M, N, pw.K, chunks, per,
+               pw.qk.shape[0], float(alpha)),
+        dict(GROUP_LOG2=group_log2(pw), KC=pw.kc, ONE_SCALE=pw.group == pw.K or pw.group % pw.kc == 0,
+             EVEN_K=pw.K % pw.kc == 0, BM=bm, BN=cfg.block_n, EPILOGUE=splits == 1, GROUP_M=cfg.group_m,
+             SWAP_AB=cfg.swap_ab, UNROLL=cfg.unroll, PREFETCH=cfg.prefetch, SCALE_AFTER=cfg.scale_after,
+             HAS_ZEROS=pw.zeros_t is not None, HAS_BIAS=bias is not None, ATOMIC=atomic,
+             USE_ASM=cfg.dequant == "magic" and not interpreting(), DTYPE=dtype),
+        cfg.num_warps, cfg.num_stages)
+    if atomic:
+        _REDUCE((triton.cdiv(M * N, REDUCE_BLOCK),), (part, bias_arg, y, M, N, float(alpha)),
+                dict(HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, DTYPE=dtype), 4, 3)
     return y, compiled

@@ -1,41 +1,54 @@
-"""The kernels' private weight layout (version 1), built once per weight from the plain format.
+"""The kernels' private weight layout (version 2), built once per weight from the plain format.
 
 Plain storage is uint8 [N, K/2] with k and k+1 in one byte. The kernels read whole K chunks of
-KC values instead, and want the two nibbles of a byte to feed two separate half-chunk dot
-products without any shuffling in registers, so chunk c (KC values of K, KC/2 bytes) stores
+KC values (KC = 64 for g = 32, else 128) and want
 
-    byte i of chunk c = q[n, c*KC + i] | q[n, c*KC + KC/2 + i] << 4         (0 <= i < KC/2)
+1. the two nibbles of a byte to feed two separate half-chunk dot products without shuffles, so
+   within chunk c (KC values of K, H = KC/2 bytes per row) byte i holds k = c*KC + i (low nibble)
+   and k = c*KC + H + i (high nibble): the "chunk-interleaved" order of :func:`interleave_chunks`;
+2. each thread to load, 16 bytes at a time, exactly its share of the tensor-core operand fragment
+   (m16n8k16 / wgmma A pattern: lane 4g + t holds rows g and g+8 and K pairs 2t, 2t+1, +8, +16, ...),
+   so no byte has to move between threads or registers after the load.
 
-The low nibbles of a loaded [BN, KC/2] tile are then the weight tile of K range
-[c*KC, c*KC + KC/2) and the high nibbles that of [c*KC + KC/2, (c+1)*KC), both in natural order.
-KC = 64 for g = 32 and 128 otherwise, so that every half chunk lies inside one quantization group and takes one
-scale per row. K is zero-padded to a multiple of KC (the kernels mask x past K to 0).
+So the chunk-interleaved bytes are regrouped per block of 16 rows and one chunk (16 * H bytes,
+contiguous): within the block of rows [16b, 16b + 16) and chunk c, byte
+
+    p = 512*sh + 64*g + 16*t + 8*sl + 4*h + 2*r8 + j      (sh < H/32; g < 8; t < 4; sl, h, r8, j < 2)
+
+holds the chunk-interleaved byte 32*sh + 16*sl + 8*h + 2*t + j of row 16b + 8*r8 + g
+(:func:`fragment_blocks`). A kernel loads a [4, 8, BN/16, H/32, 16] tile and reshapes and
+permutes it back to [BN, H] with register renames only (``w4a16.kernels.gemm._unswizzle``).
+N is padded with zero rows to a multiple of 16, K with zeros to a multiple of KC (the kernels
+mask x past K to 0).
 
 Scales and zeros are stored transposed, [G_pad, N] contiguous (one group's N values adjacent,
-so a program's BN scales are one coalesced load), with zero rows past the real groups.
+so a program's BN scales are one coalesced load), with zero rows past the real groups, in the
+activation dtype; :func:`widen_scales` gives the same weight with fp32 scales and zeros (4-byte
+loads, which Triton's pipeline stages with cp.async like the codes).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
 
 from ..pack import unpack_nibbles
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 
 @dataclass(frozen=True)
 class PreparedWeight:
-    """A weight in layout version 1.
+    """A weight in layout version 2.
 
-    qk:        uint8 [N, K_pad // 2] chunk-interleaved codes (see module docstring).
-    scales_t:  [G_pad, N] in the activation dtype.
-    zeros_t:   None (symmetric, z = 8) or [G_pad, N] in the activation dtype.
+    qk:        uint8 [ceil(N / 16), K_pad * 8]: the codes in 16-row fragment blocks.
+    scales_t:  [G_pad, N] in the activation dtype (or fp32, see :func:`widen_scales`).
+    zeros_t:   None (symmetric, z = 8) or [G_pad, N], the dtype of scales_t.
     N, K:      logical shape; K_pad is a multiple of kc.
     kc:        chunk length along K (64 for g = 32, else 128).
     group:     effective group size (K for per-channel).
+    plans:     the launcher's per-call settings for this weight, cached by (M, config, ...).
     """
 
     qk: torch.Tensor
@@ -47,10 +60,14 @@ class PreparedWeight:
     kc: int
     group: int
     version: int = LAYOUT_VERSION
+    plans: dict = field(default_factory=dict, compare=False, repr=False)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.scales_t.dtype
+
+
+def widen_scales(pw: PreparedWeight) -> PreparedWeight:
+    """``pw`` with fp32 copies of its scales and zeros (codes shared)."""
+    return replace(pw, scales_t=pw.scales_t.float(), zeros_t=None if pw.zeros_t is None else pw.zeros_t.float(),
+                   plans={})
 
 
 def chunk_length(group: int) -> int:
@@ -64,14 +81,24 @@ def chunk_length(group: int) -> int:
 
 
 def interleave_chunks(codes: torch.Tensor, kc: int) -> torch.Tensor:
-    """codes uint8 [N, K_pad] (K_pad % kc == 0) -> uint8 [N, K_pad // 2] in layout version 1."""
+    """codes uint8 [N, K_pad] (K_pad % kc == 0) -> uint8 [N, K_pad // 2], chunk-interleaved."""
     N, K_pad = codes.shape
     c = codes.reshape(N, K_pad // kc, 2, kc // 2)
     return (c[:, :, 0, :] | (c[:, :, 1, :] << 4)).reshape(N, K_pad // 2).contiguous()
 
 
+def fragment_blocks(qk: torch.Tensor, kc: int) -> torch.Tensor:
+    """Chunk-interleaved uint8 [N, K_pad // 2] -> uint8 [ceil(N / 16), K_pad * 8] fragment blocks."""
+    N, KB = qk.shape
+    nb, sh = -(-N // 16), kc // 64
+    if nb * 16 != N:
+        qk = torch.nn.functional.pad(qk, (0, 0, 0, nb * 16 - N))
+    v = qk.reshape(nb, 2, 8, KB // (kc // 2), sh, 2, 2, 4, 2)        # b r8 g c sh sl h t j
+    return v.permute(0, 3, 4, 2, 7, 5, 6, 1, 8).reshape(nb, KB * 16).contiguous()
+
+
 def prepare_layout(w) -> PreparedWeight:
-    """Repack a QuantizedWeight into layout version 1 on its own device."""
+    """Repack a QuantizedWeight into layout version 2 on its own device."""
     N, K = w.shape
     g = w.group_size_effective
     kc = chunk_length(g)
@@ -88,5 +115,5 @@ def prepare_layout(w) -> PreparedWeight:
         return out.contiguous()
 
     zeros_t = None if w.zeros is None else transpose_pad(w.zeros)
-    return PreparedWeight(interleave_chunks(codes, kc), transpose_pad(w.scales), zeros_t,
-                          N, K, K_pad, kc, g)
+    qk = fragment_blocks(interleave_chunks(codes, kc), kc)
+    return PreparedWeight(qk, transpose_pad(w.scales), zeros_t, N, K, K_pad, kc, g)

@@ -1,19 +1,16 @@
-"""Second pass of split-K: y = alpha * sum_s part[s] + bias, summed in a fixed order."""
+"""Second pass of atomic split-K (``deterministic=False``): y = alpha * part + bias, cast."""
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def splitk_reduce_kernel(part_ptr, bias_ptr, y_ptr, M, N, alpha, splits,
+def splitk_reduce_kernel(part_ptr, bias_ptr, y_ptr, M, N, alpha,
                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
                          DTYPE: tl.constexpr):
-    """part fp32 [splits, M, N] -> y [M, N] DTYPE; bias [N] (if HAS_BIAS)."""
+    """part fp32 [M, N] (the atomically summed partials) -> y [M, N] DTYPE; bias [N] (if HAS_BIAS)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < M * N
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(splits):
-        acc += tl.load(part_ptr + s * M * N + offs, mask=ok, other=0.0)
-    acc = acc * alpha
+    acc = tl.load(part_ptr + offs, mask=ok, other=0.0) * alpha
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, acc.to(DTYPE), mask=ok)

@@ -1,0 +1,82 @@
+"""Launching a Triton kernel with less host time.
+
+``JITFunction.__getitem__(grid)(...)`` binds every argument, computes Triton's specialization key
+and looks the compiled kernel up on each call. :class:`CachedLaunch` keeps the compiled kernel in
+a dict keyed by what Triton specializes on (constexprs, launch options, argument dtypes, 16-byte
+pointer alignment, integer divisibility by 16, integers equal to 1, 64-bit integers), and calls
+its launcher directly. The first call of each key, the interpreter, other CUDA devices than the
+current one and active Triton launch hooks (profilers) go through Triton's normal path.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from .env import interpreting
+
+try:  # Triton >= 3.3
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover - older Triton: always take the normal path
+    _knobs = None
+
+
+def _hooks_active() -> bool:
+    if _knobs is None:
+        return True
+    rt = _knobs.runtime
+    return bool(getattr(rt.launch_enter_hook, "calls", rt.launch_enter_hook)) or bool(
+        getattr(rt.launch_exit_hook, "calls", rt.launch_exit_hook))
+
+
+def _arg_key(a, _tensor=torch.Tensor, _int=int):
+    """The properties of one runtime argument that Triton's specialization depends on."""
+    cls = a.__class__
+    if cls is _tensor or isinstance(a, _tensor):
+        return a.dtype, not a.data_ptr() & 15
+    if cls is _int:
+        return a == 1, not a & 15, -2**31 <= a < 2**31
+    if a is None or cls is bool:
+        return a
+    return cls
+
+
+class CachedLaunch:
+    """``CachedLaunch(jit_fn)(grid, args, constexprs, num_warps, num_stages)`` launches ``jit_fn``
+    like ``jit_fn[grid](*args, **constexprs, num_warps=..., num_stages=...)`` on torch's current
+    stream; ``args`` are the runtime arguments in signature order, and the constexprs must be the
+    kernel's trailing parameters, passed in signature order.
+
+    A caller that knows which arguments stay fixed may pass ``key``: any hashable value that
+    differs whenever constexprs, launch options or an argument's specialization properties
+    (see :func:`_arg_key`) differ, and ``cx = tuple(constexprs.values())``."""
+
+    def __init__(self, fn: triton.JITFunction):
+        self.fn = fn
+        self._compiled: dict = {}
+
+    def _slow(self, grid, args, constexprs, num_warps, num_stages):
+        return self.fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+
+    def __call__(self, grid: tuple, args: tuple, constexprs: dict, num_warps: int, num_stages: int,
+                 key=None, cx: tuple = None):
+        x = args[0]
+        if not x.is_cuda or interpreting() or _hooks_active():
+            return self._slow(grid, args, constexprs, num_warps, num_stages)
+        index = x.get_device()
+        if index != torch.cuda.current_device():
+            return self._slow(grid, args, constexprs, num_warps, num_stages)
+        if key is None:
+            cx = tuple(constexprs.values())
+            key = (cx, num_warps, num_stages, tuple(map(_arg_key, args)))
+        key = (index, key)
+        kernel = self._compiled.get(key)
+        if kernel is None:
+            kernel = self._slow(grid, args, constexprs, num_warps, num_stages)
+            if hasattr(kernel, "result"):
+                kernel = kernel.result()
+            self._compiled[key] = kernel
+            return kernel
+        stream = torch._C._cuda_getCurrentRawStream(index)
+        kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
+                   kernel.function, kernel.packed_metadata, None, None, None, *args, *cx)
+        return kernel
