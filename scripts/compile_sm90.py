@@ -2,8 +2,8 @@
 what the GPU would run: shared memory, registers, whether the dequantized weight tile is staged
 through shared memory, and a SASS opcode histogram.
 
-    python scripts/compile_sm90.py tile 256 128 8 3 --no-prefetch
-    python scripts/compile_sm90.py splitk 16 128 4 4 --no-swap --unroll 2 --sass
+    python scripts/compile_sm90.py tile 256 128 8 3 --no-prefetch --wide-scales
+    python scripts/compile_sm90.py splitk 16 64 4 1 --scale-after --sass
 
 Integer arguments are compiled as divisible by 16, as the launcher's real shapes are.
 """
@@ -34,7 +34,8 @@ ARGS = ("x_ptr", "qk_ptr", "s_ptr", "z_ptr", "bias_ptr", "y_ptr", "part_ptr", "c
 
 def compile_kernel(a):
     dt = "fp16" if a.dtype == "fp16" else "bf16"
-    sig = dict(zip(ARGS, (f"*{dt}", "*u8", os.environ.get("S_TYPE", f"*{dt}"), f"*{dt}", f"*{dt}", f"*{dt}", "*fp32", "*i32",
+    st = "*fp32" if a.wide_scales else f"*{dt}"
+    sig = dict(zip(ARGS, (f"*{dt}", "*u8", st, st, f"*{dt}", f"*{dt}", "*fp32", "*i32",
                           "i32", "i32", "i32", "i32", "i32", "i32", "fp32")))
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(ARGS) if n != "alpha"}
     cx = dict(GROUP_LOG2=a.group_log2, KC=128 if a.group_log2 != 5 else 64, ONE_SCALE=a.group_log2 != 6,
@@ -84,6 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-swap", action="store_true")
     p.add_argument("--no-prefetch", action="store_true")
     p.add_argument("--scale-after", action="store_true", help="scale the MMA's partial sums")
+    p.add_argument("--wide-scales", action="store_true", help="fp32 scales and zeros")
     p.add_argument("--unroll", type=int, default=1)
     p.add_argument("--zeros", action="store_true")
     p.add_argument("--dequant", choices=("magic", "portable"), default="magic")

@@ -208,10 +208,11 @@ def section_bench(args):
     log(f"bench {' '.join(args)} rc={r.returncode} in {time.time() - t:.0f}s\n" + (r.stdout + r.stderr)[-1500:])
 
 
-def section_e2e():
+def section_e2e(*extra):
     t = time.time()
     code = ("import sys; from w4a16.e2e.speed import main; main(sys.argv[1:])")
-    r = subprocess.run([sys.executable, "-c", code, "--out", str(OUT / "e2e")], capture_output=True, text=True,
+    out = OUT / ("e2e_compile" if "--compile" in extra else "e2e")
+    r = subprocess.run([sys.executable, "-c", code, "--out", str(out), *extra], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": "src"})
     log(f"e2e rc={r.returncode} in {time.time() - t:.0f}s\n" + "\n".join((r.stdout + r.stderr).strip().splitlines()[-30:]))
 
@@ -228,6 +229,7 @@ def main(argv):
              "bf16": lambda: sweep([1, 16, 1024], torch.bfloat16, "bf16"),
              "overhead": section_overhead,
              "e2e": section_e2e,
+             "e2ecompile": lambda: section_e2e("--compile"),
              "bench": lambda: section_bench(["--timing", "both"]),
              "benchbf16": lambda: section_bench(["--dtype", "bf16", "--m", "1,16,1024", "--out",
                                                  str(OUT / "bench_bf16")])}[s]()

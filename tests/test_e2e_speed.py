@@ -87,3 +87,10 @@ def test_context_too_small_is_rejected():
     model = speed.build_model(speed.llama_config(speed.llama_dims(layers=1, **TINY)), "cpu", torch.float32)
     with pytest.raises(ValueError, match="context"):
         speed.decode_speed(model, 1, "cpu", context=8, prompt_len=4, iters=10)
+
+
+def test_kernel_kinds():
+    assert speed.kernel_kind("w4a16_gemm_kernel") == "w4a16 gemm"
+    assert speed.kernel_kind("nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NTN") == "other gemm"
+    assert speed.kernel_kind("sm90_xmma_gemm_f16f16_f16f32") == "other gemm"
+    assert speed.kernel_kind("triton_red_fused_rms_norm_0") == "other"

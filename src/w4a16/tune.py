@@ -50,6 +50,7 @@ def candidate_configs(M: int, N: int, K: int, num_sms: int) -> List[GemmConfig]:
             shapes = [(warps, 4, 1, True, False, False), (warps, 4, 1, True, True, True)]
             if bn != 256:
                 shapes += [(4, 1, 2, True, False, False), (4, 1, 2, True, False, True), (4, 1, 1, True, False, True),
+                           (4, 1, 4, True, False, False), (4, 1, 4, True, False, True),
                            (4, 2, 2, True, False, True), (4, 4, 1, True, False, True), (4, 4, 1, True, True, False),
                            (4, 4, 2, False, False, False)]
             for split in sorted({base, 2 * base}):

@@ -10,10 +10,13 @@ downloaded. The same model is measured in fp16, then quantized in place with
 * decode: one token for each of ``batch`` sequences on a static KV cache (transformers'
   ``StaticCache``, ``context`` slots) after a prompt, captured once as a CUDA graph and replayed;
   tokens/s = batch / step time. Manual capture rather than ``torch.compile(mode=
-  "reduce-overhead")``: no compile time (the run must fit in minutes), the same code on every
-  transformers version, and a failure is an exception at capture, not a silent fallback. If
-  capture fails the step is timed eagerly and the table says so;
-* weight memory: bytes of the parameters and buffers, and ``torch.cuda.memory_allocated``.
+  "reduce-overhead")``: the same code on every transformers version, and a failure is an
+  exception at capture, not a silent fallback. If capture fails the step is timed eagerly and the
+  table says so. With ``compile`` the step's forward first goes through ``torch.compile``
+  (inductor fuses the many small kernels around the GEMMs), for both models;
+* weight memory: bytes of the parameters and buffers, and ``torch.cuda.memory_allocated``;
+* where a decode step's device time goes (CUDA): a few eager steps under torch.profiler, their
+  kernels' device time per step summed by kind (W4A16 GEMM, other GEMMs, everything else).
 
 Checks that stop the run (RuntimeError) before anything is timed:
 * the W4A16 model's logits on a prompt match the same model computing with its dequantized
@@ -54,6 +57,7 @@ class DecodeSpeed:
     mode: str            # "cuda-graph" or "eager"
     graph_check: float   # relative error of a replayed step vs a full forward
     note: str = ""
+    kernel_ms: Dict[str, float] = field(default_factory=dict)  # device ms per step by kernel kind (CUDA)
 
 
 @dataclass
@@ -206,10 +210,13 @@ class StaticDecoder:
     ``cache_position``, transformers 4.x) or as ``cache`` (positions kept by the cache, 5.x).
     """
 
-    def __init__(self, model, batch: int, context: int, prompt_len: int, device: str):
+    def __init__(self, model, batch: int, context: int, prompt_len: int, device: str, compile: bool = False):
         from transformers import StaticCache
 
         self.model, self.batch, self.prompt_len, self.device = model, batch, prompt_len, device
+        # compile: the step's forward goes through torch.compile (inductor fuses the small
+        # non-GEMM kernels); the W4A16 GEMM is the custom op w4a16::gemm inside the compiled graph.
+        self.forward = torch.compile(model.forward, dynamic=False) if compile else model.forward
         dtype = next(model.parameters()).dtype
         try:
             self.cache = StaticCache(config=model.config, max_batch_size=batch, max_cache_len=context,
@@ -242,7 +249,7 @@ class StaticDecoder:
     @torch.no_grad()
     def step(self) -> torch.Tensor:
         """Decode ``self.ids`` at position prompt_len -> logits [batch, V] (eager)."""
-        return self.model(input_ids=self.ids, **self.kwargs).logits[:, -1]
+        return self.forward(input_ids=self.ids, **self.kwargs).logits[:, -1]
 
     def capture(self, warmup: int = 3) -> None:
         """Record :meth:`step` as a CUDA graph (after ``warmup`` eager steps on a side stream)."""
@@ -266,7 +273,8 @@ class StaticDecoder:
 
 @torch.no_grad()
 def decode_speed(model, batch: int, device: str, context: int = 256, prompt_len: int = 32, iters: int = 50,
-                 warmup: int = 5, use_graph: bool = True, seed: int = 2, say=print) -> DecodeSpeed:
+                 warmup: int = 5, use_graph: bool = True, seed: int = 2, say=print,
+                 compile: bool = False) -> DecodeSpeed:
     """Time one decode step for ``batch`` sequences; checks a replay against a full forward first."""
     if prompt_len + 3 + warmup + iters + 1 > context:
         raise ValueError(f"context: expected >= prompt_len + warmup + iters + 4 = "
@@ -274,7 +282,7 @@ def decode_speed(model, batch: int, device: str, context: int = 256, prompt_len:
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
-    dec = StaticDecoder(model, batch, context, prompt_len, device)
+    dec = StaticDecoder(model, batch, context, prompt_len, device, compile=compile)
     dec.prefill(prompt)
     dec.ids.copy_(torch.randint(0, vocab, (batch, 1), generator=g).to(device))
     mode, note = "eager", ""
@@ -299,7 +307,38 @@ def decode_speed(model, batch: int, device: str, context: int = 256, prompt_len:
     time_ms = _timer(device)
     time_ms(dec.run, warmup)
     ms = time_ms(dec.run, iters)
-    return DecodeSpeed(batch, ms, batch * 1e3 / ms, mode, err, note)
+    kinds = kernel_breakdown(dec.step) if str(device).startswith("cuda") else {}
+    return DecodeSpeed(batch, ms, batch * 1e3 / ms, mode, err, note, kinds)
+
+
+def kernel_kind(name: str) -> str:
+    """"w4a16 gemm", "other gemm" (cuBLAS and friends) or "other" for a CUDA kernel's name."""
+    low = name.lower()
+    if "w4a16" in low:
+        return "w4a16 gemm"
+    if any(k in low for k in ("gemm", "nvjet", "cutlass", "xmma", "gemv")):
+        return "other gemm"
+    return "other"
+
+
+@torch.no_grad()
+def kernel_breakdown(step: Callable[[], object], iters: int = 3) -> Dict[str, float]:
+    """Device milliseconds per call of ``step`` spent in each :func:`kernel_kind` (eager calls under
+    torch.profiler; the same kernels a captured graph replays)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    out = {"w4a16 gemm": 0.0, "other gemm": 0.0, "other": 0.0}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            out[kernel_kind(e.name)] += e.device_time_total / 1e3 / iters
+    return out
 
 
 # ---------------------------------------------------------------------- the run
@@ -330,7 +369,7 @@ def _measure(name, model, device, batches, prefill_tokens, decode_kw, say) -> Mo
 def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), prefill_tokens: int = 2048,
               group_size: int = 128, symmetric: bool = True, device: str = "cuda", context: int = 256,
               iters: int = 50, prompt_len: int = 32, verify_tokens: int = 64, use_graph: bool = True,
-              config_overrides=None,
+              config_overrides=None, compile: bool = False,
               print_fn: Optional[Callable[[str], None]] = print) -> SpeedResult:
     """Measure fp16 and W4A16 on the Llama-3-8B shape (see the module docstring).
 
@@ -341,6 +380,7 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
         context: KV cache slots (decode attends over all of them); iters: timed decode steps;
         prompt_len: tokens in the cache before the timed decode step;
         verify_tokens: prompt length of the logits check; use_graph: False times eager steps;
+        compile: run the decode step's forward through torch.compile (both models);
         config_overrides: dict of LlamaConfig fields (e.g. a tiny model for tests).
     Returns:
         SpeedResult; raises RuntimeError if a check fails.
@@ -357,10 +397,11 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
     g = torch.Generator().manual_seed(3)
     vids = torch.randint(0, config.vocab_size, (1, verify_tokens), generator=g).to(device)
     ref = logits_of(model, vids)
-    decode_kw = dict(context=context, prompt_len=prompt_len, iters=iters, use_graph=use_graph)
+    decode_kw = dict(context=context, prompt_len=prompt_len, iters=iters, use_graph=use_graph, compile=compile)
     dev_name = torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu"
     result = SpeedResult(dict(dims, group_size=group_size, symmetric=symmetric, prefill_tokens=prefill_tokens,
-                              context=context, verify_tokens=verify_tokens), dev_name, _versions(), {})
+                              context=context, verify_tokens=verify_tokens, compile=compile),
+                         dev_name, _versions(), {})
     result.models.append(_measure("fp16", model, device, batches, prefill_tokens, decode_kw, say))
 
     t0 = time.perf_counter()
@@ -405,7 +446,8 @@ def format_speed(result: SpeedResult) -> str:
     c = result.config
     head = (f"Llama-3-8B shape, {c['num_hidden_layers']} layers, {result.device} "
             f"(torch {result.versions['torch']}, transformers {result.versions['transformers']}, "
-            f"triton {result.versions['triton']}); decode on a {c['context']}-slot KV cache")
+            f"triton {result.versions['triton']}); decode on a {c['context']}-slot KV cache"
+            + (", decode step through torch.compile" if c.get("compile") else ""))
     cols = ["model", "weights", f"prefill {c['prefill_tokens']} ms"] + [f"decode b={b} tok/s" for b in batches]
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for m in result.models:
@@ -417,6 +459,10 @@ def format_speed(result: SpeedResult) -> str:
         ratio += [f"{db.tokens_per_s / da.tokens_per_s:.2f}x" for da, db in zip(a.decode, b.decode)]
         lines.append("| W4A16 / fp16 | " + " | ".join(ratio) + " |")
     notes = [f"b={d.batch} {m.name}: {d.note}" for m in result.models for d in m.decode if d.note]
+    split = [f"{m.name} b={d.batch}: " + ", ".join(f"{k} {v:.2f}" for k, v in d.kernel_ms.items())
+             for m in result.models for d in m.decode if d.kernel_ms]
+    if split:
+        lines += ["", "device ms per decode step by kernel kind (profiled eager steps):"] + split
     return "\n".join(lines + [f"note: {n}" for n in notes])
 
 
@@ -439,13 +485,14 @@ def main(argv: Optional[Sequence[str]] = None) -> SpeedResult:
     p.add_argument("--context", type=int, default=256, help="KV cache slots for decode")
     p.add_argument("--iters", type=int, default=50, help="timed decode steps")
     p.add_argument("--no-graph", action="store_true", help="time eager decode steps")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step's forward (both models)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None, help="folder for speed.json")
     a = p.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("no CUDA device: this benchmark needs a GPU (--device cpu only checks that it runs)")
     result = run_speed(a.layers, a.batches, a.prefill_tokens, a.group_size, not a.asym, a.device, a.context,
-                       a.iters, use_graph=not a.no_graph)
+                       a.iters, use_graph=not a.no_graph, compile=a.compile)
     if a.out:
         print(f"wrote {write_json(result, a.out)}")
     return result

@@ -1,9 +1,9 @@
 """int4 -> fp16/bf16 conversion inside the kernels.
 
-Both helpers take a loaded tile ``t`` uint8 [BN, H] of layout version 1 (low nibbles: the first
+Both helpers take a chunk tile ``t`` uint8 [BN, H] (see layout.py; low nibbles: the first
 half chunk, high nibbles: the second) and return the two half-chunk weight tiles [BN, H] as
 *integer values* q - z in the activation dtype (exact for integer zero points); the caller
-multiplies by the per-row scales.
+applies the per-row scales (to the tiles, or with ``scale_after`` to the MMA's products).
 
 * :func:`codes_portable` uses plain Triton ops (runs in the interpreter too).
 * :func:`codes_magic` does the conversion in one inline-PTX block per 4 bytes: a byte permute,
