@@ -1,17 +1,17 @@
 """CachedLaunch: the key covers what Triton specializes on, and the interpreter takes Triton's path."""
 import torch
 
-from w4a16.kernels.fast_launch import CachedLaunch, _arg_key
+from w4a16.kernels.fast_launch import CachedLaunch, arg_key
 from w4a16.kernels.launch import _GEMM, _REDUCE
 
 
 def test_key_separates_alignment_and_divisibility():
     x = torch.zeros(64, dtype=torch.float16)
-    assert _arg_key(x) != _arg_key(x[1:])            # 16-byte aligned vs not
-    assert _arg_key(x) != _arg_key(x.float())        # dtype
-    assert _arg_key(32) != _arg_key(33) != _arg_key(1)
-    assert _arg_key(32) != _arg_key(2**31 + 32)      # 64-bit integers compile differently
-    assert _arg_key(48) == _arg_key(4096)            # same specialization, same kernel
+    assert arg_key(x) != arg_key(x[1:])            # 16-byte aligned vs not
+    assert arg_key(x) != arg_key(x.float())        # dtype
+    assert arg_key(32) != arg_key(33) != arg_key(1)
+    assert arg_key(32) != arg_key(2**31 + 32)      # 64-bit integers compile differently
+    assert arg_key(48) == arg_key(4096)            # same specialization, same kernel
 
 
 def test_interpreter_uses_tritons_path(monkeypatch):

@@ -124,6 +124,22 @@ def test_row_blocks_below_int32_offsets(monkeypatch):
     assert rel_err(y, w4a16.reference.gemm(x, qw, bias.contiguous())) <= 2e-3
 
 
+def test_row_blocks_count_split_k_partials(monkeypatch):
+    """The split-K partials [splits, M, N] are indexed with 32-bit offsets too: row blocks shrink."""
+    import w4a16.kernels.launch as launch
+    monkeypatch.setattr(launch, "INT32_LIMIT", 2 * 160 * 64 + 1)  # 2 splits x 64 rows x N = 160
+    blocks = []
+    real = launch.launch_gemm_compiled
+    monkeypatch.setattr(launch, "launch_gemm_compiled",
+                        lambda x, *a, **k: blocks.append(x.shape[0]) or real(x, *a, **k))
+    qw = w4a16.quantize(torch.randn(160, 256), 64)
+    x = torch.randn(150, 256).half()
+    cfg = GemmConfig("splitk", 16, 32, split_k=2)
+    y = launch.launch_gemm(x, w4a16.prepare(qw), None, 1.0, cfg)
+    assert blocks[1:] == [64, 64, 22]  # without the partials: 80-row blocks (the K limit)
+    assert rel_err(y, w4a16.reference.gemm(x, qw)) <= 2e-3
+
+
 def test_split_k_leaves_its_tile_counters_at_zero():
     """The last program of each tile sums the partials and resets the tile's counter for the next call."""
     from w4a16.kernels import launch

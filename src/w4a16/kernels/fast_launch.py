@@ -28,7 +28,7 @@ def _hooks_active() -> bool:
         getattr(rt.launch_exit_hook, "calls", rt.launch_exit_hook))
 
 
-def _arg_key(a, _tensor=torch.Tensor, _int=int):
+def arg_key(a, _tensor=torch.Tensor, _int=int):
     """The properties of one runtime argument that Triton's specialization depends on."""
     cls = a.__class__
     if cls is _tensor or isinstance(a, _tensor):
@@ -48,7 +48,7 @@ class CachedLaunch:
 
     A caller that knows which arguments stay fixed may pass ``key``: any hashable value that
     differs whenever constexprs, launch options or an argument's specialization properties
-    (see :func:`_arg_key`) differ, and ``cx = tuple(constexprs.values())``."""
+    (see :func:`arg_key`) differ, and ``cx = tuple(constexprs.values())``."""
 
     def __init__(self, fn: triton.JITFunction):
         self.fn = fn
@@ -67,7 +67,7 @@ class CachedLaunch:
             return self._slow(grid, args, constexprs, num_warps, num_stages)
         if key is None:
             cx = tuple(constexprs.values())
-            key = (cx, num_warps, num_stages, tuple(map(_arg_key, args)))
+            key = (cx, num_warps, num_stages, tuple(map(arg_key, args)))
         key = (index, key)
         kernel = self._compiled.get(key)
         if kernel is None:

@@ -10,8 +10,8 @@ import triton.language as tl
 from ..config import GemmConfig
 from ..errors import expect
 from .env import interpreting
+from .fast_launch import CachedLaunch, arg_key
 from .gemm import w4a16_gemm_kernel
-from .fast_launch import CachedLaunch, _arg_key
 from .layout import PreparedWeight, widen_scales
 from .reduce import splitk_reduce_kernel
 
@@ -67,8 +67,8 @@ def launch_plan(pw: PreparedWeight, M: int, cfg: GemmConfig, has_bias: bool, ato
         USE_ASM=cfg.dequant == "magic" and not interpreting(), DTYPE=TL_DTYPES[dtype])
     cx = tuple(constexprs.values())
     zeros = pw.zeros_t if pw.zeros_t is not None else pw.scales_t
-    static = (cx, cfg.num_warps, cfg.num_stages, dtype, has_bias, _arg_key(pw.qk), _arg_key(pw.scales_t),
-              _arg_key(zeros), tuple(_arg_key(v) for v in (M, pw.N, pw.K, chunks, per, pw.qk.shape[0])))
+    static = (cx, cfg.num_warps, cfg.num_stages, dtype, has_bias, arg_key(pw.qk), arg_key(pw.scales_t),
+              arg_key(zeros), tuple(arg_key(v) for v in (M, pw.N, pw.K, chunks, per, pw.qk.shape[0])))
     if len(pw.plans) >= 256:  # many distinct M (e.g. prefill lengths): keep the cache bounded
         pw.plans.clear()
     plan = pw.plans[key] = (grid, splits, per, atomic, constexprs, static, cx)
@@ -116,8 +116,11 @@ def launch_gemm_compiled(x: torch.Tensor, pw: PreparedWeight, bias: Optional[tor
         return y, None
     expect(N * pw.K_pad // 2 < INT32_LIMIT, "w.shape", "N * K / 2 < 2**31 bytes of codes", (N, pw.K))
     rows = (INT32_LIMIT - 1) // max(N, pw.K)
+    if cfg.kind == "splitk" and M * N * cfg.split_k >= INT32_LIMIT:  # (cfg.split_k bounds the splits)
+        rows = (INT32_LIMIT - 1) // max(N * split_plan(cfg, pw.K_pad // pw.kc)[0], pw.K)
     if M > rows:
-        # The kernel indexes x and y with 32-bit offsets: run row blocks that stay below 2**31.
+        # The kernel indexes x, y and the split-K partials with 32-bit offsets: run row blocks
+        # that stay below 2**31.
         compiled = None
         for m0 in range(0, M, rows):
             _, compiled = launch_gemm_compiled(x[m0:m0 + rows], pw, bias, alpha, cfg, deterministic,
@@ -136,7 +139,7 @@ def launch_gemm_compiled(x: torch.Tensor, pw: PreparedWeight, bias: Optional[tor
     zeros = pw.zeros_t if pw.zeros_t is not None else scales
     bias_arg = bias if bias is not None else scales
     # What the compiled kernel depends on beyond the plan: the per-call tensors' 16-byte alignment
-    # (their dtypes follow from the plan: x's dtype, fp32 workspace, int32 counters).
+    # and dtypes (the dtypes follow from the plan unless a caller passes its own out).
     aligned = (not x.data_ptr() & 15, not y.data_ptr() & 15, not part.data_ptr() & 15,
                not counters.data_ptr() & 15, not bias_arg.data_ptr() & 15, y.dtype, part.dtype, counters.dtype,
                bias_arg.dtype)
