@@ -38,7 +38,7 @@ class GemmConfig:
                 registers); False computes y = x W^T (the weight is staged in shared memory).
     unroll:     layout chunks (128 K values, 64 for g = 32) per main-loop iteration: 1, 2 or 4.
     prefetch:   load the next chunk's scales one iteration ahead (True) or in the iteration that
-                uses them (False); it also changes how Triton stages the weight tile.
+                uses them (False; with wide_scales the pipeline then stages them like the codes).
     scale_after: multiply each half chunk's fp32 MMA result by its scales (True; the MMA takes the
                 integer-valued weights) or scale the weights before the MMA (False). Fewer
                 instructions when the accumulator tile is small (decode), more registers.

@@ -150,31 +150,3 @@ def launch_gemm_compiled(x: torch.Tensor, pw: PreparedWeight, bias: Optional[tor
         _REDUCE((_cdiv(M * N, REDUCE_BLOCK),), (part, bias_arg, y, M, N, float(alpha)),
                 dict(HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, DTYPE=constexprs["DTYPE"]), 4, 3)
     return y, compiled
-    chunks = pw.K_pad // pw.kc
-    splits, per = split_plan(cfg, chunks)
-    atomic = splits > 1 and not deterministic
-    bm = effective_block_m(cfg, M)
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, cfg.block_n), splits)
-    if splits == 1:
-        part = counters = y
-    elif atomic:
-        part = counters = torch.zeros((M, N), dtype=torch.float32, device=x.device)
-    else:
-        part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device)
-        counters = tile_counters(x.device, grid[0])
-    dtype = TL_DTYPES[x.dtype]
-    zeros = pw.zeros_t if pw.zeros_t is not None else pw.scales_t
-    bias_arg = bias if bias is not None else pw.scales_t
-    compiled = _GEMM(
-        grid, (x, pw.qk, pw.scales_t, zeros, bias_arg, y, part, counters, M, N, pw.K, chunks, per,
-               pw.qk.shape[0], float(alpha)),
-        dict(GROUP_LOG2=group_log2(pw), KC=pw.kc, ONE_SCALE=pw.group == pw.K or pw.group % pw.kc == 0,
-             EVEN_K=pw.K % pw.kc == 0, BM=bm, BN=cfg.block_n, EPILOGUE=splits == 1, GROUP_M=cfg.group_m,
-             SWAP_AB=cfg.swap_ab, UNROLL=cfg.unroll, PREFETCH=cfg.prefetch, SCALE_AFTER=cfg.scale_after,
-             HAS_ZEROS=pw.zeros_t is not None, HAS_BIAS=bias is not None, ATOMIC=atomic,
-             USE_ASM=cfg.dequant == "magic" and not interpreting(), DTYPE=dtype),
-        cfg.num_warps, cfg.num_stages)
-    if atomic:
-        _REDUCE((triton.cdiv(M * N, REDUCE_BLOCK),), (part, bias_arg, y, M, N, float(alpha)),
-                dict(HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, DTYPE=dtype), 4, 3)
-    return y, compiled

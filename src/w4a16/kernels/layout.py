@@ -63,7 +63,6 @@ class PreparedWeight:
     plans: dict = field(default_factory=dict, compare=False, repr=False)
 
 
-
 def widen_scales(pw: PreparedWeight) -> PreparedWeight:
     """``pw`` with fp32 copies of its scales and zeros (codes shared)."""
     return replace(pw, scales_t=pw.scales_t.float(), zeros_t=None if pw.zeros_t is None else pw.zeros_t.float(),
