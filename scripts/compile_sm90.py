@@ -26,7 +26,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from w4a16.kernels.gemm import w4a16_gemm_kernel  # noqa: E402
+from w4a16.backends.triton.gemm import w4a16_gemm_kernel  # noqa: E402
 
 ARGS = ("x_ptr", "qk_ptr", "s_ptr", "z_ptr", "bias_ptr", "y_ptr", "part_ptr", "counter_ptr", "M", "N", "K", "chunks",
         "chunks_per_split", "n_blocks", "alpha")

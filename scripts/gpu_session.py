@@ -110,7 +110,7 @@ def sass_histogram(sass: str) -> collections.Counter:
 
 
 def section_sass():
-    from w4a16.kernels.launch import launch_gemm_compiled
+    from w4a16.backends.triton.launch import launch_gemm_compiled
     from w4a16.tune import random_weight
     N, K = LAYERS["70b.gate_up"]
     for dtype in (torch.float16, torch.bfloat16):

@@ -29,7 +29,7 @@ def check_gemm(M, N, K, group_size, zeros, dtype, device, config="auto", bias=Tr
                deterministic=True, seed=0):
     """Run the public gemm and the launcher into a NaN-poisoned output; compare every element
     with the reference (relative Frobenius error within TOLERANCE, no NaN, all written)."""
-    from w4a16.kernels.launch import launch_gemm
+    from w4a16.backends.triton.launch import launch_gemm
     from w4a16.ops import chosen_config, prepare
 
     qw = make_weight(N, K, group_size, zeros, dtype, device, seed)

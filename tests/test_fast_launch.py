@@ -1,8 +1,8 @@
 """CachedLaunch: the key covers what Triton specializes on, and the interpreter takes Triton's path."""
 import torch
 
-from w4a16.kernels.fast_launch import CachedLaunch, arg_key
-from w4a16.kernels.launch import _GEMM, _REDUCE
+from w4a16.backends.triton.fast_launch import CachedLaunch, arg_key
+from w4a16.backends.triton.launch import _GEMM, _REDUCE
 
 
 def test_key_separates_alignment_and_divisibility():

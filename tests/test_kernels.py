@@ -71,7 +71,7 @@ def test_layout_follows_the_documented_byte_map(N, K, g):
     """Byte p = 512 sh + 64 g + 16 t + 8 sl + 4 h + 2 r8 + j of fragment block (b, c) holds the codes
     k = c KC + i (low nibble) and k = c KC + KC/2 + i (high nibble), i = 32 sh + 16 sl + 8 h + 2 t + j,
     of row 16 b + 8 r8 + g; rows past N and K past the weight are zero. Checked byte by byte."""
-    from w4a16.kernels.layout import prepare_layout
+    from w4a16.backends.triton.layout import prepare_layout
     qw = w4a16.quantize(torch.randn(N, K), g)
     pw = prepare_layout(qw)
     codes = qw.unpack()
@@ -115,7 +115,7 @@ def test_schedule_options_and_odd_n(cfg, M, N, K, group_size, zeros):
 
 def test_row_blocks_below_int32_offsets(monkeypatch):
     """Above 2**31 elements of x or y the launcher runs row blocks; shrink the limit to see it."""
-    import w4a16.kernels.launch as launch
+    import w4a16.backends.triton.launch as launch
     monkeypatch.setattr(launch, "INT32_LIMIT", 64 * 256 + 5)  # 64-row blocks for K = 256
     qw = w4a16.quantize(torch.randn(40, 256), 64)
     x = torch.randn(150, 256).half()
@@ -126,7 +126,7 @@ def test_row_blocks_below_int32_offsets(monkeypatch):
 
 def test_row_blocks_count_split_k_partials(monkeypatch):
     """The split-K partials [splits, M, N] are indexed with 32-bit offsets too: row blocks shrink."""
-    import w4a16.kernels.launch as launch
+    import w4a16.backends.triton.launch as launch
     monkeypatch.setattr(launch, "INT32_LIMIT", 2 * 160 * 64 + 1)  # 2 splits x 64 rows x N = 160
     blocks = []
     real = launch.launch_gemm_compiled
@@ -142,7 +142,7 @@ def test_row_blocks_count_split_k_partials(monkeypatch):
 
 def test_split_k_leaves_its_tile_counters_at_zero():
     """The last program of each tile sums the partials and resets the tile's counter for the next call."""
-    from w4a16.kernels import launch
+    from w4a16.backends.triton import launch
     cfg = GemmConfig("splitk", 16, 16, split_k=3)
     for _ in range(2):
         check_gemm(5, 40, 768, 128, None, torch.float16, "cpu", config=cfg, bias=True)

@@ -58,7 +58,7 @@ def occupancy(registers: int, shared_bytes: int, num_warps: int) -> tuple:
 def kernel_info(x: torch.Tensor, w: QuantizedWeight, config="auto", bias: Optional[torch.Tensor] = None) -> KernelInfo:
     """Run ``gemm(x, w, bias, config=config)`` once (compiling if needed) and report the kernel's
     registers, shared memory, spills and resident blocks per SM. x: [..., K] on a CUDA device."""
-    from .kernels.launch import effective_block_m, launch_gemm_compiled, split_plan
+    from .backends.triton.launch import effective_block_m, launch_gemm_compiled, split_plan
     from .ops import chosen_config, prepare
     from .validate import check_gemm_args
 

@@ -16,8 +16,8 @@ import torch
 from . import reference
 from .config import DEQUANTS, KINDS, GemmConfig, resolve_named
 from .dispatch import choose_config
-from .kernels.env import interpreting  # plain Python, no Triton
-from .kernels.layout import LAYOUT_VERSION, PreparedWeight, prepare_layout, widen_scales  # plain torch
+from .backends.triton.env import interpreting  # plain Python, no Triton
+from .backends.triton.layout import LAYOUT_VERSION, PreparedWeight, prepare_layout, widen_scales  # plain torch
 from .validate import check_gemm_args
 from .weight import QuantizedWeight
 
@@ -103,7 +103,7 @@ def _run_kernel(x2: torch.Tensor, qk: torch.Tensor, scales_t: torch.Tensor, zero
 
 @functools.lru_cache(maxsize=1)
 def _launcher():
-    from .kernels.launch import launch_gemm
+    from .backends.triton.launch import launch_gemm
 
     return launch_gemm
 
@@ -113,7 +113,7 @@ def gemm_op(x2: torch.Tensor, qk: torch.Tensor, scales_t: torch.Tensor, zeros_t:
             bias: Optional[torch.Tensor], alpha: float, K: int, group: int, kc: int,
             config: List[int], deterministic: bool) -> torch.Tensor:
     """The kernel as a custom op. x2 [M, K] fp16/bf16 contiguous; qk, scales_t [G_pad, N], zeros_t:
-    the prepared layout (see w4a16.kernels.layout); bias [N] or None; config: a GemmConfig as a
+    the prepared layout (see w4a16.backends.triton.layout); bias [N] or None; config: a GemmConfig as a
     list. -> y [M, N]."""
     return _run_kernel(x2, qk, scales_t, zeros_t, bias, alpha, K, group, kc, config, deterministic)
 

@@ -2,7 +2,7 @@
 even k in the low nibble (cutlass::uint4b_t order).
 
 Kernels never read this format directly; each repacks it once into its private layout
-(see :mod:`w4a16.kernels.layout`).
+(see :mod:`w4a16.backends.triton.layout`).
 """
 from __future__ import annotations
 

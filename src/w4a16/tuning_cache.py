@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .config import GemmConfig
-from .kernels.layout import LAYOUT_VERSION  # plain torch, no Triton
+from .backends.triton.layout import LAYOUT_VERSION  # plain torch, no Triton
 from .spec import dtype_name
 
 SHIPPED = Path(__file__).with_name("data") / "tuned.json"

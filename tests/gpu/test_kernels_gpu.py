@@ -87,7 +87,7 @@ def test_kernel_info_reports_resources():
 def test_cached_launch_with_misaligned_x(config):
     """The second call of a shape takes the cached launcher; an x that is not 16-byte aligned must
     get its own compiled kernel, not the aligned one."""
-    from w4a16.kernels.launch import _GEMM
+    from w4a16.backends.triton.launch import _GEMM
 
     qw = make_weight(256, 1024, 128, "int", torch.float16, "cuda")
     base = torch.randn(33 * 1024 + 1, device="cuda", dtype=torch.float16)

@@ -7,8 +7,8 @@ from typing import Optional
 import torch
 import triton.language as tl
 
-from ..config import GemmConfig
-from ..errors import expect
+from ...config import GemmConfig
+from ...errors import expect
 from .env import interpreting
 from .fast_launch import CachedLaunch, arg_key
 from .gemm import w4a16_gemm_kernel
