@@ -68,7 +68,9 @@ def gptq_checkpoint(rng, K, N, g, dtype, checkpoint_format, act_order=False, sto
     G = 1 if g == -1 else K // g
     ge = K if g == -1 else g
     q = rng.integers(0, 16, size=(K, N))
-    stored = rng.integers(0, 16, size=(G, N)) if stored_zero is None else np.full((G, N), stored_zero)
+    # v1 stores z - 1 for z in 1..15 here (no nibble borrows: see test_hardening_formats for z = 0)
+    top = 15 if checkpoint_format == "gptq" else 16
+    stored = rng.integers(0, top, size=(G, N)) if stored_zero is None else np.full((G, N), stored_zero)
     g_idx = shuffled_g_idx(rng, K, ge) if act_order else np.arange(K) // ge
     scales = rand_scales(rng, (G, N), dtype)
     true_z = stored + (1 if checkpoint_format == "gptq" else 0)
@@ -338,7 +340,7 @@ CASES = {
     "group_size": lambda: formats.from_hqq(**_with(_hqq, group_size=48)),
     "w.perm": lambda: formats.to_awq(_act_order_weight()),
     "w.zeros": lambda: formats.to_gptq(_weight(2.5)),
-    "w.zeros (v1 zero 0)": lambda: formats.to_gptq(_weight(0.0), "gptq"),
+    "w.zeros (v1 zero 16)": lambda: formats.to_gptq(_weight(16.0), "gptq"),  # v1 zeros are 0..15
     "w.shape[0] (N)": lambda: formats.to_awq(w4a16.quantize(torch.randn(12, 64), 32)),
     "w": lambda: formats.to_compressed_tensors(torch.zeros(4, 4)),
 }

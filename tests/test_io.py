@@ -157,7 +157,7 @@ def test_extra_tensor(tmp_path):
 def test_shape_mismatch(tmp_path):
     tensors, meta = _valid_meta(weights=json.dumps({"weight": {"group_size": 32, "shape": [8, 128],
                                                                "symmetric": True, "has_perm": False}}))
-    with _raises("weight.qweight shape"):
+    with _raises("weight.qweight.shape"):
         w4a16.load(_write(tmp_path / "a", tensors, **meta))
 
 

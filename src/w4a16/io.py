@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import spec
 from .errors import expect, fail
 from .weight import QuantizedWeight
 
@@ -65,7 +66,8 @@ def save(obj: Union[QuantizedWeight, Dict[str, QuantizedWeight], torch.nn.Module
 
     Args:
         obj: a QuantizedWeight, a dict[str, QuantizedWeight], or an nn.Module (its state_dict).
-        path: the file to write (replaced atomically if it exists).
+        path: the file to write (replaced atomically if it exists); missing parent folders are
+            created.
     """
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
     if isinstance(obj, torch.nn.Module):
@@ -86,9 +88,20 @@ def save(obj: Union[QuantizedWeight, Dict[str, QuantizedWeight], torch.nn.Module
             info[name] = _weight_info(w)
         meta["weights"] = json.dumps(info)
     path = os.fspath(path)
-    tmp = f"{path}.tmp"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    expect(not os.path.isdir(path), "path", "a file to write", f"{path!r} (a directory)")
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        fail("path", "a file in a folder that exists or can be created", f"{path!r} ({e})")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        fail("path", "a writable file", f"{path!r} ({e})")
 
 
 def _load_weight(f, name: str, info, keys: set, device) -> QuantizedWeight:
@@ -100,10 +113,16 @@ def _load_weight(f, name: str, info, keys: set, device) -> QuantizedWeight:
                           ("perm", info["has_perm"])):
         expect((f"{name}.{part}" in keys) == bool(present), f"tensor {name}.{part}",
                "present" if present else "absent (per the metadata)", "present" if not present else "missing")
+    shape = info["shape"]
+    ok = (isinstance(shape, list) and len(shape) == 2 and all(spec.is_int(v) for v in shape)
+          and shape[0] >= 1 and shape[1] >= 2 and shape[1] % 2 == 0)
+    expect(ok, f"metadata {arg}['shape']", "[N >= 1, K >= 2] with K even", shape)
+    N, K = shape
+    stored = tuple(f.get_slice(f"{name}.qweight").get_shape())
+    expect(stored == (N, K // 2), f"{name}.qweight.shape",
+           f"(N, K / 2) = {(N, K // 2)} for the metadata's shape (N, K) = {(N, K)}", stored)
     w = QuantizedWeight.from_plain(get("qweight"), get("scales"), None if info["symmetric"] else get("zeros"),
                                    info["group_size"], get("perm") if info["has_perm"] else None)
-    expect(list(w.shape) == list(info["shape"]), f"{name}.qweight shape", f"(N, K) = {tuple(info['shape'])}",
-           w.shape)
     return w
 
 
@@ -117,12 +136,24 @@ def load(path: PathLike, device: Union[str, torch.device] = "cpu"
         ``device``.
     """
     path = os.fspath(path)
+    _check_device(device)
+    expect(os.path.isfile(path), "path", "a safetensors file",
+           f"{path!r} ({'a directory' if os.path.isdir(path) else 'no such file'})")
     try:
         handle = safe_open(path, framework="pt", device="cpu")
-    except SafetensorError as e:
+    except (SafetensorError, OSError) as e:
         fail("path", "a safetensors file", f"{path!r} ({e})")
     with handle as f:
         return _read(f, device)
+
+
+def _check_device(device) -> None:
+    """Raise unless torch can allocate on ``device`` (e.g. "cuda" without a CUDA build or GPU)."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail("device", "a device torch can use here", f"{device!r} ({reason})")
 
 
 def _read(f, device):

@@ -9,6 +9,8 @@ q is a 4-bit code in 0..15; symmetric weights use z = 8; g is the group size alo
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .errors import expect
@@ -24,10 +26,19 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
 
 
+def is_int(v) -> bool:
+    """True for a Python or NumPy integer, False for bool, float and anything else."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def check_group_size(group_size: int, K: int, arg: str = "group_size") -> int:
-    """Validate ``group_size`` against K and return the effective group size (K for -1)."""
-    expect(group_size in SUPPORTED_GROUP_SIZES, arg, f"one of {SUPPORTED_GROUP_SIZES}", group_size)
-    g = K if group_size == -1 else group_size
+    """Validate ``group_size`` (an int, not a bool or float) against K >= 1 and return the
+    effective group size (K for -1)."""
+    expect(is_int(group_size), arg, f"an int, one of {SUPPORTED_GROUP_SIZES}",
+           f"{group_size!r} ({type(group_size).__name__})")
+    expect(int(group_size) in SUPPORTED_GROUP_SIZES, arg, f"one of {SUPPORTED_GROUP_SIZES}", group_size)
+    expect(K >= 1, "K", "at least 1 (a weight with no input features cannot be quantized)", K)
+    g = K if group_size == -1 else int(group_size)
     expect(K % g == 0, "K", f"a multiple of the group size {g}", K)
     return g
 

@@ -12,7 +12,7 @@ import math
 import os
 from typing import Optional
 
-from .runner import BASELINE, BenchResult
+from .runner import BASELINE, FAKE_LABEL, BenchResult
 
 
 def _select(rows: list) -> tuple:
@@ -77,6 +77,8 @@ def plot_all(result: BenchResult, out_dir: str) -> tuple:
     rows, title = _select(result.rows)
     if not rows:
         return [], "plots skipped: no timed results"
+    if result.header.get("settings", {}).get("fake_timer"):
+        title = f"{FAKE_LABEL}\n{title}"
     os.makedirs(out_dir, exist_ok=True)
     speedup = os.path.join(out_dir, "speedup.png")
     roof = os.path.join(out_dir, "roofline.png")

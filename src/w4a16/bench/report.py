@@ -3,7 +3,9 @@
 The CSV starts with ``# key: value`` lines (card, SM count, driver, versions, date, settings,
 ceilings; read it with ``pandas.read_csv(path, comment="#")``), then one row per
 (point, peer, timing) with the columns of ``runner.COLUMNS``. The JSON holds the same header
-and rows.
+and rows. A ``--fake-timer`` run is labelled everywhere: the header's first key is ``warning``
+(so the CSV's first line is ``# warning: FAKE TIMER ...``), timed rows carry the label in
+``note``, and the markdown title, header and every table heading say it.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import math
 import os
 from collections import OrderedDict
 
-from .runner import BASELINE, COLUMNS, BenchResult
+from .runner import BASELINE, COLUMNS, FAKE_LABEL, FAKE_NOTE, BenchResult
 
 PRIMARY = "w4a16"
 
@@ -42,6 +44,11 @@ def header_lines(h: dict) -> list:
     s = h.get("settings", {})
     timing = {"graph": "CUDA-graph replay", "eager": "eager loop (CUDA events)",
               "both": "CUDA-graph replay and eager loop"}.get(s.get("timing"), s.get("timing"))
+    if s.get("fake_timer"):
+        return [f"**{h.get('warning', FAKE_NOTE)}**",
+                f"card: {h['card']}; torch {h['torch']}, triton {h['triton']}, w4a16 {h['w4a16']}; {h['date']}",
+                f"times: {FAKE_LABEL} (a formula of bytes and flops against made-up ceilings); every "
+                "result checked against w4a16.reference.gemm first"]
     return [
         f"card: {h['card']} ({h['sm_count']} SMs{', ' + h['capability'] if h.get('capability') else ''}), "
         f"driver {h['driver']}; torch {h['torch']}, triton {h['triton']}, CUDA {h['cuda']}, "
@@ -70,9 +77,11 @@ def markdown(result: BenchResult) -> str:
     peer_names = list(dict.fromkeys(r["peer"] for r in rows))
     primary = PRIMARY if PRIMARY in peer_names else (peer_names[0] if peer_names else PRIMARY)
     variants = [p for p in peer_names if p.startswith(PRIMARY)]
-    lines = ["# w4a16 bench", ""] + [f"- {s}" for s in header_lines(result.header)] + [""]
+    fake = bool(result.header.get("settings", {}).get("fake_timer"))
+    tag = f" ({FAKE_LABEL})" if fake else ""
+    lines = [f"# w4a16 bench{tag}", ""] + [f"- {s}" for s in header_lines(result.header)] + [""]
     for (dt, g, zeros, timing), table in _tables(rows).items():
-        lines += [f"## {dt}, group size {g}, {'with zeros' if zeros else 'symmetric'}, {timing} timing", ""]
+        lines += [f"## {dt}, group size {g}, {'with zeros' if zeros else 'symmetric'}, {timing} timing{tag}", ""]
         cols = ["layer", "N", "K", "M"] + [f"{p} us" for p in peer_names]
         cols += [f"{primary} vs {BASELINE}", f"{primary} of floor", f"{primary} GB/s", f"{primary} TFLOP/s",
                  f"{primary} floor us", f"{primary} config"]
@@ -133,7 +142,7 @@ def _csv_value(v):
 
 def write_csv(result: BenchResult, path: str) -> None:
     """``# key: value`` header lines, then the rows with the columns of COLUMNS."""
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         for k, v in result.header.items():
             f.write(f"# {k}: {_flat(v)}\n")
         w = csv.DictWriter(f, fieldnames=list(COLUMNS))
@@ -155,7 +164,7 @@ def _json_safe(v):
 def write_json(result: BenchResult, path: str) -> None:
     """{"header": ..., "columns": [...], "rows": [...]}; non-finite numbers become null."""
     doc = {"header": result.header, "columns": list(COLUMNS), "rows": result.rows}
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(_json_safe(doc), f, indent=1)
         f.write("\n")
 
@@ -164,7 +173,7 @@ def write_all(result: BenchResult, out_dir: str, text: str) -> list:
     """Write bench.md (``text``), bench.csv and bench.json into ``out_dir``; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, n) for n in ("bench.md", "bench.csv", "bench.json")]
-    with open(paths[0], "w") as f:
+    with open(paths[0], "w", encoding="utf-8") as f:
         f.write(text)
     write_csv(result, paths[1])
     write_json(result, paths[2])

@@ -9,8 +9,19 @@ Layout (K = in_features, N = out_features, G = K / g groups)::
 
     W[n, k] = (q[k, n] - z[g_idx[k], n]) * scales[g_idx[k], n]
 
-``checkpoint_format="gptq"`` (v1) stores z - 1 (the true zero is stored + 1, so a symmetric model
-stores 7); ``"gptq_v2"`` stores z itself.
+``checkpoint_format="gptq_v2"`` stores the true zero points z (0..15) nibble by nibble.
+``checkpoint_format="gptq"`` (v1) stores z - 1, and the rule is word-wise, as its writer
+(GPTQModel, whose default save format is v1) and its reader apply it::
+
+    write:  stored_word = (pack(z) - 0x11111111) mod 2**32     # one subtraction per int32 word
+    read:   z = unpack((stored_word + 0x11111111) mod 2**32)
+
+A zero point of 0 therefore borrows from the next nibble when written (true zeros (0, 15) are
+stored as nibbles (15, 13), not (15, 14)); reading nibble by nibble (stored + 1 each) would give
+(16, 14). For zero points in 1..15 no nibble borrows and the two readings agree, so files of
+writers that subtract nibble by nibble (AutoGPTQ) read the same. A symmetric v1 model stores
+0x77777777 (z = 8 everywhere). This module reads and writes v1 word-wise; v1 zero points are
+0..15 like v2 (a stored nibble of 15 with no borrow would mean z = 16, which does not exist).
 """
 from __future__ import annotations
 
@@ -34,6 +45,15 @@ def _zero_offset(checkpoint_format: str) -> int:
     return 1 if checkpoint_format == "gptq" else 0
 
 
+V1_WORD_OFFSET = 0x11111111  # v1 stores z - 1: one subtraction per int32 word of qzeros
+
+
+def _v1_words(qzeros: torch.Tensor, sign: int) -> torch.Tensor:
+    """int32 words ``(qzeros + sign * 0x11111111) mod 2**32`` (two's complement int32)."""
+    words = (qzeros.to(torch.int64) + sign * V1_WORD_OFFSET) % 2 ** 32
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
 def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
               g_idx: Optional[torch.Tensor] = None, checkpoint_format: str = "gptq",
               bits: int = 4) -> QuantizedWeight:
@@ -46,7 +66,7 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
         g_idx: None or integer [K]. A g_idx other than ``arange(K) // g`` (act-order) must put
             exactly g input features in every group; the weight then gets
             ``perm = argsort(g_idx, stable=True)`` and stores its columns in that order.
-        checkpoint_format: "gptq" (v1, zeros stored minus one) or "gptq_v2".
+        checkpoint_format: "gptq" (v1, zeros stored minus one, word-wise: see above) or "gptq_v2".
         bits: must be 4.
 
     Returns:
@@ -69,7 +89,7 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
     expect(qzeros.device == qweight.device, "qzeros.device", qweight.device, qzeros.device)
 
     codes = unpack_int32(qweight, dim=0).t()                           # [N, K]
-    zeros = unpack_int32(qzeros, dim=1, count=N).t().to(torch.int32) + offset  # [N, G]
+    zeros = unpack_int32(_v1_words(qzeros, +1) if offset else qzeros, dim=1, count=N).t()  # [N, G]
     perm = perm_from_g_idx(g_idx, K, n_groups, g, "g_idx")
     if perm is not None:
         perm = perm.to(qweight.device)
@@ -81,18 +101,18 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
 def to_gptq(w: QuantizedWeight, checkpoint_format: str = "gptq") -> Dict[str, torch.Tensor]:
     """Export ``w`` as GPTQ tensors: ``{"qweight", "qzeros", "scales", "g_idx"}`` (layout above).
 
-    K must be a multiple of 8; zero points must be integers (0..15, or 1..16 for v1, where the
-    stored value is z - 1). An act-order weight (``perm`` set) gets its permuted ``g_idx`` and
+    K must be a multiple of 8; zero points must be integers in 0..15 (v1 stores each qzeros word
+    minus 0x11111111, as GPTQModel does). An act-order weight (``perm`` set) gets its permuted ``g_idx`` and
     its columns back in input-feature order.
     """
     check_weight(w)
     offset = _zero_offset(checkpoint_format)
     N, K = w.shape
     expect(K % 8 == 0, "w.shape[1] (K)", "a multiple of 8", K)
-    zeros = integer_zeros(w, offset, 15 + offset, "w.zeros") - offset   # [N, G]
+    qzeros = pack_int32(integer_zeros(w, 0, 15, "w.zeros").t(), dim=1)   # true zeros [G, N/8]
     return {
         "qweight": pack_int32(codes_in_input_order(w).t(), dim=0),
-        "qzeros": pack_int32(zeros.t(), dim=1),
+        "qzeros": _v1_words(qzeros, -1) if offset else qzeros,
         "scales": w.scales.t().contiguous(),
         "g_idx": g_idx_of(w),
     }

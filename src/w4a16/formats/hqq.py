@@ -40,7 +40,8 @@ def from_hqq(W_q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: 
         scale: fp16/bf16 [N * K / g, 1].
         zero: [N * K / g, 1] in scale's dtype.
         shape: (N, K), the original weight shape (HQQ's ``meta["shape"]``).
-        group_size: 32, 64, 128, 256, or -1 / None (one group over all of K).
+        group_size: 32, 64, 128, 256, or -1 / None / K (one group over all of K: ``HQQLinear``
+            built with ``group_size=None`` records ``group_size = in_features``).
 
     Returns:
         QuantizedWeight (N, K) with float zeros (None when every zero is exactly 8).
@@ -50,6 +51,8 @@ def from_hqq(W_q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: 
     N, K = shape
     expect(N >= 1 and K >= 2 and K % 2 == 0, "shape", "(N >= 1, K) with K even and >= 2", tuple(shape))
     group_size = -1 if group_size is None else group_size
+    if spec.is_int(group_size) and group_size == K and group_size not in spec.SUPPORTED_GROUP_SIZES:
+        group_size = -1  # HQQLinear(group_size=None) records group_size = in_features: per-channel
     g = spec.check_group_size(group_size, K)
     R = N * (K // g)
     expect(isinstance(W_q, torch.Tensor), "W_q", "a torch.Tensor", type(W_q).__name__)

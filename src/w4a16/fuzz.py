@@ -1,0 +1,144 @@
+"""Seeded random GEMM problems checked against the reference: ``w4a16.gemm`` vs ``reference.gemm``.
+
+    for case in cases(300, seed=0):
+        err = run_case(case, "cpu")          # relative Frobenius error (NaN when y has NaN)
+        assert passes(case, err), case
+
+A case draws M, N, K within the alignment rules (K even and a multiple of the group size, any
+M >= 0, any N >= 1), a group size, the kind of zero points (none / int / float), bias, alpha,
+act-order (a random ``perm``), the layout of x (contiguous, transposed, strided, or with a batch
+dimension) and the dtype. Every case carries its own seed, so one failing case can be rerun
+alone. The tests run a few hundred small cases in Triton's interpreter; ``scripts/fuzz_gpu.py``
+runs thousands per backend on a GPU.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, Tuple
+
+import torch
+
+from . import reference, spec
+from .measure import TOLERANCE, rel_error  # relative Frobenius error and its bound, by x's dtype
+from .pack import pack_nibbles
+from .weight import QuantizedWeight
+
+ZEROS = ("none", "int", "float")
+X_LAYOUTS = ("contiguous", "transposed", "strided", "batched")
+ALPHAS = (1.0, 1.0, 0.5, 2.0, -1.25)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One random problem. x [M, K] (laid out per ``x_layout``) times a (N, K) int4 weight.
+
+    group_size: 32, 64, 128, 256 or -1; zeros: "none" (z = 8), "int" or "float";
+    act_order: the weight gets a random ``perm``; seed: draws the tensors of this case.
+    """
+
+    M: int
+    N: int
+    K: int
+    group_size: int
+    zeros: str
+    bias: bool
+    alpha: float
+    act_order: bool
+    x_layout: str
+    dtype: torch.dtype
+    seed: int
+
+    def short(self) -> str:
+        return (f"M={self.M} N={self.N} K={self.K} g={self.group_size} zeros={self.zeros} "
+                f"bias={self.bias} alpha={self.alpha:g} act_order={self.act_order} x={self.x_layout} "
+                f"{spec.dtype_name(self.dtype)} seed={self.seed}")
+
+
+def _pick_dim(rng: random.Random, hi: int, lo: int = 1) -> int:
+    """Small, odd and near-power-of-two sizes on purpose (1, tile edges +- 1), else uniform."""
+    special = [v for v in (lo, 1, 2, 3, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129) if lo <= v <= hi]
+    return rng.choice(special) if special and rng.random() < 0.3 else rng.randint(lo, hi)
+
+
+def cases(n: int, seed: int = 0, max_mnk: Tuple[int, int, int] = (64, 256, 1024),
+          dtypes: Sequence[torch.dtype] = (torch.float16,)) -> Iterator[Case]:
+    """``n`` random cases, the same for the same arguments.
+
+    Args:
+        n: number of cases.
+        seed: seeds the draw of every case (and, through each case's own seed, its tensors).
+        max_mnk: upper bounds of M, N and K (K is rounded down to what the group size allows;
+            it must be at least 2).
+        dtypes: activation dtypes to draw from (fp16 on the CPU: the interpreter's bf16 dots
+            are wrong).
+    """
+    max_m, max_n, max_k = max_mnk
+    if max_k < 2 or max_n < 1 or max_m < 0:
+        raise ValueError(f"max_mnk: expected M >= 0, N >= 1, K >= 2, got {max_mnk}")
+    rng = random.Random(seed)
+    groups = [g for g in spec.SUPPORTED_GROUP_SIZES if g == -1 or g <= max_k]
+    for _ in range(n):
+        g = rng.choice(groups)
+        step = 2 if g == -1 else g
+        K = step * _pick_dim(rng, max_k // step)
+        M = 0 if rng.random() < 0.02 else _pick_dim(rng, max_m) if max_m >= 1 else 0
+        yield Case(M=M, N=_pick_dim(rng, max_n), K=K, group_size=g, zeros=rng.choice(ZEROS),
+                   bias=rng.random() < 0.5, alpha=rng.choice(ALPHAS), act_order=rng.random() < 0.25,
+                   x_layout=rng.choice(X_LAYOUTS), dtype=rng.choice(list(dtypes)),
+                   seed=rng.randrange(2 ** 31))
+
+
+def make_problem(case: Case, device) -> tuple:
+    """(x, w, bias) of ``case`` on ``device``: x [..., K] in the case's layout, a QuantizedWeight
+    with codes uniform in 0..15 and scales in [0.005, 0.015), bias [N] or None."""
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(case.seed)
+    M, N, K, dt = case.M, case.N, case.K, case.dtype
+    G = 1 if case.group_size == -1 else K // case.group_size
+    codes = torch.randint(0, 16, (N, K), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(N, G, generator=gen) * 0.01 + 0.005).to(dt)
+    zeros = None
+    if case.zeros == "int":
+        zeros = torch.randint(0, 16, (N, G), generator=gen).to(dt)
+    elif case.zeros == "float":
+        zeros = (torch.rand(N, G, generator=gen) * 15).to(dt)
+    perm = torch.randperm(K, generator=gen) if case.act_order else None
+    bias = torch.randn(N, generator=gen).to(dt) if case.bias else None
+    mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+    # x is drawn as a buffer, moved, then viewed: the view's strides are those of the case.
+    if case.x_layout == "transposed":
+        x = mv(torch.randn(K, M, generator=gen).to(dt)).t()
+    elif case.x_layout == "strided":
+        x = mv(torch.randn(M, 2 * K, generator=gen).to(dt))[:, ::2]
+    elif case.x_layout == "batched" and M % 2 == 0:
+        x = mv(torch.randn(2, M // 2, K, generator=gen).to(dt))
+    else:
+        x = mv(torch.randn(M, K, generator=gen).to(dt))
+    w = QuantizedWeight.from_plain(pack_nibbles(codes).to(device), mv(scales), mv(zeros), case.group_size,
+                                   mv(perm))
+    return x, w, mv(bias)
+
+
+def run_case(case: Case, device="cpu", backend: Optional[str] = None) -> float:
+    """The relative Frobenius error of ``w4a16.gemm`` against ``reference.gemm`` on ``case``
+    (inf for a wrong shape or dtype, NaN when the result holds NaN).
+
+    ``backend`` is passed to ``w4a16.gemm`` only when given (``None``: the default choice).
+    An exception in ``gemm`` propagates.
+    """
+    import w4a16  # the public entry point, looked up at call time
+
+    x, w, bias = make_problem(case, device)
+    ref = reference.gemm(x, w, bias, case.alpha)
+    kwargs = {} if backend is None else {"backend": backend}
+    y = w4a16.gemm(x, w, bias, alpha=case.alpha, **kwargs)
+    if y.dtype != ref.dtype or tuple(y.shape) != tuple(ref.shape):
+        return math.inf
+    return rel_error(y, ref)  # NaN when y holds NaN (or inf) where the reference is finite
+
+
+def passes(case: Case, err: float) -> bool:
+    """True when ``err`` is within the dtype's tolerance (NaN never passes)."""
+    return err <= TOLERANCE[case.dtype]
