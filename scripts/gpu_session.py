@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import w4a16  # noqa: E402
-from w4a16.bench.timing import GraphTimer, copies_for  # noqa: E402
+from w4a16.measure import GraphTimer, copies_for  # noqa: E402
 from w4a16.config import GemmConfig  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "out"))
@@ -111,11 +111,11 @@ def sass_histogram(sass: str) -> collections.Counter:
 
 def section_sass():
     from w4a16.backends.triton.launch import launch_gemm_compiled
-    from w4a16.tune import random_weight
+    from w4a16.measure import generator, random_weight
     N, K = LAYERS["70b.gate_up"]
     for dtype in (torch.float16, torch.bfloat16):
-        qw = random_weight(N, K, 128, False, dtype, "cuda")
-        pw = w4a16.prepare(qw)
+        qw = random_weight(N, K, 128, False, dtype, "cuda", generator("cuda", 0))
+        pw = w4a16.prepare(qw, "triton")
         x = torch.randn(16, K, device="cuda", dtype=dtype)
         for dq, swap in (("magic", True), ("magic", False), ("portable", True)):
             for bn, warps in ((64, 4), (128, 4)):

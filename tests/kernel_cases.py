@@ -5,8 +5,7 @@ import torch
 
 import w4a16
 from w4a16.config import GemmConfig
-
-TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+from w4a16.measure import TOLERANCE
 
 
 def make_weight(N, K, group_size, zeros, dtype, device, seed=0):
@@ -27,10 +26,10 @@ def rel_err(y, ref):
 
 def check_gemm(M, N, K, group_size, zeros, dtype, device, config="auto", bias=True, alpha=1.0,
                deterministic=True, seed=0):
-    """Run the public gemm and the launcher into a NaN-poisoned output; compare every element
-    with the reference (relative Frobenius error within TOLERANCE, no NaN, all written)."""
+    """Run the public gemm on the Triton backend and its launcher into a NaN-poisoned output;
+    compare every element with the reference (relative Frobenius error within TOLERANCE, no NaN,
+    all written)."""
     from w4a16.backends.triton.launch import launch_gemm
-    from w4a16.ops import chosen_config, prepare
 
     qw = make_weight(N, K, group_size, zeros, dtype, device, seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -38,12 +37,13 @@ def check_gemm(M, N, K, group_size, zeros, dtype, device, config="auto", bias=Tr
     b = (torch.randn(N, generator=gen) * 0.1).to(dtype).to(device) if bias else None
     ref = w4a16.reference.gemm(x.cpu(), qw.to("cpu"), None if b is None else b.cpu(), alpha)
 
-    y = w4a16.gemm(x, qw, b, alpha, config=config, deterministic=deterministic)
+    y = w4a16.gemm(x, qw, b, alpha, config=config, deterministic=deterministic, backend="triton")
     assert y.shape == (M, N) and y.dtype == dtype
-    cfg = chosen_config(x, qw, config)
-    assert isinstance(cfg, GemmConfig), f"expected the kernel path, got {cfg}"
+    choice = w4a16.choose(x, qw, config, backend="triton")
+    cfg = choice.config
+    assert isinstance(cfg, GemmConfig), f"expected the Triton kernel, got {choice.label}"
     out = torch.full((M, N), float("nan"), dtype=dtype, device=device)
-    launch_gemm(x, prepare(qw), b, alpha, cfg, deterministic, out=out)
+    launch_gemm(x, qw.prepared(choice.backend), b, alpha, cfg, deterministic, out=out)
     for name, result in (("gemm", y), ("launch into poisoned out", out)):
         assert not torch.isnan(result).any(), f"{name}: {int(torch.isnan(result).sum())} elements NaN/unwritten"
         if M > 0:

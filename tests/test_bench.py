@@ -17,7 +17,7 @@ import w4a16
 from w4a16.bench import cli as bench_cli
 from w4a16.bench import peers as peers_mod
 from w4a16.bench import report, roofline, runner, shapes, timing
-from w4a16.bench.data import generator, random_activation, random_weight, rel_error
+from w4a16.measure import generator, random_activation, random_weight, rel_error
 from w4a16.bench.settings import Settings
 from w4a16.errors import W4A16Error
 

@@ -1,11 +1,12 @@
-"""The torch.library custom op on CPU (kernels in Triton's interpreter): opcheck and the fake impl."""
+"""The torch.library custom op on CPU (kernels in Triton's interpreter): opcheck, the fake impl,
+and autograd through the op."""
 import os
 
 import pytest
 import torch
 
 import w4a16
-from w4a16.ops import _config_to_list, prepare
+from w4a16.backends import get
 from w4a16.config import GemmConfig
 
 pytestmark = pytest.mark.skipif(
@@ -18,9 +19,10 @@ def _args(zeros):
     qw = w4a16.quantize(torch.randn(32, 256), 64, symmetric=not zeros)
     x = torch.randn(3, 256).half()
     b = torch.randn(32).half()
-    pw = prepare(qw)
-    cfg = _config_to_list(GemmConfig("splitk", 16, 16, split_k=2, num_warps=4, num_stages=2))
-    return qw, x, b, (x, pw.qk, pw.scales_t, pw.zeros_t, b, 0.5, 256, pw.group, pw.kc, cfg, True)
+    tb = get("triton")
+    pw = qw.prepared(tb)
+    cfg = GemmConfig("splitk", 16, 16, split_k=2, num_warps=4, num_stages=2)
+    return qw, x, b, (x, tb.op_tensors(pw), b, 0.5, [32, 256, 64], "triton", tb.config_key(cfg), True)
 
 
 @pytest.mark.parametrize("zeros", [False, True])
@@ -35,3 +37,10 @@ def test_op_matches_reference():
     y = torch.ops.w4a16.gemm(*args)
     ref = w4a16.reference.gemm(x, qw, b, 0.5)
     assert float((y.float() - ref.float()).norm() / ref.float().norm()) <= 2e-3
+
+
+def test_op_schema_is_backend_neutral():
+    schema = str(torch.ops.w4a16.gemm.default._schema)
+    assert "Tensor[] weight" in schema and "str backend" in schema and "str config" in schema
+    for layout_field in ("qk", "scales_t", "kc"):
+        assert layout_field not in schema

@@ -2,15 +2,15 @@
 
     y = alpha * (x @ dequant(w)^T) + bias,   W[n, k] = (q[n, k] - z[n, k // g]) * s[n, k // g]
 """
-from . import formats, reference
+from . import backends, formats, reference
 from .errors import W4A16Error
 from .hf import load_pretrained_quantized
 from .io import load, save
 from .model import quantize_model
 from .nn import W4A16Linear
-from .config import GemmConfig
+from .config import GemmConfig, config_names
 from .introspect import kernel_info
-from .ops import gemm, prepare
+from .ops import choose, describe_path, gemm, prepare
 from .reference import quantize
 from .tune import tune
 from .weight import QuantizedWeight
@@ -19,6 +19,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GemmConfig",
+    "backends",
+    "choose",
+    "config_names",
+    "describe_path",
     "QuantizedWeight",
     "W4A16Linear",
     "W4A16Error",

@@ -61,6 +61,11 @@ def _headline(device: torch.device) -> str:
             f"gemm path: {path} ({reason})")
 
 
+def _interpreted(device: torch.device) -> bool:
+    """True when ``gemm`` runs in Triton's interpreter on ``device`` (where bf16 dots are wrong)."""
+    return ops.describe_path(device)[0] == "triton-interpreter"
+
+
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative Frobenius error |y - ref| / |ref| in float64 (0 for two empty or zero tensors)."""
     d = float(torch.linalg.vector_norm((y.double() - ref.double()).flatten()))
@@ -165,12 +170,22 @@ def _run_case(x, w, bias, alpha, ref, cfg: str, tol: float) -> tuple:
     return err, ("ok" if err <= tol else "FAIL"), None
 
 
+def _ran(x, w, cfg: str) -> str:
+    """What ``gemm(x, w, config=cfg)`` runs: the backend and its config (e.g. 'reference' for bf16
+    on a CPU, where Triton's interpreter is not used)."""
+    try:
+        return ops.choose(x, w, cfg).label
+    except Exception as e:  # reported by the run itself
+        return type(e).__name__
+
+
 def cmd_check(args) -> int:
     dev = _device()
     print(_headline(dev))
     if args.dtype == "all":
-        dtypes = [torch.float16, torch.bfloat16] if dev.type == "cuda" else [torch.float16]
-        if dev.type != "cuda":
+        interpreted = _interpreted(dev)
+        dtypes = [torch.float16] if interpreted else [torch.float16, torch.bfloat16]
+        if interpreted:
             print(BF16_ON_CPU)
     else:
         dtypes = [DTYPES[args.dtype]]
@@ -192,10 +207,10 @@ def cmd_check(args) -> int:
             if msg:
                 errors.append(f"row {len(rows) + 1}: {msg}")
             rows.append([case.M, case.N, case.K, spec.dtype_name(case.dtype), case.g, case.zeros,
-                         "yes" if case.bias else "-", f"{case.alpha:g}", cfg,
+                         "yes" if case.bias else "-", f"{case.alpha:g}", cfg, _ran(x, w, cfg),
                          None if err is None else f"{err:.2e}", status])
-    print(format_table(["M", "N", "K", "dtype", "g", "zeros", "bias", "alpha", "config", "rel err",
-                        "status"], rows, align="rrrlrllrlrl"))
+    print(format_table(["M", "N", "K", "dtype", "g", "zeros", "bias", "alpha", "config", "ran", "rel err",
+                        "status"], rows, align="rrrlrllrllrl"))
     for e in errors:
         print(e)
     print(f"{passed} passed, {failed} failed")
@@ -206,7 +221,15 @@ def cmd_check(args) -> int:
 LLAMA3_8B_LAYERS = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
 DEMO_M = (1, 16, 256, 2048)
 SMALL_DIV = 16
+SMALL_K_MULTIPLE = max(spec.SUPPORTED_GROUP_SIZES)  # small K valid for every group size
 SMALL_M = (1, 16, 64)
+
+
+def small_layers() -> list:
+    """The CPU-sized layers: N / 16 and K / 16 rounded up to a multiple of 256, so that every
+    group size divides K (down: 14336 / 16 = 896 -> 1024)."""
+    up = lambda v: -(-v // SMALL_K_MULTIPLE) * SMALL_K_MULTIPLE  # noqa: E731
+    return [(n, N // SMALL_DIV, up(K // SMALL_DIV)) for n, N, K in LLAMA3_8B_LAYERS]
 
 
 def time_cuda_ms(fn, warmup: int = 10, reps: int = 50) -> float:
@@ -236,7 +259,7 @@ def cmd_demo(args) -> int:
     dt = DTYPES[args.dtype]
     path = ops.describe_path(dev)[0]
     print(_headline(dev))
-    if dev.type != "cuda" and dt == torch.bfloat16:
+    if _interpreted(dev) and dt == torch.bfloat16:
         print(f"{BF16_ON_CPU}; using fp16")
         dt = torch.float16
     note = None
@@ -244,11 +267,12 @@ def cmd_demo(args) -> int:
         note = f"no CUDA GPU: ran a small version on the CPU, using {path}"
     elif small:
         note = f"small version (--small) on {torch.cuda.get_device_name(dev)}, using {path}"
-    layers = [(n, N // SMALL_DIV, K // SMALL_DIV) if small else (n, N, K) for n, N, K in LLAMA3_8B_LAYERS]
+    layers = small_layers() if small else LLAMA3_8B_LAYERS
     m_values = SMALL_M if small else DEMO_M
     if note:
         print(note)
-    print(f"layers of a Llama-3-8B block{f' (shapes / {SMALL_DIV})' if small else ''}, weights "
+    shrunk = f" (shapes / {SMALL_DIV}, K rounded up to a multiple of {SMALL_K_MULTIPLE})"
+    print(f"layers of a Llama-3-8B block{shrunk if small else ''}, weights "
           f"randn * 0.02, {spec.dtype_name(dt)}, group size {args.group_size}, "
           f"{'asymmetric' if args.asym else 'symmetric'} RTN\n")
     gen = torch.Generator(device=dev).manual_seed(args.seed)
@@ -335,6 +359,9 @@ def build_parser(bench=None, bench_error: Optional[str] = None) -> argparse.Argu
     d.add_argument("--small", action="store_true", help="shapes / 16 and small M even on a GPU")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+
+    from .capi import cli as capi_cli  # no Triton or compiler needed until the command runs
+    capi_cli.add_parser(sub).set_defaults(func=capi_cli.run)
 
     if bench is not None:
         bench.add_parser(sub)

@@ -2,10 +2,11 @@
 
     y = x @ W^T + bias,   W[n, k] = (q[n, k] - z[n, k // g]) * s[n, k // g]
 
-The module holds the plain interchange format as buffers (so ``state_dict``, ``.to()`` and
-``.cuda()`` behave like any module's) and hands :func:`w4a16.gemm` a :class:`QuantizedWeight`
-view over them. The view is cached while the buffers stay the same tensors with the same
-contents, so layouts the kernels prepare from it (kept on the view) are built once, not per call.
+The module holds its weight as one :class:`QuantizedWeight`: scales, zeros and perm are
+registered buffers (the same tensors as the weight's), the codes live in the weight, once, in
+the layout of the backend that runs them. ``state_dict`` still carries the plain ``qweight``
+(rebuilt when saved), ``load_state_dict``, ``.to()`` and ``.cuda()`` behave like any module's,
+and every change of codes, scales or zeros reaches the next forward.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ class W4A16Linear(nn.Module):
         self.out_features = N
         self.group_size = int(group_size)
         groups = K // g
-        self.register_buffer("qweight", torch.full((N, K // 2), _INIT_CODE_BYTE, dtype=torch.uint8, device=device))
+        codes = torch.full((N, K // 2), _INIT_CODE_BYTE, dtype=torch.uint8, device=device)
         self.register_buffer("scales", torch.ones(N, groups, dtype=dtype, device=device))
         zeros = None if symmetric else torch.full((N, groups), float(spec.SYMMETRIC_ZERO), dtype=dtype, device=device)
         self.register_buffer("zeros", zeros)
@@ -66,8 +67,7 @@ class W4A16Linear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(N, dtype=dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self._view: Optional[QuantizedWeight] = None
-        self._view_key: Optional[tuple] = None
+        self._w = QuantizedWeight(codes, self.scales, self.zeros, self.group_size, self.perm)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -79,7 +79,7 @@ class W4A16Linear(nn.Module):
             bias: None or [N], any float dtype; converted to w's dtype and device.
         """
         expect(isinstance(w, QuantizedWeight), "w", "a w4a16.QuantizedWeight", type(w).__name__)
-        w = QuantizedWeight.from_plain(w.qweight, w.scales, w.zeros, w.group_size, w.perm)
+        w = QuantizedWeight.from_plain(w.plain_codes(), w.scales, w.zeros, w.group_size, w.perm)
         N, K = w.shape
         if bias is not None:
             expect(isinstance(bias, torch.Tensor), "bias", "a torch.Tensor or None", type(bias).__name__)
@@ -87,7 +87,8 @@ class W4A16Linear(nn.Module):
             expect(bias.dtype.is_floating_point, "bias.dtype", "a floating-point dtype", bias.dtype)
         mod = cls(K, N, bias=bias is not None, group_size=w.group_size, symmetric=w.zeros is None,
                   dtype=w.dtype, device="meta", act_order=w.perm is not None)
-        mod.qweight, mod.scales, mod.zeros, mod.perm = w.qweight, w.scales, w.zeros, w.perm
+        mod.scales, mod.zeros, mod.perm = w.scales, w.zeros, w.perm
+        mod.__dict__["_w"] = w
         if bias is not None:
             mod.bias = nn.Parameter(bias.detach().to(device=w.device, dtype=w.dtype).contiguous(),
                                     requires_grad=False)
@@ -105,35 +106,63 @@ class W4A16Linear(nn.Module):
         w = quantize(linear.weight.detach(), group_size=group_size, symmetric=symmetric, dtype=dtype)
         return cls.from_quantized(w, linear.bias)
 
-    # ------------------------------------------------------------------ the weight view
-    def _buffers_key(self) -> tuple:
-        # inference tensors have no version counter: they are identified by object and storage
-        parts = (self.qweight, self.scales, self.zeros, self.perm)
-        return tuple(None if t is None else (id(t), -1 if t.is_inference() else t._version, t.data_ptr())
-                     for t in parts)
-
+    # ------------------------------------------------------------------ the weight
     @property
     def weight_q(self) -> QuantizedWeight:
-        """A QuantizedWeight over the buffers (no copies), rebuilt whenever a buffer is replaced or
-        changed in place (``.to()``, ``load_state_dict``, ``copy_``). Under torch.compile the view
-        built by an eager call is reused as is (version counters cannot be traced)."""
-        if torch.compiler.is_compiling():
-            if self._view is not None:
-                return self._view
-            return QuantizedWeight(self.qweight, self.scales, self.zeros, self.group_size, self.perm)
-        key = self._buffers_key()
-        if self._view is None or key != self._view_key:
-            self._view = QuantizedWeight(self.qweight, self.scales, self.zeros, self.group_size, self.perm)
-            self._view_key = key
-        return self._view
+        """The module's weight (the object ``forward`` hands to :func:`w4a16.gemm`)."""
+        return self._w
 
-    def _apply(self, *args, **kwargs):
-        self._view, self._view_key = None, None
-        return super()._apply(*args, **kwargs)
+    @property
+    def qweight(self) -> torch.Tensor:
+        """uint8 [N, K // 2] plain codes (see ``QuantizedWeight.qweight``: once a kernel has
+        repacked them, a copy rebuilt on access, whose in-place edits the next forward applies)."""
+        return self._w.qweight
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._view, self._view_key = None, None
-        return super()._load_from_state_dict(*args, **kwargs)
+    @qweight.setter
+    def qweight(self, value: torch.Tensor) -> None:
+        self._w.qweight = value
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in ("scales", "zeros", "perm") and "_w" in self.__dict__:
+            setattr(self._w, name, getattr(self, name))
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        codes = self._w.plain_codes()
+        moved = fn(codes)
+        w = self._w
+        if moved is not codes:  # a device move: the codes go along, layouts are rebuilt there
+            w = QuantizedWeight(moved, self.scales, self.zeros, self.group_size, self.perm)
+        else:
+            w.scales, w.zeros, w.perm = self.scales, self.zeros, self.perm
+        self.__dict__["_w"] = w
+        return out
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "qweight"] = self._w.plain_codes() if keep_vars else self._w.plain_codes().detach()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "qweight"
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if key not in state_dict:
+            if strict:
+                missing_keys.append(key)
+            return
+        value = state_dict[key]
+        shape = (self.out_features, self.in_features // 2)
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or tuple(value.shape) != shape:
+            error_msgs.append(f"{key}: expected a uint8 tensor of shape {shape}, got "
+                              f"{getattr(value, 'dtype', type(value).__name__)} {tuple(getattr(value, 'shape', ()))}")
+            return
+        self._w.qweight = value.detach().to(self.scales.device, copy=True)
+        # scales, zeros and perm were copied into the registered buffers in place (or assigned)
+        self._w.scales, self._w.zeros, self._w.perm = self.scales, self.zeros, self.perm
 
     @property
     def symmetric(self) -> bool:
@@ -151,7 +180,7 @@ class W4A16Linear(nn.Module):
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in_features] in the module's dtype (fp16/bf16) -> [..., out_features]."""
-        return gemm(x, self.weight_q, self.bias)
+        return gemm(x, self._w, self.bias)
 
     def extra_repr(self) -> str:
         s = (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -1,130 +1,122 @@
-"""The public GEMM entry point: validation, kernel choice, and the torch.library custom op.
+"""The public GEMM entry point: validation, backend choice, and the torch.library custom op.
 
-Which path runs (see :func:`describe_path`):
-* CUDA tensors with Triton importable -> the Triton kernels;
-* CPU tensors with TRITON_INTERPRET=1 -> the same kernels in Triton's interpreter (slow; for tests);
-* otherwise -> :func:`w4a16.reference.gemm`.
+``gemm`` validates, asks :mod:`w4a16.backends.selection` which backend and config run the call
+(``backend=`` and ``config=`` are the user's settings), takes the weight in that backend's
+layout (``QuantizedWeight.prepared``) and runs it. Eager calls without autograd go straight to
+the backend; under ``torch.compile``, or when x or bias needs a gradient, the call goes through
+the custom op ``w4a16::gemm``, whose schema is backend-neutral (the prepared tensors as a list,
+the backend and its config by name) and which has autograd registered (dX = alpha * dY @ W,
+dbias = sum of dY; the int4 weight is frozen).
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
-from typing import List, Optional
+from typing import Any, Callable, List, NamedTuple, Optional
 
 import torch
 
 from . import reference
-from .config import DEQUANTS, KINDS, GemmConfig, resolve_named
-from .dispatch import choose_config
-from .backends.triton.env import interpreting  # plain Python, no Triton
-from .backends.triton.layout import LAYOUT_VERSION, PreparedWeight, prepare_layout, widen_scales  # plain torch
+from .backends.selection import Choice, choose as choose_backend, get as get_backend, problem_of, registry
+from .backends.base import Problem
+from .backends.triton.env import interpreting
+from .backends.workspace import recall
+from .tuning_cache import generation
 from .validate import check_gemm_args
 from .weight import QuantizedWeight
 
+_CHOICES: dict = {}
+MAX_CACHED = 4096
+MAX_CALLS_PER_WEIGHT = 64
 
-@functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+
+def choose(x: torch.Tensor, w: QuantizedWeight, config="auto", backend: str = "auto") -> Choice:
+    """The :class:`~w4a16.backends.selection.Choice` (backend, config, reason) that
+    ``gemm(x, w, config=config, backend=backend)`` runs."""
+    K = x.shape[-1]
+    M = x.numel() // K if K else 0
+    dev = x.device
+    # On the CPU the Triton backend's availability follows TRITON_INTERPRET, read per call.
+    key = (M, w.shape, w.group_size_effective, x.dtype, w.zeros is not None, dev, config, backend,
+           dev.type == "cpu" and interpreting())
+    hit = _CHOICES.get(key)
+    if hit is None or hit[1] != generation():
+        if len(_CHOICES) >= MAX_CACHED:
+            _CHOICES.clear()
+        hit = _CHOICES[key] = (choose_backend(problem_of(x, w), backend, config), generation())
+    return hit[0]
 
 
 def describe_path(device) -> tuple:
-    """(path, reason) for tensors on ``device``: path is "triton", "triton-interpreter" or "reference"."""
+    """(path, reason) for a decode-sized fp16 call on ``device``: path is the backend's name
+    ("gluon", "triton", "reference"), or "triton-interpreter" for the Triton kernel on the CPU."""
     device = torch.device(device)
-    if not triton_available():
-        return "reference", "Triton is not installed"
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        if major < 8:
-            return "reference", f"compute capability {major}.{minor} < 8.0 (the kernels need sm_80+)"
-        tuned = "tuned for sm_90 (Hopper)" if major == 9 else "runs, tuned for sm_90 (Hopper)"
-        return "triton", f"CUDA device with compute capability {major}.{minor}: {tuned}"
-    if device.type == "cpu" and interpreting():
-        return "triton-interpreter", "CPU tensors and TRITON_INTERPRET=1: kernels run in Triton's interpreter"
-    return "reference", f"{device.type} tensors (set TRITON_INTERPRET=1 to run the kernels on CPU)"
+    p = Problem(1, 4096, 4096, 128, torch.float16, False, device)
+    skipped = []
+    for b in registry().values():
+        if b.name == "reference":
+            break
+        reason = b.available(device) or b.supports(p)
+        if reason is None:
+            name = "triton-interpreter" if b.name == "triton" and device.type == "cpu" else b.name
+            why = "kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1)" if device.type == "cpu" \
+                else f"{b.name} runs on {device}"
+            return name, why + (f"; skipped: {'; '.join(skipped)}" if skipped else "")
+        skipped.append(f"{b.name}: {reason}")
+    return "reference", "; ".join(skipped) or "no kernel backend"
 
 
-_PATH_CACHE: dict = {}
-_CONFIG_CACHE: dict = {}
+def prepare(w: QuantizedWeight, backend: str = "auto"):
+    """The weight in the layout of ``backend`` ("auto": the backend a one-row call on w's device
+    would run), built now and kept on ``w``: calling it ahead of time moves that cost out of the
+    first ``gemm``."""
+    b = get_backend(backend) if backend != "auto" else choose_backend(
+        Problem(1, w.shape[0], w.shape[1], w.group_size_effective, w.dtype, w.zeros is not None, w.device)).backend
+    return w.prepared(b)
 
 
-def _uses_kernels(device: torch.device) -> bool:
-    """describe_path(device) != "reference", cached per device (TRITON_INTERPRET read each call)."""
-    key = (device.type, device.index, device.type == "cpu" and interpreting())
-    hit = _PATH_CACHE.get(key)
-    if hit is None:
-        hit = _PATH_CACHE[key] = describe_path(device)[0] != "reference"
-    return hit
-
-
-def prepare(w: QuantizedWeight, wide_scales: bool = False):
-    """The weight in the kernels' private layout (built once, cached on ``w``); with
-    ``wide_scales`` its scales and zeros in fp32 (see GemmConfig.wide_scales)."""
-    key = (LAYOUT_VERSION, wide_scales)
-    pw = w._prepared.get(key)
-    if pw is None:
-        pw = prepare_layout(w) if not wide_scales else widen_scales(prepare(w))
-        w._prepared[key] = pw
-    return pw
-
-
-def chosen_config(x: torch.Tensor, w: QuantizedWeight, config="auto") -> "GemmConfig | str":
-    """The GemmConfig ``gemm(x, w, config=config)`` would run, or "reference"."""
-    cfg = config if config == "auto" else resolve_named(config)
-    if cfg == "reference" or not _uses_kernels(x.device):
-        return "reference"
-    if cfg == "auto":
-        M = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        N, K = w.shape
-        key = (M, N, K, w.group_size_effective, x.dtype, x.device)
-        hit = _CONFIG_CACHE.get(key)
-        if hit is None:
-            hit = _CONFIG_CACHE[key] = choose_config(M, N, K, w.group_size_effective, x.dtype, x.device)
-        return hit
-    return cfg
-
-
-def _config_to_list(cfg: GemmConfig) -> List[int]:
-    return [KINDS.index(cfg.kind), cfg.block_m, cfg.block_n, cfg.split_k, cfg.num_warps,
-            cfg.num_stages, cfg.group_m, int(cfg.swap_ab), DEQUANTS.index(cfg.dequant), cfg.unroll,
-            int(cfg.prefetch), int(cfg.wide_scales), int(cfg.scale_after)]
-
-
-def _config_from_list(v: List[int]) -> GemmConfig:
-    return GemmConfig(KINDS[v[0]], v[1], v[2], v[3], v[4], v[5], v[6], bool(v[7]), DEQUANTS[v[8]],
-                      v[9], bool(v[10]), bool(v[11]), bool(v[12]))
-
-
-def _run_kernel(x2: torch.Tensor, qk: torch.Tensor, scales_t: torch.Tensor, zeros_t: Optional[torch.Tensor],
-                bias: Optional[torch.Tensor], alpha: float, K: int, group: int, kc: int,
-                config: List[int], deterministic: bool) -> torch.Tensor:
-    pw = PreparedWeight(qk, scales_t, zeros_t, scales_t.shape[1], K, qk.shape[1] // 8, kc, group)
-    return _launcher()(x2, pw, bias, alpha, _config_from_list(config), deterministic)
-
-
-@functools.lru_cache(maxsize=1)
-def _launcher():
-    from .backends.triton.launch import launch_gemm
-
-    return launch_gemm
+def _op_prepared(b, weight: List[torch.Tensor], shape: List[int]):
+    """The prepared weight the op's tensors belong to (its launch plans are cached on it), or a
+    new view of them when no live weight owns exactly these tensors."""
+    return recall(b, weight) or b.from_op_tensors(list(weight), *shape)
 
 
 @torch.library.custom_op("w4a16::gemm", mutates_args=())
-def gemm_op(x2: torch.Tensor, qk: torch.Tensor, scales_t: torch.Tensor, zeros_t: Optional[torch.Tensor],
-            bias: Optional[torch.Tensor], alpha: float, K: int, group: int, kc: int,
-            config: List[int], deterministic: bool) -> torch.Tensor:
-    """The kernel as a custom op. x2 [M, K] fp16/bf16 contiguous; qk, scales_t [G_pad, N], zeros_t:
-    the prepared layout (see w4a16.backends.triton.layout); bias [N] or None; config: a GemmConfig as a
-    list. -> y [M, N]."""
-    return _run_kernel(x2, qk, scales_t, zeros_t, bias, alpha, K, group, kc, config, deterministic)
+def gemm_op(x: torch.Tensor, weight: List[torch.Tensor], bias: Optional[torch.Tensor], alpha: float,
+            shape: List[int], backend: str, config: str, deterministic: bool) -> torch.Tensor:
+    """The GEMM as a custom op. x [M, K] fp16/bf16 contiguous (in the weight's stored K order);
+    weight: the backend's prepared tensors (``Backend.op_tensors``); bias [N] or None;
+    shape: [N, K, effective group size]; backend: its name; config: ``Backend.config_key``.
+    -> y [M, N] in x's dtype."""
+    b = get_backend(backend)
+    return b.run(x, _op_prepared(b, weight, shape), bias, alpha, b.config_from_key(config), deterministic)
 
 
 @gemm_op.register_fake
-def _gemm_fake(x2, qk, scales_t, zeros_t, bias, alpha, K, group, kc, config, deterministic):
-    return x2.new_empty((x2.shape[0], scales_t.shape[1]))
+def _gemm_fake(x, weight, bias, alpha, shape, backend, config, deterministic):
+    return x.new_empty((x.shape[0], shape[0]))
+
+
+def _setup_backward(ctx, inputs, output):
+    x, weight, bias, alpha, shape, backend, config, deterministic = inputs
+    ctx.save_for_backward(*weight)
+    ctx.meta = (list(shape), backend, float(alpha), bias is not None)
+
+
+def _backward(ctx, grad):
+    shape, backend, alpha, has_bias = ctx.meta
+    b = get_backend(backend)
+    W = b.dequantize(b.from_op_tensors(list(ctx.saved_tensors), *shape), grad.dtype)   # [N, K]
+    gx = torch.mm(grad, W)
+    if alpha != 1.0:
+        gx = gx * alpha
+    gb = grad.float().sum(0).to(grad.dtype) if has_bias else None
+    return gx, [None] * len(ctx.saved_tensors), gb, None, None, None, None, None
+
+
+gemm_op.register_autograd(_backward, setup_context=_setup_backward)
 
 
 def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = None, alpha: float = 1.0,
-         config="auto", deterministic: bool = True) -> torch.Tensor:
+         config="auto", deterministic: bool = True, backend: str = "auto") -> torch.Tensor:
     """y = alpha * (x @ W^T) + bias, W = w.dequantize().
 
     Args:
@@ -132,17 +124,34 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
         w: QuantizedWeight (N, K) whose scales have x's dtype, on x's device.
         bias: None or [N] in x's dtype.
         alpha: float scale of the product (applied in fp32 before bias).
-        config: "auto" (measured choice), "reference" (pure torch), a named config
-            ("128", "64", "decode": see w4a16.config.NAMED_CONFIGS) or a GemmConfig.
+        config: "auto" (measured choice), a named config ("128", "64", "decode", "reference", ...:
+            ``w4a16.config_names()``) or a backend's config object (e.g. a GemmConfig).
         deterministic: True (default) combines split-K partial sums in a fixed order, so results
             are bitwise reproducible; False lets split-K configs add them with fp32 atomics.
+        backend: "auto" or a name from ``w4a16.backends.registry()`` ("gluon", "triton",
+            "reference"); a forced backend that cannot run the call raises W4A16Error with the reason.
     Returns:
-        y [..., N] in x's dtype.
+        y [..., N] in x's dtype. Gradients flow to x and bias.
     """
+    compiling = torch.compiler.is_compiling()
+    key = None
+    if not compiling:
+        # The eager fast path: a call like an earlier one on this weight (same x shape, dtype and
+        # device, same kind of bias, alpha and settings, nothing needing a gradient, the weight
+        # unchanged) reuses that call's validation, choice and bound launch.
+        key = _call_key(x, bias, alpha, config, backend, deterministic)
+        hit = None if key is None or not isinstance(w, QuantizedWeight) else w._calls.get(key)
+        if hit is not None and hit.config_arg is config and w.prepared(hit.backend) is hit.prepared:
+            x2 = x if hit.rows is None else x.view(hit.rows)
+            if w.perm is not None:
+                x2 = x2.index_select(1, w.perm)
+            y = hit.run(x2, bias)
+            return y if hit.out is None else y.view(hit.out)
     check_gemm_args(x, w, bias, alpha)
-    cfg = chosen_config(x, w, config)
-    if cfg == "reference":
-        return reference.gemm(x, w, bias, alpha)
+    choice = choose(x, w, config, backend)
+    b = choice.backend
+    if b.name == "reference":
+        return reference.gemm(x, w, bias, float(alpha))
     N, K = w.shape
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if w.perm is not None:
@@ -151,11 +160,46 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
         x2 = x2.contiguous()
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
-    pw = prepare(w, cfg.wide_scales)
-    if torch.compiler.is_compiling():
-        y = gemm_op(x2, pw.qk, pw.scales_t, pw.zeros_t, bias, float(alpha), K, pw.group, pw.kc,
-                    _config_to_list(cfg), bool(deterministic))
+    prepared = w.traced_prepared(b) if compiling else w.prepared(b)
+    if compiling or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))):
+        y = gemm_op(x2, b.op_tensors(prepared), bias, float(alpha), [N, K, w.group_size_effective], b.name,
+                    choice.config_key, bool(deterministic))
     else:
-        # Eager calls skip the op dispatcher and the config round trip: less host time per call.
-        y = _launcher()(x2, pw, bias, float(alpha), cfg, bool(deterministic))
+        run = b.bind(prepared, x2.shape[0], x2.dtype, bias is not None, float(alpha), choice.config,
+                     bool(deterministic))
+        y = run(x2, bias)
+        if key is not None and x.is_contiguous():
+            if len(w._calls) >= MAX_CALLS_PER_WEIGHT:
+                w._calls.clear()
+            flat = x.dim() != 2
+            w._calls[key] = _Call(b, prepared, config, (x2.shape[0], K) if flat else None,
+                                  (*x.shape[:-1], N) if flat else None, run)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
+
+
+class _Call(NamedTuple):
+    """What an eager call bound for the next call like it (see :func:`gemm`)."""
+
+    backend: Any
+    prepared: Any
+    config_arg: Any        # the caller's config argument (compared by identity)
+    rows: Optional[tuple]  # (M, K) to view an x of other than 2 dims as, or None
+    out: Optional[tuple]   # the shape to view y [M, N] as, or None
+    run: Callable          # run(x2 [M, K] contiguous, bias) -> y [M, N]
+
+
+def _call_key(x, bias, alpha, config, backend, deterministic) -> Optional[tuple]:
+    """The fast path's key, or None when the call must take the full path (a gradient is needed,
+    x is not contiguous, alpha is a tensor, a bias that is not contiguous)."""
+    if alpha.__class__ is not float and alpha.__class__ is not int or not isinstance(x, torch.Tensor):
+        return None
+    if x.requires_grad and torch.is_grad_enabled() or not x.is_contiguous():
+        return None
+    if bias is None:
+        bsig = None
+    else:
+        if not isinstance(bias, torch.Tensor) or bias.requires_grad and torch.is_grad_enabled() or not bias.is_contiguous():
+            return None
+        bsig = (bias.shape, bias.dtype, bias.get_device())
+    cfg = config if config.__class__ is str else id(config)
+    return x.shape, x.dtype, x.get_device(), bsig, alpha, cfg, backend, deterministic

@@ -9,10 +9,23 @@ from typing import Optional
 import torch
 
 from . import spec
-from .errors import expect
-from .pack import pack_nibbles
+from .errors import expect, fail
+from .pack import pack_nibbles, unpack_nibbles
 from .validate import check_gemm_args
 from .weight import QuantizedWeight
+
+
+def _check_scales_fit(weight: torch.Tensor, s32: torch.Tensor, dtype: torch.dtype, symmetric: bool) -> None:
+    """Refuse a weight whose fp32 scales overflow ``dtype`` (they would become inf: NaN outputs)."""
+    big = float(torch.finfo(dtype).max)
+    if bool((s32 <= big).all()):
+        return
+    limit = big * spec.CODE_MAX / 2 if symmetric else big * spec.CODE_MAX
+    what = "max |weight|" if symmetric else "max - min of a group (0 included)"
+    hint = ", or quantize with dtype=torch.bfloat16" if dtype == torch.float16 else ""
+    fail("weight", f"{what} <= {limit:.4g} so that its scales fit {dtype} (largest finite "
+         f"{big:.6g}); scale the weight down{hint}",
+         f"max |weight| = {float(weight.detach().abs().max()):.4g}")
 
 
 def quantize(weight: torch.Tensor, group_size: int = 128, symmetric: bool = True,
@@ -33,25 +46,29 @@ def quantize(weight: torch.Tensor, group_size: int = 128, symmetric: bool = True
     expect(isinstance(weight, torch.Tensor), "weight", "a torch.Tensor", type(weight).__name__)
     expect(weight.dim() == 2, "weight", "a 2-D tensor [N, K]", f"{weight.dim()}-D of shape {tuple(weight.shape)}")
     expect(weight.dtype.is_floating_point, "weight.dtype", "a floating-point dtype", weight.dtype)
+    expect(not weight.is_meta, "weight.device", "a device holding data (not meta)", weight.device)
     N, K = weight.shape
+    expect(N >= 1 and K >= 2, "weight.shape", "[N >= 1, K >= 2] (a non-empty weight)", tuple(weight.shape))
     expect(K % 2 == 0, "weight.shape[1] (K)", "an even number", K)
     g = spec.check_group_size(group_size, K)
     expect(bool(torch.isfinite(weight).all()), "weight", "finite values", "NaN or Inf")
     if dtype is None:
         dtype = weight.dtype if weight.dtype in spec.ACTIVATION_DTYPES else torch.float16
-    spec.check_activation_dtype(dtype, "dtype")
+    expect(dtype in spec.ACTIVATION_DTYPES, "dtype", "torch.float16 or torch.bfloat16", dtype)
 
     w = weight.detach().float().reshape(N, K // g, g)
     if symmetric:
-        absmax = w.abs().amax(dim=-1)
-        s = (2.0 * absmax / spec.CODE_MAX)
-        s = torch.where(s == 0, torch.ones_like(s), s).to(dtype)
-        z = torch.full_like(s, float(spec.SYMMETRIC_ZERO), dtype=torch.float32)
+        s32 = 2.0 * w.abs().amax(dim=-1) / spec.CODE_MAX
     else:
         lo = w.amin(dim=-1).clamp(max=0)
         hi = w.amax(dim=-1).clamp(min=0)
-        s = (hi - lo) / spec.CODE_MAX
-        s = torch.where(s == 0, torch.ones_like(s), s).to(dtype)
+        s32 = (hi - lo) / spec.CODE_MAX
+    _check_scales_fit(weight, s32, dtype, symmetric)
+    s = s32.to(dtype)
+    s = torch.where(s == 0, torch.ones_like(s), s)  # an all-zero group (or one below dtype's range)
+    if symmetric:
+        z = torch.full_like(s, float(spec.SYMMETRIC_ZERO), dtype=torch.float32)
+    else:
         z = torch.round(-lo / s.float()).clamp(0, spec.CODE_MAX)
     q = torch.round(w / s.float().unsqueeze(-1)) + z.unsqueeze(-1)
     q = q.clamp(0, spec.CODE_MAX).to(torch.uint8).reshape(N, K)
@@ -71,13 +88,65 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
     """
     check_gemm_args(x, w, bias, alpha)
     N, K = w.shape
-    x2 = x.reshape(-1, K).float()
+    x2 = x.reshape(-1, K)
     if w.perm is not None:
         x2 = x2[:, w.perm]
-    y = (x2 @ w.dequantize_stored(torch.float32).T) * float(alpha)
+    return gemm_stored(x2, w, bias, alpha).reshape(*x.shape[:-1], N)
+
+
+def gemm_stored(x2: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = None,
+                alpha: float = 1.0) -> torch.Tensor:
+    """The contract on x2 [M, K] already in the weight's stored K order (gathered by ``w.perm``),
+    fp32 throughout, cast to x2's dtype: [M, N]. No argument checks."""
+    y = _dot(x2.float(), dequantize_fp32(w)) * float(alpha)
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+    return y.to(x2.dtype)
+
+
+def dequantize_fp32(w: QuantizedWeight) -> torch.Tensor:
+    """W = (q - z) * s [N, K] in fp32, element by element, in stored K order (IEEE: a NaN or inf
+    scale or zero point propagates, and (q - z) * inf is NaN where q == z)."""
+    N, K = w.shape
+    g = K if w.group_size == -1 else w.group_size
+    q = unpack_nibbles(w.qweight).float()
+    s = w.scales.float().repeat_interleave(g, dim=1)
+    z = spec.SYMMETRIC_ZERO if w.zeros is None else w.zeros.float().repeat_interleave(g, dim=1)
+    return (q - z) * s
+
+
+def _dot(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ W[N, K]^T in fp32 with the non-finite rule of the contract made explicit.
+
+    Every term x[m, k] * W[n, k] is an IEEE fp32 product. The sum is NaN when any term is NaN
+    (a NaN operand, or 0 * inf) or when terms of both infinite signs occur; +-inf when the
+    infinite terms share one sign; otherwise the fp32 sum of the finite terms (which may itself
+    overflow to +-inf). A matrix multiply gives the same on finite inputs, but a BLAS is free to
+    skip zero operands (hiding 0 * inf), so non-finite inputs are classified here term by term,
+    with exact counting matmuls rather than an [M, N, K] product.
+    """
+    xf, wf = torch.isfinite(x), torch.isfinite(W)
+    if bool(xf.all()) and bool(wf.all()):
+        return x @ W.T
+    finite = torch.where(xf, x, 0.0) @ torch.where(wf, W, 0.0).T
+
+    def count(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # [M, N]: #k with a[m, k] and b[n, k]
+        return a.float() @ b.float().T
+
+    xi, wi = torch.isinf(x), torch.isinf(W)
+    nan_terms = (torch.isnan(x).float().sum(1, keepdim=True) + torch.isnan(W).float().sum(1)[None, :]
+                 + count(xi, W == 0) + count(x == 0, wi))
+    xp, xm, wp, wm = x > 0, x < 0, W > 0, W < 0  # inf included, NaN in neither
+
+    def inf_terms(a_pos, b_pos):  # #k where x has sign a, W sign b, and either is infinite
+        return count(a_pos & xi, b_pos) + count(a_pos & ~xi, b_pos & wi)
+
+    pos = inf_terms(xp, wp) + inf_terms(xm, wm)
+    neg = inf_terms(xp, wm) + inf_terms(xm, wp)
+    nan = (nan_terms > 0) | ((pos > 0) & (neg > 0))
+    inf = torch.full_like(finite, float("inf"))
+    y = torch.where(pos > 0, inf, torch.where(neg > 0, -inf, finite))
+    return torch.where(nan, torch.full_like(finite, float("nan")), y)
 
 
 def sqnr_db(weight: torch.Tensor, approx: torch.Tensor) -> float:

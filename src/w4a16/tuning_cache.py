@@ -1,25 +1,28 @@
 """Tuned configurations on disk: the shipped table and the user's cache written by ``tune``.
 
-Key: (GPU name, M bucket, N, K, group size, dtype). M is bucketed to the next power of two
-(at least 1) so that a winner measured at M = 16 serves M = 9..16. Files carry the version of the
-weight layout their timings were measured with; files of another version are ignored.
+An entry's key is (backend, its layout version, GPU name, M bucket, N, K, group size, dtype); its
+value is the config (as the backend's config key string) and the measured time. M is bucketed
+to the next power of two (at least 1), so a winner measured at M = 16 serves M = 9..16. Entries
+of another layout version than the backend's current one are never used. ``generation()``
+changes whenever this process writes an entry, so callers that cache choices know to look again.
 """
 from __future__ import annotations
 
 import functools
 import json
 import os
-from dataclasses import asdict
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .config import GemmConfig
-from .backends.triton.layout import LAYOUT_VERSION  # plain torch, no Triton
 from .spec import dtype_name
 
+FORMAT = 3
 SHIPPED = Path(__file__).with_name("data") / "tuned.json"
+_GENERATION = [0]
 
 
 def cache_path() -> Path:
@@ -31,6 +34,11 @@ def cache_path() -> Path:
     return Path(base) / "w4a16" / "tuned.json"
 
 
+def generation() -> int:
+    """A counter bumped by :func:`store` (choices cached before it may be stale)."""
+    return _GENERATION[0]
+
+
 def m_bucket(M: int) -> int:
     b = 1
     while b < M:
@@ -38,20 +46,29 @@ def m_bucket(M: int) -> int:
     return b
 
 
-def key(gpu: str, M: int, N: int, K: int, group: int, dtype: torch.dtype) -> str:
-    return f"{gpu}|{m_bucket(M)}|{N}|{K}|{group}|{dtype_name(dtype)}"
+def key(backend: str, layout: int, gpu: str, M: int, N: int, K: int, group: int, dtype: torch.dtype) -> str:
+    return f"{backend}|{layout}|{gpu}|{m_bucket(M)}|{N}|{K}|{group}|{dtype_name(dtype)}"
 
 
 @functools.lru_cache(maxsize=4)
 def _read(path: str, mtime: float) -> dict:
+    """The entries of one tuning file; {} for a missing file, a file of another format,
+    or (with a warning naming the file) one that is not a valid tuning file."""
     try:
         with open(path) as f:
             data = json.load(f)
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return {}
-    if not isinstance(data, dict) or data.get("version") != LAYOUT_VERSION:
+    except (OSError, ValueError) as e:  # unreadable, truncated or not JSON
+        warnings.warn(f"w4a16: ignoring the tuning cache {path}: not a readable JSON file ({e})", stacklevel=3)
         return {}
-    return data.get("entries", {})
+    if not isinstance(data, dict) or not isinstance(data.get("entries", {}), dict):
+        warnings.warn(f"w4a16: ignoring the tuning cache {path}: expected a JSON object with "
+                      "'format' and 'entries'", stacklevel=3)
+        return {}
+    if data.get("format") != FORMAT:  # a file of another schema: not this version's to read
+        return {}
+    return data["entries"]
 
 
 def _entries(path: Path) -> dict:
@@ -61,32 +78,48 @@ def _entries(path: Path) -> dict:
         return {}
 
 
-def lookup(gpu: str, M: int, N: int, K: int, group: int, dtype: torch.dtype) -> Optional[GemmConfig]:
-    """The user's cache first, then the shipped table; None when neither has the key.
+def lookup(backend, layout: int, gpu: str, p) -> Optional[tuple]:
+    """(config, time_us) for backend ``backend`` (a Backend) on ``gpu`` and problem ``p``: the
+    user's cache first, then the shipped table; None when neither has it.
 
     A winner measured for fp16 and group size 128 also serves bf16 and other group sizes of the
-    same shape (the kernel's cost barely depends on them) when no exact entry exists.
+    same shape (the kernels' cost barely depends on them) when no exact entry exists.
     """
-    keys = [key(gpu, M, N, K, group, dtype), key(gpu, M, N, K, group, torch.float16),
-            key(gpu, M, N, K, 128, torch.float16)]
+    keys = [key(backend.name, layout, gpu, p.M, p.N, p.K, g, dt)
+            for g, dt in ((p.group, p.dtype), (p.group, torch.float16), (128, torch.float16))]
     for k in keys:
         for path in (cache_path(), SHIPPED):
             entry = _entries(path).get(k)
             if entry is not None:
                 try:
-                    return GemmConfig(**entry["config"])
+                    return backend.config_from_key(entry["config"]), float(entry["time_us"])
                 except (TypeError, ValueError, KeyError):
                     continue
     return None
 
 
-def store(gpu: str, M: int, N: int, K: int, group: int, dtype: torch.dtype, cfg: GemmConfig,
+def store(backend, layout: int, gpu: str, M: int, N: int, K: int, group: int, dtype: torch.dtype, cfg,
           time_us: float, path: Optional[Path] = None) -> None:
-    """Record a winner (atomically rewrites the JSON file)."""
+    """Record a winner (atomically rewrites the JSON file).
+
+    The new file is written to a temporary file unique to this process and thread, flushed to
+    disk (fsync), then renamed over the old one: an interrupted or concurrent ``tune`` leaves
+    either the old file or the new one, never a truncated mix.
+    """
     path = Path(path or cache_path())
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"version": LAYOUT_VERSION, "entries": dict(_entries(path))}
-    data["entries"][key(gpu, M, N, K, group, dtype)] = {"config": asdict(cfg), "time_us": round(time_us, 3)}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    data = {"format": FORMAT, "entries": dict(_entries(path))}
+    data["entries"][key(backend.name, layout, gpu, M, N, K, group, dtype)] = {
+        "config": backend.config_key(cfg), "time_us": round(time_us, 3)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=1, sort_keys=True))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _GENERATION[0] += 1

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .timing import percentile
+from ..measure import percentile
 
 FAKE_BANDWIDTH = 2.0e12
 FAKE_RATE = 400e12

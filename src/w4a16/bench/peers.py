@@ -18,6 +18,7 @@ import w4a16
 
 from .. import config as config_mod
 from .. import ops
+from ..backends.selection import ENTRIES
 from ..errors import expect
 from ..weight import QuantizedWeight
 from . import roofline
@@ -74,33 +75,29 @@ class Peer:
 
 
 class W4A16Peer(Peer):
-    """``w4a16.gemm(x, w, config=...)``; config "auto" or a name in ``w4a16.config.NAMED_CONFIGS``."""
+    """``w4a16.gemm(x, w, config=..., backend=...)``: "w4a16" is the automatic choice,
+    "w4a16[name]" a named config, "w4a16-<backend>" a forced backend."""
 
-    def __init__(self, config: str = "auto"):
+    def __init__(self, config: str = "auto", backend: str = "auto"):
         self.config = config
-        self.name = "w4a16" if config == "auto" else f"w4a16[{config}]"
+        self.backend = backend
+        self.name = "w4a16" if backend == "auto" else f"w4a16-{backend}"
+        if config != "auto":
+            self.name += f"[{config}]"
 
     def _label(self, x, w) -> str:
-        """The config gemm runs for x: ``ops.chosen_config`` where it exists ("auto" otherwise);
-        a named config is shown as 'name: what runs' (e.g. '128: reference' on a CPU)."""
-        chosen = getattr(ops, "chosen_config", None)
-        if chosen is None:
-            c = config_mod.NAMED_CONFIGS.get(self.config, self.config)
-        else:
-            try:
-                c = chosen(x, w, self.config)
-            except TypeError:  # a chosen_config(x, w) without the config argument
-                c = chosen(x, w) if self.config == "auto" else config_mod.NAMED_CONFIGS.get(self.config, self.config)
-        text = c.short() if hasattr(c, "short") else str(c)
-        return text if self.config == "auto" else f"{self.config}: {text}"
+        """What gemm runs for x, e.g. 'triton: splitk 16x64 k8 w4 s1 sa' ('128: reference: ...'
+        for a named config that falls back)."""
+        label = ops.choose(x, w, self.config, self.backend).label
+        return label if self.config == "auto" else f"{self.config}: {label}"
 
     def build(self, w, copies):
         ws = [w] + [clone_weight(w) for _ in range(copies - 1)]
-        cfg = self.config
+        cfg, backend = self.config, self.backend
 
         def bind(x):
             # w4a16.gemm is looked up at call time so a replaced entry point is what gets measured.
-            return [lambda wi=wi: w4a16.gemm(x, wi, config=cfg) for wi in ws]
+            return [lambda wi=wi: w4a16.gemm(x, wi, config=cfg, backend=backend) for wi in ws]
 
         return Built(bind, lambda x: self._label(x, w), ws)
 
@@ -240,10 +237,13 @@ class GemlitePeer(Peer):
 
 
 PEER_NAMES = ("w4a16", "cublas-fp16", "cublas-bf16", "torch-int4", "gemlite")
+BACKEND_NAMES = tuple(ENTRIES)
 
 
 def make_peer(name: str) -> Peer:
-    """One peer by its ``--peers`` name (see PEER_NAMES)."""
+    """One peer by its ``--peers`` name (see PEER_NAMES); "w4a16-<backend>" forces a backend."""
+    if name.startswith("w4a16-") and name[6:] in BACKEND_NAMES:
+        return W4A16Peer("auto", name[6:])
     factories: dict = {
         "w4a16": lambda: W4A16Peer("auto"),
         "cublas-fp16": lambda: CublasPeer(torch.float16),
@@ -251,7 +251,8 @@ def make_peer(name: str) -> Peer:
         "torch-int4": TorchInt4Peer,
         "gemlite": GemlitePeer,
     }
-    expect(name in factories, "--peers", f"names from {PEER_NAMES}", repr(name))
+    expect(name in factories, "--peers",
+           f"names from {PEER_NAMES} or w4a16-<backend> ({', '.join(BACKEND_NAMES)})", repr(name))
     return factories[name]()
 
 

@@ -6,6 +6,10 @@ it once (with enough copies to rotate past the L2). For each M, a random x and t
 (relative Frobenius error, by the dtype the peer computes in) or the row is recorded "wrong" and
 not timed. Every timer then measures the peer. A peer that cannot run a point gives "n/a" rows
 with the reason; nothing a peer does stops the run.
+
+With ``--fake-timer`` (tests of the harness, on the CPU) the times are made up and the operands
+are shrunk to a proxy problem of at most :data:`FAKE_PROXY` (so the run takes seconds in Triton's
+interpreter); the header, every timed row's note, the report and the plots say so.
 """
 from __future__ import annotations
 
@@ -21,12 +25,26 @@ from . import ceilings as ceil_mod
 from . import env as env_mod
 from . import roofline
 from . import shapes as sh
-from .data import generator, random_activation, random_weight, rel_error
+from ..measure import TOLERANCE, generator, random_activation, random_weight, rel_error
 from .peers import make_peers
 from .timing import copies_for, make_timers
 
-TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 BASELINE = "cublas-fp16"
+
+# --fake-timer: every table, CSV, JSON and plot says so; operands are shrunk to a proxy problem.
+FAKE_LABEL = "FAKE TIMER \N{EM DASH} not a measurement"
+FAKE_PROXY = (16, 256, 1024)  # the largest M, N, K actually computed (and checked) with --fake-timer
+FAKE_NOTE = (f"{FAKE_LABEL}: times are made up by a formula from each call's bytes and flops, nothing was "
+             f"timed; results were checked on proxy problems of at most M, N, K = "
+             f"{', '.join(map(str, FAKE_PROXY))}")
+
+
+def fake_proxy(M: int, N: int, K: int) -> tuple:
+    """(M, N, K) of the problem a --fake-timer run computes for a point: at most FAKE_PROXY.
+
+    K stays a multiple of every supported group size (1024 is) and even, so every point is valid.
+    """
+    return min(M, FAKE_PROXY[0]), min(N, FAKE_PROXY[1]), min(K, FAKE_PROXY[2])
 
 COLUMNS = (
     "card", "sm_count", "layer", "N", "K", "M", "dtype", "group_size", "zeros", "peer", "config",
@@ -137,7 +155,8 @@ def run_bench(settings, device, progress: bool = True) -> BenchResult:
     fake = settings.fake_timer
     ceil = ceil_mod.fake() if fake else ceil_mod.measure(device)
     card = env_mod.card(device)
-    header = dict(env_mod.collect(device), settings=settings.as_dict(), ceilings=ceil.as_dict(),
+    header = {"warning": FAKE_NOTE} if fake else {}
+    header.update(env_mod.collect(device), settings=settings.as_dict(), ceilings=ceil.as_dict(),
                   tolerance={spec.dtype_name(k): v for k, v in TOLERANCE.items()}, baseline=BASELINE)
     peers = make_peers(settings.peers, configs=settings.configs)
     header["peers_run"] = [peer.name for peer in peers]
@@ -148,13 +167,14 @@ def run_bench(settings, device, progress: bool = True) -> BenchResult:
     try:
         for gi, ((shape, dtype, g, zeros), pts) in enumerate(_groups(points).items()):
             gen = generator(device, settings.seed + gi)
-            w = random_weight(shape.N, shape.K, g, zeros, dtype, device, gen)
+            _, wN, wK = fake_proxy(1, shape.N, shape.K) if fake else (1, shape.N, shape.K)
+            w = random_weight(wN, wK, g, zeros, dtype, device, gen)
             # Fake times need no L2 rotation: two copies keep the rotation code exercised.
             built = _build_all(peers, w, pts[0], device, 0 if fake else ceil.l2_bytes)
             for p in pts:
                 x = ref = None
                 try:
-                    x = random_activation(p.M, p.K, dtype, device, gen)
+                    x = random_activation(fake_proxy(p.M, p.N, p.K)[0] if fake else p.M, wK, dtype, device, gen)
                     ref = reference.gemm(x, w)
                     ref_error = None
                 except Exception as e:  # noqa: BLE001 - e.g. out of memory at a huge M
@@ -173,4 +193,8 @@ def run_bench(settings, device, progress: bool = True) -> BenchResult:
     finally:
         bar.close()
     add_speedups(result.rows)
+    if fake:
+        for r in result.rows:
+            if r["status"] == "ok":
+                r["note"] = FAKE_LABEL
     return result

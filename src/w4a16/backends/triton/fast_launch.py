@@ -53,6 +53,8 @@ class CachedLaunch:
     def __init__(self, fn: triton.JITFunction):
         self.fn = fn
         self._compiled: dict = {}
+        # Triton picks the interpreter when the kernel is defined (TRITON_INTERPRET at import).
+        self._interpreted = interpreting() or not isinstance(fn, triton.runtime.JITFunction)
 
     def _slow(self, grid, args, constexprs, num_warps, num_stages):
         return self.fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
@@ -60,10 +62,10 @@ class CachedLaunch:
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, num_warps: int, num_stages: int,
                  key=None, cx: tuple = None):
         x = args[0]
-        if not x.is_cuda or interpreting() or _hooks_active():
+        if self._interpreted or not x.is_cuda or _hooks_active():
             return self._slow(grid, args, constexprs, num_warps, num_stages)
         index = x.get_device()
-        if index != torch.cuda.current_device():
+        if index != torch._C._cuda_getDevice():
             return self._slow(grid, args, constexprs, num_warps, num_stages)
         if key is None:
             cx = tuple(constexprs.values())

@@ -1,7 +1,6 @@
 """Host side of the GEMM kernel: grid, split-K, workspace, launch on torch's current stream."""
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -12,12 +11,12 @@ from ...errors import expect
 from .env import interpreting
 from .fast_launch import CachedLaunch, arg_key
 from .gemm import w4a16_gemm_kernel
+from ..workspace import plans_of, tile_counters
 from .layout import PreparedWeight, widen_scales
 from .reduce import splitk_reduce_kernel
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 REDUCE_BLOCK = 1024
-_COUNTERS: dict = {}
 _GEMM = CachedLaunch(w4a16_gemm_kernel)
 _REDUCE = CachedLaunch(splitk_reduce_kernel)
 INT32_LIMIT = 2**31
@@ -48,10 +47,11 @@ def split_plan(cfg: GemmConfig, chunks: int) -> tuple:
 def launch_plan(pw: PreparedWeight, M: int, cfg: GemmConfig, has_bias: bool, atomic_ok: bool,
                 dtype: torch.dtype) -> tuple:
     """(grid, splits, chunks_per_split, atomic, constexprs, static_key, constexpr values) of one
-    launch, cached on ``pw``. static_key covers everything the compiled kernel depends on except
-    the alignment of the per-call tensors (x, y, workspace, bias)."""
+    launch, cached per prepared weight. static_key covers everything the compiled kernel depends
+    on except the alignment of the per-call tensors (x, y, workspace, bias)."""
     key = (M, cfg, has_bias, atomic_ok, dtype)
-    plan = pw.plans.get(key)
+    plans = plans_of(pw)
+    plan = plans.get(key)
     if plan is not None:
         return plan
     chunks = pw.K_pad // pw.kc
@@ -69,22 +69,8 @@ def launch_plan(pw: PreparedWeight, M: int, cfg: GemmConfig, has_bias: bool, ato
     zeros = pw.zeros_t if pw.zeros_t is not None else pw.scales_t
     static = (cx, cfg.num_warps, cfg.num_stages, dtype, has_bias, arg_key(pw.qk), arg_key(pw.scales_t),
               arg_key(zeros), tuple(arg_key(v) for v in (M, pw.N, pw.K, chunks, per, pw.qk.shape[0])))
-    if len(pw.plans) >= 256:  # many distinct M (e.g. prefill lengths): keep the cache bounded
-        pw.plans.clear()
-    plan = pw.plans[key] = (grid, splits, per, atomic, constexprs, static, cx)
+    plan = plans[key] = (grid, splits, per, atomic, constexprs, static, cx)
     return plan
-
-
-def tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed int32 counters for the split-K programs of ``tiles`` output tiles: one buffer per
-    (device, current stream), grown on demand; the kernel leaves every counter it uses at 0.
-    (Launches on one stream are ordered, so they can share a buffer; other streams get their own.)"""
-    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
-    key = (device.type, device.index, stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < tiles:
-        buf = _COUNTERS[key] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-    return buf
 
 
 def launch_gemm(x: torch.Tensor, pw: PreparedWeight, bias: Optional[torch.Tensor], alpha: float,
@@ -93,10 +79,20 @@ def launch_gemm(x: torch.Tensor, pw: PreparedWeight, bias: Optional[torch.Tensor
     return launch_gemm_compiled(x, pw, bias, alpha, cfg, deterministic, out)[0]
 
 
+def row_limit(pw: PreparedWeight, M: int, cfg: GemmConfig) -> int:
+    """The most rows of x one launch takes: the kernel indexes x, y and the split-K partials with
+    32-bit offsets, so larger M runs in row blocks that stay below 2**31."""
+    expect(pw.N * pw.K_pad // 2 < INT32_LIMIT, "w.shape", "N * K / 2 < 2**31 bytes of codes", (pw.N, pw.K))
+    rows = (INT32_LIMIT - 1) // max(pw.N, pw.K)
+    if cfg.kind == "splitk" and M * pw.N * cfg.split_k >= INT32_LIMIT:  # (cfg.split_k bounds the splits)
+        rows = (INT32_LIMIT - 1) // max(pw.N * split_plan(cfg, pw.K_pad // pw.kc)[0], pw.K)
+    return rows
+
+
 def launch_gemm_compiled(x: torch.Tensor, pw: PreparedWeight, bias: Optional[torch.Tensor], alpha: float,
                          cfg: GemmConfig, deterministic: bool = True,
                          out: Optional[torch.Tensor] = None) -> tuple:
-    """y = alpha * x @ W^T + bias.
+    """y = alpha * x @ W^T + bias -> (y, the compiled kernel or None).
 
     x: [M, K] contiguous, fp16/bf16; bias: None or [N]; out: None or a contiguous [M, N] tensor of
     x's dtype to write into (tests poison it first). Returns y [M, N] in x's dtype.
@@ -105,48 +101,70 @@ def launch_gemm_compiled(x: torch.Tensor, pw: PreparedWeight, bias: Optional[tor
     call can be captured in a CUDA graph.
     """
     M = x.shape[0]
-    N = pw.N
-    if cfg.wide_scales != (pw.scales_t.dtype == torch.float32):
-        # Callers that pass the matching form (w4a16.gemm does) skip this per-call conversion.
-        pw = widen_scales(pw) if cfg.wide_scales else replace(
-            pw, scales_t=pw.scales_t.to(x.dtype), zeros_t=None if pw.zeros_t is None else pw.zeros_t.to(x.dtype),
-            plans={})
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
     if M == 0:
-        return y, None
-    expect(N * pw.K_pad // 2 < INT32_LIMIT, "w.shape", "N * K / 2 < 2**31 bytes of codes", (N, pw.K))
-    rows = (INT32_LIMIT - 1) // max(N, pw.K)
-    if cfg.kind == "splitk" and M * N * cfg.split_k >= INT32_LIMIT:  # (cfg.split_k bounds the splits)
-        rows = (INT32_LIMIT - 1) // max(N * split_plan(cfg, pw.K_pad // pw.kc)[0], pw.K)
+        return (torch.empty((0, pw.N), dtype=x.dtype, device=x.device) if out is None else out), None
+    rows = row_limit(pw, M, cfg)
     if M > rows:
-        # The kernel indexes x, y and the split-K partials with 32-bit offsets: run row blocks
-        # that stay below 2**31.
+        y = torch.empty((M, pw.N), dtype=x.dtype, device=x.device) if out is None else out
         compiled = None
         for m0 in range(0, M, rows):
             _, compiled = launch_gemm_compiled(x[m0:m0 + rows], pw, bias, alpha, cfg, deterministic,
                                                y[m0:m0 + rows])
         return y, compiled
-    grid, splits, per, atomic, constexprs, static, cx = launch_plan(pw, M, cfg, bias is not None,
-                                                                     not deterministic, x.dtype)
-    if splits == 1:
-        part = counters = y
-    elif atomic:
-        part = counters = torch.zeros((M, N), dtype=torch.float32, device=x.device)
-    else:
-        part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device)
-        counters = tile_counters(x.device, grid[0])
-    scales = pw.scales_t
-    zeros = pw.zeros_t if pw.zeros_t is not None else scales
-    bias_arg = bias if bias is not None else scales
-    # What the compiled kernel depends on beyond the plan: the per-call tensors' 16-byte alignment
-    # and dtypes (the dtypes follow from the plan unless a caller passes its own out).
-    aligned = (not x.data_ptr() & 15, not y.data_ptr() & 15, not part.data_ptr() & 15,
-               not counters.data_ptr() & 15, not bias_arg.data_ptr() & 15, y.dtype, part.dtype, counters.dtype,
-               bias_arg.dtype)
-    compiled = _GEMM(grid, (x, pw.qk, scales, zeros, bias_arg, y, part, counters, M, N, pw.K, pw.K_pad // pw.kc,
-                            per, pw.qk.shape[0], float(alpha)),
-                     constexprs, cfg.num_warps, cfg.num_stages, key=(static, aligned), cx=cx)
-    if atomic:
-        _REDUCE((_cdiv(M * N, REDUCE_BLOCK),), (part, bias_arg, y, M, N, float(alpha)),
-                dict(HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, DTYPE=constexprs["DTYPE"]), 4, 3)
-    return y, compiled
+    return BoundGemm(pw, M, x.dtype, bias is not None, alpha, cfg, deterministic).launch(x, bias, out)
+
+
+def bind_gemm(pw: PreparedWeight, M: int, dtype: torch.dtype, has_bias: bool, alpha: float, cfg: GemmConfig,
+              deterministic: bool = True):
+    """A callable ``run(x [M, K] contiguous, bias) -> y [M, N]`` for repeated calls of one shape:
+    everything that does not change between such calls is computed here, once."""
+    if M == 0 or M > row_limit(pw, M, cfg):
+        return lambda x, bias: launch_gemm(x, pw, bias, alpha, cfg, deterministic)
+    bound = BoundGemm(pw, M, dtype, has_bias, alpha, cfg, deterministic)
+    return lambda x, bias: bound.launch(x, bias)[0]
+
+
+class BoundGemm:
+    """One launch shape of the kernel with its plan resolved: per call only the output and the
+    split-K workspace are allocated and the per-call tensors' alignment is looked at."""
+
+    def __init__(self, pw: PreparedWeight, M: int, dtype: torch.dtype, has_bias: bool, alpha: float,
+                 cfg: GemmConfig, deterministic: bool):
+        if cfg.wide_scales and pw.scales_t.dtype != torch.float32:
+            # fp32 scales are made per bound launch (a few MB, next to a prefill GEMM's
+            # milliseconds) rather than kept: the weight holds one prepared copy.
+            pw = widen_scales(pw)
+        grid, splits, per, atomic, constexprs, static, cx = launch_plan(pw, M, cfg, has_bias, not deterministic,
+                                                                         dtype)
+        self.M, self.N, self.dtype, self.grid, self.splits, self.atomic = M, pw.N, dtype, grid, splits, atomic
+        self.constexprs, self.static, self.cx, self.cfg = constexprs, static, cx, cfg
+        self.scales = pw.scales_t
+        self.zeros = pw.zeros_t if pw.zeros_t is not None else pw.scales_t
+        self.has_bias = has_bias
+        self.alpha = float(alpha)
+        self.tail = (M, pw.N, pw.K, pw.K_pad // pw.kc, per, pw.qk.shape[0], self.alpha)
+        self.qk = pw.qk
+
+    def launch(self, x: torch.Tensor, bias: Optional[torch.Tensor], out: Optional[torch.Tensor] = None) -> tuple:
+        M, N = self.M, self.N
+        y = torch.empty((M, N), dtype=self.dtype, device=x.device) if out is None else out
+        if self.splits == 1:
+            part = counters = y
+        elif self.atomic:
+            part = counters = torch.zeros((M, N), dtype=torch.float32, device=x.device)
+        else:
+            part = torch.empty((self.splits, M, N), dtype=torch.float32, device=x.device)
+            counters = tile_counters(x.device, self.grid[0])
+        bias_arg = bias if bias is not None else self.scales
+        # What the compiled kernel depends on beyond the plan: the per-call tensors' 16-byte
+        # alignment and dtypes (the dtypes follow from the plan unless a caller passes its own out).
+        aligned = (not x.data_ptr() & 15, not y.data_ptr() & 15, not part.data_ptr() & 15,
+                   not counters.data_ptr() & 15, not bias_arg.data_ptr() & 15, y.dtype, part.dtype, counters.dtype,
+                   bias_arg.dtype)
+        cfg = self.cfg
+        compiled = _GEMM(self.grid, (x, self.qk, self.scales, self.zeros, bias_arg, y, part, counters) + self.tail,
+                         self.constexprs, cfg.num_warps, cfg.num_stages, key=(self.static, aligned), cx=self.cx)
+        if self.atomic:
+            _REDUCE((_cdiv(M * N, REDUCE_BLOCK),), (part, bias_arg, y, M, N, self.alpha),
+                    dict(HAS_BIAS=self.has_bias, BLOCK=REDUCE_BLOCK, DTYPE=self.constexprs["DTYPE"]), 4, 3)
+        return y, compiled

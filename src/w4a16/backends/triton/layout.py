@@ -28,7 +28,7 @@ loads, which Triton's pipeline stages with cp.async like the codes).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -38,7 +38,7 @@ from ...pack import unpack_nibbles
 LAYOUT_VERSION = 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PreparedWeight:
     """A weight in layout version 2.
 
@@ -48,7 +48,8 @@ class PreparedWeight:
     N, K:      logical shape; K_pad is a multiple of kc.
     kc:        chunk length along K (64 for g = 32, else 128).
     group:     effective group size (K for per-channel).
-    plans:     the launcher's per-call settings for this weight, cached by (M, config, ...).
+
+    Compared and hashed by identity (the launcher caches its launch plans per prepared weight).
     """
 
     qk: torch.Tensor
@@ -60,13 +61,11 @@ class PreparedWeight:
     kc: int
     group: int
     version: int = LAYOUT_VERSION
-    plans: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def widen_scales(pw: PreparedWeight) -> PreparedWeight:
     """``pw`` with fp32 copies of its scales and zeros (codes shared)."""
-    return replace(pw, scales_t=pw.scales_t.float(), zeros_t=None if pw.zeros_t is None else pw.zeros_t.float(),
-                   plans={})
+    return replace(pw, scales_t=pw.scales_t.float(), zeros_t=None if pw.zeros_t is None else pw.zeros_t.float())
 
 
 def chunk_length(group: int) -> int:
@@ -96,23 +95,53 @@ def fragment_blocks(qk: torch.Tensor, kc: int) -> torch.Tensor:
     return v.permute(0, 3, 4, 2, 7, 5, 6, 1, 8).reshape(nb, KB * 16).contiguous()
 
 
-def prepare_layout(w) -> PreparedWeight:
-    """Repack a QuantizedWeight into layout version 2 on its own device."""
+def transpose_pad(t: torch.Tensor, G_pad: int) -> torch.Tensor:
+    """[N, G] per-group parameters -> [G_pad, N] contiguous, zero rows past G."""
+    out = torch.zeros((G_pad, t.shape[0]), dtype=t.dtype, device=t.device)
+    out[:t.shape[1]] = t.t()
+    return out
+
+
+def padded_groups(K: int, group: int) -> int:
+    """Rows of scales_t: the groups of K padded to a multiple of the chunk length."""
+    kc = chunk_length(group)
+    return -(-(-(-K // kc) * kc) // group)
+
+
+def prepare_codes(qweight: torch.Tensor, group: int) -> torch.Tensor:
+    """Plain uint8 [N, K/2] codes -> layout-2 fragment blocks uint8 [ceil(N/16), K_pad * 8]."""
+    K = qweight.shape[1] * 2
+    kc = chunk_length(group)
+    K_pad = -(-K // kc) * kc
+    codes = unpack_nibbles(qweight)
+    if K_pad != K:
+        codes = torch.nn.functional.pad(codes, (0, K_pad - K))
+    return fragment_blocks(interleave_chunks(codes, kc), kc)
+
+
+def prepare_layout(w, qweight: Optional[torch.Tensor] = None) -> PreparedWeight:
+    """Repack a QuantizedWeight (codes: ``qweight``, default ``w.qweight``) into layout version 2
+    on its own device."""
     N, K = w.shape
     g = w.group_size_effective
     kc = chunk_length(g)
-    K_pad = -(-K // kc) * kc
-    codes = unpack_nibbles(w.qweight)
-    if K_pad != K:
-        codes = torch.nn.functional.pad(codes, (0, K_pad - K))
-    G = K // g
-    G_pad = -(-K_pad // g)
+    qk = prepare_codes(w.qweight if qweight is None else qweight, g)
+    return with_params(PreparedWeight(qk, None, None, N, K, -(-K // kc) * kc, kc, g), w)
 
-    def transpose_pad(t: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros((G_pad, N), dtype=t.dtype, device=t.device)
-        out[:G] = t.t()
-        return out.contiguous()
 
-    zeros_t = None if w.zeros is None else transpose_pad(w.zeros)
-    qk = fragment_blocks(interleave_chunks(codes, kc), kc)
-    return PreparedWeight(qk, transpose_pad(w.scales), zeros_t, N, K, K_pad, kc, g)
+def with_params(pw: PreparedWeight, w) -> PreparedWeight:
+    """``pw`` with the scales and zeros of ``w`` in the layout's [G_pad, N] form."""
+    G_pad = padded_groups(pw.K, pw.group)
+    zeros_t = None if w.zeros is None else transpose_pad(w.zeros, G_pad)
+    return replace(pw, scales_t=transpose_pad(w.scales, G_pad), zeros_t=zeros_t)
+
+
+def unpack_layout(pw: PreparedWeight) -> torch.Tensor:
+    """The plain uint8 [N, K/2] codes of a layout-2 weight (inverse of :func:`prepare_codes`)."""
+    nb, sh = pw.qk.shape[0], pw.kc // 64
+    KB = pw.K_pad // 2
+    v = pw.qk.reshape(nb, KB // (pw.kc // 2), sh, 8, 4, 2, 2, 2, 2)   # b c sh g t sl h r8 j
+    il = v.permute(0, 7, 3, 1, 2, 5, 6, 4, 8).reshape(nb * 16, KB)[:pw.N]  # chunk-interleaved rows
+    c = il.reshape(pw.N, KB // (pw.kc // 2), 1, pw.kc // 2)
+    codes = torch.cat((c & 0xF, c >> 4), dim=2).reshape(pw.N, pw.K_pad)[:, :pw.K]
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()

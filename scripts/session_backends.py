@@ -1,0 +1,247 @@
+"""One GPU session for the backend seam, the Gluon decode kernel and the eager host path.
+
+Runs, in order of importance, each section guarded so a failure does not stop the others:
+env and copy ceiling; the GPU tests of the seam and the Gluon kernel; decode timings of the
+Gluon and Triton backends against cuBLAS fp16 (CUDA-graph replay over rotating weights); host
+time per eager call; memory of a Llama-3-8B-shaped model after quantization and a decode step;
+an eager decode step fp16 vs W4A16; backward time at M = 4096. Everything is logged to
+$OUT/session.log and $OUT/session.json.
+
+    PYTHONPATH=src python3 scripts/session_backends.py --out $OUT [--skip tests,bench,...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+import w4a16  # noqa: E402
+from w4a16.measure import EagerTimer, GraphTimer, copies_for, generator, random_activation, random_weight  # noqa: E402
+
+LAYERS = {"70b.gate_up": (57344, 8192), "70b.down": (8192, 28672), "70b.qkv": (10240, 8192), "70b.o": (8192, 8192),
+          "8b.qkv": (6144, 4096), "8b.o": (4096, 4096), "8b.gate_up": (28672, 4096), "8b.down": (4096, 14336)}
+RESULTS: dict = {}
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+    line = f"[{time.time() - T0:6.1f}s] {msg}"
+    print(line, flush=True)
+    with open(os.path.join(OUT, "session.log"), "a") as f:
+        f.write(line + "\n")
+
+
+def save() -> None:
+    with open(os.path.join(OUT, "session.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+
+
+def section(name):
+    def wrap(fn):
+        def run():
+            if name in SKIP:
+                return
+            log(f"== {name}")
+            try:
+                fn()
+            except Exception:
+                log(f"{name} FAILED:\n{traceback.format_exc()}")
+            save()
+        return run
+    return wrap
+
+
+@section("env")
+def env():
+    import triton
+    RESULTS["env"] = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                          python=sys.version.split()[0], date=time.strftime("%Y-%m-%d"))
+    a = torch.empty(2**29, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(20):
+        b.copy_(a)
+    e1.record()
+    e1.synchronize()
+    RESULTS["copy_tbps"] = 2 * a.numel() * 20 / (e0.elapsed_time(e1) * 1e-3) / 1e12
+    log(f"{RESULTS['env']} copy {RESULTS['copy_tbps']:.3f} TB/s")
+
+
+@section("tests")
+def tests():
+    files = ["tests/test_backend_contract.py", "tests/test_weight_storage.py", "tests/test_autograd.py",
+             "tests/test_backend_registry.py", "tests/gpu/test_torch_integration_gpu.py",
+             "tests/gpu/test_gluon_decode_gpu.py", "tests/test_nn.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *files,
+           "tests/gpu/test_kernels_gpu.py", "-k", "not test_matrix or auto"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=ARGS.test_timeout,
+                       env=dict(os.environ, PYTHONPATH="src"))
+    tail = (r.stdout + r.stderr)[-3000:]
+    RESULTS["tests"] = tail.strip().splitlines()[-1] if tail.strip() else "no output"
+    log(tail)
+
+
+def _graph_us(calls) -> float:
+    return GraphTimer(max_calls=40, budget_ms=30.0, max_repeats=5).measure(calls).median_us
+
+
+@section("bench")
+def bench():
+    gen = generator("cuda", 0)
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    copy = RESULTS.get("copy_tbps", 4.2) * 1e12
+    rows = []
+    for name in ARGS.bench_layers:
+        N, K = LAYERS[name]
+        w0 = random_weight(N, K, 128, False, torch.float16, "cuda", gen)
+        n = copies_for(w0.nbytes(), l2, factor=2.0, hi=24)
+        ws = [w0] + [random_weight(N, K, 128, False, torch.float16, "cuda", gen) for _ in range(n - 1)]
+        dense = [w.dequantize(torch.float16) for w in ws[:max(2, copies_for(N * K * 2, l2, hi=8))]]
+        for M in ARGS.ms:
+            x = random_activation(M, K, torch.float16, "cuda", gen)
+            ref = w4a16.reference.gemm(x, ws[0])
+            row = dict(layer=name, M=M, N=N, K=K)
+            row["cublas_us"] = _graph_us([lambda d=d: torch.nn.functional.linear(x, d) for d in dense])
+            for be in ("gluon", "triton", "auto"):
+                try:
+                    y = w4a16.gemm(x, ws[0], backend=be)
+                    err = w4a16.measure.rel_error(y, ref)
+                    if not err <= 2e-3:
+                        row[f"{be}_us"] = f"wrong {err:.2e}"
+                        continue
+                    row[f"{be}_us"] = _graph_us([lambda w=w: w4a16.gemm(x, w, backend=be) for w in ws])
+                except w4a16.W4A16Error as e:
+                    row[f"{be}_us"] = f"n/a ({e})"
+            row["auto_label"] = w4a16.choose(x, ws[0]).label
+            nbytes = w0.nbytes() + 2 * M * K + 2 * M * N
+            best = min(v for k, v in row.items() if k.endswith("_us") and isinstance(v, float) and k != "cublas_us")
+            row["frac_copy"] = nbytes / (best * 1e-6) / copy
+            row["x_cublas"] = row["cublas_us"] / best
+            rows.append(row)
+            log(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        del ws, dense
+        torch.cuda.empty_cache()
+    RESULTS["bench"] = rows
+
+
+@section("host")
+def host():
+    """Eager back-to-back calls: host time per call shows when the GPU work is tiny."""
+    rows = []
+    for N, K in ((256, 256), (4096, 4096)):
+        lin = torch.nn.Linear(K, N, dtype=torch.float16, device="cuda")
+        mod = w4a16.W4A16Linear.from_linear(lin, group_size=128)
+        w = mod.weight_q
+        x = torch.randn(1, K, dtype=torch.float16, device="cuda")
+        x3 = x.view(1, 1, K)
+        W = lin.weight.detach()
+        b = lin.bias.detach()
+        timer = EagerTimer(max_calls=200, target_ms=5.0, budget_ms=200.0)
+        with torch.no_grad():
+            r = dict(N=N, K=K,
+                     F_linear=timer.measure([lambda: torch.nn.functional.linear(x, W, b)]).median_us,
+                     gemm=timer.measure([lambda: w4a16.gemm(x, w, b)]).median_us,
+                     nn_Linear=timer.measure([lambda: lin(x3)]).median_us,
+                     W4A16Linear=timer.measure([lambda: mod(x3)]).median_us)
+        rows.append(r)
+        log(f"host N=K={K}: " + " ".join(f"{k}={v:.2f}" for k, v in r.items() if k not in ("N", "K")) +
+            f"  gemm/F.linear={r['gemm'] / r['F_linear']:.2f} W4A16Linear/nn.Linear={r['W4A16Linear'] / r['nn_Linear']:.2f}")
+    RESULTS["host"] = rows
+
+
+@section("model")
+def model():
+    """Llama-3-8B shape: memory after quantization and a decode step; eager decode step times."""
+    from w4a16.e2e.speed import build_model, llama_config, llama_dims
+    m = build_model(llama_config(llama_dims(ARGS.layers)), "cuda")
+    ids = torch.randint(0, 1000, (1, 1), device="cuda")
+
+    def step_ms(iters=20):
+        with torch.no_grad():
+            for _ in range(3):
+                m(input_ids=ids, use_cache=False)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(iters):
+                m(input_ids=ids, use_cache=False)
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t) / iters * 1e3
+
+    fp16_ms = step_ms()
+    report = w4a16.quantize_model(m, group_size=128, skip=("lm_head",), dtype=torch.float16, progress=False)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    q_ms = step_ms()
+    torch.cuda.synchronize()
+    alloc = torch.cuda.memory_allocated()
+    # The int4 codes (N * K / 2 bytes each) + every parameter and buffer (scales, zeros, biases and
+    # the parts left in fp16): what one copy of the quantized model takes.
+    quant, other = 0, 0
+    for mod in m.modules():
+        if isinstance(mod, w4a16.W4A16Linear):
+            quant += mod.out_features * mod.in_features // 2
+    seen = set()
+    for name, t in list(m.named_parameters()) + list(m.named_buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            other += t.numel() * t.element_size()
+    ideal = quant + other
+    RESULTS["model"] = dict(layers=ARGS.layers, replaced=len(report.replaced), memory_allocated=alloc,
+                            ideal_bytes=ideal, ratio=alloc / ideal, eager_step_ms_fp16=fp16_ms,
+                            eager_step_ms_w4a16=q_ms, eager_speedup=fp16_ms / q_ms)
+    log(f"model: {RESULTS['model']}")
+
+
+@section("backward")
+def backward():
+    rows = []
+    gen = generator("cuda", 1)
+    for name in ("8b.qkv", "8b.o", "8b.gate_up", "8b.down"):
+        N, K = LAYERS[name]
+        w = random_weight(N, K, 128, False, torch.float16, "cuda", gen)
+        W = w.dequantize(torch.float16)
+        x = random_activation(4096, K, torch.float16, "cuda", gen).requires_grad_()
+        g = torch.randn(4096, N, dtype=torch.float16, device="cuda")
+
+        def q_step():
+            x.grad = None
+            w4a16.gemm(x, w).backward(g)
+
+        def f_step():
+            x.grad = None
+            torch.nn.functional.linear(x, W).backward(g)
+        t = EagerTimer(max_calls=10, target_ms=20.0, budget_ms=200.0)
+        r = dict(layer=name, w4a16_fwd_bwd_us=t.measure([q_step]).median_us,
+                 fp16_fwd_bwd_us=t.measure([f_step]).median_us)
+        rows.append(r)
+        log(f"backward {r}")
+    RESULTS["backward"] = rows
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=os.environ.get("OUT", "out"))
+    p.add_argument("--skip", default="")
+    p.add_argument("--ms", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--bench-layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
+    p.add_argument("--test-timeout", type=int, default=200)
+    ARGS = p.parse_args()
+    OUT = ARGS.out
+    os.makedirs(OUT, exist_ok=True)
+    SKIP = set(ARGS.skip.split(","))
+    for fn in (env, bench, host, model, tests, backward):
+        fn()
+    log("done")

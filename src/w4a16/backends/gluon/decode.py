@@ -1,0 +1,315 @@
+"""The Gluon W4A16 decode kernel for Hopper (sm_90a): swap-AB wgmma with register-A operands.
+
+One program computes out^T[BN, MT] = W[BN, K-range] @ x^T[K-range, MT] for BN = 16 * W rows (W
+warps = one warpgroup per 64 rows) and MT tokens (the wgmma N: 8, 16, 32 or 64; rows of x past M
+read as zero through TMA's out-of-bounds fill). Grid: (N tiles, K splits).
+
+Pipeline: a ring of STAGES shared-memory slots, each holding NCH chunks
+(KS = NCH * 2 * KH values of K): the codes (one TMA box [W, KS/32, 256] of ``layout.py``'s
+tensor), x (2 * NCH boxes [MT, KH]) and the scales (and offsets) of the groups the stage spans
+(one box [GPS, BN] of the transposed [G, N8] tensors), all completing on one mbarrier per slot.
+With WS a one-warp producer partition (``warp_specialize``) issues the loads of every stage once
+the consumers have released its slot (an "empty" mbarrier per slot); without WS one partition
+issues the loads of stage i + STAGES - 1 into the slot stage i - 1 used (all warps have passed a
+thread barrier, and the wgmmas that read it have been waited for) before consuming stage i.
+The consumers wait for stage i, and for each chunk: one shared-memory load of the thread's own fragment bytes
+(16 B per LDS.128, no shuffles), the dequant in inline PTX (lop3 into the magic number, subtract
+the magic, then q * s + o: 13 instructions per 8 weights in fp16, 15 in bf16) straight into the
+wgmma A register layout, and two async wgmmas (low and high half chunk). A chunk's A registers
+stay alive (``warpgroup_mma_wait`` deps) until its wgmmas are waited for, one chunk later.
+
+Epilogue: alpha, bias (fp32), cast, masked store of y [M, N]. With several K splits (SPLIT = 1)
+each program writes its fp32 partial tile to ``part[split]`` and the last program of a tile to
+arrive (acq_rel counter per tile, reset to 0 after) sums the partials in split order and writes
+y: deterministic, one launch. SPLIT = 2 adds the partials atomically into a zeroed fp32 buffer
+(the launcher then applies alpha, bias and the cast).
+"""
+import triton  # noqa: F401
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+# fp16: lo = (w & 0x000F000F) | 0x6400 = 1024 + q (the pair e0, e1); (w >> 8) gives e2, e3;
+# hi = (w & 0x00F000F0) | 0x6400 = 1024 + 16 q, and hi * 1/16 - 64 = q. Then q * s + o.
+# Operands: $0 $1 low-half pairs, $2 $3 high-half pairs; $4 the 4 code bytes; $5 $6 s_lo,
+# $7 $8 o_lo, $9 $10 s_hi, $11 $12 o_hi.
+DEQ_FP16 = gl.constexpr("""
+{
+.reg .b32 u, a, b, c, d, m, h, n;
+mov.b32 m, 0x64006400;
+mov.b32 h, 0x2C002C00;
+mov.b32 n, 0xD400D400;
+shr.b32 u, $4, 8;
+lop3.b32 a, $4, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 b, u, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 c, $4, 0x00F000F0, 0x64006400, 0xEA;
+lop3.b32 d, u, 0x00F000F0, 0x64006400, 0xEA;
+sub.f16x2 a, a, m;
+sub.f16x2 b, b, m;
+fma.rn.f16x2 c, c, h, n;
+fma.rn.f16x2 d, d, h, n;
+fma.rn.f16x2 $0, a, $5, $7;
+fma.rn.f16x2 $1, b, $6, $8;
+fma.rn.f16x2 $2, c, $9, $11;
+fma.rn.f16x2 $3, d, $10, $12;
+}
+""")
+
+# bf16 (7 mantissa bits): every nibble is moved to bits 0..3 first; (w | 0x4300) = 128 + q.
+DEQ_BF16 = gl.constexpr("""
+{
+.reg .b32 u, v, x, a, b, c, d, m, one;
+mov.b32 m, 0xC300C300;
+mov.b32 one, 0x3F803F80;
+shr.b32 u, $4, 8;
+shr.b32 v, $4, 4;
+shr.b32 x, $4, 12;
+lop3.b32 a, $4, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 b, u, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 c, v, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 d, x, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 a, a, one, m;
+fma.rn.bf16x2 b, b, one, m;
+fma.rn.bf16x2 c, c, one, m;
+fma.rn.bf16x2 d, d, one, m;
+fma.rn.bf16x2 $0, a, $5, $7;
+fma.rn.bf16x2 $1, b, $6, $8;
+fma.rn.bf16x2 $2, c, $9, $11;
+fma.rn.bf16x2 $3, d, $10, $12;
+}
+""")
+
+
+@gluon.constexpr_function
+def code_smem_layout(W, NCH, KH):
+    """Shared layout of one stage's codes viewed as [16 * W, NCH * KH] uint8 (chunk ch = columns
+    [ch * KH, (ch + 1) * KH)): offset
+    w * NCH * 16 * KH + ch * 16 * KH + lane * KH / 2 + reg (layout.py), expressed through the
+    wgmma A-operand register/lane/warp bases (DotOperandLayout, k_width = 2)."""
+    bases = [[0, 1], [8, 0], [0, 8], [0, 16], [0, 32]][: {32: 4, 64: 5}[KH]]
+    bases += [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]]
+    c = 1
+    while c < NCH:
+        bases.append([0, KH * c])
+        c *= 2
+    w = 1
+    while w < W:
+        bases.append([16 * w, 0])
+        w *= 2
+    return gl.SharedLinearLayout(offset_bases=bases)
+
+
+@gluon.constexpr_function
+def rowmajor_layout(R, C):
+    """A plain row-major shared layout of an [R, C] tile (the scales' TMA box, swizzle 0)."""
+    bases = []
+    c = 1
+    while c < C:
+        bases.append([0, c])
+        c *= 2
+    r = 1
+    while r < R:
+        bases.append([r, 0])
+        r *= 2
+    return gl.SharedLinearLayout(offset_bases=bases)
+
+
+@gluon.jit
+def _issue(it, st0, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, row0, group,
+           STAGES: gl.constexpr, NCH: gl.constexpr, KH: gl.constexpr, GPS: gl.constexpr, W: gl.constexpr,
+           HAS_ZEROS: gl.constexpr):
+    """TMA loads of the program's stage ``it`` (global stage st0 + it) into slot it % STAGES."""
+    KS: gl.constexpr = NCH * 2 * KH
+    slot = it % STAGES
+    bar = bars.index(slot)
+    k0 = (st0 + it) * KS
+    NB0: gl.constexpr = c_desc.block_type.nbytes + 2 * NCH * x_desc.block_type.nbytes + s_desc.block_type.nbytes
+    if HAS_ZEROS:
+        mbarrier.expect(bar, NB0 + o_desc.block_type.nbytes)
+    else:
+        mbarrier.expect(bar, NB0)
+    tma.async_copy_global_to_shared(c_desc, [row0 // 16, k0 // 32, 0], bar, c_ring.index(slot))
+    for j in gl.static_range(2 * NCH):
+        tma.async_copy_global_to_shared(x_desc, [0, k0 + j * KH], bar, x_ring.index(slot * 2 * NCH + j))
+    g0 = k0 // group
+    tma.async_copy_global_to_shared(s_desc, [g0, row0], bar, s_ring.index(slot))
+    if HAS_ZEROS:
+        tma.async_copy_global_to_shared(o_desc, [g0, row0], bar, o_ring.index(slot))
+
+
+@gluon.jit
+def _scale_pair(s_ring, o_ring, slot, gi: gl.constexpr, row_l: gl.constexpr, HAS_ZEROS: gl.constexpr):
+    """(s, o) of local group ``gi`` of the slot: [BN, 1] tensors in the A-operand layout."""
+    GPS: gl.constexpr = s_ring.shape[1]
+    BN: gl.constexpr = s_ring.shape[2]
+    fl: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+    START: gl.constexpr = gi * BN
+    s = s_ring.index(slot)._reinterpret(s_ring.dtype, [GPS * BN], fl).slice(START, BN).load(row_l)
+    if HAS_ZEROS:
+        o = o_ring.index(slot)._reinterpret(s_ring.dtype, [GPS * BN], fl).slice(START, BN).load(row_l)
+    else:
+        o = s * -8.0
+    return gl.expand_dims(s, 1), gl.expand_dims(o, 1)
+
+
+@gluon.jit
+def _epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, pid_k, nsplit,
+              acc_l: gl.constexpr, BN: gl.constexpr, MT: gl.constexpr, SPLIT: gl.constexpr,
+              HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr):
+    offs_n = row0 + gl.arange(0, BN, layout=gl.SliceLayout(1, acc_l))
+    offs_m = gl.arange(0, MT, layout=gl.SliceLayout(0, acc_l))
+    n_ok = offs_n < N
+    mask = gl.expand_dims(n_ok, 1) & gl.expand_dims(offs_m < M, 0)
+    offs = gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1)
+    if SPLIT == 2:
+        gl.atomic_add(part_ptr + offs, acc, mask=mask, sem="relaxed")
+    else:
+        if SPLIT == 1:
+            gl.store(part_ptr + pid_k * M * N + offs, acc, mask=mask)
+            gl.thread_barrier()
+            arrived = gl.atomic_add(cnt_ptr + gl.program_id(0), 1, sem="acq_rel", scope="gpu")
+            if arrived == nsplit - 1:
+                total = gl.zeros([BN, MT], gl.float32, acc_l)
+                for s in range(0, nsplit):
+                    total += gl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                gl.atomic_xchg(cnt_ptr + gl.program_id(0), 0, sem="relaxed", scope="gpu")
+                out = total * alpha
+                if HAS_BIAS:
+                    out += gl.expand_dims(gl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32), 1)
+                gl.store(y_ptr + offs, out.to(DTYPE), mask=mask)
+        else:
+            out = acc * alpha
+            if HAS_BIAS:
+                out += gl.expand_dims(gl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32), 1)
+            gl.store(y_ptr + offs, out.to(DTYPE), mask=mask)
+
+
+@gluon.jit
+def _consume_stage(acc, it, c_ring, x_ring, s_ring, o_ring, bars,
+                   acc_l: gl.constexpr, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr,
+                   STAGES: gl.constexpr, GDIV: gl.constexpr, HAS_ZEROS: gl.constexpr, DTYPE: gl.constexpr):
+    """Wait for stage ``it`` and add its products to acc; all its wgmmas are complete on return."""
+    BN: gl.constexpr = 16 * W
+    KC: gl.constexpr = 2 * KH
+    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+    row_l: gl.constexpr = gl.SliceLayout(1, a_l)
+    cview_l: gl.constexpr = code_smem_layout(W, NCH, KH)
+    slot = it % STAGES
+    mbarrier.wait(bars.index(slot), (it // STAGES) & 1)
+    cview = c_ring.index(slot)._reinterpret(gl.uint8, [BN, NCH * KH], cview_l)
+    for ch in gl.static_range(NCH):
+        s_lo, o_lo = _scale_pair(s_ring, o_ring, slot, (ch * KC) // GDIV, row_l, HAS_ZEROS)
+        if (ch * KC + KH) // GDIV == (ch * KC) // GDIV:
+            s_hi = s_lo
+            o_hi = o_lo
+        else:
+            s_hi, o_hi = _scale_pair(s_ring, o_ring, slot, (ch * KC + KH) // GDIV, row_l, HAS_ZEROS)
+        codes = cview.slice(ch * KH, KH, dim=1).load(a_l)
+        if DTYPE == gl.float16:
+            w_lo, w_hi = gl.inline_asm_elementwise(
+                DEQ_FP16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [codes, s_lo, o_lo, s_hi, o_hi],
+                dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
+        else:
+            w_lo, w_hi = gl.inline_asm_elementwise(
+                DEQ_BF16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [codes, s_lo, o_lo, s_hi, o_hi],
+                dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=4)
+        xb = slot * 2 * NCH + 2 * ch
+        acc = warpgroup_mma(w_lo, x_ring.index(xb).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma(w_hi, x_ring.index(xb + 1).permute((1, 0)), acc, is_async=True)
+        if ch > 0:
+            # the previous chunk's wgmmas are done: its A registers may be reused
+            acc, p_lo, p_hi = warpgroup_mma_wait(num_outstanding=2, deps=(acc, prev_lo, prev_hi))
+        prev_lo = w_lo
+        prev_hi = w_hi
+    acc, p_lo, p_hi = warpgroup_mma_wait(num_outstanding=0, deps=(acc, prev_lo, prev_hi))
+    return acc
+
+
+@gluon.jit
+def _ws_consumer(n_it, c_ring, x_ring, s_ring, o_ring, bars, empty,
+                 acc_l: gl.constexpr, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr, MT: gl.constexpr,
+                 STAGES: gl.constexpr, GDIV: gl.constexpr, HAS_ZEROS: gl.constexpr, DTYPE: gl.constexpr):
+    """Default partition: dequant + wgmma of every stage, then hand the slot back to the producer."""
+    acc = gl.zeros([16 * W, MT], gl.float32, acc_l)
+    for it in range(n_it):
+        acc = _consume_stage(acc, it, c_ring, x_ring, s_ring, o_ring, bars, acc_l, W, KH, NCH, STAGES, GDIV,
+                             HAS_ZEROS, DTYPE)
+        mbarrier.arrive(empty.index(it % STAGES), count=1)
+    return (acc,)
+
+
+@gluon.jit
+def _ws_producer(n_it, st0, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, empty, row0,
+                 group, STAGES: gl.constexpr, NCH: gl.constexpr, KH: gl.constexpr, GPS: gl.constexpr,
+                 W: gl.constexpr, HAS_ZEROS: gl.constexpr):
+    """Worker partition (one warp): TMA loads of every stage once its slot is free."""
+    for it in range(n_it):
+        slot = it % STAGES
+        mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1, pred=it >= STAGES)
+        _issue(it, st0, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, row0, group,
+               STAGES, NCH, KH, GPS, W, HAS_ZEROS)
+
+
+@gluon.jit
+def w4a16_decode_kernel(
+    c_desc, x_desc, s_desc, o_desc, y_ptr, bias_ptr, part_ptr, cnt_ptr,
+    M, N, group, n_stages, stages_per_split, alpha,
+    MT: gl.constexpr, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr, STAGES: gl.constexpr,
+    GPS: gl.constexpr, GDIV: gl.constexpr, SPLIT: gl.constexpr, HAS_ZEROS: gl.constexpr,
+    HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, WS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+):
+    """See the module docstring. GPS: groups per stage (box rows of the scales); GDIV: g when a
+    stage spans several groups, else 1 << 30 (one group per stage: every local index is 0).
+    WS: a one-warp TMA producer partition (warp_specialize) instead of the single-partition
+    software pipeline."""
+    BN: gl.constexpr = 16 * W
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, MT, 16])
+
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    nsplit = gl.num_programs(1)
+    row0 = pid_n * BN
+    st0 = pid_k * stages_per_split
+    n_it = gl.minimum(stages_per_split, n_stages - st0)
+
+    c_ring = gl.allocate_shared_memory(gl.uint8, [STAGES] + c_desc.block_type.shape, c_desc.layout)
+    x_ring = gl.allocate_shared_memory(DTYPE, [STAGES * 2 * NCH] + x_desc.block_type.shape, x_desc.layout)
+    s_ring = gl.allocate_shared_memory(DTYPE, [STAGES] + s_desc.block_type.shape, s_desc.layout)
+    if HAS_ZEROS:
+        o_ring = gl.allocate_shared_memory(DTYPE, [STAGES] + o_desc.block_type.shape, o_desc.layout)
+    else:
+        o_ring = s_ring
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+
+    if WS:
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(empty.index(i), count=1)
+        res = gl.warp_specialize([
+            (_ws_consumer, (n_it, c_ring, x_ring, s_ring, o_ring, bars, empty, acc_l, W, KH, NCH, MT, STAGES, GDIV,
+                            HAS_ZEROS, DTYPE)),
+            (_ws_producer, (n_it, st0, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, empty,
+                            row0, group, STAGES, NCH, KH, GPS, W, HAS_ZEROS)),
+        ], [1], [PRODUCER_REGS])
+        acc = res[0]
+    else:
+        for i in gl.static_range(STAGES - 1):
+            if i < n_it:
+                _issue(i, st0, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, row0, group,
+                       STAGES, NCH, KH, GPS, W, HAS_ZEROS)
+        acc = gl.zeros([BN, MT], gl.float32, acc_l)
+        for it in range(n_it):
+            # Every warp is done with slot (it - 1) % STAGES (its wgmmas were waited for at the end
+            # of the last iteration): refill it with stage it + STAGES - 1.
+            gl.thread_barrier()
+            nxt = it + STAGES - 1
+            if nxt < n_it:
+                _issue(nxt, st0, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, row0, group,
+                       STAGES, NCH, KH, GPS, W, HAS_ZEROS)
+            acc = _consume_stage(acc, it, c_ring, x_ring, s_ring, o_ring, bars, acc_l, W, KH, NCH, STAGES, GDIV,
+                                 HAS_ZEROS, DTYPE)
+
+    _epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, pid_k, nsplit, acc_l, BN, MT, SPLIT,
+              HAS_BIAS, DTYPE)

@@ -1,0 +1,302 @@
+"""Host side of the Gluon decode kernel: support check, cached launch plans, launch, and
+offline compilation for sm_90a with a SASS report (no GPU needed)."""
+from __future__ import annotations
+
+import collections
+import functools
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ...errors import expect
+from ..workspace import plans_of, tile_counters
+from .config import GluonDecodeConfig, auto_splits
+from .layout import GLUON_LAYOUT_VERSION, GluonPrepared, half_chunk
+
+TRITON_VERSION = "3.6.0"
+MAX_M = 64
+PRODUCER_REGS = 40   # registers of the one-warp TMA producer partition (setmaxnreg)
+
+
+def _triton_version() -> Optional[str]:
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def supports(M: int, N: int, K: int, group: int, dtype: torch.dtype, has_zeros: bool,
+             x: Optional[torch.Tensor] = None) -> Optional[str]:
+    """None when the Gluon decode kernel handles this call, else the reason it does not."""
+    v = _triton_version()
+    if v != TRITON_VERSION:
+        return f"Gluon kernels are written for triton {TRITON_VERSION}, found {v}"
+    if not (1 <= M <= MAX_M):
+        return f"M = {M} outside 1..{MAX_M}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {dtype} is not fp16/bf16"
+    if N < 1 or K < 2 or K % 2:
+        return f"bad shape N = {N}, K = {K}"
+    if (K * 2) % 16:
+        return f"x's row pitch K * 2 = {K * 2} bytes is not a multiple of 16 (TMA)"
+    if group not in (32, 64, 128, 256) and group != K:
+        return f"group size {group} unsupported"
+    if K % group:
+        return f"K = {K} is not a multiple of the group size {group}"
+    if x is not None:
+        if not x.is_cuda:
+            return "x is not a CUDA tensor"
+        if torch.cuda.get_device_capability(x.device)[0] != 9:
+            return "not an sm_90 GPU"
+        if x.data_ptr() % 16:
+            return "x's data pointer is not 16-byte aligned (TMA)"
+        if x.dim() != 2 or x.stride(1) != 1 or x.stride(0) != K:
+            return "x is not a contiguous [M, K] matrix"
+    return None
+
+
+def _gl_dtype(dtype):
+    from triton.experimental.gluon import language as gl
+    return gl.float16 if dtype == torch.float16 else gl.bfloat16
+
+
+def _layouts(cfg: GluonDecodeConfig, kh: int, dtype):
+    from triton.experimental.gluon import language as gl
+    gdt = _gl_dtype(dtype)
+    cl = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=3)
+    xl = gl.NVMMASharedLayout.get_default_for([cfg.mt, kh], gdt)
+    sl = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
+    return cl, xl, sl
+
+
+def _blocks(cfg: GluonDecodeConfig, kh: int, group: int):
+    """(KS, GPS, GDIV): values of K per stage, scale rows per stage box, local group divisor."""
+    ks = cfg.nch * 2 * kh
+    if group < ks:
+        return ks, ks // group, group
+    return ks, 1, 1 << 30
+
+
+@functools.lru_cache(maxsize=1024)
+def _constexprs(cfg, kh, group, split_mode, has_zeros, has_bias, dtype):
+    """The kernel's constexpr arguments, in signature order (cached: the same few per weight)."""
+    ks, gps, gdiv = _blocks(cfg, kh, group)
+    return dict(MT=cfg.mt, W=cfg.warps, KH=kh, NCH=cfg.nch, STAGES=cfg.stages, GPS=gps, GDIV=gdiv,
+                SPLIT=split_mode, HAS_ZEROS=bool(has_zeros), HAS_BIAS=bool(has_bias), DTYPE=_gl_dtype(dtype),
+                WS=bool(cfg.ws), PRODUCER_REGS=PRODUCER_REGS)
+
+
+@dataclass
+class _Plan:
+    c_desc: object
+    s_desc: object
+    o_desc: object
+    grid: tuple
+    splits: int
+    sps: int
+    n_stages: int
+    dummy_f32: torch.Tensor
+    xl: object
+    kh: int
+
+
+def _plan(pw: GluonPrepared, M: int, cfg: GluonDecodeConfig, deterministic: bool) -> _Plan:
+    key = (M, cfg, deterministic)
+    plans = plans_of(pw)
+    plan = plans.get(key)
+    if plan is not None:
+        return plan
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    kh = pw.kh
+    ks, gps, _ = _blocks(cfg, kh, pw.group)
+    cl, xl, sl = _layouts(cfg, kh, pw.dtype)
+    bn = 16 * cfg.warps
+    c_desc = TensorDescriptor.from_tensor(pw.codes, [cfg.warps, ks // 32, 256], cl)
+    s_desc = TensorDescriptor.from_tensor(pw.scales_t, [gps, bn], sl)
+    o_desc = TensorDescriptor.from_tensor(pw.offs_t, [gps, bn], sl) if pw.offs_t is not None else s_desc
+    n_tiles = -(-pw.N // bn)
+    n_stages = -(-pw.K // ks)
+    dev = pw.codes.device
+    if cfg.splits:
+        splits = min(cfg.splits, n_stages)
+    else:
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        # a partial tile is mt x bn fp32, written once and read once: 16 * mt / ks stages of codes
+        splits = auto_splits(n_tiles, n_stages, sms * cfg.resident(kh, pw.has_zeros), 16.0 * cfg.mt / ks)
+    sps = -(-n_stages // splits)
+    splits = -(-n_stages // sps)
+    plan = _Plan(c_desc, s_desc, o_desc, (n_tiles, splits), splits, sps, n_stages,
+                 torch.zeros(1, dtype=torch.float32, device=dev), xl, kh)
+    plans[key] = plan
+    return plan
+
+
+def run_decode(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor], alpha: float,
+               cfg: GluonDecodeConfig, deterministic: bool = True,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y [M, N] = alpha * x2 @ W^T + bias with the Gluon decode kernel, on torch's current stream.
+
+    x2: contiguous [M, K] fp16/bf16 (M <= cfg.mt); pw: the weight in the Gluon layout (same dtype);
+    bias: [N] or None. deterministic=False adds K-split partials with fp32 atomics.
+    """
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from .decode import w4a16_decode_kernel
+    M, K = x2.shape
+    N = pw.N
+    expect(1 <= M <= cfg.mt, "x2.shape[0] (M)", f"1..{cfg.mt} (the config's token tile)", M)
+    expect(K == pw.K, "x2.shape[1] (K)", pw.K, K)
+    expect(x2.dtype == pw.dtype, "x2.dtype", f"{pw.dtype} (the scales' dtype)", x2.dtype)
+    plan = _plan(pw, M, cfg, deterministic)
+    y = out if out is not None else torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    x_desc = TensorDescriptor(x2, [M, K], [K, 1], [cfg.mt, plan.kh], plan.xl)
+    if plan.splits == 1:
+        split_mode, part = 0, plan.dummy_f32
+    elif deterministic:
+        split_mode = 1
+        part = torch.empty(plan.splits * M * N, dtype=torch.float32, device=x2.device)
+    else:
+        split_mode = 2
+        part = torch.zeros(M * N, dtype=torch.float32, device=x2.device)
+    # Split-K tile counters: the Triton backend's buffer for this (device, stream), kept at zero
+    # by every kernel that uses it, so launches on other streams never share counters.
+    cnt = tile_counters(x2.device, plan.grid[0]) if split_mode == 1 else plan.dummy_f32
+    cx = _constexprs(cfg, plan.kh, pw.group, split_mode, pw.has_zeros, bias is not None, x2.dtype)
+    args = (plan.c_desc, x_desc, plan.s_desc, plan.o_desc, y, bias if bias is not None else y, part, cnt,
+            M, N, pw.group, plan.n_stages, plan.sps, float(alpha))
+    _launch(w4a16_decode_kernel, plan.grid, args, cx, cfg, (cfg, plan.kh, pw.K_pad, x2.get_device()))
+    if split_mode == 2:
+        r = part.view(M, N) * float(alpha)
+        if bias is not None:
+            r = r + bias.float()
+        y.copy_(r)
+    return y
+
+
+_KERNELS: dict = {}
+_DIRECT = [True]  # cleared for the process if a direct launch ever fails
+
+
+def _launch(kernel, grid, args, cx: dict, cfg: GluonDecodeConfig, static: tuple) -> None:
+    """``kernel[grid](*args, **cx)``, but once a specialization is compiled, launched directly
+    through its compiled launcher (Gluon's generic launch binds every argument in Python on each
+    call). The key holds what the compiled kernel depends on: the config and layout (descriptor
+    block shapes), the device, the constexprs and each plain argument's specialization."""
+    from ..triton.fast_launch import _hooks_active, arg_key
+
+    key = (static, tuple(cx.values()), tuple(arg_key(a) for a in args[4:]))
+    compiled = _KERNELS.get(key) if _DIRECT[0] and not _hooks_active() else None
+    if compiled is not None and static[-1] == torch._C._cuda_getDevice():
+        stream = torch._C._cuda_getCurrentRawStream(static[-1])
+        try:
+            compiled.run(grid[0], grid[1], 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                         *args, *cx.values())
+            return
+        except Exception:  # an API difference in this Triton build: keep to the generic path
+            _DIRECT[0] = False
+    compiled = kernel[grid](*args, num_warps=cfg.warps, maxnreg=cfg.regs, **cx)
+    if hasattr(compiled, "result"):
+        compiled = compiled.result()
+    if len(_KERNELS) >= 256:
+        _KERNELS.clear()
+    _KERNELS[key] = compiled
+
+
+# ----------------------------------------------------------------------------- offline (no GPU)
+def compile_for_sm90(cfg: GluonDecodeConfig, dtype=torch.float16, has_zeros: bool = False, group: int = 128,
+                     has_bias: bool = True, split_mode: int = 1):
+    """Compile the kernel for sm_90a (GPUTarget("cuda", 90, 32)) on any machine."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from .decode import w4a16_decode_kernel
+    kh = half_chunk(group)
+    ks, gps, _ = _blocks(cfg, kh, group)
+    cl, xl, sl = _layouts(cfg, kh, dtype)
+    dt = "fp16" if dtype == torch.float16 else "bf16"
+    bn = 16 * cfg.warps
+    sig = {"c_desc": f"tensordesc<u8[{cfg.warps}, {ks // 32}, 256],{cl!r}>",
+           "x_desc": f"tensordesc<{dt}[{cfg.mt}, {kh}],{xl!r}>",
+           "s_desc": f"tensordesc<{dt}[{gps}, {bn}],{sl!r}>",
+           "o_desc": f"tensordesc<{dt}[{gps}, {bn}],{sl!r}>",
+           "y_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "part_ptr": "*fp32", "cnt_ptr": "*i32",
+           "M": "i32", "N": "i32", "group": "i32", "n_stages": "i32", "stages_per_split": "i32", "alpha": "fp32"}
+    cx = _constexprs(cfg, kh, group, split_mode, has_zeros, has_bias, dtype)
+    for k in cx:
+        sig[k] = "constexpr"
+    saved = os.environ.pop("TRITON_INTERPRET", None)   # the interpreter must not take over compiling
+    try:
+        src = GluonASTSource(w4a16_decode_kernel, sig, cx)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": cfg.warps, "maxnreg": cfg.regs})
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def _cuobjdump(cubin: bytes, *flags) -> str:
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        r = subprocess.run([tool, *flags, f.name], capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    return r.stdout + r.stderr
+
+
+_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+
+
+def sass_stats(compiled, cfg: Optional[GluonDecodeConfig] = None, group: int = 128) -> dict:
+    """SASS report of a compiled kernel: registers, shared bytes, spills (LDL/STL), and for the main
+    loop (the longest backward branch holding HGMMA): its opcode histogram, HGMMA count, whether a
+    wgmma wait sits between two consecutive HGMMAs, and instructions per weight (given cfg)."""
+    sass = _cuobjdump(compiled.asm["cubin"], "-sass")
+    res = _cuobjdump(compiled.asm["cubin"], "-res-usage")
+    lines = []
+    for ln in sass.splitlines():
+        m = _LINE.match(ln)
+        if m:
+            lines.append((int(m.group(1), 16), m.group(2)))
+    ops = [(a, re.sub(r"^@!?U?P\w+\s+", "", t).split()[0]) for a, t in lines if t]
+    spans = []
+    for a, t in lines:
+        m = re.search(r"BRA\s+(?:`?\(?)0x([0-9a-f]+)", t)
+        if m and int(m.group(1), 16) < a:
+            body = [o for (b, o) in ops if int(m.group(1), 16) <= b <= a]
+            spans.append((sum(o.startswith("HGMMA") for o in body), -len(body), body))
+    # the main loop: the backward branch spanning the most HGMMAs, the shortest such
+    best = max(spans, key=lambda s: (s[0], s[1]))[2] if spans and max(spans)[0] else []
+    hist = collections.Counter(best)
+    hg = [i for i, o in enumerate(best) if o.startswith("HGMMA")]
+    # a wgmma wait between two HGMMAs that follow each other with no dequant work in between
+    wait_between = any(any(o.startswith("WARPGROUP.DEPBAR") for o in best[i + 1:j]) and
+                       not any(o.startswith(("LDS", "LOP3", "HFMA2")) for o in best[i + 1:j])
+                       for i, j in zip(hg, hg[1:]))
+    regs = re.search(r"REG:(\d+)", res)
+    out = {
+        "registers": int(regs.group(1)) if regs else None,
+        "shared_bytes": compiled.metadata.shared,
+        "spills": sum(1 for _, o in ops if o.startswith(("LDL", "STL"))),
+        "loop_instructions": len(best),
+        "loop_histogram": dict(hist.most_common()),
+        "hgmma": sum(v for k, v in hist.items() if k.startswith("HGMMA")),
+        "wait_between_hgmma": wait_between,
+    }
+    if cfg is not None:
+        kh = half_chunk(group)
+        per_thread = 16 * cfg.warps * cfg.nch * 2 * kh // (32 * cfg.warps)
+        out["weights_per_thread"] = per_thread
+        out["instr_per_weight"] = round(len(best) / per_thread, 3)
+    return out
+
+
+def layout_version() -> int:
+    return GLUON_LAYOUT_VERSION

@@ -1,0 +1,52 @@
+"""Every shipped Gluon decode config compiles for sm_90a on the CPU (Triton ships ptxas and
+cuobjdump), with no spills, HGMMA in the main loop and no wgmma wait between consecutive HGMMAs.
+
+tests/conftest.py sets TRITON_INTERPRET=1 on machines without a GPU; ``compile_for_sm90`` unsets it
+around the compile (Gluon kernels never run in the interpreter; compiling them for a CUDA target
+needs no GPU)."""
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+if triton.__version__ != "3.6.0":
+    pytest.skip(f"the Gluon kernels are written for triton 3.6.0, found {triton.__version__}",
+                allow_module_level=True)
+
+from w4a16.backends.gluon.config import NAMED, GluonDecodeConfig, candidates, heuristic  # noqa: E402
+from w4a16.backends.gluon.launch import compile_for_sm90, sass_stats  # noqa: E402
+
+
+def _check(cfg, dtype, has_zeros, group, split_mode=1):
+    k = compile_for_sm90(cfg, dtype, has_zeros, group, has_bias=True, split_mode=split_mode)
+    st = sass_stats(k, cfg, group)
+    assert st["spills"] == 0, st
+    assert st["hgmma"] >= 2 * cfg.nch * (min(group, 64) // 16), st
+    assert not st["wait_between_hgmma"], st
+    assert st["shared_bytes"] <= 227 * 1024, st
+    return st
+
+
+@pytest.mark.parametrize("name", sorted(NAMED))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_named_configs(name, dtype):
+    st = _check(NAMED[name], dtype, False, 128)
+    # dequant budget: about 1.6 (fp16) / 1.9 (bf16) instructions per weight, plus the loop's fixed cost
+    limit = (2.8 if dtype == torch.float16 else 3.1) + (0 if NAMED[name].ws else 1.0)   # + TMA issue in-loop
+    assert st["instr_per_weight"] < limit, st
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, 256, 4096])
+@pytest.mark.parametrize("has_zeros", [False, True])
+def test_groups_and_zeros(group, has_zeros):
+    _check(heuristic(16, 8192, 8192, group, 132), torch.float16, has_zeros, group, split_mode=0)
+
+
+@pytest.mark.parametrize("M", [1, 16, 64])
+def test_heuristic_and_candidates(M):
+    cfgs = {heuristic(M, 57344, 8192, 128, 132)} | set(candidates(M, 57344, 8192, 128, 132))
+    for cfg in cfgs:
+        _check(cfg, torch.float16, False, 128, split_mode=2 if M == 64 else 1)
+
+
+def test_single_partition_variant():
+    _check(GluonDecodeConfig(mt=16, warps=4, nch=2, stages=4, ws=False), torch.float16, True, 64)

@@ -1,0 +1,113 @@
+"""The Gluon decode kernel on an sm_90 GPU against w4a16.reference.gemm: the full option matrix,
+determinism, atomic split-K, CUDA-graph capture."""
+import pytest
+import torch
+
+if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+    pytest.skip("needs an sm_90 (Hopper) GPU", allow_module_level=True)
+triton = pytest.importorskip("triton")
+if triton.__version__ != "3.6.0":
+    pytest.skip("the Gluon kernels are written for triton 3.6.0", allow_module_level=True)
+
+from w4a16 import reference  # noqa: E402
+from w4a16.backends.gluon.config import GluonDecodeConfig, heuristic  # noqa: E402
+from w4a16.backends.gluon.launch import run_decode, supports  # noqa: E402
+from w4a16.backends.gluon.layout import prepare_decode  # noqa: E402
+from w4a16.weight import QuantizedWeight  # noqa: E402
+
+MS = [1, 2, 7, 8, 15, 16, 33, 64]
+NKS = [(72, 576), (200, 1376), (4100, 4096)]
+
+
+def _weight(N, K, g, zeros, dtype, gen):
+    G = K // (K if g == -1 else g)
+    qw = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=gen)
+    s = (torch.rand(N, G, generator=gen) * 0.01 + 0.005).to(dtype)
+    z = None
+    if zeros == "int":
+        z = torch.randint(0, 16, (N, G), generator=gen).to(dtype)
+    elif zeros == "float":
+        z = (torch.rand(N, G, generator=gen) * 15).to(dtype)
+    return QuantizedWeight.from_plain(qw, s, z, g)
+
+
+def _prep(w):
+    return prepare_decode(w.qweight.cuda(), w.scales.cuda(), None if w.zeros is None else w.zeros.cuda(),
+                          w.group_size_effective)
+
+
+def _rel(y, ref):
+    y = y.float().cpu()
+    assert torch.isfinite(y).all(), "NaN/Inf in the output (rows past M / N written, or unwritten elements)"
+    return float((y - ref.float()).norm() / ref.float().norm().clamp_min(1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("group", [32, 64, 128, 256, -1])
+@pytest.mark.parametrize("zeros", [None, "int", "float"])
+def test_matrix(dtype, group, zeros):
+    gen = torch.Generator().manual_seed(7)
+    tol = 2e-3 if dtype == torch.float16 else 1e-2
+    for i, (N, K) in enumerate(NKS):
+        if group != -1 and K % group:
+            continue
+        w = _weight(N, K, group, zeros, dtype, gen)
+        pw = _prep(w)
+        for j, M in enumerate(MS):
+            x = torch.randn(M, K, generator=gen).to(dtype)
+            bias = (torch.randn(N, generator=gen) * 0.1).to(dtype) if (i + j) % 2 else None
+            alpha = 0.5 if j % 3 == 0 else 1.0
+            ref = reference.gemm(x, w, bias, alpha)
+            assert supports(M, N, K, w.group_size_effective, dtype, zeros is not None, x.cuda()) is None
+            y = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
+            cfg = heuristic(M, N, K, w.group_size_effective, 132)
+            run_decode(x.cuda(), pw, None if bias is None else bias.cuda(), alpha, cfg, out=y)
+            assert _rel(y, ref) <= tol, (M, N, K, cfg.short())
+
+
+@pytest.mark.parametrize("cfg", [GluonDecodeConfig(16, 4, 2, 4, splits=7), GluonDecodeConfig(8, 8, 4, 3, splits=3),
+                                 GluonDecodeConfig(64, 8, 1, 4, splits=5), GluonDecodeConfig(16, 4, 2, 4, ws=False)],
+                         ids=lambda c: c.short())
+def test_split_deterministic_and_atomic(cfg):
+    gen = torch.Generator().manual_seed(8)
+    w = _weight(4096, 14336, 128, "int", torch.float16, gen)
+    pw = _prep(w)
+    x = torch.randn(min(cfg.mt, 13), 14336, generator=gen).half()
+    ref = reference.gemm(x, w)
+    y1 = run_decode(x.cuda(), pw, None, 1.0, cfg)
+    y2 = run_decode(x.cuda(), pw, None, 1.0, cfg)
+    assert torch.equal(y1, y2)
+    assert _rel(y1, ref) <= 2e-3
+    ya = run_decode(x.cuda(), pw, None, 1.0, cfg, deterministic=False)
+    assert _rel(ya, ref) <= 2e-3
+
+
+def test_cuda_graph():
+    gen = torch.Generator().manual_seed(9)
+    w = _weight(200, 1376, 32, "float", torch.float16, gen)
+    pw = _prep(w)
+    x = torch.randn(7, 1376, generator=gen).half().cuda()
+    cfg = GluonDecodeConfig(8, 4, 2, 3, splits=2)
+    eager = run_decode(x, pw, None, 0.5, cfg)
+    out = torch.empty_like(eager)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run_decode(x, pw, None, 0.5, cfg, out=out)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run_decode(x, pw, None, 0.5, cfg, out=out)
+    for _ in range(3):
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+
+
+def test_unsupported_reasons():
+    x = torch.zeros(4, 100, dtype=torch.float16)
+    assert supports(65, 64, 4096, 128, torch.float16, False) is not None
+    assert "16" in supports(4, 64, 100, 100, torch.float16, False)   # K * 2 = 200 bytes: not TMA-aligned
+    assert supports(4, 64, 4096, 128, torch.float32, False) is not None
+    del x

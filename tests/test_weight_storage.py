@@ -1,0 +1,133 @@
+"""One prepared copy per weight, never a stale result, thread-safe preparation."""
+import copy
+import threading
+
+import pytest
+import torch
+
+from conftest import DEVICE, KERNEL_DTYPES
+from kernel_cases import make_weight
+
+import w4a16
+from w4a16 import W4A16Linear, reference
+from w4a16.backends import registry
+from w4a16.measure import TOLERANCE, rel_error
+
+KERNEL = next((n for n, b in registry().items() if n != "reference" and b.available(DEVICE) is None), None)
+needs_kernel = pytest.mark.skipif(KERNEL is None, reason="no kernel backend runs on this machine")
+DTYPE = KERNEL_DTYPES[0]
+
+
+def _x(M, K, seed=0):
+    return torch.randn(M, K, generator=torch.Generator().manual_seed(seed)).to(DTYPE).to(DEVICE)
+
+
+def _close(y, ref):
+    return rel_error(y, ref) <= TOLERANCE[DTYPE]
+
+
+@needs_kernel
+def test_codes_are_held_once_after_the_first_call():
+    w = make_weight(64, 256, 64, "int", DTYPE, DEVICE)
+    w4a16.gemm(_x(2, 256), w)
+    assert w._codes is None and len(w._layouts) == 1
+    entry = next(iter(w._layouts.values()))
+    # The plain codes are rebuilt from the packed copy, bit for bit.
+    assert torch.equal(w.plain_codes(), make_weight(64, 256, 64, "int", DTYPE, DEVICE).qweight)
+
+
+@needs_kernel
+@pytest.mark.parametrize("edit", ["scales_inplace", "zeros_inplace", "qweight_inplace", "qweight_held_inplace",
+                                  "scales_assign", "qweight_assign"])
+def test_edits_after_the_first_call_change_the_next_result(edit):
+    w = make_weight(48, 256, 64, "int", DTYPE, DEVICE)
+    x = _x(3, 256)
+    held = w.qweight  # a caller that keeps the codes tensor it built the weight from
+    y0 = w4a16.gemm(x, w)
+    if edit == "scales_inplace":
+        w.scales.mul_(2)
+    elif edit == "zeros_inplace":
+        w.zeros.add_(1)
+    elif edit == "qweight_inplace":
+        w.qweight.bitwise_xor_(0x5A)
+    elif edit == "qweight_held_inplace":
+        held.bitwise_xor_(0x5A)
+    elif edit == "scales_assign":
+        w.scales = w.scales * 3
+    elif edit == "qweight_assign":
+        w.qweight = w.qweight ^ 0x33
+    y1 = w4a16.gemm(x, w)
+    ref = reference.gemm(x, w)
+    assert not torch.equal(y0, y1)
+    assert _close(y1, ref), rel_error(y1, ref)
+
+
+@needs_kernel
+def test_module_follows_inplace_edits_assignment_and_load_state_dict():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 40).to(DTYPE)
+    mod = W4A16Linear.from_linear(lin, group_size=64, symmetric=False).to(DEVICE)
+    x = _x(2, 256)
+    y0 = mod(x)
+    mod.scales.mul_(0.5)
+    assert _close(mod(x), reference.gemm(x, mod.weight_q, mod.bias))
+    mod.qweight.bitwise_xor_(0x0F)  # edits the rebuilt copy; the next forward applies them
+    y2 = mod(x)
+    assert _close(y2, reference.gemm(x, mod.weight_q, mod.bias)) and not torch.equal(y0, y2)
+    mod.zeros = mod.zeros + 1
+    assert _close(mod(x), reference.gemm(x, mod.weight_q, mod.bias))
+    other = W4A16Linear.from_linear(torch.nn.Linear(256, 40).to(DTYPE), group_size=64, symmetric=False).to(DEVICE)
+    mod.load_state_dict(other.state_dict())
+    assert torch.equal(mod(x), other(x))
+
+
+@needs_kernel
+def test_module_holds_no_second_copy_of_the_codes():
+    mod = W4A16Linear.from_linear(torch.nn.Linear(512, 128).to(DTYPE), group_size=128).to(DEVICE)
+    mod(_x(1, 512))
+    tensors = list(mod.buffers()) + list(mod.parameters())
+    assert all(t.dtype != torch.uint8 for t in tensors)  # the codes are not a module buffer
+    w = mod.weight_q
+    assert w._codes is None and len(w._layouts) == 1
+    assert set(mod.state_dict()) == {"qweight", "scales", "bias"}
+    assert torch.equal(mod.state_dict()["qweight"], w.plain_codes())
+
+
+@needs_kernel
+def test_two_threads_prepare_once():
+    """Concurrent first uses of one weight prepare it once and see the same prepared copy."""
+    w = make_weight(64, 512, 128, None, DTYPE, DEVICE)
+    calls = []
+    b = registry()[KERNEL]
+    real = b.prepare
+    start = threading.Barrier(4)
+
+    def counting(qweight, wt):
+        calls.append(1)
+        return real(qweight, wt)
+
+    b.prepare = counting
+    try:
+        out = [None] * 4
+
+        def work(i):
+            start.wait()
+            out[i] = w.prepared(b)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        del b.prepare
+    assert len(calls) == 1 and all(o is out[0] for o in out)
+    x = _x(2, 512)
+    assert _close(w4a16.gemm(x, w), reference.gemm(x, w))
+
+
+def test_copies_carry_the_plain_form():
+    w = make_weight(32, 128, 32, "float", torch.float16, "cpu")
+    w2 = copy.deepcopy(w)
+    assert torch.equal(w2.qweight, w.qweight) and w2._layouts == {}
+    assert torch.equal(w2.dequantize(), w.dequantize())
