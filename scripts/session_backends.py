@@ -1,11 +1,12 @@
 """One GPU session for the backend seam, the Gluon decode kernel and the eager host path.
 
-Runs, in order of importance, each section guarded so a failure does not stop the others:
-env and copy ceiling; the GPU tests of the seam and the Gluon kernel; decode timings of the
-Gluon and Triton backends against cuBLAS fp16 (CUDA-graph replay over rotating weights); host
-time per eager call; memory of a Llama-3-8B-shaped model after quantization and a decode step;
-an eager decode step fp16 vs W4A16; backward time at M = 4096. Everything is logged to
-$OUT/session.log and $OUT/session.json.
+Runs, in order of importance, each section guarded so a failure does not stop the others (skip
+any with --skip): env and copy ceiling; decode timings of the Gluon and Triton backends against
+cuBLAS fp16 (CUDA-graph replay over rotating weights); host time per eager call; memory of a
+Llama-3-8B-shaped model after quantization and a decode step, with the largest live tensors; an
+eager decode step fp16 vs W4A16; the GPU tests of the seam and the Gluon kernel; backward time at
+M = 4096; random problems per backend; compute-sanitizer on the Gluon kernel; whole-model decode
+eager and graph-replayed. Everything is logged to $OUT/session.log and $OUT/session.json.
 
     PYTHONPATH=src python3 scripts/session_backends.py --out $OUT [--skip tests,bench,...]
 """
@@ -185,6 +186,9 @@ def model():
     torch.cuda.empty_cache()
     q_ms = step_ms()
     torch.cuda.synchronize()
+    alloc_before_gc = torch.cuda.memory_allocated()
+    import gc
+    gc.collect()  # replaced fp16 modules caught in reference cycles are garbage, not the model's
     alloc = torch.cuda.memory_allocated()
     # The int4 codes (N * K / 2 bytes each) + every parameter and buffer (scales, zeros, biases and
     # the parts left in fp16): what one copy of the quantized model takes.
@@ -199,9 +203,23 @@ def model():
             other += t.numel() * t.element_size()
     ideal = quant + other
     RESULTS["model"] = dict(layers=ARGS.layers, replaced=len(report.replaced), memory_allocated=alloc,
+                            memory_allocated_before_gc=alloc_before_gc,
                             ideal_bytes=ideal, ratio=alloc / ideal, eager_step_ms_fp16=fp16_ms,
                             eager_step_ms_w4a16=q_ms, eager_speedup=fp16_ms / q_ms)
     log(f"model: {RESULTS['model']}")
+    # Where the bytes are: live CUDA tensors grouped by dtype and shape, largest totals first.
+    import collections
+    groups = collections.Counter()
+    seen = set()
+    for o in gc.get_objects():
+        if isinstance(o, torch.Tensor) and o.is_cuda and o.untyped_storage().data_ptr() not in seen:
+            seen.add(o.untyped_storage().data_ptr())
+            groups[(str(o.dtype), tuple(o.shape))] += o.untyped_storage().nbytes()
+    top = groups.most_common(25)
+    RESULTS["model"]["live_tensors_bytes"] = sum(groups.values())
+    RESULTS["model"]["live_tensor_groups"] = [(k[0], k[1], v) for k, v in top]
+    log(f"live CUDA tensors {sum(groups.values()) / 1e9:.3f} GB; largest groups: " +
+        "; ".join(f"{k[0]} {k[1]}: {v / 1e6:.1f} MB" for k, v in top[:12]))
 
 
 @section("backward")
@@ -230,6 +248,45 @@ def backward():
     RESULTS["backward"] = rows
 
 
+def _subprocess(name: str, cmd: list, timeout: int) -> None:
+    t = time.time()
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, PYTHONPATH="src"))
+        out = (r.stdout + r.stderr)[-2500:]
+        RESULTS[name] = dict(rc=r.returncode, tail=out.strip().splitlines()[-3:], seconds=time.time() - t)
+    except subprocess.TimeoutExpired as e:
+        out = ((e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""))[-2500:]
+        RESULTS[name] = dict(rc="timeout", tail=out.strip().splitlines()[-3:], seconds=timeout)
+    log(f"{name}: {RESULTS[name]}")
+
+
+@section("fuzz")
+def fuzz():
+    """Random problems against the reference on each kernel backend (scripts/fuzz_gpu.py)."""
+    for be in ("gluon", "triton"):
+        _subprocess(f"fuzz_{be}", [sys.executable, "scripts/fuzz_gpu.py", "--cases", str(ARGS.fuzz_cases),
+                                   "--backend", be, "--max-mnk", "64,1100,4200" if be == "gluon" else "300,1100,4200"],
+                    ARGS.fuzz_timeout)
+
+
+@section("sanitize")
+def sanitize():
+    """compute-sanitizer memcheck / racecheck / synccheck on a few small ragged Gluon cases."""
+    for tool in ("memcheck", "racecheck", "synccheck"):
+        _subprocess(f"sanitize_{tool}", ["compute-sanitizer", "--tool", tool, "--error-exitcode", "9",
+                                         sys.executable, "scripts/gluon_decode_session.py", "--sanitize",
+                                         "--out", OUT], 120)
+
+
+@section("e2e")
+def e2e():
+    """Whole-model decode, eager and graph-replayed (w4a16.e2e.speed), fp16 in the same harness."""
+    for extra in (["--no-graph"], []):
+        name = "e2e" + ("_eager" if extra else "_graph")
+        _subprocess(name, [sys.executable, "-m", "w4a16.e2e.speed", "--batches", "1", "16", "--iters", "20",
+                           "--out", os.path.join(OUT, name), *extra], 300)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT", "out"))
@@ -238,10 +295,12 @@ if __name__ == "__main__":
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--bench-layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     p.add_argument("--test-timeout", type=int, default=200)
+    p.add_argument("--fuzz-cases", type=int, default=300)
+    p.add_argument("--fuzz-timeout", type=int, default=240)
     ARGS = p.parse_args()
     OUT = ARGS.out
     os.makedirs(OUT, exist_ok=True)
     SKIP = set(ARGS.skip.split(","))
-    for fn in (env, bench, host, model, tests, backward):
+    for fn in (env, bench, host, model, tests, backward, fuzz, sanitize, e2e):
         fn()
     log("done")

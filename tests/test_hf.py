@@ -1,6 +1,6 @@
 """load_pretrained_quantized on tiny checkpoint directories written here (CPU).
 
-The GPTQ tensors are packed in this file straight from the layout in FORMATS.md, independently of
+The GPTQ tensors are packed in this file straight from the published GPTQ layout, independently of
 ``w4a16.formats``; the AWQ and compressed-tensors ones come from the formats' exporters.
 """
 import json

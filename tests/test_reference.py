@@ -1,4 +1,4 @@
-"""``reference.gemm`` against an independent float64 computation of the contract (FORMATS.md):
+"""``reference.gemm`` against an independent float64 computation of the contract (the README's "The contract"):
 
     W[n, k] = (q[n, k] - z[n, k // g]) * s[n, k // g],   y = alpha * (x @ W^T) + bias
 

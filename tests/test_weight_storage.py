@@ -31,7 +31,6 @@ def test_codes_are_held_once_after_the_first_call():
     w = make_weight(64, 256, 64, "int", DTYPE, DEVICE)
     w4a16.gemm(_x(2, 256), w)
     assert w._codes is None and len(w._layouts) == 1
-    entry = next(iter(w._layouts.values()))
     # The plain codes are rebuilt from the packed copy, bit for bit.
     assert torch.equal(w.plain_codes(), make_weight(64, 256, 64, "int", DTYPE, DEVICE).qweight)
 
@@ -131,3 +130,23 @@ def test_copies_carry_the_plain_form():
     w2 = copy.deepcopy(w)
     assert torch.equal(w2.qweight, w.qweight) and w2._layouts == {}
     assert torch.equal(w2.dequantize(), w.dequantize())
+
+
+@needs_kernel
+def test_out_of_memory_during_prepare_leaves_the_weight_usable():
+    w = make_weight(48, 256, 64, "int", DTYPE, DEVICE)
+    x = _x(2, 256)
+    b = registry()[KERNEL]
+    real = b.prepare
+
+    def out_of_memory(qweight, wt):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    b.prepare = out_of_memory
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            w4a16.gemm(x, w)
+    finally:
+        del b.prepare
+    assert b.prepare == real and w._codes is not None and w._layouts == {}
+    assert _close(w4a16.gemm(x, w), reference.gemm(x, w))

@@ -1,4 +1,4 @@
-"""The benchmark harness behind ``w4a16 bench`` (see PERF.md for how measurements are made).
+"""The benchmark harness behind ``w4a16 bench`` (BENCHMARKS.md describes how measurements are made).
 
     shapes    what is measured: layer presets, custom shapes, M values, grid points
     roofline  bytes, FLOPs, the roofline floor and figures of merit

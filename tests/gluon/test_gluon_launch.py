@@ -1,0 +1,77 @@
+"""The Gluon launcher's direct path (pure Python, with a stand-in kernel): the first call of a
+specialization compiles through ``kernel[grid](...)``, later ones call the compiled launcher
+with the arguments and constexprs in signature order; hooks and failures take the generic path."""
+import torch
+
+from w4a16.backends.gluon import launch
+from w4a16.backends.gluon.config import GluonDecodeConfig
+
+
+class FakeCompiled:
+    function, packed_metadata = "fn", "meta"
+
+    def __init__(self, log, fail=False):
+        self.log, self.fail = log, fail
+
+    def run(self, *a):
+        if self.fail:
+            raise TypeError("launcher signature differs")
+        self.log.append(("direct", a))
+
+
+class FakeKernel:
+    def __init__(self, fail=False):
+        self.log, self.fail = [], fail
+
+    def __getitem__(self, grid):
+        def launch_(*args, **kw):
+            self.log.append(("generic", grid, args, kw))
+            return FakeCompiled(self.log, self.fail)
+        return launch_
+
+
+X = torch.zeros(4)
+
+
+def _args():
+    return ("c", "x", "s", "o", X, X, X, X, 1, 64, 128, 8, 2, 1.0)
+
+
+def _setup(monkeypatch):
+    monkeypatch.setattr(launch, "_KERNELS", {})
+    monkeypatch.setattr(launch, "_DIRECT", [True])
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda i: 1234, raising=False)
+
+
+def test_second_call_goes_straight_to_the_compiled_launcher(monkeypatch):
+    _setup(monkeypatch)
+    k, cfg = FakeKernel(), GluonDecodeConfig()
+    cx = {"MT": 16, "W": 4}
+    for _ in range(3):
+        launch._launch(k, (7, 2), _args(), cx, cfg, (cfg, 64, 4096, 0))
+    kinds = [e[0] for e in k.log]
+    assert kinds == ["generic", "direct", "direct"]
+    assert k.log[0][3] == {"num_warps": 4, "maxnreg": cfg.regs, "MT": 16, "W": 4}
+    grid_x, grid_y, grid_z, stream, fn, meta, lm, enter, exit_, *rest = k.log[1][1]
+    assert (grid_x, grid_y, grid_z, stream, fn, meta) == (7, 2, 1, 1234, "fn", "meta")
+    assert (lm, enter, exit_) == (None, None, None)
+    expected = _args() + (16, 4)   # the arguments, then the constexprs in signature order
+    assert len(rest) == len(expected) and all(a is b or a == b for a, b in zip(rest, expected))
+
+
+def test_other_specializations_and_devices_compile_separately(monkeypatch):
+    _setup(monkeypatch)
+    k, cfg = FakeKernel(), GluonDecodeConfig()
+    launch._launch(k, (7, 2), _args(), {"MT": 16}, cfg, (cfg, 64, 4096, 0))
+    launch._launch(k, (7, 2), _args(), {"MT": 8}, cfg, (cfg, 64, 4096, 0))      # other constexprs
+    launch._launch(k, (7, 2), _args(), {"MT": 16}, cfg, (cfg, 64, 4096, 1))     # not the current device
+    assert [e[0] for e in k.log] == ["generic", "generic", "generic"]
+
+
+def test_a_failing_direct_launch_falls_back_for_good(monkeypatch):
+    _setup(monkeypatch)
+    k, cfg = FakeKernel(fail=True), GluonDecodeConfig()
+    for _ in range(3):
+        launch._launch(k, (7, 2), _args(), {"MT": 16}, cfg, (cfg, 64, 4096, 0))
+    assert [e[0] for e in k.log] == ["generic", "generic", "generic"] and launch._DIRECT == [False]
