@@ -31,6 +31,7 @@ from torch import nn
 
 from . import formats, spec
 from .errors import W4A16Error, expect, fail
+from .fused import fuse_projections
 from .model import QuantizationReport, linear_weight_bytes
 from .nn import W4A16Linear
 from .weight import QuantizedWeight
@@ -243,7 +244,7 @@ def _load_rest(model: nn.Module, ckpt: _Tensors, used: set, report: Quantization
 
 
 def load_pretrained_quantized(model: nn.Module, path: Union[str, os.PathLike],
-                              dtype: Optional[torch.dtype] = None) -> QuantizationReport:
+                              dtype: Optional[torch.dtype] = None, fuse: bool = True) -> QuantizationReport:
     """Load the 4-bit checkpoint directory ``path`` into ``model``, in place.
 
     Every ``nn.Linear`` whose quantized tensors the checkpoint holds (matched by module name) is
@@ -255,6 +256,8 @@ def load_pretrained_quantized(model: nn.Module, path: Union[str, os.PathLike],
         path: the checkpoint directory (config.json + model.safetensors or an index and shards).
         dtype: fp16/bf16 for the new layers' scales, zeros and bias; default each Linear's dtype
             when that is fp16/bf16, else the checkpoint's scales dtype.
+        fuse: then run sibling projections (q/k/v, gate/up) as one GEMM each, as
+            :func:`w4a16.quantize_model` does (act-order layers stay separate).
 
     Returns:
         QuantizationReport: replaced layers, Linear layers left alone (no quantized tensors),
@@ -294,4 +297,6 @@ def load_pretrained_quantized(model: nn.Module, path: Union[str, os.PathLike],
         owner = key.rpartition(".")[0]
         if key not in loaded and owner not in replaced and key not in report.missing_keys:
             report.missing_keys.append(key)
+    if fuse:
+        report.fused = fuse_projections(model)
     return report

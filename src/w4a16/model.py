@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from . import spec
 from .errors import W4A16Error, expect
+from .fused import fuse_projections
 from .nn import W4A16Linear
 
 
@@ -33,6 +34,8 @@ class QuantizationReport:
         bytes_before: bytes of the replaced layers' original weights (bias not counted).
         bytes_after:  bytes of their quantized storage (codes, scales, zeros, perm).
         missing_keys / unexpected_keys: from loading a checkpoint (empty for quantize_model).
+        fused:        names of the fused projections made (``qkv_proj``, ``gate_up_proj``; see
+                      :mod:`w4a16.fused`).
     """
 
     replaced: List[str] = field(default_factory=list)
@@ -41,6 +44,7 @@ class QuantizationReport:
     bytes_after: int = 0
     missing_keys: List[str] = field(default_factory=list)
     unexpected_keys: List[str] = field(default_factory=list)
+    fused: List[str] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -51,6 +55,8 @@ class QuantizationReport:
         n = len(self.replaced)
         s = (f"quantized {n} Linear layer{'' if n == 1 else 's'}, {format_bytes(self.bytes_before)} -> "
              f"{format_bytes(self.bytes_after)} ({self.ratio:.1f}x smaller)")
+        if self.fused:
+            s += f"; fused {len(self.fused)} projection group{'' if len(self.fused) == 1 else 's'}"
         if self.skipped:
             s += "; left alone: " + ", ".join(f"{k} ({v})" for k, v in self.skipped.items())
         if self.missing_keys:
@@ -107,7 +113,7 @@ def ineligible_reason(linear: nn.Module, group_size: int) -> Optional[str]:
 
 def quantize_model(model: nn.Module, group_size: int = 128, symmetric: bool = True,
                    skip: Iterable[str] = ("lm_head",), dtype: Optional[torch.dtype] = None,
-                   progress: bool = True) -> QuantizationReport:
+                   progress: bool = True, fuse: bool = True) -> QuantizationReport:
     """Replace, in place, every eligible ``nn.Linear`` of ``model`` with ``W4A16Linear.from_linear``.
 
     Eligibility (anything else is left alone and listed in ``report.skipped`` with the reason):
@@ -131,6 +137,8 @@ def quantize_model(model: nn.Module, group_size: int = 128, symmetric: bool = Tr
         dtype: fp16/bf16 for scales, zeros, bias and activations; default each layer's dtype if
             fp16/bf16, else fp16.
         progress: show a tqdm progress bar.
+        fuse: run sibling projections that read the same input (q/k/v, gate/up of Llama-, Qwen2-
+            and Mistral-style layers) as one GEMM each (:func:`w4a16.fused.fuse_projections`).
 
     Returns:
         QuantizationReport (replaced names, skipped names with reasons, weight bytes before/after).
@@ -166,4 +174,6 @@ def quantize_model(model: nn.Module, group_size: int = 128, symmetric: bool = Tr
         report.replaced.append(name)
         report.bytes_before += linear_weight_bytes(module)
         report.bytes_after += linear_weight_bytes(new)
+    if fuse:
+        report.fused = fuse_projections(model)
     return report

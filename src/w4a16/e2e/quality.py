@@ -241,6 +241,7 @@ def run_quality(group_sizes: Sequence[int] = (32, 64), modes: Sequence[str] = ("
         QualityResult with rows fp32, the 16-bit model, "w4 q4_1 g32" if ``q4_1``, then one per
         (mode, group size).
     """
+    from ..fused import fuse_projections
     from ..model import quantize_model
 
     if dtype not in _DTYPES:
@@ -277,9 +278,11 @@ def run_quality(group_sizes: Sequence[int] = (32, 64), modes: Sequence[str] = ("
     configs = [("q4_1", 32)] * bool(q4_1) + [(mode, g) for mode in modes for g in group_sizes]
     for mode, g in configs:
         qmodel = copy.deepcopy(base)
-        report = quantize_model(qmodel, group_size=g, symmetric=mode == "sym", dtype=dt, progress=progress)
+        report = quantize_model(qmodel, group_size=g, symmetric=mode == "sym", dtype=dt, progress=progress,
+                                fuse=False)
         if mode == "q4_1":
             load_q4_1_grid(qmodel, base, report.replaced)
+        report.fused = fuse_projections(qmodel)  # after the per-layer codes are in place
         qmodel.to(dt)
         if report.skipped and set(report.skipped) != {"lm_head"}:
             say(f"  w4 {mode} g{g}: left unquantized: " + ", ".join(sorted(report.skipped))[:200])

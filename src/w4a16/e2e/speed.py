@@ -369,7 +369,7 @@ def _measure(name, model, device, batches, prefill_tokens, decode_kw, say) -> Mo
 def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), prefill_tokens: int = 2048,
               group_size: int = 128, symmetric: bool = True, device: str = "cuda", context: int = 256,
               iters: int = 50, prompt_len: int = 32, verify_tokens: int = 64, use_graph: bool = True,
-              config_overrides=None, compile: bool = False,
+              config_overrides=None, compile: bool = False, fuse: bool = True,
               print_fn: Optional[Callable[[str], None]] = print) -> SpeedResult:
     """Measure fp16 and W4A16 on the Llama-3-8B shape (see the module docstring).
 
@@ -381,6 +381,7 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
         prompt_len: tokens in the cache before the timed decode step;
         verify_tokens: prompt length of the logits check; use_graph: False times eager steps;
         compile: run the decode step's forward through torch.compile (both models);
+        fuse: fuse q/k/v and gate/up into one W4A16 GEMM each (``quantize_model(fuse=...)``);
         config_overrides: dict of LlamaConfig fields (e.g. a tiny model for tests).
     Returns:
         SpeedResult; raises RuntimeError if a check fails.
@@ -400,13 +401,13 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
     decode_kw = dict(context=context, prompt_len=prompt_len, iters=iters, use_graph=use_graph, compile=compile)
     dev_name = torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu"
     result = SpeedResult(dict(dims, group_size=group_size, symmetric=symmetric, prefill_tokens=prefill_tokens,
-                              context=context, verify_tokens=verify_tokens, compile=compile),
+                              context=context, verify_tokens=verify_tokens, compile=compile, fused=fuse),
                          dev_name, _versions(), {})
     result.models.append(_measure("fp16", model, device, batches, prefill_tokens, decode_kw, say))
 
     t0 = time.perf_counter()
     report = quantize_model(model, group_size=group_size, symmetric=symmetric, skip=("lm_head",),
-                            dtype=torch.float16, progress=False)
+                            dtype=torch.float16, progress=False, fuse=fuse)
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -486,13 +487,14 @@ def main(argv: Optional[Sequence[str]] = None) -> SpeedResult:
     p.add_argument("--iters", type=int, default=50, help="timed decode steps")
     p.add_argument("--no-graph", action="store_true", help="time eager decode steps")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step's forward (both models)")
+    p.add_argument("--no-fuse", action="store_true", help="one W4A16 GEMM per projection (no fused q/k/v, gate/up)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None, help="folder for speed.json")
     a = p.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("no CUDA device: this benchmark needs a GPU (--device cpu only checks that it runs)")
     result = run_speed(a.layers, a.batches, a.prefill_tokens, a.group_size, not a.asym, a.device, a.context,
-                       a.iters, use_graph=not a.no_graph, compile=a.compile)
+                       a.iters, use_graph=not a.no_graph, compile=a.compile, fuse=not a.no_fuse)
     if a.out:
         print(f"wrote {write_json(result, a.out)}")
     return result
