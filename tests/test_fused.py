@@ -136,7 +136,7 @@ def test_compiled_forward_matches_eager():
     quantize_model(model, group_size=64, skip=(), progress=False)
     x = _x()
     eager = model(x)
-    assert torch.equal(torch.compile(model, backend="aot_eager")(x), eager)
+    assert torch.equal(torch.compile(model, backend="aot_eager", fullgraph=True)(x), eager)
 
 
 def test_llama_decoder_layers_fuse_and_match():

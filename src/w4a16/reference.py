@@ -123,8 +123,11 @@ def _dot(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     infinite terms share one sign; otherwise the fp32 sum of the finite terms (which may itself
     overflow to +-inf). A matrix multiply gives the same on finite inputs, but a BLAS is free to
     skip zero operands (hiding 0 * inf), so non-finite inputs are classified here term by term,
-    with exact counting matmuls rather than an [M, N, K] product.
+    with exact counting matmuls rather than an [M, N, K] product. Under torch.compile (which cannot
+    branch on tensor values without a graph break) the plain product is used.
     """
+    if torch.compiler.is_compiling():
+        return x @ W.T
     xf, wf = torch.isfinite(x), torch.isfinite(W)
     if bool(xf.all()) and bool(wf.all()):
         return x @ W.T
