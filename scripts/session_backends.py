@@ -281,10 +281,8 @@ def sanitize():
 @section("e2e")
 def e2e():
     """Whole-model decode, eager and graph-replayed (w4a16.e2e.speed), fp16 in the same harness."""
-    for extra in (["--no-graph"], []):
-        name = "e2e" + ("_eager" if extra else "_graph")
-        _subprocess(name, [sys.executable, "-m", "w4a16.e2e.speed", "--batches", "1", "16", "--iters", "20",
-                           "--out", os.path.join(OUT, name), *extra], 300)
+    _subprocess("e2e", [sys.executable, "-m", "w4a16.e2e.speed", "--batches", "1", "16", "--iters", "20",
+                        "--eager-too", "--out", os.path.join(OUT, "e2e")], 420)
 
 
 if __name__ == "__main__":

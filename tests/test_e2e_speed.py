@@ -94,3 +94,11 @@ def test_kernel_kinds():
     assert speed.kernel_kind("nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NTN") == "other gemm"
     assert speed.kernel_kind("sm90_xmma_gemm_f16f16_f16f32") == "other gemm"
     assert speed.kernel_kind("triton_red_fused_rms_norm_0") == "other"
+
+
+def test_eager_too_times_both_modes_and_records_fusion():
+    res = speed.run_speed(**dict(RUN, batches=(1,), eager_too=True, fuse=False))
+    assert res.config["fused"] is False
+    for m in res.models:
+        assert [d.batch for d in m.decode] == [1, 1]   # the graph-replayed row, then the eager one
+    assert "decode b=1 tok/s (eager)" in speed.format_speed(res)

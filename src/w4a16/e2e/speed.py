@@ -356,19 +356,21 @@ def _versions() -> Dict[str, str]:
     return out
 
 
-def _measure(name, model, device, batches, prefill_tokens, decode_kw, say) -> ModelSpeed:
+def _measure(name, model, device, batches, prefill_tokens, decode_kw, say, graph_modes=(True,)) -> ModelSpeed:
     mem = torch.cuda.memory_allocated() if str(device).startswith("cuda") else 0
     say(f"{name}: prefill {prefill_tokens} tokens ...")
     ms = ModelSpeed(name, weight_bytes(model), mem, prefill_ms(model, prefill_tokens, device))
-    for b in batches:
-        say(f"{name}: decode batch {b} ...")
-        ms.decode.append(decode_speed(model, b, device, say=say, **decode_kw))
+    for use_graph in graph_modes:
+        for b in batches:
+            say(f"{name}: decode batch {b} ({'graph' if use_graph else 'eager'}) ...")
+            ms.decode.append(decode_speed(model, b, device, say=say, use_graph=use_graph, **decode_kw))
     return ms
 
 
 def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), prefill_tokens: int = 2048,
               group_size: int = 128, symmetric: bool = True, device: str = "cuda", context: int = 256,
               iters: int = 50, prompt_len: int = 32, verify_tokens: int = 64, use_graph: bool = True,
+              eager_too: bool = False,
               config_overrides=None, compile: bool = False, fuse: bool = True,
               print_fn: Optional[Callable[[str], None]] = print) -> SpeedResult:
     """Measure fp16 and W4A16 on the Llama-3-8B shape (see the module docstring).
@@ -380,6 +382,7 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
         context: KV cache slots (decode attends over all of them); iters: timed decode steps;
         prompt_len: tokens in the cache before the timed decode step;
         verify_tokens: prompt length of the logits check; use_graph: False times eager steps;
+        eager_too: with use_graph, also time eager steps (both rows in the table and the JSON);
         compile: run the decode step's forward through torch.compile (both models);
         fuse: fuse q/k/v and gate/up into one W4A16 GEMM each (``quantize_model(fuse=...)``);
         config_overrides: dict of LlamaConfig fields (e.g. a tiny model for tests).
@@ -398,12 +401,13 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
     g = torch.Generator().manual_seed(3)
     vids = torch.randint(0, config.vocab_size, (1, verify_tokens), generator=g).to(device)
     ref = logits_of(model, vids)
-    decode_kw = dict(context=context, prompt_len=prompt_len, iters=iters, use_graph=use_graph, compile=compile)
+    decode_kw = dict(context=context, prompt_len=prompt_len, iters=iters, compile=compile)
+    graph_modes = (True, False) if use_graph and eager_too else (use_graph,)
     dev_name = torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu"
     result = SpeedResult(dict(dims, group_size=group_size, symmetric=symmetric, prefill_tokens=prefill_tokens,
                               context=context, verify_tokens=verify_tokens, compile=compile, fused=fuse),
                          dev_name, _versions(), {})
-    result.models.append(_measure("fp16", model, device, batches, prefill_tokens, decode_kw, say))
+    result.models.append(_measure("fp16", model, device, batches, prefill_tokens, decode_kw, say, graph_modes))
 
     t0 = time.perf_counter()
     report = quantize_model(model, group_size=group_size, symmetric=symmetric, skip=("lm_head",),
@@ -433,7 +437,7 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
         say(f"note: with random weights the W4A16 model drifts from fp16 (relative error "
             f"{result.check['rel_err_vs_fp16']:.3g}); expected, not a kernel error")
     name = f"w4a16 g{group_size} {'sym' if symmetric else 'asym'}"
-    result.models.append(_measure(name, model, device, batches, prefill_tokens, decode_kw, say))
+    result.models.append(_measure(name, model, device, batches, prefill_tokens, decode_kw, say, graph_modes))
     say(format_speed(result))
     return result
 
@@ -443,16 +447,19 @@ def format_speed(result: SpeedResult) -> str:
     """A markdown table: one row per model and a speed-up row (fp16 / W4A16)."""
     from ..model import format_bytes
 
-    batches = [d.batch for d in result.models[0].decode]
+    steps = [(d.batch, d.mode) for d in result.models[0].decode]
+    both = len(steps) != len({b for b, _ in steps})  # a batch timed in both modes: label every column
     c = result.config
     head = (f"Llama-3-8B shape, {c['num_hidden_layers']} layers, {result.device} "
             f"(torch {result.versions['torch']}, transformers {result.versions['transformers']}, "
             f"triton {result.versions['triton']}); decode on a {c['context']}-slot KV cache"
             + (", decode step through torch.compile" if c.get("compile") else ""))
-    cols = ["model", "weights", f"prefill {c['prefill_tokens']} ms"] + [f"decode b={b} tok/s" for b in batches]
+    cols = ["model", "weights", f"prefill {c['prefill_tokens']} ms"] + [
+        f"decode b={b} tok/s" + (f" ({m})" if both else "") for b, m in steps]
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for m in result.models:
-        dec = [f"{d.tokens_per_s:.1f}" + ("" if d.mode == "cuda-graph" else f" ({d.mode})") for d in m.decode]
+        dec = [f"{d.tokens_per_s:.1f}" + ("" if d.mode == "cuda-graph" or both else f" ({d.mode})")
+               for d in m.decode]
         lines.append("| " + " | ".join([m.name, format_bytes(m.weight_bytes), f"{m.prefill_ms:.2f}"] + dec) + " |")
     if len(result.models) == 2:
         a, b = result.models
@@ -486,6 +493,7 @@ def main(argv: Optional[Sequence[str]] = None) -> SpeedResult:
     p.add_argument("--context", type=int, default=256, help="KV cache slots for decode")
     p.add_argument("--iters", type=int, default=50, help="timed decode steps")
     p.add_argument("--no-graph", action="store_true", help="time eager decode steps")
+    p.add_argument("--eager-too", action="store_true", help="time eager decode steps besides graph-replayed ones")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step's forward (both models)")
     p.add_argument("--no-fuse", action="store_true", help="one W4A16 GEMM per projection (no fused q/k/v, gate/up)")
     p.add_argument("--device", default="cuda")
@@ -494,7 +502,8 @@ def main(argv: Optional[Sequence[str]] = None) -> SpeedResult:
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("no CUDA device: this benchmark needs a GPU (--device cpu only checks that it runs)")
     result = run_speed(a.layers, a.batches, a.prefill_tokens, a.group_size, not a.asym, a.device, a.context,
-                       a.iters, use_graph=not a.no_graph, compile=a.compile, fuse=not a.no_fuse)
+                       a.iters, use_graph=not a.no_graph, compile=a.compile, fuse=not a.no_fuse,
+                       eager_too=a.eager_too)
     if a.out:
         print(f"wrote {write_json(result, a.out)}")
     return result
