@@ -10,7 +10,7 @@ import torch
 
 from . import spec
 from .errors import expect, fail
-from .pack import pack_nibbles, unpack_nibbles
+from .pack import pack_nibbles
 from .validate import check_gemm_args
 from .weight import QuantizedWeight
 
@@ -107,12 +107,7 @@ def gemm_stored(x2: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tenso
 def dequantize_fp32(w: QuantizedWeight) -> torch.Tensor:
     """W = (q - z) * s [N, K] in fp32, element by element, in stored K order (IEEE: a NaN or inf
     scale or zero point propagates, and (q - z) * inf is NaN where q == z)."""
-    N, K = w.shape
-    g = K if w.group_size == -1 else w.group_size
-    q = unpack_nibbles(w.qweight).float()
-    s = w.scales.float().repeat_interleave(g, dim=1)
-    z = spec.SYMMETRIC_ZERO if w.zeros is None else w.zeros.float().repeat_interleave(g, dim=1)
-    return (q - z) * s
+    return w.dequantize_stored(torch.float32)
 
 
 def _dot(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
