@@ -136,6 +136,11 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
     compiling = torch.compiler.is_compiling()
     key = None
     if not compiling:
+        index = x.get_device() if isinstance(x, torch.Tensor) else -1
+        if index >= 0 and index != torch._C._cuda_getDevice():
+            # Kernels launch on the current device: make it x's (weights on cuda:1 and so on).
+            with torch.cuda.device(index):
+                return gemm(x, w, bias, alpha, config, deterministic, backend)
         # The eager fast path: a call like an earlier one on this weight (same x shape, dtype and
         # device, same kind of bias, alpha and settings, nothing needing a gradient, the weight
         # unchanged) reuses that call's validation, choice and bound launch.
