@@ -17,28 +17,15 @@ import torch
 if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
     pytest.skip("needs an sm_90 CUDA GPU (the library holds sm_90a kernels)", allow_module_level=True)
 
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernel_cases import make_weight, rel_err  # noqa: E402
 
 import w4a16  # noqa: E402
 from w4a16.capi import loader  # noqa: E402
-
-TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-def make_weight(N, K, group_size, zeros, dtype, device, seed=0):
-    """A quantized random weight; zeros: None (symmetric), "int" or "float" zero points."""
-    gen = torch.Generator().manual_seed(seed)
-    qw = w4a16.quantize(torch.randn(N, K, generator=gen) * 0.05 + 0.01, group_size, symmetric=zeros is None,
-                        dtype=dtype)
-    if zeros == "float":
-        z = torch.rand(qw.scales.shape, generator=gen) * 15
-        qw = w4a16.QuantizedWeight.from_plain(qw.qweight, qw.scales, z.to(dtype), group_size)
-    return qw.to(device)
-
-
-def rel_err(y, ref):
-    y, ref = y.double(), ref.double()
-    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+from w4a16.measure import TOLERANCE  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16]
 KERNELS = ["auto128", "auto64", "tile256", "tile128", "splitk64", "decode"]
