@@ -118,7 +118,9 @@ def bind_gemm(pw: PreparedWeight, M: int, dtype: torch.dtype, has_bias: bool, al
               deterministic: bool = True):
     """A callable ``run(x [M, K] contiguous, bias) -> y [M, N]`` for repeated calls of one shape:
     everything that does not change between such calls is computed here, once."""
-    if M == 0 or M > row_limit(pw, M, cfg):
+    if M == 0 or M > row_limit(pw, M, cfg) or (cfg.wide_scales and pw.scales_t.dtype != torch.float32):
+        # Row blocks, or fp32 scales made per call: a bound launch would keep an fp32 copy of the
+        # scales alive with the weight (prefill calls are long: the per-call copy costs little).
         return lambda x, bias: launch_gemm(x, pw, bias, alpha, cfg, deterministic)
     bound = BoundGemm(pw, M, dtype, has_bias, alpha, cfg, deterministic)
     return lambda x, bias: bound.launch(x, bias)[0]
