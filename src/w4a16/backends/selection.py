@@ -134,7 +134,8 @@ def _force(b: Backend, cfg: Any, p: Problem, what: str, fallback: bool) -> Choic
 
 def _first_config(b: Backend, p: Problem) -> Any:
     cands = b.candidates(p)
-    expect(bool(cands), "backend", f"a config for {b.name}", "none")
+    expect(bool(cands), "config", f"a config object or name for backend {b.name!r} at M = {p.M} "
+           f"(it chooses none by itself there)", "'auto'")
     return cands[0]
 
 

@@ -1,6 +1,9 @@
 """The Hopper backend: hand-pipelined Gluon kernels for sm_90a (TMA ring, mbarriers, a producer
-warp, register-operand wgmma). Today it has the decode kernel (M <= 64, ``decode.py``); larger M
-goes to the Triton backend.
+warp, register-operand wgmma). The decode kernel (M <= 64, ``decode.py``) is measured and is the
+automatic choice there; the prefill kernel (M >= 65, ``prefill.py``, same weight layout) is
+compile-verified only, so it runs only when asked for (``backend="gluon"`` or a
+``GluonPrefillConfig``): ``default_config`` returns None above M = 64 and ``backend="auto"`` keeps
+the Triton backend for prefill until a measurement (a tuning entry) says otherwise.
 
 This module imports no Triton: the launcher is imported on the first ``run``.
 """
@@ -17,6 +20,9 @@ from ..base import Backend, Problem
 from ..device import sms_of
 from .config import NAMED, GluonDecodeConfig, candidates, heuristic
 from .layout import GLUON_LAYOUT_VERSION, GluonPrepared, decode_params, prepare_decode, unpack_decode
+from .prefill_config import MIN_M as PREFILL_MIN_M
+from .prefill_config import NAMED as PREFILL_NAMED
+from .prefill_config import GluonPrefillConfig
 
 TRITON_VERSION = "3.6.0"  # the Gluon API changes between releases: the kernels are written for this one
 MAX_M = 64
@@ -32,14 +38,17 @@ def _triton_version() -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _config_from_key(key: str) -> GluonDecodeConfig:
-    return GluonDecodeConfig(**json.loads(key))
+def _config_from_key(key: str):
+    d = json.loads(key)
+    if d.pop("kind", None) == "prefill":
+        return GluonPrefillConfig(**d)
+    return GluonDecodeConfig(**d)
 
 
 class GluonBackend(Backend):
     name = "gluon"
     layout_version = GLUON_LAYOUT_VERSION
-    config_type = GluonDecodeConfig
+    config_type = (GluonDecodeConfig, GluonPrefillConfig)   # isinstance() takes the tuple
 
     def available(self, device: torch.device) -> Optional[str]:
         v = _triton_version()
@@ -53,13 +62,23 @@ class GluonBackend(Backend):
         return None
 
     def supports(self, p: Problem) -> Optional[str]:
-        if not 1 <= p.M <= MAX_M:
-            return f"M = {p.M}: the Gluon decode kernel takes M = 1..{MAX_M}"
+        if p.M < 1:
+            return f"M = {p.M}"
         if p.K % 8:
             return f"K = {p.K}: x's rows must be a multiple of 16 bytes for TMA (K % 8 == 0)"
+        if p.M > MAX_M:
+            # the prefill kernel: the decode kernel's conditions, plus 32-bit output offsets
+            if p.group not in (32, 64, 128, 256) and p.group != p.K:
+                return f"group size {p.group}: the Gluon prefill kernel takes 32, 64, 128, 256 or per-channel"
+            if p.M * p.N >= 2 ** 31:
+                return f"M * N = {p.M * p.N}: the Gluon prefill kernel uses 32-bit output offsets"
         return None
 
-    def config_supports(self, cfg: GluonDecodeConfig, p: Problem) -> Optional[str]:
+    def config_supports(self, cfg, p: Problem) -> Optional[str]:
+        if isinstance(cfg, GluonPrefillConfig):
+            if p.M < PREFILL_MIN_M:
+                return f"M = {p.M}: the Gluon prefill kernel takes M >= {PREFILL_MIN_M} (decode below)"
+            return None
         if p.M > cfg.mt:
             return f"M = {p.M} > the config's token tile {cfg.mt}"
         return None
@@ -100,29 +119,46 @@ class GluonBackend(Backend):
 
     # ------------------------------------------------------------------ configs
     def named_configs(self) -> dict:
-        return {f"gluon-{k}": v for k, v in NAMED.items()}
+        named = {f"gluon-{k}": v for k, v in NAMED.items()}
+        named.update({f"gluon-{k}": v for k, v in PREFILL_NAMED.items()})
+        return named
 
-    def default_config(self, p: Problem) -> GluonDecodeConfig:
+    def default_config(self, p: Problem) -> Optional[GluonDecodeConfig]:
         # Measured on the H200 (docs/gluon_decode_notes.md): faster than the Triton kernel on every
-        # Llama layer at M = 1, 16 and 64, so it is the automatic choice there.
+        # Llama layer at M = 1, 16 and 64, so it is the automatic choice there. The prefill kernel
+        # (M > 64) is not measured yet: no default, so backend="auto" does not pick it.
+        if p.M > MAX_M:
+            return None
         return heuristic(p.M, p.N, p.K, p.group, sms_of(p.device))
 
     def candidates(self, p: Problem) -> list:
+        if p.M > MAX_M:
+            # The prefill kernel has not run on a GPU yet: neither the tuner nor backend="gluon"
+            # picks it by itself; a GluonPrefillConfig (or a "gluon-prefill-*" name) runs it.
+            # prefill_candidates() is the search space for when it has been verified.
+            return []
         return candidates(p.M, p.N, p.K, p.group, sms_of(p.device))
 
-    def config_key(self, cfg: GluonDecodeConfig) -> str:
-        return json.dumps(asdict(cfg), sort_keys=True, separators=(",", ":"))
+    def config_key(self, cfg) -> str:
+        d = asdict(cfg)
+        if isinstance(cfg, GluonPrefillConfig):
+            d["kind"] = "prefill"   # decode keys carry no kind (tuning caches written before it stay valid)
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
-    def config_from_key(self, key: str) -> GluonDecodeConfig:
+    def config_from_key(self, key: str):
         return _config_from_key(key)
 
-    def config_label(self, cfg: GluonDecodeConfig) -> str:
+    def config_label(self, cfg) -> str:
         return cfg.short()
 
     # ------------------------------------------------------------------ running
     def run(self, x2, prepared, bias, alpha, cfg, deterministic=True, out=None):
-        from .launch import run_decode
-
         if x2.data_ptr() % 16:  # TMA needs a 16-byte aligned base: take an aligned copy
             x2 = x2.clone()
+        if isinstance(cfg, GluonPrefillConfig):
+            from .prefill_launch import run_prefill
+
+            return run_prefill(x2, prepared, bias, alpha, cfg, deterministic, out)
+        from .launch import run_decode
+
         return run_decode(x2, prepared, bias, alpha, cfg, deterministic, out)

@@ -1,0 +1,164 @@
+"""Launch configurations of the Gluon prefill kernel (``prefill.py``).
+
+Nothing here is measured yet: the kernel was written and compile-verified for sm_90a on a machine
+without a GPU (docs/gluon_prefill_notes.md). The heuristic and the candidates are a starting point
+for the first GPU sweep, and ``GluonBackend.default_config`` does not return them (``backend="auto"``
+never picks the prefill kernel until a measurement says it should).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List
+
+from ...errors import expect
+
+PREFILL_TOKEN_TILES = (64, 128, 256)
+MIN_M = 65   # below this the decode kernel (M <= 64) is the Gluon kernel for the call
+SMEM_LIMIT = 227 * 1024   # dynamic shared memory per block on H100 / H200
+
+
+@dataclass(frozen=True)
+class GluonPrefillConfig:
+    """One launch configuration of the prefill kernel.
+
+    mt:       token tile (the wgmma N): 64, 128 or 256.
+    bn:       weight rows per consumer warpgroup: 64 (one m64 wgmma row block) or 128 (two); a
+              program tile is 2 * bn rows (two consumer warpgroups) x mt tokens.
+    nch:      chunks per pipeline stage (a stage covers nch * 2 * kh values of K, kh = min(g, 64)).
+    stages:   shared-memory ring depth (2..8).
+    pingpong: True: the two consumer warpgroups take turns issuing their wgmma chains (an mbarrier
+              handshake per stage: one dequantizes while the other's wgmmas run); False: both run
+              free (the "cooperative" variant: one tile of 2 * bn rows split between them, no
+              ordering between the warpgroups).
+    hold:     True: a chunk's A registers stay alive until the next chunk's wgmmas are issued (no
+              wgmma wait between chunks; + 32 registers per 64 rows); False: wait for each chunk's
+              wgmmas before the next dequant (the other warpgroup keeps the tensor cores busy).
+              Only matters with nch > 1 (a stage always ends with a wait for all its wgmmas).
+    group_n:  grouped raster: row tiles per group (programs running together share weight tiles
+              and token tiles in L2).
+    maxnreg:  registers per thread at launch (0: 168). Gluon runs the kernel in 12 warps (the
+              producer warp's warpgroup is padded with 3 idle warps), so the launch needs
+              12 * 32 * maxnreg <= 64K registers: 168 at most (224 would not launch).
+    creg:     registers the consumer worker partition asks for (setmaxnreg; 0: the most the pool
+              allows, (3 * maxnreg - 40) / 2 rounded down to 8 = 232 at 168). Triton gives the
+              default partition (consumer 0) what is left, 3 * maxnreg - creg - 40 (232 as well),
+              and the producer warpgroup 40. At 232 / 232 / 40 ptxas reports no spills in the
+              128-token kernel and no wait between its HGMMAs; at 168 for all (the rule PERF.md
+              gives for one wgmma partition) consumer 0 spills 16 registers in its K loop.
+    epi:      the epilogue in this many slices of tokens (1, 2 or 4; 0: 1 for 64 x 128 accumulators,
+              4 above); slicing the accumulator is free (register bits), and it cuts the epilogue's
+              live offsets and pointers: spills of the 256-token tiles 48 -> 4 with 2 slices, 0 with 4.
+    """
+
+    mt: int = 128
+    bn: int = 64
+    nch: int = 1
+    stages: int = 4
+    pingpong: bool = True
+    hold: bool = True
+    group_n: int = 8
+    maxnreg: int = 0
+    creg: int = 0
+    epi: int = 0
+
+    def __post_init__(self):
+        expect(self.mt in PREFILL_TOKEN_TILES, "mt", f"one of {PREFILL_TOKEN_TILES}", self.mt)
+        expect(self.bn in (64, 128), "bn", "64 or 128", self.bn)
+        expect(self.nch in (1, 2, 4), "nch", "1, 2 or 4", self.nch)
+        expect(2 <= self.stages <= 8, "stages", "2..8", self.stages)
+        expect(1 <= self.group_n <= 64, "group_n", "1..64", self.group_n)
+        expect(self.maxnreg == 0 or (64 <= self.maxnreg <= 168 and self.maxnreg % 8 == 0), "maxnreg",
+               "0 or a multiple of 8 in 64..168 (12 warps x 32 x maxnreg <= 64K)", self.maxnreg)
+        expect(self.epi in (0, 1, 2, 4), "epi", "0, 1, 2 or 4", self.epi)
+        expect(self.creg == 0 or (self.regs <= self.creg <= self.max_creg and self.creg % 8 == 0), "creg",
+               f"0 or a multiple of 8 from maxnreg to {self.max_creg}", self.creg)
+
+    @property
+    def warps(self) -> int:
+        """Warps of the default partition (consumer 0), the launch's ``num_warps``; the kernel runs
+        9 warps: two consumer warpgroups and the producer warp."""
+        return 4
+
+    @property
+    def regs(self) -> int:
+        return self.maxnreg or 168
+
+    @property
+    def max_creg(self) -> int:
+        """The most the consumer partitions can hold together: 12 warps x regs at launch, the
+        producer warpgroup down to 40, the two consumer warpgroups share the rest."""
+        return min(256, (3 * self.regs - 40) // 2 // 8 * 8)
+
+    @property
+    def consumer_regs(self) -> int:
+        return self.creg or self.max_creg
+
+    @property
+    def epi_parts(self) -> int:
+        return self.epi or (1 if self.mt * self.bn <= 128 * 64 else 4)
+
+    @property
+    def rows(self) -> int:
+        """Weight rows per program tile (both consumer warpgroups)."""
+        return 2 * self.bn
+
+    def short(self) -> str:
+        s = f"p{self.mt}x{self.bn}x2c{self.nch}s{self.stages}"
+        s += "pp" if self.pingpong else "co"
+        s += "" if self.hold else "w0"
+        s += f"g{self.group_n}" if self.group_n != 8 else ""
+        s += f"r{self.maxnreg}" if self.maxnreg else ""
+        s += f"e{self.epi}" if self.epi else ""
+        return s + (f"c{self.creg}" if self.creg else "")
+
+    def smem_bytes(self, kh: int, elem: int = 2, has_zeros: bool = False, group: int = 128) -> int:
+        """Shared memory of the ring (codes + x + scales [+ offsets] of both warpgroups)."""
+        ks = self.nch * 2 * kh
+        gps = max(1, ks // group)
+        per = self.rows * ks // 2 + self.mt * ks * elem + (2 if has_zeros else 1) * gps * self.rows * elem
+        return self.stages * per + 1024
+
+
+NAMED: Dict[str, GluonPrefillConfig] = {
+    # 4 x 41 KB: 128 tokens x 128 rows per program, each warpgroup 64 x 128 (acc 64 registers)
+    "prefill-128": GluonPrefillConfig(mt=128, bn=64, nch=1, stages=4),
+    # 3 x 73 KB: 256 tokens (the widest wgmma), acc 128 registers per thread; A not held across chunks
+    # 3 x 73 KB: 256 tokens (the widest wgmma) x 128 rows; accumulators [64, 256] (128 registers)
+    "prefill-256": GluonPrefillConfig(mt=256, bn=64, nch=1, stages=3),
+    # 4 x 49 KB: 128 tokens x 256 rows (128 per warpgroup: two m64 wgmmas per k step); the fewest
+    # L2 bytes per MAC of the shipped tiles (85, vs 51 for prefill-128)
+    "prefill-128x128": GluonPrefillConfig(mt=128, bn=128, nch=1, stages=4),
+    # the cooperative variant of prefill-128 (no turn-taking between the warpgroups)
+    "prefill-128-coop": GluonPrefillConfig(mt=128, bn=64, nch=1, stages=4, pingpong=False),
+}
+
+
+def fits(cfg: GluonPrefillConfig, kh: int, has_zeros: bool, group: int) -> bool:
+    return cfg.smem_bytes(kh, 2, has_zeros, group) <= SMEM_LIMIT
+
+
+def prefill_heuristic(M: int, N: int, K: int, group: int, num_sms: int) -> GluonPrefillConfig:
+    """Not measured (a prediction, for the first sweep to replace): 256 x 128 program tiles
+    (prefill-128x128: the fewest L2 -> SM bytes per MAC) where they make at least 4 waves on the GPU,
+    else 128 x 128 (prefill-128: twice the tiles, less wave quantization on small layers / small M)."""
+    if -(-N // 256) * -(-M // 128) >= 4 * num_sms:
+        return NAMED["prefill-128x128"]
+    return NAMED["prefill-128"]
+
+
+def prefill_candidates(M: int, N: int, K: int, group: int, num_sms: int, has_zeros: bool = True) -> List[GluonPrefillConfig]:
+    """Configurations worth timing for this call (for the first GPU sweep; not measured): the
+    heuristic's choice first, then tile shapes, ring depths and the two schedules."""
+    kh = min(group, 64) if group < 64 else 64
+    h = prefill_heuristic(M, N, K, group, num_sms)
+    out = [h, GluonPrefillConfig(128, 64, 1, 4), GluonPrefillConfig(128, 64, 1, 5),
+           GluonPrefillConfig(128, 64, 1, 4, pingpong=False), GluonPrefillConfig(128, 64, 1, 4, group_n=16),
+           GluonPrefillConfig(256, 64, 1, 3), GluonPrefillConfig(256, 64, 1, 3, pingpong=False),
+           GluonPrefillConfig(128, 128, 1, 4), GluonPrefillConfig(128, 128, 1, 4, pingpong=False),
+           GluonPrefillConfig(128, 128, 1, 3), GluonPrefillConfig(64, 128, 1, 6), GluonPrefillConfig(64, 64, 2, 4)]
+    seen, res = set(), []
+    for c in out:
+        if c not in seen and fits(c, kh, has_zeros, group):
+            seen.add(c)
+            res.append(c)
+    return res

@@ -1,0 +1,195 @@
+"""Host side of the Gluon prefill kernel (``prefill.py``): support check, cached launch plans, the
+launch (through ``launch._launch``'s direct path), and offline compilation for sm_90a."""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ...errors import expect
+from ..workspace import plans_of
+from .launch import PRODUCER_REGS, _blocks, _gl_dtype, _launch, _layouts
+from .launch import supports as _decode_supports
+from .layout import GluonPrepared, half_chunk
+from .prefill_config import MIN_M, GluonPrefillConfig
+
+
+def supports(M: int, N: int, K: int, group: int, dtype: torch.dtype, has_zeros: bool,
+             x: Optional[torch.Tensor] = None) -> Optional[str]:
+    """None when the Gluon prefill kernel handles this call (M >= 65), else the reason it does not."""
+    if M < MIN_M:
+        return f"M = {M} < {MIN_M}: the decode kernel's range"
+    if M * N >= 2 ** 31:
+        return f"M * N = {M * N} >= 2^31 (32-bit output offsets)"
+    # every other condition (triton version, dtype, TMA alignment, group size, x) is the decode kernel's
+    return _decode_supports(1, N, K, group, dtype, has_zeros, x)
+
+
+@functools.lru_cache(maxsize=1024)
+def _constexprs(cfg: GluonPrefillConfig, kh: int, group: int, has_zeros: bool, has_bias: bool, dtype):
+    """The kernel's constexpr arguments, in signature order."""
+    ks, gps, gdiv = _blocks(cfg, kh, group)
+    return dict(MT=cfg.mt, BN=cfg.bn, KH=kh, NCH=cfg.nch, STAGES=cfg.stages, GPS=gps, GDIV=gdiv,
+                GROUP_N=cfg.group_n, PINGPONG=bool(cfg.pingpong), HOLD=bool(cfg.hold), HAS_ZEROS=bool(has_zeros),
+                HAS_BIAS=bool(has_bias), DTYPE=_gl_dtype(dtype), EPI_PARTS=cfg.epi_parts,
+                CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=PRODUCER_REGS)
+
+
+def _x_layout(cfg: GluonPrefillConfig, kh: int, dtype):
+    from triton.experimental.gluon import language as gl
+    return gl.NVMMASharedLayout.get_default_for([cfg.mt, kh], _gl_dtype(dtype))
+
+
+@dataclass
+class _PrefillPlan:
+    c_desc: object
+    s_desc: object
+    o_desc: object
+    xl: object
+    kh: int
+    n_k: int
+    n_tn: int
+    n_tm: int
+    grid: tuple
+
+
+def _plan(pw: GluonPrepared, M: int, cfg: GluonPrefillConfig) -> _PrefillPlan:
+    key = ("prefill", M, cfg)
+    plans = plans_of(pw)
+    plan = plans.get(key)
+    if plan is not None:
+        return plan
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    kh = pw.kh
+    ks, gps, _ = _blocks(cfg, kh, pw.group)
+    cl, _, sl = _layouts(cfg, kh, pw.dtype)
+    c_desc = TensorDescriptor.from_tensor(pw.codes, [cfg.bn // 16, ks // 32, 256], cl)
+    s_desc = TensorDescriptor.from_tensor(pw.scales_t, [gps, cfg.bn], sl)
+    o_desc = TensorDescriptor.from_tensor(pw.offs_t, [gps, cfg.bn], sl) if pw.offs_t is not None else s_desc
+    n_tn = -(-pw.N // cfg.rows)
+    n_tm = -(-M // cfg.mt)
+    n_k = -(-pw.K // ks)
+    sms = torch.cuda.get_device_properties(pw.codes.device).multi_processor_count
+    plan = _PrefillPlan(c_desc, s_desc, o_desc, _x_layout(cfg, kh, pw.dtype), kh, n_k, n_tn, n_tm,
+                        (min(n_tn * n_tm, sms), 1))
+    plans[key] = plan
+    return plan
+
+
+def run_prefill(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor], alpha: float,
+                cfg: GluonPrefillConfig, deterministic: bool = True,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y [M, N] = alpha * x2 @ W^T + bias with the Gluon prefill kernel, on torch's current stream.
+
+    x2: contiguous [M, K] fp16/bf16; pw: the weight in the Gluon layout (the decode kernel's, same
+    dtype); bias: [N] or None. The kernel has no K split, so it is deterministic either way.
+    """
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from .prefill import w4a16_prefill_kernel
+    M, K = x2.shape
+    N = pw.N
+    expect(M >= 1, "x2.shape[0] (M)", ">= 1", M)
+    expect(K == pw.K, "x2.shape[1] (K)", pw.K, K)
+    expect(x2.dtype == pw.dtype, "x2.dtype", f"{pw.dtype} (the scales' dtype)", x2.dtype)
+    plan = _plan(pw, M, cfg)
+    y = out if out is not None else torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    x_desc = TensorDescriptor(x2, [M, K], [K, 1], [cfg.mt, plan.kh], plan.xl)
+    cx = _constexprs(cfg, plan.kh, pw.group, pw.has_zeros, bias is not None, x2.dtype)
+    args = (plan.c_desc, x_desc, plan.s_desc, plan.o_desc, y, bias if bias is not None else y,
+            M, N, pw.group, plan.n_k, plan.n_tn, plan.n_tm, float(alpha))
+    _launch(w4a16_prefill_kernel, plan.grid, args, cx, cfg, ("prefill", cfg, plan.kh, pw.K_pad, x2.get_device()))
+    return y
+
+
+# ----------------------------------------------------------------------------- offline (no GPU)
+def compile_prefill_for_sm90(cfg: GluonPrefillConfig, dtype=torch.float16, has_zeros: bool = False,
+                             group: int = 128, has_bias: bool = True):
+    """Compile the prefill kernel for sm_90a (GPUTarget("cuda", 90, 32)) on any machine."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from .prefill import w4a16_prefill_kernel
+    kh = half_chunk(group)
+    ks, gps, _ = _blocks(cfg, kh, group)
+    cl, _, sl = _layouts(cfg, kh, dtype)
+    xl = _x_layout(cfg, kh, dtype)
+    dt = "fp16" if dtype == torch.float16 else "bf16"
+    sig = {"c_desc": f"tensordesc<u8[{cfg.bn // 16}, {ks // 32}, 256],{cl!r}>",
+           "x_desc": f"tensordesc<{dt}[{cfg.mt}, {kh}],{xl!r}>",
+           "s_desc": f"tensordesc<{dt}[{gps}, {cfg.bn}],{sl!r}>",
+           "o_desc": f"tensordesc<{dt}[{gps}, {cfg.bn}],{sl!r}>",
+           "y_ptr": f"*{dt}", "bias_ptr": f"*{dt}",
+           "M": "i32", "N": "i32", "group": "i32", "n_k": "i32", "n_tn": "i32", "n_tm": "i32", "alpha": "fp32"}
+    cx = _constexprs(cfg, kh, group, has_zeros, has_bias, dtype)
+    for k in cx:
+        sig[k] = "constexpr"
+    saved = os.environ.pop("TRITON_INTERPRET", None)   # the interpreter must not take over compiling
+    try:
+        src = GluonASTSource(w4a16_prefill_kernel, sig, cx)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": cfg.warps, "maxnreg": cfg.regs})
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def prefill_sass_stats(compiled, cfg: Optional[GluonPrefillConfig] = None, group: int = 128) -> dict:
+    """SASS report of a compiled prefill kernel: registers, shared bytes, spills (LDL/STL), setmaxnreg
+    instructions, and for each consumer partition's main loop (an innermost backward branch that
+    holds HGMMA: one per consumer warpgroup) its opcode histogram, HGMMA count, whether a wgmma wait
+    sits between two consecutive HGMMAs, and instructions per weight (given cfg)."""
+    import collections
+    import re
+    from .launch import _LINE, _cuobjdump
+    sass = _cuobjdump(compiled.asm["cubin"], "-sass")
+    res = _cuobjdump(compiled.asm["cubin"], "-res-usage")
+    lines = []
+    for ln in sass.splitlines():
+        m = _LINE.match(ln)
+        if m:
+            lines.append((int(m.group(1), 16), m.group(2)))
+    ops = [(a, re.sub(r"^@!?U?P\w+\s+", "", t).split()[0]) for a, t in lines if t]
+    loops = []
+    for a, t in lines:
+        m = re.search(r"BRA\s+(?:`?\(?)0x([0-9a-f]+)", t)
+        if m and int(m.group(1), 16) < a:
+            lo = int(m.group(1), 16)
+            body = [o for (b, o) in ops if lo <= b <= a]
+            # the K loops: HGMMA and no global store (a tile loop holds the epilogue's STG)
+            if any(o.startswith("HGMMA") for o in body) and not any(o.startswith("STG") for o in body):
+                loops.append((lo, a, body))
+    # innermost: no other HGMMA loop strictly inside
+    inner = [L for L in loops if not any(o is not L and L[0] <= o[0] and o[1] <= L[1] and (o[0], o[1]) != (L[0], L[1])
+                                         for o in loops)]
+    seen, mains = set(), []
+    for lo, hi, body in sorted(inner):
+        if (lo, hi) not in seen:
+            seen.add((lo, hi))
+            mains.append(body)
+    kh = half_chunk(group)
+    per_thread = cfg.bn * cfg.nch * 2 * kh // 128 if cfg is not None else None
+    loops_out = []
+    for body in mains:
+        hist = collections.Counter(body)
+        hg = [i for i, o in enumerate(body) if o.startswith("HGMMA")]
+        wait_between = any(any(o.startswith("WARPGROUP.DEPBAR") for o in body[i + 1:j]) and
+                           not any(o.startswith(("LDS", "LOP3", "HFMA2")) for o in body[i + 1:j])
+                           for i, j in zip(hg, hg[1:]))
+        d = {"instructions": len(body), "spills": sum(1 for o in body if o.startswith(("LDL", "STL"))), "histogram": dict(hist.most_common()),
+             "hgmma": sum(v for k, v in hist.items() if k.startswith("HGMMA")), "wait_between_hgmma": wait_between}
+        if per_thread:
+            d["weights_per_thread"] = per_thread
+            d["instr_per_weight"] = round(len(body) / per_thread, 3)
+        loops_out.append(d)
+    regs = re.search(r"REG:(\d+)", res)
+    return {
+        "registers": int(regs.group(1)) if regs else None,
+        "num_warps": compiled.metadata.num_warps,
+        "shared_bytes": compiled.metadata.shared,
+        "spills": sum(1 for _, o in ops if o.startswith(("LDL", "STL"))),
+        "setmaxnreg": sum(1 for _, o in ops if o.startswith("USETMAXREG")),
+        "main_loops": loops_out,
+    }

@@ -1,0 +1,157 @@
+"""The Gluon prefill kernel (M >= 65) on an sm_90 GPU against w4a16.reference.gemm: the full option
+matrix on ragged M / N / K, outputs poisoned with NaN and every element checked, every shipped
+config and the sweep's candidates, determinism, CUDA-graph capture, and the backend dispatch."""
+import pytest
+import torch
+
+if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+    pytest.skip("needs an sm_90 (Hopper) GPU", allow_module_level=True)
+triton = pytest.importorskip("triton")
+if triton.__version__ != "3.6.0":
+    pytest.skip("the Gluon kernels are written for triton 3.6.0", allow_module_level=True)
+
+from w4a16 import reference  # noqa: E402
+from w4a16.backends.gluon.layout import prepare_decode  # noqa: E402
+from w4a16.backends.gluon.prefill_config import NAMED, GluonPrefillConfig, prefill_candidates  # noqa: E402
+from w4a16.backends.gluon.prefill_launch import run_prefill, supports  # noqa: E402
+from w4a16.weight import QuantizedWeight  # noqa: E402
+
+MS = [65, 300, 1000, 2049]
+NKS = [(72, 576), (200, 1376), (4100, 4096)]
+
+
+def _weight(N, K, g, zeros, dtype, gen):
+    G = K // (K if g == -1 else g)
+    qw = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=gen)
+    s = (torch.rand(N, G, generator=gen) * 0.01 + 0.005).to(dtype)
+    z = None
+    if zeros == "int":
+        z = torch.randint(0, 16, (N, G), generator=gen).to(dtype)
+    elif zeros == "float":
+        z = (torch.rand(N, G, generator=gen) * 15).to(dtype)
+    return QuantizedWeight.from_plain(qw.cuda(), s.cuda(), None if z is None else z.cuda(), g)
+
+
+def _prep(w):
+    return prepare_decode(w.qweight, w.scales, w.zeros, w.group_size_effective)
+
+
+def _rel(y, ref):
+    assert torch.isfinite(y).all(), "NaN/Inf in the output (an element left unwritten, or a bad value)"
+    y, ref = y.float(), ref.float()
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-6))
+
+
+def _run(x, pw, bias, alpha, cfg):
+    y = torch.full((x.shape[0], pw.N), float("nan"), dtype=x.dtype, device="cuda")
+    run_prefill(x, pw, bias, alpha, cfg, out=y)
+    torch.cuda.synchronize()
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("group", [32, 64, 128, 256, -1])
+@pytest.mark.parametrize("zeros", [None, "int", "float"])
+def test_matrix(dtype, group, zeros):
+    gen = torch.Generator().manual_seed(11)
+    tol = 2e-3 if dtype == torch.float16 else 1e-2
+    cfg = NAMED["prefill-128"]
+    for i, (N, K) in enumerate(NKS):
+        if group != -1 and K % group:
+            continue
+        w = _weight(N, K, group, zeros, dtype, gen)
+        pw = _prep(w)
+        for j, M in enumerate(MS):
+            x = torch.randn(M, K, generator=gen).to(dtype).cuda()
+            bias = (torch.randn(N, generator=gen) * 0.1).to(dtype).cuda() if (i + j) % 2 else None
+            alpha = 0.5 if j % 3 == 0 else 1.0
+            assert supports(M, N, K, w.group_size_effective, dtype, zeros is not None, x) is None
+            ref = reference.gemm(x, w, bias, alpha)
+            assert _rel(_run(x, pw, bias, alpha, cfg), ref) <= tol, (M, N, K, group, zeros)
+
+
+def _all_configs():
+    cfgs = list(NAMED.values())
+    for c in prefill_candidates(4096, 28672, 4096, 128, 132) + prefill_candidates(1024, 8192, 28672, 32, 132):
+        if c not in cfgs:
+            cfgs.append(c)
+    return cfgs
+
+
+@pytest.mark.parametrize("cfg", _all_configs(), ids=lambda c: c.short())
+def test_every_config(cfg):
+    """Each config on ragged shapes (partial row, token and K tiles; several tiles per program)."""
+    gen = torch.Generator().manual_seed(12)
+    for (M, N, K, g, zeros, dtype) in [(300, 4100, 4096, 128, None, torch.float16),
+                                       (2049, 200, 1376, 32, "float", torch.bfloat16),
+                                       (1000, 8192, 4096, 64, "int", torch.float16)]:
+        w = _weight(N, K, g, zeros, dtype, gen)
+        pw = _prep(w)
+        x = torch.randn(M, K, generator=gen).to(dtype).cuda()
+        bias = (torch.randn(N, generator=gen) * 0.1).to(dtype).cuda()
+        ref = reference.gemm(x, w, bias, 0.75)
+        tol = 2e-3 if dtype == torch.float16 else 1e-2
+        assert _rel(_run(x, pw, bias, 0.75, cfg), ref) <= tol, (cfg.short(), M, N, K)
+
+
+def test_deterministic():
+    gen = torch.Generator().manual_seed(13)
+    w = _weight(4096, 14336, 128, "int", torch.float16, gen)
+    pw = _prep(w)
+    x = torch.randn(1000, 14336, generator=gen).half().cuda()
+    for cfg in NAMED.values():
+        y1 = _run(x, pw, None, 1.0, cfg)
+        y2 = _run(x, pw, None, 1.0, cfg)
+        assert torch.equal(y1, y2), cfg.short()
+    assert _rel(y1, reference.gemm(x, w)) <= 2e-3
+
+
+def test_cuda_graph():
+    gen = torch.Generator().manual_seed(14)
+    w = _weight(200, 1376, 32, "float", torch.float16, gen)
+    pw = _prep(w)
+    x = torch.randn(300, 1376, generator=gen).half().cuda()
+    cfg = NAMED["prefill-128"]
+    eager = run_prefill(x, pw, None, 0.5, cfg)
+    out = torch.empty_like(eager)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run_prefill(x, pw, None, 0.5, cfg, out=out)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run_prefill(x, pw, None, 0.5, cfg, out=out)
+    for _ in range(3):
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+
+
+def test_backend_dispatch():
+    """backend="gluon" runs the prefill kernel above M = 64; backend="auto" does not pick it (not
+    measured); a prefill config object runs it."""
+    import w4a16
+    from w4a16.backends import selection
+    from w4a16.backends.gluon.backend import GluonBackend
+    gen = torch.Generator().manual_seed(15)
+    w = _weight(4096, 4096, 128, None, torch.float16, gen)
+    x = torch.randn(512, 4096, generator=gen).half().cuda()
+    ref = reference.gemm(x, w)
+    p = selection.problem_of(x, w)
+    assert GluonBackend().default_config(p) is None
+    auto = selection.choose(p, "auto")
+    assert auto.backend.name != "gluon" or auto.reason.startswith("tuned")
+    ch = selection.choose(p, "gluon")
+    assert ch.backend.name == "gluon" and isinstance(ch.config, GluonPrefillConfig)
+    assert _rel(w4a16.gemm(x, w, backend="gluon"), ref) <= 2e-3
+    assert _rel(w4a16.gemm(x, w, config=NAMED["prefill-128-coop"]), ref) <= 2e-3
+    assert _rel(w4a16.gemm(x, w, config="gluon-prefill-128"), ref) <= 2e-3
+
+
+def test_unsupported_reasons():
+    assert supports(64, 4096, 4096, 128, torch.float16, False) is not None      # the decode kernel's range
+    assert supports(65536, 57344, 4096, 128, torch.float16, False) is not None  # 32-bit offsets
+    assert supports(1024, 64, 100, 100, torch.float16, False) is not None       # K * 2 not 16-byte aligned
+    assert supports(1024, 64, 4096, 96, torch.float16, False) is not None       # group size
