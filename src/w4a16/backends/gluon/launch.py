@@ -254,10 +254,8 @@ def _cuobjdump(cubin: bytes, *flags) -> str:
 _LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 
-def sass_stats(compiled, cfg: Optional[GluonDecodeConfig] = None, group: int = 128) -> dict:
-    """SASS report of a compiled kernel: registers, shared bytes, spills (LDL/STL), and for the main
-    loop (the longest backward branch holding HGMMA): its opcode histogram, HGMMA count, whether a
-    wgmma wait sits between two consecutive HGMMAs, and instructions per weight (given cfg)."""
+def sass_ops(compiled) -> tuple:
+    """([(address, opcode)] of the kernel's SASS, cuobjdump's resource-usage text)."""
     sass = _cuobjdump(compiled.asm["cubin"], "-sass")
     res = _cuobjdump(compiled.asm["cubin"], "-res-usage")
     lines = []
@@ -265,30 +263,48 @@ def sass_stats(compiled, cfg: Optional[GluonDecodeConfig] = None, group: int = 1
         m = _LINE.match(ln)
         if m:
             lines.append((int(m.group(1), 16), m.group(2)))
-    ops = [(a, re.sub(r"^@!?U?P\w+\s+", "", t).split()[0]) for a, t in lines if t]
-    spans = []
-    for a, t in lines:
+    ops = [(a, re.sub(r"^@!?U?P\w+\s+", "", t).split()[0], t) for a, t in lines if t]
+    return ops, res
+
+
+def backward_branches(ops) -> list:
+    """(first address, branch address, [opcodes in between]) of every backward branch: the loops."""
+    out = []
+    for a, _, t in ops:
         m = re.search(r"BRA\s+(?:`?\(?)0x([0-9a-f]+)", t)
         if m and int(m.group(1), 16) < a:
-            body = [o for (b, o) in ops if int(m.group(1), 16) <= b <= a]
-            spans.append((sum(o.startswith("HGMMA") for o in body), -len(body), body))
+            lo = int(m.group(1), 16)
+            out.append((lo, a, [o for (b, o, _) in ops if lo <= b <= a]))
+    return out
+
+
+def wait_between_hgmma(body) -> bool:
+    """A wgmma wait between two HGMMAs that follow each other with no dequant work in between
+    (ptxas serialized them)."""
+    hg = [i for i, o in enumerate(body) if o.startswith("HGMMA")]
+    return any(any(o.startswith("WARPGROUP.DEPBAR") for o in body[i + 1:j]) and
+               not any(o.startswith(("LDS", "LOP3", "HFMA2")) for o in body[i + 1:j])
+               for i, j in zip(hg, hg[1:]))
+
+
+def sass_stats(compiled, cfg: Optional[GluonDecodeConfig] = None, group: int = 128) -> dict:
+    """SASS report of a compiled kernel: registers, shared bytes, spills (LDL/STL), and for the main
+    loop (the longest backward branch holding HGMMA): its opcode histogram, HGMMA count, whether a
+    wgmma wait sits between two consecutive HGMMAs, and instructions per weight (given cfg)."""
+    ops, res = sass_ops(compiled)
+    spans = [(sum(o.startswith("HGMMA") for o in body), -len(body), body) for _, _, body in backward_branches(ops)]
     # the main loop: the backward branch spanning the most HGMMAs, the shortest such
     best = max(spans, key=lambda s: (s[0], s[1]))[2] if spans and max(spans)[0] else []
     hist = collections.Counter(best)
-    hg = [i for i, o in enumerate(best) if o.startswith("HGMMA")]
-    # a wgmma wait between two HGMMAs that follow each other with no dequant work in between
-    wait_between = any(any(o.startswith("WARPGROUP.DEPBAR") for o in best[i + 1:j]) and
-                       not any(o.startswith(("LDS", "LOP3", "HFMA2")) for o in best[i + 1:j])
-                       for i, j in zip(hg, hg[1:]))
     regs = re.search(r"REG:(\d+)", res)
     out = {
         "registers": int(regs.group(1)) if regs else None,
         "shared_bytes": compiled.metadata.shared,
-        "spills": sum(1 for _, o in ops if o.startswith(("LDL", "STL"))),
+        "spills": sum(1 for _, o, _ in ops if o.startswith(("LDL", "STL"))),
         "loop_instructions": len(best),
         "loop_histogram": dict(hist.most_common()),
         "hgmma": sum(v for k, v in hist.items() if k.startswith("HGMMA")),
-        "wait_between_hgmma": wait_between,
+        "wait_between_hgmma": wait_between_hgmma(best),
     }
     if cfg is not None:
         kh = half_chunk(group)

@@ -143,24 +143,11 @@ def prefill_sass_stats(compiled, cfg: Optional[GluonPrefillConfig] = None, group
     sits between two consecutive HGMMAs, and instructions per weight (given cfg)."""
     import collections
     import re
-    from .launch import _LINE, _cuobjdump
-    sass = _cuobjdump(compiled.asm["cubin"], "-sass")
-    res = _cuobjdump(compiled.asm["cubin"], "-res-usage")
-    lines = []
-    for ln in sass.splitlines():
-        m = _LINE.match(ln)
-        if m:
-            lines.append((int(m.group(1), 16), m.group(2)))
-    ops = [(a, re.sub(r"^@!?U?P\w+\s+", "", t).split()[0]) for a, t in lines if t]
-    loops = []
-    for a, t in lines:
-        m = re.search(r"BRA\s+(?:`?\(?)0x([0-9a-f]+)", t)
-        if m and int(m.group(1), 16) < a:
-            lo = int(m.group(1), 16)
-            body = [o for (b, o) in ops if lo <= b <= a]
-            # the K loops: HGMMA and no global store (a tile loop holds the epilogue's STG)
-            if any(o.startswith("HGMMA") for o in body) and not any(o.startswith("STG") for o in body):
-                loops.append((lo, a, body))
+    from .launch import backward_branches, sass_ops, wait_between_hgmma
+    ops, res = sass_ops(compiled)
+    # the K loops: HGMMA and no global store (a tile loop holds the epilogue's STG)
+    loops = [(lo, a, body) for lo, a, body in backward_branches(ops)
+             if any(o.startswith("HGMMA") for o in body) and not any(o.startswith("STG") for o in body)]
     # innermost: no other HGMMA loop strictly inside
     inner = [L for L in loops if not any(o is not L and L[0] <= o[0] and o[1] <= L[1] and (o[0], o[1]) != (L[0], L[1])
                                          for o in loops)]
@@ -174,10 +161,7 @@ def prefill_sass_stats(compiled, cfg: Optional[GluonPrefillConfig] = None, group
     loops_out = []
     for body in mains:
         hist = collections.Counter(body)
-        hg = [i for i, o in enumerate(body) if o.startswith("HGMMA")]
-        wait_between = any(any(o.startswith("WARPGROUP.DEPBAR") for o in body[i + 1:j]) and
-                           not any(o.startswith(("LDS", "LOP3", "HFMA2")) for o in body[i + 1:j])
-                           for i, j in zip(hg, hg[1:]))
+        wait_between = wait_between_hgmma(body)
         d = {"instructions": len(body), "spills": sum(1 for o in body if o.startswith(("LDL", "STL"))), "histogram": dict(hist.most_common()),
              "hgmma": sum(v for k, v in hist.items() if k.startswith("HGMMA")), "wait_between_hgmma": wait_between}
         if per_thread:
@@ -189,7 +173,7 @@ def prefill_sass_stats(compiled, cfg: Optional[GluonPrefillConfig] = None, group
         "registers": int(regs.group(1)) if regs else None,
         "num_warps": compiled.metadata.num_warps,
         "shared_bytes": compiled.metadata.shared,
-        "spills": sum(1 for _, o in ops if o.startswith(("LDL", "STL"))),
-        "setmaxnreg": sum(1 for _, o in ops if o.startswith("USETMAXREG")),
+        "spills": sum(1 for _, o, _ in ops if o.startswith(("LDL", "STL"))),
+        "setmaxnreg": sum(1 for _, o, _ in ops if o.startswith("USETMAXREG")),
         "main_loops": loops_out,
     }
