@@ -40,6 +40,7 @@ def _args():
 def _setup(monkeypatch):
     monkeypatch.setattr(launch, "_KERNELS", {})
     monkeypatch.setattr(launch, "_DIRECT", [True])
+    monkeypatch.setattr(launch, "_LAST", [None])
     monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda i: 1234, raising=False)
 
@@ -52,6 +53,8 @@ def test_second_call_goes_straight_to_the_compiled_launcher(monkeypatch):
         launch._launch(k, (7, 2), _args(), cx, cfg, (cfg, 64, 4096, 0))
     kinds = [e[0] for e in k.log]
     assert kinds == ["generic", "direct", "direct"]
+    compiled, grid = launch.last_launch()          # what kernel_info reads
+    assert isinstance(compiled, FakeCompiled) and grid == (7, 2)
     assert k.log[0][3] == {"num_warps": 4, "maxnreg": cfg.regs, "MT": 16, "W": 4}
     grid_x, grid_y, grid_z, stream, fn, meta, lm, enter, exit_, *rest = k.log[1][1]
     assert (grid_x, grid_y, grid_z, stream, fn, meta) == (7, 2, 1, 1234, "fn", "meta")

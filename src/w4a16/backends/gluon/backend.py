@@ -162,3 +162,13 @@ class GluonBackend(Backend):
         from .launch import run_decode
 
         return run_decode(x2, prepared, bias, alpha, cfg, deterministic, out)
+
+    def kernel_info(self, x2, prepared, bias, cfg) -> dict:
+        from .launch import last_launch
+
+        self.run(x2, prepared, bias, 1.0, cfg)
+        compiled, grid = last_launch()
+        return dict(registers=int(getattr(compiled, "n_regs", 0) or 0),
+                    shared_bytes=int(getattr(compiled.metadata, "shared", 0)),
+                    spills=int(getattr(compiled, "n_spills", 0) or 0),
+                    num_warps=int(getattr(compiled.metadata, "num_warps", 0)), grid=tuple(grid))

@@ -180,6 +180,12 @@ def run_decode(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor]
 
 _KERNELS: dict = {}
 _DIRECT = [True]  # cleared for the process if a direct launch ever fails
+_LAST: list = [None]  # (compiled kernel, grid) of this process's latest launch, for kernel_info
+
+
+def last_launch() -> Optional[tuple]:
+    """(compiled kernel, grid) of the latest Gluon launch in this process, or None."""
+    return _LAST[0]
 
 
 def _launch(kernel, grid, args, cx: dict, cfg: GluonDecodeConfig, static: tuple) -> None:
@@ -196,6 +202,7 @@ def _launch(kernel, grid, args, cx: dict, cfg: GluonDecodeConfig, static: tuple)
         try:
             compiled.run(grid[0], grid[1], 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
                          *args, *cx.values())
+            _LAST[0] = (compiled, grid)
             return
         except Exception:  # an API difference in this Triton build: keep to the generic path
             _DIRECT[0] = False
@@ -205,6 +212,7 @@ def _launch(kernel, grid, args, cx: dict, cfg: GluonDecodeConfig, static: tuple)
     if len(_KERNELS) >= 256:
         _KERNELS.clear()
     _KERNELS[key] = compiled
+    _LAST[0] = (compiled, grid)
 
 
 # ----------------------------------------------------------------------------- offline (no GPU)
