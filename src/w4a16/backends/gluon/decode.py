@@ -185,34 +185,44 @@ def _epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, pid_k,
 
 
 @gluon.jit
+def dequant_chunk(cview, s_ring, o_ring, slot, ch: gl.constexpr, a_l: gl.constexpr, KH: gl.constexpr,
+                  GDIV: gl.constexpr, HAS_ZEROS: gl.constexpr, DTYPE: gl.constexpr):
+    """Chunk ``ch`` of a stage's codes (``cview`` [BN, NCH * KH] uint8 in shared memory) as the two
+    wgmma A operands (w_lo, w_hi) [BN, KH] in DTYPE: each 16-byte load is a thread's fragment,
+    lop3 magic-number dequant to exact q, then q * s + o with its half chunk's scales/offsets."""
+    KC: gl.constexpr = 2 * KH
+    row_l: gl.constexpr = gl.SliceLayout(1, a_l)
+    s_lo, o_lo = _scale_pair(s_ring, o_ring, slot, (ch * KC) // GDIV, row_l, HAS_ZEROS)
+    if (ch * KC + KH) // GDIV == (ch * KC) // GDIV:
+        s_hi = s_lo
+        o_hi = o_lo
+    else:
+        s_hi, o_hi = _scale_pair(s_ring, o_ring, slot, (ch * KC + KH) // GDIV, row_l, HAS_ZEROS)
+    codes = cview.slice(ch * KH, KH, dim=1).load(a_l)
+    if DTYPE == gl.float16:
+        w_lo, w_hi = gl.inline_asm_elementwise(
+            DEQ_FP16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [codes, s_lo, o_lo, s_hi, o_hi],
+            dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
+    else:
+        w_lo, w_hi = gl.inline_asm_elementwise(
+            DEQ_BF16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [codes, s_lo, o_lo, s_hi, o_hi],
+            dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=4)
+    return w_lo, w_hi
+
+
+@gluon.jit
 def _consume_stage(acc, it, c_ring, x_ring, s_ring, o_ring, bars,
                    acc_l: gl.constexpr, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr,
                    STAGES: gl.constexpr, GDIV: gl.constexpr, HAS_ZEROS: gl.constexpr, DTYPE: gl.constexpr):
     """Wait for stage ``it`` and add its products to acc; all its wgmmas are complete on return."""
     BN: gl.constexpr = 16 * W
-    KC: gl.constexpr = 2 * KH
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
-    row_l: gl.constexpr = gl.SliceLayout(1, a_l)
     cview_l: gl.constexpr = code_smem_layout(W, NCH, KH)
     slot = it % STAGES
     mbarrier.wait(bars.index(slot), (it // STAGES) & 1)
     cview = c_ring.index(slot)._reinterpret(gl.uint8, [BN, NCH * KH], cview_l)
     for ch in gl.static_range(NCH):
-        s_lo, o_lo = _scale_pair(s_ring, o_ring, slot, (ch * KC) // GDIV, row_l, HAS_ZEROS)
-        if (ch * KC + KH) // GDIV == (ch * KC) // GDIV:
-            s_hi = s_lo
-            o_hi = o_lo
-        else:
-            s_hi, o_hi = _scale_pair(s_ring, o_ring, slot, (ch * KC + KH) // GDIV, row_l, HAS_ZEROS)
-        codes = cview.slice(ch * KH, KH, dim=1).load(a_l)
-        if DTYPE == gl.float16:
-            w_lo, w_hi = gl.inline_asm_elementwise(
-                DEQ_FP16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [codes, s_lo, o_lo, s_hi, o_hi],
-                dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
-        else:
-            w_lo, w_hi = gl.inline_asm_elementwise(
-                DEQ_BF16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [codes, s_lo, o_lo, s_hi, o_hi],
-                dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=4)
+        w_lo, w_hi = dequant_chunk(cview, s_ring, o_ring, slot, ch, a_l, KH, GDIV, HAS_ZEROS, DTYPE)
         xb = slot * 2 * NCH + 2 * ch
         acc = warpgroup_mma(w_lo, x_ring.index(xb).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma(w_hi, x_ring.index(xb + 1).permute((1, 0)), acc, is_async=True)

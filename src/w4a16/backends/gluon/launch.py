@@ -219,9 +219,6 @@ def _launch(kernel, grid, args, cx: dict, cfg: GluonDecodeConfig, static: tuple)
 def compile_for_sm90(cfg: GluonDecodeConfig, dtype=torch.float16, has_zeros: bool = False, group: int = 128,
                      has_bias: bool = True, split_mode: int = 1):
     """Compile the kernel for sm_90a (GPUTarget("cuda", 90, 32)) on any machine."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
     from .decode import w4a16_decode_kernel
     kh = half_chunk(group)
     ks, gps, _ = _blocks(cfg, kh, group)
@@ -237,11 +234,20 @@ def compile_for_sm90(cfg: GluonDecodeConfig, dtype=torch.float16, has_zeros: boo
     cx = _constexprs(cfg, kh, group, split_mode, has_zeros, has_bias, dtype)
     for k in cx:
         sig[k] = "constexpr"
-    saved = os.environ.pop("TRITON_INTERPRET", None)   # the interpreter must not take over compiling
+    return compile_sm90(w4a16_decode_kernel, sig, cx, cfg.warps, cfg.regs)
+
+
+def compile_sm90(kernel, signature: dict, constexprs: dict, num_warps: int, maxnreg: int):
+    """``triton.compile`` of a Gluon kernel for sm_90a (GPUTarget("cuda", 90, 32)), no GPU needed;
+    TRITON_INTERPRET is set aside meanwhile (the interpreter must not take over compiling)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    saved = os.environ.pop("TRITON_INTERPRET", None)
     try:
-        src = GluonASTSource(w4a16_decode_kernel, sig, cx)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": cfg.warps, "maxnreg": cfg.regs})
+        return triton.compile(GluonASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "maxnreg": maxnreg})
     finally:
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved

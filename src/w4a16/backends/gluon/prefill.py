@@ -36,7 +36,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from .decode import DEQ_BF16, DEQ_FP16, _epilogue, _scale_pair, code_smem_layout
+from .decode import _epilogue, code_smem_layout, dequant_chunk
 
 
 @gluon.jit
@@ -94,29 +94,13 @@ def _pf_stage(acc, it, c_ring, x_ring, s_ring, o_ring, full, empty, turn_mine, t
               PINGPONG: gl.constexpr, HOLD: gl.constexpr):
     """One stage of one consumer warpgroup: wait for the slot, dequant + wgmma every chunk (taking
     its turn before the first wgmma), hand the turn over, wait for its wgmmas, release the slot."""
-    KC: gl.constexpr = 2 * KH
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
-    row_l: gl.constexpr = gl.SliceLayout(1, a_l)
     cview_l: gl.constexpr = code_smem_layout(BN // 16, NCH, KH)
     slot = it % STAGES
     mbarrier.wait(full.index(slot), (it // STAGES) & 1)
     cview = c_ring.index(slot)._reinterpret(gl.uint8, [BN, NCH * KH], cview_l)
     for ch in gl.static_range(NCH):
-        s_lo, o_lo = _scale_pair(s_ring, o_ring, slot, (ch * KC) // GDIV, row_l, HAS_ZEROS)
-        if (ch * KC + KH) // GDIV == (ch * KC) // GDIV:
-            s_hi = s_lo
-            o_hi = o_lo
-        else:
-            s_hi, o_hi = _scale_pair(s_ring, o_ring, slot, (ch * KC + KH) // GDIV, row_l, HAS_ZEROS)
-        codes = cview.slice(ch * KH, KH, dim=1).load(a_l)
-        if DTYPE == gl.float16:
-            w_lo, w_hi = gl.inline_asm_elementwise(
-                DEQ_FP16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [codes, s_lo, o_lo, s_hi, o_hi],
-                dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
-        else:
-            w_lo, w_hi = gl.inline_asm_elementwise(
-                DEQ_BF16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [codes, s_lo, o_lo, s_hi, o_hi],
-                dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=4)
+        w_lo, w_hi = dequant_chunk(cview, s_ring, o_ring, slot, ch, a_l, KH, GDIV, HAS_ZEROS, DTYPE)
         if PINGPONG:
             if ch == 0:
                 # my turn: the other warpgroup has issued its wgmmas of the previous stage

@@ -3,7 +3,6 @@ launch (through ``launch._launch``'s direct path), and offline compilation for s
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -108,9 +107,7 @@ def run_prefill(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor
 def compile_prefill_for_sm90(cfg: GluonPrefillConfig, dtype=torch.float16, has_zeros: bool = False,
                              group: int = 128, has_bias: bool = True):
     """Compile the prefill kernel for sm_90a (GPUTarget("cuda", 90, 32)) on any machine."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    from .launch import compile_sm90
     from .prefill import w4a16_prefill_kernel
     kh = half_chunk(group)
     ks, gps, _ = _blocks(cfg, kh, group)
@@ -126,14 +123,7 @@ def compile_prefill_for_sm90(cfg: GluonPrefillConfig, dtype=torch.float16, has_z
     cx = _constexprs(cfg, kh, group, has_zeros, has_bias, dtype)
     for k in cx:
         sig[k] = "constexpr"
-    saved = os.environ.pop("TRITON_INTERPRET", None)   # the interpreter must not take over compiling
-    try:
-        src = GluonASTSource(w4a16_prefill_kernel, sig, cx)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": cfg.warps, "maxnreg": cfg.regs})
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
+    return compile_sm90(w4a16_prefill_kernel, sig, cx, cfg.warps, cfg.regs)
 
 
 def prefill_sass_stats(compiled, cfg: Optional[GluonPrefillConfig] = None, group: int = 128) -> dict:
