@@ -4,7 +4,8 @@
 
 Timing: CUDA-graph replay of back-to-back calls over several weight copies totalling > 120 MB
 (L2 is 60 MB on an H200), against cuBLAS fp16 (F.linear on the dequantized weight, same rotation)
-and the package's Triton backend (w4a16.gemm); copy bandwidth measured eagerly (b.copy_(a), 1 GB).
+and the package's Triton backend (w4a16.gemm(..., backend="triton")); copy bandwidth measured
+eagerly (b.copy_(a), 1 GB).
 """
 from __future__ import annotations
 
@@ -22,30 +23,13 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
 
 
-def _bootstrap():
-    """Import the package; if its top level does not import (it is refactored independently of this
-    kernel), register bare package objects so that the Gluon modules still import."""
-    try:
-        import w4a16  # noqa: F401
-        import w4a16.backends  # noqa: F401
-        return True
-    except Exception as e:  # noqa: BLE001
-        print(f"note: package import failed ({type(e).__name__}: {e}); using bare package stubs", flush=True)
-        import types
-        for k in [k for k in sys.modules if k == "w4a16" or k.startswith("w4a16.")]:
-            del sys.modules[k]
-        for name, path in (("w4a16", SRC / "w4a16"), ("w4a16.backends", SRC / "w4a16" / "backends")):
-            m = types.ModuleType(name)
-            m.__path__ = [str(path)]
-            sys.modules[name] = m
-        return False
-
-
-PACKAGE_OK = _bootstrap()
-
+import w4a16  # noqa: E402
+from w4a16 import reference  # noqa: E402
 from w4a16.backends.gluon.config import GluonDecodeConfig, heuristic  # noqa: E402
 from w4a16.backends.gluon.launch import run_decode, supports  # noqa: E402
 from w4a16.backends.gluon.layout import GluonPrepared, prepare_decode  # noqa: E402
+from w4a16.measure import GraphTimer, graph_replay_matches_eager, random_weight  # noqa: E402
+from w4a16.weight import QuantizedWeight  # noqa: E402
 
 LOG = None
 
@@ -58,53 +42,17 @@ def log(*a):
         LOG.flush()
 
 
-class Weight:
-    """Plain weight (the package's QuantizedWeight contract, kept local to this script)."""
-
-    def __init__(self, qweight, scales, zeros, g):
-        self.qweight, self.scales, self.zeros = qweight, scales, zeros
-        self.N, self.K = qweight.shape[0], qweight.shape[1] * 2
-        self.group_size_effective = self.K if g == -1 else g
-
-    def dequantize(self, dtype=torch.float32):
-        q = torch.stack([self.qweight & 0xF, self.qweight >> 4], dim=-1).reshape(self.N, self.K).float()
-        g = self.group_size_effective
-        s = self.scales.float().repeat_interleave(g, dim=1)
-        z = 8.0 if self.zeros is None else self.zeros.float().repeat_interleave(g, dim=1)
-        return ((q - z) * s).to(dtype)
-
-
-def ref_gemm(x, w, bias=None, alpha=1.0):
-    """fp32 reference of y = alpha * x @ W^T + bias (the contract of w4a16.reference.gemm)."""
-    y = (x.float().cpu() @ w.dequantize(torch.float32).T) * float(alpha)
-    if bias is not None:
-        y = y + bias.float().cpu()
-    return y.to(x.dtype)
-
-
-def make_weight(N, K, g, zeros, dtype, gen):
-    qw = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=gen)
-    G = K // (K if g == -1 else g)
-    s = (torch.rand(N, G, generator=gen) * 0.01 + 0.005).to(dtype)
-    z = None
-    if zeros == "int":
-        z = torch.randint(0, 16, (N, G), generator=gen).to(dtype)
-    elif zeros == "float":
-        z = (torch.rand(N, G, generator=gen) * 15).to(dtype)
-    return Weight(qw, s, z, g)
-
-
-def prep(w: Weight) -> GluonPrepared:
+def prep(w) -> GluonPrepared:
     return prepare_decode(w.qweight.cuda(), w.scales.cuda(), None if w.zeros is None else w.zeros.cuda(),
                           w.group_size_effective)
 
 
 def check(M, N, K, g, zeros, dtype, bias, alpha, cfg=None, deterministic=True, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    w = make_weight(N, K, g, zeros, dtype, gen)
+    w = random_weight(N, K, g, zeros, dtype, "cpu", gen)
     x = (torch.randn(M, K, generator=gen)).to(dtype).cuda()
     b = (torch.randn(N, generator=gen) * 0.1).to(dtype).cuda() if bias else None
-    ref = ref_gemm(x, w, b, alpha).float().cpu()
+    ref = reference.gemm(x.cpu(), w, None if b is None else b.cpu(), alpha).float()
     pw = prep(w)
     cfg = cfg or heuristic(M, N, K, w.group_size_effective, 132)
     why = supports(M, N, K, w.group_size_effective, dtype, zeros is not None, x)
@@ -156,67 +104,33 @@ def correctness(quick):
     # determinism and split modes
     for det in (True, False):
         gen = torch.Generator().manual_seed(5)
-        w = make_weight(4096, 14336, 128, None, torch.float16, gen)
+        w = random_weight(4096, 14336, 128, None, torch.float16, "cpu", gen)
         x = torch.randn(16, 14336, generator=gen).half().cuda()
         pw = prep(w)
         cfg = GluonDecodeConfig(mt=16, warps=4, nch=2, stages=4, splits=7)
         y1 = run_decode(x, pw, None, 1.0, cfg, det)
         y2 = run_decode(x, pw, None, 1.0, cfg, det)
-        ref = ref_gemm(x, w).float().cpu()
+        ref = reference.gemm(x.cpu(), w).float()
         err = float((y1.float().cpu() - ref).norm() / ref.norm())
         same = torch.equal(y1, y2)
         log(f"split-K deterministic={det}: err={err:.2e} bitwise-equal-twice={same}")
         fails += (err > 2e-3) or (det and not same)
     # CUDA graph
     gen = torch.Generator().manual_seed(6)
-    w = make_weight(200, 1376, 32, "float", torch.float16, gen)
+    w = random_weight(200, 1376, 32, "float", torch.float16, "cpu", gen)
     pw = prep(w)
     x = torch.randn(7, 1376, generator=gen).half().cuda()
     cfg = GluonDecodeConfig(mt=8, warps=4, nch=2, stages=3, splits=2)
-    eager = run_decode(x, pw, None, 0.5, cfg)
-    out = torch.empty_like(eager)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run_decode(x, pw, None, 0.5, cfg, out=out)
-    torch.cuda.current_stream().wait_stream(s)
-    gr = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(gr):
-        run_decode(x, pw, None, 0.5, cfg, out=out)
-    out.fill_(float("nan"))
-    gr.replay()
-    torch.cuda.synchronize()
-    log(f"cuda graph replay equals eager: {torch.equal(out, eager)}")
-    fails += not torch.equal(out, eager)
+    graph_ok = graph_replay_matches_eager(lambda out: run_decode(x, pw, None, 0.5, cfg, out=out))
+    log(f"cuda graph replay equals eager: {graph_ok}")
+    fails += not graph_ok
     log(f"correctness: {n + 3 - fails}/{n + 3} passed")
     return fails
 
 
-def graph_time(fns, reps_min=20, iters=5):
-    """us per call: CUDA graph of back-to-back calls cycling through fns."""
-    reps = max(reps_min, len(fns) * 2)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(reps):
-            fns[i % len(fns)]()
-    g.replay()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        best = min(best, a.elapsed_time(b) * 1000 / reps)
-    return best
+def graph_time(fns) -> float:
+    """us per call (median): CUDA-graph replay of back-to-back calls cycling through fns."""
+    return GraphTimer(max_calls=40, budget_ms=40.0, max_repeats=5).measure(fns).median_us
 
 
 def copy_bw():
@@ -244,20 +158,13 @@ SHAPES = {"8B qkv": (6144, 4096), "8B o": (4096, 4096), "8B gate_up": (28672, 40
 def timing(bw, ms, dtypes_for, cfg_override=None):
     log(f"== timing (copy bandwidth {bw / 1e12:.3f} TB/s); time us, fraction of copy bw on weight bytes "
         f"(codes + scales), x cuBLAS fp16")
-    have_triton = False
-    if PACKAGE_OK:
-        try:
-            import w4a16
-            from w4a16.weight import QuantizedWeight
-            have_triton = hasattr(w4a16, "gemm")
-        except Exception:  # noqa: BLE001
-            have_triton = False
+    have_triton = True
     log(f"{'layer':12s} {'dt':4s} {'M':>3s} {'cfg':16s} {'gluon':>8s} {'frac':>5s} {'cublas':>8s} {'x':>5s} "
         f"{'triton':>8s} {'x':>5s}")
     for name, (N, K) in SHAPES.items():
         for dtype in dtypes_for(name):
             gen = torch.Generator().manual_seed(1)
-            w = make_weight(N, K, 128, None, dtype, gen)
+            w = random_weight(N, K, 128, None, dtype, "cpu", gen)
             pw = prep(w)
             wbytes = pw.codes.numel() + pw.scales_t.numel() * 2
             copies = max(2, -(-120_000_000 // wbytes))
@@ -289,7 +196,7 @@ def timing(bw, ms, dtypes_for, cfg_override=None):
                 tt = float("nan")
                 if tw is None and have_triton and dtype == torch.float16 and tws:
                     try:
-                        tt = graph_time([lambda q=q: w4a16.gemm(x, q) for q in tws])
+                        tt = graph_time([lambda q=q: w4a16.gemm(x, q, backend="triton") for q in tws])
                     except Exception as e:  # noqa: BLE001
                         log(f"triton backend failed: {type(e).__name__}: {e}")
                         have_triton = False
@@ -307,7 +214,7 @@ def sweep(bw, shapes, ms):
     for name in shapes:
         N, K = SHAPES[name]
         gen = torch.Generator().manual_seed(1)
-        w = make_weight(N, K, 128, None, torch.float16, gen)
+        w = random_weight(N, K, 128, None, torch.float16, "cpu", gen)
         pw = prep(w)
         wbytes = pw.codes.numel() + pw.scales_t.numel() * 2
         copies = max(2, -(-120_000_000 // wbytes))
@@ -319,8 +226,7 @@ def sweep(bw, shapes, ms):
             res = []
             for cfg in candidates(M, N, K, 128, 132):
                 try:
-                    t = graph_time([lambda p=p, o=o: run_decode(x, p, None, 1.0, cfg, out=o) for p, o in zip(pws, outs)],
-                                   iters=3)
+                    t = graph_time([lambda p=p, o=o: run_decode(x, p, None, 1.0, cfg, out=o) for p, o in zip(pws, outs)])
                 except Exception as e:  # noqa: BLE001
                     log(f"  {cfg.short()} failed: {type(e).__name__}: {str(e)[:200]}")
                     continue

@@ -30,7 +30,7 @@ from w4a16 import reference  # noqa: E402
 from w4a16.backends.gluon.layout import GluonPrepared, prepare_decode  # noqa: E402
 from w4a16.backends.gluon.prefill_config import NAMED, GluonPrefillConfig, prefill_candidates, prefill_heuristic  # noqa: E402,F401
 from w4a16.backends.gluon.prefill_launch import run_prefill, supports  # noqa: E402
-from w4a16.measure import GraphTimer, copies_for  # noqa: E402
+from w4a16.measure import GraphTimer, copies_for, graph_replay_matches_eager, random_weight  # noqa: E402
 from w4a16.weight import QuantizedWeight  # noqa: E402
 
 SHAPES = {"8B qkv": (6144, 4096), "8B o": (4096, 4096), "8B gate_up": (28672, 4096), "8B down": (4096, 14336),
@@ -48,18 +48,6 @@ def log(*a):
         LOG.flush()
 
 
-def make_weight(N, K, g, zeros, dtype, gen):
-    G = K // (K if g == -1 else g)
-    qw = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=gen)
-    s = (torch.rand(N, G, generator=gen) * 0.01 + 0.005).to(dtype)
-    z = None
-    if zeros == "int":
-        z = torch.randint(0, 16, (N, G), generator=gen).to(dtype)
-    elif zeros == "float":
-        z = (torch.rand(N, G, generator=gen) * 15).to(dtype)
-    return QuantizedWeight.from_plain(qw.cuda(), s.cuda(), None if z is None else z.cuda(), g)
-
-
 def prep(w) -> GluonPrepared:
     return prepare_decode(w.qweight, w.scales, w.zeros, w.group_size_effective)
 
@@ -68,7 +56,7 @@ def check(M, N, K, g, zeros, dtype, bias, alpha, cfg, seed=0):
     """(relative Frobenius error, reason) of one call against reference.gemm (fp32 on the GPU);
     the output is poisoned with NaN first, so an unwritten element fails."""
     gen = torch.Generator().manual_seed(seed)
-    w = make_weight(N, K, g, zeros, dtype, gen)
+    w = random_weight(N, K, g, zeros, dtype, "cpu", gen).to("cuda")
     x = torch.randn(M, K, generator=gen).to(dtype).cuda()
     b = (torch.randn(N, generator=gen) * 0.1).to(dtype).cuda() if bias else None
     why = supports(M, N, K, w.group_size_effective, dtype, zeros is not None, x)
@@ -181,24 +169,12 @@ def correctness(cfg, quick):
             f"alpha={alpha} err={err} {why or ''}")
     # determinism (no K split: bitwise equal by construction) and CUDA graph = eager
     gen = torch.Generator().manual_seed(5)
-    w = make_weight(4096, 14336, 128, None, torch.float16, gen)
+    w = random_weight(4096, 14336, 128, None, torch.float16, "cpu", gen).to("cuda")
     x = torch.randn(1000, 14336, generator=gen).half().cuda()
     pw = prep(w)
     y1, y2 = run_prefill(x, pw, None, 1.0, cfg), run_prefill(x, pw, None, 1.0, cfg)
     same = torch.equal(y1, y2)
-    out = torch.empty_like(y1)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run_prefill(x, pw, None, 1.0, cfg, out=out)
-    torch.cuda.current_stream().wait_stream(s)
-    gr = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(gr):
-        run_prefill(x, pw, None, 1.0, cfg, out=out)
-    out.fill_(float("nan"))
-    gr.replay()
-    torch.cuda.synchronize()
-    graph_ok = torch.equal(out, y1)
+    graph_ok = graph_replay_matches_eager(lambda out: run_prefill(x, pw, None, 1.0, cfg, out=out))
     log(f"deterministic (bitwise twice): {same}; cuda graph replay equals eager: {graph_ok}")
     fails += (not same) + (not graph_ok)
     log(f"correctness {cfg.short()}: {len(cases) + 2 - fails}/{len(cases) + 2} passed")
@@ -215,7 +191,7 @@ class Layer:
     def __init__(self, N, K, dtype=torch.float16):
         gen = torch.Generator().manual_seed(1)
         self.N, self.K = N, K
-        self.w = make_weight(N, K, 128, None, dtype, gen)
+        self.w = random_weight(N, K, 128, None, dtype, "cpu", gen).to("cuda")
         pw = prep(self.w)
         wbytes = pw.codes.numel() + pw.scales_t.numel() * 2
         n = copies_for(wbytes, L2_BYTES)

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
+from .errors import expect
 from .weight import QuantizedWeight
 
 # Largest relative Frobenius error of a kernel against ``w4a16.reference.gemm`` (fp32), by x's
@@ -35,14 +36,20 @@ def generator(device, seed: int) -> torch.Generator:
     return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
 
 
-def random_weight(N: int, K: int, group_size: int, zeros: bool, dtype: torch.dtype, device,
+def random_weight(N: int, K: int, group_size: int, zeros, dtype: torch.dtype, device,
                   gen: torch.Generator) -> QuantizedWeight:
-    """A random QuantizedWeight (N, K): qweight uint8 [N, K/2], scales (and zeros) ``dtype`` [N, K/g]."""
+    """A random QuantizedWeight (N, K): qweight uint8 [N, K/2], scales (and zeros) ``dtype`` [N, K/g].
+
+    zeros: False / None (symmetric), True or "int" (integer zero points in 0..15), "float" (any
+    float in [0, 15), as HQQ stores)."""
+    expect(zeros in (False, None, True, "int", "float"), "zeros", "False, None, True, 'int' or 'float'", zeros)
     g = K if group_size == -1 else group_size
     q = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, device=device, generator=gen)
     s = (torch.rand(N, K // g, device=device, generator=gen) + 0.5) / math.sqrt(K * 21.25)
     z = None
-    if zeros:
+    if zeros == "float":
+        z = (torch.rand(N, K // g, device=device, generator=gen) * 15).to(dtype)
+    elif zeros:
         z = torch.randint(0, 16, (N, K // g), device=device, generator=gen).to(dtype)
     return QuantizedWeight.from_plain(q, s.to(dtype), z, group_size)
 
@@ -50,6 +57,29 @@ def random_weight(N: int, K: int, group_size: int, zeros: bool, dtype: torch.dty
 def random_activation(M: int, K: int, dtype: torch.dtype, device, gen: torch.Generator) -> torch.Tensor:
     """x [M, K] ~ N(0, 1) in ``dtype``."""
     return torch.randn(M, K, device=device, generator=gen).to(dtype)
+
+
+def graph_replay_matches_eager(run: Callable[[Optional[torch.Tensor]], torch.Tensor], replays: int = 3) -> bool:
+    """Capture ``run(out)`` (a launch writing into ``out``; ``run(None)`` allocates) in a CUDA graph
+    after a warm-up on a side stream, and check that every replay into a NaN-poisoned output
+    reproduces the eager result bit for bit."""
+    eager = run(None)
+    out = torch.empty_like(eager)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run(out)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(out)
+    for _ in range(replays):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        if not torch.equal(out, eager):
+            return False
+    return True
 
 
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:

@@ -13,22 +13,10 @@ from w4a16 import reference  # noqa: E402
 from w4a16.backends.gluon.config import GluonDecodeConfig, heuristic  # noqa: E402
 from w4a16.backends.gluon.launch import run_decode, supports  # noqa: E402
 from w4a16.backends.gluon.layout import prepare_decode  # noqa: E402
-from w4a16.weight import QuantizedWeight  # noqa: E402
+from w4a16.measure import graph_replay_matches_eager, random_weight  # noqa: E402
 
 MS = [1, 2, 7, 8, 15, 16, 33, 64]
 NKS = [(72, 576), (200, 1376), (4100, 4096)]
-
-
-def _weight(N, K, g, zeros, dtype, gen):
-    G = K // (K if g == -1 else g)
-    qw = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=gen)
-    s = (torch.rand(N, G, generator=gen) * 0.01 + 0.005).to(dtype)
-    z = None
-    if zeros == "int":
-        z = torch.randint(0, 16, (N, G), generator=gen).to(dtype)
-    elif zeros == "float":
-        z = (torch.rand(N, G, generator=gen) * 15).to(dtype)
-    return QuantizedWeight.from_plain(qw, s, z, g)
 
 
 def _prep(w):
@@ -51,7 +39,7 @@ def test_matrix(dtype, group, zeros):
     for i, (N, K) in enumerate(NKS):
         if group != -1 and K % group:
             continue
-        w = _weight(N, K, group, zeros, dtype, gen)
+        w = random_weight(N, K, group, zeros, dtype, "cpu", gen)
         pw = _prep(w)
         for j, M in enumerate(MS):
             x = torch.randn(M, K, generator=gen).to(dtype)
@@ -70,7 +58,7 @@ def test_matrix(dtype, group, zeros):
                          ids=lambda c: c.short())
 def test_split_deterministic_and_atomic(cfg):
     gen = torch.Generator().manual_seed(8)
-    w = _weight(4096, 14336, 128, "int", torch.float16, gen)
+    w = random_weight(4096, 14336, 128, "int", torch.float16, "cpu", gen)
     pw = _prep(w)
     x = torch.randn(min(cfg.mt, 13), 14336, generator=gen).half()
     ref = reference.gemm(x, w)
@@ -84,25 +72,11 @@ def test_split_deterministic_and_atomic(cfg):
 
 def test_cuda_graph():
     gen = torch.Generator().manual_seed(9)
-    w = _weight(200, 1376, 32, "float", torch.float16, gen)
+    w = random_weight(200, 1376, 32, "float", torch.float16, "cpu", gen)
     pw = _prep(w)
     x = torch.randn(7, 1376, generator=gen).half().cuda()
     cfg = GluonDecodeConfig(8, 4, 2, 3, splits=2)
-    eager = run_decode(x, pw, None, 0.5, cfg)
-    out = torch.empty_like(eager)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run_decode(x, pw, None, 0.5, cfg, out=out)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        run_decode(x, pw, None, 0.5, cfg, out=out)
-    for _ in range(3):
-        out.fill_(float("nan"))
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, eager)
+    assert graph_replay_matches_eager(lambda out: run_decode(x, pw, None, 0.5, cfg, out=out), replays=3)
 
 
 def test_unsupported_reasons():

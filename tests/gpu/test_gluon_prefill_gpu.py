@@ -14,22 +14,10 @@ from w4a16 import reference  # noqa: E402
 from w4a16.backends.gluon.layout import prepare_decode  # noqa: E402
 from w4a16.backends.gluon.prefill_config import NAMED, GluonPrefillConfig, prefill_candidates  # noqa: E402
 from w4a16.backends.gluon.prefill_launch import run_prefill, supports  # noqa: E402
-from w4a16.weight import QuantizedWeight  # noqa: E402
+from w4a16.measure import graph_replay_matches_eager, random_weight  # noqa: E402
 
 MS = [65, 300, 1000, 2049]
 NKS = [(72, 576), (200, 1376), (4100, 4096)]
-
-
-def _weight(N, K, g, zeros, dtype, gen):
-    G = K // (K if g == -1 else g)
-    qw = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=gen)
-    s = (torch.rand(N, G, generator=gen) * 0.01 + 0.005).to(dtype)
-    z = None
-    if zeros == "int":
-        z = torch.randint(0, 16, (N, G), generator=gen).to(dtype)
-    elif zeros == "float":
-        z = (torch.rand(N, G, generator=gen) * 15).to(dtype)
-    return QuantizedWeight.from_plain(qw.cuda(), s.cuda(), None if z is None else z.cuda(), g)
 
 
 def _prep(w):
@@ -59,7 +47,7 @@ def test_matrix(dtype, group, zeros):
     for i, (N, K) in enumerate(NKS):
         if group != -1 and K % group:
             continue
-        w = _weight(N, K, group, zeros, dtype, gen)
+        w = random_weight(N, K, group, zeros, dtype, "cpu", gen).to("cuda")
         pw = _prep(w)
         for j, M in enumerate(MS):
             x = torch.randn(M, K, generator=gen).to(dtype).cuda()
@@ -85,7 +73,7 @@ def test_every_config(cfg):
     for (M, N, K, g, zeros, dtype) in [(300, 4100, 4096, 128, None, torch.float16),
                                        (2049, 200, 1376, 32, "float", torch.bfloat16),
                                        (1000, 8192, 4096, 64, "int", torch.float16)]:
-        w = _weight(N, K, g, zeros, dtype, gen)
+        w = random_weight(N, K, g, zeros, dtype, "cpu", gen).to("cuda")
         pw = _prep(w)
         x = torch.randn(M, K, generator=gen).to(dtype).cuda()
         bias = (torch.randn(N, generator=gen) * 0.1).to(dtype).cuda()
@@ -96,7 +84,7 @@ def test_every_config(cfg):
 
 def test_deterministic():
     gen = torch.Generator().manual_seed(13)
-    w = _weight(4096, 14336, 128, "int", torch.float16, gen)
+    w = random_weight(4096, 14336, 128, "int", torch.float16, "cpu", gen).to("cuda")
     pw = _prep(w)
     x = torch.randn(1000, 14336, generator=gen).half().cuda()
     for cfg in NAMED.values():
@@ -108,25 +96,11 @@ def test_deterministic():
 
 def test_cuda_graph():
     gen = torch.Generator().manual_seed(14)
-    w = _weight(200, 1376, 32, "float", torch.float16, gen)
+    w = random_weight(200, 1376, 32, "float", torch.float16, "cpu", gen).to("cuda")
     pw = _prep(w)
     x = torch.randn(300, 1376, generator=gen).half().cuda()
     cfg = NAMED["prefill-128"]
-    eager = run_prefill(x, pw, None, 0.5, cfg)
-    out = torch.empty_like(eager)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run_prefill(x, pw, None, 0.5, cfg, out=out)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        run_prefill(x, pw, None, 0.5, cfg, out=out)
-    for _ in range(3):
-        out.fill_(float("nan"))
-        g.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, eager)
+    assert graph_replay_matches_eager(lambda out: run_prefill(x, pw, None, 0.5, cfg, out=out), replays=3)
 
 
 def test_backend_dispatch():
@@ -136,7 +110,7 @@ def test_backend_dispatch():
     from w4a16.backends import selection
     from w4a16.backends.gluon.backend import GluonBackend
     gen = torch.Generator().manual_seed(15)
-    w = _weight(4096, 4096, 128, None, torch.float16, gen)
+    w = random_weight(4096, 4096, 128, None, torch.float16, "cpu", gen).to("cuda")
     x = torch.randn(512, 4096, generator=gen).half().cuda()
     ref = reference.gemm(x, w)
     p = selection.problem_of(x, w)
