@@ -10,6 +10,7 @@ dbias = sum of dY; the int4 weight is frozen).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, List, NamedTuple, Optional
 
 import torch
@@ -87,7 +88,17 @@ def gemm_op(x: torch.Tensor, weight: List[torch.Tensor], bias: Optional[torch.Te
     shape: [N, K, effective group size]; backend: its name; config: ``Backend.config_key``.
     -> y [M, N] in x's dtype."""
     b = get_backend(backend)
-    return b.run(x, _op_prepared(b, weight, shape), bias, alpha, b.config_from_key(config), deterministic)
+    with _on_device_of(x):
+        return b.run(x, _op_prepared(b, weight, shape), bias, alpha, b.config_from_key(config), deterministic)
+
+
+def _on_device_of(x: torch.Tensor):
+    """A context making x's CUDA device the current one when it is not (kernels launch on the
+    current device); a no-op otherwise."""
+    index = x.get_device()
+    if index >= 0 and index != torch._C._cuda_getDevice():
+        return torch.cuda.device(index)
+    return contextlib.nullcontext()
 
 
 @gemm_op.register_fake
@@ -136,10 +147,8 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
     compiling = torch.compiler.is_compiling()
     key = None
     if not compiling:
-        index = x.get_device() if isinstance(x, torch.Tensor) else -1
-        if index >= 0 and index != torch._C._cuda_getDevice():
-            # Kernels launch on the current device: make it x's (weights on cuda:1 and so on).
-            with torch.cuda.device(index):
+        if isinstance(x, torch.Tensor) and x.is_cuda and x.get_device() != torch._C._cuda_getDevice():
+            with _on_device_of(x):  # weights on cuda:1 and so on
                 return gemm(x, w, bias, alpha, config, deterministic, backend)
         # The eager fast path: a call like an earlier one on this weight (same x shape, dtype and
         # device, same kind of bias, alpha and settings, nothing needing a gradient, the weight
