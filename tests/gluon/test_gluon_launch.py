@@ -78,3 +78,23 @@ def test_a_failing_direct_launch_falls_back_for_good(monkeypatch):
     for _ in range(3):
         launch._launch(k, (7, 2), _args(), {"MT": 16}, cfg, (cfg, 64, 4096, 0))
     assert [e[0] for e in k.log] == ["generic", "generic", "generic"] and launch._DIRECT == [False]
+
+
+def test_unwrap_tensordesc_launcher_matches_triton():
+    """The bound decode launch reads the C launcher and descriptor metadata out of Triton's
+    descriptor wrapper; this fails if Triton's wrapper stops closing over them."""
+    from triton.backends.nvidia.driver import wrap_handle_tensordesc
+
+    from w4a16.backends.gluon.bound import unwrap_tensordesc_launcher
+
+    def c_launcher(*a):
+        return a
+    sig = {"a": "tensordesc<u8[4, 8, 256]>", "b": "tensordesc<fp16[16, 64]>", "c": "tensordesc<fp16[1, 64]>",
+           "d": "tensordesc<fp16[1, 64]>", "y": "*fp16", "M": "i32"}
+    meta = [dict(swizzle=0, elem_size=1, elem_type=0, block_size=[4, 8, 256], fp4_padded=False)] + \
+        [dict(swizzle=0, elem_size=2, elem_type=1, block_size=[1, 64], fp4_padded=False)] * 3
+    inner = wrap_handle_tensordesc(c_launcher, sig, meta)
+    launcher, got = unwrap_tensordesc_launcher(inner)
+    assert launcher is c_launcher and got == meta
+    assert unwrap_tensordesc_launcher(c_launcher) is None
+    assert unwrap_tensordesc_launcher(wrap_handle_tensordesc(c_launcher, {"y": "*fp16"}, None)) is None

@@ -56,16 +56,20 @@ def test_heuristic_and_candidates_fit(M, N, K):
         assert c.smem_bytes(64, 2, True, 32) <= SMEM_LIMIT or c.smem_bytes(64, 2, True, 128) <= SMEM_LIMIT
 
 
+def b_sms(p):
+    from w4a16.backends.device import sms_of
+    return sms_of(p.device)
+
+
 def test_backend_wiring():
     b = GluonBackend()
     assert isinstance(NAMED["prefill-128"], b.config_type) and isinstance(GluonDecodeConfig(), b.config_type)
     for M in (65, 300, 1024, 8192):
         p = _p(M)
         assert b.supports(p) is None
-        assert b.default_config(p) is None          # not measured: backend="auto" must not pick it
-        assert b.candidates(p) == []                # not verified on a GPU: the tuner does not time it
-        cands = prefill_candidates(M, 4096, 4096, 128, 132)
-        assert cands and all(isinstance(c, GluonPrefillConfig) for c in cands)
+        assert b.default_config(p) == prefill_heuristic(M, 4096, 4096, 128, b_sms(p))
+        cands = b.candidates(p)
+        assert cands and all(isinstance(c, GluonPrefillConfig) for c in cands) and cands[0] == b.default_config(p)
         assert b.config_supports(cands[0], p) is None
     assert b.supports(_p(1024, group=96)) is not None
     assert b.supports(_p(65536, N=57344)) is not None      # 32-bit output offsets
@@ -176,7 +180,8 @@ def test_candidates_compile():
 @pytestmark_sass
 def test_heuristic_is_a_named_config():
     assert prefill_heuristic(4096, 57344, 8192, 128, 132) is NAMED["prefill-128x128"]
-    assert prefill_heuristic(1024, 6144, 4096, 128, 132) is NAMED["prefill-128"]
+    assert prefill_heuristic(1024, 8192, 28672, 128, 132) is NAMED["prefill-256"]
+    assert prefill_heuristic(1024, 6144, 4096, 128, 132) is NAMED["prefill-128-coop"]
 
 
 # ----------------------------------------------------------------------------- host path (no GPU)

@@ -85,3 +85,40 @@ def test_unsupported_reasons():
     assert "16" in supports(4, 64, 100, 100, torch.float16, False)   # K * 2 = 200 bytes: not TMA-aligned
     assert supports(4, 64, 4096, 128, torch.float32, False) is not None
     del x
+
+
+@pytest.mark.parametrize("cfg,bias,dtype", [(GluonDecodeConfig(16, 4, 2, 4, splits=1), True, torch.float16),
+                                            (GluonDecodeConfig(16, 4, 2, 4, splits=5), False, torch.float16),
+                                            (GluonDecodeConfig(8, 8, 4, 3, splits=3), True, torch.bfloat16)],
+                         ids=["one-split-bias", "split5", "split3-bias-bf16"])
+def test_bound_launch_matches_run_decode(cfg, bias, dtype):
+    """The bound eager launch (descriptors encoded once, Triton's C launcher called directly) gives
+    bitwise the results of run_decode, for x at several addresses, and really takes its fast path."""
+    from w4a16.backends.gluon.bound import BoundDecode
+    gen = torch.Generator().manual_seed(10)
+    w = random_weight(1000, 4096, 128, "int", dtype, "cpu", gen)
+    pw = _prep(w)
+    b = (torch.randn(1000, generator=gen) * 0.1).to(dtype).cuda() if bias else None
+    bound = BoundDecode(pw, 5, dtype, bias, 0.5, cfg, True)
+    xs = [torch.randn(5, 4096, generator=gen).to(dtype).cuda() for _ in range(3)]
+    for rep in range(2):
+        for x in xs:
+            y = bound(x, b)
+            assert torch.equal(y, run_decode(x, pw, b, 0.5, cfg)), (rep, cfg.short())
+    assert bound.fast is not None, "the bound call never resolved its direct launch"
+    ref = reference.gemm(xs[0].cpu(), w, None if b is None else b.cpu(), 0.5)
+    assert _rel(bound(xs[0], b), ref) <= (2e-3 if dtype == torch.float16 else 1e-2)
+
+
+def test_gemm_fast_path_uses_bound_launch():
+    """w4a16.gemm's eager fast path on the Gluon backend ends in a BoundDecode that resolved."""
+    import w4a16
+    from w4a16.backends.gluon.bound import BoundDecode
+    gen = torch.Generator().manual_seed(11)
+    w = random_weight(512, 1024, 128, None, torch.float16, "cpu", gen).to("cuda")
+    x = torch.randn(1, 1024, generator=gen).half().cuda()
+    ys = [w4a16.gemm(x, w, backend="gluon") for _ in range(3)]
+    bound = [c.run for c in w._calls.values()]
+    assert len(bound) == 1 and isinstance(bound[0], BoundDecode) and bound[0].fast is not None
+    assert torch.equal(ys[0], ys[2])
+    assert _rel(ys[2], reference.gemm(x.cpu(), w.to("cpu"))) <= 2e-3

@@ -1,9 +1,8 @@
 """The Hopper backend: hand-pipelined Gluon kernels for sm_90a (TMA ring, mbarriers, a producer
-warp, register-operand wgmma). The decode kernel (M <= 64, ``decode.py``) is measured and is the
-automatic choice there; the prefill kernel (M >= 65, ``prefill.py``, same weight layout) is
-compile-verified only, so it runs only when asked for (``backend="gluon"`` or a
-``GluonPrefillConfig``): ``default_config`` returns None above M = 64 and ``backend="auto"`` keeps
-the Triton backend for prefill until a measurement (a tuning entry) says otherwise.
+warp, register-operand wgmma): the decode kernel for M <= 64 (``decode.py``) and the
+warp-specialized prefill kernel above (``prefill.py``), on one weight layout. Both are measured
+on an H200 and are ``backend="auto"``'s choice on sm_90 where the tuning table or the heuristic
+says so.
 
 This module imports no Triton: the launcher is imported on the first ``run``.
 """
@@ -22,7 +21,7 @@ from .config import NAMED, GluonDecodeConfig, candidates, heuristic
 from .layout import GLUON_LAYOUT_VERSION, GluonPrepared, decode_params, prepare_decode, unpack_decode
 from .prefill_config import MIN_M as PREFILL_MIN_M
 from .prefill_config import NAMED as PREFILL_NAMED
-from .prefill_config import GluonPrefillConfig
+from .prefill_config import GluonPrefillConfig, prefill_candidates, prefill_heuristic
 
 TRITON_VERSION = "3.6.0"  # the Gluon API changes between releases: the kernels are written for this one
 MAX_M = 64
@@ -123,20 +122,17 @@ class GluonBackend(Backend):
         named.update({f"gluon-{k}": v for k, v in PREFILL_NAMED.items()})
         return named
 
-    def default_config(self, p: Problem) -> Optional[GluonDecodeConfig]:
-        # Measured on the H200 (docs/gluon_decode_notes.md): faster than the Triton kernel on every
-        # Llama layer at M = 1, 16 and 64, so it is the automatic choice there. The prefill kernel
-        # (M > 64) is not measured yet: no default, so backend="auto" does not pick it.
+    def default_config(self, p: Problem):
+        # Measured on the H200 (docs/gluon_decode_notes.md, docs/gluon_prefill_notes.md): the decode
+        # kernel is faster than the Triton kernel on every Llama layer at M = 1, 16 and 64, the
+        # prefill kernel on all but one (8B o at M = 256) at M = 256, 1024 and 4096.
         if p.M > MAX_M:
-            return None
+            return prefill_heuristic(p.M, p.N, p.K, p.group, sms_of(p.device))
         return heuristic(p.M, p.N, p.K, p.group, sms_of(p.device))
 
     def candidates(self, p: Problem) -> list:
         if p.M > MAX_M:
-            # The prefill kernel has not run on a GPU yet: neither the tuner nor backend="gluon"
-            # picks it by itself; a GluonPrefillConfig (or a "gluon-prefill-*" name) runs it.
-            # prefill_candidates() is the search space for when it has been verified.
-            return []
+            return prefill_candidates(p.M, p.N, p.K, p.group, sms_of(p.device), p.has_zeros)
         return candidates(p.M, p.N, p.K, p.group, sms_of(p.device))
 
     def config_key(self, cfg) -> str:
@@ -152,6 +148,13 @@ class GluonBackend(Backend):
         return cfg.short()
 
     # ------------------------------------------------------------------ running
+    def bind(self, prepared, M, dtype, has_bias, alpha, cfg, deterministic=True):
+        if isinstance(cfg, GluonPrefillConfig):
+            return super().bind(prepared, M, dtype, has_bias, alpha, cfg, deterministic)
+        from .bound import BoundDecode
+
+        return BoundDecode(prepared, M, dtype, has_bias, alpha, cfg, deterministic)
+
     def run(self, x2, prepared, bias, alpha, cfg, deterministic=True, out=None):
         if x2.data_ptr() % 16:  # TMA needs a 16-byte aligned base: take an aligned copy
             x2 = x2.clone()

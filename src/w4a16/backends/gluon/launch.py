@@ -180,7 +180,13 @@ def run_decode(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor]
 
 _KERNELS: dict = {}
 _DIRECT = [True]  # cleared for the process if a direct launch ever fails
+_DIRECT_ERROR: list = [None]  # why it failed (see direct_launch_state)
 _LAST: list = [None]  # (compiled kernel, grid) of this process's latest launch, for kernel_info
+
+
+def direct_launch_state() -> tuple:
+    """(direct launches in use, the error that turned them off or None)."""
+    return _DIRECT[0], _DIRECT_ERROR[0]
 
 
 def last_launch() -> Optional[tuple]:
@@ -204,8 +210,9 @@ def _launch(kernel, grid, args, cx: dict, cfg: GluonDecodeConfig, static: tuple)
                          *args, *cx.values())
             _LAST[0] = (compiled, grid)
             return
-        except Exception:  # an API difference in this Triton build: keep to the generic path
+        except Exception as e:  # an API difference in this Triton build: keep to the generic path
             _DIRECT[0] = False
+            _DIRECT_ERROR[0] = repr(e)
     compiled = kernel[grid](*args, num_warps=cfg.warps, maxnreg=cfg.regs, **cx)
     if hasattr(compiled, "result"):
         compiled = compiled.result()

@@ -1,9 +1,8 @@
 """Launch configurations of the Gluon prefill kernel (``prefill.py``).
 
-Nothing here is measured yet: the kernel was written and compile-verified for sm_90a on a machine
-without a GPU (docs/gluon_prefill_notes.md). The heuristic and the candidates are a starting point
-for the first GPU sweep, and ``GluonBackend.default_config`` does not return them (``backend="auto"``
-never picks the prefill kernel until a measurement says it should).
+Measured on an H200 (2026-12-01, docs/gluon_prefill_notes.md): every config below passes the
+correctness matrix; the heuristic follows the first sweep over Llama 8B / 70B layers, and the
+shipped tuning table holds the measured winner per Llama layer and M bucket.
 """
 from __future__ import annotations
 
@@ -125,9 +124,9 @@ NAMED: Dict[str, GluonPrefillConfig] = {
     # 3 x 73 KB: 256 tokens (the widest wgmma), acc 128 registers per thread; A not held across chunks
     # 3 x 73 KB: 256 tokens (the widest wgmma) x 128 rows; accumulators [64, 256] (128 registers)
     "prefill-256": GluonPrefillConfig(mt=256, bn=64, nch=1, stages=3),
-    # 4 x 49 KB: 128 tokens x 256 rows (128 per warpgroup: two m64 wgmmas per k step); the fewest
-    # L2 bytes per MAC of the shipped tiles (85, vs 51 for prefill-128)
-    "prefill-128x128": GluonPrefillConfig(mt=128, bn=128, nch=1, stages=4),
+    # 3 x 49 KB: 128 tokens x 256 rows (128 per warpgroup: two m64 wgmmas per k step); the fewest
+    # L2 bytes per MAC of the shipped tiles (85, vs 51 for prefill-128); 3 stages beat 4 (H200 sweep)
+    "prefill-128x128": GluonPrefillConfig(mt=128, bn=128, nch=1, stages=3),
     # the cooperative variant of prefill-128 (no turn-taking between the warpgroups)
     "prefill-128-coop": GluonPrefillConfig(mt=128, bn=64, nch=1, stages=4, pingpong=False),
 }
@@ -138,17 +137,20 @@ def fits(cfg: GluonPrefillConfig, kh: int, has_zeros: bool, group: int) -> bool:
 
 
 def prefill_heuristic(M: int, N: int, K: int, group: int, num_sms: int) -> GluonPrefillConfig:
-    """Not measured (a prediction, for the first sweep to replace): 256 x 128 program tiles
-    (prefill-128x128: the fewest L2 -> SM bytes per MAC) where they make at least 4 waves on the GPU,
-    else 128 x 128 (prefill-128: twice the tiles, less wave quantization on small layers / small M)."""
+    """The sweep's rule (H200, 2026-12-01): 256-row x 128-token program tiles with a 3-deep ring
+    where they make >= 4 waves (70B gate_up from M = 1024: 0.96-1.07x cuBLAS fp16); else
+    128 x 256 tiles where they make >= 1.5 waves (70B down at M = 1024: 0.94x); else the
+    cooperative 128 x 128 tile, which keeps small layers' SMs busy (8B qkv at M = 1024: 0.86x)."""
     if -(-N // 256) * -(-M // 128) >= 4 * num_sms:
         return NAMED["prefill-128x128"]
-    return NAMED["prefill-128"]
+    if -(-N // 128) * -(-M // 256) >= 1.5 * num_sms:
+        return NAMED["prefill-256"]
+    return NAMED["prefill-128-coop"]
 
 
 def prefill_candidates(M: int, N: int, K: int, group: int, num_sms: int, has_zeros: bool = True) -> List[GluonPrefillConfig]:
-    """Configurations worth timing for this call (for the first GPU sweep; not measured): the
-    heuristic's choice first, then tile shapes, ring depths and the two schedules."""
+    """Configurations worth timing for this call: the heuristic's choice first, then tile shapes,
+    ring depths and the two schedules (the sweep's set; each passed the GPU correctness matrix)."""
     kh = min(group, 64) if group < 64 else 64
     h = prefill_heuristic(M, N, K, group, num_sms)
     out = [h, GluonPrefillConfig(128, 64, 1, 4), GluonPrefillConfig(128, 64, 1, 5),
