@@ -74,15 +74,16 @@ class FusedW4A16Linear(W4A16Linear):
     def part(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """Member ``i``'s output [..., splits[i]] for input x [..., in_features]: a view of the
         fused result, computed once per input for all members."""
-        c = self._cache
+        # self.__dict__ rather than attribute assignment: nn.Module.__setattr__ costs eager host time
+        c = self.__dict__["_cache"]
         compiling = torch.compiler.is_compiling()
         if c is None or c[0] is not x or (not compiling and c[1] != x._version):
-            parts = self.forward(x).split(self.splits, dim=-1)
-            c = self._cache = [x, None if compiling else x._version, parts, 0]
+            parts = torch.Tensor.split_with_sizes(self.forward(x), self.splits, -1)
+            c = self.__dict__["_cache"] = [x, None if compiling else x._version, parts, 0]
         c[3] += 1
         out = c[2][i]
         if c[3] >= len(self.splits):
-            self._cache = None  # every member has its view: hold nothing between calls
+            self.__dict__["_cache"] = None  # every member has its view: hold nothing between calls
         return out
 
     def extra_repr(self) -> str:
