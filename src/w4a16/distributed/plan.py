@@ -2,7 +2,11 @@
 
 The default plan is the Megatron split of Llama / Qwen2 / Mistral-style decoder layers (the same
 as transformers' ``base_model_tp_plan`` for Llama): q/k/v and gate/up column-wise, o and down
-row-wise, so each attention block and each MLP needs one all-reduce, after o_proj and down_proj.
+row-wise, so each attention block and each MLP needs one all-reduce, after o_proj and down_proj. The
+output head (``lm_head``, usually left in fp16) is split over the vocabulary and its logits
+gathered ("colwise_rep", as transformers calls it): it is the largest single weight a decode
+step reads (1 GB in fp16 for a 128K vocabulary at hidden 4096), so replicating it would cap
+what tensor parallelism saves.
 
 Attention heads: with q/k/v split column-wise each rank holds num_heads/tp query heads and
 num_key_value_heads/tp key/value heads. transformers' current attention modules infer the head
@@ -19,7 +23,7 @@ from fnmatch import fnmatch
 from typing import Dict, List, Optional, Tuple, Union
 
 from torch import nn
-from torch.distributed.tensor import DeviceMesh
+from torch.distributed.tensor import DeviceMesh, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
@@ -28,6 +32,8 @@ from ..fused import W4A16Slice
 from ..nn import W4A16Linear
 from .module import ShardedW4A16Linear
 from .shard import COLWISE, ROWWISE, LocalShard, split_for
+
+COLWISE_REP = "colwise_rep"   # column-wise, the output gathered on every rank (Replicate)
 from .styles import STYLES, _W4A16Parallel
 
 DEFAULT_TP_PLAN: Dict[str, str] = {
@@ -38,6 +44,7 @@ DEFAULT_TP_PLAN: Dict[str, str] = {
     "mlp.gate_proj": COLWISE,
     "mlp.up_proj": COLWISE,
     "mlp.down_proj": ROWWISE,
+    "lm_head": COLWISE_REP,
 }
 HEAD_ATTRS = ("num_heads", "num_key_value_heads")
 Plan = Dict[str, Union[str, ParallelStyle]]
@@ -50,16 +57,19 @@ def pattern_matches(name: str, pattern: str) -> bool:
 
 
 def resolve_style(value: Union[str, ParallelStyle], module: nn.Module, key: str) -> ParallelStyle:
-    """The style object for a plan entry: "colwise" / "rowwise" give the W4A16 styles for a
-    W4A16Linear and torch's own for an ``nn.Linear`` (e.g. an unquantized lm_head)."""
+    """The style object for a plan entry: "colwise" / "rowwise" / "colwise_rep" (column-wise with
+    the output gathered) give the W4A16 styles for a W4A16Linear and torch's own for an
+    ``nn.Linear`` (e.g. an unquantized lm_head)."""
     if isinstance(value, ParallelStyle):
         return value
-    expect(value in (COLWISE, ROWWISE), f"plan[{key!r}]", f"{COLWISE!r}, {ROWWISE!r} or a ParallelStyle", repr(value))
+    expect(value in (COLWISE, ROWWISE, COLWISE_REP), f"plan[{key!r}]",
+           f"{COLWISE!r}, {ROWWISE!r}, {COLWISE_REP!r} or a ParallelStyle", repr(value))
+    gather = dict(output_layouts=Replicate()) if value == COLWISE_REP else {}
     if isinstance(module, W4A16Linear):
-        return STYLES[value]()
+        return STYLES[ROWWISE if value == ROWWISE else COLWISE](**gather)
     expect(isinstance(module, nn.Linear), f"plan[{key!r}]", "to name W4A16Linear or nn.Linear layers only",
            f"a match on a {type(module).__name__}")
-    return ColwiseParallel() if value == COLWISE else RowwiseParallel()
+    return RowwiseParallel() if value == ROWWISE else ColwiseParallel(**gather)
 
 
 def plan_targets(model: nn.Module, plan: Plan) -> Dict[str, tuple]:
