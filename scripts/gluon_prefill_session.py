@@ -139,6 +139,21 @@ def smoke_all(cfgs, per_cfg_timeout=60):
     return ok
 
 
+def sanitize_cases():
+    """A few small ragged calls over the named configs (ragged M, N and K tails, zeros, bias, bf16),
+    for compute-sanitizer's memcheck / racecheck / synccheck; exits 1 if any result is wrong."""
+    bad = 0
+    cases = ((65, 72, 576, 64, "float", torch.float16, True, 0.5), (300, 200, 1376, 32, "int", torch.bfloat16, False, 1.0),
+             (129, 136, 4096, -1, None, torch.float16, True, 1.0))
+    for i, cfg in enumerate(NAMED.values()):
+        M, N, K, g, zeros, dtype, bias, alpha = cases[i % len(cases)]
+        err, why = check(M, N, K, g, zeros, dtype, bias, alpha, cfg, seed=i)
+        print(f"sanitize {cfg.short()} M={M} N={N} K={K} g={g} err={err} {why or ''}", flush=True)
+        bad += not (err is not None and err < 1e-2)
+    print(f"sanitize cases failed: {bad}", flush=True)
+    sys.exit(1 if bad else 0)
+
+
 def correctness(cfg, quick):
     log(f"== correctness ({cfg.short()})")
     cases = []
@@ -287,9 +302,13 @@ def main():
     ap.add_argument("--config", default=None, help="a named prefill config for the timing table (default: heuristic)")
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--smoke", nargs="+", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--sanitize", action="store_true", help="only a few small ragged cases (for compute-sanitizer)")
     a = ap.parse_args()
     if a.smoke:
         smoke(a.smoke)
+        return
+    if a.sanitize:
+        sanitize_cases()
         return
     LOG = open(Path(a.out) / "gluon_prefill_session.log", "w")
     import triton

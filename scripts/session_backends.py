@@ -84,8 +84,8 @@ def env():
 def tests():
     files = ["tests/test_backend_contract.py", "tests/test_weight_storage.py", "tests/test_autograd.py",
              "tests/test_backend_registry.py", "tests/gpu/test_torch_integration_gpu.py",
-             "tests/gpu/test_gluon_decode_gpu.py", "tests/test_nn.py"]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *files,
+             "tests/gpu/test_gluon_decode_gpu.py", "tests/gpu/test_gluon_prefill_gpu.py", "tests/test_nn.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files,
            "tests/gpu/test_kernels_gpu.py", "-k", "not test_matrix or auto"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=ARGS.test_timeout,
                        env=dict(os.environ, PYTHONPATH="src"))
@@ -180,11 +180,25 @@ def model():
             torch.cuda.synchronize()
         return (time.perf_counter() - t) / iters * 1e3
 
+    def host_profile(tag):
+        """CPU-side profile of a few eager steps: where the host time of a step goes, per op."""
+        from torch.profiler import ProfilerActivity, profile
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                m(input_ids=ids, use_cache=False)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+        with open(os.path.join(OUT, f"host_profile_{tag}.txt"), "w") as f:
+            f.write(table)
+        log(f"host profile {tag} (3 steps):\n" + "\n".join(table.splitlines()[:22]))
+
     fp16_ms = step_ms()
+    host_profile("fp16")
     report = w4a16.quantize_model(m, group_size=128, skip=("lm_head",), dtype=torch.float16, progress=False)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     q_ms = step_ms()
+    host_profile("w4a16")
     torch.cuda.synchronize()
     alloc_before_gc = torch.cuda.memory_allocated()
     import gc
@@ -271,18 +285,20 @@ def fuzz():
 
 @section("sanitize")
 def sanitize():
-    """compute-sanitizer memcheck / racecheck / synccheck on a few small ragged Gluon cases."""
-    for tool in ("memcheck", "racecheck", "synccheck"):
-        _subprocess(f"sanitize_{tool}", ["compute-sanitizer", "--tool", tool, "--error-exitcode", "9",
-                                         sys.executable, "scripts/gluon_decode_session.py", "--sanitize",
-                                         "--out", OUT], 120)
+    """compute-sanitizer memcheck / racecheck / synccheck on a few small ragged cases of each
+    Gluon kernel (--sanitize-kernels)."""
+    for kernel in ARGS.sanitize_kernels:
+        for tool in ("memcheck", "racecheck", "synccheck"):
+            _subprocess(f"sanitize_{kernel}_{tool}", ["compute-sanitizer", "--tool", tool, "--error-exitcode", "9",
+                                                      sys.executable, f"scripts/gluon_{kernel}_session.py",
+                                                      "--sanitize", "--out", OUT], 120)
 
 
 @section("e2e")
 def e2e():
     """Whole-model decode, eager and graph-replayed (w4a16.e2e.speed), fp16 in the same harness."""
     _subprocess("e2e", [sys.executable, "-m", "w4a16.e2e.speed", "--batches", "1", "16", "--iters", "20",
-                        "--eager-too", "--out", os.path.join(OUT, "e2e")], 420)
+                        "--eager-too", "--out", os.path.join(OUT, "e2e")], ARGS.e2e_timeout)
 
 
 if __name__ == "__main__":
@@ -295,6 +311,8 @@ if __name__ == "__main__":
     p.add_argument("--test-timeout", type=int, default=200)
     p.add_argument("--fuzz-cases", type=int, default=300)
     p.add_argument("--fuzz-timeout", type=int, default=240)
+    p.add_argument("--e2e-timeout", type=int, default=420)
+    p.add_argument("--sanitize-kernels", nargs="+", default=["decode", "prefill"], choices=["decode", "prefill"])
     ARGS = p.parse_args()
     OUT = ARGS.out
     os.makedirs(OUT, exist_ok=True)

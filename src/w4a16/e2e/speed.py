@@ -507,3 +507,7 @@ def main(argv: Optional[Sequence[str]] = None) -> SpeedResult:
     if a.out:
         print(f"wrote {write_json(result, a.out)}")
     return result
+
+
+if __name__ == "__main__":
+    main()
