@@ -76,11 +76,14 @@ def test_deterministic_is_bitwise_reproducible():
         assert torch.equal(first, w4a16.gemm(x, qw, config=cfg, deterministic=True))
 
 
-def test_kernel_info_reports_resources():
+@pytest.mark.parametrize("backend,M", [("auto", 8), ("triton", 8), ("gluon", 8), ("gluon", 300), ("triton", 300)])
+def test_kernel_info_reports_resources(backend, M):
     qw = make_weight(4096, 4096, 128, None, torch.float16, "cuda")
-    x = torch.randn(8, 4096, device="cuda", dtype=torch.float16)
-    info = w4a16.kernel_info(x, qw)
-    assert info.registers > 0 and info.blocks_per_sm >= 1 and info.spills >= 0
+    x = torch.randn(M, 4096, device="cuda", dtype=torch.float16)
+    info = w4a16.kernel_info(x, qw, backend=backend)
+    assert backend == "auto" or info.backend == backend
+    assert info.registers > 0 and info.blocks_per_sm >= 1 and info.spills >= 0 and info.num_warps >= 4
+    assert len(info.grid) >= 1 and all(g >= 1 for g in info.grid)
 
 
 @pytest.mark.parametrize("config", ["decode", "128"])
