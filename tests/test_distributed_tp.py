@@ -32,8 +32,9 @@ REL_TOL = 2e-3
 CASES = ("mlp_g64_sym", "mlp_g128_asym", "colwise_gather", "dtensor_chain", "rowwise_replicated_input",
          "rowwise_reduce_scatter",
          "act_order_colwise", "act_order_rowwise", "act_order_rowwise_sharded_input", "llama", "llama_fused", "state_dict",
-         "errors", "load_sharded", "load_sharded_fused")
-NEEDS_TRANSFORMERS = ("llama", "llama_fused", "errors", "load_sharded", "load_sharded_fused")
+         "errors", "load_sharded", "load_sharded_fused", "load_hf_gptq", "load_hf_awq", "load_hf_compressed_tensors")
+NEEDS_TRANSFORMERS = ("llama", "llama_fused", "errors", "load_sharded", "load_sharded_fused", "load_hf_gptq",
+                      "load_hf_awq", "load_hf_compressed_tensors")
 
 
 # ---------------------------------------------------------------------------- helpers (both sides)
@@ -371,6 +372,92 @@ def _case_load_sharded(mesh, tmp, fuse=False):
     assert reads["model.layers.1.mlp.down_proj.scales"] == repr((slice(None), slice(r * 4, (r + 1) * 4)))
 
 
+def _hf_checkpoint(folder: str, method: str, source: nn.Module) -> None:
+    """Write ``source`` (a quantized tiny Llama) as a Hugging Face checkpoint of ``method``."""
+    from safetensors.torch import save_file
+
+    from w4a16 import formats
+
+    export = {"gptq": formats.to_gptq, "awq": formats.to_awq, "compressed-tensors": formats.to_compressed_tensors}
+    tensors, quantized = {}, set()
+    for name, mod in source.named_modules():
+        if isinstance(mod, w4a16.W4A16Linear):
+            quantized.add(name)
+            tensors.update({f"{name}.{k}": v for k, v in export[method](mod.weight_q).items()})
+            if mod.bias is not None:
+                tensors[f"{name}.bias"] = mod.bias.detach()
+    for key, t in source.state_dict().items():
+        if key.rpartition(".")[0] not in quantized:
+            tensors[key] = t
+    qc = {"gptq": {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": True, "sym": False,
+                   "checkpoint_format": "gptq"},
+          "awq": {"quant_method": "awq", "bits": 4, "group_size": 64, "version": "gemm", "zero_point": True},
+          "compressed-tensors": {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+                                 "config_groups": {"g": {"targets": ["Linear"], "input_activations": None,
+                                                         "weights": {"num_bits": 4, "type": "int", "symmetric": False,
+                                                                     "strategy": "group", "group_size": 64}}}}}[method]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"model_type": "llama", "quantization_config": qc}, f)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, "model.safetensors"))
+
+
+def _case_load_hf(mesh, tmp, method, fuse):
+    """load_pretrained_quantized(..., mesh=mesh) of a GPTQ / AWQ / compressed-tensors checkpoint:
+    the logits of the unsharded model; each sharded layer's quantized tensors read as slices
+    (an act-order layer split row-wise is read whole, and said so)."""
+    from safetensors import safe_open
+
+    from w4a16 import hf
+    from w4a16.distributed import ShardedW4A16Linear
+
+    r = mesh.get_local_rank()
+    source = tiny_llama(seed=0)
+    act_order = method != "awq"   # AWQ has no act-order
+    if act_order:  # layer 0's down_proj (row-wise) with act-order and asymmetric zeros
+        source.model.layers[0].mlp.down_proj = w4a16.W4A16Linear.from_quantized(act_order_weight(256, 512, 64, 21))
+    folder = os.path.join(tmp, f"hf-{method}")
+    if r == 0:
+        _hf_checkpoint(folder, method, source)
+    dist.barrier()
+    ids = torch.randint(0, 1000, (2, 7), generator=torch.Generator().manual_seed(19))
+    with torch.no_grad():
+        want = source(ids).logits
+    from w4a16.e2e.speed import build_model
+
+    model = build_model(source.config, "cpu", seed=3)   # float weights: everything must come from the file
+    log = []
+    hf.safe_open = lambda *a, **k: _Spy(safe_open(*a, **k), log)
+    try:
+        report = w4a16.load_pretrained_quantized(model, folder, mesh=mesh, fuse=fuse)
+    finally:
+        hf.safe_open = safe_open
+    with torch.no_grad():
+        assert_same(model(ids).logits, want, f"{method} logits")
+    attn = model.model.layers[1].self_attn
+    q = attn.qkv_proj if fuse else attn.q_proj
+    assert isinstance(q, ShardedW4A16Linear), type(q).__name__
+    assert isinstance(model.model.layers[1].mlp.down_proj, ShardedW4A16Linear)
+    assert model.lm_head.weight.to_local().shape[0] == 500
+    planned = (".q_proj.", ".k_proj.", ".v_proj.", ".o_proj.", ".gate_proj.", ".up_proj.", ".down_proj.")
+    whole = sorted({e[1] for e in log if e[0] == "tensor" and any(s in e[1] for s in planned)
+                    and not e[1].endswith("g_idx")})
+    expect_whole = ["model.layers.0.mlp.down_proj"] if act_order else []
+    assert report.read_whole == expect_whole, report.read_whole
+    assert all(k.startswith("model.layers.0.mlp.down_proj.") for k in whole), whole
+    slices = {e[1]: e[2] for e in log if e[0] == "slice"}
+    N = 256 // 2
+    if method == "gptq":
+        assert slices["model.layers.1.self_attn.q_proj.qweight"] == repr((slice(None), slice(r * N, (r + 1) * N)))
+        assert slices["model.layers.1.mlp.down_proj.qweight"] == repr(slice(r * 32, (r + 1) * 32))
+    elif method == "awq":
+        assert slices["model.layers.1.self_attn.q_proj.qweight"] == repr((slice(None), slice(r * 16, (r + 1) * 16)))
+        assert slices["model.layers.1.mlp.down_proj.qweight"] == repr(slice(r * 256, (r + 1) * 256))
+    else:
+        assert slices["model.layers.1.self_attn.q_proj.weight_packed"] == repr(slice(r * N, (r + 1) * N))
+        assert slices["model.layers.1.mlp.down_proj.weight_packed"] == repr((slice(None), slice(r * 32, (r + 1) * 32)))
+
+
 def _worker(rank: int, port: int, tmp: str) -> None:
     os.environ["TRITON_INTERPRET"] = "0"
     torch.set_num_threads(1)
@@ -396,6 +483,9 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             "errors": lambda: _case_errors(mesh),
             "load_sharded": lambda: _case_load_sharded(mesh, tmp),
             "load_sharded_fused": lambda: _case_load_sharded(mesh, tmp, fuse=True),
+            "load_hf_gptq": lambda: _case_load_hf(mesh, tmp, "gptq", True),
+            "load_hf_awq": lambda: _case_load_hf(mesh, tmp, "awq", False),
+            "load_hf_compressed_tensors": lambda: _case_load_hf(mesh, tmp, "compressed-tensors", True),
         }
         has_transformers = importlib.util.find_spec("transformers") is not None
         for name in CASES:
@@ -513,3 +603,33 @@ def test_shards_rebuild_the_layer(style, act_order):
             parts.append(xl.float() @ Wl.T + (shard.bias.float() if r == 0 else 0))
     got = torch.cat(parts, dim=-1) if style == "colwise" else sum(parts)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_hf_slices_and_fallbacks():
+    """Which slices of each format's tensors a rank reads, and when the layer is read whole."""
+    from w4a16.distributed.hf_shards import sliced_tensors
+
+    calls = []
+
+    def get(part, index):
+        calls.append((part, index))
+        return torch.zeros(1)
+    col = split_for("colwise", (256, 512), 64, 1, 2)
+    row = split_for("rowwise", (256, 512), 64, 1, 2)
+    out = sliced_tensors("gptq", get, ["qweight", "qzeros", "scales"], col, 256, 512, None)
+    assert set(out) == {"qweight", "qzeros", "scales"}
+    assert calls == [("qweight", (slice(None), slice(128, 256))), ("scales", (slice(None), slice(128, 256))),
+                     ("qzeros", (slice(None), slice(16, 32)))]
+    calls.clear()
+    out = sliced_tensors("compressed-tensors", get, ["weight_packed", "weight_scale", "weight_shape"], row, 256, 512, None)
+    assert out["weight_shape"].tolist() == [256, 256]
+    assert calls == [("weight_packed", (slice(None), slice(32, 64))), ("weight_scale", (slice(None), slice(4, 8)))]
+    # act-order row-wise: the stored K order is permuted, so not a slice
+    assert sliced_tensors("gptq", get, ["qweight", "qzeros", "scales", "g_idx"], row, 256, 512,
+                          torch.arange(512) % 8) is None
+    # column-wise with 12 rows per rank: AWQ packs 8 outputs per int32 word
+    odd = split_for("colwise", (24, 512), 64, 1, 2)
+    assert sliced_tensors("awq", get, ["qweight", "qzeros", "scales"], odd, 24, 512, None) is None
+    # compressed-tensors without zero points packs nothing along N: still a slice
+    assert sliced_tensors("compressed-tensors", get, ["weight_packed", "weight_scale", "weight_shape"], odd, 24, 512,
+                          None) is not None

@@ -157,6 +157,14 @@ class _Tensors:
     def get(self, key: str) -> torch.Tensor:
         return self.handles[self.where[key]].get_tensor(key)
 
+    def shape(self, key: str) -> tuple:
+        """The stored shape of ``key`` (from the file header; nothing is read)."""
+        return tuple(self.handles[self.where[key]].get_slice(key).get_shape())
+
+    def part(self, key: str, index) -> torch.Tensor:
+        """``key``[index] (a slice or a tuple of slices), reading only those bytes."""
+        return self.handles[self.where[key]].get_slice(key)[index]
+
     def keys_by_file(self) -> List[List[str]]:
         out: List[List[str]] = [[] for _ in self.files]
         for key, i in self.where.items():
@@ -185,39 +193,77 @@ def _target_module(model: nn.Module, prefix: str) -> Optional[nn.Module]:
     return module
 
 
-def _quantized_layer(model, prefix, method, opts, ckpt: _Tensors, dtype, report) -> Optional[W4A16Linear]:
-    """Build the W4A16Linear for ``prefix`` (None when the model has no such module)."""
+def _read_layer(prefix, method, present, ckpt: _Tensors, reader, N: int, K: int):
+    """(the layer's tensors, its Split or None, read whole?): everything when the layer is not
+    sharded (``reader`` None or the plan leaves it alone), else this rank's slices when the
+    format allows (see :mod:`w4a16.distributed.hf_shards`)."""
+    split = None if reader is None else reader.split_of(prefix, method, ckpt.shape, N, K)
+    if split is not None:
+        from .distributed.hf_shards import G_IDX, _groups, _trivial, sliced_tensors
+        gi = G_IDX[method]
+        g_idx = ckpt.get(f"{prefix}.{gi}") if gi in present else None
+        if g_idx is not None and _trivial(g_idx, K, _groups(method, ckpt.shape, prefix)):
+            g_idx = None
+        tensors = sliced_tensors(method, lambda p, index: ckpt.part(f"{prefix}.{p}", index), present, split, N, K,
+                                 g_idx)
+        if tensors is not None:
+            return tensors, split, False
+    return {p: ckpt.get(f"{prefix}.{p}") for p in present}, split, split is not None
+
+
+def _quantized_layer(model, prefix, method, opts, ckpt: _Tensors, dtype, report,
+                     reader=None) -> Optional[W4A16Linear]:
+    """Build the W4A16Linear for ``prefix`` (None when the model has no such module); with a
+    ``reader`` (a tensor-parallel load) a layer the plan shards becomes a placeholder and its
+    local shard goes to the reader."""
     module = _target_module(model, prefix)
     if module is None:
         return None
-    tensors = {p: ckpt.get(f"{prefix}.{p}") for p in PARTS[method] if f"{prefix}.{p}" in ckpt}
+    present = [p for p in PARTS[method] if f"{prefix}.{p}" in ckpt]
     for p in PARTS[method]:
-        expect(p in tensors or p in OPTIONAL, f"{prefix}.{p}", "a tensor in the checkpoint", "none")
-    expect("g_idx" in tensors or not opts.get("desc_act"), f"{prefix}.g_idx",
+        expect(p in present or p in OPTIONAL, f"{prefix}.{p}", "a tensor in the checkpoint", "none")
+    expect("g_idx" in present or not opts.get("desc_act"), f"{prefix}.g_idx",
            "a tensor in the checkpoint (desc_act is true)", "none")
+    N, K = module.out_features, module.in_features
+    tensors, split, whole = _read_layer(prefix, method, present, ckpt, reader, N, K)
     try:
         w = _build_weight(method, opts, tensors)
     except W4A16Error as e:
         raise W4A16Error(f"{prefix}: {e}") from e
-    N, K = module.out_features, module.in_features
-    expect(w.shape == (N, K), f"{prefix}.{MARKER[method]}", f"a weight of shape (N, K) = {(N, K)} (the model's)",
-           w.shape)
+    local = split is not None and not whole
+    shape = (split.rows[0].stop - split.rows[0].start, K) if local and split.style == "colwise" else \
+        (N, split.cols.stop - split.cols.start) if local else (N, K)
+    expect(w.shape == shape, f"{prefix}.{MARKER[method]}", f"a weight of shape (N, K) = {(N, K)} (the model's)",
+           w.shape if not local else f"a part of shape {w.shape} (expected {shape})")
     g_cfg = opts.get("group_size")
     if g_cfg is not None:
-        expect(w.group_size_effective == (K if g_cfg == -1 else g_cfg), f"{prefix}.scales",
+        expect(w.group_size_effective == (w.shape[1] if g_cfg == -1 else g_cfg), f"{prefix}.scales",
                f"groups of {g_cfg} (quantization_config.group_size)", f"groups of {w.group_size_effective}")
     target = dtype or (module.weight.dtype if module.weight.dtype in spec.ACTIVATION_DTYPES else w.dtype)
-    device = torch.device("cpu") if module.weight.is_meta else module.weight.device
+    if split is not None:
+        device = reader.device(module)
+    else:
+        device = torch.device("cpu") if module.weight.is_meta else module.weight.device
     w = QuantizedWeight.from_plain(w.qweight.to(device), w.scales.to(device, target),
                                    None if w.zeros is None else w.zeros.to(device, target),
                                    w.group_size, None if w.perm is None else w.perm.to(device))
-    bias = ckpt.get(f"{prefix}.bias") if f"{prefix}.bias" in ckpt else None
+    key = f"{prefix}.bias"
+    bias = None
+    if key in ckpt:
+        rows = split.rows[0] if local and split.style == "colwise" else slice(None)
+        bias = ckpt.part(key, rows) if split is not None else ckpt.get(key)
     if module.bias is None and bias is not None and bool((bias != 0).any()):
-        report.unexpected_keys.append(f"{prefix}.bias")
+        report.unexpected_keys.append(key)
     if module.bias is not None and bias is None:
-        report.missing_keys.append(f"{prefix}.bias")
+        report.missing_keys.append(key)
         bias = module.bias.detach()
-    return W4A16Linear.from_quantized(w, bias if module.bias is not None else None)
+        if local and split.style == "colwise":
+            bias = bias[split.rows[0]]
+    bias = bias if module.bias is not None else None
+    if split is not None:
+        bias = None if bias is None else bias.to(device, target)
+        return reader.placeholder(prefix, module, reader.local(w, bias, split, whole), whole)
+    return W4A16Linear.from_quantized(w, bias)
 
 
 def _load_rest(model: nn.Module, ckpt: _Tensors, used: set, report: QuantizationReport) -> set:
@@ -244,7 +290,8 @@ def _load_rest(model: nn.Module, ckpt: _Tensors, used: set, report: Quantization
 
 
 def load_pretrained_quantized(model: nn.Module, path: Union[str, os.PathLike],
-                              dtype: Optional[torch.dtype] = None, fuse: bool = True) -> QuantizationReport:
+                              dtype: Optional[torch.dtype] = None, fuse: bool = True,
+                              mesh=None, plan=None) -> QuantizationReport:
     """Load the 4-bit checkpoint directory ``path`` into ``model``, in place.
 
     Every ``nn.Linear`` whose quantized tensors the checkpoint holds (matched by module name) is
@@ -258,16 +305,29 @@ def load_pretrained_quantized(model: nn.Module, path: Union[str, os.PathLike],
             when that is fp16/bf16, else the checkpoint's scales dtype.
         fuse: then run sibling projections (q/k/v, gate/up) as one GEMM each, as
             :func:`w4a16.quantize_model` does (act-order layers stay separate).
+        mesh: a 1-D ``DeviceMesh`` to shard the model over (tensor parallelism; call it on every
+            rank with the same model): each rank reads only its part of every layer ``plan``
+            shards (:mod:`w4a16.distributed.hf_shards` lists the slices), then the model is
+            sharded as :func:`w4a16.distributed.apply_tp_plan` does. None: no sharding.
+        plan: the tensor-parallel plan (default ``w4a16.distributed.DEFAULT_TP_PLAN``); only
+            with ``mesh``.
 
     Returns:
         QuantizationReport: replaced layers, Linear layers left alone (no quantized tensors),
-        weight bytes before/after, and the missing / unexpected checkpoint keys.
+        weight bytes before/after (of the whole layers), the missing / unexpected checkpoint
+        keys, and with a mesh the styles applied (``sharded``) and the sharded layers that had
+        to be read whole (``read_whole``).
     """
     expect(isinstance(model, nn.Module), "model", "a torch.nn.Module", type(model).__name__)
     if dtype is not None:
         expect(dtype in spec.ACTIVATION_DTYPES, "dtype", "torch.float16 or torch.bfloat16", dtype)
+    expect(plan is None or mesh is not None, "plan", "None unless a mesh is given", "a plan without a mesh")
     method, opts = parse_quantization_config(read_quantization_config(path))
     report = QuantizationReport()
+    reader = None
+    if mesh is not None:
+        from .distributed.hf_shards import ShardReader
+        reader = ShardReader(model, mesh, plan)
     suffix = "." + MARKER[method]
     with _Tensors(checkpoint_files(path)) as ckpt:
         prefixes = [k[: -len(suffix)] for k in sorted(ckpt.where) if k.endswith(suffix)]
@@ -275,7 +335,7 @@ def load_pretrained_quantized(model: nn.Module, path: Union[str, os.PathLike],
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}
         prefixes.sort(key=lambda p: (order.get(p, len(order)), p))
         # build every layer first, so that a bad tensor leaves the model untouched
-        built = [(p, _quantized_layer(model, p, method, opts, ckpt, dtype, report)) for p in prefixes]
+        built = [(p, _quantized_layer(model, p, method, opts, ckpt, dtype, report, reader)) for p in prefixes]
         built = [(p, new) for p, new in built if new is not None]
         expect(bool(built), "checkpoint tensor names",
                f"quantized layers named after the model's modules (e.g. {prefixes[0]!r})", "none matching")
@@ -299,4 +359,7 @@ def load_pretrained_quantized(model: nn.Module, path: Union[str, os.PathLike],
             report.missing_keys.append(key)
     if fuse:
         report.fused = fuse_projections(model)
+    if reader is not None:
+        report.sharded = {name: type(style).__name__ for name, style in reader.finish(model).items()}
+        report.read_whole = list(reader.read_whole)
     return report

@@ -36,6 +36,8 @@ class QuantizationReport:
         missing_keys / unexpected_keys: from loading a checkpoint (empty for quantize_model).
         fused:        names of the fused projections made (``qkv_proj``, ``gate_up_proj``; see
                       :mod:`w4a16.fused`).
+        sharded:      module name -> name of the tensor-parallel style applied (a load with a mesh).
+        read_whole:   sharded layers whose checkpoint tensors had to be read whole (a load with a mesh).
     """
 
     replaced: List[str] = field(default_factory=list)
@@ -45,6 +47,8 @@ class QuantizationReport:
     missing_keys: List[str] = field(default_factory=list)
     unexpected_keys: List[str] = field(default_factory=list)
     fused: List[str] = field(default_factory=list)
+    sharded: Dict[str, str] = field(default_factory=dict)
+    read_whole: List[str] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -57,6 +61,10 @@ class QuantizationReport:
              f"{format_bytes(self.bytes_after)} ({self.ratio:.1f}x smaller)")
         if self.fused:
             s += f"; fused {len(self.fused)} projection group{'' if len(self.fused) == 1 else 's'}"
+        if self.sharded:
+            s += f"; {len(self.sharded)} module(s) sharded"
+            if self.read_whole:
+                s += f" ({len(self.read_whole)} read whole: " + ", ".join(self.read_whole[:3]) + ")"
         if self.skipped:
             s += "; left alone: " + ", ".join(f"{k} ({v})" for k, v in self.skipped.items())
         if self.missing_keys:
