@@ -63,17 +63,17 @@ def _mlp(seed, g, sym, dev):
     return m
 
 
-def _act_order_layer(dev, seed=10):
+def _act_order_layer(dev, seed=10, N=192, bias=True):
     import w4a16
     from w4a16.pack import pack_nibbles
 
     gen = torch.Generator().manual_seed(seed)
-    N, K, g = 192, 512, 64
+    K, g = 512, 64
     w = w4a16.QuantizedWeight.from_plain(pack_nibbles(torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=gen)),
                                          (torch.rand(N, K // g, generator=gen) * 0.02 + 0.005).half(),
                                          torch.randint(0, 16, (N, K // g), generator=gen), g,
                                          torch.randperm(K, generator=gen))
-    return w4a16.W4A16Linear.from_quantized(w, torch.randn(N, generator=gen).half()).to(dev)
+    return w4a16.W4A16Linear.from_quantized(w, torch.randn(N, generator=gen).half() if bias else None).to(dev)
 
 
 def _tiny_llama(dev, fuse, seed=0):
@@ -136,7 +136,23 @@ def run_checks(mesh, dev, tmp) -> dict:
     load_sharded(path, loaded, mesh)
     apply_tp_plan(source, mesh)
     record("load_sharded tiny llama vs sharded source", loaded(ids).logits, source(ids).logits)
-    dist.barrier()  # rank 0's folder with the file goes away after this
+    # a GPTQ checkpoint (one act-order layer, split row-wise: read whole) loaded with the mesh
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from tiny_models import write_hf_checkpoint
+
+    plain = _tiny_llama("cpu", False)
+    plain.model.layers[0].mlp.down_proj = _act_order_layer("cpu", seed=12, N=256, bias=False)
+    folder = os.path.join(tmp, "gptq")
+    if r == 0:
+        write_hf_checkpoint(folder, "gptq", plain)
+    dist.barrier()
+    want = plain.to(dev)(ids).logits
+    from w4a16.e2e.speed import build_model
+    target = build_model(plain.config, dev, seed=2)
+    report = w4a16.load_pretrained_quantized(target, folder, mesh=mesh)
+    record(f"GPTQ load_pretrained_quantized(mesh=) vs unsharded (read whole: {report.read_whole})",
+           target(ids).logits, want)
+    dist.barrier()  # rank 0's folder with the files goes away after this
     return out
 
 
@@ -238,9 +254,10 @@ def worker(rank: int, port: int, args) -> None:
             for k, (e, ok) in checks.items():
                 say(f"check {k:45s} rel. error {e:.2e}  {'ok' if ok else 'FAIL'}")
             failed = not all(ok for _, ok in checks.values())
-        rows = run_speed(mesh, dev, args)
-        result["speed"] = rows
-        say(table(rows))
+        if not args.checks_only:
+            rows = run_speed(mesh, dev, args)
+            result["speed"] = rows
+            say(table(rows))
         if rank == 0 and args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
@@ -260,6 +277,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--skip-checks", action="store_true")
+    p.add_argument("--checks-only", action="store_true", help="no speed table")
     p.add_argument("--out", default="")
     args = p.parse_args()
     if torch.cuda.device_count() < args.tp:

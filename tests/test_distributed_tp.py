@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import socket
+import sys
 import time
 import traceback
 
@@ -25,6 +26,9 @@ from w4a16 import QuantizedWeight, W4A16Error
 from w4a16.distributed import split_for
 from w4a16.distributed.shard import take
 from w4a16.pack import pack_nibbles
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tiny_models import write_hf_checkpoint  # noqa: E402
 
 TP = 2
 TIMEOUT_S = 150
@@ -372,36 +376,6 @@ def _case_load_sharded(mesh, tmp, fuse=False):
     assert reads["model.layers.1.mlp.down_proj.scales"] == repr((slice(None), slice(r * 4, (r + 1) * 4)))
 
 
-def _hf_checkpoint(folder: str, method: str, source: nn.Module) -> None:
-    """Write ``source`` (a quantized tiny Llama) as a Hugging Face checkpoint of ``method``."""
-    from safetensors.torch import save_file
-
-    from w4a16 import formats
-
-    export = {"gptq": formats.to_gptq, "awq": formats.to_awq, "compressed-tensors": formats.to_compressed_tensors}
-    tensors, quantized = {}, set()
-    for name, mod in source.named_modules():
-        if isinstance(mod, w4a16.W4A16Linear):
-            quantized.add(name)
-            tensors.update({f"{name}.{k}": v for k, v in export[method](mod.weight_q).items()})
-            if mod.bias is not None:
-                tensors[f"{name}.bias"] = mod.bias.detach()
-    for key, t in source.state_dict().items():
-        if key.rpartition(".")[0] not in quantized:
-            tensors[key] = t
-    qc = {"gptq": {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": True, "sym": False,
-                   "checkpoint_format": "gptq"},
-          "awq": {"quant_method": "awq", "bits": 4, "group_size": 64, "version": "gemm", "zero_point": True},
-          "compressed-tensors": {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
-                                 "config_groups": {"g": {"targets": ["Linear"], "input_activations": None,
-                                                         "weights": {"num_bits": 4, "type": "int", "symmetric": False,
-                                                                     "strategy": "group", "group_size": 64}}}}}[method]
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump({"model_type": "llama", "quantization_config": qc}, f)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, "model.safetensors"))
-
-
 def _case_load_hf(mesh, tmp, method, fuse):
     """load_pretrained_quantized(..., mesh=mesh) of a GPTQ / AWQ / compressed-tensors checkpoint:
     the logits of the unsharded model; each sharded layer's quantized tensors read as slices
@@ -418,7 +392,7 @@ def _case_load_hf(mesh, tmp, method, fuse):
         source.model.layers[0].mlp.down_proj = w4a16.W4A16Linear.from_quantized(act_order_weight(256, 512, 64, 21))
     folder = os.path.join(tmp, f"hf-{method}")
     if r == 0:
-        _hf_checkpoint(folder, method, source)
+        write_hf_checkpoint(folder, method, source)
     dist.barrier()
     ids = torch.randint(0, 1000, (2, 7), generator=torch.Generator().manual_seed(19))
     with torch.no_grad():
