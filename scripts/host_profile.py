@@ -48,6 +48,50 @@ def _profile_steps(m, ids, tag: str, out: str, steps: int = 20) -> float:
     return ms
 
 
+def _step_ms(m, ids, steps: int = 30) -> float:
+    import time
+    with torch.no_grad():
+        for _ in range(3):
+            m(input_ids=ids, use_cache=False)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(steps):
+            m(input_ids=ids, use_cache=False)
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / steps * 1e3
+
+
+def stub_compare(layers: int) -> None:
+    """How much of an eager step the linear layers cost: each model timed as it is and with its
+    linear layers' forward replaced by an empty output of the right shape (no kernel, no checks).
+    The difference is what the layers' own path costs (host and device)."""
+    from torch import nn
+
+    from w4a16.e2e.speed import build_model, llama_config, llama_dims
+
+    def stub(self, x):
+        return x.new_empty(*x.shape[:-1], self.out_features)
+    for batch in (1, 16):
+        ids = torch.randint(0, 1000, (batch, 1), device="cuda")
+        res = {}
+        for tag in ("fp16", "w4a16"):
+            m = build_model(llama_config(llama_dims(layers)), "cuda")
+            if tag == "w4a16":
+                w4a16.quantize_model(m, group_size=128, skip=("lm_head",), dtype=torch.float16, progress=False)
+            res[tag] = _step_ms(m, ids)
+            saved = (nn.Linear.forward, w4a16.W4A16Linear.forward)
+            nn.Linear.forward = w4a16.W4A16Linear.forward = stub
+            try:
+                res[tag + " stubbed"] = _step_ms(m, ids)
+            finally:
+                nn.Linear.forward, w4a16.W4A16Linear.forward = saved
+            del m
+            torch.cuda.empty_cache()
+        print(f"stub compare, {layers} layers, batch {batch}: " + " ".join(f"{k} {v:.2f} ms" for k, v in res.items()) +
+              f"  -> linears cost: fp16 {res['fp16'] - res['fp16 stubbed']:.2f} ms, "
+              f"w4a16 {res['w4a16'] - res['w4a16 stubbed']:.2f} ms per step", flush=True)
+
+
 def model_profile(layers: int, out: str) -> None:
     """fp16, W4A16 fused and W4A16 unfused eager steps of the same model: time and cProfile."""
     from w4a16.e2e.speed import build_model, llama_config, llama_dims
@@ -72,10 +116,17 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--model-layers", type=int, default=0,
                    help="also profile eager steps of a Llama-3-8B-shaped model with this many layers")
+    p.add_argument("--stub-layers", type=int, default=0,
+                   help="also time eager steps with the linear layers stubbed out (this many layers)")
+    p.add_argument("--only-models", action="store_true", help="skip the per-call timings")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
+    if a.stub_layers:
+        stub_compare(a.stub_layers)
     if a.model_layers:
         model_profile(a.model_layers, a.out)
+    if a.only_models:
+        return
     report = []
     timer = EagerTimer(max_calls=200, target_ms=5.0, budget_ms=200.0)
     for N, K in ((256, 256), (4096, 4096)):
