@@ -21,19 +21,20 @@ import w4a16  # noqa: E402
 from w4a16.measure import EagerTimer  # noqa: E402
 
 
+def _step_ms(m, ids) -> float:
+    """ms per eager step of ``m`` (use_cache=False, one token per sequence): the median of
+    EagerTimer's repeats."""
+    def step():
+        with torch.no_grad():
+            m(input_ids=ids, use_cache=False)
+    return EagerTimer(max_calls=30, target_ms=100.0, budget_ms=3000.0).measure([step]).median_us / 1e3
+
+
 def _profile_steps(m, ids, tag: str, out: str, steps: int = 20) -> float:
-    """ms per eager step (use_cache=False, one token per sequence), and a cProfile of them."""
-    import time
+    """ms per eager step (see _step_ms), and a cProfile of ``steps`` more."""
+    ms = _step_ms(m, ids)
+    pr = cProfile.Profile()
     with torch.no_grad():
-        for _ in range(3):
-            m(input_ids=ids, use_cache=False)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(steps):
-            m(input_ids=ids, use_cache=False)
-        torch.cuda.synchronize()
-        ms = (time.perf_counter() - t) / steps * 1e3
-        pr = cProfile.Profile()
         pr.enable()
         for _ in range(steps):
             m(input_ids=ids, use_cache=False)
@@ -46,19 +47,6 @@ def _profile_steps(m, ids, tag: str, out: str, steps: int = 20) -> float:
     print(f"--- model step {tag}: {ms:.2f} ms (batch {ids.shape[0]}); cProfile of {steps} steps:\n" +
           "\n".join(s.getvalue().splitlines()[:48]), flush=True)
     return ms
-
-
-def _step_ms(m, ids, steps: int = 30) -> float:
-    import time
-    with torch.no_grad():
-        for _ in range(3):
-            m(input_ids=ids, use_cache=False)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(steps):
-            m(input_ids=ids, use_cache=False)
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t) / steps * 1e3
 
 
 def stub_compare(layers: int) -> None:

@@ -169,16 +169,11 @@ def model():
     m = build_model(llama_config(llama_dims(ARGS.layers)), "cuda")
     ids = torch.randint(0, 1000, (1, 1), device="cuda")
 
-    def step_ms(iters=20):
-        with torch.no_grad():
-            for _ in range(3):
+    def step_ms():
+        def step():
+            with torch.no_grad():
                 m(input_ids=ids, use_cache=False)
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(iters):
-                m(input_ids=ids, use_cache=False)
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t) / iters * 1e3
+        return EagerTimer(max_calls=20, target_ms=100.0, budget_ms=3000.0).measure([step]).median_us / 1e3
 
     def host_profile(tag):
         """CPU-side profile of a few eager steps: where the host time of a step goes, per op."""
