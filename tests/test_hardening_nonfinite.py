@@ -104,3 +104,33 @@ def test_finite_inputs_take_the_plain_product():
     w = weight(codes, scales)
     expect = (x.float() @ w.dequantize(torch.float32).T).half()
     assert torch.equal(w4a16.reference.gemm(x, w), expect)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("triton") is None, reason="needs triton (interpreter)")
+def test_auto_runs_non_finite_weights_on_a_tile_config(monkeypatch):
+    """backend="auto" sends a weight with an infinite scale to the tile config "128" (the configs
+    that scale after a group's dot product, and the Gluon kernels, do not follow the rule); the
+    kernel result then matches the term-by-term rule. Fixing the scales in place routes back."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(3)
+    N, K, g = 48, 256, 64
+    codes = torch.randint(0, 16, (N, K), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(N, K // g, generator=gen) * 0.01 + 0.005).half()
+    scales[0::3, 1] = INF                               # groups with a code 8 somewhere: NaN rows
+    codes[1::3, g:2 * g] = 9 + codes[1::3, g:2 * g] % 7
+    scales[1::3, 1] = INF                               # codes 9..15 only: +inf
+    w = weight(codes, scales, None, g).to(dev)
+    x = torch.rand(1, K, generator=gen).add(0.1).half()  # x > 0, M = 1: "auto" would pick a decode config
+    choice = w4a16.choose(x.to(dev), w)
+    if choice.backend.name == "reference":
+        pytest.skip("no kernel backend runs here")
+    assert choice.reason.startswith("non-finite"), choice.reason
+    assert choice.backend.name == "triton" and choice.config == choice.backend.named_configs()["128"]
+    y = w4a16.gemm(x.to(dev), w).cpu()
+    same(y, oracle(x, codes, scales, None, g))
+    assert bool(y[0, 0::3].isnan().all()) and bool((y[0, 1::3] == INF).all())
+    w.scales[:, 1] = 0.01                               # in place: every scale finite again
+    assert not w4a16.choose(x.to(dev), w).reason.startswith("non-finite")
+    same(w4a16.gemm(x.to(dev), w).cpu(), oracle(x, codes, w.scales.cpu(), None, g))

@@ -11,6 +11,7 @@ dbias = sum of dY; the int4 weight is frozen).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Any, Callable, List, NamedTuple, Optional
 
 import torch
@@ -26,23 +27,37 @@ from .weight import QuantizedWeight
 
 _CHOICES: dict = {}
 MAX_CACHED = 4096
+NON_FINITE_CONFIG = "128"   # a tile config: scales applied per element before the dot product
 MAX_CALLS_PER_WEIGHT = 64
 
 
 def choose(x: torch.Tensor, w: QuantizedWeight, config="auto", backend: str = "auto") -> Choice:
     """The :class:`~w4a16.backends.selection.Choice` (backend, config, reason) that
-    ``gemm(x, w, config=config, backend=backend)`` runs."""
+    ``gemm(x, w, config=config, backend=backend)`` runs.
+
+    With ``config="auto"`` and ``backend="auto"``, a weight whose scales or zeros hold NaN or an
+    infinity runs the tile config "128" (the Triton kernel where it runs, else the reference):
+    the configs that apply a scale after a group's dot product, and the Gluon kernels, which fold
+    the zero point into an offset, would not follow the README's non-finite rule."""
     K = x.shape[-1]
     M = x.numel() // K if K else 0
     dev = x.device
+    non_finite = (config == "auto" and backend == "auto" and isinstance(w, QuantizedWeight)
+                  and not torch.compiler.is_compiling() and not w.params_finite())
     # On the CPU the Triton backend's availability follows TRITON_INTERPRET, read per call.
     key = (M, w.shape, w.group_size_effective, x.dtype, w.zeros is not None, dev, config, backend,
-           dev.type == "cpu" and interpreting())
+           dev.type == "cpu" and interpreting(), non_finite)
     hit = _CHOICES.get(key)
     if hit is None or hit[1] != generation():
         if len(_CHOICES) >= MAX_CACHED:
             _CHOICES.clear()
-        hit = _CHOICES[key] = (choose_backend(problem_of(x, w), backend, config), generation())
+        if non_finite:
+            c = choose_backend(problem_of(x, w), "auto", NON_FINITE_CONFIG)
+            c = replace(c, reason=f"non-finite scales or zeros: config {NON_FINITE_CONFIG!r}, which follows the "
+                                  f"IEEE rule term by term ({c.reason})")
+        else:
+            c = choose_backend(problem_of(x, w), backend, config)
+        hit = _CHOICES[key] = (c, generation())
     return hit[0]
 
 

@@ -71,6 +71,7 @@ class QuantizedWeight:
         self._gen = 0                                    # bumped whenever the codes change
         self._layouts: dict = {}                         # (backend, layout) -> _Prepared
         self._calls: dict = {}                           # w4a16.gemm's bound eager calls
+        self._finite: Optional[tuple] = None             # (params version, scales/zeros finite)
         self._lock = threading.Lock()
         self.scales = scales
         self.zeros = zeros
@@ -178,6 +179,20 @@ class QuantizedWeight:
 
     def _params_version(self) -> tuple:
         return _version(self.scales), _version(self.zeros)
+
+    def params_finite(self) -> bool:
+        """Whether ``scales`` (and ``zeros``) hold only finite values: checked once per change of
+        them (a device sync on a GPU). A weight on the meta device, or one first asked during
+        CUDA-graph capture (where a sync is not allowed), counts as finite unchecked."""
+        v = self._params_version()
+        hit = self._finite
+        if hit is not None and hit[0] == v:
+            return hit[1]
+        if self.scales.is_meta or (self.scales.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return True
+        ok = bool(torch.isfinite(self.scales).all()) and (self.zeros is None or bool(torch.isfinite(self.zeros).all()))
+        self._finite = (v, ok)
+        return ok
 
     def prepared(self, backend):
         """This weight in ``backend``'s layout: built on first use, rebuilt when the codes, scales

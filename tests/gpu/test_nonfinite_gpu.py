@@ -23,7 +23,8 @@ DTYPES = [torch.float16, torch.bfloat16]
 # or NaN at other outputs than the term-by-term rule says.
 _SCALE_AFTER = pytest.mark.xfail(reason="scale applied after the group's dot product: inf scales "
                                         "propagate differently (kernel follow-up)", strict=False)
-CONFIGS = [pytest.param("auto", marks=_SCALE_AFTER), "128", "64", pytest.param("decode", marks=_SCALE_AFTER)]
+# "auto" runs a weight with non-finite scales or zeros on the tile config "128" (ops.choose).
+CONFIGS = ["auto", "128", "64", pytest.param("decode", marks=_SCALE_AFTER)]
 MS = [1, 16, 64, 300]
 
 
