@@ -177,11 +177,20 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
             y = hit.run(x2, bias)
             return y if hit.out is None else y.view(hit.out)
     check_gemm_args(x, w, bias, alpha)
-    choice = choose(x, w, config, backend)
-    b = choice.backend
+    N, K = w.shape
+    M = x.numel() // K
+    if compiling and isinstance(M, int) and isinstance(config, str):
+        # Traced: the choice is computed once, at trace time, outside the graph (no graph break
+        # in the selection code, which reads files and device properties).
+        name, config_key = _traced_choice(M, N, K, w.group_size_effective, x.dtype, w.zeros is not None, x.device,
+                                          config, backend)
+        choice = None
+        b = get_backend(name)
+    else:
+        choice = choose(x, w, config, backend)
+        b, config_key = choice.backend, choice.config_key
     if b.name == "reference":
         return reference.gemm(x, w, bias, float(alpha))
-    N, K = w.shape
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if w.perm is not None:
         x2 = x2.index_select(1, w.perm)
@@ -192,7 +201,7 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
     prepared = w.traced_prepared(b) if compiling else w.prepared(b)
     if compiling or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))):
         y = gemm_op(x2, b.op_tensors(prepared), bias, float(alpha), [N, K, w.group_size_effective], b.name,
-                    choice.config_key, bool(deterministic))
+                    config_key, bool(deterministic))
     else:
         run = b.bind(prepared, x2.shape[0], x2.dtype, bias is not None, float(alpha), choice.config,
                      bool(deterministic))
@@ -204,6 +213,15 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
             w._calls[key] = _Call(b, prepared, config, (x2.shape[0], K) if flat else None,
                                   (*x.shape[:-1], N) if flat else None, run)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
+
+
+@torch._dynamo.assume_constant_result
+def _traced_choice(M: int, N: int, K: int, group: int, dtype: torch.dtype, zeros: bool, device: torch.device,
+                   config, backend: str) -> tuple:
+    """(backend name, config key) for a call torch.compile is tracing: run by Dynamo at trace time
+    and taken as a constant. The graph is specialized on the shapes it depends on."""
+    c = choose_backend(Problem(M, N, K, group, dtype, zeros, device), backend, config)
+    return c.backend.name, c.config_key
 
 
 class _Call(NamedTuple):

@@ -217,6 +217,9 @@ class StaticDecoder:
         # compile: the step's forward goes through torch.compile (inductor fuses the small
         # non-GEMM kernels); the W4A16 GEMM is the custom op w4a16::gemm inside the compiled graph.
         self.forward = torch.compile(model.forward, dynamic=False) if compile else model.forward
+        # A compiled step is traced after one eager step: the weights are then prepared in every
+        # layout the decode shape uses (preparing inside the trace would break the graph per layer).
+        self.eager_first = compile
         dtype = next(model.parameters()).dtype
         try:
             self.cache = StaticCache(config=model.config, max_batch_size=batch, max_cache_len=context,
@@ -249,6 +252,9 @@ class StaticDecoder:
     @torch.no_grad()
     def step(self) -> torch.Tensor:
         """Decode ``self.ids`` at position prompt_len -> logits [batch, V] (eager)."""
+        if self.eager_first:
+            self.eager_first = False
+            self.model.forward(input_ids=self.ids, **self.kwargs)   # writes the cache slot the step writes
         return self.forward(input_ids=self.ids, **self.kwargs).logits[:, -1]
 
     def capture(self, warmup: int = 3) -> None:

@@ -1,0 +1,41 @@
+"""torch.compile over a quantized model's decode step: one graph, no graph break, no recompile.
+
+The first traced call of a shape used to reach the backend selection (tuning files, device
+properties, a comprehension Dynamo cannot trace) and break the graph at every W4A16 layer; with
+transformers' decoder layers sharing one code object, the resumed frames then recompiled per
+layer until Dynamo's recompile limit. The choice is now made at trace time, outside the graph.
+Runs the Triton kernels in the interpreter (fp16, a 2-layer Llama of width 128).
+"""
+import importlib.util
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the e2e extra (pip install 'w4a16[e2e]') is not installed")
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("needs triton (kernels in the interpreter)", allow_module_level=True)
+
+import w4a16  # noqa: E402
+from w4a16.e2e import speed  # noqa: E402
+
+TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "separate"])
+def test_decode_step_traces_as_one_graph(monkeypatch, fuse):
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = speed.build_model(speed.llama_config(speed.llama_dims(layers=2, **TINY)), dev, torch.float16)
+    w4a16.quantize_model(model, group_size=32, progress=False, fuse=fuse)
+    dec = speed.StaticDecoder(model, batch=1, context=16, prompt_len=4, device=dev)
+    dec.prefill(torch.randint(0, TINY["vocab_size"], (1, 4), device=dev))   # M = 4 eagerly: M = 1 is new
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    with torch.no_grad():
+        explained = dynamo.explain(model.forward)(input_ids=dec.ids, **dec.kwargs)
+    reasons = [str(b.reason)[:200] for b in explained.break_reasons]
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, reasons
+    assert any("w4a16.gemm" in str(n.target) for g in explained.graphs for n in g.graph.nodes), \
+        "the W4A16 GEMMs are not custom ops in the graph"
