@@ -127,6 +127,7 @@ def run_checks(mesh, dev, tmp) -> dict:
         want = model(ids).logits
         apply_tp_plan(model, mesh)
         record(f"tiny llama{' (fused)' if fuse else ''}", model(ids).logits, want)
+    record("tiny llama (fused), sharded, torch.compile", torch.compile(model)(ids).logits, want)
     path = os.path.join(tmp, "tiny.safetensors")
     source = _tiny_llama(dev, True)
     if r == 0:

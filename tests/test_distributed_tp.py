@@ -36,7 +36,7 @@ REL_TOL = 2e-3
 CASES = ("mlp_g64_sym", "mlp_g128_asym", "colwise_gather", "dtensor_chain", "rowwise_replicated_input",
          "rowwise_reduce_scatter",
          "act_order_colwise", "act_order_rowwise", "act_order_rowwise_sharded_input", "llama", "llama_fused", "state_dict",
-         "errors", "load_sharded", "load_sharded_fused", "load_hf_gptq", "load_hf_awq", "load_hf_compressed_tensors")
+         "errors", "load_sharded", "load_sharded_fused", "compiled", "load_hf_gptq", "load_hf_awq", "load_hf_compressed_tensors")
 NEEDS_TRANSFORMERS = ("llama", "llama_fused", "errors", "load_sharded", "load_sharded_fused", "load_hf_gptq",
                       "load_hf_awq", "load_hf_compressed_tensors")
 
@@ -93,6 +93,35 @@ def _case_mlp(mesh, group_size, symmetric):
         assert model[2].weight_q.shape == (256, 256)
         assert model[2].weight_q.scales.shape == (256, 256 // group_size)
         assert_same(model(x), want, "mlp")
+
+
+def _case_compiled(mesh):
+    """torch.compile(fullgraph=True) of a sharded MLP and of a sharded tiny Llama (the row-wise
+    all-reduce traced as a functional collective): the eager sharded result."""
+    import torch._dynamo as dynamo
+
+    from w4a16.distributed import apply_tp_plan
+
+    model = mlp(3, 64, False)
+    x = torch.randn(2, 4, 256, generator=torch.Generator().manual_seed(5)).half()
+    with torch.no_grad():
+        apply_tp_plan(model, mesh, {"0": "colwise", "2": "rowwise"})
+        want = model(x)
+        dynamo.reset()
+        got = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    assert_same(got, want, "compiled sharded mlp")
+    if importlib.util.find_spec("transformers") is None:
+        return
+    llama = tiny_llama(seed=2, fuse=True)
+    ids = torch.randint(0, 1000, (1, 5), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        apply_tp_plan(llama, mesh)
+        want = llama(ids).logits
+        dynamo.reset()
+        explained = dynamo.explain(llama)(ids)
+        assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+        got = torch.compile(llama, backend="aot_eager")(ids).logits
+    assert_same(got, want, "compiled sharded llama")
 
 
 def _single(mesh, style, layer, x):
@@ -457,6 +486,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             "errors": lambda: _case_errors(mesh),
             "load_sharded": lambda: _case_load_sharded(mesh, tmp),
             "load_sharded_fused": lambda: _case_load_sharded(mesh, tmp, fuse=True),
+            "compiled": lambda: _case_compiled(mesh),
             "load_hf_gptq": lambda: _case_load_hf(mesh, tmp, "gptq", True),
             "load_hf_awq": lambda: _case_load_hf(mesh, tmp, "awq", False),
             "load_hf_compressed_tensors": lambda: _case_load_hf(mesh, tmp, "compressed-tensors", True),
