@@ -63,7 +63,7 @@ def test_header_compiles_and_links(built, tmp_path):
         #include <stdio.h>
         #include "w4a16_sm90_kernel.h"
         int main(void) {
-            w4a16_gemm_config cfg = {W4A16_KERNEL_DECODE, 4, {0}};
+            w4a16_gemm_config cfg = {W4A16_KERNEL_DECODE, 4, 0, {0}};
             void (*entry)(const void *, const uint8_t *, const void *, const void *, const void *, float, void *,
                           int, int, int, int, const w4a16_gemm_config *, char *, size_t, void *, int *) =
                 w4a16_sm90_gemm_128;
@@ -81,7 +81,7 @@ def test_header_compiles_and_links(built, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "sm_90a" in r.stdout and "group_size" in r.stdout
     if shutil.which("g++"):
-        cpp = '#include "w4a16_sm90_kernel.h"\nint main() { return w4a16_capi_version() - 1; }\n'
+        cpp = '#include "w4a16_sm90_kernel.h"\nint main() { return w4a16_capi_version() - W4A16_CAPI_VERSION; }\n'
         _cc(tmp_path, "use_header.cpp", cpp, f"-I{built.out_dir}", "-c", compiler="g++")
 
 
@@ -127,9 +127,22 @@ def test_host_logic_and_kernel_table(built, tmp_path):
             if (p.kernel != K_TILE128) bad += 6000;
             make_plan(0, NULL, &L, 16, 132, 300000, 0, &p);   /* a little: fewer splits */
             if (p.kernel != K_DECODE || p.need > 300000) bad += 7000;
-            w4a16_gemm_config cfg = {{W4A16_KERNEL_DECODE, 3, {{0}}}};
+            w4a16_gemm_config cfg = {{W4A16_KERNEL_DECODE, 3, 0, {{0}}}};
             make_plan(0, &cfg, &L, 500, 132, 64 << 20, 0, &p);
-            if (p.kernel != K_DECODE || p.splits != 3) bad += 8000;
+            if (p.kernel != K_DECODE || p.splits != 3 || p.zeroed) bad += 8000;
+            /* a zeroed workspace: the fixed counter region, no memset, launches of <= 16384 tiles */
+            cfg.flags = W4A16_FLAG_ZEROED_WORKSPACE;
+            make_plan(0, &cfg, &L, 500, 132, 64 << 20, 0, &p);
+            if (!p.zeroed || p.need != ALIGN + p.part_bytes + W4A16_COUNTER_REGION_BYTES) bad += 8100;
+            cfg.kernel = W4A16_KERNEL_SPLITK64;   /* 64 x 64 tiles: 64 column tiles, so 256 row tiles per launch */
+            make_plan(1, &cfg, &L, 100000, 132, (size_t)1 << 40, 0, &p);
+            if (p.kernel != K_SPLITK64 || !p.zeroed || p.rows != 256 * 64) bad += 8200;
+            cfg.kernel = W4A16_KERNEL_DECODE;
+            make_plan(0, &cfg, &L, 16, 132, 0, 0, &p);   /* no workspace: the tile kernel, nothing zeroed */
+            if (p.kernel != K_TILE128 || p.zeroed) bad += 8300;
+            cfg.flags = 2;
+            if (make_plan(0, &cfg, &L, 500, 132, 64 << 20, 0, &p) != W4A16_ERROR_INVALID_VALUE) bad += 8400;
+            cfg.flags = 0;
             cfg.reserved[2] = 1;
             if (make_plan(0, &cfg, &L, 500, 132, 64 << 20, 0, &p) != W4A16_ERROR_INVALID_VALUE) bad += 9000;
             if (row_block(100000, 4096, 4096, 8) * 4096LL * 8 >= INT32_LIMIT) bad += 10000;

@@ -62,13 +62,13 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
-def call(lib, x, qw, bias=None, alpha=1.0, kernel="auto128", split_k=0, ws=None, out=None, stream=None):
+def call(lib, x, qw, bias=None, alpha=1.0, kernel="auto128", split_k=0, ws=None, out=None, stream=None, flags=0):
     """y = alpha * x @ W^T + bias through the plain-layout entry point; returns (status, y)."""
     M, K = x.shape
     N = qw.shape[0]
     y = torch.full((M, N), float("nan"), dtype=x.dtype, device="cuda") if out is None else out
     entry64 = kernel == "auto64"
-    cfg = loader.config("auto" if kernel.startswith("auto") else kernel, split_k)
+    cfg = loader.config("auto" if kernel.startswith("auto") else kernel, split_k, flags)
     bf16 = x.dtype == torch.bfloat16
     fn = {(False, False): lib.w4a16_sm90_gemm_128_ex, (False, True): lib.w4a16_sm90_gemm_64_ex,
           (True, False): lib.w4a16_sm90_gemm_128_bf16, (True, True): lib.w4a16_sm90_gemm_64_bf16}[bf16, entry64]
@@ -168,6 +168,27 @@ def test_one_stream_one_workspace_many_calls(lib):
         check(lib, y, 0, x, qw, None, 1.0, "reused stream/workspace")
 
 
+def test_zeroed_workspace_many_calls(lib):
+    """W4A16_FLAG_ZEROED_WORKSPACE: the workspace zeroed once, then 40 split-K calls of different
+    shapes and weights without a memset: every result right (the kernels leave the counters at 0)."""
+    ws = torch.zeros(WS_BYTES, dtype=torch.uint8, device="cuda")
+    weights = [make_weight(N, K, g, z, torch.float16, "cuda", seed=j)
+               for j, (N, K, g, z) in enumerate([(4096, 4096, 128, None), (1024, 4096, 64, "int"),
+                                                 (6144, 1024, 32, "float")])]
+    for i in range(40):
+        qw = weights[i % 3]
+        M = (1, 16, 64, 3)[i % 4]
+        x = torch.randn(M, qw.shape[1], device="cuda").half()
+        status, y = call(lib, x, qw, None, 1.0, "auto64" if i % 2 else "auto128", ws=ws,
+                         flags=loader.FLAG_ZEROED_WORKSPACE)
+        check(lib, y, status, x, qw, None, 1.0, f"zeroed workspace, call {i}")
+        assert "decode" in lib.w4a16_sm90_last_kernel().decode() or "splitk" in lib.w4a16_sm90_last_kernel().decode()
+    torch.cuda.synchronize()
+    start = (-ws.data_ptr()) % 256   # the library aligns the workspace to 256 bytes
+    counters = ws[start:start + loader.COUNTER_REGION_BYTES].view(torch.int32)
+    assert int(counters.abs().sum()) == 0, "the kernels left split-K counters non-zero"
+
+
 def test_two_streams_in_parallel(lib):
     """Two streams, each with its own workspace, interleaved split-K calls on shared weights."""
     qw = make_weight(4096, 4096, 128, "int", torch.float16, "cuda")
@@ -215,7 +236,7 @@ def test_errors_occupancy_version(lib, workspace):
     assert st == 0 and occ.value >= 1
     torch.cuda.synchronize()
     assert torch.isnan(y).all()  # an occupancy query launches nothing
-    assert lib.w4a16_capi_version() == 1 and lib.w4a16_version() >= 100
+    assert lib.w4a16_capi_version() == 2 and lib.w4a16_version() >= 100
     assert b"sm_90a" in lib.w4a16_version_string()
     assert lib.w4a16_sm90_workspace_size(16, 4096, 4096, 128, None) > 0
     assert lib.w4a16_sm90_workspace_size(4096, 4096, 4096, 128, None) >= 0

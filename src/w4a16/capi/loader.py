@@ -14,8 +14,8 @@ IP = ctypes.POINTER(ctypes.c_int)
 
 
 class GemmConfig(ctypes.Structure):
-    """``w4a16_gemm_config``: kernel (W4A16_KERNEL_*), split_k, reserved[6]."""
-    _fields_ = [("kernel", I), ("split_k", I), ("reserved", I * 6)]
+    """``w4a16_gemm_config``: kernel (W4A16_KERNEL_*), split_k, flags (W4A16_FLAG_*), reserved[5]."""
+    _fields_ = [("kernel", I), ("split_k", I), ("flags", I), ("reserved", I * 5)]
 
 
 class PreparedWeight(ctypes.Structure):
@@ -52,8 +52,13 @@ def load(path) -> ctypes.CDLL:
     return lib
 
 
-def config(kernel: str = "auto", split_k: int = 0):
-    """A ``w4a16_gemm_config`` for ``kernel`` (None for "auto" with no split: the default)."""
-    if kernel == "auto" and not split_k:
+FLAG_ZEROED_WORKSPACE = 1   # W4A16_FLAG_ZEROED_WORKSPACE
+COUNTER_REGION_BYTES = 65536
+
+
+def config(kernel: str = "auto", split_k: int = 0, flags: int = 0):
+    """A ``w4a16_gemm_config`` for ``kernel`` (None for "auto" with no split and no flags: the
+    default)."""
+    if kernel == "auto" and not split_k and not flags:
         return None
-    return ctypes.byref(GemmConfig(KERNELS[kernel], split_k))
+    return ctypes.byref(GemmConfig(KERNELS[kernel], split_k, flags))

@@ -36,6 +36,7 @@ static struct {
     CUresult (*MemcpyHtoD)(CUdeviceptr, const void *, size_t);
     CUresult (*MemcpyDtoH)(void *, CUdeviceptr, size_t);
     CUresult (*MemsetD16)(CUdeviceptr, unsigned short, size_t);
+    CUresult (*MemsetD8)(CUdeviceptr, unsigned char, size_t);
     CUresult (*StreamCreate)(CUstream *, unsigned);
     CUresult (*EventCreate)(CUevent *, unsigned);
     CUresult (*EventRecord)(CUevent, CUstream);
@@ -65,7 +66,8 @@ static void load_driver(void) {
         {(void **)&cu.CtxSetCurrent, "cuCtxSetCurrent"}, {(void **)&cu.CtxSynchronize, "cuCtxSynchronize"},
         {(void **)&cu.MemAlloc, "cuMemAlloc_v2"}, {(void **)&cu.MemFree, "cuMemFree_v2"},
         {(void **)&cu.MemcpyHtoD, "cuMemcpyHtoD_v2"}, {(void **)&cu.MemcpyDtoH, "cuMemcpyDtoH_v2"},
-        {(void **)&cu.MemsetD16, "cuMemsetD16_v2"}, {(void **)&cu.StreamCreate, "cuStreamCreate"},
+        {(void **)&cu.MemsetD16, "cuMemsetD16_v2"}, {(void **)&cu.MemsetD8, "cuMemsetD8_v2"},
+        {(void **)&cu.StreamCreate, "cuStreamCreate"},
         {(void **)&cu.EventCreate, "cuEventCreate"}, {(void **)&cu.EventRecord, "cuEventRecord"},
         {(void **)&cu.EventSynchronize, "cuEventSynchronize"},
         {(void **)&cu.EventElapsedTime, "cuEventElapsedTime"},
@@ -141,26 +143,29 @@ typedef struct {
     int zeros, bias;
     float alpha;
     size_t ws_bytes;
-    int big; /* skipped with --quick */
+    int big;   /* skipped with --quick */
+    int flags; /* w4a16_gemm_config.flags (W4A16_FLAG_ZEROED_WORKSPACE: zeroed once, three calls first) */
 } test_case;
 
 static const test_case CASES[] = {
-    {"original example", 0, ENTRY_128, 1024, 4096, 4096, 128, 0, 0, 1.0f, 4 << 20, 0},
-    {"decode M=1", 0, ENTRY_128, 1, 4096, 4096, 128, 0, 0, 1.0f, 4 << 20, 0},
-    {"decode M=16 (_64)", 0, ENTRY_64, 16, 4096, 4096, 128, 0, 0, 1.0f, 4 << 20, 0},
-    {"zeros+bias M=16", 0, ENTRY_128, 16, 4096, 4096, 128, 1, 1, 1.0f, 4 << 20, 0},
-    {"g=64 zeros+bias M=64", 0, ENTRY_128, 64, 4096, 4096, 64, 1, 1, 1.0f, 4 << 20, 0},
-    {"g=64 M=1024 (_64)", 0, ENTRY_64, 1024, 4096, 4096, 64, 0, 1, 1.0f, 4 << 20, 1},
-    {"g=32 bias M=200", 0, ENTRY_128, 200, 2048, 4096, 32, 0, 1, 0.5f, 4 << 20, 0},
-    {"g=256 zeros M=4096", 0, ENTRY_128, 4096, 4096, 4096, 256, 1, 0, 1.0f, 4 << 20, 1},
-    {"per-channel zeros M=5", 0, ENTRY_128, 5, 1024, 4096, -1, 1, 1, 1.0f, 4 << 20, 0},
-    {"bf16 M=1024 zeros+bias", 1, ENTRY_128, 1024, 4096, 4096, 128, 1, 1, 1.0f, 4 << 20, 1},
-    {"bf16 decode M=1 g=64", 1, ENTRY_64, 1, 4096, 4096, 64, 0, 0, 1.0f, 4 << 20, 0},
-    {"ragged M=37 N=200 K=1376 g=32", 0, ENTRY_128, 37, 200, 1376, 32, 1, 1, 1.0f, 4 << 20, 0},
-    {"ragged bf16 M=3 N=72 K=576 g=64", 1, ENTRY_128, 3, 72, 576, 64, 1, 1, 2.0f, 4 << 20, 0},
-    {"per-channel odd K M=9", 0, ENTRY_128, 9, 136, 1000, -1, 0, 1, 1.0f, 4 << 20, 0},
-    {"prepared M=16 zeros", 0, ENTRY_PREPARED, 16, 4096, 4096, 128, 1, 1, 1.0f, 4 << 20, 0},
-    {"no workspace M=16", 0, ENTRY_128, 16, 4096, 4096, 128, 0, 1, 1.0f, 0, 0},
+    {"original example", 0, ENTRY_128, 1024, 4096, 4096, 128, 0, 0, 1.0f, 4 << 20, 0, 0},
+    {"decode M=1", 0, ENTRY_128, 1, 4096, 4096, 128, 0, 0, 1.0f, 4 << 20, 0, 0},
+    {"decode M=16 (_64)", 0, ENTRY_64, 16, 4096, 4096, 128, 0, 0, 1.0f, 4 << 20, 0, 0},
+    {"zeros+bias M=16", 0, ENTRY_128, 16, 4096, 4096, 128, 1, 1, 1.0f, 4 << 20, 0, 0},
+    {"g=64 zeros+bias M=64", 0, ENTRY_128, 64, 4096, 4096, 64, 1, 1, 1.0f, 4 << 20, 0, 0},
+    {"g=64 M=1024 (_64)", 0, ENTRY_64, 1024, 4096, 4096, 64, 0, 1, 1.0f, 4 << 20, 1, 0},
+    {"g=32 bias M=200", 0, ENTRY_128, 200, 2048, 4096, 32, 0, 1, 0.5f, 4 << 20, 0, 0},
+    {"g=256 zeros M=4096", 0, ENTRY_128, 4096, 4096, 4096, 256, 1, 0, 1.0f, 4 << 20, 1, 0},
+    {"per-channel zeros M=5", 0, ENTRY_128, 5, 1024, 4096, -1, 1, 1, 1.0f, 4 << 20, 0, 0},
+    {"bf16 M=1024 zeros+bias", 1, ENTRY_128, 1024, 4096, 4096, 128, 1, 1, 1.0f, 4 << 20, 1, 0},
+    {"bf16 decode M=1 g=64", 1, ENTRY_64, 1, 4096, 4096, 64, 0, 0, 1.0f, 4 << 20, 0, 0},
+    {"ragged M=37 N=200 K=1376 g=32", 0, ENTRY_128, 37, 200, 1376, 32, 1, 1, 1.0f, 4 << 20, 0, 0},
+    {"ragged bf16 M=3 N=72 K=576 g=64", 1, ENTRY_128, 3, 72, 576, 64, 1, 1, 2.0f, 4 << 20, 0, 0},
+    {"per-channel odd K M=9", 0, ENTRY_128, 9, 136, 1000, -1, 0, 1, 1.0f, 4 << 20, 0, 0},
+    {"prepared M=16 zeros", 0, ENTRY_PREPARED, 16, 4096, 4096, 128, 1, 1, 1.0f, 4 << 20, 0, 0},
+    {"no workspace M=16", 0, ENTRY_128, 16, 4096, 4096, 128, 0, 1, 1.0f, 0, 0, 0},
+    {"decode M=1, zeroed workspace", 0, ENTRY_128, 1, 4096, 4096, 128, 0, 1, 1.0f, 4 << 20, 0, W4A16_FLAG_ZEROED_WORKSPACE},
+    {"M=16 (_64), zeroed workspace", 0, ENTRY_64, 16, 4096, 4096, 128, 1, 0, 1.0f, 4 << 20, 0, W4A16_FLAG_ZEROED_WORKSPACE},
 };
 
 static double now_flops(const test_case *c) { return 2.0 * c->m * c->n * c->k; }
@@ -192,6 +197,8 @@ static int run_case(const test_case *c, int iters, CUstream stream) {
     CHECK(cu.MemcpyHtoD(dz, z, ns * 2));
     CHECK(cu.MemcpyHtoD(db, b, (size_t)n * 2));
     if (c->ws_bytes) CHECK(cu.MemAlloc(&dws, c->ws_bytes));
+    if (c->ws_bytes && c->flags) CHECK(cu.MemsetD8(dws, 0, c->ws_bytes)); /* zeroed once, by the caller */
+    w4a16_gemm_config cfg = {W4A16_KERNEL_AUTO, 0, c->flags, {0, 0, 0, 0, 0}};
     CHECK(cu.MemsetD16(dy, 0xffff, ny)); /* NaN in fp16 and bf16 */
 
     const void *zp = c->zeros ? (const void *)dz : NULL, *bp = c->bias ? (const void *)db : NULL;
@@ -213,17 +220,21 @@ static int run_case(const test_case *c, int iters, CUstream stream) {
         else if (c->bf16)                                                                                         \
             status = (c->entry == ENTRY_64 ? w4a16_sm90_gemm_64_bf16 : w4a16_sm90_gemm_128_bf16)(               \
                 (void *)dx, (const uint8_t *)dq, (void *)ds, zp, bp, c->alpha, (void *)dy, m, n, k, c->group,    \
-                NULL, (char *)dws, c->ws_bytes, stream, NULL);                                                    \
+                &cfg, (char *)dws, c->ws_bytes, stream, NULL);                                                    \
         else if (c->entry == ENTRY_64) {                                                                          \
             w4a16_sm90_gemm_64((void *)dx, (const uint8_t *)dq, (void *)ds, zp, bp, c->alpha, (void *)dy, m, n, \
-                               k, c->group, NULL, (char *)dws, c->ws_bytes, stream, NULL);                        \
+                               k, c->group, &cfg, (char *)dws, c->ws_bytes, stream, NULL);                        \
             status = w4a16_get_last_error();                                                                      \
         } else {                                                                                                  \
             w4a16_sm90_gemm_128((void *)dx, (const uint8_t *)dq, (void *)ds, zp, bp, c->alpha, (void *)dy, m,   \
-                                n, k, c->group, NULL, (char *)dws, c->ws_bytes, stream, NULL);                    \
+                                n, k, c->group, &cfg, (char *)dws, c->ws_bytes, stream, NULL);                    \
             status = w4a16_get_last_error();                                                                      \
         }                                                                                                         \
     } while (0)
+    if (c->flags) { /* the checked call is the fourth: the counters the earlier ones left must be zero */
+        for (int i = 0; i < 3; i++) CALL();
+        CHECK(cu.MemsetD16(dy, 0xffff, ny));
+    }
     CALL();
     char kernel[160];
     snprintf(kernel, sizeof kernel, "%s", w4a16_sm90_last_kernel());
@@ -304,7 +315,7 @@ static int check_errors(void) {
     st = w4a16_get_last_error();
     if (st != W4A16_ERROR_INVALID_VALUE || w4a16_peek_last_error() != 0) fails++;
     printf("error check: odd k on the void entry point -> last error %d (%s)\n", st, w4a16_status_string(st));
-    w4a16_gemm_config bad = {W4A16_KERNEL_DECODE, 0, {1, 0, 0, 0, 0, 0}};
+    w4a16_gemm_config bad = {W4A16_KERNEL_DECODE, 0, 0, {1, 0, 0, 0, 0}};
     size_t ws = w4a16_sm90_workspace_size(1, 4096, 4096, 128, &bad);
     printf("error check: reserved config field -> workspace_size %zu\n", ws);
     if (ws != 0) fails++;

@@ -430,8 +430,11 @@ EXPORT size_t w4a16_sm90_cache_bytes(void) {
 
 typedef struct {
     int kernel, splits, per, rows, bm, bn, generic;
+    int zeroed;  /* W4A16_FLAG_ZEROED_WORKSPACE: counters in the fixed region, no memset */
     size_t part_bytes, need;
 } plan_t;
+
+#define COUNTER_SLOTS (W4A16_COUNTER_REGION_BYTES / 4)
 
 static int is_splitk(int kernel) { return kernel == K_SPLITK64 || kernel == K_DECODE; }
 
@@ -470,9 +473,15 @@ static void plan_sizes(plan_t *p, const layout_t *L, int m) {
         p->part_bytes = p->need = 0;
         return;
     }
-    long long tiles = cdiv(p->rows, p->bm) * cdiv(L->n, p->bn);
+    long long col_tiles = cdiv(L->n, p->bn);
+    if (p->zeroed) {
+        /* the counters of one launch must fit the fixed region: fewer rows per launch */
+        long long rows = (COUNTER_SLOTS / col_tiles) * p->bm;
+        if (rows < p->rows) p->rows = (int)rows;
+    }
+    long long tiles = cdiv(p->rows, p->bm) * col_tiles;
     p->part_bytes = align_up((size_t)p->splits * p->rows * L->n * 4, ALIGN);
-    p->need = ALIGN + p->part_bytes + (size_t)tiles * 4;
+    p->need = ALIGN + p->part_bytes + (p->zeroed ? (size_t)W4A16_COUNTER_REGION_BYTES : (size_t)tiles * 4);
 }
 
 static void set_kernel(plan_t *p, int kernel) {
@@ -484,12 +493,16 @@ static void set_kernel(plan_t *p, int kernel) {
 /* Chooses the kernel, the split and the rows per launch for this call and workspace. */
 static int make_plan(int entry_64, const w4a16_gemm_config *cfg, const layout_t *L, int m, int sms,
                      size_t ws_bytes, int generic, plan_t *p) {
-    int kernel = -1, split_k = 0;
+    int kernel = -1, split_k = 0, zeroed = 0;
     if (cfg) {
-        for (int i = 0; i < 6; i++)
+        for (int i = 0; i < 5; i++)
             if (cfg->reserved[i])
                 return fail(W4A16_ERROR_INVALID_VALUE, "gemm_config->reserved[%d]: expected 0, got %d", i,
                             cfg->reserved[i]);
+        if (cfg->flags & ~W4A16_FLAG_ZEROED_WORKSPACE)
+            return fail(W4A16_ERROR_INVALID_VALUE, "gemm_config->flags: expected a combination of W4A16_FLAG_*, "
+                        "got %d", cfg->flags);
+        zeroed = cfg->flags & W4A16_FLAG_ZEROED_WORKSPACE;
         if (cfg->kernel < 0 || cfg->kernel > NUM_KERNELS)
             return fail(W4A16_ERROR_INVALID_VALUE, "gemm_config->kernel: expected 0..%d, got %d", NUM_KERNELS,
                         cfg->kernel);
@@ -508,6 +521,12 @@ static int make_plan(int entry_64, const w4a16_gemm_config *cfg, const layout_t 
     memset(p, 0, sizeof *p);
     p->generic = generic;
     set_kernel(p, kernel);
+    if (is_splitk(kernel) && zeroed) {
+        if (cdiv(L->n, p->bn) > COUNTER_SLOTS)
+            return fail(W4A16_ERROR_INVALID_VALUE, "gemm_config->flags: W4A16_FLAG_ZEROED_WORKSPACE needs at most %d "
+                        "column tiles of %d, got n = %d", COUNTER_SLOTS, p->bn, L->n);
+        p->zeroed = 1;
+    }
     if (is_splitk(kernel)) {
         split_for(p, L, m, split_k, sms);
         plan_sizes(p, L, m);
@@ -516,7 +535,7 @@ static int make_plan(int entry_64, const w4a16_gemm_config *cfg, const layout_t 
             split_for(p, L, m, p->splits - 1, sms);
             plan_sizes(p, L, m);
         }
-        if (p->need > ws_bytes) set_kernel(p, K_TILE128);
+        if (p->need > ws_bytes) set_kernel(p, K_TILE128), p->zeroed = 0;
     }
     plan_sizes(p, L, m);
     return W4A16_SUCCESS;
@@ -559,7 +578,10 @@ static int run_gemm(ctx_state *cs, const call_t *c, const layout_t *L, CUdevicep
     CUdeviceptr zp = L->has_zeros ? W + (wide ? L->off_z32 : L->off_z) : sc;
     CUdeviceptr bias = c->bias ? (CUdeviceptr)c->bias : W + L->off_bias;
     CUdeviceptr part = W, counters = W;
-    if (split) {
+    if (split && p.zeroed) {  /* the caller's zeroed region first, kept at zero by the kernels */
+        counters = (CUdeviceptr)align_up((uintptr_t)c->ws, ALIGN);
+        part = counters + W4A16_COUNTER_REGION_BYTES;
+    } else if (split) {
         part = (CUdeviceptr)align_up((uintptr_t)c->ws, ALIGN);
         counters = part + p.part_bytes;
     }
@@ -570,7 +592,8 @@ static int run_gemm(ctx_state *cs, const call_t *c, const layout_t *L, CUdevicep
         int mb = c->m - m0 < p.rows ? c->m - m0 : p.rows;
         CUdeviceptr x = (CUdeviceptr)c->A + (size_t)m0 * k * 2, y = (CUdeviceptr)c->C + (size_t)m0 * n * 2;
         unsigned tiles = (unsigned)(cdiv(mb, p.bm) * cdiv(n, p.bn));
-        if (split) CU(drv.MemsetD32Async(counters, 0, tiles, c->stream), "cuMemsetD32Async (split-K counters)");
+        if (split && !p.zeroed)
+            CU(drv.MemsetD32Async(counters, 0, tiles, c->stream), "cuMemsetD32Async (split-K counters)");
         void *params[] = {&x, &qk, &sc, &zp, &bias, &y, &part, &counters, &mb, &n, &k, &chunks, &per, &nb, &alpha,
                           &null, &null};
         if ((s = launch(cs, idx, tiles, (unsigned)p.splits, c->stream, params))) return s;

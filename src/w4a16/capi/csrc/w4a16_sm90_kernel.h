@@ -26,7 +26,7 @@
 extern "C" {
 #endif
 
-#define W4A16_CAPI_VERSION 1          /* bumped when this header changes incompatibly */
+#define W4A16_CAPI_VERSION 2          /* bumped when this header changes incompatibly (2: config.flags) */
 
 /* Status codes returned by the int entry points (0 = success). */
 #define W4A16_SUCCESS                   0
@@ -49,11 +49,21 @@ extern "C" {
 #define W4A16_KERNEL_SPLITK64  3  /* 64x64 tiles, split-K (the "64" kernel) */
 #define W4A16_KERNEL_DECODE    4  /* 16x64 tiles, split-K: M <= 16, memory-bound */
 
+/* Flags for w4a16_gemm_config.flags.
+ * W4A16_FLAG_ZEROED_WORKSPACE: the caller zeroed the workspace once (e.g. cudaMemset after
+ * allocating it) and leaves it to this library between calls. The split-K tile counters then live
+ * in the workspace's first W4A16_COUNTER_REGION_BYTES (after 256-byte alignment), which the
+ * kernels leave at zero, and the per-call memset of the counters is skipped. Without the flag
+ * the workspace needs no initialisation and may hold other data between calls. */
+#define W4A16_FLAG_ZEROED_WORKSPACE 1
+#define W4A16_COUNTER_REGION_BYTES  65536
+
 /* Kernel configuration. A NULL pointer, or a struct of zeros, means "default". */
 typedef struct w4a16_gemm_config {
     int kernel;       /* W4A16_KERNEL_*; 0 = automatic */
     int split_k;      /* split-K kernels: 0 = automatic, else the largest number of K splits */
-    int reserved[6];  /* must be 0 */
+    int flags;        /* W4A16_FLAG_*; 0 = none */
+    int reserved[5];  /* must be 0 */
 } w4a16_gemm_config;
 
 /* A weight repacked into the kernels' private layout by w4a16_sm90_prepare (caller-owned). */
