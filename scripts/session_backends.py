@@ -293,7 +293,7 @@ def sanitize():
 def e2e():
     """Whole-model decode, eager and graph-replayed (w4a16.e2e.speed), fp16 in the same harness."""
     _subprocess("e2e", [sys.executable, "-m", "w4a16.e2e.speed", "--batches", "1", "16", "--iters", "20",
-                        "--eager-too", "--out", os.path.join(OUT, "e2e")], ARGS.e2e_timeout)
+                        "--eager-too", "--interleave-eager", "--out", os.path.join(OUT, "e2e")], ARGS.e2e_timeout)
 
 
 if __name__ == "__main__":

@@ -102,3 +102,21 @@ def test_eager_too_times_both_modes_and_records_fusion():
     for m in res.models:
         assert [d.batch for d in m.decode] == [1, 1]   # the graph-replayed row, then the eager one
     assert "decode b=1 tok/s (eager)" in speed.format_speed(res)
+
+
+def test_interleaved_eager_times_both_models_in_alternating_blocks(tmp_path):
+    res = speed.run_speed(**dict(RUN, batches=(1, 2), interleave_eager=True))
+    assert [it.batch for it in res.interleaved] == [1, 2]
+    for it in res.interleaved:
+        names = list(it.step_ms)
+        assert names[0] == "fp16" and names[1].startswith("w4a16") and all(v > 0 for v in it.step_ms.values())
+        assert all(len(v) == it.blocks for v in it.rounds_ms.values()) and set(it.speedup) == {names[1]}
+    assert "alternating blocks" in speed.format_speed(res)
+    data = json.load(open(speed.write_json(res, str(tmp_path))))
+    assert data["interleaved"][0]["batch"] == 1 and "speedup" in data["interleaved"][0]
+
+
+def test_interleaved_eager_needs_a_model():
+    from w4a16.e2e.interleaved import interleaved_eager
+    with pytest.raises(ValueError, match="models"):
+        interleaved_eager({}, 1, "cpu")

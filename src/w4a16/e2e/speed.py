@@ -76,6 +76,7 @@ class SpeedResult:
     versions: Dict[str, str]
     check: Dict[str, float]      # top1_vs_fp16, rel_err_vs_fp16, rel_err_vs_dequantized
     models: List[ModelSpeed] = field(default_factory=list)
+    interleaved: list = field(default_factory=list)   # e2e.interleaved.InterleavedEager per batch
 
 
 # ---------------------------------------------------------------------- model
@@ -376,7 +377,7 @@ def _measure(name, model, device, batches, prefill_tokens, decode_kw, say, graph
 def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), prefill_tokens: int = 2048,
               group_size: int = 128, symmetric: bool = True, device: str = "cuda", context: int = 256,
               iters: int = 50, prompt_len: int = 32, verify_tokens: int = 64, use_graph: bool = True,
-              eager_too: bool = False,
+              eager_too: bool = False, interleave_eager: bool = False,
               config_overrides=None, compile: bool = False, fuse: bool = True,
               print_fn: Optional[Callable[[str], None]] = print) -> SpeedResult:
     """Measure fp16 and W4A16 on the Llama-3-8B shape (see the module docstring).
@@ -389,6 +390,8 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
         prompt_len: tokens in the cache before the timed decode step;
         verify_tokens: prompt length of the logits check; use_graph: False times eager steps;
         eager_too: with use_graph, also time eager steps (both rows in the table and the JSON);
+        interleave_eager: then also time eager steps of a second fp16 copy and the W4A16 model in
+            alternating blocks (``w4a16.e2e.interleaved``: host drift cancels; needs memory for both);
         compile: run the decode step's forward through torch.compile (both models);
         fuse: fuse q/k/v and gate/up into one W4A16 GEMM each (``quantize_model(fuse=...)``);
         config_overrides: dict of LlamaConfig fields (e.g. a tiny model for tests).
@@ -444,6 +447,14 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
             f"{result.check['rel_err_vs_fp16']:.3g}); expected, not a kernel error")
     name = f"w4a16 g{group_size} {'sym' if symmetric else 'asym'}"
     result.models.append(_measure(name, model, device, batches, prefill_tokens, decode_kw, say, graph_modes))
+    if interleave_eager:
+        from .interleaved import interleaved_eager
+        say("eager decode, fp16 and W4A16 in alternating blocks ...")
+        fp16 = build_model(config, device)   # the same random weights as the fp16 model above
+        steps = min(5, context - prompt_len - 1)
+        result.interleaved = [interleaved_eager({"fp16": fp16, name: model}, b, device, context, prompt_len,
+                                                steps=steps) for b in batches]
+        del fp16
     say(format_speed(result))
     return result
 
@@ -477,6 +488,11 @@ def format_speed(result: SpeedResult) -> str:
              for m in result.models for d in m.decode if d.kernel_ms]
     if split:
         lines += ["", "device ms per decode step by kernel kind (profiled eager steps):"] + split
+    for it in result.interleaved:
+        names = list(it.step_ms)
+        lines.append(f"eager b={it.batch}, alternating blocks ({it.blocks} x {it.steps} steps): "
+                     + ", ".join(f"{n} {it.step_ms[n]:.2f} ms" for n in names)
+                     + "".join(f"; {n} / {names[0]} tokens/s {v:.2f}x" for n, v in it.speedup.items()))
     return "\n".join(lines + [f"note: {n}" for n in notes])
 
 
@@ -500,6 +516,8 @@ def main(argv: Optional[Sequence[str]] = None) -> SpeedResult:
     p.add_argument("--iters", type=int, default=50, help="timed decode steps")
     p.add_argument("--no-graph", action="store_true", help="time eager decode steps")
     p.add_argument("--eager-too", action="store_true", help="time eager decode steps besides graph-replayed ones")
+    p.add_argument("--interleave-eager", action="store_true",
+                   help="also time eager steps of fp16 and W4A16 in alternating blocks (both models in memory)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step's forward (both models)")
     p.add_argument("--no-fuse", action="store_true", help="one W4A16 GEMM per projection (no fused q/k/v, gate/up)")
     p.add_argument("--device", default="cuda")
@@ -509,7 +527,7 @@ def main(argv: Optional[Sequence[str]] = None) -> SpeedResult:
         p.error("no CUDA device: this benchmark needs a GPU (--device cpu only checks that it runs)")
     result = run_speed(a.layers, a.batches, a.prefill_tokens, a.group_size, not a.asym, a.device, a.context,
                        a.iters, use_graph=not a.no_graph, compile=a.compile, fuse=not a.no_fuse,
-                       eager_too=a.eager_too)
+                       eager_too=a.eager_too, interleave_eager=a.interleave_eager)
     if a.out:
         print(f"wrote {write_json(result, a.out)}")
     return result
