@@ -194,3 +194,27 @@ def test_kernel_path_fp16_prepares_once(monkeypatch):
     assert len(prepared) == 1
     assert torch.equal(mod(x), y)
     assert all(mod.weight_q._layouts[k] is v for k, v in prepared.items())
+
+
+def test_backend_setting_reaches_gemm(monkeypatch):
+    """W4A16Linear(..., backend=...) / module.backend: every forward asks gemm for that backend;
+    a name outside the registry is refused, naming the argument."""
+    import w4a16.nn as wnn
+
+    seen = []
+    real = wnn.gemm
+    monkeypatch.setattr(wnn, "gemm", lambda x, w, b, backend="auto": seen.append(backend) or real(x, w, b, backend=backend))
+    lin = torch.nn.Linear(64, 32).half()
+    mod = W4A16Linear.from_linear(lin, group_size=32, backend="reference")
+    x = rand_x(3, 64, dtype=torch.float16)
+    ref = reference.gemm(x, mod.weight_q, mod.bias)
+    assert torch.equal(mod(x), ref) and seen == ["reference"]
+    mod.backend = "auto"
+    mod(x)
+    assert seen[-1] == "auto" and "backend" not in repr(mod)
+    mod.backend = "reference"
+    assert "backend='reference'" in repr(mod)
+    with pytest.raises(w4a16.W4A16Error, match="backend"):
+        mod.backend = "cutlass"
+    with pytest.raises(w4a16.W4A16Error, match="backend"):
+        W4A16Linear(64, 32, backend="fast")

@@ -63,8 +63,10 @@ class FusedW4A16Linear(W4A16Linear):
                               for m in members])
         w = QuantizedWeight.from_plain(torch.cat([w.plain_codes() for w in ws]), torch.cat([w.scales for w in ws]),
                                        zeros, first.group_size)
+        backends = {getattr(m, "backend", "auto") for m in members}
         mod = cls(first.in_features, [m.out_features for m in members], bias=bias is not None,
-                  group_size=first.group_size, symmetric=zeros is None, dtype=first.dtype, device="meta")
+                  group_size=first.group_size, symmetric=zeros is None, dtype=first.dtype, device="meta",
+                  backend=backends.pop() if len(backends) == 1 else "auto")
         mod.scales, mod.zeros = w.scales, w.zeros
         mod.__dict__["_w"] = w
         if bias is not None:

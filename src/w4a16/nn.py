@@ -38,15 +38,18 @@ class W4A16Linear(nn.Module):
     bias 0) until a state dict is loaded; use :meth:`from_linear` or :meth:`from_quantized`
     to build one from real weights.
 
-    Forward takes ``x [..., K]`` in the module's dtype (fp16 or bf16) and returns ``[..., N]``.
+    Forward takes ``x [..., K]`` in the module's dtype (fp16 or bf16) and returns ``[..., N]``,
+    through ``w4a16.gemm(..., backend=module.backend)``: "auto" (default) or a backend name from
+    ``w4a16.backends.registry()`` ("gluon", "triton", "reference"); settable at any time.
     ``module.to(dtype)`` with fp16/bf16 converts scales, zeros and bias (the module then serves
     that dtype); fp32 is not a serving dtype and ``forward`` rejects it.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
                  symmetric: bool = True, dtype: torch.dtype = torch.float16, device=None,
-                 act_order: bool = False):
+                 act_order: bool = False, backend: str = "auto"):
         super().__init__()
+        self.backend = backend
         expect(isinstance(in_features, int) and in_features >= 2 and in_features % 2 == 0,
                "in_features", "an even int >= 2", in_features)
         expect(isinstance(out_features, int) and out_features >= 1, "out_features", "an int >= 1", out_features)
@@ -71,12 +74,14 @@ class W4A16Linear(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_quantized(cls, w: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> "W4A16Linear":
+    def from_quantized(cls, w: QuantizedWeight, bias: Optional[torch.Tensor] = None,
+                       backend: str = "auto") -> "W4A16Linear":
         """Wrap a QuantizedWeight (its tensors become the buffers, not copied when contiguous).
 
         Args:
             w: QuantizedWeight of shape (N, K); validated again here.
             bias: None or [N], any float dtype; converted to w's dtype and device.
+            backend: the module's ``backend`` ("auto" or a backend name).
         """
         expect(isinstance(w, QuantizedWeight), "w", "a w4a16.QuantizedWeight", type(w).__name__)
         w = QuantizedWeight.from_plain(w.plain_codes(), w.scales, w.zeros, w.group_size, w.perm)
@@ -86,7 +91,7 @@ class W4A16Linear(nn.Module):
             expect(tuple(bias.shape) == (N,), "bias.shape", (N,), tuple(bias.shape))
             expect(bias.dtype.is_floating_point, "bias.dtype", "a floating-point dtype", bias.dtype)
         mod = cls(K, N, bias=bias is not None, group_size=w.group_size, symmetric=w.zeros is None,
-                  dtype=w.dtype, device="meta", act_order=w.perm is not None)
+                  dtype=w.dtype, device="meta", act_order=w.perm is not None, backend=backend)
         mod.scales, mod.zeros, mod.perm = w.scales, w.zeros, w.perm
         mod.__dict__["_w"] = w
         if bias is not None:
@@ -96,15 +101,16 @@ class W4A16Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128, symmetric: bool = True,
-                    dtype: Optional[torch.dtype] = None) -> "W4A16Linear":
+                    dtype: Optional[torch.dtype] = None, backend: str = "auto") -> "W4A16Linear":
         """Quantize ``linear.weight`` [N, K] with :func:`w4a16.quantize` (round to nearest).
 
         ``dtype`` (scales, zeros, bias, activations) defaults to the linear's dtype when that is
         fp16/bf16, else fp16. The bias is copied. The result lives on the linear's device.
+        ``backend``: the module's ``backend`` ("auto" or a backend name).
         """
         expect(isinstance(linear, nn.Linear), "linear", "a torch.nn.Linear", type(linear).__name__)
         w = quantize(linear.weight.detach(), group_size=group_size, symmetric=symmetric, dtype=dtype)
-        return cls.from_quantized(w, linear.bias)
+        return cls.from_quantized(w, linear.bias, backend=backend)
 
     # ------------------------------------------------------------------ the weight
     @property
@@ -123,6 +129,9 @@ class W4A16Linear(nn.Module):
         self._w.qweight = value
 
     def __setattr__(self, name, value):
+        if name == "backend":
+            from .backends.selection import ORDER
+            expect(value == "auto" or value in ORDER, "backend", f"'auto' or one of {ORDER}", repr(value))
         super().__setattr__(name, value)
         if name in ("scales", "zeros", "perm") and "_w" in self.__dict__:
             setattr(self._w, name, getattr(self, name))
@@ -180,10 +189,11 @@ class W4A16Linear(nn.Module):
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in_features] in the module's dtype (fp16/bf16) -> [..., out_features]."""
-        return gemm(x, self._w, self.bias)
+        return gemm(x, self._w, self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
         s = (f"in_features={self.in_features}, out_features={self.out_features}, "
              f"bias={self.bias is not None}, group_size={self.group_size}, symmetric={self.symmetric}, "
              f"dtype={spec.dtype_name(self.dtype)}")
-        return s + (", act_order=True" if self.act_order else "")
+        s += ", act_order=True" if self.act_order else ""
+        return s + (f", backend={self.backend!r}" if self.backend != "auto" else "")

@@ -81,7 +81,7 @@ class ShardedW4A16Linear(W4A16Linear):
         (column-wise) or this rank's partial sum [..., N] (row-wise)."""
         if self.input_index is not None:
             x = x.index_select(-1, self.input_index)
-        return gemm(x, self._w, self._local_bias)
+        return gemm(x, self._w, self._local_bias, backend=self.backend)
 
     # ------------------------------------------------------------------ state
     def __setattr__(self, name, value):
