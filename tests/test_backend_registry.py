@@ -95,3 +95,15 @@ def test_describe_path_names_the_backend(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     path, reason = w4a16.describe_path("cpu")
     assert path == "reference" and "TRITON_INTERPRET" in reason
+
+
+def test_tuned_ties_go_to_the_preferred_backend():
+    """Tuned times within 3% count as a tie: the earlier backend in the registry's order runs (one
+    prepared layout per weight); a clearly faster later backend still wins."""
+    from w4a16.backends.selection import TIE_MARGIN, pick_tuned
+
+    assert TIE_MARGIN == 0.03
+    assert pick_tuned([(24.8, "gluon", "g"), (24.5, "triton", "t")])[1] == "gluon"
+    assert pick_tuned([(26.0, "gluon", "g"), (24.5, "triton", "t")])[1] == "triton"
+    assert pick_tuned([(20.0, "gluon", "g"), (24.5, "triton", "t")])[1] == "gluon"
+    assert pick_tuned([(9.0, "triton", "t")])[1] == "triton"
