@@ -269,7 +269,12 @@ def timing(ms, budget, cfg_for):
             f"(min {min(ratios):.2f}x) over {len(ratios)} calls")
 
 
-def sweep(shapes, ms, budget):
+SPLIT_CONFIGS = [GluonPrefillConfig(128, 64, 1, 4, pingpong=False, splits=2), GluonPrefillConfig(128, 64, 1, 4, splits=2),
+                 GluonPrefillConfig(128, 64, 1, 4, pingpong=False, splits=3), GluonPrefillConfig(64, 64, 2, 4, splits=2),
+                 GluonPrefillConfig(64, 64, 2, 4, splits=4)]
+
+
+def sweep(shapes, ms, budget, extra=()):
     log("== sweep: us per call (x cuBLAS fp16) of every candidate, fastest first")
     for name in shapes:
         if time.time() - T0 > budget:
@@ -281,7 +286,7 @@ def sweep(shapes, ms, budget):
             x = torch.randn(M, K, dtype=torch.float16, device="cuda")
             tc = L.cublas(x)
             res = []
-            for cfg in prefill_candidates(M, N, K, 128, 132, False):
+            for cfg in list(prefill_candidates(M, N, K, 128, 132, False)) + list(extra):
                 try:
                     res.append((L.gluon(x, cfg), cfg.short()))
                 except Exception as e:  # noqa: BLE001
@@ -297,6 +302,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer correctness cases, M = 1024 and 4096 only")
     ap.add_argument("--sweep", action="store_true", help="time every candidate on 70B gate_up, 8B qkv, 70B down")
+    ap.add_argument("--split-sweep", action="store_true",
+                    help="time the candidates and the K-split configs on the small layers at M = 128, 256")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--budget", type=float, default=240.0, help="seconds for the whole run (timing stops early)")
     ap.add_argument("--config", default=None, help="a named prefill config for the timing table (default: heuristic)")
@@ -314,8 +321,8 @@ def main():
     import triton
     log(f"env: {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} "
         f"python {sys.version.split()[0]} {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    ok = smoke_all(list(NAMED.values()) + ([] if a.quick else
-                                           [GluonPrefillConfig(64, 128, 1, 6), GluonPrefillConfig(64, 64, 2, 4)]))
+    ok = smoke_all(list(NAMED.values()) + SPLIT_CONFIGS + ([] if a.quick else
+                                                           [GluonPrefillConfig(64, 128, 1, 6), GluonPrefillConfig(64, 64, 2, 4)]))
     if not ok:
         log("no prefill config passed the smoke test: stopping")
         return
@@ -330,6 +337,9 @@ def main():
     cfg_for = (lambda M, N, K: fixed) if fixed else (lambda M, N, K: prefill_heuristic(M, N, K, 128, 132))
     if a.sweep:
         sweep(("70B gate_up", "8B qkv", "70B down"), (1024, 4096), a.budget * 0.6)
+    if a.split_sweep:   # the small grids, where a K split should fill the SMs (only configs that passed the smoke test)
+        sweep(("8B qkv", "8B o", "70B qkv", "70B o", "8B down"), (128, 256), a.budget * 0.8,
+              [c for c in SPLIT_CONFIGS if c in ok])
     timing(ms, a.budget, cfg_for)
     log(f"done in {time.time() - T0:.0f} s; correctness failures: {fails}")
 

@@ -178,6 +178,26 @@ def test_candidates_compile():
 
 
 @pytestmark_sass
+@pytest.mark.parametrize("cfg", [GluonPrefillConfig(128, 64, 1, 4, pingpong=False, splits=2),
+                                 GluonPrefillConfig(128, 64, 1, 4, splits=3), GluonPrefillConfig(64, 64, 2, 4, splits=2)],
+                         ids=lambda c: c.short())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_split_k_configs_sass(cfg, dtype):
+    """K-split prefill configs: the same main loops as without the split (no spills, no wait between
+    HGMMAs) and a spill-free split epilogue."""
+    _check(cfg, dtype, True, 128, strict=True)
+
+
+def test_split_k_config_rules():
+    assert GluonPrefillConfig(128, 64, 1, 4, splits=2).short().endswith("k2")
+    assert GluonPrefillConfig(128, 64, 1, 4, splits=2).epi_parts == 4
+    for bad in (dict(mt=256, bn=64, stages=3, splits=2), dict(mt=128, bn=128, stages=3, splits=2), dict(splits=0),
+                dict(splits=33)):
+        with pytest.raises(W4A16Error, match="splits"):
+            GluonPrefillConfig(**bad)
+
+
+@pytestmark_sass
 def test_heuristic_is_a_named_config():
     assert prefill_heuristic(4096, 57344, 8192, 128, 132) is NAMED["prefill-128x128"]
     assert prefill_heuristic(1024, 8192, 28672, 128, 132) is NAMED["prefill-256"]
@@ -208,25 +228,31 @@ def test_run_prefill_host_path(monkeypatch):
     z = torch.randint(0, 16, (N, K // 32), generator=gen).half()
     pw = prepare_decode(qw, s, z, 32)
     x = torch.randn(M, K, generator=gen).half()
-    for cfg in (NAMED["prefill-128"], GluonPrefillConfig(64, 128, 1, 6)):
+    for cfg in (NAMED["prefill-128"], GluonPrefillConfig(64, 128, 1, 6), GluonPrefillConfig(128, 64, 1, 4, splits=4)):
         y = pl.run_prefill(x, pw, None, 0.5, cfg)
         assert y.shape == (M, N) and y.dtype == torch.float16
         kernel, grid, args, cx, cfg2, static = calls[-1]
         assert kernel is w4a16_prefill_kernel and cfg2 is cfg
         names = w4a16_prefill_kernel.arg_names
         assert len(args) + len(cx) == len(names) and list(cx) == names[len(args):]
-        M_, N_, group, n_k, n_tn, n_tm, alpha = args[6:]
+        M_, N_, group, n_k, n_tn, n_tm, n_split, kps, alpha = args[8:]
         assert (M_, N_, group, alpha) == (M, N, 32, 0.5)
         ks = cfg.nch * 2 * 32
         assert n_k * ks >= K > (n_k - 1) * ks
         assert n_tn == -(-N // cfg.rows) and n_tm == -(-M // cfg.mt)
-        assert grid == (min(132, n_tn * n_tm), 1)
+        # K ranges: none empty, together exactly the n_k stages; the counters cover every slice
+        assert n_split <= cfg.splits and (n_split - 1) * kps < n_k <= n_split * kps and cx["SPLIT"] == (n_split > 1)
+        if n_split > 1:
+            assert args[6].numel() == n_split * M * N and args[6].dtype == torch.float32
+            assert args[7].dtype == torch.int32 and args[7].numel() >= n_tn * n_tm * 2 * cfg.epi_parts
+            assert int(args[7].abs().sum()) == 0
+        assert grid == (min(132, n_tn * n_tm * n_split), 1)
         assert cx["BN"] == cfg.bn and cx["MT"] == cfg.mt and cx["HAS_ZEROS"] and not cx["HAS_BIAS"]
         assert cx["CONSUMER_REGS"] == 232 and cx["PRODUCER_REGS"] == 40
         assert args[0].block_shape == [cfg.bn // 16, ks // 32, 256] and args[2].block_shape == [ks // 32, cfg.bn]
         assert args[1].block_shape == [cfg.mt, 32]
     from w4a16.backends.workspace import plans_of
-    assert sum(1 for k in plans_of(pw) if k[0] == "prefill") == 2
+    assert sum(1 for k in plans_of(pw) if k[0] == "prefill") == 3
 
 
 def test_direct_launch_with_a_prefill_config(monkeypatch):

@@ -58,12 +58,16 @@ def test_matrix(dtype, group, zeros):
             assert _rel(_run(x, pw, bias, alpha, cfg), ref) <= tol, (M, N, K, group, zeros)
 
 
+SPLIT_CONFIGS = [GluonPrefillConfig(128, 64, 1, 4, pingpong=False, splits=2), GluonPrefillConfig(128, 64, 1, 4, splits=3),
+                 GluonPrefillConfig(64, 64, 2, 4, splits=4)]
+
+
 def _all_configs():
     cfgs = list(NAMED.values())
     for c in prefill_candidates(4096, 28672, 4096, 128, 132) + prefill_candidates(1024, 8192, 28672, 32, 132):
         if c not in cfgs:
             cfgs.append(c)
-    return cfgs
+    return cfgs + SPLIT_CONFIGS
 
 
 @pytest.mark.parametrize("cfg", _all_configs(), ids=lambda c: c.short())
@@ -87,7 +91,7 @@ def test_deterministic():
     w = random_weight(4096, 14336, 128, "int", torch.float16, "cpu", gen).to("cuda")
     pw = _prep(w)
     x = torch.randn(1000, 14336, generator=gen).half().cuda()
-    for cfg in NAMED.values():
+    for cfg in list(NAMED.values()) + SPLIT_CONFIGS:   # a K split sums its partials in a fixed order
         y1 = _run(x, pw, None, 1.0, cfg)
         y2 = _run(x, pw, None, 1.0, cfg)
         assert torch.equal(y1, y2), cfg.short()

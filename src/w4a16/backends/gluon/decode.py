@@ -155,7 +155,12 @@ def _scale_pair(s_ring, o_ring, slot, gi: gl.constexpr, row_l: gl.constexpr, HAS
 @gluon.jit
 def _epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, pid_k, nsplit,
               acc_l: gl.constexpr, BN: gl.constexpr, MT: gl.constexpr, SPLIT: gl.constexpr,
-              HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr):
+              HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, part_stride=None, cnt_idx=None):
+    """alpha * acc (+ bias) cast and stored into y [M, N] at rows row0.. (the tile's BN rows, MT
+    tokens, masked). SPLIT 1: this program's fp32 partial goes to ``part_ptr + pid_k *
+    part_stride`` (None: M * N), the tile's counter ``cnt_ptr + cnt_idx`` (None: the program id)
+    counts arrivals, and the last of ``nsplit`` sums the partials in split order, stores, and
+    resets the counter. SPLIT 2: fp32 atomics into part_ptr (the host finishes)."""
     offs_n = row0 + gl.arange(0, BN, layout=gl.SliceLayout(1, acc_l))
     offs_m = gl.arange(0, MT, layout=gl.SliceLayout(0, acc_l))
     n_ok = offs_n < N
@@ -165,14 +170,22 @@ def _epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, pid_k,
         gl.atomic_add(part_ptr + offs, acc, mask=mask, sem="relaxed")
     else:
         if SPLIT == 1:
-            gl.store(part_ptr + pid_k * M * N + offs, acc, mask=mask)
+            if part_stride is None:   # the decode kernel: partials [nsplit, M, N], a counter per program
+                gl.store(part_ptr + pid_k * M * N + offs, acc, mask=mask)
+                counter = cnt_ptr + gl.program_id(0)
+            else:
+                gl.store(part_ptr + pid_k * part_stride + offs, acc, mask=mask)
+                counter = cnt_ptr + cnt_idx
             gl.thread_barrier()
-            arrived = gl.atomic_add(cnt_ptr + gl.program_id(0), 1, sem="acq_rel", scope="gpu")
+            arrived = gl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
             if arrived == nsplit - 1:
                 total = gl.zeros([BN, MT], gl.float32, acc_l)
                 for s in range(0, nsplit):
-                    total += gl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
-                gl.atomic_xchg(cnt_ptr + gl.program_id(0), 0, sem="relaxed", scope="gpu")
+                    if part_stride is None:
+                        total += gl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                    else:
+                        total += gl.load(part_ptr + s * part_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                gl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
                 out = total * alpha
                 if HAS_BIAS:
                     out += gl.expand_dims(gl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32), 1)

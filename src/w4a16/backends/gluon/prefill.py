@@ -52,20 +52,34 @@ def _tile_coords(t, n_tn, n_tm, GROUP_N: gl.constexpr):
 
 
 @gluon.jit
-def _pf_producer(n_tiles, n_tn, n_tm, n_k, c_desc, x_desc, s_desc, o_desc, c0, c1, x_ring, s0, s1, o0, o1,
-                 full, empty, group, BN: gl.constexpr, MT: gl.constexpr, STAGES: gl.constexpr, NCH: gl.constexpr,
-                 KH: gl.constexpr, GROUP_N: gl.constexpr, HAS_ZEROS: gl.constexpr):
+def _work(w, n_split, kps, n_k, SPLIT: gl.constexpr):
+    """(tile, split, first K stage, end K stage) of work item w: the splits of one tile are
+    consecutive items (SPLIT False: one item per tile, all of K)."""
+    if SPLIT:
+        t = w // n_split
+        s = w - t * n_split
+        k_lo = s * kps
+        return t, s, k_lo, gl.minimum(k_lo + kps, n_k)
+    else:
+        return w, 0, 0, n_k
+
+
+@gluon.jit
+def _pf_producer(n_work, n_tn, n_tm, n_k, n_split, kps, c_desc, x_desc, s_desc, o_desc, c0, c1, x_ring, s0, s1, o0,
+                 o1, full, empty, group, BN: gl.constexpr, MT: gl.constexpr, STAGES: gl.constexpr, NCH: gl.constexpr,
+                 KH: gl.constexpr, GROUP_N: gl.constexpr, HAS_ZEROS: gl.constexpr, SPLIT: gl.constexpr):
     """Worker partition (one warp): TMA loads of every stage of every tile of the program."""
     KS: gl.constexpr = NCH * 2 * KH
     RB: gl.constexpr = BN // 16
     NB: gl.constexpr = 2 * c_desc.block_type.nbytes + 2 * NCH * x_desc.block_type.nbytes + 2 * s_desc.block_type.nbytes
     NBZ: gl.constexpr = NB + 2 * o_desc.block_type.nbytes
     it = 0
-    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+    for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+        t, split, k_lo, k_hi = _work(w, n_split, kps, n_k, SPLIT)
         pid_n, pid_m = _tile_coords(t, n_tn, n_tm, GROUP_N)
         row0 = pid_n * 2 * BN
         tok0 = pid_m * MT
-        for kk in range(n_k):
+        for kk in range(k_lo, k_hi):
             slot = it % STAGES
             mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1, pred=it >= STAGES)
             bar = full.index(slot)
@@ -167,42 +181,96 @@ def _pf_epilogue(acc, y_ptr, bias_ptr, M, N, alpha, row0, tok0, BN: gl.constexpr
 
 
 @gluon.jit
-def _pf_consumer(n_tiles, n_tn, n_tm, n_k, c_ring, x_ring, s_ring, o_ring, full, empty, turns,
-                 y_ptr, bias_ptr, M, N, alpha,
+def _pf_split_store(part, y_ptr, bias_ptr, part_ptr, cnt_ptr, cnt_idx, split, n_split, M, N, alpha, row0, tok0,
+                    BN: gl.constexpr, MT: gl.constexpr, HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr):
+    """One token slice of a K-split tile: its fp32 partial into part [n_split, M, N], and the last
+    split to arrive sums them in split order and stores y (decode._epilogue, SPLIT 1)."""
+    p_l: gl.constexpr = part.type.layout
+    _epilogue(part, y_ptr + tok0 * N, bias_ptr, part_ptr + tok0 * N, cnt_ptr, M - tok0, N, alpha, row0, split,
+              n_split, p_l, BN, MT, 1, HAS_BIAS, DTYPE, M * N, cnt_idx)
+
+
+@gluon.jit
+def _pf_split_epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, t, split, n_split, M, N, alpha, row0, tok0,
+                       BN: gl.constexpr, MT: gl.constexpr, HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr,
+                       EPI_PARTS: gl.constexpr, WG: gl.constexpr):
+    """_pf_epilogue for a K-split tile: each token slice has its own counter,
+    (t * 2 + WG) * EPI_PARTS + slice."""
+    c0 = (t * 2 + WG) * EPI_PARTS
+    if EPI_PARTS == 1:
+        _pf_split_store(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, c0, split, n_split, M, N, alpha, row0, tok0, BN, MT,
+                        HAS_BIAS, DTYPE)
+    else:
+        H: gl.constexpr = MT // 2
+        lo, hi = _halves(acc, BN, MT)
+        if EPI_PARTS == 2:
+            _pf_split_store(lo, y_ptr, bias_ptr, part_ptr, cnt_ptr, c0, split, n_split, M, N, alpha, row0, tok0,
+                            BN, H, HAS_BIAS, DTYPE)
+            _pf_split_store(hi, y_ptr, bias_ptr, part_ptr, cnt_ptr, c0 + 1, split, n_split, M, N, alpha, row0,
+                            tok0 + H, BN, H, HAS_BIAS, DTYPE)
+        else:
+            Q: gl.constexpr = MT // 4
+            a, b = _halves(lo, BN, H)
+            _pf_split_store(a, y_ptr, bias_ptr, part_ptr, cnt_ptr, c0, split, n_split, M, N, alpha, row0, tok0,
+                            BN, Q, HAS_BIAS, DTYPE)
+            _pf_split_store(b, y_ptr, bias_ptr, part_ptr, cnt_ptr, c0 + 1, split, n_split, M, N, alpha, row0,
+                            tok0 + Q, BN, Q, HAS_BIAS, DTYPE)
+            c, d = _halves(hi, BN, H)
+            _pf_split_store(c, y_ptr, bias_ptr, part_ptr, cnt_ptr, c0 + 2, split, n_split, M, N, alpha, row0,
+                            tok0 + H, BN, Q, HAS_BIAS, DTYPE)
+            _pf_split_store(d, y_ptr, bias_ptr, part_ptr, cnt_ptr, c0 + 3, split, n_split, M, N, alpha, row0,
+                            tok0 + H + Q, BN, Q, HAS_BIAS, DTYPE)
+
+
+@gluon.jit
+def _pf_consumer(n_work, n_tn, n_tm, n_k, n_split, kps, c_ring, x_ring, s_ring, o_ring, full, empty, turns,
+                 y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha,
                  BN: gl.constexpr, MT: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr, STAGES: gl.constexpr,
                  GDIV: gl.constexpr, GROUP_N: gl.constexpr, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr,
                  DTYPE: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr, HOLD: gl.constexpr,
-                 EPI_PARTS: gl.constexpr):
+                 EPI_PARTS: gl.constexpr, SPLIT: gl.constexpr):
     """Consumer warpgroup WG: its BN rows of every tile of the program, then the tile's epilogue."""
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, MT, 16])
     turn_mine = turns.index(WG)
     turn_other = turns.index(1 - WG)
     it = 0
-    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+    for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
+        t, split, k_lo, k_hi = _work(w, n_split, kps, n_k, SPLIT)
         pid_n, pid_m = _tile_coords(t, n_tn, n_tm, GROUP_N)
         row0 = pid_n * 2 * BN + WG * BN
         tok0 = pid_m * MT
         acc = gl.zeros([BN, MT], gl.float32, acc_l)
-        for kk in range(n_k):
+        for kk in range(k_lo, k_hi):
             acc = _pf_stage(acc, it, c_ring, x_ring, s_ring, o_ring, full, empty, turn_mine, turn_other, acc_l,
                             BN, KH, NCH, STAGES, GDIV, HAS_ZEROS, DTYPE, WG, PINGPONG, HOLD)
             it += 1
-        _pf_epilogue(acc, y_ptr, bias_ptr, M, N, alpha, row0, tok0, BN, MT, HAS_BIAS, DTYPE, EPI_PARTS)
+        if SPLIT:
+            _pf_split_epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, t, split, n_split, M, N, alpha, row0, tok0,
+                               BN, MT, HAS_BIAS, DTYPE, EPI_PARTS, WG)
+        else:
+            _pf_epilogue(acc, y_ptr, bias_ptr, M, N, alpha, row0, tok0, BN, MT, HAS_BIAS, DTYPE, EPI_PARTS)
 
 
 @gluon.jit
 def w4a16_prefill_kernel(
-    c_desc, x_desc, s_desc, o_desc, y_ptr, bias_ptr,
-    M, N, group, n_k, n_tn, n_tm, alpha,
+    c_desc, x_desc, s_desc, o_desc, y_ptr, bias_ptr, part_ptr, cnt_ptr,
+    M, N, group, n_k, n_tn, n_tm, n_split, kps, alpha,
     MT: gl.constexpr, BN: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr, STAGES: gl.constexpr,
     GPS: gl.constexpr, GDIV: gl.constexpr, GROUP_N: gl.constexpr, PINGPONG: gl.constexpr, HOLD: gl.constexpr,
     HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, EPI_PARTS: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    SPLIT: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):
     """See the module docstring. n_k: stages of K per tile; n_tn / n_tm: row tiles (of 2 * BN) and
     token tiles (of MT). GPS: groups per stage (scale box rows); GDIV: g when a stage spans several
-    groups, else 1 << 30."""
+    groups, else 1 << 30. SPLIT: each tile's K is split in n_split ranges of kps stages (work items
+    tile x split); fp32 partials go to part_ptr [n_split, M, N] and int32 counters cnt_ptr
+    [tiles * 2 * EPI_PARTS] (zero before, left zero after) let the last split of each slice sum
+    them in split order (deterministic). Without SPLIT, part_ptr, cnt_ptr, n_split and kps are unused."""
     n_tiles = n_tn * n_tm
+    if SPLIT:
+        n_work = n_tiles * n_split
+    else:
+        n_work = n_tiles
     c0 = gl.allocate_shared_memory(gl.uint8, [STAGES] + c_desc.block_type.shape, c_desc.layout)
     c1 = gl.allocate_shared_memory(gl.uint8, [STAGES] + c_desc.block_type.shape, c_desc.layout)
     x_ring = gl.allocate_shared_memory(DTYPE, [STAGES * 2 * NCH] + x_desc.block_type.shape, x_desc.layout)
@@ -224,12 +292,12 @@ def w4a16_prefill_kernel(
         mbarrier.init(turns.index(i), count=1)
 
     gl.warp_specialize([
-        (_pf_consumer, (n_tiles, n_tn, n_tm, n_k, c0, x_ring, s0, o0, full, empty, turns, y_ptr, bias_ptr, M, N,
-                        alpha, BN, MT, KH, NCH, STAGES, GDIV, GROUP_N, HAS_ZEROS, HAS_BIAS, DTYPE, 0, PINGPONG,
-                        HOLD, EPI_PARTS)),
-        (_pf_consumer, (n_tiles, n_tn, n_tm, n_k, c1, x_ring, s1, o1, full, empty, turns, y_ptr, bias_ptr, M, N,
-                        alpha, BN, MT, KH, NCH, STAGES, GDIV, GROUP_N, HAS_ZEROS, HAS_BIAS, DTYPE, 1, PINGPONG,
-                        HOLD, EPI_PARTS)),
-        (_pf_producer, (n_tiles, n_tn, n_tm, n_k, c_desc, x_desc, s_desc, o_desc, c0, c1, x_ring, s0, s1, o0, o1,
-                        full, empty, group, BN, MT, STAGES, NCH, KH, GROUP_N, HAS_ZEROS)),
+        (_pf_consumer, (n_work, n_tn, n_tm, n_k, n_split, kps, c0, x_ring, s0, o0, full, empty, turns, y_ptr,
+                        bias_ptr, part_ptr, cnt_ptr, M, N, alpha, BN, MT, KH, NCH, STAGES, GDIV, GROUP_N, HAS_ZEROS,
+                        HAS_BIAS, DTYPE, 0, PINGPONG, HOLD, EPI_PARTS, SPLIT)),
+        (_pf_consumer, (n_work, n_tn, n_tm, n_k, n_split, kps, c1, x_ring, s1, o1, full, empty, turns, y_ptr,
+                        bias_ptr, part_ptr, cnt_ptr, M, N, alpha, BN, MT, KH, NCH, STAGES, GDIV, GROUP_N, HAS_ZEROS,
+                        HAS_BIAS, DTYPE, 1, PINGPONG, HOLD, EPI_PARTS, SPLIT)),
+        (_pf_producer, (n_work, n_tn, n_tm, n_k, n_split, kps, c_desc, x_desc, s_desc, o_desc, c0, c1, x_ring, s0,
+                        s1, o0, o1, full, empty, group, BN, MT, STAGES, NCH, KH, GROUP_N, HAS_ZEROS, SPLIT)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

@@ -47,6 +47,11 @@ class GluonPrefillConfig:
     epi:      the epilogue in this many slices of tokens (1, 2 or 4; 0: 1 for 64 x 128 accumulators,
               4 above); slicing the accumulator is free (register bits), and it cuts the epilogue's
               live offsets and pointers: spills of the 256-token tiles 48 -> 4 with 2 slices, 0 with 4.
+    splits:   split each tile's K in up to this many ranges (1: none), for grids of fewer tiles than
+              SMs; fp32 partials summed in split order by the last range to finish (deterministic).
+              64- and 128-token tiles of 64 rows per warpgroup only (the others spill in the split
+              epilogue). Compile-verified only (no spills, no wait between HGMMAs, partition-local
+              barriers): not among the candidates the tuner times until it has run on a GPU.
     """
 
     mt: int = 128
@@ -59,6 +64,7 @@ class GluonPrefillConfig:
     maxnreg: int = 0
     creg: int = 0
     epi: int = 0
+    splits: int = 1
 
     def __post_init__(self):
         expect(self.mt in PREFILL_TOKEN_TILES, "mt", f"one of {PREFILL_TOKEN_TILES}", self.mt)
@@ -69,6 +75,9 @@ class GluonPrefillConfig:
         expect(self.maxnreg == 0 or (64 <= self.maxnreg <= 168 and self.maxnreg % 8 == 0), "maxnreg",
                "0 or a multiple of 8 in 64..168 (12 warps x 32 x maxnreg <= 64K)", self.maxnreg)
         expect(self.epi in (0, 1, 2, 4), "epi", "0, 1, 2 or 4", self.epi)
+        expect(isinstance(self.splits, int) and 1 <= self.splits <= 32, "splits", "an int in 1..32", self.splits)
+        expect(self.splits == 1 or (self.mt <= 128 and self.bn == 64), "splits",
+               "1 for 256-token or 128-row-per-warpgroup tiles (their split epilogue spills)", self.splits)
         expect(self.creg == 0 or (self.regs <= self.creg <= self.max_creg and self.creg % 8 == 0), "creg",
                f"0 or a multiple of 8 from maxnreg to {self.max_creg}", self.creg)
 
@@ -94,7 +103,11 @@ class GluonPrefillConfig:
 
     @property
     def epi_parts(self) -> int:
-        return self.epi or (1 if self.mt * self.bn <= 128 * 64 else 4)
+        if self.epi:
+            return self.epi
+        if self.splits > 1 and self.mt == 128:
+            return 4   # the split epilogue's reduction: 4 token slices keep the 128-token tile spill-free
+        return 1 if self.mt * self.bn <= 128 * 64 else 4
 
     @property
     def rows(self) -> int:
@@ -108,7 +121,8 @@ class GluonPrefillConfig:
         s += f"g{self.group_n}" if self.group_n != 8 else ""
         s += f"r{self.maxnreg}" if self.maxnreg else ""
         s += f"e{self.epi}" if self.epi else ""
-        return s + (f"c{self.creg}" if self.creg else "")
+        s += f"c{self.creg}" if self.creg else ""
+        return s + (f"k{self.splits}" if self.splits > 1 else "")
 
     def smem_bytes(self, kh: int, elem: int = 2, has_zeros: bool = False, group: int = 128) -> int:
         """Shared memory of the ring (codes + x + scales [+ offsets] of both warpgroups)."""

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from ...errors import expect
-from ..workspace import plans_of
+from ..workspace import plans_of, tile_counters
 from .launch import PRODUCER_REGS, _blocks, _gl_dtype, _launch, _layouts
 from .launch import supports as _decode_supports
 from .layout import GluonPrepared, half_chunk
@@ -28,12 +28,13 @@ def supports(M: int, N: int, K: int, group: int, dtype: torch.dtype, has_zeros: 
 
 
 @functools.lru_cache(maxsize=1024)
-def _constexprs(cfg: GluonPrefillConfig, kh: int, group: int, has_zeros: bool, has_bias: bool, dtype):
+def _constexprs(cfg: GluonPrefillConfig, kh: int, group: int, has_zeros: bool, has_bias: bool, dtype,
+                split: bool = False):
     """The kernel's constexpr arguments, in signature order."""
     ks, gps, gdiv = _blocks(cfg, kh, group)
     return dict(MT=cfg.mt, BN=cfg.bn, KH=kh, NCH=cfg.nch, STAGES=cfg.stages, GPS=gps, GDIV=gdiv,
                 GROUP_N=cfg.group_n, PINGPONG=bool(cfg.pingpong), HOLD=bool(cfg.hold), HAS_ZEROS=bool(has_zeros),
-                HAS_BIAS=bool(has_bias), DTYPE=_gl_dtype(dtype), EPI_PARTS=cfg.epi_parts,
+                HAS_BIAS=bool(has_bias), DTYPE=_gl_dtype(dtype), EPI_PARTS=cfg.epi_parts, SPLIT=bool(split),
                 CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=PRODUCER_REGS)
 
 
@@ -52,7 +53,10 @@ class _PrefillPlan:
     n_k: int
     n_tn: int
     n_tm: int
+    n_split: int   # K ranges per tile (1: no split)
+    kps: int       # stages per K range
     grid: tuple
+    dummy_f32: object   # stands for the partials and counters when there is no split
 
 
 def _plan(pw: GluonPrepared, M: int, cfg: GluonPrefillConfig) -> _PrefillPlan:
@@ -71,9 +75,12 @@ def _plan(pw: GluonPrepared, M: int, cfg: GluonPrefillConfig) -> _PrefillPlan:
     n_tn = -(-pw.N // cfg.rows)
     n_tm = -(-M // cfg.mt)
     n_k = -(-pw.K // ks)
+    kps = -(-n_k // min(cfg.splits, n_k))
+    n_split = -(-n_k // kps)   # no empty range
     sms = torch.cuda.get_device_properties(pw.codes.device).multi_processor_count
-    plan = _PrefillPlan(c_desc, s_desc, o_desc, _x_layout(cfg, kh, pw.dtype), kh, n_k, n_tn, n_tm,
-                        (min(n_tn * n_tm, sms), 1))
+    plan = _PrefillPlan(c_desc, s_desc, o_desc, _x_layout(cfg, kh, pw.dtype), kh, n_k, n_tn, n_tm, n_split, kps,
+                        (min(n_tn * n_tm * n_split, sms), 1),
+                        torch.zeros(1, dtype=torch.float32, device=pw.codes.device))
     plans[key] = plan
     return plan
 
@@ -84,7 +91,8 @@ def run_prefill(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor
     """y [M, N] = alpha * x2 @ W^T + bias with the Gluon prefill kernel, on torch's current stream.
 
     x2: contiguous [M, K] fp16/bf16; pw: the weight in the Gluon layout (the decode kernel's, same
-    dtype); bias: [N] or None. The kernel has no K split, so it is deterministic either way.
+    dtype); bias: [N] or None. A config with ``splits`` > 1 splits K and sums the fp32 partials in a
+    fixed order, so the result is deterministic either way.
     """
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from .prefill import w4a16_prefill_kernel
@@ -96,9 +104,16 @@ def run_prefill(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor
     plan = _plan(pw, M, cfg)
     y = out if out is not None else torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     x_desc = TensorDescriptor(x2, [M, K], [K, 1], [cfg.mt, plan.kh], plan.xl)
-    cx = _constexprs(cfg, plan.kh, pw.group, pw.has_zeros, bias is not None, x2.dtype)
-    args = (plan.c_desc, x_desc, plan.s_desc, plan.o_desc, y, bias if bias is not None else y,
-            M, N, pw.group, plan.n_k, plan.n_tn, plan.n_tm, float(alpha))
+    split = plan.n_split > 1
+    cx = _constexprs(cfg, plan.kh, pw.group, pw.has_zeros, bias is not None, x2.dtype, split)
+    if split:
+        part = torch.empty(plan.n_split * M * N, dtype=torch.float32, device=x2.device)
+        # per (tile, warpgroup, epilogue slice); this (device, stream)'s buffer, kept at zero by the kernels
+        cnt = tile_counters(x2.device, plan.n_tn * plan.n_tm * 2 * cfg.epi_parts)
+    else:
+        part = cnt = plan.dummy_f32
+    args = (plan.c_desc, x_desc, plan.s_desc, plan.o_desc, y, bias if bias is not None else y, part, cnt,
+            M, N, pw.group, plan.n_k, plan.n_tn, plan.n_tm, plan.n_split, plan.kps, float(alpha))
     _launch(w4a16_prefill_kernel, plan.grid, args, cx, cfg, ("prefill", cfg, plan.kh, pw.K_pad, x2.get_device()))
     return y
 
@@ -118,9 +133,10 @@ def compile_prefill_for_sm90(cfg: GluonPrefillConfig, dtype=torch.float16, has_z
            "x_desc": f"tensordesc<{dt}[{cfg.mt}, {kh}],{xl!r}>",
            "s_desc": f"tensordesc<{dt}[{gps}, {cfg.bn}],{sl!r}>",
            "o_desc": f"tensordesc<{dt}[{gps}, {cfg.bn}],{sl!r}>",
-           "y_ptr": f"*{dt}", "bias_ptr": f"*{dt}",
-           "M": "i32", "N": "i32", "group": "i32", "n_k": "i32", "n_tn": "i32", "n_tm": "i32", "alpha": "fp32"}
-    cx = _constexprs(cfg, kh, group, has_zeros, has_bias, dtype)
+           "y_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "part_ptr": "*fp32", "cnt_ptr": "*i32",
+           "M": "i32", "N": "i32", "group": "i32", "n_k": "i32", "n_tn": "i32", "n_tm": "i32", "n_split": "i32",
+           "kps": "i32", "alpha": "fp32"}
+    cx = _constexprs(cfg, kh, group, has_zeros, has_bias, dtype, cfg.splits > 1)
     for k in cx:
         sig[k] = "constexpr"
     return compile_sm90(w4a16_prefill_kernel, sig, cx, cfg.warps, cfg.regs)
