@@ -281,13 +281,17 @@ def fuzz():
 
 @section("sanitize")
 def sanitize():
-    """compute-sanitizer memcheck / racecheck / synccheck on a few small ragged cases of each
-    Gluon kernel (--sanitize-kernels)."""
+    """compute-sanitizer (--sanitize-tools: memcheck, racecheck, synccheck, initcheck) on a few small
+    ragged cases of each kernel (--sanitize-kernels: the Gluon decode and prefill kernels, the
+    Triton kernel)."""
+    workloads = {"decode": ["scripts/gluon_decode_session.py", "--sanitize", "--out", OUT],
+                 "prefill": ["scripts/gluon_prefill_session.py", "--sanitize", "--out", OUT],
+                 # the Triton kernel: random ragged problems over its configs (tile and split-K)
+                 "triton": ["scripts/fuzz_gpu.py", "--cases", "12", "--backend", "triton", "--max-mnk", "300,600,1100"]}
     for kernel in ARGS.sanitize_kernels:
-        for tool in ("memcheck", "racecheck", "synccheck"):
+        for tool in ARGS.sanitize_tools:
             _subprocess(f"sanitize_{kernel}_{tool}", ["compute-sanitizer", "--tool", tool, "--error-exitcode", "9",
-                                                      sys.executable, f"scripts/gluon_{kernel}_session.py",
-                                                      "--sanitize", "--out", OUT], 120)
+                                                      sys.executable, *workloads[kernel]], 150)
 
 
 @section("e2e")
@@ -308,7 +312,10 @@ if __name__ == "__main__":
     p.add_argument("--fuzz-cases", type=int, default=300)
     p.add_argument("--fuzz-timeout", type=int, default=240)
     p.add_argument("--e2e-timeout", type=int, default=420)
-    p.add_argument("--sanitize-kernels", nargs="+", default=["decode", "prefill"], choices=["decode", "prefill"])
+    p.add_argument("--sanitize-kernels", nargs="+", default=["decode", "prefill", "triton"],
+                   choices=["decode", "prefill", "triton"])
+    p.add_argument("--sanitize-tools", nargs="+", default=["memcheck", "racecheck", "synccheck", "initcheck"],
+                   choices=["memcheck", "racecheck", "synccheck", "initcheck"])
     ARGS = p.parse_args()
     OUT = ARGS.out
     os.makedirs(OUT, exist_ok=True)
