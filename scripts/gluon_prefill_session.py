@@ -75,9 +75,22 @@ def _cfg_of(arg):
     return NAMED[arg] if arg in NAMED else eval(arg)  # noqa: S307 (a config repr from the parent process)
 
 
-def smoke(args):
+def determinism(cfg) -> tuple:
+    """(bitwise equal twice, relative error) of a long-K call (K = 14336, M = 1000) against the
+    reference."""
+    gen = torch.Generator().manual_seed(5)
+    w = random_weight(4096, 14336, 128, "int", torch.float16, "cpu", gen).to("cuda")
+    x = torch.randn(1000, 14336, generator=gen).half().cuda()
+    pw = prep(w)
+    y1, y2 = run_prefill(x, pw, None, 1.0, cfg), run_prefill(x, pw, None, 1.0, cfg)
+    ref = reference.gemm(x, w).float()
+    return bool(torch.equal(y1, y2)), float((y1.float() - ref).norm() / ref.norm())
+
+
+def smoke(args, with_determinism=False):
     """Child process: one small ragged call per config, in order; "START" before each so that the
-    parent knows which one hung if it has to kill this process."""
+    parent knows which one hung if it has to kill this process. ``with_determinism``: then a
+    DETERMINISM line per config (see :func:`determinism`)."""
     bad = 0
     for arg in args:
         cfg = _cfg_of(arg)
@@ -97,6 +110,11 @@ def smoke(args):
         good = err is not None and err <= 2e-3
         bad += not good
         print(f"{'SMOKE' if good else 'SMOKEFAIL'} {arg} {cfg.short()} err={err} {why or ''} {res}", flush=True)
+        if with_determinism and good:
+            same, derr = determinism(cfg)
+            ok = same and derr <= 2e-3
+            bad += not ok
+            print(f"{'DETERMINISM' if ok else 'DETERMINISMFAIL'} {arg} bitwise={same} err={derr:.2e}", flush=True)
     sys.exit(1 if bad else 0)
 
 
@@ -309,10 +327,11 @@ def main():
     ap.add_argument("--config", default=None, help="a named prefill config for the timing table (default: heuristic)")
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--smoke", nargs="+", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--smoke-determinism", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--sanitize", action="store_true", help="only a few small ragged cases (for compute-sanitizer)")
     a = ap.parse_args()
     if a.smoke:
-        smoke(a.smoke)
+        smoke(a.smoke, a.smoke_determinism)
         return
     if a.sanitize:
         sanitize_cases()

@@ -67,7 +67,7 @@ def _all_configs():
     for c in prefill_candidates(4096, 28672, 4096, 128, 132) + prefill_candidates(1024, 8192, 28672, 32, 132):
         if c not in cfgs:
             cfgs.append(c)
-    return cfgs + SPLIT_CONFIGS
+    return cfgs
 
 
 @pytest.mark.parametrize("cfg", _all_configs(), ids=lambda c: c.short())
@@ -86,12 +86,34 @@ def test_every_config(cfg):
         assert _rel(_run(x, pw, bias, 0.75, cfg), ref) <= tol, (cfg.short(), M, N, K)
 
 
+def test_split_configs_in_a_child_process():
+    """The K-split configs (compile-verified only so far) on a ragged problem, in a child process
+    with a time limit, so that a deadlock fails this test instead of hanging the suite; then
+    bitwise equal twice and right on a long K, in the same child."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    args = [repr(c).replace(" ", "") for c in SPLIT_CONFIGS]
+    try:
+        r = subprocess.run([sys.executable, str(root / "scripts" / "gluon_prefill_session.py"), "--smoke", *args,
+                            "--smoke-determinism"], capture_output=True, text=True, timeout=300,
+                           env=dict(__import__("os").environ, PYTHONPATH=str(root / "src")))
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        pytest.fail(f"a split config hung (child killed after 300 s); last lines:\n{out[-2000:]}")
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("SMOKE", "DETERMINISM"))]
+    assert r.returncode == 0 and len(lines) == 2 * len(args), r.stdout[-3000:] + r.stderr[-3000:]
+    assert all(not ln.startswith(("SMOKEFAIL", "DETERMINISMFAIL")) for ln in lines), "\n".join(lines)
+
+
 def test_deterministic():
     gen = torch.Generator().manual_seed(13)
     w = random_weight(4096, 14336, 128, "int", torch.float16, "cpu", gen).to("cuda")
     pw = _prep(w)
     x = torch.randn(1000, 14336, generator=gen).half().cuda()
-    for cfg in list(NAMED.values()) + SPLIT_CONFIGS:   # a K split sums its partials in a fixed order
+    for cfg in NAMED.values():
         y1 = _run(x, pw, None, 1.0, cfg)
         y2 = _run(x, pw, None, 1.0, cfg)
         assert torch.equal(y1, y2), cfg.short()
