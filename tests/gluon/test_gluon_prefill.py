@@ -202,6 +202,9 @@ def test_heuristic_is_a_named_config():
     assert prefill_heuristic(4096, 57344, 8192, 128, 132) is NAMED["prefill-128x128"]
     assert prefill_heuristic(1024, 8192, 28672, 128, 132) is NAMED["prefill-256"]
     assert prefill_heuristic(1024, 6144, 4096, 128, 132) is NAMED["prefill-128-coop"]
+    assert prefill_heuristic(256, 4096, 4096, 128, 132) is NAMED["prefill-64"]       # 128 tiles: one wave
+    assert prefill_heuristic(128, 8192, 28672, 128, 132) is NAMED["prefill-64"]
+    assert prefill_heuristic(256, 6144, 4096, 128, 132) is NAMED["prefill-128-coop"]  # 192 tiles
 
 
 # ----------------------------------------------------------------------------- host path (no GPU)

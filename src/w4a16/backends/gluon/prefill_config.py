@@ -143,6 +143,8 @@ NAMED: Dict[str, GluonPrefillConfig] = {
     "prefill-128x128": GluonPrefillConfig(mt=128, bn=128, nch=1, stages=3),
     # the cooperative variant of prefill-128 (no turn-taking between the warpgroups)
     "prefill-128-coop": GluonPrefillConfig(mt=128, bn=64, nch=1, stages=4, pingpong=False),
+    # 4 x 33 KB: 64 tokens x 128 rows, 2 chunks per stage: the most tiles, for small M x N
+    "prefill-64": GluonPrefillConfig(mt=64, bn=64, nch=2, stages=4),
 }
 
 
@@ -151,10 +153,14 @@ def fits(cfg: GluonPrefillConfig, kh: int, has_zeros: bool, group: int) -> bool:
 
 
 def prefill_heuristic(M: int, N: int, K: int, group: int, num_sms: int) -> GluonPrefillConfig:
-    """The sweep's rule (H200, 2026-12-01): 256-row x 128-token program tiles with a 3-deep ring
-    where they make >= 4 waves (70B gate_up from M = 1024: 0.96-1.07x cuBLAS fp16); else
-    128 x 256 tiles where they make >= 1.5 waves (70B down at M = 1024: 0.94x); else the
+    """The sweep's and the tuner's rule (H200, 2026-12-01): 128-row x 64-token tiles where even
+    those make at most one wave (the tuned winner of 8B o / down at M = 128 and 256 and 70B o /
+    down at M = 128: 19 against 26 us for 8B o at M = 256); else 256-row x 128-token tiles with a
+    3-deep ring where they make >= 4 waves (70B gate_up from M = 1024: 0.96-1.07x cuBLAS fp16);
+    else 128 x 256 tiles where they make >= 1.5 waves (70B down at M = 1024: 0.94x); else the
     cooperative 128 x 128 tile, which keeps small layers' SMs busy (8B qkv at M = 1024: 0.86x)."""
+    if -(-N // 128) * -(-M // 64) <= num_sms:
+        return NAMED["prefill-64"]
     if -(-N // 256) * -(-M // 128) >= 4 * num_sms:
         return NAMED["prefill-128x128"]
     if -(-N // 128) * -(-M // 256) >= 1.5 * num_sms:
