@@ -39,3 +39,31 @@ def test_decode_step_traces_as_one_graph(monkeypatch, fuse):
     assert explained.graph_break_count == 0 and explained.graph_count == 1, reasons
     assert any("w4a16.gemm" in str(n.target) for g in explained.graphs for n in g.graph.nodes), \
         "the W4A16 GEMMs are not custom ops in the graph"
+
+
+def test_compiled_decode_steps_do_not_recompile(monkeypatch):
+    """Several compiled decode steps (the cache position moving on): one compiled frame, no
+    recompile, and the step's logits those of the eager step."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = speed.build_model(speed.llama_config(speed.llama_dims(layers=2, **TINY)), dev, torch.float16)
+    w4a16.quantize_model(model, group_size=32, progress=False)
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    dynamo.reset()
+    counters.clear()
+    prompt = torch.randint(0, TINY["vocab_size"], (1, 4), device=dev)
+    eager = speed.StaticDecoder(model, batch=1, context=16, prompt_len=4, device=dev)
+    compiled = speed.StaticDecoder(model, batch=1, context=16, prompt_len=4, device=dev, compile=True)
+    compiled.forward = torch.compile(model.forward, backend="aot_eager", dynamic=False)
+    compiled.prefill(prompt)
+    compiled.step()   # its eager first step, then the traced one
+    for dec in (eager, compiled):
+        dec.prefill(prompt)   # both caches from the same start
+    for _ in range(3):
+        want, got = eager.step(), compiled.step()
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert counters["frames"]["ok"] == 1 and not counters.get("recompiles"), (dict(counters["frames"]),
+                                                                            dict(counters.get("recompiles", {})))

@@ -255,7 +255,9 @@ class StaticDecoder:
         """Decode ``self.ids`` at position prompt_len -> logits [batch, V] (eager)."""
         if self.eager_first:
             self.eager_first = False
-            self.model.forward(input_ids=self.ids, **self.kwargs)   # writes the cache slot the step writes
+            # (a cache that keeps its own position, transformers 5, moves one slot on: timing
+            # steps do not care, and a check starts from a fresh prefill)
+            self.model.forward(input_ids=self.ids, **self.kwargs)
         return self.forward(input_ids=self.ids, **self.kwargs).logits[:, -1]
 
     def capture(self, warmup: int = 3) -> None:
