@@ -18,7 +18,7 @@ import torch
 from ..triton.fast_launch import _hooks_active
 from ..workspace import tile_counters
 from .config import GluonDecodeConfig
-from .launch import _constexprs, _plan, direct_launch_state, last_launch, run_decode
+from .launch import _constexprs, _plan, direct_launch_state, last_launch, run_decode, split_mode_of
 from .layout import GluonPrepared
 
 MAX_X_DESCRIPTORS = 64   # encoded x descriptors kept per bound call (distinct activation buffers)
@@ -107,7 +107,7 @@ class BoundDecode:
         plan = _plan(self.pw, self.M, self.cfg, self.det)
         if tuple(grid) != tuple(plan.grid):
             return None
-        split_mode = 0 if plan.splits == 1 else (1 if self.det else 2)
+        split_mode = split_mode_of(plan.splits, self.det)
         if split_mode == 2:   # atomics: the partial sums are combined on the host side of run_decode
             return None
         try:

@@ -106,20 +106,46 @@ class _Plan:
     kh: int
 
 
+def weight_descriptors(pw: GluonPrepared, cfg, bn: int) -> tuple:
+    """(kh, ks, x's shared layout, codes / scales / offsets TMA descriptors) of a prepared weight for
+    a decode or prefill config whose warpgroup covers ``bn`` weight rows: codes boxes
+    [bn / 16, ks / 32, 256], scale and offset boxes [groups per stage, bn]."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    kh = pw.kh
+    ks, gps, _ = _blocks(cfg, kh, pw.group)
+    cl, xl, sl = _layouts(cfg, kh, pw.dtype)
+    c_desc = TensorDescriptor.from_tensor(pw.codes, [bn // 16, ks // 32, 256], cl)
+    s_desc = TensorDescriptor.from_tensor(pw.scales_t, [gps, bn], sl)
+    o_desc = TensorDescriptor.from_tensor(pw.offs_t, [gps, bn], sl) if pw.offs_t is not None else s_desc
+    return kh, ks, xl, c_desc, s_desc, o_desc
+
+
+def k_ranges(n_stages: int, splits: int) -> tuple:
+    """(stages per range, ranges): ``n_stages`` K stages in at most ``splits`` ranges, none empty."""
+    per = -(-n_stages // min(splits, n_stages))
+    return per, -(-n_stages // per)
+
+
+def check_x2(x2: torch.Tensor, pw: GluonPrepared) -> None:
+    """x2's K and dtype against the prepared weight (both kernels)."""
+    expect(x2.shape[1] == pw.K, "x2.shape[1] (K)", pw.K, x2.shape[1])
+    expect(x2.dtype == pw.dtype, "x2.dtype", f"{pw.dtype} (the scales' dtype)", x2.dtype)
+
+
+def split_mode_of(splits: int, deterministic: bool) -> int:
+    """The decode kernel's SPLIT: 0 no K split, 1 partials summed in split order by the last split
+    of each tile, 2 fp32 atomics (finished on the host)."""
+    return 0 if splits == 1 else (1 if deterministic else 2)
+
+
 def _plan(pw: GluonPrepared, M: int, cfg: GluonDecodeConfig, deterministic: bool) -> _Plan:
     key = (M, cfg, deterministic)
     plans = plans_of(pw)
     plan = plans.get(key)
     if plan is not None:
         return plan
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    kh = pw.kh
-    ks, gps, _ = _blocks(cfg, kh, pw.group)
-    cl, xl, sl = _layouts(cfg, kh, pw.dtype)
     bn = 16 * cfg.warps
-    c_desc = TensorDescriptor.from_tensor(pw.codes, [cfg.warps, ks // 32, 256], cl)
-    s_desc = TensorDescriptor.from_tensor(pw.scales_t, [gps, bn], sl)
-    o_desc = TensorDescriptor.from_tensor(pw.offs_t, [gps, bn], sl) if pw.offs_t is not None else s_desc
+    kh, ks, xl, c_desc, s_desc, o_desc = weight_descriptors(pw, cfg, bn)
     n_tiles = -(-pw.N // bn)
     n_stages = -(-pw.K // ks)
     dev = pw.codes.device
@@ -129,8 +155,7 @@ def _plan(pw: GluonPrepared, M: int, cfg: GluonDecodeConfig, deterministic: bool
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
         # a partial tile is mt x bn fp32, written once and read once: 16 * mt / ks stages of codes
         splits = auto_splits(n_tiles, n_stages, sms * cfg.resident(kh, pw.has_zeros), 16.0 * cfg.mt / ks)
-    sps = -(-n_stages // splits)
-    splits = -(-n_stages // sps)
+    sps, splits = k_ranges(n_stages, splits)
     plan = _Plan(c_desc, s_desc, o_desc, (n_tiles, splits), splits, sps, n_stages,
                  torch.zeros(1, dtype=torch.float32, device=dev), xl, kh)
     plans[key] = plan
@@ -150,18 +175,16 @@ def run_decode(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor]
     M, K = x2.shape
     N = pw.N
     expect(1 <= M <= cfg.mt, "x2.shape[0] (M)", f"1..{cfg.mt} (the config's token tile)", M)
-    expect(K == pw.K, "x2.shape[1] (K)", pw.K, K)
-    expect(x2.dtype == pw.dtype, "x2.dtype", f"{pw.dtype} (the scales' dtype)", x2.dtype)
+    check_x2(x2, pw)
     plan = _plan(pw, M, cfg, deterministic)
     y = out if out is not None else torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     x_desc = TensorDescriptor(x2, [M, K], [K, 1], [cfg.mt, plan.kh], plan.xl)
-    if plan.splits == 1:
-        split_mode, part = 0, plan.dummy_f32
-    elif deterministic:
-        split_mode = 1
+    split_mode = split_mode_of(plan.splits, deterministic)
+    if split_mode == 0:
+        part = plan.dummy_f32
+    elif split_mode == 1:
         part = torch.empty(plan.splits * M * N, dtype=torch.float32, device=x2.device)
     else:
-        split_mode = 2
         part = torch.zeros(M * N, dtype=torch.float32, device=x2.device)
     # Split-K tile counters: the Triton backend's buffer for this (device, stream), kept at zero
     # by every kernel that uses it, so launches on other streams never share counters.

@@ -10,7 +10,7 @@ import torch
 
 from ...errors import expect
 from ..workspace import plans_of, tile_counters
-from .launch import PRODUCER_REGS, _blocks, _gl_dtype, _launch, _layouts
+from .launch import PRODUCER_REGS, _blocks, _gl_dtype, _launch, _layouts, check_x2, k_ranges, weight_descriptors
 from .launch import supports as _decode_supports
 from .layout import GluonPrepared, half_chunk
 from .prefill_config import MIN_M, GluonPrefillConfig
@@ -38,11 +38,6 @@ def _constexprs(cfg: GluonPrefillConfig, kh: int, group: int, has_zeros: bool, h
                 CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=PRODUCER_REGS)
 
 
-def _x_layout(cfg: GluonPrefillConfig, kh: int, dtype):
-    from triton.experimental.gluon import language as gl
-    return gl.NVMMASharedLayout.get_default_for([cfg.mt, kh], _gl_dtype(dtype))
-
-
 @dataclass
 class _PrefillPlan:
     c_desc: object
@@ -65,20 +60,13 @@ def _plan(pw: GluonPrepared, M: int, cfg: GluonPrefillConfig) -> _PrefillPlan:
     plan = plans.get(key)
     if plan is not None:
         return plan
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    kh = pw.kh
-    ks, gps, _ = _blocks(cfg, kh, pw.group)
-    cl, _, sl = _layouts(cfg, kh, pw.dtype)
-    c_desc = TensorDescriptor.from_tensor(pw.codes, [cfg.bn // 16, ks // 32, 256], cl)
-    s_desc = TensorDescriptor.from_tensor(pw.scales_t, [gps, cfg.bn], sl)
-    o_desc = TensorDescriptor.from_tensor(pw.offs_t, [gps, cfg.bn], sl) if pw.offs_t is not None else s_desc
+    kh, ks, xl, c_desc, s_desc, o_desc = weight_descriptors(pw, cfg, cfg.bn)
     n_tn = -(-pw.N // cfg.rows)
     n_tm = -(-M // cfg.mt)
     n_k = -(-pw.K // ks)
-    kps = -(-n_k // min(cfg.splits, n_k))
-    n_split = -(-n_k // kps)   # no empty range
+    kps, n_split = k_ranges(n_k, cfg.splits)
     sms = torch.cuda.get_device_properties(pw.codes.device).multi_processor_count
-    plan = _PrefillPlan(c_desc, s_desc, o_desc, _x_layout(cfg, kh, pw.dtype), kh, n_k, n_tn, n_tm, n_split, kps,
+    plan = _PrefillPlan(c_desc, s_desc, o_desc, xl, kh, n_k, n_tn, n_tm, n_split, kps,
                         (min(n_tn * n_tm * n_split, sms), 1),
                         torch.zeros(1, dtype=torch.float32, device=pw.codes.device))
     plans[key] = plan
@@ -99,8 +87,7 @@ def run_prefill(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor
     M, K = x2.shape
     N = pw.N
     expect(M >= 1, "x2.shape[0] (M)", ">= 1", M)
-    expect(K == pw.K, "x2.shape[1] (K)", pw.K, K)
-    expect(x2.dtype == pw.dtype, "x2.dtype", f"{pw.dtype} (the scales' dtype)", x2.dtype)
+    check_x2(x2, pw)
     plan = _plan(pw, M, cfg)
     y = out if out is not None else torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     x_desc = TensorDescriptor(x2, [M, K], [K, 1], [cfg.mt, plan.kh], plan.xl)
@@ -126,8 +113,7 @@ def compile_prefill_for_sm90(cfg: GluonPrefillConfig, dtype=torch.float16, has_z
     from .prefill import w4a16_prefill_kernel
     kh = half_chunk(group)
     ks, gps, _ = _blocks(cfg, kh, group)
-    cl, _, sl = _layouts(cfg, kh, dtype)
-    xl = _x_layout(cfg, kh, dtype)
+    cl, xl, sl = _layouts(cfg, kh, dtype)
     dt = "fp16" if dtype == torch.float16 else "bf16"
     sig = {"c_desc": f"tensordesc<u8[{cfg.bn // 16}, {ks // 32}, 256],{cl!r}>",
            "x_desc": f"tensordesc<{dt}[{cfg.mt}, {kh}],{xl!r}>",
