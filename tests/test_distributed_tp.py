@@ -364,7 +364,7 @@ class _Spy:
 def _case_load_sharded(mesh, tmp, fuse=False):
     from safetensors import safe_open
     from w4a16.distributed import apply_tp_plan, load_sharded
-    from w4a16.distributed import loading
+    from w4a16 import io as w4a16_io
 
     r = mesh.get_local_rank()
     path = os.path.join(tmp, f"llama{'-fused' if fuse else ''}.safetensors")
@@ -374,12 +374,12 @@ def _case_load_sharded(mesh, tmp, fuse=False):
     dist.barrier()
     ids = torch.randint(0, 1000, (2, 6), generator=torch.Generator().manual_seed(18))
     log = []
-    loading.safe_open = lambda *a, **k: _Spy(safe_open(*a, **k), log)
+    w4a16_io.safe_open = lambda *a, **k: _Spy(safe_open(*a, **k), log)   # load_sharded opens through io
     try:
         model = tiny_llama(seed=1, fuse=fuse)  # other weights: everything must come from the file
         load_sharded(path, model, mesh)
     finally:
-        loading.safe_open = safe_open
+        w4a16_io.safe_open = safe_open
     with torch.no_grad():
         apply_tp_plan(source, mesh)
         assert_same(model(ids).logits, source(ids).logits, "load_sharded logits")

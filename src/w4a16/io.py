@@ -137,14 +137,19 @@ def load(path: PathLike, device: Union[str, torch.device] = "cpu"
     """
     path = os.fspath(path)
     _check_device(device)
+    with open_safetensors(path) as f:
+        return _read(f, device)
+
+
+def open_safetensors(path: str):
+    """``safe_open(path)`` (tensors read to the CPU), or W4A16Error naming ``path`` when it is not a
+    file or not a safetensors file."""
     expect(os.path.isfile(path), "path", "a safetensors file",
            f"{path!r} ({'a directory' if os.path.isdir(path) else 'no such file'})")
     try:
-        handle = safe_open(path, framework="pt", device="cpu")
+        return safe_open(path, framework="pt", device="cpu")
     except (SafetensorError, OSError) as e:
         fail("path", "a safetensors file", f"{path!r} ({e})")
-    with handle as f:
-        return _read(f, device)
 
 
 def _check_device(device) -> None:

@@ -38,6 +38,7 @@ from ..errors import expect
 from ..fused import FusedW4A16Linear, W4A16Slice
 from ..nn import W4A16Linear
 from ..weight import QuantizedWeight
+from .loading import mesh_device
 from .plan import COLWISE_REP, DEFAULT_TP_PLAN, Plan, apply_tp_plan, plan_targets
 from .shard import COLWISE, ROWWISE, LocalShard, Split, split_for, take
 from .styles import _W4A16Parallel
@@ -128,9 +129,7 @@ class ShardReader:
     def device(self, module: nn.Linear) -> torch.device:
         if not module.weight.is_meta and module.weight.device.type == self.mesh.device_type:
             return module.weight.device
-        if self.mesh.device_type == "cpu":
-            return torch.device("cpu")
-        return torch.device(self.mesh.device_type, torch.get_device_module(self.mesh.device_type).current_device())
+        return mesh_device(self.mesh)
 
     def placeholder(self, prefix: str, module: nn.Linear, shard: LocalShard, whole: bool) -> W4A16Linear:
         """Record ``shard`` for ``prefix`` and return the meta W4A16Linear of the global shape that

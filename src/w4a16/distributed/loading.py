@@ -11,13 +11,12 @@ import os
 from typing import Dict, Optional, Union
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.distributed.tensor import DeviceMesh
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from .. import io
-from ..errors import expect, fail
+from ..errors import expect
 from ..nn import W4A16Linear
 from ..weight import QuantizedWeight
 from .plan import DEFAULT_TP_PLAN, Plan, apply_tp_plan, resolve_plan
@@ -55,6 +54,14 @@ def _read_shard(f, prefix: str, module: W4A16Linear, split: Split, device) -> Lo
     return LocalShard(w, whole("bias"), perm, None if perm is None else perm[split.cols].clone())
 
 
+def mesh_device(mesh: DeviceMesh) -> torch.device:
+    """Where this rank's tensors go by default: "cpu" for a CPU mesh, else the mesh's device type
+    at this process's current device (e.g. ``cuda:{torch.cuda.current_device()}``)."""
+    if mesh.device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(mesh.device_type, torch.get_device_module(mesh.device_type).current_device())
+
+
 def load_sharded(path: Union[str, "os.PathLike[str]"], model: nn.Module, mesh: DeviceMesh,
                  plan: Optional[Plan] = None, device: Union[str, torch.device, None] = None
                  ) -> Dict[str, ParallelStyle]:
@@ -78,19 +85,12 @@ def load_sharded(path: Union[str, "os.PathLike[str]"], model: nn.Module, mesh: D
         model key must be in the file and vice versa).
     """
     path = os.fspath(path)
-    expect(os.path.isfile(path), "path", "a safetensors file", f"{path!r} (no such file)")
     plan = DEFAULT_TP_PLAN if plan is None else plan
     if device is None:
-        device = "cpu" if mesh.device_type == "cpu" else torch.device(mesh.device_type,
-                                                                       torch.get_device_module(mesh.device_type)
-                                                                       .current_device())
+        device = mesh_device(mesh)
     rank, tp = mesh.get_local_rank(), mesh.size()
     modules = dict(model.named_modules())
-    try:
-        handle = safe_open(path, framework="pt", device="cpu")
-    except (SafetensorError, OSError) as e:
-        fail("path", "a safetensors file", f"{path!r} ({e})")
-    with handle as f:
+    with io.open_safetensors(path) as f:
         meta = f.metadata() or {}
         expect(meta.get("format") == io.FORMAT_NAME, "metadata 'format'", repr(io.FORMAT_NAME),
                repr(meta.get("format")))
