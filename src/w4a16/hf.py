@@ -199,11 +199,13 @@ def _read_layer(prefix, method, present, ckpt: _Tensors, reader, N: int, K: int)
     format allows (see :mod:`w4a16.distributed.hf_shards`)."""
     split = None if reader is None else reader.split_of(prefix, method, ckpt.shape, N, K)
     if split is not None:
-        from .distributed.hf_shards import G_IDX, _groups, _trivial, sliced_tensors
+        from .distributed.hf_shards import G_IDX, _groups, sliced_tensors
+        from .formats._common import perm_from_g_idx
         gi = G_IDX[method]
         g_idx = ckpt.get(f"{prefix}.{gi}") if gi in present else None
-        if g_idx is not None and _trivial(g_idx, K, _groups(method, ckpt.shape, prefix)):
-            g_idx = None
+        G = _groups(method, ckpt.shape, prefix)
+        if g_idx is not None and perm_from_g_idx(g_idx, K, G, K // G, f"{prefix}.{gi}") is None:
+            g_idx = None   # the default order: not act-order
         tensors = sliced_tensors(method, lambda p, index: ckpt.part(f"{prefix}.{p}", index), present, split, N, K,
                                  g_idx)
         if tensors is not None:

@@ -54,10 +54,6 @@ def _groups(method: str, shape_of, prefix: str) -> int:
     return shape_of(f"{prefix}.scales")[0]
 
 
-def _trivial(g_idx: torch.Tensor, K: int, G: int) -> bool:
-    return bool(torch.equal(g_idx.to(torch.int64).flatten(), torch.arange(K) // (K // G)))
-
-
 def sliced_tensors(method: str, get, present: List[str], split: Split, N: int, K: int,
                    g_idx: Optional[torch.Tensor]) -> Optional[Dict[str, torch.Tensor]]:
     """The format's tensors of this rank's part, read by ``get(part, index)`` (a safetensors
