@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 import w4a16
@@ -18,7 +17,7 @@ D, G = 64, 32
 LINEARS = ("layers.0.q_proj", "layers.0.up", "layers.0.down", "layers.1.q_proj", "layers.1.up", "layers.1.down")
 
 
-from tiny_models import Block, TinyLM  # noqa: E402,F401
+from tiny_models import Block, TinyLM, write_checkpoint  # noqa: E402,F401
 
 pytestmark = pytest.mark.usefixtures("reference_gemm")
 
@@ -51,23 +50,6 @@ def random_layer(N, K, seed, symmetric=False, g_idx=None):
     def W(dtype=torch.float16):
         return (codes - zeros[:, gi]).float() * scales.to(dtype).float()[:, gi]
     return codes, zeros, scales, W
-
-
-def write_checkpoint(tmp_path, qc, tensors, shards=1):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "tiny", "quantization_config": qc}))
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
-    if shards == 1:
-        save_file(tensors, str(tmp_path / "model.safetensors"))
-        return tmp_path
-    keys = sorted(tensors)
-    weight_map = {}
-    for i in range(shards):
-        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: tensors[k] for k in keys[i::shards]}
-        save_file(part, str(tmp_path / name))
-        weight_map.update({k: name for k in part})
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return tmp_path
 
 
 def float_tensors(seed=0):

@@ -1,6 +1,15 @@
-"""Small torch models shared by the module, model-conversion and checkpoint tests."""
+"""Small torch models shared by the module, model-conversion and checkpoint tests, and the
+writer of checkpoint directories in other tools' formats."""
+import json
+import os
+from pathlib import Path
+
 import torch
+from safetensors.torch import save_file
 from torch import nn
+
+import w4a16
+from w4a16 import formats
 
 
 class Block(nn.Module):
@@ -37,13 +46,6 @@ def write_hf_checkpoint(folder: str, method: str, source: nn.Module) -> None:
     """Write ``source`` (a model quantized with group size 64, not fused) as a Hugging Face
     checkpoint directory of ``method`` ("gptq", "awq", "compressed-tensors") that
     ``w4a16.load_pretrained_quantized`` reads: config.json and model.safetensors."""
-    import json
-    import os
-
-    from safetensors.torch import save_file
-
-    import w4a16
-    from w4a16 import formats
 
     export = {"gptq": formats.to_gptq, "awq": formats.to_awq, "compressed-tensors": formats.to_compressed_tensors}
     tensors, quantized = {}, set()
@@ -64,6 +66,23 @@ def write_hf_checkpoint(folder: str, method: str, source: nn.Module) -> None:
                                                          "weights": {"num_bits": 4, "type": "int", "symmetric": False,
                                                                      "strategy": "group", "group_size": 64}}}}}[method]
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump({"model_type": "llama", "quantization_config": qc}, f)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, "model.safetensors"))
+    write_checkpoint(Path(folder), qc, tensors, model_type="llama")
+
+
+def write_checkpoint(folder: Path, qc: dict, tensors: dict, shards: int = 1, model_type: str = "tiny") -> Path:
+    """A checkpoint directory: config.json with ``qc`` as its quantization_config, and ``tensors``
+    in model.safetensors, or (``shards`` > 1) in that many files with an index."""
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type, "quantization_config": qc}))
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    if shards == 1:
+        save_file(tensors, str(folder / "model.safetensors"))
+        return folder
+    keys = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: tensors[k] for k in keys[i::shards]}
+        save_file(part, str(folder / name))
+        weight_map.update({k: name for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder

@@ -12,22 +12,11 @@ if triton.__version__ != "3.6.0":
 from w4a16 import reference  # noqa: E402
 from w4a16.backends.gluon.config import GluonDecodeConfig, heuristic  # noqa: E402
 from w4a16.backends.gluon.launch import run_decode, supports  # noqa: E402
-from w4a16.backends.gluon.layout import prepare_decode  # noqa: E402
+from gluon_helpers import prep, rel  # noqa: E402
 from w4a16.measure import graph_replay_matches_eager, random_weight  # noqa: E402
 
 MS = [1, 2, 7, 8, 15, 16, 33, 64]
 NKS = [(72, 576), (200, 1376), (4100, 4096)]
-
-
-def _prep(w):
-    return prepare_decode(w.qweight.cuda(), w.scales.cuda(), None if w.zeros is None else w.zeros.cuda(),
-                          w.group_size_effective)
-
-
-def _rel(y, ref):
-    y = y.float().cpu()
-    assert torch.isfinite(y).all(), "NaN/Inf in the output (rows past M / N written, or unwritten elements)"
-    return float((y - ref.float()).norm() / ref.float().norm().clamp_min(1e-6))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -40,7 +29,7 @@ def test_matrix(dtype, group, zeros):
         if group != -1 and K % group:
             continue
         w = random_weight(N, K, group, zeros, dtype, "cpu", gen)
-        pw = _prep(w)
+        pw = prep(w)
         for j, M in enumerate(MS):
             x = torch.randn(M, K, generator=gen).to(dtype)
             bias = (torch.randn(N, generator=gen) * 0.1).to(dtype) if (i + j) % 2 else None
@@ -50,7 +39,7 @@ def test_matrix(dtype, group, zeros):
             y = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
             cfg = heuristic(M, N, K, w.group_size_effective, 132)
             run_decode(x.cuda(), pw, None if bias is None else bias.cuda(), alpha, cfg, out=y)
-            assert _rel(y, ref) <= tol, (M, N, K, cfg.short())
+            assert rel(y, ref) <= tol, (M, N, K, cfg.short())
 
 
 @pytest.mark.parametrize("cfg", [GluonDecodeConfig(16, 4, 2, 4, splits=7), GluonDecodeConfig(8, 8, 4, 3, splits=3),
@@ -59,21 +48,21 @@ def test_matrix(dtype, group, zeros):
 def test_split_deterministic_and_atomic(cfg):
     gen = torch.Generator().manual_seed(8)
     w = random_weight(4096, 14336, 128, "int", torch.float16, "cpu", gen)
-    pw = _prep(w)
+    pw = prep(w)
     x = torch.randn(min(cfg.mt, 13), 14336, generator=gen).half()
     ref = reference.gemm(x, w)
     y1 = run_decode(x.cuda(), pw, None, 1.0, cfg)
     y2 = run_decode(x.cuda(), pw, None, 1.0, cfg)
     assert torch.equal(y1, y2)
-    assert _rel(y1, ref) <= 2e-3
+    assert rel(y1, ref) <= 2e-3
     ya = run_decode(x.cuda(), pw, None, 1.0, cfg, deterministic=False)
-    assert _rel(ya, ref) <= 2e-3
+    assert rel(ya, ref) <= 2e-3
 
 
 def test_cuda_graph():
     gen = torch.Generator().manual_seed(9)
     w = random_weight(200, 1376, 32, "float", torch.float16, "cpu", gen)
-    pw = _prep(w)
+    pw = prep(w)
     x = torch.randn(7, 1376, generator=gen).half().cuda()
     cfg = GluonDecodeConfig(8, 4, 2, 3, splits=2)
     assert graph_replay_matches_eager(lambda out: run_decode(x, pw, None, 0.5, cfg, out=out), replays=3)
@@ -97,7 +86,7 @@ def test_bound_launch_matches_run_decode(cfg, bias, dtype):
     from w4a16.backends.gluon.bound import BoundDecode
     gen = torch.Generator().manual_seed(10)
     w = random_weight(1000, 4096, 128, "int", dtype, "cpu", gen)
-    pw = _prep(w)
+    pw = prep(w)
     b = (torch.randn(1000, generator=gen) * 0.1).to(dtype).cuda() if bias else None
     bound = BoundDecode(pw, 5, dtype, bias, 0.5, cfg, True)
     xs = [torch.randn(5, 4096, generator=gen).to(dtype).cuda() for _ in range(3)]
@@ -107,7 +96,7 @@ def test_bound_launch_matches_run_decode(cfg, bias, dtype):
             assert torch.equal(y, run_decode(x, pw, b, 0.5, cfg)), (rep, cfg.short())
     assert bound.fast is not None, "the bound call never resolved its direct launch"
     ref = reference.gemm(xs[0].cpu(), w, None if b is None else b.cpu(), 0.5)
-    assert _rel(bound(xs[0], b), ref) <= (2e-3 if dtype == torch.float16 else 1e-2)
+    assert rel(bound(xs[0], b), ref) <= (2e-3 if dtype == torch.float16 else 1e-2)
 
 
 def test_gemm_fast_path_uses_bound_launch():
@@ -121,4 +110,4 @@ def test_gemm_fast_path_uses_bound_launch():
     bound = [c.run for c in w._calls.values()]
     assert len(bound) == 1 and isinstance(bound[0], BoundDecode) and bound[0].fast is not None
     assert torch.equal(ys[0], ys[2])
-    assert _rel(ys[2], reference.gemm(x.cpu(), w.to("cpu"))) <= 2e-3
+    assert rel(ys[2], reference.gemm(x.cpu(), w.to("cpu"))) <= 2e-3

@@ -11,23 +11,13 @@ if triton.__version__ != "3.6.0":
     pytest.skip("the Gluon kernels are written for triton 3.6.0", allow_module_level=True)
 
 from w4a16 import reference  # noqa: E402
-from w4a16.backends.gluon.layout import prepare_decode  # noqa: E402
 from w4a16.backends.gluon.prefill_config import NAMED, GluonPrefillConfig, prefill_candidates  # noqa: E402
 from w4a16.backends.gluon.prefill_launch import run_prefill, supports  # noqa: E402
+from gluon_helpers import prep, rel  # noqa: E402
 from w4a16.measure import graph_replay_matches_eager, random_weight  # noqa: E402
 
 MS = [65, 300, 1000, 2049]
 NKS = [(72, 576), (200, 1376), (4100, 4096)]
-
-
-def _prep(w):
-    return prepare_decode(w.qweight, w.scales, w.zeros, w.group_size_effective)
-
-
-def _rel(y, ref):
-    assert torch.isfinite(y).all(), "NaN/Inf in the output (an element left unwritten, or a bad value)"
-    y, ref = y.float(), ref.float()
-    return float((y - ref).norm() / ref.norm().clamp_min(1e-6))
 
 
 def _run(x, pw, bias, alpha, cfg):
@@ -48,14 +38,14 @@ def test_matrix(dtype, group, zeros):
         if group != -1 and K % group:
             continue
         w = random_weight(N, K, group, zeros, dtype, "cpu", gen).to("cuda")
-        pw = _prep(w)
+        pw = prep(w)
         for j, M in enumerate(MS):
             x = torch.randn(M, K, generator=gen).to(dtype).cuda()
             bias = (torch.randn(N, generator=gen) * 0.1).to(dtype).cuda() if (i + j) % 2 else None
             alpha = 0.5 if j % 3 == 0 else 1.0
             assert supports(M, N, K, w.group_size_effective, dtype, zeros is not None, x) is None
             ref = reference.gemm(x, w, bias, alpha)
-            assert _rel(_run(x, pw, bias, alpha, cfg), ref) <= tol, (M, N, K, group, zeros)
+            assert rel(_run(x, pw, bias, alpha, cfg), ref) <= tol, (M, N, K, group, zeros)
 
 
 SPLIT_CONFIGS = [GluonPrefillConfig(128, 64, 1, 4, pingpong=False, splits=2), GluonPrefillConfig(128, 64, 1, 4, splits=3),
@@ -78,12 +68,12 @@ def test_every_config(cfg):
                                        (2049, 200, 1376, 32, "float", torch.bfloat16),
                                        (1000, 8192, 4096, 64, "int", torch.float16)]:
         w = random_weight(N, K, g, zeros, dtype, "cpu", gen).to("cuda")
-        pw = _prep(w)
+        pw = prep(w)
         x = torch.randn(M, K, generator=gen).to(dtype).cuda()
         bias = (torch.randn(N, generator=gen) * 0.1).to(dtype).cuda()
         ref = reference.gemm(x, w, bias, 0.75)
         tol = 2e-3 if dtype == torch.float16 else 1e-2
-        assert _rel(_run(x, pw, bias, 0.75, cfg), ref) <= tol, (cfg.short(), M, N, K)
+        assert rel(_run(x, pw, bias, 0.75, cfg), ref) <= tol, (cfg.short(), M, N, K)
 
 
 def test_split_configs_in_a_child_process():
@@ -111,19 +101,19 @@ def test_split_configs_in_a_child_process():
 def test_deterministic():
     gen = torch.Generator().manual_seed(13)
     w = random_weight(4096, 14336, 128, "int", torch.float16, "cpu", gen).to("cuda")
-    pw = _prep(w)
+    pw = prep(w)
     x = torch.randn(1000, 14336, generator=gen).half().cuda()
     for cfg in NAMED.values():
         y1 = _run(x, pw, None, 1.0, cfg)
         y2 = _run(x, pw, None, 1.0, cfg)
         assert torch.equal(y1, y2), cfg.short()
-    assert _rel(y1, reference.gemm(x, w)) <= 2e-3
+    assert rel(y1, reference.gemm(x, w)) <= 2e-3
 
 
 def test_cuda_graph():
     gen = torch.Generator().manual_seed(14)
     w = random_weight(200, 1376, 32, "float", torch.float16, "cpu", gen).to("cuda")
-    pw = _prep(w)
+    pw = prep(w)
     x = torch.randn(300, 1376, generator=gen).half().cuda()
     cfg = NAMED["prefill-128"]
     assert graph_replay_matches_eager(lambda out: run_prefill(x, pw, None, 0.5, cfg, out=out), replays=3)
@@ -145,10 +135,10 @@ def test_backend_dispatch():
     assert auto.backend.name == "gluon" and isinstance(auto.config, GluonPrefillConfig), auto.reason
     ch = selection.choose(p, "gluon")
     assert ch.backend.name == "gluon" and isinstance(ch.config, GluonPrefillConfig)
-    assert _rel(w4a16.gemm(x, w), ref) <= 2e-3
-    assert _rel(w4a16.gemm(x, w, backend="gluon"), ref) <= 2e-3
-    assert _rel(w4a16.gemm(x, w, config=NAMED["prefill-128-coop"]), ref) <= 2e-3
-    assert _rel(w4a16.gemm(x, w, config="gluon-prefill-128"), ref) <= 2e-3
+    assert rel(w4a16.gemm(x, w), ref) <= 2e-3
+    assert rel(w4a16.gemm(x, w, backend="gluon"), ref) <= 2e-3
+    assert rel(w4a16.gemm(x, w, config=NAMED["prefill-128-coop"]), ref) <= 2e-3
+    assert rel(w4a16.gemm(x, w, config="gluon-prefill-128"), ref) <= 2e-3
 
 
 def test_unsupported_reasons():

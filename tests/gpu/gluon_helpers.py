@@ -1,0 +1,19 @@
+"""What the Gluon kernels' GPU tests share: a QuantizedWeight in the kernels' layout, on the GPU,
+and the relative error of an output that must be finite everywhere."""
+import torch
+
+from w4a16.backends.gluon.layout import prepare_decode
+from w4a16.measure import rel_error
+
+
+def prep(w):
+    """The Gluon layout (decode and prefill kernels) of QuantizedWeight ``w``, on the GPU."""
+    return prepare_decode(w.qweight.cuda(), w.scales.cuda(), None if w.zeros is None else w.zeros.cuda(),
+                          w.group_size_effective)
+
+
+def rel(y, ref) -> float:
+    """Relative Frobenius error of y against ref; every element of y must be finite (outputs are
+    poisoned with NaN first, so an unwritten element, or one written past M / N, fails here)."""
+    assert torch.isfinite(y).all(), "NaN/Inf in the output (an element left unwritten, or rows past M / N written)"
+    return rel_error(y, ref.to(y.device))
