@@ -25,6 +25,8 @@ sys.path.insert(0, str(SRC))
 
 import w4a16  # noqa: E402
 from w4a16 import reference  # noqa: E402
+from w4a16.bench.shapes import preset_layers  # noqa: E402
+from w4a16.bench.ceilings import measure_copy_bandwidth  # noqa: E402
 from w4a16.backends.gluon.config import GluonDecodeConfig, heuristic  # noqa: E402
 from w4a16.backends.gluon.launch import run_decode, supports  # noqa: E402
 from w4a16.backends.gluon.layout import GluonPrepared, prepare_decode  # noqa: E402
@@ -134,25 +136,11 @@ def graph_time(fns) -> float:
 
 
 def copy_bw():
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    t = []
-    for _ in range(10):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        b.copy_(a)
-        e1.record()
-        torch.cuda.synchronize()
-        t.append(e0.elapsed_time(e1) / 1000)
-    del a, b
-    return 2 * (1 << 30) / min(t)
+    """Bytes/s of the best of 10 device-to-device copies of 1 GiB (bytes read + written)."""
+    return measure_copy_bandwidth("cuda", 1 << 30, 10)[1]
 
 
-SHAPES = {"8B qkv": (6144, 4096), "8B o": (4096, 4096), "8B gate_up": (28672, 4096), "8B down": (4096, 14336),
-          "70B qkv": (10240, 8192), "70B o": (8192, 8192), "70B gate_up": (57344, 8192), "70B down": (8192, 28672)}
+SHAPES = preset_layers()   # "8B qkv": (N, K), ... (w4a16.bench.shapes.PRESETS)
 
 
 def timing(bw, ms, dtypes_for, cfg_override=None):

@@ -27,14 +27,14 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
 
 from w4a16 import reference  # noqa: E402
+from w4a16.bench.shapes import preset_layers  # noqa: E402
 from w4a16.backends.gluon.layout import GluonPrepared, prepare_decode  # noqa: E402
 from w4a16.backends.gluon.prefill_config import NAMED, GluonPrefillConfig, prefill_candidates, prefill_heuristic  # noqa: E402,F401
 from w4a16.backends.gluon.prefill_launch import run_prefill, supports  # noqa: E402
 from w4a16.measure import GraphTimer, copies_for, graph_replay_matches_eager, random_weight  # noqa: E402
 from w4a16.weight import QuantizedWeight  # noqa: E402
 
-SHAPES = {"8B qkv": (6144, 4096), "8B o": (4096, 4096), "8B gate_up": (28672, 4096), "8B down": (4096, 14336),
-          "70B qkv": (10240, 8192), "70B o": (8192, 8192), "70B gate_up": (57344, 8192), "70B down": (8192, 28672)}
+SHAPES = preset_layers()   # "8B qkv": (N, K), ... (w4a16.bench.shapes.PRESETS)
 L2_BYTES = 60 * 1024 * 1024
 LOG = None
 T0 = time.time()

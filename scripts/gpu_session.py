@@ -20,16 +20,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import w4a16  # noqa: E402
 from w4a16.measure import GraphTimer, copies_for  # noqa: E402
+from w4a16.bench.shapes import preset_layers  # noqa: E402
 from w4a16.config import GemmConfig  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "out"))
 OUT.mkdir(parents=True, exist_ok=True)
 os.environ.setdefault("W4A16_CACHE", str(OUT / "tuned.json"))
 RESULTS: dict = {}
-LAYERS = {
-    "8b.qkv": (6144, 4096), "8b.o": (4096, 4096), "8b.gate_up": (28672, 4096), "8b.down": (4096, 14336),
-    "70b.qkv": (10240, 8192), "70b.o": (8192, 8192), "70b.gate_up": (57344, 8192), "70b.down": (8192, 28672),
-}
+LAYERS = preset_layers(cli=True)   # "8b.qkv": (N, K), ... (w4a16.bench.shapes.PRESETS)
 
 
 def log(*a):

@@ -26,9 +26,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import w4a16  # noqa: E402
 from w4a16.measure import EagerTimer, GraphTimer, copies_for, generator, random_activation, random_weight  # noqa: E402
+from w4a16.bench.shapes import preset_layers  # noqa: E402
+from w4a16.bench.ceilings import measure_copy_bandwidth  # noqa: E402
 
-LAYERS = {"70b.gate_up": (57344, 8192), "70b.down": (8192, 28672), "70b.qkv": (10240, 8192), "70b.o": (8192, 8192),
-          "8b.qkv": (6144, 4096), "8b.o": (4096, 4096), "8b.gate_up": (28672, 4096), "8b.down": (4096, 14336)}
+LAYERS = {k: preset_layers(cli=True)[k] for k in ("70b.gate_up", "70b.down", "70b.qkv", "70b.o", "8b.qkv", "8b.o",
+                                                  "8b.gate_up", "8b.down")}   # (N, K), largest first
 RESULTS: dict = {}
 T0 = time.time()
 
@@ -65,18 +67,7 @@ def env():
     import triton
     RESULTS["env"] = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                           python=sys.version.split()[0], date=time.strftime("%Y-%m-%d"))
-    a = torch.empty(2**29, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(20):
-        b.copy_(a)
-    e1.record()
-    e1.synchronize()
-    RESULTS["copy_tbps"] = 2 * a.numel() * 20 / (e0.elapsed_time(e1) * 1e-3) / 1e12
+    RESULTS["copy_tbps"] = measure_copy_bandwidth("cuda", 2**29, 20)[0] / 1e12   # median, bytes read + written
     log(f"{RESULTS['env']} copy {RESULTS['copy_tbps']:.3f} TB/s")
 
 

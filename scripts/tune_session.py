@@ -13,8 +13,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-LAYERS = {"8b.qkv": (6144, 4096), "8b.o": (4096, 4096), "8b.gate_up": (28672, 4096), "8b.down": (4096, 14336),
-          "70b.qkv": (10240, 8192), "70b.o": (8192, 8192), "70b.gate_up": (57344, 8192), "70b.down": (8192, 28672)}
+from w4a16.bench.shapes import preset_layers  # noqa: E402
+
+LAYERS = preset_layers(cli=True)   # "8b.qkv": (N, K), ... (w4a16.bench.shapes.PRESETS)
 
 
 def main() -> None:

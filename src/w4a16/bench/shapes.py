@@ -38,6 +38,13 @@ PRESETS = {
     "llama3-70b": _llama("70B", hidden=8192, qkv=10240, ffn=28672),
 }
 
+def preset_layers(cli: bool = False) -> dict:
+    """(N, K) of every preset layer in preset order, by label ("8B qkv", ..., "70B down") or, with
+    ``cli``, by command-line key ("8b.qkv", ..., "70b.down")."""
+    return {(s.label.lower().replace(" ", ".") if cli else s.label): (s.N, s.K)
+            for layers in PRESETS.values() for s in layers}
+
+
 DEFAULT_M = (1, 16, 64, 256, 1024, 4096)
 QUICK_M = (1, 16, 1024)
 QUICK_PRESET = "llama3-8b"
