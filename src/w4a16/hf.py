@@ -232,9 +232,10 @@ def _quantized_layer(model, prefix, method, opts, ckpt: _Tensors, dtype, report,
         w = _build_weight(method, opts, tensors)
     except W4A16Error as e:
         raise W4A16Error(f"{prefix}: {e}") from e
-    local = split is not None and not whole
-    shape = (split.rows[0].stop - split.rows[0].start, K) if local and split.style == "colwise" else \
-        (N, split.cols.stop - split.cols.start) if local else (N, K)
+    local = split is not None and not whole   # what was read is this rank's part only
+    rows = split.rows[0] if local and split.style == "colwise" else slice(0, N)
+    cols = split.cols if local and split.style != "colwise" else slice(0, K)
+    shape = (rows.stop - rows.start, cols.stop - cols.start)
     expect(w.shape == shape, f"{prefix}.{MARKER[method]}", f"a weight of shape (N, K) = {(N, K)} (the model's)",
            w.shape if not local else f"a part of shape {w.shape} (expected {shape})")
     g_cfg = opts.get("group_size")
@@ -250,17 +251,12 @@ def _quantized_layer(model, prefix, method, opts, ckpt: _Tensors, dtype, report,
                                    None if w.zeros is None else w.zeros.to(device, target),
                                    w.group_size, None if w.perm is None else w.perm.to(device))
     key = f"{prefix}.bias"
-    bias = None
-    if key in ckpt:
-        rows = split.rows[0] if local and split.style == "colwise" else slice(None)
-        bias = ckpt.part(key, rows) if split is not None else ckpt.get(key)
+    bias = ckpt.part(key, rows) if key in ckpt else None
     if module.bias is None and bias is not None and bool((bias != 0).any()):
         report.unexpected_keys.append(key)
     if module.bias is not None and bias is None:
         report.missing_keys.append(key)
-        bias = module.bias.detach()
-        if local and split.style == "colwise":
-            bias = bias[split.rows[0]]
+        bias = module.bias.detach()[rows]
     bias = bias if module.bias is not None else None
     if split is not None:
         bias = None if bias is None else bias.to(device, target)
