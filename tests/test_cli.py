@@ -104,3 +104,21 @@ def test_bench_registered_only_when_present(capsys):
     cli.main(["--help"])
     text = capsys.readouterr().out
     assert ("bench" in text) == (bench is not None)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the command line on a machine without a GPU")
+def test_demo_as_the_readme_runs_it():
+    """`python -m w4a16 demo` in a fresh process with TRITON_INTERPRET unset: the command line sets
+    it before anything imports Triton (importing w4a16 must not), and the demo passes."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    probe = subprocess.run([sys.executable, "-c", "import sys, w4a16; "
+                            "print(sorted(m for m in ('triton', 'torch._dynamo') if m in sys.modules))"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert probe.returncode == 0 and probe.stdout.strip() == "[]", probe.stdout + probe.stderr
+    r = subprocess.run([sys.executable, "-m", "w4a16", "demo"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert f"{len(cli.LLAMA3_8B_LAYERS) * len(cli.SMALL_M)} passed, 0 failed" in r.stdout
+

@@ -67,3 +67,17 @@ def test_compiled_decode_steps_do_not_recompile(monkeypatch):
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     assert counters["frames"]["ok"] == 1 and not counters.get("recompiles"), (dict(counters["frames"]),
                                                                             dict(counters.get("recompiles", {})))
+
+
+def test_traced_choice_is_marked_like_torchs_decorator():
+    """ops marks the traced choice the way torch._dynamo.assume_constant_result does, without
+    importing Dynamo when w4a16 is imported: this fails if torch changes how it marks."""
+    import torch._dynamo as dynamo
+
+    from w4a16 import ops
+
+    def probe():
+        return 0
+    marked = dynamo.assume_constant_result(probe)
+    assert getattr(marked, "_dynamo_marked_constant", False) is True
+    assert ops._traced_choice._dynamo_marked_constant is True

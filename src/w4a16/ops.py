@@ -215,7 +215,16 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
 
 
-@torch._dynamo.assume_constant_result
+def _assume_constant_result(fn):
+    """``torch._dynamo.assume_constant_result`` without importing Dynamo when w4a16 is imported:
+    Dynamo imports Triton, which must not be imported before the command line has set
+    TRITON_INTERPRET on a machine without a GPU. The decorator only sets this attribute
+    (tests/test_compile_model.py checks both that and that the traced choice leaves no graph break)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _traced_choice(M: int, N: int, K: int, group: int, dtype: torch.dtype, zeros: bool, device: torch.device,
                    config, backend: str) -> tuple:
     """(backend name, config key) for a call torch.compile is tracing: run by Dynamo at trace time
