@@ -41,7 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="quantization group size (32, 64, 128, 256 or -1), or a comma list (default 128)")
     p.add_argument("--zeros", action="store_true", help="asymmetric weights with zero points")
     p.add_argument("--peers", default=",".join(PEER_NAMES), metavar="NAMES",
-                   help=f"comma list from {','.join(PEER_NAMES)} (default all; absent ones report n/a)")
+                   help=f"comma list from {','.join(PEER_NAMES)}, or w4a16-<backend> for a forced backend "
+                        "(default all but the forced ones; absent ones report n/a)")
     p.add_argument("--timing", default="graph", choices=TIMINGS,
                    help="graph: CUDA-graph replay; eager: Python loop with host overhead (default graph)")
     p.add_argument("--out", default="bench-out", metavar="DIR", help="output folder (default bench-out)")

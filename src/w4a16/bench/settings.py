@@ -55,8 +55,10 @@ class Settings:
                 spec.check_group_size(g, s.K, arg=f"--group-size (layer {s.label}, K={s.K})")
         names = tuple(dict.fromkeys(p.strip() for p in args.peers.split(",") if p.strip()))
         expect(len(names) > 0, "--peers", f"a comma-separated list of {peers_mod.PEER_NAMES}", repr(args.peers))
+        forced = tuple(f"w4a16-{b}" for b in peers_mod.BACKEND_NAMES)
         for n in names:
-            expect(n in peers_mod.PEER_NAMES, "--peers", f"names from {peers_mod.PEER_NAMES}", repr(n))
+            expect(n in peers_mod.PEER_NAMES or n in forced, "--peers",
+                   f"names from {peers_mod.PEER_NAMES} or a forced backend {forced}", repr(n))
         expect(args.timing in TIMINGS, "--timing", f"one of {TIMINGS}", repr(args.timing))
         return cls(presets=presets, shapes=shapes, ms=ms, dtypes=dtypes, group_sizes=group_sizes,
                    zeros=bool(args.zeros), peers=names, timing=args.timing, configs=bool(args.configs),

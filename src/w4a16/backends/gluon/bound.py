@@ -16,9 +16,8 @@ from typing import Optional
 import torch
 
 from ..triton.fast_launch import _hooks_active
-from ..workspace import tile_counters
 from .config import GluonDecodeConfig
-from .launch import _constexprs, _plan, direct_launch_state, last_launch, run_decode, split_mode_of
+from .launch import _constexprs, _plan, direct_launch_state, last_launch, run_decode, workspace_of
 from .layout import GluonPrepared
 
 MAX_X_DESCRIPTORS = 64   # encoded x descriptors kept per bound call (distinct activation buffers)
@@ -77,11 +76,7 @@ class BoundDecode:
         if xa is None:
             xa = self._encode_x(x2, plan, xmeta)
         stream = torch._C._cuda_getCurrentRawStream(dev)
-        if split_mode == 1:
-            part = torch.empty(plan.splits * self.M * self.pw.N, dtype=torch.float32, device=x2.device)
-            cnt = tile_counters(x2.device, plan.grid[0])
-        else:
-            part = cnt = plan.dummy_f32
+        part, cnt = workspace_of(plan, x2.device)
         launcher(plan.grid[0], plan.grid[1], 1, stream, function, *head, *c_arg, *xa, *tail_w,
                  y, bias if bias is not None else y, part, cnt, self.M, self.pw.N, self.pw.group, plan.n_stages,
                  plan.sps, self.alpha, *cx)
@@ -107,7 +102,7 @@ class BoundDecode:
         plan = _plan(self.pw, self.M, self.cfg, self.det)
         if tuple(grid) != tuple(plan.grid):
             return None
-        split_mode = split_mode_of(plan.splits, self.det)
+        split_mode = plan.split_mode
         if split_mode == 2:   # atomics: the partial sums are combined on the host side of run_decode
             return None
         try:

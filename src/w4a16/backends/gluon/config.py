@@ -1,6 +1,7 @@
 """Launch configurations of the Gluon decode kernel (``decode.py``)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, List
 
@@ -21,7 +22,14 @@ class GluonDecodeConfig:
     ws:      True: a one-warp TMA producer partition (warp_specialize); False: one partition that
              issues the loads of stage i + stages - 1 before consuming stage i.
     maxnreg: registers per thread at launch (0: 80 for 4 warps and mt <= 16, else 104, and
-             128 without ws; fewer spill or serialize the HGMMAs): with the shared memory, what decides how many programs share an SM.
+             128 without ws or for stream-K with mt >= 32, 160 for stream-K with 8 warps; fewer spill or serialize the HGMMAs): with the shared memory, what decides how many programs share an SM.
+    sk:      stream-K: a persistent grid of as many programs as fit on the GPU at once, each taking an
+             equal share of all (N tile, K stage) units, so no wave is partly empty; tiles shared by
+             several programs are summed in program order (deterministic). Needs ws; splits, if
+             set, is then the number of programs (for tests; 0: as many as fit).
+    sa:      symmetric weights (at mt <= 32, see scale_after): multiply the exact integers q - 8 and apply each group's
+             scale to its fp32 sums after the MMA (9 instead of 13 dequant instructions per 8
+             weights in fp16); False: fold the scale into the dequant (q * s - 8 s).
     """
 
     mt: int = 16
@@ -31,6 +39,8 @@ class GluonDecodeConfig:
     splits: int = 0
     ws: bool = True
     maxnreg: int = 0
+    sk: bool = False
+    sa: bool = True
 
     def __post_init__(self):
         expect(self.mt in TOKEN_TILES, "mt", f"one of {TOKEN_TILES}", self.mt)
@@ -39,6 +49,7 @@ class GluonDecodeConfig:
         expect(2 <= self.stages <= 8, "stages", "2..8", self.stages)
         expect(self.splits >= 0, "splits", ">= 0 (0 = automatic)", self.splits)
         expect(self.maxnreg == 0 or 64 <= self.maxnreg <= 255, "maxnreg", "0 or 64..255", self.maxnreg)
+        expect(not self.sk or self.ws, "sk", "False without ws (stream-K needs the producer warp)", self.sk)
 
     @property
     def regs(self) -> int:
@@ -46,18 +57,37 @@ class GluonDecodeConfig:
             return self.maxnreg
         if not self.ws:
             return 128      # fewer: ptxas puts a wait after every HGMMA (register pressure)
+        if self.sk and self.warps == 8:
+            return 160      # the stream-K epilogue's partial sums spill at 128 (1 program per SM either way)
+        if self.sk and self.mt >= 32:
+            return 128      # ... and at 104 (2 programs per SM either way)
         return 80 if (self.warps == 4 and self.mt <= 16) else 104
 
+    def scale_after(self, has_zeros: bool, group: int) -> bool:
+        """Whether the kernel applies the scales after the MMA for this weight (see ``sa``): symmetric
+        weights, mt <= 32, and above mt = 8 groups of at least 128 and at most 2 chunks per stage
+        (with two groups per chunk or 4 chunks, the wider tiles' integer sums do not fit 80
+        registers and ptxas waits for every wgmma: checked by tests/gluon/test_gluon_sass.py)."""
+        return self.sa and not has_zeros and (self.mt <= 8 or (self.mt <= 32 and group >= 128 and self.nch <= 2))
+
+    @property
+    def launch_warps(self) -> int:
+        """Warps of a program as launched: Gluon pads a warp-specialized program to whole
+        warpgroups, so the producer warp brings a warpgroup of its own."""
+        return self.warps + (4 if self.ws else 0)
+
     def resident(self, kh: int, has_zeros: bool = False) -> int:
-        """Programs per SM (H100/H200: 228 KB shared memory, 64K registers, 64 warps)."""
-        warps = self.warps + (1 if self.ws else 0)
+        """Programs per SM (H100/H200: 228 KB shared memory with 1 KB reserved per program, 64K
+        registers allocated per warp in units of 256, 64 warps, 32 programs)."""
+        warps = self.launch_warps
         by_smem = (228 * 1024) // (self.smem_bytes(kh, 2, has_zeros) + 2048)
-        by_regs = 65536 // (self.regs * 32 * warps)
+        per_warp = -(-self.regs * 32 // 256) * 256
+        by_regs = (65536 // per_warp) // warps
         return max(1, min(by_smem, by_regs, 64 // warps, 32))
 
     def short(self) -> str:
         s = f"g{self.mt}x{16 * self.warps}c{self.nch}s{self.stages}"
-        return s + (f"k{self.splits}" if self.splits else "") + ("ws" if self.ws else "")
+        return s + (f"k{self.splits}" if self.splits else "") + ("ws" if self.ws else "") + ("sk" if self.sk else "") + ("" if self.sa else "fo")
 
     def smem_bytes(self, kh: int, elem: int = 2, has_zeros: bool = False) -> int:
         """Shared memory of the ring (codes + x + scales [+ offsets]) for half-chunk kh."""
@@ -87,33 +117,37 @@ def token_tile(M: int) -> int:
 def heuristic(M: int, N: int, K: int, group: int, num_sms: int) -> GluonDecodeConfig:
     """The configuration for a call of M tokens on an N x K weight.
 
-    From the H200 sweep of 2026-11-30 (docs/gluon_decode_notes.md, versions 3-4; fp16, g = 128,
-    CUDA-graph replay over rotating weights; us):
-    - M <= 8: wide layers (N >= 32768) 2 chunks x 4 stages with a producer warp (70B gate_up 69.3
-      vs 75.2 for 4 x 3); long-K layers (K >= 14336) 4 chunks x 3 stages with a producer warp (70B
-      down 38.3 vs 41.0, 8B down 13.7 vs 13.8); the rest the single-partition pipeline, 2 x 4 (70B
-      qkv 18.2 vs 21.6 with the producer warp, 70B o 15.1, 8B qkv 8.2 vs 8.7, 8B o 7.3, 8B gate_up
-      24.8 vs 24.6).
-    - M <= 16: N, K >= 8192: 2 x 4 with a producer warp (70B gate_up 80.4 vs 91.7, 70B down 40.0,
-      70B qkv 20.1, 70B o 15.9); N*K < 32M: single partition 2 x 4 (8B qkv 9.5 vs 10.3); else
-      2 x 6 with a producer warp (8B gate_up 26.9 vs 28.8, 8B down 15.2 vs 16.1).
-    - M > 16, with a producer warp: N*K <= 67M: one warpgroup, 2 x 3 (8B qkv 13.6 vs 15.5, 8B o
-      11.3 vs 12.3, 70B o 23.4 vs 24.5, 8B down 24.0 vs 24.5); bigger layers: two warpgroups
-      (128 rows), 2 x 3 (version 4 sweep: 70B down 64.7 vs 67.4 for 64 rows 1 x 4, 70B gate_up
-      143.5 vs 143.8, 70B qkv 35.3 vs 35.4, 8B gate_up 39.0 vs 39.4).
-    One warpgroup of 64 rows beat two (128 rows) everywhere at M <= 16. K splits come from the
-    launcher's wave model (``auto_splits``).
+    From the H200 sweep of 2026-12-01 (docs/gluon_decode_notes.md, version 5: symmetric weights
+    scaled after the MMA, and the stream-K schedule; fp16, g = 128, CUDA-graph replay over
+    rotating weights; us):
+    - M <= 8: wide layers (N >= 32768) stream-K, 2 chunks x 4 stages (70B gate_up 62.4 vs 75.0 for
+      the per-tile grid and 68.1 for the single partition); long-K layers (K >= 14336) 4 chunks x 3
+      stages with a producer warp (70B down 34.2, 8B down 12.3); the rest the single-partition
+      pipeline, 2 x 4 (70B qkv 16.4 vs 18.1 stream-K, 70B o 13.5, 8B qkv 7.6, 8B o 6.8, 8B gate_up
+      21.1 vs 22.7 stream-K).
+    - M <= 16: N >= 16384 stream-K 2 x 4 (70B gate_up 68.7 vs 78.7, 8B gate_up 23.1 vs 24.4);
+      N, K >= 8192: 2 x 4 with a producer warp (70B down 36.0 vs 39.6 stream-K, 70B qkv 17.8,
+      70B o 14.8); N*K < 32M: single partition 2 x 4 (8B qkv 9.5, 8B o 8.9); else 2 x 6 with a
+      producer warp (8B down 14.3).
+    - M > 16, with a producer warp: N*K <= 67.2M: one warpgroup, 2 x 3 (8B qkv 13.3, 8B o 11.2,
+      70B o 22.9, 8B down 23.3); bigger layers two warpgroups (128 rows), 2 x 3, stream-K where
+      N >= 10240 and K >= 8192 (70B gate_up 132.0 vs 142.8, 70B qkv 30.6 vs 34.9; 70B down 64.5
+      without, 71.8 with; 8B gate_up 38.4 without, 39.7 with).
+    One warpgroup of 64 rows beat two (128 rows) everywhere at M <= 16. K splits of the per-tile
+    grid come from the launcher's wave model (``auto_splits``).
     """
     mt = token_tile(M)
     c2 = 4 if group == 32 else 2
     size = N * K
     if mt <= 8:
         if N >= 32768:
-            return GluonDecodeConfig(mt=mt, warps=4, nch=c2, stages=4)
+            return GluonDecodeConfig(mt=mt, warps=4, nch=c2, stages=4, sk=True)
         if K >= 14336:
             return GluonDecodeConfig(mt=mt, warps=4, nch=4, stages=3)
         return GluonDecodeConfig(mt=mt, warps=4, nch=c2, stages=4, ws=False)
     if mt <= 16:
+        if N >= 16384:
+            return GluonDecodeConfig(mt=mt, warps=4, nch=c2, stages=4, sk=True)
         if N >= 8192 and K >= 8192:
             return GluonDecodeConfig(mt=mt, warps=4, nch=c2, stages=4)
         if size < 32_000_000:
@@ -121,7 +155,7 @@ def heuristic(M: int, N: int, K: int, group: int, num_sms: int) -> GluonDecodeCo
         return GluonDecodeConfig(mt=mt, warps=4, nch=c2, stages=6)
     if size <= 67_200_000:
         return GluonDecodeConfig(mt=mt, warps=4, nch=c2, stages=3)
-    return GluonDecodeConfig(mt=mt, warps=8, nch=c2, stages=3)
+    return GluonDecodeConfig(mt=mt, warps=8, nch=c2, stages=3, sk=N >= 10240 and K >= 8192)
 
 
 def candidates(M: int, N: int, K: int, group: int, num_sms: int) -> List[GluonDecodeConfig]:
@@ -135,6 +169,14 @@ def candidates(M: int, N: int, K: int, group: int, num_sms: int) -> List[GluonDe
     else:
         out = [h, GluonDecodeConfig(mt, 4, 1, 4), GluonDecodeConfig(mt, 4, c4, 3), GluonDecodeConfig(mt, 8, c4, 3),
                GluonDecodeConfig(mt, 4, 1, 6), GluonDecodeConfig(mt, 4, 1, 4, ws=False)]
+    if h.scale_after(False, group):
+        out.append(dataclasses.replace(h, sa=False))   # the scales folded into the dequant, for comparison
+    # each producer-warp config also as stream-K (the persistent schedule), and a deeper stream-K ring
+    out += [dataclasses.replace(c, sk=True) for c in out if c.ws and c.sa]
+    out.append(GluonDecodeConfig(mt, 4, c4, 5, sk=True))
+    if N * K < 64_000_000:   # small layers: fewer, longer ranges (less fill and fewer shared tiles per program)
+        out += [GluonDecodeConfig(mt, 4, c4, 4, splits=num_sms, sk=True),
+                GluonDecodeConfig(mt, 4, c4, 4, splits=2 * num_sms, sk=True)]
     kh = min(group, 64) if group < 64 else 64
     seen, res = set(), []
     for c in out:

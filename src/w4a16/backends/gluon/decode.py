@@ -29,55 +29,13 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-# fp16: lo = (w & 0x000F000F) | 0x6400 = 1024 + q (the pair e0, e1); (w >> 8) gives e2, e3;
-# hi = (w & 0x00F000F0) | 0x6400 = 1024 + 16 q, and hi * 1/16 - 64 = q. Then q * s + o.
-# Operands: $0 $1 low-half pairs, $2 $3 high-half pairs; $4 the 4 code bytes; $5 $6 s_lo,
-# $7 $8 o_lo, $9 $10 s_hi, $11 $12 o_hi.
-DEQ_FP16 = gl.constexpr("""
-{
-.reg .b32 u, a, b, c, d, m, h, n;
-mov.b32 m, 0x64006400;
-mov.b32 h, 0x2C002C00;
-mov.b32 n, 0xD400D400;
-shr.b32 u, $4, 8;
-lop3.b32 a, $4, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 b, u, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 c, $4, 0x00F000F0, 0x64006400, 0xEA;
-lop3.b32 d, u, 0x00F000F0, 0x64006400, 0xEA;
-sub.f16x2 a, a, m;
-sub.f16x2 b, b, m;
-fma.rn.f16x2 c, c, h, n;
-fma.rn.f16x2 d, d, h, n;
-fma.rn.f16x2 $0, a, $5, $7;
-fma.rn.f16x2 $1, b, $6, $8;
-fma.rn.f16x2 $2, c, $9, $11;
-fma.rn.f16x2 $3, d, $10, $12;
-}
-""")
+from .dequant_ptx import dequant_ptx
 
-# bf16 (7 mantissa bits): every nibble is moved to bits 0..3 first; (w | 0x4300) = 128 + q.
-DEQ_BF16 = gl.constexpr("""
-{
-.reg .b32 u, v, x, a, b, c, d, m, one;
-mov.b32 m, 0xC300C300;
-mov.b32 one, 0x3F803F80;
-shr.b32 u, $4, 8;
-shr.b32 v, $4, 4;
-shr.b32 x, $4, 12;
-lop3.b32 a, $4, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 b, u, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 c, v, 0x000F000F, 0x43004300, 0xEA;
-lop3.b32 d, x, 0x000F000F, 0x43004300, 0xEA;
-fma.rn.bf16x2 a, a, one, m;
-fma.rn.bf16x2 b, b, one, m;
-fma.rn.bf16x2 c, c, one, m;
-fma.rn.bf16x2 d, d, one, m;
-fma.rn.bf16x2 $0, a, $5, $7;
-fma.rn.bf16x2 $1, b, $6, $8;
-fma.rn.bf16x2 $2, c, $9, $11;
-fma.rn.bf16x2 $3, d, $10, $12;
-}
-""")
+# the dequant programs (dequant_ptx.py): q * s + o, and q - 8 for symmetric weights scaled after the MMA
+DEQ_FP16 = gl.constexpr(dequant_ptx("fp16", scaled=True))
+DEQ_BF16 = gl.constexpr(dequant_ptx("bf16", scaled=True))
+DEQ_INT_FP16 = gl.constexpr(dequant_ptx("fp16", scaled=False))
+DEQ_INT_BF16 = gl.constexpr(dequant_ptx("bf16", scaled=False))
 
 
 @gluon.constexpr_function
@@ -224,16 +182,107 @@ def dequant_chunk(cview, s_ring, o_ring, slot, ch: gl.constexpr, a_l: gl.constex
 
 
 @gluon.jit
-def _consume_stage(acc, it, c_ring, x_ring, s_ring, o_ring, bars,
-                   acc_l: gl.constexpr, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr,
-                   STAGES: gl.constexpr, GDIV: gl.constexpr, HAS_ZEROS: gl.constexpr, DTYPE: gl.constexpr):
-    """Wait for stage ``it`` and add its products to acc; all its wgmmas are complete on return."""
-    BN: gl.constexpr = 16 * W
-    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
-    cview_l: gl.constexpr = code_smem_layout(W, NCH, KH)
+def _stage_codes(it, c_ring, bars, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr, STAGES: gl.constexpr):
+    """Wait for stage ``it``; (its slot, its codes viewed as [16 * W, NCH * KH] uint8 in the
+    wgmma A-fragment order of ``code_smem_layout``)."""
     slot = it % STAGES
     mbarrier.wait(bars.index(slot), (it // STAGES) & 1)
-    cview = c_ring.index(slot)._reinterpret(gl.uint8, [BN, NCH * KH], cview_l)
+    cview = c_ring.index(slot)._reinterpret(gl.uint8, [16 * W, NCH * KH], code_smem_layout(W, NCH, KH))
+    return slot, cview
+
+
+@gluon.jit
+def _acc_scale(s_ring, slot, gi: gl.constexpr, acc_l: gl.constexpr):
+    """The scales of local group ``gi`` of the slot as a [BN, 1] fp32 tensor in the accumulator's
+    row layout (to scale a group's integer dot products after the MMA)."""
+    GPS: gl.constexpr = s_ring.shape[1]
+    BN: gl.constexpr = s_ring.shape[2]
+    fl: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+    s = s_ring.index(slot)._reinterpret(s_ring.dtype, [GPS * BN], fl).slice(gi * BN, BN).load(
+        gl.SliceLayout(1, acc_l))
+    return gl.expand_dims(s.to(gl.float32), 1)
+
+
+@gluon.jit
+def _consume_stage_sa(acc, it, c_ring, x_ring, s_ring, bars, acc_l: gl.constexpr, W: gl.constexpr,
+                      KH: gl.constexpr, NCH: gl.constexpr, STAGES: gl.constexpr, GDIV: gl.constexpr,
+                      DTYPE: gl.constexpr):
+    """_consume_stage for symmetric weights with the scale applied after the MMA: each chunk's
+    wgmmas multiply the exact integers q - 8 into a fresh fp32 accumulator per group (one for the
+    chunk when both half chunks share a group, else one per half), and acc += s * that once its
+    wgmmas are done (one chunk later)."""
+    BN: gl.constexpr = 16 * W
+    MT: gl.constexpr = acc.shape[1]
+    KC: gl.constexpr = 2 * KH
+    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+    slot, cview = _stage_codes(it, c_ring, bars, W, KH, NCH, STAGES)
+    zero = gl.zeros([BN, MT], gl.float32, acc_l)
+    for ch in gl.static_range(NCH):
+        codes = cview.slice(ch * KH, KH, dim=1).load(a_l)
+        if DTYPE == gl.float16:
+            q_lo, q_hi = gl.inline_asm_elementwise(DEQ_INT_FP16, "=r,=r,=r,=r,r", [codes],
+                                                   dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
+        else:
+            q_lo, q_hi = gl.inline_asm_elementwise(DEQ_INT_BF16, "=r,=r,=r,=r,r", [codes],
+                                                   dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=4)
+        xb = slot * 2 * NCH + 2 * ch
+        p_lo = warpgroup_mma(q_lo, x_ring.index(xb).permute((1, 0)), zero, use_acc=False, is_async=True)
+        if (ch * KC + KH) // GDIV == (ch * KC) // GDIV:
+            # both halves in one group: one chain (only its end is waited for: waiting for p_lo
+            # too would force the first wgmma to complete before the second could take its sum)
+            p_hi = warpgroup_mma(q_hi, x_ring.index(xb + 1).permute((1, 0)), p_lo, is_async=True)
+            p_lo = p_hi
+        else:
+            p_hi = warpgroup_mma(q_hi, x_ring.index(xb + 1).permute((1, 0)), zero, use_acc=False, is_async=True)
+        if ch > 0:
+            # the previous chunk's wgmmas are done: scale its sums into acc, free its A registers
+            acc = _retire_chunk(acc, prev_plo, prev_phi, prev_lo, prev_hi, 2, s_ring, slot, ch - 1, acc_l, KH, GDIV)
+        prev_plo = p_lo
+        prev_phi = p_hi
+        prev_lo = q_lo
+        prev_hi = q_hi
+    acc = _retire_chunk(acc, prev_plo, prev_phi, prev_lo, prev_hi, 0, s_ring, slot, NCH - 1, acc_l, KH, GDIV)
+    return acc
+
+
+@gluon.jit
+def _retire_chunk(acc, p_lo, p_hi, q_lo, q_hi, outstanding: gl.constexpr, s_ring, slot, ch: gl.constexpr,
+                  acc_l: gl.constexpr, KH: gl.constexpr, GDIV: gl.constexpr):
+    """Wait until at most ``outstanding`` wgmmas are in flight (chunk ch's are done), then
+    acc + s * its integer sums: p_hi alone (p_lo is p_hi) when both halves share a group."""
+    KC: gl.constexpr = 2 * KH
+    if (ch * KC + KH) // GDIV == (ch * KC) // GDIV:
+        p, a, b = warpgroup_mma_wait(num_outstanding=outstanding, deps=(p_hi, q_lo, q_hi))
+        acc = acc + _acc_scale(s_ring, slot, (ch * KC) // GDIV, acc_l) * p
+    else:
+        p0, p1, a, b = warpgroup_mma_wait(num_outstanding=outstanding, deps=(p_lo, p_hi, q_lo, q_hi))
+        acc = acc + _acc_scale(s_ring, slot, (ch * KC) // GDIV, acc_l) * p0
+        acc = acc + _acc_scale(s_ring, slot, (ch * KC + KH) // GDIV, acc_l) * p1
+    return acc
+
+
+@gluon.jit
+def _consume_stage(acc, it, c_ring, x_ring, s_ring, o_ring, bars,
+                   acc_l: gl.constexpr, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr,
+                   STAGES: gl.constexpr, GDIV: gl.constexpr, HAS_ZEROS: gl.constexpr, DTYPE: gl.constexpr,
+                   SA: gl.constexpr = False):
+    """Wait for stage ``it`` and add its products to acc; all its wgmmas are complete on return.
+    SA: symmetric weights, scale applied after the MMA (``_consume_stage_sa``)."""
+    if SA:
+        acc = _consume_stage_sa(acc, it, c_ring, x_ring, s_ring, bars, acc_l, W, KH, NCH, STAGES, GDIV, DTYPE)
+    else:
+        acc = _consume_stage_fold(acc, it, c_ring, x_ring, s_ring, o_ring, bars, acc_l, W, KH, NCH, STAGES, GDIV,
+                                  HAS_ZEROS, DTYPE)
+    return acc
+
+
+@gluon.jit
+def _consume_stage_fold(acc, it, c_ring, x_ring, s_ring, o_ring, bars,
+                        acc_l: gl.constexpr, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr,
+                        STAGES: gl.constexpr, GDIV: gl.constexpr, HAS_ZEROS: gl.constexpr, DTYPE: gl.constexpr):
+    """_consume_stage with the scales (and offsets) folded into the dequant: q * s + o."""
+    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+    slot, cview = _stage_codes(it, c_ring, bars, W, KH, NCH, STAGES)
     for ch in gl.static_range(NCH):
         w_lo, w_hi = dequant_chunk(cview, s_ring, o_ring, slot, ch, a_l, KH, GDIV, HAS_ZEROS, DTYPE)
         xb = slot * 2 * NCH + 2 * ch
@@ -251,12 +300,13 @@ def _consume_stage(acc, it, c_ring, x_ring, s_ring, o_ring, bars,
 @gluon.jit
 def _ws_consumer(n_it, c_ring, x_ring, s_ring, o_ring, bars, empty,
                  acc_l: gl.constexpr, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr, MT: gl.constexpr,
-                 STAGES: gl.constexpr, GDIV: gl.constexpr, HAS_ZEROS: gl.constexpr, DTYPE: gl.constexpr):
+                 STAGES: gl.constexpr, GDIV: gl.constexpr, HAS_ZEROS: gl.constexpr, DTYPE: gl.constexpr,
+                 SA: gl.constexpr):
     """Default partition: dequant + wgmma of every stage, then hand the slot back to the producer."""
     acc = gl.zeros([16 * W, MT], gl.float32, acc_l)
     for it in range(n_it):
         acc = _consume_stage(acc, it, c_ring, x_ring, s_ring, o_ring, bars, acc_l, W, KH, NCH, STAGES, GDIV,
-                             HAS_ZEROS, DTYPE)
+                             HAS_ZEROS, DTYPE, SA)
         mbarrier.arrive(empty.index(it % STAGES), count=1)
     return (acc,)
 
@@ -274,27 +324,11 @@ def _ws_producer(n_it, st0, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ri
 
 
 @gluon.jit
-def w4a16_decode_kernel(
-    c_desc, x_desc, s_desc, o_desc, y_ptr, bias_ptr, part_ptr, cnt_ptr,
-    M, N, group, n_stages, stages_per_split, alpha,
-    MT: gl.constexpr, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr, STAGES: gl.constexpr,
-    GPS: gl.constexpr, GDIV: gl.constexpr, SPLIT: gl.constexpr, HAS_ZEROS: gl.constexpr,
-    HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, WS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-):
-    """See the module docstring. GPS: groups per stage (box rows of the scales); GDIV: g when a
-    stage spans several groups, else 1 << 30 (one group per stage: every local index is 0).
-    WS: a one-warp TMA producer partition (warp_specialize) instead of the single-partition
-    software pipeline."""
-    BN: gl.constexpr = 16 * W
-    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, MT, 16])
-
-    pid_n = gl.program_id(0)
-    pid_k = gl.program_id(1)
-    nsplit = gl.num_programs(1)
-    row0 = pid_n * BN
-    st0 = pid_k * stages_per_split
-    n_it = gl.minimum(stages_per_split, n_stages - st0)
-
+def allocate_rings(c_desc, x_desc, s_desc, o_desc, STAGES: gl.constexpr, NCH: gl.constexpr, DTYPE: gl.constexpr,
+                   HAS_ZEROS: gl.constexpr, WITH_EMPTY: gl.constexpr):
+    """The shared-memory ring of the decode kernels: (codes, x, scales, offsets (the scales' ring
+    without zeros), "full" mbarriers, "empty" mbarriers (WITH_EMPTY; else the full ones again)),
+    every mbarrier initialized with count 1."""
     c_ring = gl.allocate_shared_memory(gl.uint8, [STAGES] + c_desc.block_type.shape, c_desc.layout)
     x_ring = gl.allocate_shared_memory(DTYPE, [STAGES * 2 * NCH] + x_desc.block_type.shape, x_desc.layout)
     s_ring = gl.allocate_shared_memory(DTYPE, [STAGES] + s_desc.block_type.shape, s_desc.layout)
@@ -305,14 +339,44 @@ def w4a16_decode_kernel(
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
-
-    if WS:
+    if WITH_EMPTY:
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(empty.index(i), count=1)
+    else:
+        empty = bars
+    return c_ring, x_ring, s_ring, o_ring, bars, empty
+
+
+@gluon.jit
+def w4a16_decode_kernel(
+    c_desc, x_desc, s_desc, o_desc, y_ptr, bias_ptr, part_ptr, cnt_ptr,
+    M, N, group, n_stages, stages_per_split, alpha,
+    MT: gl.constexpr, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr, STAGES: gl.constexpr,
+    GPS: gl.constexpr, GDIV: gl.constexpr, SPLIT: gl.constexpr, HAS_ZEROS: gl.constexpr,
+    HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, WS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    SA: gl.constexpr,
+):
+    """See the module docstring. GPS: groups per stage (box rows of the scales); GDIV: g when a
+    stage spans several groups, else 1 << 30 (one group per stage: every local index is 0).
+    WS: a one-warp TMA producer partition (warp_specialize) instead of the single-partition
+    software pipeline. SA: symmetric weights with the scale applied after the MMA."""
+    BN: gl.constexpr = 16 * W
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, MT, 16])
+
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    nsplit = gl.num_programs(1)
+    row0 = pid_n * BN
+    st0 = pid_k * stages_per_split
+    n_it = gl.minimum(stages_per_split, n_stages - st0)
+
+    c_ring, x_ring, s_ring, o_ring, bars, empty = allocate_rings(c_desc, x_desc, s_desc, o_desc, STAGES, NCH, DTYPE,
+                                                                 HAS_ZEROS, WS)
+    if WS:
         res = gl.warp_specialize([
             (_ws_consumer, (n_it, c_ring, x_ring, s_ring, o_ring, bars, empty, acc_l, W, KH, NCH, MT, STAGES, GDIV,
-                            HAS_ZEROS, DTYPE)),
+                            HAS_ZEROS, DTYPE, SA)),
             (_ws_producer, (n_it, st0, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, empty,
                             row0, group, STAGES, NCH, KH, GPS, W, HAS_ZEROS)),
         ], [1], [PRODUCER_REGS])
@@ -332,7 +396,7 @@ def w4a16_decode_kernel(
                 _issue(nxt, st0, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, row0, group,
                        STAGES, NCH, KH, GPS, W, HAS_ZEROS)
             acc = _consume_stage(acc, it, c_ring, x_ring, s_ring, o_ring, bars, acc_l, W, KH, NCH, STAGES, GDIV,
-                                 HAS_ZEROS, DTYPE)
+                                 HAS_ZEROS, DTYPE, SA)
 
     _epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, pid_k, nsplit, acc_l, BN, MT, SPLIT,
               HAS_BIAS, DTYPE)

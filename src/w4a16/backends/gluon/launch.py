@@ -89,7 +89,7 @@ def _constexprs(cfg, kh, group, split_mode, has_zeros, has_bias, dtype):
     ks, gps, gdiv = _blocks(cfg, kh, group)
     return dict(MT=cfg.mt, W=cfg.warps, KH=kh, NCH=cfg.nch, STAGES=cfg.stages, GPS=gps, GDIV=gdiv,
                 SPLIT=split_mode, HAS_ZEROS=bool(has_zeros), HAS_BIAS=bool(has_bias), DTYPE=_gl_dtype(dtype),
-                WS=bool(cfg.ws), PRODUCER_REGS=PRODUCER_REGS)
+                WS=bool(cfg.ws), PRODUCER_REGS=PRODUCER_REGS, SA=cfg.scale_after(has_zeros, group))
 
 
 @dataclass
@@ -98,12 +98,24 @@ class _Plan:
     s_desc: object
     o_desc: object
     grid: tuple
-    splits: int
-    sps: int
+    splits: int        # K ranges per tile (stream-K: the programs, P)
+    sps: int           # the kernel's stages_per_split (stream-K: n_units, all tiles x stages)
     n_stages: int
     dummy_f32: torch.Tensor
     xl: object
     kh: int
+    split_mode: int    # SPLIT of the kernel: 0, 1 or 2 (split_mode_of), 3 stream-K
+    part_numel: int    # fp32 partials a deterministic launch needs (0: none)
+    n_counters: int    # tile counters it needs (0: none)
+
+    @property
+    def kernel(self):
+        """The jitted kernel this plan launches."""
+        if self.split_mode == 3:
+            from .decode_sk import w4a16_decode_sk_kernel
+            return w4a16_decode_sk_kernel
+        from .decode import w4a16_decode_kernel
+        return w4a16_decode_kernel
 
 
 def weight_descriptors(pw: GluonPrepared, cfg, bn: int) -> tuple:
@@ -138,6 +150,16 @@ def split_mode_of(splits: int, deterministic: bool) -> int:
     return 0 if splits == 1 else (1 if deterministic else 2)
 
 
+SK_MAX_PRODUCT = 2 ** 31   # stream-K: units x programs must fit the kernel's 32-bit arithmetic
+
+
+def stream_k_programs(n_units: int, slots: int) -> int:
+    """Programs of a stream-K launch: one per resident slot, never more than there are units;
+    0 when units x programs would overflow the kernel's 32-bit unit arithmetic."""
+    p = min(n_units, slots)
+    return p if n_units * p < SK_MAX_PRODUCT else 0
+
+
 def _plan(pw: GluonPrepared, M: int, cfg: GluonDecodeConfig, deterministic: bool) -> _Plan:
     key = (M, cfg, deterministic)
     plans = plans_of(pw)
@@ -149,17 +171,33 @@ def _plan(pw: GluonPrepared, M: int, cfg: GluonDecodeConfig, deterministic: bool
     n_tiles = -(-pw.N // bn)
     n_stages = -(-pw.K // ks)
     dev = pw.codes.device
-    if cfg.splits:
-        splits = min(cfg.splits, n_stages)
+    slots = torch.cuda.get_device_properties(dev).multi_processor_count * cfg.resident(kh, pw.has_zeros)
+    dummy = torch.zeros(1, dtype=torch.float32, device=dev)
+    progs = stream_k_programs(n_tiles * n_stages, cfg.splits or slots) if cfg.sk else 0
+    if progs:
+        plan = _Plan(c_desc, s_desc, o_desc, (progs, 1), progs, n_tiles * n_stages, n_stages, dummy, xl, kh,
+                     3, 2 * progs * M * bn, n_tiles)
     else:
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        # a partial tile is mt x bn fp32, written once and read once: 16 * mt / ks stages of codes
-        splits = auto_splits(n_tiles, n_stages, sms * cfg.resident(kh, pw.has_zeros), 16.0 * cfg.mt / ks)
-    sps, splits = k_ranges(n_stages, splits)
-    plan = _Plan(c_desc, s_desc, o_desc, (n_tiles, splits), splits, sps, n_stages,
-                 torch.zeros(1, dtype=torch.float32, device=dev), xl, kh)
+        if cfg.splits and not cfg.sk:
+            splits = min(cfg.splits, n_stages)
+        else:
+            # a partial tile is mt x bn fp32, written once and read once: 16 * mt / ks stages of codes
+            splits = auto_splits(n_tiles, n_stages, slots, 16.0 * cfg.mt / ks)
+        sps, splits = k_ranges(n_stages, splits)
+        mode = split_mode_of(splits, deterministic)
+        plan = _Plan(c_desc, s_desc, o_desc, (n_tiles, splits), splits, sps, n_stages, dummy, xl, kh, mode,
+                     splits * M * pw.N if mode == 1 else 0, n_tiles if mode == 1 else 0)
     plans[key] = plan
     return plan
+
+
+def workspace_of(plan: _Plan, device) -> tuple:
+    """(fp32 partials, tile counters) for one deterministic launch of ``plan`` (the plan's dummy
+    where it needs none). The counters are this (device, stream)'s buffer, kept at zero by every
+    kernel that uses it, so launches on other streams never share counters."""
+    part = torch.empty(plan.part_numel, dtype=torch.float32, device=device) if plan.part_numel else plan.dummy_f32
+    cnt = tile_counters(device, plan.n_counters) if plan.n_counters else plan.dummy_f32
+    return part, cnt
 
 
 def run_decode(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor], alpha: float,
@@ -171,7 +209,6 @@ def run_decode(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor]
     bias: [N] or None. deterministic=False adds K-split partials with fp32 atomics.
     """
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    from .decode import w4a16_decode_kernel
     M, K = x2.shape
     N = pw.N
     expect(1 <= M <= cfg.mt, "x2.shape[0] (M)", f"1..{cfg.mt} (the config's token tile)", M)
@@ -179,21 +216,15 @@ def run_decode(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor]
     plan = _plan(pw, M, cfg, deterministic)
     y = out if out is not None else torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     x_desc = TensorDescriptor(x2, [M, K], [K, 1], [cfg.mt, plan.kh], plan.xl)
-    split_mode = split_mode_of(plan.splits, deterministic)
-    if split_mode == 0:
-        part = plan.dummy_f32
-    elif split_mode == 1:
-        part = torch.empty(plan.splits * M * N, dtype=torch.float32, device=x2.device)
+    if plan.split_mode == 2:
+        part, cnt = torch.zeros(M * N, dtype=torch.float32, device=x2.device), plan.dummy_f32
     else:
-        part = torch.zeros(M * N, dtype=torch.float32, device=x2.device)
-    # Split-K tile counters: the Triton backend's buffer for this (device, stream), kept at zero
-    # by every kernel that uses it, so launches on other streams never share counters.
-    cnt = tile_counters(x2.device, plan.grid[0]) if split_mode == 1 else plan.dummy_f32
-    cx = _constexprs(cfg, plan.kh, pw.group, split_mode, pw.has_zeros, bias is not None, x2.dtype)
+        part, cnt = workspace_of(plan, x2.device)
+    cx = _constexprs(cfg, plan.kh, pw.group, plan.split_mode, pw.has_zeros, bias is not None, x2.dtype)
     args = (plan.c_desc, x_desc, plan.s_desc, plan.o_desc, y, bias if bias is not None else y, part, cnt,
             M, N, pw.group, plan.n_stages, plan.sps, float(alpha))
-    _launch(w4a16_decode_kernel, plan.grid, args, cx, cfg, (cfg, plan.kh, pw.K_pad, x2.get_device()))
-    if split_mode == 2:
+    _launch(plan.kernel, plan.grid, args, cx, cfg, (cfg, plan.kh, pw.K_pad, x2.get_device()))
+    if plan.split_mode == 2:
         r = part.view(M, N) * float(alpha)
         if bias is not None:
             r = r + bias.float()
@@ -248,8 +279,12 @@ def _launch(kernel, grid, args, cx: dict, cfg: GluonDecodeConfig, static: tuple)
 # ----------------------------------------------------------------------------- offline (no GPU)
 def compile_for_sm90(cfg: GluonDecodeConfig, dtype=torch.float16, has_zeros: bool = False, group: int = 128,
                      has_bias: bool = True, split_mode: int = 1):
-    """Compile the kernel for sm_90a (GPUTarget("cuda", 90, 32)) on any machine."""
+    """Compile the kernel for sm_90a (GPUTarget("cuda", 90, 32)) on any machine (a stream-K config
+    compiles the stream-K kernel, whose split mode is always 3)."""
     from .decode import w4a16_decode_kernel
+    from .decode_sk import w4a16_decode_sk_kernel
+    if cfg.sk:
+        split_mode = 3
     kh = half_chunk(group)
     ks, gps, _ = _blocks(cfg, kh, group)
     cl, xl, sl = _layouts(cfg, kh, dtype)
@@ -260,11 +295,12 @@ def compile_for_sm90(cfg: GluonDecodeConfig, dtype=torch.float16, has_zeros: boo
            "s_desc": f"tensordesc<{dt}[{gps}, {bn}],{sl!r}>",
            "o_desc": f"tensordesc<{dt}[{gps}, {bn}],{sl!r}>",
            "y_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "part_ptr": "*fp32", "cnt_ptr": "*i32",
-           "M": "i32", "N": "i32", "group": "i32", "n_stages": "i32", "stages_per_split": "i32", "alpha": "fp32"}
+           "M": "i32", "N": "i32", "group": "i32", "n_stages": "i32",
+           ("n_units" if cfg.sk else "stages_per_split"): "i32", "alpha": "fp32"}
     cx = _constexprs(cfg, kh, group, split_mode, has_zeros, has_bias, dtype)
     for k in cx:
         sig[k] = "constexpr"
-    return compile_sm90(w4a16_decode_kernel, sig, cx, cfg.warps, cfg.regs)
+    return compile_sm90(w4a16_decode_sk_kernel if cfg.sk else w4a16_decode_kernel, sig, cx, cfg.warps, cfg.regs)
 
 
 def compile_sm90(kernel, signature: dict, constexprs: dict, num_warps: int, maxnreg: int):

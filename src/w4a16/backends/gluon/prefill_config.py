@@ -178,6 +178,13 @@ def prefill_candidates(M: int, N: int, K: int, group: int, num_sms: int, has_zer
            GluonPrefillConfig(256, 64, 1, 3), GluonPrefillConfig(256, 64, 1, 3, pingpong=False),
            GluonPrefillConfig(128, 128, 1, 4), GluonPrefillConfig(128, 128, 1, 4, pingpong=False),
            GluonPrefillConfig(128, 128, 1, 3), GluonPrefillConfig(64, 128, 1, 6), GluonPrefillConfig(64, 64, 2, 4)]
+    if M <= 256 and -(-N // 128) * -(-M // 64) <= num_sms:
+        # a grid that leaves SMs idle: K splits (H200 sweep of 2026-12-01: 8B down M = 128 33.8 us with
+        # 64 x 64 rows in 2 splits against 54.5 unsplit, M = 256 53.0 against 58.5; 8B o M = 128 15.4
+        # against 18.7)
+        out += [GluonPrefillConfig(64, 64, 2, 4, splits=2), GluonPrefillConfig(64, 64, 2, 4, splits=4),
+                GluonPrefillConfig(128, 64, 1, 4, splits=2), GluonPrefillConfig(128, 64, 1, 4, pingpong=False, splits=2),
+                GluonPrefillConfig(128, 64, 1, 4, pingpong=False, splits=3)]
     seen, res = set(), []
     for c in out:
         if c not in seen and fits(c, kh, has_zeros, group):
