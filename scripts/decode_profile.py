@@ -25,16 +25,6 @@ from w4a16.backends.gluon.layout import prepare_decode  # noqa: E402
 from w4a16.measure import random_weight  # noqa: E402
 
 
-def parse_config(short: str) -> GluonDecodeConfig:
-    """g{mt}x{rows}c{nch}s{stages}[k{splits}][ws][sk] -> the config."""
-    import re
-    m = re.fullmatch(r"g(\d+)x(\d+)c(\d+)s(\d+)(?:k(\d+))?(ws)?(sk)?", short)
-    if not m:
-        raise SystemExit(f"--configs: cannot read {short!r}")
-    mt, rows, nch, st, k, ws, sk = m.groups()
-    return GluonDecodeConfig(int(mt), int(rows) // 16, int(nch), int(st), int(k or 0), bool(ws), sk=bool(sk))
-
-
 def driver_occupancy(function: int, threads: int, smem: int) -> int:
     """cuOccupancyMaxActiveBlocksPerMultiprocessor for a loaded kernel."""
     cuda = ctypes.CDLL("libcuda.so.1")
@@ -55,7 +45,7 @@ def main():
     pw = prepare_decode(w.qweight, w.scales, None, 128)
     x = torch.randn(a.M, K, dtype=torch.float16, device="cuda")
     for short in a.configs.split(","):
-        cfg = parse_config(short)
+        cfg = GluonDecodeConfig.from_short(short)
         for _ in range(6):
             run_decode(x, pw, None, 1.0, cfg)
         torch.cuda.synchronize()

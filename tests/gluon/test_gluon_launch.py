@@ -55,7 +55,7 @@ def test_second_call_goes_straight_to_the_compiled_launcher(monkeypatch):
     assert kinds == ["generic", "direct", "direct"]
     compiled, grid = launch.last_launch()          # what kernel_info reads
     assert isinstance(compiled, FakeCompiled) and grid == (7, 2)
-    assert k.log[0][3] == {"num_warps": 4, "maxnreg": cfg.regs, "MT": 16, "W": 4}
+    assert k.log[0][3] == {"num_warps": 4, "maxnreg": cfg.regs, "launch_pdl": True, "MT": 16, "W": 4}
     grid_x, grid_y, grid_z, stream, fn, meta, lm, enter, exit_, *rest = k.log[1][1]
     assert (grid_x, grid_y, grid_z, stream, fn, meta) == (7, 2, 1, 1234, "fn", "meta")
     assert (lm, enter, exit_) == (None, None, None)

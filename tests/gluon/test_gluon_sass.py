@@ -65,3 +65,18 @@ def test_stream_k_configs(cfg, dtype):
 @pytest.mark.parametrize("group,has_zeros", [(32, True), (64, False), (4096, True)])
 def test_stream_k_groups_and_zeros(group, has_zeros):
     _check(GluonDecodeConfig(16, 4, 4 if group == 32 else 2, 4, sk=True), torch.float16, has_zeros, group, split_mode=3)
+
+
+@pytest.mark.parametrize("cfg", [GluonDecodeConfig(8, 4, 2, 4), GluonDecodeConfig(8, 4, 2, 4, ws=False),
+                                 GluonDecodeConfig(16, 4, 2, 4, sk=True)], ids=lambda c: c.short())
+def test_programmatic_dependent_launch(cfg):
+    """pdl (the default): compiled for a programmatic dependent launch, waiting for the previous
+    grid and letting dependents launch (the compiler may duplicate either on several paths);
+    without it, neither instruction."""
+    import dataclasses
+    k = compile_for_sm90(cfg, torch.float16, False, 128)
+    ptx = k.asm["ptx"]
+    assert k.metadata.launch_pdl
+    assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
+    plain = compile_for_sm90(dataclasses.replace(cfg, pdl=False), torch.float16, False, 128)
+    assert not plain.metadata.launch_pdl and "griddepcontrol" not in plain.asm["ptx"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Dict, List
 
@@ -30,6 +31,8 @@ class GluonDecodeConfig:
     sa:      symmetric weights (at mt <= 32, see scale_after): multiply the exact integers q - 8 and apply each group's
              scale to its fp32 sums after the MMA (9 instead of 13 dequant instructions per 8
              weights in fp16); False: fold the scale into the dequant (q * s - 8 s).
+    pdl:     launched as a programmatic dependent launch: the weight's first stages are loaded
+             while the previous kernel on the stream finishes (x and every store wait for it).
     """
 
     mt: int = 16
@@ -41,6 +44,7 @@ class GluonDecodeConfig:
     maxnreg: int = 0
     sk: bool = False
     sa: bool = True
+    pdl: bool = True
 
     def __post_init__(self):
         expect(self.mt in TOKEN_TILES, "mt", f"one of {TOKEN_TILES}", self.mt)
@@ -85,9 +89,20 @@ class GluonDecodeConfig:
         by_regs = (65536 // per_warp) // warps
         return max(1, min(by_smem, by_regs, 64 // warps, 32))
 
+    @classmethod
+    def from_short(cls, text: str) -> "GluonDecodeConfig":
+        """The config whose ``short()`` is ``text`` (as sweep logs print them), e.g. "g8x64c2s4wssk"
+        (``short()`` leaves out maxnreg: it comes back 0, the default)."""
+        m = re.fullmatch(r"g(\d+)x(\d+)c(\d+)s(\d+)(?:k(\d+))?(ws)?(sk)?(fo)?(np)?", text)
+        expect(m is not None, "config name", "g{mt}x{rows}c{chunks}s{stages}[k{splits}][ws][sk][fo][np]", repr(text))
+        mt, rows, nch, st, k, ws, sk, fo, np_ = m.groups()
+        expect(int(rows) % 16 == 0, "config name rows", "a multiple of 16", rows)
+        return cls(int(mt), int(rows) // 16, int(nch), int(st), int(k or 0), bool(ws), sk=bool(sk), sa=not fo,
+                   pdl=not np_)
+
     def short(self) -> str:
         s = f"g{self.mt}x{16 * self.warps}c{self.nch}s{self.stages}"
-        return s + (f"k{self.splits}" if self.splits else "") + ("ws" if self.ws else "") + ("sk" if self.sk else "") + ("" if self.sa else "fo")
+        return s + (f"k{self.splits}" if self.splits else "") + ("ws" if self.ws else "") + ("sk" if self.sk else "") + ("" if self.sa else "fo") + ("" if self.pdl else "np")
 
     def smem_bytes(self, kh: int, elem: int = 2, has_zeros: bool = False) -> int:
         """Shared memory of the ring (codes + x + scales [+ offsets]) for half-chunk kh."""
@@ -117,22 +132,21 @@ def token_tile(M: int) -> int:
 def heuristic(M: int, N: int, K: int, group: int, num_sms: int) -> GluonDecodeConfig:
     """The configuration for a call of M tokens on an N x K weight.
 
-    From the H200 sweep of 2026-12-01 (docs/gluon_decode_notes.md, version 5: symmetric weights
-    scaled after the MMA, and the stream-K schedule; fp16, g = 128, CUDA-graph replay over
-    rotating weights; us):
-    - M <= 8: wide layers (N >= 32768) stream-K, 2 chunks x 4 stages (70B gate_up 62.4 vs 75.0 for
-      the per-tile grid and 68.1 for the single partition); long-K layers (K >= 14336) 4 chunks x 3
-      stages with a producer warp (70B down 34.2, 8B down 12.3); the rest the single-partition
-      pipeline, 2 x 4 (70B qkv 16.4 vs 18.1 stream-K, 70B o 13.5, 8B qkv 7.6, 8B o 6.8, 8B gate_up
-      21.1 vs 22.7 stream-K).
-    - M <= 16: N >= 16384 stream-K 2 x 4 (70B gate_up 68.7 vs 78.7, 8B gate_up 23.1 vs 24.4);
-      N, K >= 8192: 2 x 4 with a producer warp (70B down 36.0 vs 39.6 stream-K, 70B qkv 17.8,
-      70B o 14.8); N*K < 32M: single partition 2 x 4 (8B qkv 9.5, 8B o 8.9); else 2 x 6 with a
-      producer warp (8B down 14.3).
-    - M > 16, with a producer warp: N*K <= 67.2M: one warpgroup, 2 x 3 (8B qkv 13.3, 8B o 11.2,
-      70B o 22.9, 8B down 23.3); bigger layers two warpgroups (128 rows), 2 x 3, stream-K where
-      N >= 10240 and K >= 8192 (70B gate_up 132.0 vs 142.8, 70B qkv 30.6 vs 34.9; 70B down 64.5
-      without, 71.8 with; 8B gate_up 38.4 without, 39.7 with).
+    From the H200 sweeps of 2026-12-01 (docs/gluon_decode_notes.md, versions 5 and 6: symmetric
+    weights scaled after the MMA, stream-K, programmatic dependent launch; fp16, g = 128,
+    CUDA-graph replay over rotating weights; us):
+    - M <= 8: wide layers (N >= 32768) stream-K, 2 chunks x 4 stages (70B gate_up 61.5 vs 68.9 for
+      the single partition); N >= 16384 the single-partition pipeline (8B gate_up 21.3-22.3 vs
+      22.5 stream-K); the rest 2 x 4 with a producer warp, which the dependent launch made the
+      fastest (8B o 5.6 vs 6.0 single-partition, 8B qkv 7.3 vs 7.8, 8B down 10.3 vs 12.0, 70B qkv
+      15.0 vs 16.3, 70B o 11.6 vs 12.9, 70B down 33.3).
+    - M <= 16: N >= 16384 stream-K 2 x 4 (70B gate_up 66.1, 8B gate_up 22.0); N*K < 32M 2 x 6
+      with a producer warp (8B o 7.2, 8B qkv 8.5); else 2 x 4 with a producer warp (8B down 13.1,
+      70B o 13.4, 70B qkv 17.6, 70B down 35.9 vs 35.4 for 2 x 6).
+    - M > 16, with a producer warp: N*K <= 67.2M, or K < 8192: one warpgroup (8B qkv 12.1, 8B o
+      9.9, 70B o 21.9, 8B down 22.1: 2 x 3; 8B gate_up 36.7: 1 x 4); bigger layers two warpgroups
+      (128 rows), 2 x 3, stream-K where N >= 10240 (70B gate_up 123.3, 70B qkv 29.0-29.4; 70B
+      down 62.9 without).
     One warpgroup of 64 rows beat two (128 rows) everywhere at M <= 16. K splits of the per-tile
     grid come from the launcher's wave model (``auto_splits``).
     """
@@ -142,20 +156,20 @@ def heuristic(M: int, N: int, K: int, group: int, num_sms: int) -> GluonDecodeCo
     if mt <= 8:
         if N >= 32768:
             return GluonDecodeConfig(mt=mt, warps=4, nch=c2, stages=4, sk=True)
-        if K >= 14336:
-            return GluonDecodeConfig(mt=mt, warps=4, nch=4, stages=3)
-        return GluonDecodeConfig(mt=mt, warps=4, nch=c2, stages=4, ws=False)
+        if N >= 16384:
+            return GluonDecodeConfig(mt=mt, warps=4, nch=c2, stages=4, ws=False)
+        return GluonDecodeConfig(mt=mt, warps=4, nch=c2, stages=4)
     if mt <= 16:
         if N >= 16384:
             return GluonDecodeConfig(mt=mt, warps=4, nch=c2, stages=4, sk=True)
-        if N >= 8192 and K >= 8192:
-            return GluonDecodeConfig(mt=mt, warps=4, nch=c2, stages=4)
         if size < 32_000_000:
-            return GluonDecodeConfig(mt=mt, warps=4, nch=c2, stages=4, ws=False)
-        return GluonDecodeConfig(mt=mt, warps=4, nch=c2, stages=6)
+            return GluonDecodeConfig(mt=mt, warps=4, nch=c2, stages=6)
+        return GluonDecodeConfig(mt=mt, warps=4, nch=c2, stages=4)
+    if K < 8192 and size > 67_200_000:
+        return GluonDecodeConfig(mt=mt, warps=4, nch=1 if group >= 64 else c2, stages=4)
     if size <= 67_200_000:
         return GluonDecodeConfig(mt=mt, warps=4, nch=c2, stages=3)
-    return GluonDecodeConfig(mt=mt, warps=8, nch=c2, stages=3, sk=N >= 10240 and K >= 8192)
+    return GluonDecodeConfig(mt=mt, warps=8, nch=c2, stages=3, sk=N >= 10240)
 
 
 def candidates(M: int, N: int, K: int, group: int, num_sms: int) -> List[GluonDecodeConfig]:
@@ -171,8 +185,9 @@ def candidates(M: int, N: int, K: int, group: int, num_sms: int) -> List[GluonDe
                GluonDecodeConfig(mt, 4, 1, 6), GluonDecodeConfig(mt, 4, 1, 4, ws=False)]
     if h.scale_after(False, group):
         out.append(dataclasses.replace(h, sa=False))   # the scales folded into the dequant, for comparison
+    out.append(dataclasses.replace(h, pdl=False))      # a plain launch, for comparison
     # each producer-warp config also as stream-K (the persistent schedule), and a deeper stream-K ring
-    out += [dataclasses.replace(c, sk=True) for c in out if c.ws and c.sa]
+    out += [dataclasses.replace(c, sk=True) for c in out if c.ws and c.sa and c.pdl]
     out.append(GluonDecodeConfig(mt, 4, c4, 5, sk=True))
     if N * K < 64_000_000:   # small layers: fewer, longer ranges (less fill and fewer shared tiles per program)
         out += [GluonDecodeConfig(mt, 4, c4, 4, splits=num_sms, sk=True),

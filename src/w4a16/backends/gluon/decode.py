@@ -73,26 +73,46 @@ def rowmajor_layout(R, C):
 
 
 @gluon.jit
+def gdc_wait():
+    """griddepcontrol.wait: block until the grids this one depends on (a programmatic dependent
+    launch) have completed and their memory is visible; returns at once otherwise."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def gdc_launch_dependents():
+    """griddepcontrol.launch_dependents: a grid launched as this one's programmatic dependent may
+    start once every program of this grid has executed this (or exited)."""
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                              pack=1)
+
+
+@gluon.jit
 def _issue(it, st0, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, row0, group,
            STAGES: gl.constexpr, NCH: gl.constexpr, KH: gl.constexpr, GPS: gl.constexpr, W: gl.constexpr,
-           HAS_ZEROS: gl.constexpr):
-    """TMA loads of the program's stage ``it`` (global stage st0 + it) into slot it % STAGES."""
+           HAS_ZEROS: gl.constexpr, PART: gl.constexpr = 0):
+    """TMA loads of the program's stage ``it`` (global stage st0 + it) into slot it % STAGES.
+    PART 0: all of them; 1: the weight's (codes, scales, offsets; the barrier expects the whole
+    stage); 2: x's (after a PART 1 of the same stage)."""
     KS: gl.constexpr = NCH * 2 * KH
     slot = it % STAGES
     bar = bars.index(slot)
     k0 = (st0 + it) * KS
     NB0: gl.constexpr = c_desc.block_type.nbytes + 2 * NCH * x_desc.block_type.nbytes + s_desc.block_type.nbytes
-    if HAS_ZEROS:
-        mbarrier.expect(bar, NB0 + o_desc.block_type.nbytes)
-    else:
-        mbarrier.expect(bar, NB0)
-    tma.async_copy_global_to_shared(c_desc, [row0 // 16, k0 // 32, 0], bar, c_ring.index(slot))
-    for j in gl.static_range(2 * NCH):
-        tma.async_copy_global_to_shared(x_desc, [0, k0 + j * KH], bar, x_ring.index(slot * 2 * NCH + j))
-    g0 = k0 // group
-    tma.async_copy_global_to_shared(s_desc, [g0, row0], bar, s_ring.index(slot))
-    if HAS_ZEROS:
-        tma.async_copy_global_to_shared(o_desc, [g0, row0], bar, o_ring.index(slot))
+    if PART != 2:
+        if HAS_ZEROS:
+            mbarrier.expect(bar, NB0 + o_desc.block_type.nbytes)
+        else:
+            mbarrier.expect(bar, NB0)
+        tma.async_copy_global_to_shared(c_desc, [row0 // 16, k0 // 32, 0], bar, c_ring.index(slot))
+    if PART != 1:
+        for j in gl.static_range(2 * NCH):
+            tma.async_copy_global_to_shared(x_desc, [0, k0 + j * KH], bar, x_ring.index(slot * 2 * NCH + j))
+    if PART != 2:
+        g0 = k0 // group
+        tma.async_copy_global_to_shared(s_desc, [g0, row0], bar, s_ring.index(slot))
+        if HAS_ZEROS:
+            tma.async_copy_global_to_shared(o_desc, [g0, row0], bar, o_ring.index(slot))
 
 
 @gluon.jit
@@ -301,8 +321,11 @@ def _consume_stage_fold(acc, it, c_ring, x_ring, s_ring, o_ring, bars,
 def _ws_consumer(n_it, c_ring, x_ring, s_ring, o_ring, bars, empty,
                  acc_l: gl.constexpr, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr, MT: gl.constexpr,
                  STAGES: gl.constexpr, GDIV: gl.constexpr, HAS_ZEROS: gl.constexpr, DTYPE: gl.constexpr,
-                 SA: gl.constexpr):
-    """Default partition: dequant + wgmma of every stage, then hand the slot back to the producer."""
+                 SA: gl.constexpr, PDL: gl.constexpr):
+    """Default partition: dequant + wgmma of every stage, then hand the slot back to the producer.
+    PDL: its stores wait for the grids this one depends on."""
+    if PDL:
+        gdc_wait()
     acc = gl.zeros([16 * W, MT], gl.float32, acc_l)
     for it in range(n_it):
         acc = _consume_stage(acc, it, c_ring, x_ring, s_ring, o_ring, bars, acc_l, W, KH, NCH, STAGES, GDIV,
@@ -314,13 +337,28 @@ def _ws_consumer(n_it, c_ring, x_ring, s_ring, o_ring, bars, empty,
 @gluon.jit
 def _ws_producer(n_it, st0, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, empty, row0,
                  group, STAGES: gl.constexpr, NCH: gl.constexpr, KH: gl.constexpr, GPS: gl.constexpr,
-                 W: gl.constexpr, HAS_ZEROS: gl.constexpr):
-    """Worker partition (one warp): TMA loads of every stage once its slot is free."""
-    for it in range(n_it):
+                 W: gl.constexpr, HAS_ZEROS: gl.constexpr, PDL: gl.constexpr):
+    """Worker partition (one warp): TMA loads of every stage once its slot is free. PDL: the
+    weight's part of the first STAGES stages is loaded before waiting for the grids this one
+    depends on (it was written before them), x's after; once every load is issued, dependents
+    may launch."""
+    n_pre = 0
+    if PDL:
+        n_pre = gl.minimum(n_it, STAGES)
+        for it in range(n_pre):
+            _issue(it, st0, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, row0, group,
+                   STAGES, NCH, KH, GPS, W, HAS_ZEROS, 1)
+        gdc_wait()
+        for it in range(n_pre):
+            _issue(it, st0, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, row0, group,
+                   STAGES, NCH, KH, GPS, W, HAS_ZEROS, 2)
+    for it in range(n_pre, n_it):
         slot = it % STAGES
         mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1, pred=it >= STAGES)
         _issue(it, st0, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, row0, group,
                STAGES, NCH, KH, GPS, W, HAS_ZEROS)
+    if PDL:
+        gdc_launch_dependents()
 
 
 @gluon.jit
@@ -355,12 +393,14 @@ def w4a16_decode_kernel(
     MT: gl.constexpr, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr, STAGES: gl.constexpr,
     GPS: gl.constexpr, GDIV: gl.constexpr, SPLIT: gl.constexpr, HAS_ZEROS: gl.constexpr,
     HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, WS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-    SA: gl.constexpr,
+    SA: gl.constexpr, PDL: gl.constexpr,
 ):
     """See the module docstring. GPS: groups per stage (box rows of the scales); GDIV: g when a
     stage spans several groups, else 1 << 30 (one group per stage: every local index is 0).
     WS: a one-warp TMA producer partition (warp_specialize) instead of the single-partition
-    software pipeline. SA: symmetric weights with the scale applied after the MMA."""
+    software pipeline. SA: symmetric weights with the scale applied after the MMA. PDL: launched
+    as a programmatic dependent (the weight's first stages load before the wait for the previous
+    grid, x and every store after it)."""
     BN: gl.constexpr = 16 * W
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, MT, 16])
 
@@ -376,16 +416,27 @@ def w4a16_decode_kernel(
     if WS:
         res = gl.warp_specialize([
             (_ws_consumer, (n_it, c_ring, x_ring, s_ring, o_ring, bars, empty, acc_l, W, KH, NCH, MT, STAGES, GDIV,
-                            HAS_ZEROS, DTYPE, SA)),
+                            HAS_ZEROS, DTYPE, SA, PDL)),
             (_ws_producer, (n_it, st0, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, empty,
-                            row0, group, STAGES, NCH, KH, GPS, W, HAS_ZEROS)),
+                            row0, group, STAGES, NCH, KH, GPS, W, HAS_ZEROS, PDL)),
         ], [1], [PRODUCER_REGS])
         acc = res[0]
     else:
-        for i in gl.static_range(STAGES - 1):
-            if i < n_it:
-                _issue(i, st0, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, row0, group,
-                       STAGES, NCH, KH, GPS, W, HAS_ZEROS)
+        if PDL:   # the weight's part first, then wait for the previous grid, then x's
+            for i in gl.static_range(STAGES - 1):
+                if i < n_it:
+                    _issue(i, st0, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, row0, group,
+                           STAGES, NCH, KH, GPS, W, HAS_ZEROS, 1)
+            gdc_wait()
+            for i in gl.static_range(STAGES - 1):
+                if i < n_it:
+                    _issue(i, st0, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, row0, group,
+                           STAGES, NCH, KH, GPS, W, HAS_ZEROS, 2)
+        else:
+            for i in gl.static_range(STAGES - 1):
+                if i < n_it:
+                    _issue(i, st0, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, row0, group,
+                           STAGES, NCH, KH, GPS, W, HAS_ZEROS)
         acc = gl.zeros([BN, MT], gl.float32, acc_l)
         for it in range(n_it):
             # Every warp is done with slot (it - 1) % STAGES (its wgmmas were waited for at the end
@@ -397,6 +448,8 @@ def w4a16_decode_kernel(
                        STAGES, NCH, KH, GPS, W, HAS_ZEROS)
             acc = _consume_stage(acc, it, c_ring, x_ring, s_ring, o_ring, bars, acc_l, W, KH, NCH, STAGES, GDIV,
                                  HAS_ZEROS, DTYPE, SA)
+        if PDL:
+            gdc_launch_dependents()
 
     _epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, pid_k, nsplit, acc_l, BN, MT, SPLIT,
               HAS_BIAS, DTYPE)

@@ -21,25 +21,41 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from .decode import _consume_stage, _epilogue, _issue, allocate_rings
+from .decode import _consume_stage, _epilogue, _issue, allocate_rings, gdc_launch_dependents, gdc_wait
 
 
 @gluon.jit
 def _sk_producer(u0, u1, n_stages, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, empty,
                  group, STAGES: gl.constexpr, NCH: gl.constexpr, KH: gl.constexpr, GPS: gl.constexpr,
-                 W: gl.constexpr, HAS_ZEROS: gl.constexpr):
+                 W: gl.constexpr, HAS_ZEROS: gl.constexpr, PDL: gl.constexpr):
     """Worker partition (one warp): TMA loads of units u0..u1-1, tile after tile, each once its
-    slot is free."""
+    slot is free. PDL: as the plain kernel's producer (the weight's part of the first STAGES
+    units before waiting for the previous grid)."""
+    n_pre = 0
+    if PDL:
+        n_pre = gl.minimum(u1 - u0, STAGES)
+        for it in range(n_pre):
+            t = (u0 + it) // n_stages
+            _issue(it, u0 - t * n_stages, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring,
+                   bars, t * 16 * W, group, STAGES, NCH, KH, GPS, W, HAS_ZEROS, 1)
+        gdc_wait()
+        for it in range(n_pre):
+            t = (u0 + it) // n_stages
+            _issue(it, u0 - t * n_stages, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring,
+                   bars, t * 16 * W, group, STAGES, NCH, KH, GPS, W, HAS_ZEROS, 2)
     it = 0
     for t in range(u0 // n_stages, (u1 - 1) // n_stages + 1):
         ts = t * n_stages
         for kk in range(gl.maximum(u0 - ts, 0), gl.minimum(u1 - ts, n_stages)):
-            slot = it % STAGES
-            mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1, pred=it >= STAGES)
-            # _issue loads K stage st0 + it into slot it % STAGES
-            _issue(it, kk - it, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, t * 16 * W,
-                   group, STAGES, NCH, KH, GPS, W, HAS_ZEROS)
+            if it >= n_pre:
+                slot = it % STAGES
+                mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1, pred=it >= STAGES)
+                # _issue loads K stage st0 + it into slot it % STAGES
+                _issue(it, kk - it, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, t * 16 * W,
+                       group, STAGES, NCH, KH, GPS, W, HAS_ZEROS)
             it += 1
+    if PDL:
+        gdc_launch_dependents()
 
 
 @gluon.jit
@@ -79,8 +95,11 @@ def _sk_tile_done(acc, t, kb, ke, u0, n_stages, n_units, y_ptr, bias_ptr, part_p
 def _sk_consumer(u0, u1, n_stages, n_units, c_ring, x_ring, s_ring, o_ring, bars, empty, y_ptr, bias_ptr, part_ptr,
                  cnt_ptr, M, N, alpha, acc_l: gl.constexpr, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr,
                  MT: gl.constexpr, STAGES: gl.constexpr, GDIV: gl.constexpr, HAS_ZEROS: gl.constexpr,
-                 HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, SA: gl.constexpr):
-    """Default partition: dequant + wgmma of units u0..u1-1; each tile's epilogue as it ends."""
+                 HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, SA: gl.constexpr, PDL: gl.constexpr):
+    """Default partition: dequant + wgmma of units u0..u1-1; each tile's epilogue as it ends
+    (PDL: after the grids this one depends on)."""
+    if PDL:
+        gdc_wait()
     it = 0
     for t in range(u0 // n_stages, (u1 - 1) // n_stages + 1):
         ts = t * n_stages
@@ -103,7 +122,7 @@ def w4a16_decode_sk_kernel(
     MT: gl.constexpr, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr, STAGES: gl.constexpr,
     GPS: gl.constexpr, GDIV: gl.constexpr, SPLIT: gl.constexpr, HAS_ZEROS: gl.constexpr,
     HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, WS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-    SA: gl.constexpr,
+    SA: gl.constexpr, PDL: gl.constexpr,
 ):
     """The decode kernel's arguments (``decode.w4a16_decode_kernel``), with n_units = n_tiles *
     n_stages in place of stages_per_split; part_ptr: fp32 [2 * P, M, BN]; cnt_ptr: int32
@@ -121,7 +140,7 @@ def w4a16_decode_sk_kernel(
     gl.warp_specialize([
         (_sk_consumer, (u0, u1, n_stages, n_units, c_ring, x_ring, s_ring, o_ring, bars, empty, y_ptr, bias_ptr,
                         part_ptr, cnt_ptr, M, N, alpha, acc_l, W, KH, NCH, MT, STAGES, GDIV, HAS_ZEROS, HAS_BIAS,
-                        DTYPE, SA)),
+                        DTYPE, SA, PDL)),
         (_sk_producer, (u0, u1, n_stages, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, empty,
-                        group, STAGES, NCH, KH, GPS, W, HAS_ZEROS)),
+                        group, STAGES, NCH, KH, GPS, W, HAS_ZEROS, PDL)),
     ], [1], [PRODUCER_REGS])

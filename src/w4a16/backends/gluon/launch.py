@@ -89,7 +89,7 @@ def _constexprs(cfg, kh, group, split_mode, has_zeros, has_bias, dtype):
     ks, gps, gdiv = _blocks(cfg, kh, group)
     return dict(MT=cfg.mt, W=cfg.warps, KH=kh, NCH=cfg.nch, STAGES=cfg.stages, GPS=gps, GDIV=gdiv,
                 SPLIT=split_mode, HAS_ZEROS=bool(has_zeros), HAS_BIAS=bool(has_bias), DTYPE=_gl_dtype(dtype),
-                WS=bool(cfg.ws), PRODUCER_REGS=PRODUCER_REGS, SA=cfg.scale_after(has_zeros, group))
+                WS=bool(cfg.ws), PRODUCER_REGS=PRODUCER_REGS, SA=cfg.scale_after(has_zeros, group), PDL=bool(cfg.pdl))
 
 
 @dataclass
@@ -267,7 +267,8 @@ def _launch(kernel, grid, args, cx: dict, cfg: GluonDecodeConfig, static: tuple)
         except Exception as e:  # an API difference in this Triton build: keep to the generic path
             _DIRECT[0] = False
             _DIRECT_ERROR[0] = repr(e)
-    compiled = kernel[grid](*args, num_warps=cfg.warps, maxnreg=cfg.regs, **cx)
+    opts = {"launch_pdl": True} if getattr(cfg, "pdl", False) else {}   # a programmatic dependent launch
+    compiled = kernel[grid](*args, num_warps=cfg.warps, maxnreg=cfg.regs, **opts, **cx)
     if hasattr(compiled, "result"):
         compiled = compiled.result()
     if len(_KERNELS) >= 256:
@@ -300,10 +301,11 @@ def compile_for_sm90(cfg: GluonDecodeConfig, dtype=torch.float16, has_zeros: boo
     cx = _constexprs(cfg, kh, group, split_mode, has_zeros, has_bias, dtype)
     for k in cx:
         sig[k] = "constexpr"
-    return compile_sm90(w4a16_decode_sk_kernel if cfg.sk else w4a16_decode_kernel, sig, cx, cfg.warps, cfg.regs)
+    return compile_sm90(w4a16_decode_sk_kernel if cfg.sk else w4a16_decode_kernel, sig, cx, cfg.warps, cfg.regs,
+                        launch_pdl=cfg.pdl)
 
 
-def compile_sm90(kernel, signature: dict, constexprs: dict, num_warps: int, maxnreg: int):
+def compile_sm90(kernel, signature: dict, constexprs: dict, num_warps: int, maxnreg: int, launch_pdl: bool = False):
     """``triton.compile`` of a Gluon kernel for sm_90a (GPUTarget("cuda", 90, 32)), no GPU needed;
     TRITON_INTERPRET is set aside meanwhile (the interpreter must not take over compiling)."""
     import triton
@@ -313,7 +315,7 @@ def compile_sm90(kernel, signature: dict, constexprs: dict, num_warps: int, maxn
     saved = os.environ.pop("TRITON_INTERPRET", None)
     try:
         return triton.compile(GluonASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "maxnreg": maxnreg})
+                              options={"num_warps": num_warps, "maxnreg": maxnreg, "launch_pdl": launch_pdl})
     finally:
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved
