@@ -23,7 +23,9 @@ class GluonDecodeConfig:
     ws:      True: a one-warp TMA producer partition (warp_specialize); False: one partition that
              issues the loads of stage i + stages - 1 before consuming stage i.
     maxnreg: registers per thread at launch (0: 80 for 4 warps and mt <= 16, else 104, and
-             128 without ws or for stream-K with mt >= 32, 160 for stream-K with 8 warps; fewer spill or serialize the HGMMAs): with the shared memory, what decides how many programs share an SM.
+             128 without ws or for stream-K with mt >= 32, 160 for stream-K with 8 warps; fewer spill
+             or serialize the HGMMAs): with the shared memory, what decides how many programs share
+             an SM.
     sk:      stream-K: a persistent grid of as many programs as fit on the GPU at once, each taking an
              equal share of all (N tile, K stage) units, so no wave is partly empty; tiles shared by
              several programs are summed in program order (deterministic). Needs ws; splits, if
@@ -102,7 +104,8 @@ class GluonDecodeConfig:
 
     def short(self) -> str:
         s = f"g{self.mt}x{16 * self.warps}c{self.nch}s{self.stages}"
-        return s + (f"k{self.splits}" if self.splits else "") + ("ws" if self.ws else "") + ("sk" if self.sk else "") + ("" if self.sa else "fo") + ("" if self.pdl else "np")
+        s += (f"k{self.splits}" if self.splits else "") + ("ws" if self.ws else "") + ("sk" if self.sk else "")
+        return s + ("" if self.sa else "fo") + ("" if self.pdl else "np")
 
     def smem_bytes(self, kh: int, elem: int = 2, has_zeros: bool = False) -> int:
         """Shared memory of the ring (codes + x + scales [+ offsets]) for half-chunk kh."""

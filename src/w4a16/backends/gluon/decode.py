@@ -12,11 +12,19 @@ With WS a one-warp producer partition (``warp_specialize``) issues the loads of 
 the consumers have released its slot (an "empty" mbarrier per slot); without WS one partition
 issues the loads of stage i + STAGES - 1 into the slot stage i - 1 used (all warps have passed a
 thread barrier, and the wgmmas that read it have been waited for) before consuming stage i.
-The consumers wait for stage i, and for each chunk: one shared-memory load of the thread's own fragment bytes
-(16 B per LDS.128, no shuffles), the dequant in inline PTX (lop3 into the magic number, subtract
-the magic, then q * s + o: 13 instructions per 8 weights in fp16, 15 in bf16) straight into the
-wgmma A register layout, and two async wgmmas (low and high half chunk). A chunk's A registers
-stay alive (``warpgroup_mma_wait`` deps) until its wgmmas are waited for, one chunk later.
+The consumers wait for stage i, and for each chunk: one shared-memory load of the thread's own
+fragment bytes (16 B per LDS.128, no shuffles), the dequant in inline PTX (``dequant_ptx.py``:
+lop3 into the magic number, subtract the magic, then q * s + o: 13 instructions per 8 weights in
+fp16, 15 in bf16) straight into the wgmma A register layout, and two async wgmmas (low and high
+half chunk). With SA (symmetric weights) the A operand is the exact integer q - 8 (9 / 11
+instructions), the chunk's wgmmas start a fresh fp32 sum per group, and acc += s * sum once they
+are done. A chunk's A registers stay alive (``warpgroup_mma_wait`` deps) until its wgmmas are
+waited for, one chunk later.
+
+PDL (a programmatic dependent launch): the weight's part of the first stages is loaded before
+``griddepcontrol.wait`` (the previous grid on the stream may still be running: the weight was
+written long before it), x's part and every store after it; ``launch_dependents`` once every
+load is issued.
 
 Epilogue: alpha, bias (fp32), cast, masked store of y [M, N]. With several K splits (SPLIT = 1)
 each program writes its fp32 partial tile to ``part[split]`` and the last program of a tile to

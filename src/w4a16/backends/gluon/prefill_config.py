@@ -183,7 +183,8 @@ def prefill_candidates(M: int, N: int, K: int, group: int, num_sms: int, has_zer
         # 64 x 64 rows in 2 splits against 54.5 unsplit, M = 256 53.0 against 58.5; 8B o M = 128 15.4
         # against 18.7)
         out += [GluonPrefillConfig(64, 64, 2, 4, splits=2), GluonPrefillConfig(64, 64, 2, 4, splits=4),
-                GluonPrefillConfig(128, 64, 1, 4, splits=2), GluonPrefillConfig(128, 64, 1, 4, pingpong=False, splits=2),
+                GluonPrefillConfig(128, 64, 1, 4, splits=2),
+                GluonPrefillConfig(128, 64, 1, 4, pingpong=False, splits=2),
                 GluonPrefillConfig(128, 64, 1, 4, pingpong=False, splits=3)]
     seen, res = set(), []
     for c in out:
