@@ -76,6 +76,7 @@ def tests():
     files = ["tests/test_backend_contract.py", "tests/test_weight_storage.py", "tests/test_autograd.py",
              "tests/test_backend_registry.py", "tests/gpu/test_torch_integration_gpu.py",
              "tests/gpu/test_gluon_decode_gpu.py", "tests/gpu/test_gluon_decode_sk_gpu.py",
+             "tests/gpu/test_gluon_dependent_launch_gpu.py",
              "tests/gpu/test_gluon_prefill_gpu.py", "tests/test_nn.py",
              "tests/gpu/test_nonfinite_gpu.py", "tests/gpu/test_concurrency_gpu.py", "tests/test_compile_model.py"]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files,
