@@ -80,3 +80,13 @@ def test_programmatic_dependent_launch(cfg):
     assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
     plain = compile_for_sm90(dataclasses.replace(cfg, pdl=False), torch.float16, False, 128)
     assert not plain.metadata.launch_pdl and "griddepcontrol" not in plain.asm["ptx"]
+
+
+@pytest.mark.parametrize("M", [1, 16])
+def test_small_layer_candidates(M):
+    """The extra candidates of a small layer (one chunk per stage, fixed program counts for
+    stream-K) compile as cleanly as the rest."""
+    cfgs = {c for c in candidates(M, 4096, 4096, 128, 132) if c.nch == 1 or (c.sk and c.splits)}
+    assert cfgs
+    for cfg in cfgs:
+        _check(cfg, torch.float16, False, 128)

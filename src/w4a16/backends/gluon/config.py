@@ -192,6 +192,9 @@ def candidates(M: int, N: int, K: int, group: int, num_sms: int) -> List[GluonDe
     # each producer-warp config also as stream-K (the persistent schedule), and a deeper stream-K ring
     out += [dataclasses.replace(c, sk=True) for c in out if c.ws and c.sa and c.pdl]
     out.append(GluonDecodeConfig(mt, 4, c4, 5, sk=True))
+    if mt <= 16 and N * K < 64_000_000 and group >= 64:
+        # small layers: one chunk per stage, a deeper ring (more, shorter K ranges for the same bytes in flight)
+        out.append(GluonDecodeConfig(mt, 4, 1, 8))
     if N * K < 64_000_000:   # small layers: fewer, longer ranges (less fill and fewer shared tiles per program)
         out += [GluonDecodeConfig(mt, 4, c4, 4, splits=num_sms, sk=True),
                 GluonDecodeConfig(mt, 4, c4, 4, splits=2 * num_sms, sk=True)]
