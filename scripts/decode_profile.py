@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from w4a16.bench.shapes import preset_layers  # noqa: E402
 from w4a16.backends.gluon.config import GluonDecodeConfig  # noqa: E402
 from w4a16.backends.gluon.launch import _plan, last_launch, run_decode  # noqa: E402
-from w4a16.backends.gluon.layout import prepare_decode  # noqa: E402
+from w4a16.backends.gluon.layout import prepare_weight  # noqa: E402
 from w4a16.measure import random_weight  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def main():
     a = ap.parse_args()
     N, K = preset_layers()[a.layer]
     w = random_weight(N, K, 128, None, torch.float16, "cuda", torch.Generator("cuda").manual_seed(0))
-    pw = prepare_decode(w.qweight, w.scales, None, 128)
+    pw = prepare_weight(w)
     x = torch.randn(a.M, K, dtype=torch.float16, device="cuda")
     for short in a.configs.split(","):
         cfg = GluonDecodeConfig.from_short(short)

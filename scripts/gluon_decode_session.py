@@ -29,24 +29,12 @@ from w4a16.bench.shapes import preset_layers  # noqa: E402
 from w4a16.bench.ceilings import measure_copy_bandwidth  # noqa: E402
 from w4a16.backends.gluon.config import GluonDecodeConfig, heuristic  # noqa: E402
 from w4a16.backends.gluon.launch import run_decode, supports  # noqa: E402
-from w4a16.backends.gluon.layout import GluonPrepared, prepare_decode  # noqa: E402
+from w4a16.backends.gluon.layout import GluonPrepared, prepare_weight  # noqa: E402
+from session_log import SessionLog  # noqa: E402
 from w4a16.measure import GraphTimer, graph_replay_matches_eager, random_weight  # noqa: E402
 from w4a16.weight import QuantizedWeight  # noqa: E402
 
-LOG = None
-
-
-def log(*a):
-    s = " ".join(str(x) for x in a)
-    print(s, flush=True)
-    if LOG:
-        LOG.write(s + "\n")
-        LOG.flush()
-
-
-def prep(w) -> GluonPrepared:
-    return prepare_decode(w.qweight.cuda(), w.scales.cuda(), None if w.zeros is None else w.zeros.cuda(),
-                          w.group_size_effective)
+log = SessionLog()   # printed and written to the session's log file
 
 
 def check(M, N, K, g, zeros, dtype, bias, alpha, cfg=None, deterministic=True, seed=0):
@@ -55,7 +43,7 @@ def check(M, N, K, g, zeros, dtype, bias, alpha, cfg=None, deterministic=True, s
     x = (torch.randn(M, K, generator=gen)).to(dtype).cuda()
     b = (torch.randn(N, generator=gen) * 0.1).to(dtype).cuda() if bias else None
     ref = reference.gemm(x.cpu(), w, None if b is None else b.cpu(), alpha).float()
-    pw = prep(w)
+    pw = prepare_weight(w)
     cfg = cfg or heuristic(M, N, K, w.group_size_effective, 132)
     why = supports(M, N, K, w.group_size_effective, dtype, zeros is not None, x)
     if why:
@@ -108,7 +96,7 @@ def correctness(quick):
         gen = torch.Generator().manual_seed(5)
         w = random_weight(4096, 14336, 128, None, torch.float16, "cpu", gen)
         x = torch.randn(16, 14336, generator=gen).half().cuda()
-        pw = prep(w)
+        pw = prepare_weight(w)
         cfg = GluonDecodeConfig(mt=16, warps=4, nch=2, stages=4, splits=7)
         y1 = run_decode(x, pw, None, 1.0, cfg, det)
         y2 = run_decode(x, pw, None, 1.0, cfg, det)
@@ -120,7 +108,7 @@ def correctness(quick):
     # CUDA graph
     gen = torch.Generator().manual_seed(6)
     w = random_weight(200, 1376, 32, "float", torch.float16, "cpu", gen)
-    pw = prep(w)
+    pw = prepare_weight(w)
     x = torch.randn(7, 1376, generator=gen).half().cuda()
     cfg = GluonDecodeConfig(mt=8, warps=4, nch=2, stages=3, splits=2)
     graph_ok = graph_replay_matches_eager(lambda out: run_decode(x, pw, None, 0.5, cfg, out=out))
@@ -153,7 +141,7 @@ def timing(bw, ms, dtypes_for, cfg_override=None):
         for dtype in dtypes_for(name):
             gen = torch.Generator().manual_seed(1)
             w = random_weight(N, K, 128, None, dtype, "cpu", gen)
-            pw = prep(w)
+            pw = prepare_weight(w)
             wbytes = pw.codes.numel() + pw.scales_t.numel() * 2
             copies = max(2, -(-120_000_000 // wbytes))
             pws = [pw] + [GluonPrepared(pw.codes.clone(), pw.scales_t.clone(), None, pw.N, pw.K, pw.K_pad,
@@ -203,7 +191,7 @@ def sweep(bw, shapes, ms):
         N, K = SHAPES[name]
         gen = torch.Generator().manual_seed(1)
         w = random_weight(N, K, 128, None, torch.float16, "cpu", gen)
-        pw = prep(w)
+        pw = prepare_weight(w)
         wbytes = pw.codes.numel() + pw.scales_t.numel() * 2
         copies = max(2, -(-120_000_000 // wbytes))
         pws = [pw] + [GluonPrepared(pw.codes.clone(), pw.scales_t.clone(), None, pw.N, pw.K, pw.K_pad,
@@ -226,7 +214,6 @@ def sweep(bw, shapes, ms):
 
 
 def main():
-    global LOG
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -235,7 +222,7 @@ def main():
     ap.add_argument("--sanitize", action="store_true", help="only a few small ragged cases (for compute-sanitizer)")
     ap.add_argument("--no-table", action="store_true")
     a = ap.parse_args()
-    LOG = open(Path(a.out) / "gluon_decode_session.log", "w")
+    log.open(Path(a.out) / "gluon_decode_session.log")
     import triton
     log(f"env: {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} "
         f"python {sys.version.split()[0]} {time.strftime('%Y-%m-%d %H:%M:%S')}")

@@ -28,7 +28,8 @@ sys.path.insert(0, str(SRC))
 
 from w4a16 import reference  # noqa: E402
 from w4a16.bench.shapes import preset_layers  # noqa: E402
-from w4a16.backends.gluon.layout import GluonPrepared, prepare_decode  # noqa: E402
+from w4a16.backends.gluon.layout import GluonPrepared, prepare_weight  # noqa: E402
+from session_log import SessionLog  # noqa: E402
 from w4a16.backends.gluon.prefill_config import NAMED, GluonPrefillConfig, prefill_candidates, prefill_heuristic  # noqa: E402,F401
 from w4a16.backends.gluon.prefill_launch import run_prefill, supports  # noqa: E402
 from w4a16.measure import GraphTimer, copies_for, graph_replay_matches_eager, random_weight  # noqa: E402
@@ -36,20 +37,8 @@ from w4a16.weight import QuantizedWeight  # noqa: E402
 
 SHAPES = preset_layers()   # "8B qkv": (N, K), ... (w4a16.bench.shapes.PRESETS)
 L2_BYTES = 60 * 1024 * 1024
-LOG = None
 T0 = time.time()
-
-
-def log(*a):
-    s = " ".join(str(x) for x in a)
-    print(s, flush=True)
-    if LOG:
-        LOG.write(s + "\n")
-        LOG.flush()
-
-
-def prep(w) -> GluonPrepared:
-    return prepare_decode(w.qweight, w.scales, w.zeros, w.group_size_effective)
+log = SessionLog()   # printed and written to the session's log file
 
 
 def check(M, N, K, g, zeros, dtype, bias, alpha, cfg, seed=0):
@@ -64,7 +53,7 @@ def check(M, N, K, g, zeros, dtype, bias, alpha, cfg, seed=0):
         return None, why
     ref = reference.gemm(x, w, b, alpha).float()
     y = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
-    run_prefill(x, prep(w), b, alpha, cfg, out=y)
+    run_prefill(x, prepare_weight(w), b, alpha, cfg, out=y)
     torch.cuda.synchronize()
     if not torch.isfinite(y).all():
         return float("inf"), f"NaN/Inf in {int((~torch.isfinite(y)).sum())} output elements"
@@ -81,7 +70,7 @@ def determinism(cfg) -> tuple:
     gen = torch.Generator().manual_seed(5)
     w = random_weight(4096, 14336, 128, "int", torch.float16, "cpu", gen).to("cuda")
     x = torch.randn(1000, 14336, generator=gen).half().cuda()
-    pw = prep(w)
+    pw = prepare_weight(w)
     y1, y2 = run_prefill(x, pw, None, 1.0, cfg), run_prefill(x, pw, None, 1.0, cfg)
     ref = reference.gemm(x, w).float()
     return bool(torch.equal(y1, y2)), float((y1.float() - ref).norm() / ref.norm())
@@ -204,7 +193,7 @@ def correctness(cfg, quick):
     gen = torch.Generator().manual_seed(5)
     w = random_weight(4096, 14336, 128, None, torch.float16, "cpu", gen).to("cuda")
     x = torch.randn(1000, 14336, generator=gen).half().cuda()
-    pw = prep(w)
+    pw = prepare_weight(w)
     y1, y2 = run_prefill(x, pw, None, 1.0, cfg), run_prefill(x, pw, None, 1.0, cfg)
     same = torch.equal(y1, y2)
     graph_ok = graph_replay_matches_eager(lambda out: run_prefill(x, pw, None, 1.0, cfg, out=out))
@@ -225,7 +214,7 @@ class Layer:
         gen = torch.Generator().manual_seed(1)
         self.N, self.K = N, K
         self.w = random_weight(N, K, 128, None, dtype, "cpu", gen).to("cuda")
-        pw = prep(self.w)
+        pw = prepare_weight(self.w)
         wbytes = pw.codes.numel() + pw.scales_t.numel() * 2
         n = copies_for(wbytes, L2_BYTES)
         self.pws = [pw] + [GluonPrepared(pw.codes.clone(), pw.scales_t.clone(), None, pw.N, pw.K, pw.K_pad,
@@ -316,7 +305,6 @@ def sweep(shapes, ms, budget, extra=()):
 
 
 def main():
-    global LOG
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer correctness cases, M = 1024 and 4096 only")
     ap.add_argument("--sweep", action="store_true", help="time every candidate on 70B gate_up, 8B qkv, 70B down")
@@ -336,7 +324,7 @@ def main():
     if a.sanitize:
         sanitize_cases()
         return
-    LOG = open(Path(a.out) / "gluon_prefill_session.log", "w")
+    log.open(Path(a.out) / "gluon_prefill_session.log")
     import triton
     log(f"env: {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} "
         f"python {sys.version.split()[0]} {time.strftime('%Y-%m-%d %H:%M:%S')}")

@@ -2,14 +2,8 @@
 and the relative error of an output that must be finite everywhere."""
 import torch
 
-from w4a16.backends.gluon.layout import prepare_decode
+from w4a16.backends.gluon.layout import prepare_weight as prep  # noqa: F401  (the kernels' layout, on the GPU)
 from w4a16.measure import rel_error
-
-
-def prep(w):
-    """The Gluon layout (decode and prefill kernels) of QuantizedWeight ``w``, on the GPU."""
-    return prepare_decode(w.qweight.cuda(), w.scales.cuda(), None if w.zeros is None else w.zeros.cuda(),
-                          w.group_size_effective)
 
 
 def rel(y, ref) -> float:

@@ -69,7 +69,7 @@ class BoundDecode:
             if f is None:
                 self.fast = self._resolve(x2)
             return y
-        _, launcher, function, head, c_arg, tail_w, split_mode, plan, xmeta, cx = f
+        _, launcher, function, head, c_arg, tail_w, plan, xmeta, cx = f
         y = torch.empty(self.M, self.pw.N, dtype=self.dtype, device=x2.device)
         ptr = x2.data_ptr()
         xa = self.x_desc.get(ptr)
@@ -102,8 +102,7 @@ class BoundDecode:
         plan = _plan(self.pw, self.M, self.cfg, self.det)
         if tuple(grid) != tuple(plan.grid):
             return None
-        split_mode = plan.split_mode
-        if split_mode == 2:   # atomics: the partial sums are combined on the host side of run_decode
+        if plan.split_mode == 2:   # atomics: the partial sums are combined on the host side of run_decode
             return None
         try:
             from triton.backends.nvidia.driver import make_tensordesc_arg
@@ -117,6 +116,6 @@ class BoundDecode:
             tail_w = make_tensordesc_arg(plan.s_desc, meta[2]) + make_tensordesc_arg(plan.o_desc, meta[3])
         except Exception:  # a launcher shaped differently from Triton 3.6's: stay generic
             return None
-        cx = tuple(_constexprs(self.cfg, plan.kh, self.pw.group, split_mode, self.pw.has_zeros, self.has_bias,
+        cx = tuple(_constexprs(self.cfg, plan.kh, self.pw.group, plan.split_mode, self.pw.has_zeros, self.has_bias,
                                self.dtype).values())
-        return x2.get_device(), launcher, compiled.function, head, c_arg, tail_w, split_mode, plan, meta[1], cx
+        return x2.get_device(), launcher, compiled.function, head, c_arg, tail_w, plan, meta[1], cx

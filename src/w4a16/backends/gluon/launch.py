@@ -105,7 +105,7 @@ class _Plan:
     xl: object
     kh: int
     split_mode: int    # SPLIT of the kernel: 0, 1 or 2 (split_mode_of), 3 stream-K
-    part_numel: int    # fp32 partials a deterministic launch needs (0: none)
+    part_numel: int    # fp32 partials the launch needs (0: none; split mode 2: the zeroed sum)
     n_counters: int    # tile counters it needs (0: none)
 
     @property
@@ -186,16 +186,17 @@ def _plan(pw: GluonPrepared, M: int, cfg: GluonDecodeConfig, deterministic: bool
         sps, splits = k_ranges(n_stages, splits)
         mode = split_mode_of(splits, deterministic)
         plan = _Plan(c_desc, s_desc, o_desc, (n_tiles, splits), splits, sps, n_stages, dummy, xl, kh, mode,
-                     splits * M * pw.N if mode == 1 else 0, n_tiles if mode == 1 else 0)
+                     {0: 0, 1: splits * M * pw.N, 2: M * pw.N}[mode], n_tiles if mode == 1 else 0)
     plans[key] = plan
     return plan
 
 
 def workspace_of(plan: _Plan, device) -> tuple:
-    """(fp32 partials, tile counters) for one deterministic launch of ``plan`` (the plan's dummy
-    where it needs none). The counters are this (device, stream)'s buffer, kept at zero by every
-    kernel that uses it, so launches on other streams never share counters."""
-    part = torch.empty(plan.part_numel, dtype=torch.float32, device=device) if plan.part_numel else plan.dummy_f32
+    """(fp32 partials, tile counters) for one launch of ``plan`` (the plan's dummy where it needs
+    none; split mode 2 adds into a zeroed sum). The counters are this (device, stream)'s buffer,
+    kept at zero by every kernel that uses it, so launches on other streams never share counters."""
+    alloc = torch.zeros if plan.split_mode == 2 else torch.empty
+    part = alloc(plan.part_numel, dtype=torch.float32, device=device) if plan.part_numel else plan.dummy_f32
     cnt = tile_counters(device, plan.n_counters) if plan.n_counters else plan.dummy_f32
     return part, cnt
 
@@ -216,10 +217,7 @@ def run_decode(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor]
     plan = _plan(pw, M, cfg, deterministic)
     y = out if out is not None else torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     x_desc = TensorDescriptor(x2, [M, K], [K, 1], [cfg.mt, plan.kh], plan.xl)
-    if plan.split_mode == 2:
-        part, cnt = torch.zeros(M * N, dtype=torch.float32, device=x2.device), plan.dummy_f32
-    else:
-        part, cnt = workspace_of(plan, x2.device)
+    part, cnt = workspace_of(plan, x2.device)
     cx = _constexprs(cfg, plan.kh, pw.group, plan.split_mode, pw.has_zeros, bias is not None, x2.dtype)
     args = (plan.c_desc, x_desc, plan.s_desc, plan.o_desc, y, bias if bias is not None else y, part, cnt,
             M, N, pw.group, plan.n_stages, plan.sps, float(alpha))

@@ -121,6 +121,14 @@ def prepare_decode(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[
     return GluonPrepared(codes.contiguous(), s_t, o_t, N, K, K_pad, int(group), kh)
 
 
+def prepare_weight(w, device="cuda") -> GluonPrepared:
+    """The Gluon layout of QuantizedWeight ``w`` on ``device`` (its plain codes, scales and zeros
+    are copied there first if they live elsewhere): what the session scripts and GPU tests run
+    the kernels on directly."""
+    zeros = None if w.zeros is None else w.zeros.to(device)
+    return prepare_decode(w.qweight.to(device), w.scales.to(device), zeros, w.group_size_effective)
+
+
 def decode_params(scales: torch.Tensor, zeros: Optional[torch.Tensor], N: int) -> tuple:
     """(scales_t, offs_t): scales [N, G] -> [G, N8] (N padded to a multiple of 8 with zeros), and
     for zero points the offsets -z * s in the same form (computed in fp32, rounded once), or None."""
