@@ -2,11 +2,11 @@
 # One GPU call that checks rather than times: the C library's session first (it holds the only timing,
 # C entry points against w4a16.gemm, so nothing else runs beside it), then, side by side, the random
 # problems of scripts/fuzz_gpu.py on each kernel backend and the GPU tests of scripts/session_backends.py.
-# Logs: $OUT/capi/*, $OUT/fuzz_<backend>.txt, $OUT/tests/session.log. Exit status: non-zero if a part failed.
+# Logs: $OUT/capi/*, $OUT/fuzz_<backend>_<seed>.txt, $OUT/tests/session.log. Exit status: non-zero if a part failed.
 #
 #   W4A16_CAPI_DIR=build/capi bash scripts/verify_session.sh      # build/capi from `w4a16 build-lib` (optional)
 #
-# Environment: FUZZ_CASES (default 2000 per backend), T_FUZZ and T_TESTS (seconds, default 420 each),
+# Environment: FUZZ_CASES (default 2000 per backend, run in FUZZ_SHARDS processes of one seed each, default 4), T_FUZZ and T_TESTS (seconds, default 420 each),
 # SKIP_CAPI=1 to leave the C library out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,15 +23,18 @@ if [ "${SKIP_CAPI:-0}" != 1 ]; then
 fi
 
 pids=()
+shards=${FUZZ_SHARDS:-4}
 for be in gluon triton; do
-    timeout "${T_FUZZ:-420}" $PY scripts/fuzz_gpu.py --cases "${FUZZ_CASES:-2000}" --backend "$be" \
-        --max-mnk 300,1100,4200 --progress 250 > "$OUT/fuzz_$be.txt" 2>&1 &
-    pids+=($!)
+    for seed in $(seq 0 $((shards - 1))); do   # one process per seed: the draw is host-bound
+        timeout "${T_FUZZ:-420}" $PY scripts/fuzz_gpu.py --cases $(( ${FUZZ_CASES:-2000} / shards )) --backend "$be" \
+            --seed "$seed" --max-mnk 300,1100,4200 --progress 100 > "$OUT/fuzz_${be}_$seed.txt" 2>&1 &
+        pids+=($!)
+    done
 done
 $PY scripts/session_backends.py --out "$OUT/tests" --test-timeout "${T_TESTS:-420}" \
     --skip env,bench,host,model,backward,fuzz,sanitize,e2e > /dev/null 2>&1 || status=1
 for p in "${pids[@]}"; do wait "$p" || status=1; done
-for be in gluon triton; do echo "fuzz $be: $(tail -n 1 "$OUT/fuzz_$be.txt")"; done
+for f in "$OUT"/fuzz_*.txt; do echo "$(basename "$f" .txt): $(tail -n 1 "$f")"; done
 echo "tests: $(grep -E 'passed|failed' "$OUT/tests/session.log" | tail -n 1)"
 echo "status $status"
 exit $status

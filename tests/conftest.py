@@ -68,3 +68,10 @@ def reference_gemm_module():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "0")
         yield
+
+
+@pytest.fixture(scope="session")
+def built_capi(tmp_path_factory):
+    """The C library, built once per test session (``w4a16.capi.build_lib``; about 35 s on 2 cores)."""
+    from w4a16.capi import build
+    return build.build_lib(tmp_path_factory.mktemp("capi"))

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from w4a16.capi import build, variants
+from w4a16.capi import build, gluon_variants, variants
 from w4a16.errors import W4A16Error
 
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
@@ -26,9 +26,8 @@ needs_cuda_h = pytest.mark.skipif(_cuda_include() is None, reason="needs cuda.h 
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    out = tmp_path_factory.mktemp("capi")
-    return build.build_lib(out)
+def built(built_capi):
+    return built_capi
 
 
 def _cc(tmp_path, name, code, *args, compiler="gcc"):
@@ -46,7 +45,8 @@ def _cc(tmp_path, name, code, *args, compiler="gcc"):
 def test_build_exports_entry_points(built):
     assert built.library.is_file() and built.header.is_file() and built.test_program.is_file()
     assert (built.out_dir / "Makefile").is_file()
-    assert built.kernels == len(variants.gemm_variants()) + len(variants.REPACK_NAMES) and not built.missing
+    assert built.kernels == (len(variants.gemm_variants()) + len(variants.REPACK_NAMES) + len(gluon_variants.REPACK_NAMES)
+                             + len(gluon_variants.gluon_variants())) and not built.missing
     nm = subprocess.run(["nm", "-D", "--defined-only", str(built.library)], capture_output=True, text=True).stdout
     exported = {line.split()[-1] for line in nm.splitlines() if " T " in line}
     assert set(build.ENTRY_POINTS) <= exported

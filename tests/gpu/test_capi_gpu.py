@@ -30,7 +30,7 @@ from w4a16.measure import TOLERANCE  # noqa: E402
 DTYPES = [torch.float16, torch.bfloat16]
 KERNELS = ["auto128", "auto64", "tile256", "tile128", "splitk64", "decode"]
 SHAPES = [(1, 72, 576), (3, 200, 1376), (16, 256, 4096), (17, 72, 4096), (64, 512, 2048), (100, 200, 576),
-          (300, 256, 1024)]
+          (300, 256, 1024), (40, 1024, 768), (1100, 1024, 512)]   # the last: more prefill tiles than SMs
 WS_BYTES = 4 << 20
 
 
@@ -99,9 +99,13 @@ def test_matrix(lib, workspace, dtype, zeros, group_size):
         x = torch.randn(M, K, generator=gen).to(dtype).cuda()
         bias = (torch.randn(N, generator=gen) * 0.1).to(dtype).cuda() if i % 2 == 0 else None
         alpha = 1.0 if i % 3 else 0.5
-        for kernel in KERNELS:
+        gluon = loader.gluon_applies(M, N, K, group_size)
+        forced = ["gluon_decode" if M <= 64 else "gluon_prefill"] if gluon else []
+        for kernel in KERNELS + forced:
             status, y = call(lib, x, qw, bias, alpha, kernel, ws=workspace)
             check(lib, y, status, x, qw, bias, alpha, f"{kernel} M={M} N={N} K={K}")
+            if kernel.startswith("auto"):   # the automatic choice runs the Gluon kernels wherever they apply
+                assert lib.w4a16_sm90_last_kernel().decode().startswith("gluon_") == gluon, kernel
         lib.w4a16_sm90_cache_forget(qw.qweight.data_ptr())
 
 
@@ -145,6 +149,51 @@ def test_prepared_path_matches_plain(lib, workspace):
     small = loader.PreparedWeight(buf.data_ptr(), 1024)
     assert lib.w4a16_sm90_prepare(qw.qweight.data_ptr(), qw.scales.data_ptr(), None, N, K, 64, 0, stream,
                                   small) == 6
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+def test_gluon_splits_workspace_and_refusals(lib, dtype):
+    """The Gluon decode kernel over explicit K splits and shrinking workspaces (fewer splits, then
+    none); a Gluon kernel forced where it cannot run is refused with a status, not run wrong."""
+    M, N, K = 5, 1024, 4096
+    qw = make_weight(N, K, 128, "int", dtype, "cuda")
+    x = torch.randn(M, K, device="cuda").to(dtype)
+    for split, nbytes in ((1, 4 << 20), (3, 4 << 20), (16, 4 << 20), (0, 0), (0, 70_000), (8, 100_000)):
+        ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device="cuda") if nbytes else None
+        status, y = call(lib, x, qw, None, 0.5, "gluon_decode", split, ws=ws)
+        check(lib, y, status, x, qw, None, 0.5, f"split {split}, workspace {nbytes}")
+        assert lib.w4a16_sm90_last_kernel().decode().startswith("gluon_decode8")
+    status, _ = call(lib, x, qw, kernel="gluon_prefill")
+    assert status == 1 and b"m:" in lib.w4a16_last_error_message()
+    odd = make_weight(72, 576, 64, None, dtype, "cuda")   # N % 16 != 0: not for the Gluon kernels
+    status, _ = call(lib, x[:, :576].contiguous(), odd, kernel="gluon_decode")
+    assert status == 7 and b"Gluon" in lib.w4a16_last_error_message()
+
+
+def test_gluon_prepared_weight(lib, workspace):
+    """A weight prepared in the Gluon layout runs the Gluon kernels at every M; it refuses unaligned
+    pointers and the Triton kernels with a status."""
+    N, K = 512, 1024
+    qw = make_weight(N, K, 128, None, torch.bfloat16, "cuda")
+    size = lib.w4a16_sm90_prepared_size(N, K, 128, 0)
+    buf = torch.empty(size, dtype=torch.uint8, device="cuda")
+    pw = loader.PreparedWeight(buf.data_ptr(), size)
+    stream = torch.cuda.current_stream().cuda_stream
+    assert lib.w4a16_sm90_prepare(qw.qweight.data_ptr(), qw.scales.data_ptr(), None, N, K, 128, 1, stream, pw) == 0
+    assert pw.layout == loader.LAYOUT_GLUON
+    for M in (1, 64, 65, 700):
+        x = torch.randn(M, K, device="cuda").bfloat16()
+        y = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
+        st = lib.w4a16_sm90_gemm_prepared(x.data_ptr(), pw, None, 1.0, y.data_ptr(), M, None, workspace.data_ptr(),
+                                          workspace.numel(), stream, None)
+        check(lib, y, st, x, qw, None, 1.0, f"Gluon-prepared M={M}")
+        assert lib.w4a16_sm90_last_kernel().decode().startswith("gluon_")
+    xb = torch.randn(4 * K + 8, device="cuda").bfloat16()
+    st = lib.w4a16_sm90_gemm_prepared(xb.data_ptr() + 2, pw, None, 1.0, y.data_ptr(), 4, None, None, 0, stream, None)
+    assert st == 1 and b"aligned" in lib.w4a16_last_error_message()
+    st = lib.w4a16_sm90_gemm_prepared(x.data_ptr(), pw, None, 1.0, y.data_ptr(), 4, loader.config("tile128"), None, 0,
+                                      stream, None)
+    assert st == 7
 
 
 def test_one_stream_one_workspace_many_calls(lib):
@@ -236,7 +285,7 @@ def test_errors_occupancy_version(lib, workspace):
     assert st == 0 and occ.value >= 1
     torch.cuda.synchronize()
     assert torch.isnan(y).all()  # an occupancy query launches nothing
-    assert lib.w4a16_capi_version() == 2 and lib.w4a16_version() >= 100
+    assert lib.w4a16_capi_version() == 3 and lib.w4a16_version() >= 100
     assert b"sm_90a" in lib.w4a16_version_string()
     assert lib.w4a16_sm90_workspace_size(16, 4096, 4096, 128, None) > 0
     assert lib.w4a16_sm90_workspace_size(4096, 4096, 4096, 128, None) >= 0

@@ -21,10 +21,18 @@ class GemmConfig(ctypes.Structure):
 class PreparedWeight(ctypes.Structure):
     """``w4a16_prepared_weight``."""
     _fields_ = [("data", VP), ("bytes", SZ), ("n", I), ("k", I), ("group_size", I), ("dtype", I),
-                ("has_zeros", I), ("reserved", I * 3)]
+                ("has_zeros", I), ("layout", I), ("reserved", I * 2)]
 
 
-KERNELS = {"auto": 0, "tile256": 1, "tile128": 2, "splitk64": 3, "decode": 4}
+KERNELS = {"auto": 0, "tile256": 1, "tile128": 2, "splitk64": 3, "decode": 4, "gluon_decode": 5, "gluon_prefill": 6}
+LAYOUT_TRITON, LAYOUT_GLUON = 1, 2   # w4a16_prepared_weight.layout
+
+
+def gluon_applies(M: int, N: int, K: int, group_size: int) -> bool:
+    """Whether the library runs this weight on its Gluon kernels (given 16-byte aligned A, C and
+    bias): K % 8 == 0, N % 16 == 0, group 32, 64, 128, a multiple of 256, or one group over K > 128."""
+    g = K if group_size in (-1, 0) else group_size
+    return K % 8 == 0 and N % 16 == 0 and (g in (32, 64, 128) or g % 256 == 0 or (g == K and K > 128))
 PLAIN = [VP, U8P, VP, VP, VP, F, VP, I, I, I, I, ctypes.POINTER(GemmConfig), CP, SZ, VP, IP]
 SIGNATURES = {
     "w4a16_sm90_gemm_128": (None, PLAIN), "w4a16_sm90_gemm_64": (None, PLAIN),

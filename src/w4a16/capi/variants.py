@@ -98,6 +98,7 @@ class Compiled:
     shared: int        # dynamic shared memory bytes to launch with
     scratch: int       # global + profile scratch bytes the kernel asks for (must be 0)
     params: int        # parameters of the PTX entry (the user's, then Triton's two scratch pointers)
+    gluon: object = None   # a Gluon GEMM's GluonPlanInfo (gluon_variants.py), else None
 
 
 def _compile(fn, signature: dict, constexprs: dict, attrs: dict, num_warps: int, num_stages: int,
@@ -112,12 +113,17 @@ def _compile(fn, signature: dict, constexprs: dict, attrs: dict, num_warps: int,
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", SM90, 32),
                        options={"num_warps": num_warps, "num_stages": num_stages})
+    return compiled_of(k, name)
+
+
+def compiled_of(k, name: str, gluon=None) -> Compiled:
+    """The Compiled record of Triton's compiled kernel ``k``."""
     md = k.metadata
     scratch = int(getattr(md, "global_scratch_size", 0) or 0) + int(getattr(md, "profile_scratch_size", 0) or 0)
     ptx = k.asm["ptx"]
     entry = ptx[ptx.index(".entry"):]
     params = entry[:entry.index(")")].count(".param")
-    return Compiled(name, md.name, bytes(k.asm["cubin"]), md.num_warps, int(md.shared), scratch, params)
+    return Compiled(name, md.name, bytes(k.asm["cubin"]), md.num_warps, int(md.shared), scratch, params, gluon)
 
 
 def compile_gemm(v: Variant) -> Compiled:
@@ -164,8 +170,21 @@ def compile_repack(name: str) -> Compiled:
 
 
 def compile_one(item: tuple) -> Compiled:
-    """Worker entry point: ("gemm", Variant) or ("repack", name). Runs in a process started
-    without TRITON_INTERPRET (cubins are compiled, never interpreted)."""
+    """Worker entry point: ("gemm", Variant), ("repack", name), ("gluon", GluonVariant) or
+    ("gluon_repack", name). Runs in a process started without TRITON_INTERPRET (cubins are
+    compiled, never interpreted)."""
+    from . import gluon_variants
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 10000))
     kind, what = item
+    if kind == "gluon":
+        try:
+            k, info = gluon_variants.compile_gluon(what)
+        except Exception as e:  # e.g. a ring that does not fit shared memory: left out, the C side falls back
+            print(f"build-lib: {what.name} left out: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                  file=sys.stderr)
+            params = gluon_variants.DECODE_PARAMS if what.is_decode else gluon_variants.PREFILL_PARAMS
+            return Compiled(what.name, "", b"", 0, 0, -1, params, None)
+        return compiled_of(k, what.name, info)
+    if kind == "gluon_repack":
+        return compiled_of(gluon_variants.compile_gluon_repack(what), what)
     return compile_gemm(what) if kind == "gemm" else compile_repack(what)

@@ -277,9 +277,11 @@ def _launch(kernel, grid, args, cx: dict, cfg: GluonDecodeConfig, static: tuple)
 
 # ----------------------------------------------------------------------------- offline (no GPU)
 def compile_for_sm90(cfg: GluonDecodeConfig, dtype=torch.float16, has_zeros: bool = False, group: int = 128,
-                     has_bias: bool = True, split_mode: int = 1):
+                     has_bias: bool = True, split_mode: int = 1, attrs: Optional[dict] = None):
     """Compile the kernel for sm_90a (GPUTarget("cuda", 90, 32)) on any machine (a stream-K config
-    compiles the stream-K kernel, whose split mode is always 3)."""
+    compiles the stream-K kernel, whose split mode is always 3). ``attrs``: Triton's argument
+    attributes, e.g. {(4,): [["tt.divisibility", 16]]} (what the JIT infers from 16-byte aligned
+    pointers and sizes; the C library compiles with them)."""
     from .decode import w4a16_decode_kernel
     from .decode_sk import w4a16_decode_sk_kernel
     if cfg.sk:
@@ -300,10 +302,11 @@ def compile_for_sm90(cfg: GluonDecodeConfig, dtype=torch.float16, has_zeros: boo
     for k in cx:
         sig[k] = "constexpr"
     return compile_sm90(w4a16_decode_sk_kernel if cfg.sk else w4a16_decode_kernel, sig, cx, cfg.warps, cfg.regs,
-                        launch_pdl=cfg.pdl)
+                        launch_pdl=cfg.pdl, attrs=attrs)
 
 
-def compile_sm90(kernel, signature: dict, constexprs: dict, num_warps: int, maxnreg: int, launch_pdl: bool = False):
+def compile_sm90(kernel, signature: dict, constexprs: dict, num_warps: int, maxnreg: int, launch_pdl: bool = False,
+                 attrs: Optional[dict] = None):
     """``triton.compile`` of a Gluon kernel for sm_90a (GPUTarget("cuda", 90, 32)), no GPU needed;
     TRITON_INTERPRET is set aside meanwhile (the interpreter must not take over compiling)."""
     import triton
@@ -312,7 +315,7 @@ def compile_sm90(kernel, signature: dict, constexprs: dict, num_warps: int, maxn
 
     saved = os.environ.pop("TRITON_INTERPRET", None)
     try:
-        return triton.compile(GluonASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+        return triton.compile(GluonASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps, "maxnreg": maxnreg, "launch_pdl": launch_pdl})
     finally:
         if saved is not None:

@@ -107,8 +107,9 @@ def run_prefill(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor
 
 # ----------------------------------------------------------------------------- offline (no GPU)
 def compile_prefill_for_sm90(cfg: GluonPrefillConfig, dtype=torch.float16, has_zeros: bool = False,
-                             group: int = 128, has_bias: bool = True):
-    """Compile the prefill kernel for sm_90a (GPUTarget("cuda", 90, 32)) on any machine."""
+                             group: int = 128, has_bias: bool = True, attrs: Optional[dict] = None):
+    """Compile the prefill kernel for sm_90a (GPUTarget("cuda", 90, 32)) on any machine (``attrs``:
+    as in ``launch.compile_for_sm90``)."""
     from .launch import compile_sm90
     from .prefill import w4a16_prefill_kernel
     kh = half_chunk(group)
@@ -125,7 +126,7 @@ def compile_prefill_for_sm90(cfg: GluonPrefillConfig, dtype=torch.float16, has_z
     cx = _constexprs(cfg, kh, group, has_zeros, has_bias, dtype, cfg.splits > 1)
     for k in cx:
         sig[k] = "constexpr"
-    return compile_sm90(w4a16_prefill_kernel, sig, cx, cfg.warps, cfg.regs)
+    return compile_sm90(w4a16_prefill_kernel, sig, cx, cfg.warps, cfg.regs, attrs=attrs)
 
 
 def prefill_sass_stats(compiled, cfg: Optional[GluonPrefillConfig] = None, group: int = 128) -> dict:

@@ -12,9 +12,11 @@
  * Group size g: a multiple of 32 that divides K (32, 64, 128, 256, ...), or -1 / 0 / K for one
  * group over all of K. K must be even; any M >= 0 and N >= 1.
  *
- * The kernels are the w4a16 package's Triton kernels, compiled ahead of time for sm_90a. The
- * library needs only the CUDA driver (libcuda.so.1, loaded at run time); it links no CUDA
- * library. See docs/capi.md for the weight cache, the workspace rule and the stream rules.
+ * The kernels are the w4a16 package's Gluon kernels (where they apply: K % 8 == 0, N % 16 == 0,
+ * group 32, 64, 128, a multiple of 256 or one group, 16-byte aligned A, C and bias) and its Triton
+ * kernels (everything else), compiled ahead of time for sm_90a. The library needs only the CUDA
+ * driver (libcuda.so.1, loaded at run time); it links no CUDA library. See docs/capi.md for the
+ * weight cache, the workspace rule and the stream rules.
  */
 #ifndef W4A16_SM90_KERNEL_H
 #define W4A16_SM90_KERNEL_H
@@ -26,7 +28,7 @@
 extern "C" {
 #endif
 
-#define W4A16_CAPI_VERSION 2          /* bumped when this header changes incompatibly (2: config.flags) */
+#define W4A16_CAPI_VERSION 3          /* bumped when this header changes (2: config.flags; 3: Gluon kernels, prepared layout) */
 
 /* Status codes returned by the int entry points (0 = success). */
 #define W4A16_SUCCESS                   0
@@ -48,6 +50,12 @@ extern "C" {
 #define W4A16_KERNEL_TILE128   2  /* 128x128 tiles, 8 warps, 4 stages (the "128" kernel) */
 #define W4A16_KERNEL_SPLITK64  3  /* 64x64 tiles, split-K (the "64" kernel) */
 #define W4A16_KERNEL_DECODE    4  /* 16x64 tiles, split-K: M <= 16, memory-bound */
+#define W4A16_KERNEL_GLUON_DECODE  5  /* the Gluon decode kernel (M <= 64): TMA ring, register-A wgmma */
+#define W4A16_KERNEL_GLUON_PREFILL 6  /* the Gluon prefill kernel (M > 64): warp-specialized, persistent */
+
+/* Layouts of a prepared weight (w4a16_prepared_weight.layout, set by w4a16_sm90_prepare). */
+#define W4A16_LAYOUT_TRITON 1  /* layout version 2: the Triton kernels (1..4) */
+#define W4A16_LAYOUT_GLUON  2  /* the Gluon layout: the Gluon kernels (5, 6) */
 
 /* Flags for w4a16_gemm_config.flags.
  * W4A16_FLAG_ZEROED_WORKSPACE: the caller zeroed the workspace once (e.g. cudaMemset after
@@ -60,8 +68,8 @@ extern "C" {
 
 /* Kernel configuration. A NULL pointer, or a struct of zeros, means "default". */
 typedef struct w4a16_gemm_config {
-    int kernel;       /* W4A16_KERNEL_*; 0 = automatic */
-    int split_k;      /* split-K kernels: 0 = automatic, else the largest number of K splits */
+    int kernel;       /* W4A16_KERNEL_*; 0 = automatic (the Gluon kernels where they apply) */
+    int split_k;      /* split-K kernels: 0 = automatic, else the number of K splits (at most) */
     int flags;        /* W4A16_FLAG_*; 0 = none */
     int reserved[5];  /* must be 0 */
 } w4a16_gemm_config;
@@ -71,7 +79,8 @@ typedef struct w4a16_prepared_weight {
     void *data;        /* device buffer of at least w4a16_sm90_prepared_size() bytes */
     size_t bytes;
     int n, k, group_size, dtype, has_zeros;
-    int reserved[3];
+    int layout;        /* W4A16_LAYOUT_*: the Gluon layout where the Gluon kernels apply, else TRITON */
+    int reserved[2];
 } w4a16_prepared_weight;
 
 /* ---- The original's entry points (fp16). They return nothing: on error they set the thread's
