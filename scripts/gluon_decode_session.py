@@ -230,7 +230,9 @@ def main():
         bad = 0
         for case in ((3, 72, 576, 64, "float", torch.float16, True, 0.5, GluonDecodeConfig(8, 4, 2, 4, splits=3)),
                      (17, 200, 1376, 32, "int", torch.bfloat16, False, 1.0, GluonDecodeConfig(32, 4, 2, 4, splits=2)),
-                     (1, 4100, 576, -1, None, torch.float16, True, 1.0, GluonDecodeConfig(8, 4, 2, 4, ws=False))):
+                     (1, 4100, 576, -1, None, torch.float16, True, 1.0, GluonDecodeConfig(8, 4, 2, 4, ws=False)),
+                     (5, 1040, 4096, 128, None, torch.float16, True, 1.0, GluonDecodeConfig(16, 4, 2, 4, sk=True)),
+                     (40, 264, 2048, 128, None, torch.bfloat16, False, 0.5, GluonDecodeConfig(64, 4, 2, 3))):
             err, why = check(*case[:8], cfg=case[8])
             log(f"sanitize case {case[:5]} err={err} {why or ''}")
             bad += not (err is not None and err < 1e-2)

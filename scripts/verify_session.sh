@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One GPU call that checks rather than times: the C library's session first (it holds the only timing,
 # C entry points against w4a16.gemm, so nothing else runs beside it), then, side by side, the random
-# problems of scripts/fuzz_gpu.py on each kernel backend and the GPU tests of scripts/session_backends.py.
+# problems of scripts/fuzz_gpu.py on each kernel backend, the GPU tests of scripts/session_backends.py
+# and compute-sanitizer (memcheck, racecheck, synccheck, initcheck) on each kernel's ragged cases.
 # Logs: $OUT/capi/*, $OUT/fuzz_<backend>_<seed>.txt, $OUT/tests/session.log. Exit status: non-zero if a part failed.
 #
 #   W4A16_CAPI_DIR=build/capi bash scripts/verify_session.sh      # build/capi from `w4a16 build-lib` (optional)
 #
 # Environment: FUZZ_CASES (default 2000 per backend, run in FUZZ_SHARDS processes of one seed each, default 4), T_FUZZ and T_TESTS (seconds, default 420 each),
-# SKIP_CAPI=1 to leave the C library out.
+# SKIP_CAPI=1, SKIP_TESTS=1, SKIP_SANITIZER=1 to leave a part out; SANITIZER_TOOLS, T_SANITIZER.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -31,9 +32,29 @@ for be in gluon triton; do
         pids+=($!)
     done
 done
-$PY scripts/session_backends.py --out "$OUT/tests" --test-timeout "${T_TESTS:-420}" \
-    --skip env,bench,host,model,backward,fuzz,sanitize,e2e > /dev/null 2>&1 || status=1
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+    $PY scripts/session_backends.py --out "$OUT/tests" --test-timeout "${T_TESTS:-420}" \
+        --skip env,bench,host,model,backward,fuzz,sanitize,e2e > /dev/null 2>&1 || status=1
+fi
+# compute-sanitizer, every tool on each kernel's small ragged cases, and racecheck on the smallest
+# warp-specialized kernel (scripts/racecheck_probe.py: hazards of Triton's lowering, not of ours)
+declare -A WORK=([decode]="scripts/gluon_decode_session.py --sanitize --out $OUT/san_decode"
+                 [prefill]="scripts/gluon_prefill_session.py --sanitize"
+                 [triton]="scripts/fuzz_gpu.py --cases 12 --backend triton --max-mnk 300,600,1100"
+                 [probe]="scripts/racecheck_probe.py")
+if command -v compute-sanitizer > /dev/null && [ "${SKIP_SANITIZER:-0}" != 1 ]; then
+    mkdir -p "$OUT/san_decode"
+    for kernel in decode prefill triton probe; do
+        for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck initcheck}; do
+            [ "$kernel" = probe ] && [ "$tool" != racecheck ] && continue
+            timeout "${T_SANITIZER:-400}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+                $PY ${WORK[$kernel]} > "$OUT/sanitize_${kernel}_$tool.txt" 2>&1 &
+            pids+=($!)
+        done
+    done
+fi
 for p in "${pids[@]}"; do wait "$p" || status=1; done
+for f in "$OUT"/sanitize_*.txt; do [ -f "$f" ] && echo "$(basename "$f" .txt): $(grep -E 'SUMMARY' "$f" | tail -n 1)"; done
 for f in "$OUT"/fuzz_*.txt; do echo "$(basename "$f" .txt): $(tail -n 1 "$f")"; done
 echo "tests: $(grep -E 'passed|failed' "$OUT/tests/session.log" | tail -n 1)"
 echo "status $status"
