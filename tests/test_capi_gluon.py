@@ -22,14 +22,15 @@ def _expected_decode(M, N, K, group):
     """(variant name, splits, stages per split) the Python launcher's rules give the C library's decode config."""
     mt = next(t for t in gv.DECODE_TILES if M <= t)
     gc = 32 if group == 32 else 64 if group == 64 else 128 if group == 128 else 256
-    v = gv.GluonVariant(f"decode{mt}", gc, "fp16", False)
+    v = gv.GluonVariant(f"decode{mt}", gc, "fp16", False)   # the whole build: the same pipeline
     cfg = v.decode_config()
     kh = 32 if gc == 32 else 64
     ks = cfg.nch * 2 * kh
     n_tiles, n_stages = -(-N // 64), -(-K // ks)
     splits = auto_splits(n_tiles, n_stages, SMS * cfg.resident(kh, False), 16.0 * mt / ks)
     sps, splits = k_ranges(n_stages, splits)
-    return v.name, splits, sps
+    name = v.name.replace(f"decode{mt}_", f"decode{mt}k_") if splits > 1 else v.name
+    return name, splits, sps
 
 
 DECODE_CASES = [(1, 4096, 4096, 128), (16, 28672, 8192, 128), (64, 8192, 28672, 128), (3, 1024, 4096, 32),
@@ -91,8 +92,15 @@ def test_gluon_table_layout_and_plans(built_capi, tmp_path):
             if (p.splits < 1 || p.need > 100000) bad += 3100;
             w4a16_gemm_config cfg = {{W4A16_KERNEL_GLUON_DECODE, 5, W4A16_FLAG_ZEROED_WORKSPACE, {{0}}}};
             make_gluon_plan(0, &cfg, &L, 16, 132, (size_t)1 << 30, &p);
-            if (p.splits != 4 || p.sps != 4 || !p.zeroed || p.need != ALIGN + p.part_bytes + W4A16_COUNTER_REGION_BYTES)
-                bad += 3200;   /* 16 stages in ranges of 4: 4 splits */
+            if (p.splits != 4 || p.sps != 4 || !p.zeroed || p.need != ALIGN + p.part_bytes + W4A16_COUNTER_REGION_BYTES ||
+                strcmp(gluon_config_names[p.variant / 16], "decode16k"))
+                bad += 3200;   /* 16 stages in ranges of 4: 4 splits, the K-split build */
+            cfg.flags = 0;     /* the library's own counters: partials only */
+            make_gluon_plan(0, &cfg, &L, 16, 132, (size_t)1 << 30, &p);
+            if (!p.own_counters || p.zeroed || p.need != ALIGN + p.part_bytes) bad += 3250;
+            cfg.split_k = 1;   /* one range: the whole build, no workspace */
+            make_gluon_plan(0, &cfg, &L, 16, 132, 0, &p);
+            if (p.splits != 1 || p.need != 0 || strcmp(gluon_config_names[p.variant / 16], "decode16")) bad += 3270;
             if (make_gluon_plan(0, &cfg, &L, 65, 132, 0, &p) != W4A16_ERROR_INVALID_VALUE) bad += 3300;
             cfg.kernel = W4A16_KERNEL_TILE128;
             if (make_gluon_plan(0, &cfg, &L, 16, 132, 0, &p) != W4A16_ERROR_NOT_SUPPORTED) bad += 3400;

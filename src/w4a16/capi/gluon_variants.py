@@ -7,8 +7,10 @@ per combination of
 
 * config: the decode kernel at token tiles 8, 16, 32 and 64 (the heuristic's pipelines: one
   warpgroup of 64 rows, a producer warp, 4 stages up to 16 tokens and 3 above, scales after the
-  MMA where the rule allows, programmatic dependent launch), and the prefill kernel's named
-  configs "prefill-64", "prefill-128" and "prefill-128x128";
+  MMA where the rule allows, programmatic dependent launch), each whole ("decode8": one program
+  per tile, SPLIT 0) and K-split ("decode8k": SPLIT 1, partials summed in split order by the last
+  range of each tile), and the prefill kernel's named configs "prefill-64", "prefill-128" and
+  "prefill-128x128";
 * group class: 32, 64, 128 and "wide" (a multiple of 256, or one group over K > 128: one scale row
   per pipeline stage), compiled with the class's representative group 32, 64, 128 or 256;
 * activation dtype (fp16, bf16) and symmetric / with zero points.
@@ -27,7 +29,8 @@ import torch
 
 DECODE_TILES = (8, 16, 32, 64)
 PREFILL_CONFIGS = ("prefill-64", "prefill-128", "prefill-128x128")
-CONFIGS = tuple(f"decode{mt}" for mt in DECODE_TILES) + PREFILL_CONFIGS
+CONFIGS = (tuple(f"decode{mt}" for mt in DECODE_TILES) + tuple(f"decode{mt}k" for mt in DECODE_TILES)
+           + PREFILL_CONFIGS)
 GROUP_CLASSES = (32, 64, 128, 256)     # 256: the "wide" class
 DTYPES = ("fp16", "bf16")
 HINTED_ARGS = (4, 5, 6, 7, 9)          # y_ptr, bias_ptr, part_ptr, cnt_ptr, N: divisible by 16
@@ -58,10 +61,15 @@ class GluonVariant:
     def torch_dtype(self):
         return torch.float16 if self.dtype == "fp16" else torch.bfloat16
 
+    @property
+    def split_mode(self) -> int:
+        """The decode kernel's SPLIT: 1 for the K-split variants, else 0."""
+        return 1 if self.config.endswith("k") else 0
+
     def decode_config(self):
         """The GluonDecodeConfig of a decode variant (the heuristic's pipeline at this token tile)."""
         from w4a16.backends.gluon.config import GluonDecodeConfig
-        mt = int(self.config[len("decode"):])
+        mt = int(self.config[len("decode"):].rstrip("k"))
         nch = 4 if self.group_class == 32 else 2
         return GluonDecodeConfig(mt=mt, warps=4, nch=nch, stages=4 if mt <= 16 else 3)
 
@@ -117,7 +125,7 @@ def compile_gluon(v: GluonVariant):
     kh = half_chunk(v.group_class)
     if v.is_decode:
         cfg = v.decode_config()
-        k = compile_for_sm90(cfg, v.torch_dtype, v.zeros, v.group_class, True, 1, attrs=attrs)
+        k = compile_for_sm90(cfg, v.torch_dtype, v.zeros, v.group_class, True, v.split_mode, attrs=attrs)
         info = GluonPlanInfo(0, cfg.mt, 16 * cfg.warps, kh, cfg.nch * 2 * kh, cfg.resident(kh, v.zeros), cfg.pdl,
                              _descs(k.metadata))
     else:

@@ -5,12 +5,15 @@
  * translation unit); the table w4a16_gluon[] and its order come from w4a16/capi/gluon_variants.py.
  */
 
-enum { G_DECODE8, G_DECODE16, G_DECODE32, G_DECODE64, G_PREFILL64, G_PREFILL128, G_PREFILL128X128, G_NUM_CONFIGS };
+/* the decode configs whole (SPLIT 0), then K-split (+ G_SPLIT: SPLIT 1), then the prefill configs */
+enum { G_DECODE8, G_DECODE16, G_DECODE32, G_DECODE64, G_SPLIT, G_PREFILL64 = 2 * G_SPLIT, G_PREFILL128, G_PREFILL128X128,
+       G_NUM_CONFIGS };
 #define G_NUM_CLASSES 4
 #define G_MAX_SPLITS 16
 
 static const char *const gluon_config_names[G_NUM_CONFIGS] = {
-    "decode8", "decode16", "decode32", "decode64", "prefill-64", "prefill-128", "prefill-128x128"};
+    "decode8",  "decode16",  "decode32",  "decode64",   "decode8k",       "decode16k",
+    "decode32k", "decode64k", "prefill-64", "prefill-128", "prefill-128x128"};
 
 /* The group class of the Gluon kernels for (n, k, effective group g), or -1 where they do not
  * apply: x's rows must be a multiple of 16 bytes (TMA: k % 8 == 0), N a multiple of 16 (the
@@ -99,12 +102,68 @@ static int auto_splits(long long n_tiles, int n_stages, long long slots, double 
     return best;
 }
 
+/* Tile counters owned by the library, one buffer per (context, stream): zeroed once on the stream,
+ * left at zero by every kernel that uses them, so a K-split launch needs no memset (the package's
+ * launcher keeps its counters the same way). Launches on other streams never share them. */
+#define STREAM_COUNTER_SLOTS 16384
+typedef struct stream_counters_entry {
+    struct stream_counters_entry *next;
+    CUcontext ctx;
+    CUstream stream;
+    CUdeviceptr buf;
+} stream_counters_entry;
+static stream_counters_entry *stream_counter_list;   /* guarded by cache_lock */
+
+static int stream_counters(ctx_state *cs, CUstream stream, CUdeviceptr *out) {
+    pthread_mutex_lock(&cache_lock);
+    for (stream_counters_entry *e = stream_counter_list; e; e = e->next)
+        if (e->ctx == cs->ctx && e->stream == stream) {
+            *out = e->buf;
+            pthread_mutex_unlock(&cache_lock);
+            return W4A16_SUCCESS;
+        }
+    CUdeviceptr d = 0;
+    int s = W4A16_SUCCESS;
+    stream_counters_entry *e = NULL;
+    CUstreamCaptureStatus capturing = CU_STREAM_CAPTURE_STATUS_NONE;
+    CUresult r = drv.StreamIsCapturing(stream, &capturing);
+    if (r != CUDA_SUCCESS || capturing != CU_STREAM_CAPTURE_STATUS_NONE) {   /* no allocation inside a capture */
+        pthread_mutex_unlock(&cache_lock);
+        return fail(W4A16_ERROR_NOT_SUPPORTED, "no tile counters for a stream that is capturing");
+    }
+    r = drv.MemAlloc(&d, STREAM_COUNTER_SLOTS * 4);
+    if (r != CUDA_SUCCESS) s = cuda_fail(r, "allocating tile counters (cuMemAlloc)");
+    if (!s && (r = drv.MemsetD32Async(d, 0, STREAM_COUNTER_SLOTS, stream)) != CUDA_SUCCESS)
+        s = cuda_fail(r, "cuMemsetD32Async (tile counters)");
+    if (!s && !(e = calloc(1, sizeof *e))) s = fail(W4A16_ERROR_OUT_OF_MEMORY, "host allocation failed");
+    if (s) {
+        if (d) drv.MemFree(d);
+    } else {
+        *e = (stream_counters_entry){stream_counter_list, cs->ctx, stream, d};
+        stream_counter_list = e;
+        *out = d;
+    }
+    pthread_mutex_unlock(&cache_lock);
+    return s;
+}
+
+/* Frees the library's tile counters (w4a16_sm90_cache_clear: no GEMM in flight). Holds cache_lock. */
+static void free_stream_counters(void) {
+    while (stream_counter_list) {
+        stream_counters_entry *e = stream_counter_list;
+        stream_counter_list = e->next;
+        drv.MemFree(e->buf);
+        free(e);
+    }
+}
+
 typedef struct {
     int variant;          /* index into w4a16_gluon (cubin W4A16_GEN_GLUON_FIRST + variant) */
     int decode;
     int n_tiles, n_stages, splits, sps;   /* decode: tiles, stages, K ranges and stages per range */
     int n_tm, rows;                       /* prefill: token tiles per launch, rows per launch */
-    int zeroed;
+    int zeroed;           /* the caller's zeroed region holds the counters */
+    int own_counters;     /* the library's counters of the stream (stream_counters) */
     size_t part_bytes, need;
 } gluon_plan_t;
 
@@ -149,9 +208,17 @@ static int make_gluon_plan(int entry_64, const w4a16_gemm_config *cfg, const lay
             break;
         }
         if (p->zeroed && p->n_tiles > COUNTER_SLOTS) p->zeroed = 0;
+        p->own_counters = !p->zeroed && p->n_tiles <= STREAM_COUNTER_SLOTS;
         p->part_bytes = align_up((size_t)p->splits * m * L->n * 4, ALIGN);
-        p->need = ALIGN + p->part_bytes + (p->zeroed ? (size_t)W4A16_COUNTER_REGION_BYTES : (size_t)p->n_tiles * 4);
+        p->need = ALIGN + p->part_bytes + (p->zeroed ? (size_t)W4A16_COUNTER_REGION_BYTES
+                                                     : p->own_counters ? 0 : (size_t)p->n_tiles * 4);
         if (p->need <= ws_bytes) break;
+    }
+    if (p->splits > 1) {   /* the K-split build of the config */
+        p->variant = gluon_index(config + G_SPLIT, L);
+        if (!w4a16_cubins[W4A16_GEN_GLUON_FIRST + p->variant].begin)
+            return fail(W4A16_ERROR_NOT_SUPPORTED, "the Gluon kernel %s is not in this build",
+                        w4a16_cubins[W4A16_GEN_GLUON_FIRST + p->variant].name);
     }
     return W4A16_SUCCESS;
 }
@@ -242,12 +309,19 @@ static int run_gluon(ctx_state *cs, const call_t *c, const layout_t *L, CUdevice
         return s;
     CUdeviceptr bias = c->bias ? (CUdeviceptr)c->bias : W + L->off_bias;
     CUdeviceptr part = W, counters = W;   /* any valid address where the plan needs none */
+    int own = p->own_counters;
     if (p->splits > 1 && p->zeroed) {
         counters = (CUdeviceptr)align_up((uintptr_t)c->ws, ALIGN);
         part = counters + W4A16_COUNTER_REGION_BYTES;
     } else if (p->splits > 1) {
         part = (CUdeviceptr)align_up((uintptr_t)c->ws, ALIGN);
         counters = part + p->part_bytes;
+        if (p->own_counters && stream_counters(cs, c->stream, &counters)) {
+            /* none could be made now (e.g. cuMemAlloc during a stream capture): the workspace's, zeroed per launch */
+            if (c->ws_bytes < ALIGN + p->part_bytes + (size_t)p->n_tiles * 4) return t_status;
+            counters = part + p->part_bytes;
+            own = 0;
+        }
     }
     float alpha = c->alpha;
     void *null = NULL;
@@ -270,7 +344,7 @@ static int run_gluon(ctx_state *cs, const call_t *c, const layout_t *L, CUdevice
         if (p->decode) {
             params[at++] = &n_stages, params[at++] = &sps;
             gx = (unsigned)p->n_tiles, gy = (unsigned)p->splits;
-            if (p->splits > 1 && !p->zeroed)
+            if (p->splits > 1 && !p->zeroed && !own)
                 CU(drv.MemsetD32Async(counters, 0, (size_t)p->n_tiles, c->stream), "cuMemsetD32Async (tile counters)");
         } else {
             n_tn = (int)cdiv(n, g->tile_n), n_tm = (int)cdiv(mb, g->mt);

@@ -105,6 +105,7 @@ static struct {
     CUresult (*StreamSynchronize)(CUstream);
     CUresult (*Occupancy)(int *, CUfunction, int, size_t);
     CUresult (*LaunchKernelEx)(const CUlaunchConfig *, CUfunction, void **, void **);
+    CUresult (*StreamIsCapturing)(CUstream, CUstreamCaptureStatus *);
     CUresult (*TensorMapEncodeTiled)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *, const cuuint64_t *,
                                      const cuuint64_t *, const cuuint32_t *, const cuuint32_t *, CUtensorMapInterleave,
                                      CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
@@ -141,6 +142,7 @@ static void load_driver(void) {
         {(void **)&drv.StreamSynchronize, "cuStreamSynchronize"},
         {(void **)&drv.Occupancy, "cuOccupancyMaxActiveBlocksPerMultiprocessor"},
         {(void **)&drv.LaunchKernelEx, "cuLaunchKernelEx"},
+        {(void **)&drv.StreamIsCapturing, "cuStreamIsCapturing"},
         {(void **)&drv.TensorMapEncodeTiled, "cuTensorMapEncodeTiled"},
     };
     for (size_t i = 0; i < sizeof syms / sizeof syms[0]; i++) {
@@ -409,6 +411,8 @@ static int cached_weight(ctx_state *cs, const uint8_t *B, const void *scales, co
     return W4A16_SUCCESS;
 }
 
+static void free_stream_counters(void);
+
 static int drop_entries(const uint8_t *B, int all) {
     int dropped = 0;
     pthread_mutex_lock(&cache_lock);
@@ -426,6 +430,7 @@ static int drop_entries(const uint8_t *B, int all) {
                 pp = &e->next;
         }
     }
+    if (all) free_stream_counters();
     pthread_mutex_unlock(&cache_lock);
     return dropped;
 }
