@@ -102,46 +102,61 @@ static int auto_splits(long long n_tiles, int n_stages, long long slots, double 
     return best;
 }
 
-/* Tile counters owned by the library, one buffer per (context, stream): zeroed once on the stream,
+/* Tile counters owned by the library: per context one pool of COUNTER_STREAMS slots of
+ * STREAM_COUNTER_SLOTS int32, zeroed once when the pool is made (outside any stream capture), and
  * left at zero by every kernel that uses them, so a K-split launch needs no memset (the package's
- * launcher keeps its counters the same way). Launches on other streams never share them. */
+ * launcher keeps its counters the same way). Each stream gets a slot of its own on first use, also
+ * while it captures a graph (no allocation then), so launches on other streams never share them;
+ * past COUNTER_STREAMS streams, or where no pool could be made, the workspace's counters are zeroed
+ * per launch. A graph replayed on another stream while its capture stream runs the same weights'
+ * GEMMs would share a slot: do not. */
 #define STREAM_COUNTER_SLOTS 16384
-typedef struct stream_counters_entry {
-    struct stream_counters_entry *next;
+#define COUNTER_STREAMS 64
+typedef struct counter_pool {
+    struct counter_pool *next;
     CUcontext ctx;
-    CUstream stream;
     CUdeviceptr buf;
-} stream_counters_entry;
-static stream_counters_entry *stream_counter_list;   /* guarded by cache_lock */
+    int used;
+    CUstream stream[COUNTER_STREAMS];
+} counter_pool;
+static counter_pool *counter_pools;   /* guarded by cache_lock */
 
-static int stream_counters(ctx_state *cs, CUstream stream, CUdeviceptr *out) {
-    pthread_mutex_lock(&cache_lock);
-    for (stream_counters_entry *e = stream_counter_list; e; e = e->next)
-        if (e->ctx == cs->ctx && e->stream == stream) {
-            *out = e->buf;
-            pthread_mutex_unlock(&cache_lock);
-            return W4A16_SUCCESS;
-        }
-    CUdeviceptr d = 0;
-    int s = W4A16_SUCCESS;
-    stream_counters_entry *e = NULL;
+static int make_counter_pool(ctx_state *cs, CUstream stream, counter_pool **out) {
     CUstreamCaptureStatus capturing = CU_STREAM_CAPTURE_STATUS_NONE;
     CUresult r = drv.StreamIsCapturing(stream, &capturing);
-    if (r != CUDA_SUCCESS || capturing != CU_STREAM_CAPTURE_STATUS_NONE) {   /* no allocation inside a capture */
-        pthread_mutex_unlock(&cache_lock);
-        return fail(W4A16_ERROR_NOT_SUPPORTED, "no tile counters for a stream that is capturing");
-    }
-    r = drv.MemAlloc(&d, STREAM_COUNTER_SLOTS * 4);
-    if (r != CUDA_SUCCESS) s = cuda_fail(r, "allocating tile counters (cuMemAlloc)");
-    if (!s && (r = drv.MemsetD32Async(d, 0, STREAM_COUNTER_SLOTS, stream)) != CUDA_SUCCESS)
-        s = cuda_fail(r, "cuMemsetD32Async (tile counters)");
-    if (!s && !(e = calloc(1, sizeof *e))) s = fail(W4A16_ERROR_OUT_OF_MEMORY, "host allocation failed");
+    if (r != CUDA_SUCCESS || capturing != CU_STREAM_CAPTURE_STATUS_NONE)
+        return fail(W4A16_ERROR_NOT_SUPPORTED, "no tile counter pool is made while a stream captures");
+    size_t n = (size_t)COUNTER_STREAMS * STREAM_COUNTER_SLOTS;
+    CUdeviceptr d = 0;
+    counter_pool *p = NULL;
+    int s = W4A16_SUCCESS;
+    if ((r = drv.MemAlloc(&d, n * 4)) != CUDA_SUCCESS) s = cuda_fail(r, "allocating tile counters (cuMemAlloc)");
+    if (!s && (r = drv.MemsetD32(d, 0, n)) != CUDA_SUCCESS) s = cuda_fail(r, "cuMemsetD32 (tile counters)");
+    if (!s && !(p = calloc(1, sizeof *p))) s = fail(W4A16_ERROR_OUT_OF_MEMORY, "host allocation failed");
     if (s) {
         if (d) drv.MemFree(d);
-    } else {
-        *e = (stream_counters_entry){stream_counter_list, cs->ctx, stream, d};
-        stream_counter_list = e;
-        *out = d;
+        return s;
+    }
+    p->next = counter_pools, p->ctx = cs->ctx, p->buf = d;
+    counter_pools = p;
+    *out = p;
+    return W4A16_SUCCESS;
+}
+
+/* This (context, stream)'s tile counters, or a status when it has none (the caller falls back). */
+static int stream_counters(ctx_state *cs, CUstream stream, CUdeviceptr *out) {
+    pthread_mutex_lock(&cache_lock);
+    counter_pool *p = counter_pools;
+    while (p && p->ctx != cs->ctx) p = p->next;
+    int s = p ? W4A16_SUCCESS : make_counter_pool(cs, stream, &p);
+    if (!s) {
+        int i = 0;
+        while (i < p->used && p->stream[i] != stream) i++;
+        if (i == p->used && p->used < COUNTER_STREAMS) p->stream[p->used++] = stream;
+        if (i < p->used)
+            *out = p->buf + (CUdeviceptr)i * STREAM_COUNTER_SLOTS * 4;
+        else
+            s = fail(W4A16_ERROR_NOT_SUPPORTED, "more than %d streams use the library's tile counters", COUNTER_STREAMS);
     }
     pthread_mutex_unlock(&cache_lock);
     return s;
@@ -149,11 +164,11 @@ static int stream_counters(ctx_state *cs, CUstream stream, CUdeviceptr *out) {
 
 /* Frees the library's tile counters (w4a16_sm90_cache_clear: no GEMM in flight). Holds cache_lock. */
 static void free_stream_counters(void) {
-    while (stream_counter_list) {
-        stream_counters_entry *e = stream_counter_list;
-        stream_counter_list = e->next;
-        drv.MemFree(e->buf);
-        free(e);
+    while (counter_pools) {
+        counter_pool *p = counter_pools;
+        counter_pools = p->next;
+        drv.MemFree(p->buf);
+        free(p);
     }
 }
 

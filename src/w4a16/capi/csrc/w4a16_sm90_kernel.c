@@ -102,6 +102,7 @@ static struct {
     CUresult (*MemFree)(CUdeviceptr);
     CUresult (*MemsetD8Async)(CUdeviceptr, unsigned char, size_t, CUstream);
     CUresult (*MemsetD32Async)(CUdeviceptr, unsigned int, size_t, CUstream);
+    CUresult (*MemsetD32)(CUdeviceptr, unsigned int, size_t);
     CUresult (*StreamSynchronize)(CUstream);
     CUresult (*Occupancy)(int *, CUfunction, int, size_t);
     CUresult (*LaunchKernelEx)(const CUlaunchConfig *, CUfunction, void **, void **);
@@ -139,6 +140,7 @@ static void load_driver(void) {
         {(void **)&drv.MemFree, "cuMemFree_v2"},
         {(void **)&drv.MemsetD8Async, "cuMemsetD8Async"},
         {(void **)&drv.MemsetD32Async, "cuMemsetD32Async"},
+        {(void **)&drv.MemsetD32, "cuMemsetD32_v2"},
         {(void **)&drv.StreamSynchronize, "cuStreamSynchronize"},
         {(void **)&drv.Occupancy, "cuOccupancyMaxActiveBlocksPerMultiprocessor"},
         {(void **)&drv.LaunchKernelEx, "cuLaunchKernelEx"},
