@@ -326,12 +326,17 @@ def _consume_stage_fold(acc, it, c_ring, x_ring, s_ring, o_ring, bars,
 
 
 @gluon.jit
-def _ws_consumer(n_it, c_ring, x_ring, s_ring, o_ring, bars, empty,
-                 acc_l: gl.constexpr, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr, MT: gl.constexpr,
-                 STAGES: gl.constexpr, GDIV: gl.constexpr, HAS_ZEROS: gl.constexpr, DTYPE: gl.constexpr,
-                 SA: gl.constexpr, PDL: gl.constexpr):
-    """Default partition: dequant + wgmma of every stage, then hand the slot back to the producer.
-    PDL: its stores wait for the grids this one depends on."""
+def _ws_consumer(n_it, c_ring, x_ring, s_ring, o_ring, bars, empty, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha,
+                 row0, pid_k, nsplit, acc_l: gl.constexpr, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr,
+                 MT: gl.constexpr, STAGES: gl.constexpr, GDIV: gl.constexpr, SPLIT: gl.constexpr,
+                 HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, SA: gl.constexpr,
+                 PDL: gl.constexpr):
+    """Default partition: dequant + wgmma of every stage, handing each slot back to the producer,
+    then the epilogue. PDL: its stores wait for the grids this one depends on. The epilogue runs
+    inside the partition: after the warp-specialized region Triton may reuse the shared bytes that
+    hold the region's state (which the producer warp reads once more to leave), and the split
+    epilogue's scalar atomic broadcasts through shared memory (compute-sanitizer's racecheck
+    reported that pair)."""
     if PDL:
         gdc_wait()
     acc = gl.zeros([16 * W, MT], gl.float32, acc_l)
@@ -339,7 +344,8 @@ def _ws_consumer(n_it, c_ring, x_ring, s_ring, o_ring, bars, empty,
         acc = _consume_stage(acc, it, c_ring, x_ring, s_ring, o_ring, bars, acc_l, W, KH, NCH, STAGES, GDIV,
                              HAS_ZEROS, DTYPE, SA)
         mbarrier.arrive(empty.index(it % STAGES), count=1)
-    return (acc,)
+    _epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, pid_k, nsplit, acc_l, 16 * W, MT, SPLIT,
+              HAS_BIAS, DTYPE)
 
 
 @gluon.jit
@@ -422,13 +428,13 @@ def w4a16_decode_kernel(
     c_ring, x_ring, s_ring, o_ring, bars, empty = allocate_rings(c_desc, x_desc, s_desc, o_desc, STAGES, NCH, DTYPE,
                                                                  HAS_ZEROS, WS)
     if WS:
-        res = gl.warp_specialize([
-            (_ws_consumer, (n_it, c_ring, x_ring, s_ring, o_ring, bars, empty, acc_l, W, KH, NCH, MT, STAGES, GDIV,
-                            HAS_ZEROS, DTYPE, SA, PDL)),
+        gl.warp_specialize([
+            (_ws_consumer, (n_it, c_ring, x_ring, s_ring, o_ring, bars, empty, y_ptr, bias_ptr, part_ptr, cnt_ptr, M,
+                            N, alpha, row0, pid_k, nsplit, acc_l, W, KH, NCH, MT, STAGES, GDIV, SPLIT, HAS_ZEROS,
+                            HAS_BIAS, DTYPE, SA, PDL)),
             (_ws_producer, (n_it, st0, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, empty,
                             row0, group, STAGES, NCH, KH, GPS, W, HAS_ZEROS, PDL)),
         ], [1], [PRODUCER_REGS])
-        acc = res[0]
     else:
         if PDL:   # the weight's part first, then wait for the previous grid, then x's
             for i in gl.static_range(STAGES - 1):
@@ -458,6 +464,5 @@ def w4a16_decode_kernel(
                                  HAS_ZEROS, DTYPE, SA)
         if PDL:
             gdc_launch_dependents()
-
-    _epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, pid_k, nsplit, acc_l, BN, MT, SPLIT,
-              HAS_BIAS, DTYPE)
+        _epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, pid_k, nsplit, acc_l, BN, MT, SPLIT,
+                  HAS_BIAS, DTYPE)
