@@ -150,12 +150,18 @@ def test_host_logic_and_kernel_table(built, tmp_path):
             return bad != 0;
         }}
     """
+    r = run_probe(built, tmp_path, "probe.c", code)
+    assert r.returncode == 0, f"probe: {r.stdout}{r.stderr} (table: {names[:4]}...)"
+
+
+def run_probe(built, tmp_path, name: str, code: str) -> subprocess.CompletedProcess:
+    """Compiles ``code`` (a C program that #includes the library's C source, so it can call the
+    static host functions) against the built library's sources and cubins, and runs it."""
     inc = build.find_cuda_include()
     src = built.out_dir / "src"
-    exe = _cc(tmp_path, "probe.c", code, "-std=c11", "-Wno-unused-function", f"-I{src}", f"-I{inc}",
+    exe = _cc(tmp_path, name, code, "-std=c11", "-Wno-unused-function", f"-I{src}", f"-I{inc}",
               str(src / "w4a16_cubins.S"), "-ldl", "-lpthread", "-Wa,-I" + str(src))
-    r = subprocess.run([str(exe)], capture_output=True, text=True)
-    assert r.returncode == 0, f"probe: {r.stdout}{r.stderr} (table: {names[:4]}...)"
+    return subprocess.run([str(exe)], capture_output=True, text=True)
 
 
 @needs_gcc

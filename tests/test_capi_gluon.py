@@ -3,17 +3,16 @@ side indexes it, the Gluon layout's sizes and group classes, launch plans that f
 launchers' rules (w4a16/backends/gluon/launch.py, prefill_config.py), and the Gluon repack kernels
 equal to the Python layout byte for byte (Triton interpreter)."""
 import os
-import subprocess
 
 import pytest
 import torch
 
 from w4a16.backends.gluon.config import auto_splits
 from w4a16.backends.gluon.launch import k_ranges
-from w4a16.capi import build, gluon_variants as gv
+from w4a16.capi import gluon_variants as gv
 from w4a16.capi.loader import gluon_applies
 
-from test_capi_build import _cc, needs_cuda_h, needs_gcc
+from test_capi_build import needs_cuda_h, needs_gcc, run_probe
 
 SMS = 132
 
@@ -109,11 +108,7 @@ def test_gluon_table_layout_and_plans(built_capi, tmp_path):
             return bad != 0;
         }}
     """
-    inc = build.find_cuda_include()
-    src = built_capi.out_dir / "src"
-    exe = _cc(tmp_path, "probe_gluon.c", code, "-std=c11", "-Wno-unused-function", f"-I{src}", f"-I{inc}",
-              str(src / "w4a16_cubins.S"), "-ldl", "-lpthread", "-Wa,-I" + str(src))
-    r = subprocess.run([str(exe)], capture_output=True, text=True)
+    r = run_probe(built_capi, tmp_path, "probe_gluon.c", code)
     assert r.returncode == 0, f"probe: {r.stdout}{r.stderr}"
 
 

@@ -35,15 +35,22 @@ def repack_codes_kernel(b_ptr, qk_ptr, N, K, chunks, H: tl.constexpr):
     j = p % 2
     i = 32 * sh + 16 * sl + 8 * h + 2 * t + j
     n = blk * 16 + 8 * r8 + g
-    k_lo = c * (2 * H) + i
-    k_hi = k_lo + H
-    row = b_ptr + n.to(tl.int64) * (K // 2)
-    lo = tl.load(row + k_lo // 2, mask=(n < N) & (k_lo < K), other=0).to(tl.int32)
-    hi = tl.load(row + k_hi // 2, mask=(n < N) & (k_hi < K), other=0).to(tl.int32)
-    lo = (lo >> ((k_lo & 1) * 4)) & 0xF
-    hi = (hi >> ((k_hi & 1) * 4)) & 0xF
+    packed = pair_of_codes(b_ptr, n, c * (2 * H) + i, H, N, K)
     out = qk_ptr + blk.to(tl.int64) * (chunks * 16 * H) + c * (16 * H) + p
-    tl.store(out, (lo | (hi << 4)).to(tl.uint8))
+    tl.store(out, packed)
+
+
+@triton.jit
+def pair_of_codes(b_ptr, n, k, H, N, K):
+    """uint8: the code of (n, k) in the low nibble and that of (n, k + H) in the high nibble, read
+    from plain codes b uint8 [N, K/2] (k in byte k // 2, even k low); 0 past N or K."""
+    row = b_ptr + n.to(tl.int64) * (K // 2)
+    k_hi = k + H
+    lo = tl.load(row + k // 2, mask=(n < N) & (k < K), other=0).to(tl.int32)
+    hi = tl.load(row + k_hi // 2, mask=(n < N) & (k_hi < K), other=0).to(tl.int32)
+    lo = (lo >> ((k & 1) * 4)) & 0xF
+    hi = (hi >> ((k_hi & 1) * 4)) & 0xF
+    return (lo | (hi << 4)).to(tl.uint8)
 
 
 @triton.jit

@@ -9,6 +9,8 @@ The CPU tests check them against ``prepare_decode`` under Triton's interpreter.
 import triton
 import triton.language as tl
 
+from .repack import pair_of_codes
+
 
 @triton.jit
 def repack_gluon_codes_kernel(b_ptr, out_ptr, N, K, chunks, KH: tl.constexpr):
@@ -32,16 +34,9 @@ def repack_gluon_codes_kernel(b_ptr, out_ptr, N, K, chunks, KH: tl.constexpr):
     r = (q - w) + ((w & 1) << 1) + (w >> 1)
     row = gr + 8 * ((r >> 1) & 1)
     k = 2 * t + (r & 1) + 8 * ((r >> 2) & 1) + 16 * ((r >> 3) & 1) + 32 * ((r >> 4) & 1)
-    n = blk * 16 + row
-    k_lo = c * (2 * KH) + k
-    k_hi = k_lo + KH
-    src = b_ptr + n.to(tl.int64) * (K // 2)
-    lo = tl.load(src + k_lo // 2, mask=(n < N) & (k_lo < K), other=0).to(tl.int32)
-    hi = tl.load(src + k_hi // 2, mask=(n < N) & (k_hi < K), other=0).to(tl.int32)
-    lo = (lo >> ((k_lo & 1) * 4)) & 0xF
-    hi = (hi >> ((k_hi & 1) * 4)) & 0xF
+    packed = pair_of_codes(b_ptr, blk * 16 + row, c * (2 * KH) + k, KH, N, K)
     out = out_ptr + blk.to(tl.int64) * (chunks * 16 * KH) + c * (16 * KH) + p
-    tl.store(out, (lo | (hi << 4)).to(tl.uint8))
+    tl.store(out, packed)
 
 
 @triton.jit
