@@ -73,3 +73,23 @@ def test_fuzz_against_the_reference(chunk):
         if not fuzz.passes(case, err):
             failed.append(f"{case.short()}: rel err {err:.3g}")
     assert not failed, "\n".join(failed[:10])
+
+
+def test_fuzz_script_counts_refusals_apart(capsys):
+    """scripts/fuzz_gpu.py: a named backend's refusals (the seam's error) are counted, not failed,
+    and more cases are drawn; a backend that runs none of them fails the run. On a CPU the Gluon
+    backend refuses every call and the reference backend runs them all."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "fuzz_gpu.py"
+    spec = importlib.util.spec_from_file_location("fuzz_gpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--cases", "5", "--device", "cpu", "--backend", "reference", "--max-mnk", "8,40,128"]) == 0
+    assert "[reference] 5 passed, 0 failed, 0 refused" in capsys.readouterr().out
+    if torch.cuda.is_available():
+        pytest.skip("the Gluon backend may run here")
+    assert mod.main(["--cases", "5", "--device", "cpu", "--backend", "gluon", "--max-mnk", "8,40,128"]) == 1
+    out = capsys.readouterr().out
+    assert "[gluon] 0 passed, 0 failed, 100 refused" in out and "FAIL" not in out
