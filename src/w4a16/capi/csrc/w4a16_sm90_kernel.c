@@ -413,7 +413,7 @@ static int cached_weight(ctx_state *cs, const uint8_t *B, const void *scales, co
     return W4A16_SUCCESS;
 }
 
-static void free_stream_counters(void);
+static void free_stream_counters(void);   /* w4a16_gluon.c */
 
 static int drop_entries(const uint8_t *B, int all) {
     int dropped = 0;
@@ -514,7 +514,7 @@ static void set_kernel(plan_t *p, int kernel) {
     p->splits = 1, p->per = 0;
 }
 
-/* Chooses the kernel, the split and the rows per launch for this call and workspace. */
+/* The config's fields in range (any kernel, Gluon or Triton). */
 static int check_config(const w4a16_gemm_config *cfg) {
     for (int i = 0; i < 5; i++)
         if (cfg->reserved[i])
@@ -530,6 +530,7 @@ static int check_config(const w4a16_gemm_config *cfg) {
     return W4A16_SUCCESS;
 }
 
+/* Chooses the Triton kernel, the split and the rows per launch for this call and workspace. */
 static int make_plan(int entry_64, const w4a16_gemm_config *cfg, const layout_t *L, int m, int sms,
                      size_t ws_bytes, int generic, plan_t *p) {
     int kernel = -1, split_k = 0, zeroed = 0, s;
