@@ -120,3 +120,33 @@ def test_interleaved_eager_needs_a_model():
     from w4a16.e2e.interleaved import interleaved_eager
     with pytest.raises(ValueError, match="models"):
         interleaved_eager({}, 1, "cpu")
+
+
+def test_peers_are_timed_in_the_same_harness(monkeypatch):
+    """A peer quantizes a fresh fp16 copy its own way; it gets a row and a ratio row against fp16."""
+    from w4a16.e2e import peers
+
+    seen = []
+
+    def fake_peer(model, group_size):
+        seen.append(group_size)
+        return model   # stands in for another implementation: the fp16 model as it is
+    monkeypatch.setitem(peers.PEERS, "fake-int4", fake_peer)
+    res = speed.run_speed(**dict(RUN, batches=(1,), peers=("fake-int4",)))
+    assert [m.name for m in res.models][::2] == ["fp16", "fake-int4"] and len(res.models) == 3
+    assert seen == [RUN["group_size"]]
+    table = speed.format_speed(res)
+    assert "| W4A16 / fp16 |" in table and "| fake-int4 / fp16 |" in table
+
+
+def test_unknown_or_missing_peer_is_a_clear_error():
+    import importlib.util
+
+    from w4a16 import W4A16Error
+    from w4a16.e2e import peers
+
+    with pytest.raises(W4A16Error, match="peers: expected names from"):
+        speed.run_speed(**dict(RUN, peers=("nope",)))
+    if importlib.util.find_spec("torchao") is None:
+        with pytest.raises(W4A16Error, match="torchao"):
+            peers.torchao_int4(torch.nn.Linear(8, 8))

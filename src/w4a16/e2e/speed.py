@@ -16,7 +16,9 @@ downloaded. The same model is measured in fp16, then quantized in place with
   (inductor fuses the many small kernels around the GEMMs), for both models;
 * weight memory: bytes of the parameters and buffers, and ``torch.cuda.memory_allocated``;
 * where a decode step's device time goes (CUDA): a few eager steps under torch.profiler, their
-  kernels' device time per step summed by kind (W4A16 GEMM, other GEMMs, everything else).
+  kernels' device time per step summed by kind (W4A16 GEMM, other GEMMs, everything else);
+* peers (``peers=("torchao-int4",)``, ``w4a16.e2e.peers``): other int4 weight-only
+  implementations applied to a fresh copy of the fp16 model and timed the same way.
 
 Checks that stop the run (RuntimeError) before anything is timed:
 * the W4A16 model's logits on a prompt match the same model computing with its dequantized
@@ -380,7 +382,7 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
               group_size: int = 128, symmetric: bool = True, device: str = "cuda", context: int = 256,
               iters: int = 50, prompt_len: int = 32, verify_tokens: int = 64, use_graph: bool = True,
               eager_too: bool = False, interleave_eager: bool = False,
-              config_overrides=None, compile: bool = False, fuse: bool = True,
+              config_overrides=None, compile: bool = False, fuse: bool = True, peers: Sequence[str] = (),
               print_fn: Optional[Callable[[str], None]] = print) -> SpeedResult:
     """Measure fp16 and W4A16 on the Llama-3-8B shape (see the module docstring).
 
@@ -396,12 +398,16 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
             alternating blocks (``w4a16.e2e.interleaved``: host drift cancels; needs memory for both);
         compile: run the decode step's forward through torch.compile (both models);
         fuse: fuse q/k/v and gate/up into one W4A16 GEMM each (``quantize_model(fuse=...)``);
+        peers: names from ``w4a16.e2e.peers.PEERS`` (e.g. "torchao-int4"): each quantizes a fresh
+            copy of the fp16 model its own way and is timed in the same harness, after W4A16;
         config_overrides: dict of LlamaConfig fields (e.g. a tiny model for tests).
     Returns:
         SpeedResult; raises RuntimeError if a check fails.
     """
     from ..model import quantize_model
+    from .peers import PEERS, check_peers
 
+    check_peers(peers)
     say = print_fn or (lambda s: None)
     dims = llama_dims(layers, **(config_overrides or {}))
     config = llama_config(dims)
@@ -457,13 +463,20 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
         result.interleaved = [interleaved_eager({"fp16": fp16, name: model}, b, device, context, prompt_len,
                                                 steps=steps) for b in batches]
         del fp16
+    for peer in peers:
+        say(f"{peer}: quantizing a fresh copy of the fp16 model ...")
+        other = PEERS[peer](build_model(config, device), group_size)
+        result.models.append(_measure(peer, other, device, batches, prefill_tokens, decode_kw, say, graph_modes))
+        del other
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
     say(format_speed(result))
     return result
 
 
 # ---------------------------------------------------------------------- output
 def format_speed(result: SpeedResult) -> str:
-    """A markdown table: one row per model and a speed-up row (fp16 / W4A16)."""
+    """A markdown table: one row per model and a speed-up row per model against fp16 (the first)."""
     from ..model import format_bytes
 
     steps = [(d.batch, d.mode) for d in result.models[0].decode]
@@ -480,11 +493,12 @@ def format_speed(result: SpeedResult) -> str:
         dec = [f"{d.tokens_per_s:.1f}" + ("" if d.mode == "cuda-graph" or both else f" ({d.mode})")
                for d in m.decode]
         lines.append("| " + " | ".join([m.name, format_bytes(m.weight_bytes), f"{m.prefill_ms:.2f}"] + dec) + " |")
-    if len(result.models) == 2:
-        a, b = result.models
+    a = result.models[0]
+    for i, b in enumerate(result.models[1:]):
         ratio = [f"{a.weight_bytes / b.weight_bytes:.2f}x smaller", f"{a.prefill_ms / b.prefill_ms:.2f}x"]
         ratio += [f"{db.tokens_per_s / da.tokens_per_s:.2f}x" for da, db in zip(a.decode, b.decode)]
-        lines.append("| W4A16 / fp16 | " + " | ".join(ratio) + " |")
+        label = "W4A16 / fp16" if i == 0 else f"{b.name} / fp16"
+        lines.append(f"| {label} | " + " | ".join(ratio) + " |")
     notes = [f"b={d.batch} {m.name}: {d.note}" for m in result.models for d in m.decode if d.note]
     split = [f"{m.name} b={d.batch}: " + ", ".join(f"{k} {v:.2f}" for k, v in d.kernel_ms.items())
              for m in result.models for d in m.decode if d.kernel_ms]
@@ -522,6 +536,8 @@ def main(argv: Optional[Sequence[str]] = None) -> SpeedResult:
                    help="also time eager steps of fp16 and W4A16 in alternating blocks (both models in memory)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step's forward (both models)")
     p.add_argument("--no-fuse", action="store_true", help="one W4A16 GEMM per projection (no fused q/k/v, gate/up)")
+    p.add_argument("--peers", nargs="*", default=[], metavar="NAME",
+                   help="other int4 implementations timed in the same harness (torchao-int4)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None, help="folder for speed.json")
     a = p.parse_args(argv)
@@ -529,7 +545,7 @@ def main(argv: Optional[Sequence[str]] = None) -> SpeedResult:
         p.error("no CUDA device: this benchmark needs a GPU (--device cpu only checks that it runs)")
     result = run_speed(a.layers, a.batches, a.prefill_tokens, a.group_size, not a.asym, a.device, a.context,
                        a.iters, use_graph=not a.no_graph, compile=a.compile, fuse=not a.no_fuse,
-                       eager_too=a.eager_too, interleave_eager=a.interleave_eager)
+                       eager_too=a.eager_too, interleave_eager=a.interleave_eager, peers=a.peers)
     if a.out:
         print(f"wrote {write_json(result, a.out)}")
     return result
