@@ -56,23 +56,23 @@ def main(argv=None) -> int:
     for backend in args.backend or [None]:
         name = backend or "default"
         passed, failed, refused, worst, shown = 0, 0, 0, 0.0, 0
-        refused_last = False
+        reported = 0   # the count of cases run at the last progress line
         t0 = time.perf_counter()
         # the same draw for every backend; at most 20x --cases drawn to find --cases that run
         for case in fuzz.cases(20 * args.cases, seed=args.seed, max_mnk=max_mnk, dtypes=dtypes):
             ran = passed + failed
             if ran >= args.cases:
                 break
-            if args.progress and ran and ran % args.progress == 0 and not refused_last:
+            if args.progress and ran and ran % args.progress == 0 and ran != reported:
+                reported = ran
                 print(f"[{name}] {ran}/{args.cases}: {passed} passed, {failed} failed, {refused} refused, "
                       f"{time.perf_counter() - t0:.0f} s", flush=True)
-            refused_last = False
             try:
                 err = fuzz.run_case(case, device, backend=backend)
                 ok, msg = fuzz.passes(case, err), f"rel err {err:.3g}"
             except W4A16Error as e:
                 if backend is not None and REFUSAL in str(e):
-                    refused, refused_last = refused + 1, True
+                    refused += 1
                     continue
                 ok, msg, err = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", 0.0
             except Exception as e:  # a crash is a failure of that case, reported with the case

@@ -56,6 +56,6 @@ fi
 for p in "${pids[@]}"; do wait "$p" || status=1; done
 for f in "$OUT"/sanitize_*.txt; do [ -f "$f" ] && echo "$(basename "$f" .txt): $(grep -E 'SUMMARY' "$f" | tail -n 1)"; done
 for f in "$OUT"/fuzz_*.txt; do echo "$(basename "$f" .txt): $(tail -n 1 "$f")"; done
-echo "tests: $(grep -E 'passed|failed' "$OUT/tests/session.log" | tail -n 1)"
+[ -f "$OUT/tests/session.log" ] && echo "tests: $(grep -E 'passed|failed' "$OUT/tests/session.log" | tail -n 1)"
 echo "status $status"
 exit $status

@@ -102,17 +102,12 @@ class GluonPlanInfo:
     descs: tuple       # per descriptor (codes, x, scales, offsets): (swizzle, elem_size, cu_elem_type, box)
 
 
-# Triton's device-side TMA dtype codes -> CUtensorMapDataType (backends/nvidia/driver.py)
-_TMA_HOST_TYPE = {8: 10, 9: 8, 10: 9}
-
-
 def _descs(metadata) -> tuple:
-    out = []
-    for d in metadata.tensordesc_meta:
-        box = tuple(int(b) for b in d["block_size"])
-        out.append((int(d["swizzle"]), int(d["elem_size"]), _TMA_HOST_TYPE.get(int(d["elem_type"]), int(d["elem_type"])),
-                    box))
-    return tuple(out)
+    """Per descriptor argument: (swizzle, element bytes, CUtensorMapDataType, box), as Triton's own
+    launcher would encode it (the device-side dtype code mapped by its TMA_DTYPE_DEVICE_TO_HOST)."""
+    from triton.backends.nvidia.driver import TMA_DTYPE_DEVICE_TO_HOST
+    return tuple((int(d["swizzle"]), int(d["elem_size"]), TMA_DTYPE_DEVICE_TO_HOST[int(d["elem_type"])],
+                  tuple(int(b) for b in d["block_size"])) for d in metadata.tensordesc_meta)
 
 
 def compile_gluon(v: GluonVariant):
