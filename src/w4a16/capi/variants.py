@@ -31,8 +31,6 @@ GENERIC_KERNELS = ("tile128", "splitk64", "decode")
 SM90 = 90
 MAX_SHARED = 232448  # bytes of shared memory a block may opt into on sm_90
 
-GEMM_ARGS = ("x_ptr", "qk_ptr", "s_ptr", "z_ptr", "bias_ptr", "y_ptr", "part_ptr", "counter_ptr",
-             "M", "N", "K", "chunks", "chunks_per_split", "n_blocks", "alpha")
 
 
 @dataclass(frozen=True)
@@ -106,13 +104,14 @@ def _compile(fn, signature: dict, constexprs: dict, attrs: dict, num_warps: int,
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from w4a16.backends.triton_compat import COMPILE_OPTIONS
 
     sig = dict(signature)
     for k in constexprs:
         sig[k] = "constexpr"
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", SM90, 32),
-                       options={"num_warps": num_warps, "num_stages": num_stages})
+                       options={"num_warps": num_warps, "num_stages": num_stages, **COMPILE_OPTIONS})
     return compiled_of(k, name)
 
 
@@ -128,27 +127,18 @@ def compiled_of(k, name: str, gluon=None) -> Compiled:
 
 def compile_gemm(v: Variant) -> Compiled:
     """The cubin of one GEMM variant (sm_90a)."""
-    import triton.language as tl
-    from w4a16.backends.triton.gemm import w4a16_gemm_kernel
+    from w4a16.backends.triton.config import GemmConfig
+    from w4a16.backends.triton.offline import ALIGNED_ARGS
+    from w4a16.backends.triton.offline import compile_gemm as compile_kernel
 
     s = SHAPES[v.kernel]
-    st = "*fp32" if s.wide_scales else f"*{v.dtype}"
-    types = (f"*{v.dtype}", "*u8", st, st, f"*{v.dtype}", f"*{v.dtype}", "*fp32", "*i32",
-             "i32", "i32", "i32", "i32", "i32", "i32", "fp32")
-    signature = dict(zip(GEMM_ARGS, types))
-    if v.generic:  # only the library's own buffers are known to be aligned
-        hinted = ("qk_ptr", "s_ptr", "z_ptr", "part_ptr", "counter_ptr")
-    else:
-        hinted = ("x_ptr", "qk_ptr", "s_ptr", "z_ptr", "bias_ptr", "y_ptr", "part_ptr", "counter_ptr", "N", "K")
-    attrs = {(GEMM_ARGS.index(a),): [["tt.divisibility", 16]] for a in hinted}
-    kc = 64 if v.group_class == 32 else 128
-    constexprs = dict(
-        GROUP_LOG2=v.group_class.bit_length() - 1, KC=kc, ONE_SCALE=v.group_class % kc == 0,
-        EVEN_K=not v.generic, BM=s.block_m, BN=s.block_n, EPILOGUE=s.kind == "tile", GROUP_M=8,
-        SWAP_AB=True, UNROLL=s.unroll, PREFETCH=s.prefetch, SCALE_AFTER=s.scale_after,
-        HAS_ZEROS=v.zeros, HAS_BIAS=True, ATOMIC=False, USE_ASM=True,
-        DTYPE=tl.float16 if v.dtype == "fp16" else tl.bfloat16)
-    return _compile(w4a16_gemm_kernel, signature, constexprs, attrs, s.num_warps, s.num_stages, v.name)
+    cfg = GemmConfig(s.kind, s.block_m, s.block_n, num_warps=s.num_warps, num_stages=s.num_stages, unroll=s.unroll,
+                     prefetch=s.prefetch, scale_after=s.scale_after, wide_scales=s.wide_scales)
+    # generic variants: only the library's own buffers are known to be aligned
+    aligned = ("qk_ptr", "s_ptr", "z_ptr", "part_ptr", "counter_ptr") if v.generic else ALIGNED_ARGS
+    k = compile_kernel(cfg, v.dtype, v.group_class, v.zeros, has_bias=True, epilogue=s.kind == "tile",
+                       even_k=not v.generic, aligned=aligned)
+    return compiled_of(k, v.name)
 
 
 REPACK_NAMES = ("codes_h64", "codes_h32", "scales_fp16", "scales_bf16")

@@ -9,6 +9,7 @@ This module imports no Triton: the launcher is imported on the first ``run``.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 from dataclasses import asdict
 from typing import List, Optional
@@ -23,17 +24,16 @@ from .prefill_config import MIN_M as PREFILL_MIN_M
 from .prefill_config import NAMED as PREFILL_NAMED
 from .prefill_config import GluonPrefillConfig, prefill_candidates, prefill_heuristic
 
-TRITON_VERSION = "3.6.0"  # the Gluon API changes between releases: the kernels are written for this one
 MAX_M = 64
 
 
 @functools.lru_cache(maxsize=1)
-def _triton_version() -> Optional[str]:
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton.__version__
+def _triton_unsupported() -> Optional[str]:
+    """Why this process's Triton cannot run the Gluon kernels, or None (imports Triton)."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    from ..triton_compat import gluon_unsupported
+    return gluon_unsupported()
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,11 +50,11 @@ class GluonBackend(Backend):
     config_type = (GluonDecodeConfig, GluonPrefillConfig)   # isinstance() takes the tuple
 
     def available(self, device: torch.device) -> Optional[str]:
-        v = _triton_version()
-        if v != TRITON_VERSION:
-            return f"the Gluon kernels are written for triton {TRITON_VERSION}, found {v}"
-        if device.type != "cuda":
+        if device.type != "cuda":   # before Triton is imported: a CPU process may not have it set up for Gluon
             return "Gluon kernels need an sm_90 GPU (they do not run in Triton's interpreter)"
+        reason = _triton_unsupported()
+        if reason:
+            return reason
         major, minor = torch.cuda.get_device_capability(device)
         if (major, minor) != (9, 0):
             return f"compute capability {major}.{minor}: the Gluon kernels are built for sm_90a (Hopper)"

@@ -71,10 +71,16 @@ class GluonDecodeConfig:
 
     def scale_after(self, has_zeros: bool, group: int) -> bool:
         """Whether the kernel applies the scales after the MMA for this weight (see ``sa``): symmetric
-        weights, mt <= 32, and above mt = 8 groups of at least 128 and at most 2 chunks per stage
+        weights, mt <= 32; at mt = 8 not with 4 chunks of group 64; above mt = 8 groups of at least
+        128 and at most 2 chunks per stage
         (with two groups per chunk or 4 chunks, the wider tiles' integer sums do not fit 80
         registers and ptxas waits for every wgmma: checked by tests/gluon/test_gluon_sass.py)."""
-        return self.sa and not has_zeros and (self.mt <= 8 or (self.mt <= 32 and group >= 128 and self.nch <= 2))
+        if not self.sa or has_zeros:
+            return False
+        if self.mt <= 8:
+            # 4 chunks of two 64-value groups: ptxas waits after every HGMMA (w4a16 sass, triton 3.6-3.9)
+            return not (self.nch == 4 and group == 64)
+        return self.mt <= 32 and group >= 128 and self.nch <= 2
 
     @property
     def launch_warps(self) -> int:

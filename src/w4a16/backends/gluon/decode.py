@@ -35,8 +35,9 @@ y: deterministic, one launch. SPLIT = 2 adds the partials atomically into a zero
 import triton  # noqa: F401
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
+from ..triton_compat import barrier, reinterpret, tma_load
 from .dequant_ptx import dequant_ptx
 
 # the dequant programs (dequant_ptx.py): q * s + o, and q - 8 for symmetric weights scaled after the MMA
@@ -112,15 +113,15 @@ def _issue(it, st0, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ri
             mbarrier.expect(bar, NB0 + o_desc.block_type.nbytes)
         else:
             mbarrier.expect(bar, NB0)
-        tma.async_copy_global_to_shared(c_desc, [row0 // 16, k0 // 32, 0], bar, c_ring.index(slot))
+        tma_load(c_desc, [row0 // 16, k0 // 32, 0], bar, c_ring.index(slot))
     if PART != 1:
         for j in gl.static_range(2 * NCH):
-            tma.async_copy_global_to_shared(x_desc, [0, k0 + j * KH], bar, x_ring.index(slot * 2 * NCH + j))
+            tma_load(x_desc, [0, k0 + j * KH], bar, x_ring.index(slot * 2 * NCH + j))
     if PART != 2:
         g0 = k0 // group
-        tma.async_copy_global_to_shared(s_desc, [g0, row0], bar, s_ring.index(slot))
+        tma_load(s_desc, [g0, row0], bar, s_ring.index(slot))
         if HAS_ZEROS:
-            tma.async_copy_global_to_shared(o_desc, [g0, row0], bar, o_ring.index(slot))
+            tma_load(o_desc, [g0, row0], bar, o_ring.index(slot))
 
 
 @gluon.jit
@@ -130,9 +131,9 @@ def _scale_pair(s_ring, o_ring, slot, gi: gl.constexpr, row_l: gl.constexpr, HAS
     BN: gl.constexpr = s_ring.shape[2]
     fl: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
     START: gl.constexpr = gi * BN
-    s = s_ring.index(slot)._reinterpret(s_ring.dtype, [GPS * BN], fl).slice(START, BN).load(row_l)
+    s = reinterpret(s_ring.index(slot), s_ring.dtype, [GPS * BN], fl).slice(START, BN).load(row_l)
     if HAS_ZEROS:
-        o = o_ring.index(slot)._reinterpret(s_ring.dtype, [GPS * BN], fl).slice(START, BN).load(row_l)
+        o = reinterpret(o_ring.index(slot), s_ring.dtype, [GPS * BN], fl).slice(START, BN).load(row_l)
     else:
         o = s * -8.0
     return gl.expand_dims(s, 1), gl.expand_dims(o, 1)
@@ -162,7 +163,7 @@ def _epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, pid_k,
             else:
                 gl.store(part_ptr + pid_k * part_stride + offs, acc, mask=mask)
                 counter = cnt_ptr + cnt_idx
-            gl.thread_barrier()
+            barrier()
             arrived = gl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
             if arrived == nsplit - 1:
                 total = gl.zeros([BN, MT], gl.float32, acc_l)
@@ -215,7 +216,7 @@ def _stage_codes(it, c_ring, bars, W: gl.constexpr, KH: gl.constexpr, NCH: gl.co
     wgmma A-fragment order of ``code_smem_layout``)."""
     slot = it % STAGES
     mbarrier.wait(bars.index(slot), (it // STAGES) & 1)
-    cview = c_ring.index(slot)._reinterpret(gl.uint8, [16 * W, NCH * KH], code_smem_layout(W, NCH, KH))
+    cview = reinterpret(c_ring.index(slot), gl.uint8, [16 * W, NCH * KH], code_smem_layout(W, NCH, KH))
     return slot, cview
 
 
@@ -226,7 +227,7 @@ def _acc_scale(s_ring, slot, gi: gl.constexpr, acc_l: gl.constexpr):
     GPS: gl.constexpr = s_ring.shape[1]
     BN: gl.constexpr = s_ring.shape[2]
     fl: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
-    s = s_ring.index(slot)._reinterpret(s_ring.dtype, [GPS * BN], fl).slice(gi * BN, BN).load(
+    s = reinterpret(s_ring.index(slot), s_ring.dtype, [GPS * BN], fl).slice(gi * BN, BN).load(
         gl.SliceLayout(1, acc_l))
     return gl.expand_dims(s.to(gl.float32), 1)
 
@@ -455,7 +456,7 @@ def w4a16_decode_kernel(
         for it in range(n_it):
             # Every warp is done with slot (it - 1) % STAGES (its wgmmas were waited for at the end
             # of the last iteration): refill it with stage it + STAGES - 1.
-            gl.thread_barrier()
+            barrier()
             nxt = it + STAGES - 1
             if nxt < n_it:
                 _issue(nxt, st0, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, row0, group,

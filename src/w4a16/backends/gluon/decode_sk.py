@@ -21,6 +21,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
+from ..triton_compat import barrier
 from .decode import _consume_stage, _epilogue, _issue, allocate_rings, gdc_launch_dependents, gdc_wait
 
 
@@ -76,7 +77,7 @@ def _sk_tile_done(acc, t, kb, ke, u0, n_stages, n_units, y_ptr, bias_ptr, part_p
         offs = gl.expand_dims(offs_m, 0) * BN + gl.expand_dims(offs_n, 1)
         mine = 2 * gl.program_id(0) + (t != u0 // n_stages).to(gl.int32)
         gl.store(part_ptr + mine * (M * BN) + offs, acc, mask=mask)
-        gl.thread_barrier()
+        barrier()
         ts = t * n_stages
         first = ((ts + 1) * P - 1) // n_units            # the program holding unit ts
         last = ((ts + n_stages) * P - 1) // n_units      # ... and unit ts + n_stages - 1

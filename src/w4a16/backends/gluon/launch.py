@@ -1,13 +1,8 @@
-"""Host side of the Gluon decode kernel: support check, cached launch plans, launch, and
-offline compilation for sm_90a with a SASS report (no GPU needed)."""
+"""Host side of the Gluon decode kernel: support check, cached launch plans, launch (its offline
+compilation for sm_90a is in ``offline.py``)."""
 from __future__ import annotations
 
-import collections
 import functools
-import os
-import re
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,25 +13,17 @@ from ..workspace import plans_of, tile_counters
 from .config import GluonDecodeConfig, auto_splits
 from .layout import GLUON_LAYOUT_VERSION, GluonPrepared, half_chunk
 
-TRITON_VERSION = "3.6.0"
 MAX_M = 64
 PRODUCER_REGS = 40   # registers of the one-warp TMA producer partition (setmaxnreg)
-
-
-def _triton_version() -> Optional[str]:
-    try:
-        import triton
-        return triton.__version__
-    except ImportError:
-        return None
 
 
 def supports(M: int, N: int, K: int, group: int, dtype: torch.dtype, has_zeros: bool,
              x: Optional[torch.Tensor] = None) -> Optional[str]:
     """None when the Gluon decode kernel handles this call, else the reason it does not."""
-    v = _triton_version()
-    if v != TRITON_VERSION:
-        return f"Gluon kernels are written for triton {TRITON_VERSION}, found {v}"
+    from ..triton_compat import gluon_unsupported
+    reason = gluon_unsupported()
+    if reason:
+        return reason
     if not (1 <= M <= MAX_M):
         return f"M = {M} outside 1..{MAX_M}"
     if dtype not in (torch.float16, torch.bfloat16):
@@ -61,21 +48,21 @@ def supports(M: int, N: int, K: int, group: int, dtype: torch.dtype, has_zeros: 
     return None
 
 
-def _gl_dtype(dtype):
+def gl_dtype(dtype):
     from triton.experimental.gluon import language as gl
     return gl.float16 if dtype == torch.float16 else gl.bfloat16
 
 
-def _layouts(cfg: GluonDecodeConfig, kh: int, dtype):
+def smem_layouts(cfg: GluonDecodeConfig, kh: int, dtype):
     from triton.experimental.gluon import language as gl
-    gdt = _gl_dtype(dtype)
+    gdt = gl_dtype(dtype)
     cl = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=3)
     xl = gl.NVMMASharedLayout.get_default_for([cfg.mt, kh], gdt)
     sl = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
     return cl, xl, sl
 
 
-def _blocks(cfg: GluonDecodeConfig, kh: int, group: int):
+def stage_blocks(cfg: GluonDecodeConfig, kh: int, group: int):
     """(KS, GPS, GDIV): values of K per stage, scale rows per stage box, local group divisor."""
     ks = cfg.nch * 2 * kh
     if group < ks:
@@ -84,11 +71,11 @@ def _blocks(cfg: GluonDecodeConfig, kh: int, group: int):
 
 
 @functools.lru_cache(maxsize=1024)
-def _constexprs(cfg, kh, group, split_mode, has_zeros, has_bias, dtype):
+def decode_constexprs(cfg, kh, group, split_mode, has_zeros, has_bias, dtype):
     """The kernel's constexpr arguments, in signature order (cached: the same few per weight)."""
-    ks, gps, gdiv = _blocks(cfg, kh, group)
+    ks, gps, gdiv = stage_blocks(cfg, kh, group)
     return dict(MT=cfg.mt, W=cfg.warps, KH=kh, NCH=cfg.nch, STAGES=cfg.stages, GPS=gps, GDIV=gdiv,
-                SPLIT=split_mode, HAS_ZEROS=bool(has_zeros), HAS_BIAS=bool(has_bias), DTYPE=_gl_dtype(dtype),
+                SPLIT=split_mode, HAS_ZEROS=bool(has_zeros), HAS_BIAS=bool(has_bias), DTYPE=gl_dtype(dtype),
                 WS=bool(cfg.ws), PRODUCER_REGS=PRODUCER_REGS, SA=cfg.scale_after(has_zeros, group), PDL=bool(cfg.pdl))
 
 
@@ -124,8 +111,8 @@ def weight_descriptors(pw: GluonPrepared, cfg, bn: int) -> tuple:
     [bn / 16, ks / 32, 256], scale and offset boxes [groups per stage, bn]."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     kh = pw.kh
-    ks, gps, _ = _blocks(cfg, kh, pw.group)
-    cl, xl, sl = _layouts(cfg, kh, pw.dtype)
+    ks, gps, _ = stage_blocks(cfg, kh, pw.group)
+    cl, xl, sl = smem_layouts(cfg, kh, pw.dtype)
     c_desc = TensorDescriptor.from_tensor(pw.codes, [bn // 16, ks // 32, 256], cl)
     s_desc = TensorDescriptor.from_tensor(pw.scales_t, [gps, bn], sl)
     o_desc = TensorDescriptor.from_tensor(pw.offs_t, [gps, bn], sl) if pw.offs_t is not None else s_desc
@@ -218,7 +205,7 @@ def run_decode(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor]
     y = out if out is not None else torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     x_desc = TensorDescriptor(x2, [M, K], [K, 1], [cfg.mt, plan.kh], plan.xl)
     part, cnt = workspace_of(plan, x2.device)
-    cx = _constexprs(cfg, plan.kh, pw.group, plan.split_mode, pw.has_zeros, bias is not None, x2.dtype)
+    cx = decode_constexprs(cfg, plan.kh, pw.group, plan.split_mode, pw.has_zeros, bias is not None, x2.dtype)
     args = (plan.c_desc, x_desc, plan.s_desc, plan.o_desc, y, bias if bias is not None else y, part, cnt,
             M, N, pw.group, plan.n_stages, plan.sps, float(alpha))
     _launch(plan.kernel, plan.grid, args, cx, cfg, (cfg, plan.kh, pw.K_pad, x2.get_device()))
@@ -251,10 +238,11 @@ def _launch(kernel, grid, args, cx: dict, cfg: GluonDecodeConfig, static: tuple)
     through its compiled launcher (Gluon's generic launch binds every argument in Python on each
     call). The key holds what the compiled kernel depends on: the config and layout (descriptor
     block shapes), the device, the constexprs and each plain argument's specialization."""
-    from ..triton.fast_launch import _hooks_active, arg_key
+    from ..triton.fast_launch import arg_key
+    from ..triton_compat import COMPILE_OPTIONS, hooks_active
 
     key = (static, tuple(cx.values()), tuple(arg_key(a) for a in args[4:]))
-    compiled = _KERNELS.get(key) if _DIRECT[0] and not _hooks_active() else None
+    compiled = _KERNELS.get(key) if _DIRECT[0] and not hooks_active() else None
     if compiled is not None and static[-1] == torch._C._cuda_getDevice():
         stream = torch._C._cuda_getCurrentRawStream(static[-1])
         try:
@@ -266,135 +254,13 @@ def _launch(kernel, grid, args, cx: dict, cfg: GluonDecodeConfig, static: tuple)
             _DIRECT[0] = False
             _DIRECT_ERROR[0] = repr(e)
     opts = {"launch_pdl": True} if getattr(cfg, "pdl", False) else {}   # a programmatic dependent launch
-    compiled = kernel[grid](*args, num_warps=cfg.warps, maxnreg=cfg.regs, **opts, **cx)
+    compiled = kernel[grid](*args, num_warps=cfg.warps, maxnreg=cfg.regs, **opts, **COMPILE_OPTIONS, **cx)
     if hasattr(compiled, "result"):
         compiled = compiled.result()
     if len(_KERNELS) >= 256:
         _KERNELS.clear()
     _KERNELS[key] = compiled
     _LAST[0] = (compiled, grid)
-
-
-# ----------------------------------------------------------------------------- offline (no GPU)
-def compile_for_sm90(cfg: GluonDecodeConfig, dtype=torch.float16, has_zeros: bool = False, group: int = 128,
-                     has_bias: bool = True, split_mode: int = 1, attrs: Optional[dict] = None):
-    """Compile the kernel for sm_90a (GPUTarget("cuda", 90, 32)) on any machine (a stream-K config
-    compiles the stream-K kernel, whose split mode is always 3). ``attrs``: Triton's argument
-    attributes, e.g. {(4,): [["tt.divisibility", 16]]} (what the JIT infers from 16-byte aligned
-    pointers and sizes; the C library compiles with them)."""
-    from .decode import w4a16_decode_kernel
-    from .decode_sk import w4a16_decode_sk_kernel
-    if cfg.sk:
-        split_mode = 3
-    kh = half_chunk(group)
-    ks, gps, _ = _blocks(cfg, kh, group)
-    cl, xl, sl = _layouts(cfg, kh, dtype)
-    dt = "fp16" if dtype == torch.float16 else "bf16"
-    bn = 16 * cfg.warps
-    sig = {"c_desc": f"tensordesc<u8[{cfg.warps}, {ks // 32}, 256],{cl!r}>",
-           "x_desc": f"tensordesc<{dt}[{cfg.mt}, {kh}],{xl!r}>",
-           "s_desc": f"tensordesc<{dt}[{gps}, {bn}],{sl!r}>",
-           "o_desc": f"tensordesc<{dt}[{gps}, {bn}],{sl!r}>",
-           "y_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "part_ptr": "*fp32", "cnt_ptr": "*i32",
-           "M": "i32", "N": "i32", "group": "i32", "n_stages": "i32",
-           ("n_units" if cfg.sk else "stages_per_split"): "i32", "alpha": "fp32"}
-    cx = _constexprs(cfg, kh, group, split_mode, has_zeros, has_bias, dtype)
-    for k in cx:
-        sig[k] = "constexpr"
-    return compile_sm90(w4a16_decode_sk_kernel if cfg.sk else w4a16_decode_kernel, sig, cx, cfg.warps, cfg.regs,
-                        launch_pdl=cfg.pdl, attrs=attrs)
-
-
-def compile_sm90(kernel, signature: dict, constexprs: dict, num_warps: int, maxnreg: int, launch_pdl: bool = False,
-                 attrs: Optional[dict] = None):
-    """``triton.compile`` of a Gluon kernel for sm_90a (GPUTarget("cuda", 90, 32)), no GPU needed;
-    TRITON_INTERPRET is set aside meanwhile (the interpreter must not take over compiling)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    saved = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        return triton.compile(GluonASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "maxnreg": maxnreg, "launch_pdl": launch_pdl})
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
-
-
-def _cuobjdump(cubin: bytes, *flags) -> str:
-    import triton
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        r = subprocess.run([tool, *flags, f.name], capture_output=True, text=True)
-    finally:
-        os.unlink(f.name)
-    return r.stdout + r.stderr
-
-
-_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
-
-
-def sass_ops(compiled) -> tuple:
-    """([(address, opcode)] of the kernel's SASS, cuobjdump's resource-usage text)."""
-    sass = _cuobjdump(compiled.asm["cubin"], "-sass")
-    res = _cuobjdump(compiled.asm["cubin"], "-res-usage")
-    lines = []
-    for ln in sass.splitlines():
-        m = _LINE.match(ln)
-        if m:
-            lines.append((int(m.group(1), 16), m.group(2)))
-    ops = [(a, re.sub(r"^@!?U?P\w+\s+", "", t).split()[0], t) for a, t in lines if t]
-    return ops, res
-
-
-def backward_branches(ops) -> list:
-    """(first address, branch address, [opcodes in between]) of every backward branch: the loops."""
-    out = []
-    for a, _, t in ops:
-        m = re.search(r"BRA\s+(?:`?\(?)0x([0-9a-f]+)", t)
-        if m and int(m.group(1), 16) < a:
-            lo = int(m.group(1), 16)
-            out.append((lo, a, [o for (b, o, _) in ops if lo <= b <= a]))
-    return out
-
-
-def wait_between_hgmma(body) -> bool:
-    """A wgmma wait between two HGMMAs that follow each other with no dequant work in between
-    (ptxas serialized them)."""
-    hg = [i for i, o in enumerate(body) if o.startswith("HGMMA")]
-    return any(any(o.startswith("WARPGROUP.DEPBAR") for o in body[i + 1:j]) and
-               not any(o.startswith(("LDS", "LOP3", "HFMA2")) for o in body[i + 1:j])
-               for i, j in zip(hg, hg[1:]))
-
-
-def sass_stats(compiled, cfg: Optional[GluonDecodeConfig] = None, group: int = 128) -> dict:
-    """SASS report of a compiled kernel: registers, shared bytes, spills (LDL/STL), and for the main
-    loop (the longest backward branch holding HGMMA): its opcode histogram, HGMMA count, whether a
-    wgmma wait sits between two consecutive HGMMAs, and instructions per weight (given cfg)."""
-    ops, res = sass_ops(compiled)
-    spans = [(sum(o.startswith("HGMMA") for o in body), -len(body), body) for _, _, body in backward_branches(ops)]
-    # the main loop: the backward branch spanning the most HGMMAs, the shortest such
-    best = max(spans, key=lambda s: (s[0], s[1]))[2] if spans and max(spans)[0] else []
-    hist = collections.Counter(best)
-    regs = re.search(r"REG:(\d+)", res)
-    out = {
-        "registers": int(regs.group(1)) if regs else None,
-        "shared_bytes": compiled.metadata.shared,
-        "spills": sum(1 for _, o, _ in ops if o.startswith(("LDL", "STL"))),
-        "loop_instructions": len(best),
-        "loop_histogram": dict(hist.most_common()),
-        "hgmma": sum(v for k, v in hist.items() if k.startswith("HGMMA")),
-        "wait_between_hgmma": wait_between_hgmma(best),
-    }
-    if cfg is not None:
-        kh = half_chunk(group)
-        per_thread = 16 * cfg.warps * cfg.nch * 2 * kh // (32 * cfg.warps)
-        out["weights_per_thread"] = per_thread
-        out["instr_per_weight"] = round(len(best) / per_thread, 3)
-    return out
 
 
 def layout_version() -> int:

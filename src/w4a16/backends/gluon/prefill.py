@@ -34,8 +34,9 @@ of it: its own fp32 accumulator [BN, MT], its own epilogue. Partitions (``warp_s
 import triton  # noqa: F401
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
+from ..triton_compat import reinterpret, tma_load
 from .decode import _epilogue, code_smem_layout, dequant_chunk
 
 
@@ -88,16 +89,16 @@ def _pf_producer(n_work, n_tn, n_tm, n_k, n_split, kps, c_desc, x_desc, s_desc, 
             else:
                 mbarrier.expect(bar, NB)
             k0 = kk * KS
-            tma.async_copy_global_to_shared(c_desc, [row0 // 16, k0 // 32, 0], bar, c0.index(slot))
-            tma.async_copy_global_to_shared(c_desc, [row0 // 16 + RB, k0 // 32, 0], bar, c1.index(slot))
+            tma_load(c_desc, [row0 // 16, k0 // 32, 0], bar, c0.index(slot))
+            tma_load(c_desc, [row0 // 16 + RB, k0 // 32, 0], bar, c1.index(slot))
             for j in gl.static_range(2 * NCH):
-                tma.async_copy_global_to_shared(x_desc, [tok0, k0 + j * KH], bar, x_ring.index(slot * 2 * NCH + j))
+                tma_load(x_desc, [tok0, k0 + j * KH], bar, x_ring.index(slot * 2 * NCH + j))
             g0 = k0 // group
-            tma.async_copy_global_to_shared(s_desc, [g0, row0], bar, s0.index(slot))
-            tma.async_copy_global_to_shared(s_desc, [g0, row0 + BN], bar, s1.index(slot))
+            tma_load(s_desc, [g0, row0], bar, s0.index(slot))
+            tma_load(s_desc, [g0, row0 + BN], bar, s1.index(slot))
             if HAS_ZEROS:
-                tma.async_copy_global_to_shared(o_desc, [g0, row0], bar, o0.index(slot))
-                tma.async_copy_global_to_shared(o_desc, [g0, row0 + BN], bar, o1.index(slot))
+                tma_load(o_desc, [g0, row0], bar, o0.index(slot))
+                tma_load(o_desc, [g0, row0 + BN], bar, o1.index(slot))
             it += 1
 
 
@@ -112,7 +113,7 @@ def _pf_stage(acc, it, c_ring, x_ring, s_ring, o_ring, full, empty, turn_mine, t
     cview_l: gl.constexpr = code_smem_layout(BN // 16, NCH, KH)
     slot = it % STAGES
     mbarrier.wait(full.index(slot), (it // STAGES) & 1)
-    cview = c_ring.index(slot)._reinterpret(gl.uint8, [BN, NCH * KH], cview_l)
+    cview = reinterpret(c_ring.index(slot), gl.uint8, [BN, NCH * KH], cview_l)
     for ch in gl.static_range(NCH):
         w_lo, w_hi = dequant_chunk(cview, s_ring, o_ring, slot, ch, a_l, KH, GDIV, HAS_ZEROS, DTYPE)
         if PINGPONG:

@@ -1,5 +1,5 @@
 """Host side of the Gluon prefill kernel (``prefill.py``): support check, cached launch plans, the
-launch (through ``launch._launch``'s direct path), and offline compilation for sm_90a."""
+launch (through ``launch._launch``'s direct path); its offline compilation is in ``offline.py``."""
 from __future__ import annotations
 
 import functools
@@ -10,7 +10,7 @@ import torch
 
 from ...errors import expect
 from ..workspace import plans_of, tile_counters
-from .launch import PRODUCER_REGS, _blocks, _gl_dtype, _launch, _layouts, check_x2, k_ranges, weight_descriptors
+from .launch import PRODUCER_REGS, stage_blocks, gl_dtype, _launch, smem_layouts, check_x2, k_ranges, weight_descriptors
 from .launch import supports as _decode_supports
 from .layout import GluonPrepared, half_chunk
 from .prefill_config import MIN_M, GluonPrefillConfig
@@ -28,13 +28,13 @@ def supports(M: int, N: int, K: int, group: int, dtype: torch.dtype, has_zeros: 
 
 
 @functools.lru_cache(maxsize=1024)
-def _constexprs(cfg: GluonPrefillConfig, kh: int, group: int, has_zeros: bool, has_bias: bool, dtype,
+def prefill_constexprs(cfg: GluonPrefillConfig, kh: int, group: int, has_zeros: bool, has_bias: bool, dtype,
                 split: bool = False):
     """The kernel's constexpr arguments, in signature order."""
-    ks, gps, gdiv = _blocks(cfg, kh, group)
+    ks, gps, gdiv = stage_blocks(cfg, kh, group)
     return dict(MT=cfg.mt, BN=cfg.bn, KH=kh, NCH=cfg.nch, STAGES=cfg.stages, GPS=gps, GDIV=gdiv,
                 GROUP_N=cfg.group_n, PINGPONG=bool(cfg.pingpong), HOLD=bool(cfg.hold), HAS_ZEROS=bool(has_zeros),
-                HAS_BIAS=bool(has_bias), DTYPE=_gl_dtype(dtype), EPI_PARTS=cfg.epi_parts, SPLIT=bool(split),
+                HAS_BIAS=bool(has_bias), DTYPE=gl_dtype(dtype), EPI_PARTS=cfg.epi_parts, SPLIT=bool(split),
                 CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=PRODUCER_REGS)
 
 
@@ -92,7 +92,7 @@ def run_prefill(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor
     y = out if out is not None else torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     x_desc = TensorDescriptor(x2, [M, K], [K, 1], [cfg.mt, plan.kh], plan.xl)
     split = plan.n_split > 1
-    cx = _constexprs(cfg, plan.kh, pw.group, pw.has_zeros, bias is not None, x2.dtype, split)
+    cx = prefill_constexprs(cfg, plan.kh, pw.group, pw.has_zeros, bias is not None, x2.dtype, split)
     if split:
         part = torch.empty(plan.n_split * M * N, dtype=torch.float32, device=x2.device)
         # per (tile, warpgroup, epilogue slice); this (device, stream)'s buffer, kept at zero by the kernels
@@ -105,68 +105,3 @@ def run_prefill(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor
     return y
 
 
-# ----------------------------------------------------------------------------- offline (no GPU)
-def compile_prefill_for_sm90(cfg: GluonPrefillConfig, dtype=torch.float16, has_zeros: bool = False,
-                             group: int = 128, has_bias: bool = True, attrs: Optional[dict] = None):
-    """Compile the prefill kernel for sm_90a (GPUTarget("cuda", 90, 32)) on any machine (``attrs``:
-    as in ``launch.compile_for_sm90``)."""
-    from .launch import compile_sm90
-    from .prefill import w4a16_prefill_kernel
-    kh = half_chunk(group)
-    ks, gps, _ = _blocks(cfg, kh, group)
-    cl, xl, sl = _layouts(cfg, kh, dtype)
-    dt = "fp16" if dtype == torch.float16 else "bf16"
-    sig = {"c_desc": f"tensordesc<u8[{cfg.bn // 16}, {ks // 32}, 256],{cl!r}>",
-           "x_desc": f"tensordesc<{dt}[{cfg.mt}, {kh}],{xl!r}>",
-           "s_desc": f"tensordesc<{dt}[{gps}, {cfg.bn}],{sl!r}>",
-           "o_desc": f"tensordesc<{dt}[{gps}, {cfg.bn}],{sl!r}>",
-           "y_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "part_ptr": "*fp32", "cnt_ptr": "*i32",
-           "M": "i32", "N": "i32", "group": "i32", "n_k": "i32", "n_tn": "i32", "n_tm": "i32", "n_split": "i32",
-           "kps": "i32", "alpha": "fp32"}
-    cx = _constexprs(cfg, kh, group, has_zeros, has_bias, dtype, cfg.splits > 1)
-    for k in cx:
-        sig[k] = "constexpr"
-    return compile_sm90(w4a16_prefill_kernel, sig, cx, cfg.warps, cfg.regs, attrs=attrs)
-
-
-def prefill_sass_stats(compiled, cfg: Optional[GluonPrefillConfig] = None, group: int = 128) -> dict:
-    """SASS report of a compiled prefill kernel: registers, shared bytes, spills (LDL/STL), setmaxnreg
-    instructions, and for each consumer partition's main loop (an innermost backward branch that
-    holds HGMMA: one per consumer warpgroup) its opcode histogram, HGMMA count, whether a wgmma wait
-    sits between two consecutive HGMMAs, and instructions per weight (given cfg)."""
-    import collections
-    import re
-    from .launch import backward_branches, sass_ops, wait_between_hgmma
-    ops, res = sass_ops(compiled)
-    # the K loops: HGMMA and no global store (a tile loop holds the epilogue's STG)
-    loops = [(lo, a, body) for lo, a, body in backward_branches(ops)
-             if any(o.startswith("HGMMA") for o in body) and not any(o.startswith("STG") for o in body)]
-    # innermost: no other HGMMA loop strictly inside
-    inner = [L for L in loops if not any(o is not L and L[0] <= o[0] and o[1] <= L[1] and (o[0], o[1]) != (L[0], L[1])
-                                         for o in loops)]
-    seen, mains = set(), []
-    for lo, hi, body in sorted(inner):
-        if (lo, hi) not in seen:
-            seen.add((lo, hi))
-            mains.append(body)
-    kh = half_chunk(group)
-    per_thread = cfg.bn * cfg.nch * 2 * kh // 128 if cfg is not None else None
-    loops_out = []
-    for body in mains:
-        hist = collections.Counter(body)
-        wait_between = wait_between_hgmma(body)
-        d = {"instructions": len(body), "spills": sum(1 for o in body if o.startswith(("LDL", "STL"))), "histogram": dict(hist.most_common()),
-             "hgmma": sum(v for k, v in hist.items() if k.startswith("HGMMA")), "wait_between_hgmma": wait_between}
-        if per_thread:
-            d["weights_per_thread"] = per_thread
-            d["instr_per_weight"] = round(len(body) / per_thread, 3)
-        loops_out.append(d)
-    regs = re.search(r"REG:(\d+)", res)
-    return {
-        "registers": int(regs.group(1)) if regs else None,
-        "num_warps": compiled.metadata.num_warps,
-        "shared_bytes": compiled.metadata.shared,
-        "spills": sum(1 for _, o, _ in ops if o.startswith(("LDL", "STL"))),
-        "setmaxnreg": sum(1 for _, o, _ in ops if o.startswith("USETMAXREG")),
-        "main_loops": loops_out,
-    }

@@ -12,21 +12,8 @@ from __future__ import annotations
 import torch
 import triton
 
+from ..triton_compat import COMPILE_OPTIONS, hooks_active
 from .env import interpreting
-
-try:  # Triton >= 3.3
-    from triton import knobs as _knobs
-except ImportError:  # pragma: no cover - older Triton: always take the normal path
-    _knobs = None
-
-
-def _hooks_active() -> bool:
-    if _knobs is None:
-        return True
-    rt = _knobs.runtime
-    return bool(getattr(rt.launch_enter_hook, "calls", rt.launch_enter_hook)) or bool(
-        getattr(rt.launch_exit_hook, "calls", rt.launch_exit_hook))
-
 
 def arg_key(a, _tensor=torch.Tensor, _int=int):
     """The properties of one runtime argument that Triton's specialization depends on."""
@@ -57,12 +44,12 @@ class CachedLaunch:
         self._interpreted = interpreting() or not isinstance(fn, triton.runtime.JITFunction)
 
     def _slow(self, grid, args, constexprs, num_warps, num_stages):
-        return self.fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        return self.fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages, **COMPILE_OPTIONS)
 
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, num_warps: int, num_stages: int,
                  key=None, cx: tuple = None):
         x = args[0]
-        if self._interpreted or not x.is_cuda or _hooks_active():
+        if self._interpreted or not x.is_cuda or hooks_active():
             return self._slow(grid, args, constexprs, num_warps, num_stages)
         index = x.get_device()
         if index != torch._C._cuda_getDevice():

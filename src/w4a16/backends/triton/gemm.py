@@ -69,10 +69,11 @@ def _group_params(s_ptr, z_ptr, k0, K, N, rows, GROUP_LOG2: tl.constexpr, H: tl.
 
 @triton.jit
 def _unswizzle(t, BN: tl.constexpr, SH: tl.constexpr):
-    """A loaded fragment-block tile [4 (t), 8 (g), BN/16 (b), SH, 16] -> the chunk tile [BN, 32 * SH]
-    (layout.py: row 16b + 8*r8 + g, byte 32*sh + 16*sl + 8*h + 2*t + j); register moves only."""
-    t = tl.reshape(t, (4, 8, BN // 16, SH, 2, 2, 2, 2))        # t g b sh sl h r8 j
-    t = tl.permute(t, (2, 6, 1, 3, 4, 5, 0, 7))                # b r8 g sh sl h t j
+    """A loaded fragment-block tile [SH * BN/16 (sh, b), 512 (g, t, 16 bytes)] -> the chunk tile
+    [BN, 32 * SH] (layout.py: row 16b + 8*r8 + g, byte 32*sh + 16*sl + 8*h + 2*t + j); register
+    moves only."""
+    t = tl.reshape(t, (SH, BN // 16, 8, 4, 2, 2, 2, 2))        # sh b g t sl h r8 j
+    t = tl.permute(t, (1, 6, 2, 0, 4, 5, 3, 7))                # b r8 g sh sl h t j
     return tl.reshape(t, (BN, 32 * SH))
 
 
@@ -147,17 +148,14 @@ def w4a16_gemm_kernel(
     m_ok = offs_m < M
     # Clamped row indices: loads of rows past N read row N-1 and are never stored.
     rows = tl.minimum(offs_n, N - 1)
-    # The [4 (t), 8 (g), BN/16 (b), H/32, 16] code tile: the dimension order puts lanes on (t, g)
-    # and warps on the 16-row blocks (Triton orders a load's non-contiguous dimensions by index),
-    # which is what makes the reshape in _unswizzle free. Blocks past the last are clamped (their
-    # rows are never stored).
-    a_t = tl.arange(0, 4)[:, None, None, None, None]
-    a_g = tl.arange(0, 8)[None, :, None, None, None]
-    a_b = tl.arange(0, BN // 16)[None, None, :, None, None]
-    a_s = tl.arange(0, H // 32)[None, None, None, :, None]
-    a_e = tl.arange(0, 16)[None, None, None, None, :]
-    blk = tl.minimum(pid_n * (BN // 16) + a_b, n_blocks - 1)
-    q_ptrs = qk_ptr + blk * (chunks * 16 * H) + (a_s * 512 + a_g * 64 + a_t * 16 + a_e)
+    # The code tile [H/32 * BN/16 (sh, b), 512]: a 512-byte row holds a 16-row block's codes of one
+    # 32-byte column slice, (g, t, 16 bytes) contiguous. Two dimensions, the second contiguous, so
+    # every Triton release lays the load out alike: 16 bytes a thread, lanes on (t, g), warps on
+    # the blocks, which is what makes the reshape in _unswizzle free. Blocks past the last are
+    # clamped (their rows are never stored).
+    r = tl.arange(0, (H // 32) * (BN // 16))
+    blk = tl.minimum(pid_n * (BN // 16) + r % (BN // 16), n_blocks - 1)
+    q_ptrs = qk_ptr + (blk * (chunks * 16 * H) + (r // (BN // 16)) * 512)[:, None] + tl.arange(0, 512)[None, :]
     if SWAP_AB:
         x_ptrs = x_ptr + offs_m[None, :] * K + offs_h[:, None]      # x^T tile [H, BM]
         acc = tl.zeros((BN, BM), dtype=tl.float32)

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# On a GPU machine: the package on the Triton it has (the baseline) and on a newer Triton brought
+# as a tarball of its `triton` package folder (the NVIDIA parts are enough), side by side.
+#
+#   bash benchmarks/triton_versions.sh check TARBALL   # GPU tests on the newer Triton, the fuzz on both
+#   bash benchmarks/triton_versions.sh bench TARBALL   # w4a16 bench on both Tritons, same machine
+#
+# TARBALL: a .tar.xz holding triton/ (for example the wheel's triton/ without backends/amd). Logs and
+# bench tables go to $OUT (default /tmp/triton_versions). Environment: M (bench rows, default
+# 1,16,64,256,1024,4096), DTYPE (default fp16), FUZZ_CASES (default 400 per backend), T_TESTS, T_FUZZ.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mode=$1
+tarball=$2
+OUT=${OUT:-/tmp/triton_versions}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+PY=${PYTHON:-python3}
+NEW=/tmp/triton-new
+if [ ! -d "$NEW/triton" ]; then
+    mkdir -p "$NEW" && tar xJf "$tarball" -C "$NEW" || exit 1
+fi
+base_path="src"
+new_path="$NEW:src"
+version() { PYTHONPATH=$1 TRITON_BACKENDS_IN_TREE=1 $PY -c "import triton; print(triton.__version__)"; }
+echo "baseline triton $(version "$base_path"), new triton $(version "$new_path"), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
+status=0
+case "$mode" in
+check)
+    pids=()
+    for which in new base; do   # the fuzz on the baseline too: the kernels' sources changed for both
+        path=new_path; [ "$which" = base ] && path=base_path
+        for be in gluon triton; do
+            PYTHONPATH=${!path} TRITON_BACKENDS_IN_TREE=1 timeout "${T_FUZZ:-360}" $PY scripts/fuzz_gpu.py \
+                --cases "${FUZZ_CASES:-400}" --backend "$be" --max-mnk 300,1100,4200 --progress 100 \
+                > "$OUT/fuzz_${which}_$be.txt" 2>&1 &
+            pids+=($!)
+        done
+    done
+    PYTHONPATH=$new_path TRITON_BACKENDS_IN_TREE=1 timeout "${T_TESTS:-420}" $PY -m pytest -q -p no:cacheprovider \
+        tests/gpu > "$OUT/gpu_tests.txt" 2>&1 || status=1
+    for p in "${pids[@]}"; do wait "$p" || status=1; done
+    tail -n 15 "$OUT/gpu_tests.txt"
+    for f in "$OUT"/fuzz_*.txt; do echo "$(basename "$f" .txt): $(tail -n 1 "$f")"; done
+    ;;
+bench)
+    for which in base new; do
+        path=base_path; [ "$which" = new ] && path=new_path
+        PYTHONPATH=${!path} TRITON_BACKENDS_IN_TREE=1 $PY -m w4a16 bench --m "${M:-1,16,64,256,1024,4096}" \
+            --dtype "${DTYPE:-fp16}" --peers w4a16,cublas-fp16 --no-progress --out "$OUT/bench_$which" \
+            > "$OUT/bench_$which.txt" 2>&1 || status=1
+        tail -n 3 "$OUT/bench_$which.txt"
+    done
+    PYTHONPATH=src $PY benchmarks/compare_bench.py "$OUT/bench_base/bench.csv" "$OUT/bench_new/bench.csv" \
+        | tee "$OUT/compare.txt"
+    ;;
+*) echo "mode: check or bench"; exit 2 ;;
+esac
+echo "status $status"
+exit $status

@@ -1,0 +1,145 @@
+"""Offline compilation of the Gluon kernels for sm_90a (``GPUTarget("cuda", 90, 32)``), on any
+machine: no GPU is needed, Triton ships ptxas. What ``w4a16 sass``, the C library's build and the
+SASS tests compile."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from ...sass import disasm
+from ..triton_compat import COMPILE_OPTIONS
+from .config import GluonDecodeConfig
+from .launch import PRODUCER_REGS, decode_constexprs, smem_layouts, stage_blocks
+from .layout import half_chunk
+from .prefill_config import GluonPrefillConfig
+from .prefill_launch import prefill_constexprs
+
+
+def compile_gluon(kernel, signature: dict, constexprs: dict, num_warps: int, maxnreg: Optional[int],
+                  launch_pdl: bool = False,
+                  attrs: Optional[dict] = None):
+    """``triton.compile`` of a Gluon kernel for sm_90a. TRITON_INTERPRET is set aside meanwhile (the
+    interpreter must not take over compiling). ``maxnreg``: registers per thread (None: ptxas's
+    choice). ``attrs``: Triton's argument attributes, e.g.
+    {(4,): [["tt.divisibility", 16]]} (what the JIT infers from 16-byte aligned pointers and sizes)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        return triton.compile(GluonASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "maxnreg": maxnreg, "launch_pdl": launch_pdl,
+                                       **COMPILE_OPTIONS})
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def _desc_signature(dt: str, rows: int, ks: int, mt: int, kh: int, gps: int, layouts) -> dict:
+    cl, xl, sl = layouts
+    return {"c_desc": f"tensordesc<u8[{rows // 16}, {ks // 32}, 256],{cl!r}>",
+            "x_desc": f"tensordesc<{dt}[{mt}, {kh}],{xl!r}>",
+            "s_desc": f"tensordesc<{dt}[{gps}, {rows}],{sl!r}>",
+            "o_desc": f"tensordesc<{dt}[{gps}, {rows}],{sl!r}>",
+            "y_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "part_ptr": "*fp32", "cnt_ptr": "*i32"}
+
+
+def compile_decode(cfg: GluonDecodeConfig, dtype=torch.float16, has_zeros: bool = False, group: int = 128,
+                   has_bias: bool = True, split_mode: int = 1, attrs: Optional[dict] = None):
+    """The decode kernel for ``cfg`` compiled for sm_90a (a stream-K config compiles the stream-K
+    kernel, whose split mode is always 3)."""
+    from .decode import w4a16_decode_kernel
+    from .decode_sk import w4a16_decode_sk_kernel
+    if cfg.sk:
+        split_mode = 3
+    kh = half_chunk(group)
+    ks, gps, _ = stage_blocks(cfg, kh, group)
+    dt = "fp16" if dtype == torch.float16 else "bf16"
+    sig = _desc_signature(dt, 16 * cfg.warps, ks, cfg.mt, kh, gps, smem_layouts(cfg, kh, dtype))
+    sig.update({"M": "i32", "N": "i32", "group": "i32", "n_stages": "i32",
+                ("n_units" if cfg.sk else "stages_per_split"): "i32", "alpha": "fp32"})
+    cx = decode_constexprs(cfg, kh, group, split_mode, has_zeros, has_bias, dtype)
+    sig.update({k: "constexpr" for k in cx})
+    return compile_gluon(w4a16_decode_sk_kernel if cfg.sk else w4a16_decode_kernel, sig, cx, cfg.warps, cfg.regs,
+                         launch_pdl=cfg.pdl, attrs=attrs)
+
+
+def compile_prefill(cfg: GluonPrefillConfig, dtype=torch.float16, has_zeros: bool = False, group: int = 128,
+                    has_bias: bool = True, attrs: Optional[dict] = None):
+    """The prefill kernel for ``cfg`` compiled for sm_90a."""
+    from .prefill import w4a16_prefill_kernel
+    kh = half_chunk(group)
+    ks, gps, _ = stage_blocks(cfg, kh, group)
+    dt = "fp16" if dtype == torch.float16 else "bf16"
+    sig = _desc_signature(dt, cfg.bn, ks, cfg.mt, kh, gps, smem_layouts(cfg, kh, dtype))
+    sig.update({"M": "i32", "N": "i32", "group": "i32", "n_k": "i32", "n_tn": "i32", "n_tm": "i32",
+                "n_split": "i32", "kps": "i32", "alpha": "fp32"})
+    cx = prefill_constexprs(cfg, kh, group, has_zeros, has_bias, dtype, cfg.splits > 1)
+    sig.update({k: "constexpr" for k in cx})
+    return compile_gluon(w4a16_prefill_kernel, sig, cx, cfg.warps, cfg.regs, attrs=attrs)
+
+
+def decode_weights_per_thread(cfg: GluonDecodeConfig, group: int) -> int:
+    """Weights one consumer thread dequantizes per pipeline stage (the main loop's iteration)."""
+    return 16 * cfg.nch * 2 * half_chunk(group) // 32
+
+
+def prefill_weights_per_thread(cfg: GluonPrefillConfig, group: int) -> int:
+    """Weights one consumer thread dequantizes per stage (its warpgroup's bn rows x the stage's K)."""
+    return cfg.bn * cfg.nch * 2 * half_chunk(group) // 128
+
+
+def decode_stats(compiled, cfg: Optional[GluonDecodeConfig] = None, group: int = 128) -> dict:
+    """SASS report of a compiled decode kernel: registers, shared bytes, spills (LDL/STL), and for the
+    main loop (the longest backward branch holding HGMMA): its opcode histogram, HGMMA count, whether
+    a wgmma wait sits between two consecutive HGMMAs, and instructions per weight (given cfg)."""
+    cubin = compiled.asm["cubin"]
+    ins = disasm.instructions(cubin)
+    best = disasm.hgmma_loop(ins)
+    loop = disasm.loop_stats(best, decode_weights_per_thread(cfg, group) if cfg is not None else 1)
+    out = {"registers": disasm.registers(cubin), "shared_bytes": compiled.metadata.shared,
+           "spills": disasm.spills(ins), "loop_instructions": loop.instructions, "loop_histogram": loop.histogram,
+           "hgmma": loop.hgmma, "wait_between_hgmma": loop.wait_between_hgmma}
+    if cfg is not None:
+        out["weights_per_thread"] = loop.weights_per_thread
+        out["instr_per_weight"] = round(loop.per_weight, 3)
+    return out
+
+
+def prefill_loops(ins) -> list:
+    """The prefill kernel's K loops, one per consumer warpgroup: innermost backward branches that
+    hold HGMMA and no global store (a tile loop holds the epilogue's STG), in address order."""
+    found = [(lo, a, body) for lo, a, body in disasm.loops(ins)
+             if any(o.startswith("HGMMA") for o in body) and not any(o.startswith("STG") for o in body)]
+    inner = [L for L in found if not any(L[0] <= o[0] and o[1] <= L[1] and (o[0], o[1]) != (L[0], L[1])
+                                         for o in found)]
+    seen, mains = set(), []
+    for lo, hi, body in sorted(inner):
+        if (lo, hi) not in seen:
+            seen.add((lo, hi))
+            mains.append(body)
+    return mains
+
+
+def prefill_stats(compiled, cfg: Optional[GluonPrefillConfig] = None, group: int = 128) -> dict:
+    """SASS report of a compiled prefill kernel: registers, shared bytes, spills (LDL/STL), setmaxnreg
+    instructions, and for each consumer partition's main loop its opcode histogram, HGMMA count,
+    whether a wgmma wait sits between two consecutive HGMMAs, and instructions per weight (given cfg)."""
+    cubin = compiled.asm["cubin"]
+    ins = disasm.instructions(cubin)
+    per_thread = prefill_weights_per_thread(cfg, group) if cfg is not None else None
+    loops_out = []
+    for body in prefill_loops(ins):
+        loop = disasm.loop_stats(body, per_thread or 1)
+        d = {"instructions": loop.instructions, "spills": sum(1 for o in body if o.startswith(("LDL", "STL"))),
+             "histogram": loop.histogram, "hgmma": loop.hgmma, "wait_between_hgmma": loop.wait_between_hgmma}
+        if per_thread:
+            d["weights_per_thread"] = per_thread
+            d["instr_per_weight"] = round(loop.per_weight, 3)
+        loops_out.append(d)
+    return {"registers": disasm.registers(cubin), "num_warps": compiled.metadata.num_warps,
+            "shared_bytes": compiled.metadata.shared, "spills": disasm.spills(ins),
+            "setmaxnreg": sum(1 for _, o, _ in ins if o.startswith("USETMAXREG")), "main_loops": loops_out}

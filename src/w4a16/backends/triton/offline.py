@@ -1,0 +1,61 @@
+"""Offline compilation of the Triton GEMM kernel (``gemm.py``) for sm_90a
+(``GPUTarget("cuda", 90, 32)``) on any machine: what ``w4a16 sass`` reads and the C library bakes."""
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+from .config import GemmConfig
+
+GEMM_ARGS = ("x_ptr", "qk_ptr", "s_ptr", "z_ptr", "bias_ptr", "y_ptr", "part_ptr", "counter_ptr",
+             "M", "N", "K", "chunks", "chunks_per_split", "n_blocks", "alpha")
+ALIGNED_ARGS = ("x_ptr", "qk_ptr", "s_ptr", "z_ptr", "bias_ptr", "y_ptr", "part_ptr", "counter_ptr", "N", "K")
+
+
+def chunk_of(group: int) -> int:
+    """The layout's K chunk: 128 values, 64 for group size 32."""
+    return 64 if group == 32 else 128
+
+
+def compile_gemm(cfg: GemmConfig, dtype: str = "fp16", group: int = 128, has_zeros: bool = False,
+                 has_bias: bool = True, epilogue: bool = True, even_k: bool = True,
+                 aligned: Iterable[str] = ALIGNED_ARGS):
+    """The kernel for ``cfg`` compiled for sm_90a.
+
+    dtype: "fp16" or "bf16"; group: 32..256 or -1 (per channel); epilogue: the single-split kernel
+    (alpha, bias and the store in the kernel) rather than one writing fp32 partials; even_k: K a
+    multiple of the chunk; aligned: the arguments compiled as divisible by 16 (16-byte aligned
+    pointers, sizes that are multiples of 16), as the launcher's real problems usually are."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ..triton_compat import COMPILE_OPTIONS
+    from .gemm import w4a16_gemm_kernel
+
+    st = "*fp32" if cfg.wide_scales else f"*{dtype}"
+    types = (f"*{dtype}", "*u8", st, st, f"*{dtype}", f"*{dtype}", "*fp32", "*i32",
+             "i32", "i32", "i32", "i32", "i32", "i32", "fp32")
+    sig = dict(zip(GEMM_ARGS, types))
+    attrs = {(GEMM_ARGS.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    kc = chunk_of(group)
+    cx = dict(GROUP_LOG2=-1 if group == -1 else group.bit_length() - 1, KC=kc,
+              ONE_SCALE=group == -1 or group % kc == 0, EVEN_K=even_k, BM=cfg.block_m, BN=cfg.block_n,
+              EPILOGUE=epilogue, GROUP_M=cfg.group_m, SWAP_AB=cfg.swap_ab, UNROLL=cfg.unroll,
+              PREFETCH=cfg.prefetch, SCALE_AFTER=cfg.scale_after, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias,
+              ATOMIC=False, USE_ASM=cfg.dequant == "magic", DTYPE=tl.float16 if dtype == "fp16" else tl.bfloat16)
+    sig.update({k: "constexpr" for k in cx})
+    saved = os.environ.pop("TRITON_INTERPRET", None)   # the interpreter must not take over compiling
+    try:
+        return triton.compile(ASTSource(fn=w4a16_gemm_kernel, signature=sig, constexprs=cx, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **COMPILE_OPTIONS})
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def weights_per_thread(cfg: GemmConfig, group: int) -> int:
+    """Weights one thread dequantizes per main-loop iteration (block_n rows x unroll chunks)."""
+    return cfg.block_n * chunk_of(group) * cfg.unroll // (32 * cfg.num_warps)

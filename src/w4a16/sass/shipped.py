@@ -1,0 +1,105 @@
+"""The kernel configurations the package ships, as compile cases for ``w4a16 sass``.
+
+Shipped means: what a user's call can run without tuning. For each kernel, its named configs and
+the decode heuristic's picks for the preset Llama layers (M = 1, 8, 16, 32, 64), in fp16 and bf16
+with symmetric group-128 weights; the shipped tuning table's configs (``data/tuned.json``) in the
+dtype and group size they were tuned for; and each kernel's first named config over every group
+size, symmetric and with zero points (fp16).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, List, Tuple
+
+KERNELS = ("gluon-decode", "gluon-prefill", "triton")
+GROUPS = (32, 64, 128, 256, -1)     # -1: one group over K (compiled with K = 4096)
+PER_CHANNEL_K = 4096
+DECODE_M = (1, 8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    """One compile: ``kernel`` (one of KERNELS) at ``config`` (the backend's config object) for
+    ``dtype`` ("fp16" / "bf16") activations and weights of ``group`` (-1: per channel), symmetric or
+    with zero points."""
+    kernel: str
+    config: Any
+    dtype: str = "fp16"
+    group: int = 128
+    zeros: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.config.short()
+
+    @property
+    def key(self) -> str:
+        """A stable name of the case: kernel, config label, dtype, group and zeros."""
+        g = "pc" if self.group == -1 else f"g{self.group}"
+        return f"{self.kernel} {self.label} {self.dtype} {g}{' zeros' if self.zeros else ''}"
+
+
+def _tuned_cases() -> List[KernelCase]:
+    """A case for every entry of the shipped tuning table, in the entry's dtype and group size
+    (its key: backend|layout|device|M|N|K|group|dtype)."""
+    from ..backends import get
+    from ..backends.gluon.prefill_config import GluonPrefillConfig
+    from ..tuning_cache import SHIPPED
+    out = []
+    for key, v in json.loads(SHIPPED.read_text())["entries"].items():
+        parts = key.split("|")
+        cfg = get(parts[0]).config_from_key(v["config"])
+        kernel = "triton" if parts[0] == "triton" else (
+            "gluon-prefill" if isinstance(cfg, GluonPrefillConfig) else "gluon-decode")
+        group = int(parts[-2])
+        out.append(KernelCase(kernel, cfg, parts[-1], -1 if group == int(parts[-3]) else group))
+    return out
+
+
+def _compile_key(case: KernelCase):
+    """What decides the compiled kernel (the Triton kernel's split count is a run-time argument:
+    only whether it splits at all matters)."""
+    cfg = case.config
+    if case.kernel == "triton":
+        cfg = replace(cfg, split_k=min(cfg.split_k, 2))
+    return case.kernel, cfg, case.dtype, case.group, case.zeros
+
+
+def _unique(cases: Iterable[KernelCase]) -> List[KernelCase]:
+    seen, out = set(), []
+    for c in cases:
+        k = _compile_key(c)
+        if k not in seen:
+            seen.add(k)
+            out.append(c)
+    return out
+
+
+def named_and_heuristic() -> List[Tuple[str, Any]]:
+    """(kernel, config) of the named configs and the decode heuristic's picks on the preset layers."""
+    from ..backends.gluon.config import NAMED as DECODE_NAMED
+    from ..backends.gluon.config import heuristic
+    from ..backends.gluon.prefill_config import NAMED as PREFILL_NAMED
+    from ..backends.triton.config import NAMED_CONFIGS
+    from ..bench.shapes import preset_layers
+
+    out = [("gluon-decode", c) for c in DECODE_NAMED.values()]
+    out += [("gluon-prefill", c) for c in PREFILL_NAMED.values()]
+    out += [("triton", c) for c in NAMED_CONFIGS.values()]
+    out += [("gluon-decode", heuristic(M, N, K, 128, 132)) for (N, K) in preset_layers().values() for M in DECODE_M]
+    return out
+
+
+def shipped_cases(dtypes: Iterable[str] = ("fp16", "bf16"), kernels: Iterable[str] = KERNELS) -> List[KernelCase]:
+    """Every compile case of the shipped configs (see the module docstring), without duplicates."""
+    kernels, dtypes = tuple(kernels), tuple(dtypes)
+    configs = [(k, c) for k, c in named_and_heuristic() if k in kernels]
+    cases = [KernelCase(k, c, dt) for k, c in configs for dt in dtypes]
+    cases += [c for c in _tuned_cases() if c.kernel in kernels and c.dtype in dtypes]
+    firsts = {}
+    for k, c in configs:
+        firsts.setdefault(k, c)
+    cases += [KernelCase(k, c, "fp16", g, z) for k, c in firsts.items() for g in GROUPS for z in (False, True)
+              if "fp16" in dtypes]
+    return _unique(cases)
