@@ -26,8 +26,8 @@ def raises_named(arg: str, *parts: str):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_scales_overflowing_fp16_are_refused(symmetric, gen):
     weight = torch.randn(64, 256, generator=gen) * 1e6
-    big = f"{float(weight.abs().max()):.4g}"
-    with raises_named("weight", "torch.float16", "65504", f"got max |weight| = {big}"):
+    big = f"{float(weight.abs().max()):.5g}"
+    with raises_named("weight", "(q - z) * scale fits torch.float16", "65504", f"got max |weight| = {big}"):
         w4a16.quantize(weight, symmetric=symmetric, dtype=torch.float16)
 
 
@@ -37,14 +37,29 @@ def test_large_weight_within_range_quantizes_finite(gen):
     assert bool(torch.isfinite(w.scales).all())
     x = torch.randn(3, 256, generator=gen).bfloat16()
     assert bool(torch.isfinite(w4a16.reference.gemm(x, w)).all())
-    just_fits = torch.full((4, 256), 65504 * 7.5 * 0.999)
-    assert bool(torch.isfinite(w4a16.quantize(just_fits, dtype=torch.float16).scales).all())
 
 
-def test_tiny_weight_gets_usable_scales():
-    """Scales below fp16's range would round to 0 and divide by zero: the group is treated as zero."""
-    w = w4a16.quantize(torch.full((4, 256), 1e-9), dtype=torch.float16)
-    assert bool((w.scales > 0).all()) and bool(torch.isfinite(w.dequantize()).all())
+@pytest.mark.parametrize("symmetric,limit", [(True, 65504 * 15 / 16), (False, 65504)])
+def test_the_fp16_limit_is_where_the_kernels_overflow(symmetric, limit):
+    """The kernels form (q - z) * s in fp16: the largest |value| of the grid must stay finite
+    there, which is max |w| <= 15/16 of 65504 for symmetric weights (8 s, s = 2 max|w| / 15) and
+    max - min <= 65504 for asymmetric ones. Just inside: every dequantized value is finite in fp16."""
+    row = torch.linspace(-1.0, 1.0, 256) if symmetric else torch.linspace(0.0, 1.0, 256)
+    inside = (row * limit * 0.999).repeat(4, 1)
+    w = w4a16.quantize(inside, symmetric=symmetric, dtype=torch.float16)
+    assert bool(torch.isfinite(w.dequantize(torch.float16)).all())
+    with raises_named("weight", "fits torch.float16"):
+        w4a16.quantize(row.repeat(4, 1) * limit * 1.01, symmetric=symmetric, dtype=torch.float16)
+
+
+def test_tiny_weight_is_refused_in_fp16_and_kept_in_bf16():
+    """Scales below fp16's range would round to 0: the group would quantize to all zeros."""
+    with raises_named("weight", "representable in torch.float16", "torch.bfloat16", "would quantize to all zeros"):
+        w4a16.quantize(torch.full((4, 256), 1e-9), dtype=torch.float16)
+    w = w4a16.quantize(torch.full((4, 256), 1e-9), dtype=torch.bfloat16)
+    assert abs(float(w.dequantize(torch.float32).mean()) - 1e-9) < 1e-10
+    zero = w4a16.quantize(torch.zeros(4, 256), dtype=torch.float16)   # an all-zero weight is fine
+    assert bool((zero.dequantize(torch.float32) == 0).all())
 
 
 @pytest.mark.parametrize("group_size", [128.0, True, "128", None, np.float32(128)])

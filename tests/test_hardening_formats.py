@@ -1,5 +1,6 @@
-"""Checkpoints of other tools: GPTQ v1 zero points as GPTQModel writes them (word-wise - 0x11111111),
-and HQQ per-channel layers (``group_size`` recorded as in_features).
+"""Checkpoints of other tools: GPTQ v1 zero points as GPTQModel writes them (word-wise - 0x11111111)
+and as AutoGPTQ's packer writes them (nibble-wise, a zero point of 0 spilling into the higher
+nibbles), and HQQ per-channel layers (``group_size`` recorded as in_features).
 
 The checkpoints are built here from the format description, independently of the package's
 packing code: plain Python integers, nibble j of an int32 word at bits 4j..4j+3.
@@ -84,6 +85,50 @@ def test_v1_nibble_wise_and_word_wise_agree_for_zeros_1_to_15():
     qweight, scales, W = gptq_tensors(rng, K, N, g, z)
     w = formats.from_gptq(qweight, autogptq_v1_qzeros(z), scales, checkpoint_format="gptq")
     assert torch.equal(w.dequantize(torch.float32), W)
+
+
+def autogptq_packer_qzeros(z):
+    """AutoGPTQ's packer: z - 1 as unsigned 32-bit values, each OR-ed into its word shifted by 4j;
+    a zero point of 0 (z - 1 = -1: every bit set) spills into all higher nibbles of its word."""
+    G, N = z.shape
+    out = []
+    for r in range(G):
+        row = []
+        for c in range(N // 8):
+            v = 0
+            for j in range(8):
+                v |= (((int(z[r, 8 * c + j]) - 1) & 0xFFFFFFFF) << (4 * j)) & 0xFFFFFFFF
+            row.append(word_from_unsigned(v))
+        out.append(row)
+    return to_i32(out)
+
+
+def autogptq_kernel_zeros(qzeros, N):
+    """The zero points AutoGPTQ's kernels use: nibble j of the word, masked, plus one."""
+    u = qzeros.to(torch.int64) % 2 ** 32
+    nib = torch.stack([(u >> (4 * j)) & 0xF for j in range(8)], dim=-1).reshape(qzeros.shape[0], -1)
+    return (nib + 1)[:, :N]
+
+
+def test_autogptq_v1_zero_point_zero_reads_as_its_kernels_do():
+    """AutoGPTQ's spilled words (a zero point of 0 sets every higher nibble): the dequantized
+    weight equals what AutoGPTQ's kernels compute from the same file (zero points of 16 from the
+    spilled nibble up); words without a 0 read exactly."""
+    rng = np.random.default_rng(3)
+    K, N, g = 64, 24, 32
+    z = rng.integers(1, 16, size=(K // g, N))
+    z[0, 2] = 0                    # spills into nibbles 2..7 of word 0
+    z[1, 13] = 0                   # nibbles 5..7 of word 1
+    qzeros = autogptq_packer_qzeros(z)
+    used = autogptq_kernel_zeros(qzeros, N)
+    assert bool((used[0, 2:8] == 16).all()) and bool((used[1, 13:16] == 16).all())
+    qweight, scales, _ = gptq_tensors(rng, K, N, g, z)
+    q = w4a16.formats._int32.unpack_int32(qweight, dim=0).float()            # [K, N]
+    gi = torch.arange(K) // g
+    W = ((q - used.float()[gi]) * scales.float()[gi]).T
+    w = formats.from_gptq(qweight, qzeros, scales, checkpoint_format="gptq")
+    assert torch.equal(w.dequantize(torch.float32), W)
+    assert torch.equal(w.zeros.float().t()[:, 16:], torch.tensor(z[:, 16:], dtype=torch.float32))
 
 
 def test_v1_symmetric_is_0x77777777():

@@ -67,8 +67,8 @@ class FusedW4A16Linear(W4A16Linear):
         mod = cls(first.in_features, [m.out_features for m in members], bias=bias is not None,
                   group_size=first.group_size, symmetric=zeros is None, dtype=first.dtype, device="meta",
                   backend=backends.pop() if len(backends) == 1 else "auto")
-        mod.scales, mod.zeros = w.scales, w.zeros
         mod.__dict__["_w"] = w
+        mod._buffers.update(scales=w.scales, zeros=w.zeros)
         if bias is not None:
             mod.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
         return mod

@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError
 from torch import nn
 
 from . import formats, spec
 from .errors import W4A16Error, expect, fail
 from .fused import fuse_projections
+from .io import open_safetensors
 from .model import QuantizationReport, linear_weight_bytes
 from .nn import W4A16Linear
 from .weight import QuantizedWeight
@@ -142,7 +143,7 @@ class _Tensors:
 
     def __enter__(self) -> "_Tensors":
         for i, f in enumerate(self.files):
-            handle = self._stack.enter_context(safe_open(os.fspath(f), framework="pt", device="cpu"))
+            handle = self._stack.enter_context(open_safetensors(os.fspath(f)))
             self.handles.append(handle)
             for key in handle.keys():
                 self.where[key] = i
@@ -154,16 +155,25 @@ class _Tensors:
     def __contains__(self, key: str) -> bool:
         return key in self.where
 
+    def _read(self, key: str, read):
+        """``read(handle)`` of ``key``'s file; a file that cannot give the bytes (truncated,
+        corrupt) raises W4A16Error naming it and the tensor."""
+        i = self.where[key]
+        try:
+            return read(self.handles[i])
+        except (SafetensorError, OSError, RuntimeError) as e:
+            fail(f"checkpoint tensor {key!r}", f"readable from {os.fspath(self.files[i])!r}", f"{type(e).__name__}: {e}")
+
     def get(self, key: str) -> torch.Tensor:
-        return self.handles[self.where[key]].get_tensor(key)
+        return self._read(key, lambda h: h.get_tensor(key))
 
     def shape(self, key: str) -> tuple:
         """The stored shape of ``key`` (from the file header; nothing is read)."""
-        return tuple(self.handles[self.where[key]].get_slice(key).get_shape())
+        return self._read(key, lambda h: tuple(h.get_slice(key).get_shape()))
 
     def part(self, key: str, index) -> torch.Tensor:
         """``key``[index] (a slice or a tuple of slices), reading only those bytes."""
-        return self.handles[self.where[key]].get_slice(key)[index]
+        return self._read(key, lambda h: h.get_slice(key)[index])
 
     def keys_by_file(self) -> List[List[str]]:
         out: List[List[str]] = [[] for _ in self.files]

@@ -47,11 +47,11 @@ def _weight_info(w: QuantizedWeight) -> dict:
             "has_perm": w.perm is not None}
 
 
-def _state_dict_tensors(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """The module's state_dict as independent contiguous CPU tensors (shared storage is copied)."""
+def _independent(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``tensors`` as contiguous CPU tensors of their own: safetensors refuses two names on one
+    storage (a tied weight, or one weight saved under two names), so repeats are copied."""
     out, seen = {}, set()
-    for key, t in module.state_dict().items():
-        expect(isinstance(t, torch.Tensor), f"state_dict[{key!r}]", "a torch.Tensor", type(t).__name__)
+    for key, t in tensors.items():
         t = t.detach().cpu().contiguous()
         ptr = t.untyped_storage().data_ptr()
         if ptr in seen and t.numel():
@@ -59,6 +59,14 @@ def _state_dict_tensors(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
         seen.add(ptr)
         out[key] = t
     return out
+
+
+def _state_dict_tensors(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The module's state_dict as independent contiguous CPU tensors (shared storage is copied)."""
+    state = module.state_dict()
+    for key, t in state.items():
+        expect(isinstance(t, torch.Tensor), f"state_dict[{key!r}]", "a torch.Tensor", type(t).__name__)
+    return _independent(state)
 
 
 def save(obj: Union[QuantizedWeight, Dict[str, QuantizedWeight], torch.nn.Module], path: PathLike) -> None:
@@ -84,9 +92,10 @@ def save(obj: Union[QuantizedWeight, Dict[str, QuantizedWeight], torch.nn.Module
         for name, w in weights.items():
             expect(isinstance(name, str) and name != "", "obj key", "a non-empty str", repr(name))
             expect(isinstance(w, QuantizedWeight), f"obj[{name!r}]", "a QuantizedWeight", type(w).__name__)
-            tensors.update({k: t.detach().cpu().contiguous() for k, t in _weight_tensors(name, w).items()})
+            tensors.update(_weight_tensors(name, w))
             info[name] = _weight_info(w)
         meta["weights"] = json.dumps(info)
+        tensors = _independent(tensors)
     path = os.fspath(path)
     expect(not os.path.isdir(path), "path", "a file to write", f"{path!r} (a directory)")
     parent = os.path.dirname(os.path.abspath(path))

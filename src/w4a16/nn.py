@@ -70,7 +70,8 @@ class W4A16Linear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(N, dtype=dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self._w = QuantizedWeight(codes, self.scales, self.zeros, self.group_size, self.perm)
+        self.__dict__["_w"] = QuantizedWeight(codes, self.scales, self.zeros, self.group_size, self.perm)
+        self._share_params()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -92,8 +93,8 @@ class W4A16Linear(nn.Module):
             expect(bias.dtype.is_floating_point, "bias.dtype", "a floating-point dtype", bias.dtype)
         mod = cls(K, N, bias=bias is not None, group_size=w.group_size, symmetric=w.zeros is None,
                   dtype=w.dtype, device="meta", act_order=w.perm is not None, backend=backend)
-        mod.scales, mod.zeros, mod.perm = w.scales, w.zeros, w.perm
         mod.__dict__["_w"] = w
+        mod._buffers.update(scales=w.scales, zeros=w.zeros, perm=w.perm)
         if bias is not None:
             mod.bias = nn.Parameter(bias.detach().to(device=w.device, dtype=w.dtype).contiguous(),
                                     requires_grad=False)
@@ -132,20 +133,24 @@ class W4A16Linear(nn.Module):
         if name == "backend":
             from .backends.selection import ORDER
             expect(value == "auto" or value in ORDER, "backend", f"'auto' or one of {ORDER}", repr(value))
-        super().__setattr__(name, value)
         if name in ("scales", "zeros", "perm") and "_w" in self.__dict__:
-            setattr(self._w, name, getattr(self, name))
+            setattr(self._w, name, value)       # validated there; the buffer is the weight's alias
+            value = getattr(self._w, name)
+        super().__setattr__(name, value)
+
+    def _share_params(self) -> None:
+        """Hand the buffers to the weight (validated together) and take back its Watched aliases."""
+        w = self._w
+        w.set_params(self._buffers["scales"], self._buffers["zeros"], self._buffers["perm"])
+        self._buffers.update(scales=w.scales, zeros=w.zeros, perm=w.perm)
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         codes = self._w.plain_codes()
         moved = fn(codes)
-        w = self._w
         if moved is not codes:  # a device move: the codes go along, layouts are rebuilt there
-            w = QuantizedWeight(moved, self.scales, self.zeros, self.group_size, self.perm)
-        else:
-            w.scales, w.zeros, w.perm = self.scales, self.zeros, self.perm
-        self.__dict__["_w"] = w
+            self.__dict__["_w"] = QuantizedWeight(moved, self.scales, self.zeros, self.group_size, self.perm)
+        self._share_params()
         return out
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -171,7 +176,7 @@ class W4A16Linear(nn.Module):
             return
         self._w.qweight = value.detach().to(self.scales.device, copy=True)
         # scales, zeros and perm were copied into the registered buffers in place (or assigned)
-        self._w.scales, self._w.zeros, self._w.perm = self.scales, self.zeros, self.perm
+        self._share_params()
 
     @property
     def symmetric(self) -> bool:

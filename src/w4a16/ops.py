@@ -45,7 +45,7 @@ def choose(x: torch.Tensor, w: QuantizedWeight, config="auto", backend: str = "a
     non_finite = (config == "auto" and backend == "auto" and isinstance(w, QuantizedWeight)
                   and not torch.compiler.is_compiling() and not w.params_finite())
     # On the CPU the Triton backend's availability follows TRITON_INTERPRET, read per call.
-    key = (M, w.shape, w.group_size_effective, x.dtype, w.zeros is not None, dev, config, backend,
+    key = (M, w.shape, w.group_size_effective, x.dtype, w.params.zeros is not None, dev, config, backend,
            dev.type == "cpu" and interpreting(), non_finite)
     hit = _CHOICES.get(key)
     if hit is None or hit[1] != generation():
@@ -85,7 +85,7 @@ def prepare(w: QuantizedWeight, backend: str = "auto"):
     would run), built now and kept on ``w``: calling it ahead of time moves that cost out of the
     first ``gemm``."""
     b = get_backend(backend) if backend != "auto" else choose_backend(
-        Problem(1, w.shape[0], w.shape[1], w.group_size_effective, w.dtype, w.zeros is not None, w.device)).backend
+        Problem(1, w.shape[0], w.shape[1], w.group_size_effective, w.dtype, w.params.zeros is not None, w.device)).backend
     return w.prepared(b)
 
 
@@ -172,8 +172,8 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
         hit = None if key is None or not isinstance(w, QuantizedWeight) else w._calls.get(key)
         if hit is not None and hit.config_arg is config and w.prepared(hit.backend) is hit.prepared:
             x2 = x if hit.rows is None else x.view(hit.rows)
-            if w.perm is not None:
-                x2 = x2.index_select(1, w.perm)
+            if w.params.perm is not None:
+                x2 = x2.index_select(1, w.params.perm)
             y = hit.run(x2, bias)
             return y if hit.out is None else y.view(hit.out)
     check_gemm_args(x, w, bias, alpha)
@@ -182,7 +182,7 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
     if compiling and isinstance(M, int) and isinstance(config, str):
         # Traced: the choice is computed once, at trace time, outside the graph (no graph break
         # in the selection code, which reads files and device properties).
-        name, config_key = _traced_choice(M, N, K, w.group_size_effective, x.dtype, w.zeros is not None, x.device,
+        name, config_key = _traced_choice(M, N, K, w.group_size_effective, x.dtype, w.params.zeros is not None, x.device,
                                           config, backend)
         choice = None
         b = get_backend(name)
@@ -192,8 +192,8 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
     if b.name == "reference":
         return reference.gemm(x, w, bias, float(alpha))
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
-    if w.perm is not None:
-        x2 = x2.index_select(1, w.perm)
+    if w.params.perm is not None:
+        x2 = x2.index_select(1, w.params.perm)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     if bias is not None and not bias.is_contiguous():

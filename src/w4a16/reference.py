@@ -15,17 +15,34 @@ from .validate import check_gemm_args
 from .weight import QuantizedWeight
 
 
-def _check_scales_fit(weight: torch.Tensor, s32: torch.Tensor, dtype: torch.dtype, symmetric: bool) -> None:
-    """Refuse a weight whose fp32 scales overflow ``dtype`` (they would become inf: NaN outputs)."""
+def _check_scales_fit(weight: torch.Tensor, s32: torch.Tensor, lo: Optional[torch.Tensor], dtype: torch.dtype,
+                      symmetric: bool) -> None:
+    """Refuse a weight the kernels would compute wrongly in ``dtype``:
+
+    * overflow: the kernels form each dequantized value (q - z) * s in ``dtype`` before the MMA
+      (and the scales must be finite there); with q in 0..15 and the zero point z of the grid that
+      is at most 8 s (symmetric: s = 2 max|w| / 15, so max|w| <= 15/16 of dtype's largest finite)
+      or (max - min) of a group plus the rounding of s (asymmetric);
+    * underflow: a group holding non-zero values whose scale rounds to 0 in ``dtype`` would
+      quantize to all zeros (fp16's smallest subnormal is 6e-8)."""
     big = float(torch.finfo(dtype).max)
-    if bool((s32 <= big).all()):
-        return
-    limit = big * spec.CODE_MAX / 2 if symmetric else big * spec.CODE_MAX
-    what = "max |weight|" if symmetric else "max - min of a group (0 included)"
-    hint = ", or quantize with dtype=torch.bfloat16" if dtype == torch.float16 else ""
-    fail("weight", f"{what} <= {limit:.4g} so that its scales fit {dtype} (largest finite "
-         f"{big:.6g}); scale the weight down{hint}",
-         f"max |weight| = {float(weight.detach().abs().max()):.4g}")
+    s = s32.to(dtype).float()
+    span = 8.0 if symmetric else float(spec.CODE_MAX)
+    if not bool((s.isfinite() & (s * span <= big)).all()):
+        limit = big * spec.CODE_MAX / 16 if symmetric else big
+        what = "max |weight|" if symmetric else "max - min of a group (0 included)"
+        hint = ", or quantize with dtype=torch.bfloat16" if dtype == torch.float16 else ""
+        fail("weight", f"{what} <= about {limit:.5g} so that every (q - z) * scale fits {dtype} (largest "
+             f"finite {big:.6g}); scale the weight down{hint}",
+             f"max |weight| = {float(weight.detach().abs().max()):.5g}")
+    lost = (s == 0) & (s32 > 0)
+    if bool(lost.any()):
+        tiny = float(torch.finfo(dtype).tiny) * 2.0 ** -(10 if dtype == torch.float16 else 7)
+        hint = "quantize with dtype=torch.bfloat16, or scale the weight up" if dtype == torch.float16 else \
+            "scale the weight up"
+        fail("weight", f"groups whose scale (max |w| * 2 / 15) is representable in {dtype} (>= about {tiny:.3g}); "
+             f"{hint}", f"{int(lost.sum())} group(s) of non-zero values that would quantize to all zeros "
+             f"(largest of them max|w| = {float(s32[lost].max()) * spec.CODE_MAX / 2:.3g})")
 
 
 def quantize(weight: torch.Tensor, group_size: int = 128, symmetric: bool = True,
@@ -63,7 +80,7 @@ def quantize(weight: torch.Tensor, group_size: int = 128, symmetric: bool = True
         lo = w.amin(dim=-1).clamp(max=0)
         hi = w.amax(dim=-1).clamp(min=0)
         s32 = (hi - lo) / spec.CODE_MAX
-    _check_scales_fit(weight, s32, dtype, symmetric)
+    _check_scales_fit(weight, s32, None if symmetric else lo, dtype, symmetric)
     s = s32.to(dtype)
     s = torch.where(s == 0, torch.ones_like(s), s)  # an all-zero group (or one below dtype's range)
     if symmetric:
@@ -89,8 +106,8 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
     check_gemm_args(x, w, bias, alpha)
     N, K = w.shape
     x2 = x.reshape(-1, K)
-    if w.perm is not None:
-        x2 = x2[:, w.perm]
+    if w.params.perm is not None:
+        x2 = x2[:, w.params.perm]
     return gemm_stored(x2, w, bias, alpha).reshape(*x.shape[:-1], N)
 
 

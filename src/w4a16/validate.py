@@ -15,7 +15,7 @@ def _all_ok(x, w, bias, alpha) -> bool:
 
     if not (isinstance(x, torch.Tensor) and isinstance(w, QuantizedWeight) and x.dim() >= 1):
         return False
-    s = w.scales
+    s = w.params.scales
     if not (x.dtype in spec.ACTIVATION_DTYPES and s.dtype == x.dtype and x.shape[-1] == w.shape[1]
             and s.device == x.device):
         return False
@@ -39,7 +39,7 @@ def check_gemm_args(x: torch.Tensor, w, bias, alpha) -> None:
     N, K = w.shape
     expect(x.dim() >= 1 and x.shape[-1] == K, "x.shape[-1]", f"K = {K} (w.shape = {(N, K)})",
            tuple(x.shape)[-1:] if x.dim() else "a 0-D tensor")
-    expect(w.scales.dtype == x.dtype, "w.scales.dtype", f"x's dtype {x.dtype}", w.scales.dtype)
+    expect(w.params.scales.dtype == x.dtype, "w.scales.dtype", f"x's dtype {x.dtype}", w.params.scales.dtype)
     expect(w.device == x.device, "w.device", f"x's device {x.device}", w.device)
     if bias is not None:
         expect(isinstance(bias, torch.Tensor), "bias", "a torch.Tensor or None", type(bias).__name__)

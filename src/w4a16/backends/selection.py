@@ -190,4 +190,4 @@ def problem_of(x: torch.Tensor, w) -> Problem:
     """The Problem of ``gemm(x, w)``."""
     K = x.shape[-1]
     M = x.numel() // K if K else 0
-    return Problem(M, w.shape[0], w.shape[1], w.group_size_effective, x.dtype, w.zeros is not None, x.device)
+    return Problem(M, w.shape[0], w.shape[1], w.group_size_effective, x.dtype, w.params.zeros is not None, x.device)

@@ -18,10 +18,17 @@ Layout (K = in_features, N = out_features, G = K / g groups)::
 
 A zero point of 0 therefore borrows from the next nibble when written (true zeros (0, 15) are
 stored as nibbles (15, 13), not (15, 14)); reading nibble by nibble (stored + 1 each) would give
-(16, 14). For zero points in 1..15 no nibble borrows and the two readings agree, so files of
-writers that subtract nibble by nibble (AutoGPTQ) read the same. A symmetric v1 model stores
-0x77777777 (z = 8 everywhere). This module reads and writes v1 word-wise; v1 zero points are
-0..15 like v2 (a stored nibble of 15 with no borrow would mean z = 16, which does not exist).
+(16, 14). For zero points in 1..15 no nibble borrows and the two readings agree.
+
+AutoGPTQ's packer writes nibble by nibble from unsigned 32-bit values, and a zero point of 0 (its
+z - 1 = -1, all bits set) spills into every higher nibble of its word: nibble j and all above
+read 15; AutoGPTQ's own kernels then use (15 + 1) = 16 for each of them. A word whose lowest
+nibble of 15 is not its top nibble and has only nibbles of 15 above it is read that way, as
+AutoGPTQ computes it (zero points of 16); any other word word-wise. (A word-wise writer produces
+that pattern only for true zero points (0, 1, 1, ..., 1) from the 15 up, which no real model has.
+A zero point of 0 in a word's top nibble alone is stored alike by both writers and read as 0:
+AutoGPTQ's kernels would use 16 there.) A symmetric v1 model stores 0x77777777 (z = 8
+everywhere). This module writes v1 word-wise with zero points 0..15.
 """
 from __future__ import annotations
 
@@ -52,6 +59,20 @@ def _v1_words(qzeros: torch.Tensor, sign: int) -> torch.Tensor:
     """int32 words ``(qzeros + sign * 0x11111111) mod 2**32`` (two's complement int32)."""
     words = (qzeros.to(torch.int64) + sign * V1_WORD_OFFSET) % 2 ** 32
     return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+def _v1_zeros(qzeros: torch.Tensor, N: int) -> torch.Tensor:
+    """True zero points [G, N] of v1 ``qzeros`` [G, ceil(N / 8)]: word-wise, except AutoGPTQ's
+    spilled words (see the module docstring), read nibble by nibble plus one as its kernels do."""
+    stored = unpack_int32(qzeros, dim=1)                                   # [G, 8 * words], nibbles
+    G, W = qzeros.shape
+    f = (stored == 15).reshape(G, W, 8)
+    above_all_f = f.flip(-1).cumprod(-1).flip(-1).bool()                    # nibble j and all above are 15
+    first_f = f & (f.cumsum(-1) == 1)
+    first_f[..., 7] = False      # a 15 in the top nibble alone: both writers store z = 0 there alike
+    spilled = (first_f & above_all_f).any(-1, keepdim=True).expand(G, W, 8).reshape(G, W * 8)
+    word_wise = unpack_int32(_v1_words(qzeros, +1), dim=1)
+    return torch.where(spilled, stored.to(word_wise.dtype) + 1, word_wise)[:, :N]
 
 
 def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -89,7 +110,7 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
     expect(qzeros.device == qweight.device, "qzeros.device", qweight.device, qzeros.device)
 
     codes = unpack_int32(qweight, dim=0).t()                           # [N, K]
-    zeros = unpack_int32(_v1_words(qzeros, +1) if offset else qzeros, dim=1, count=N).t()  # [N, G]
+    zeros = (_v1_zeros(qzeros, N) if offset else unpack_int32(qzeros, dim=1, count=N)).t()  # [N, G]
     perm = perm_from_g_idx(g_idx, K, n_groups, g, "g_idx")
     if perm is not None:
         perm = perm.to(qweight.device)

@@ -84,12 +84,12 @@ class GluonBackend(Backend):
 
     # ------------------------------------------------------------------ the weight
     def prepare(self, qweight: torch.Tensor, w) -> GluonPrepared:
-        return prepare_decode(qweight, w.scales, w.zeros, w.group_size_effective)
+        return prepare_decode(qweight, w.params.scales, w.params.zeros, w.group_size_effective)
 
     def prepare_params(self, prepared: GluonPrepared, w) -> GluonPrepared:
         from dataclasses import replace
 
-        s_t, o_t = decode_params(w.scales, w.zeros, prepared.N)
+        s_t, o_t = decode_params(w.params.scales, w.params.zeros, prepared.N)
         return replace(prepared, scales_t=s_t, offs_t=o_t)
 
     def unpack_codes(self, prepared: GluonPrepared) -> torch.Tensor:

@@ -125,8 +125,8 @@ def prepare_weight(w, device="cuda") -> GluonPrepared:
     """The Gluon layout of QuantizedWeight ``w`` on ``device`` (its plain codes, scales and zeros
     are copied there first if they live elsewhere): what the session scripts and GPU tests run
     the kernels on directly."""
-    zeros = None if w.zeros is None else w.zeros.to(device)
-    return prepare_decode(w.qweight.to(device), w.scales.to(device), zeros, w.group_size_effective)
+    zeros = None if w.params.zeros is None else w.params.zeros.to(device)
+    return prepare_decode(w.qweight.to(device), w.params.scales.to(device), zeros, w.group_size_effective)
 
 
 def decode_params(scales: torch.Tensor, zeros: Optional[torch.Tensor], N: int) -> tuple:

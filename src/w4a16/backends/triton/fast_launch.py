@@ -9,11 +9,16 @@ current one and active Triton launch hooks (profilers) go through Triton's norma
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import triton
 
 from ..triton_compat import COMPILE_OPTIONS, hooks_active
 from .env import interpreting
+
+INTERPRETER_LOCK = threading.Lock()   # kernels in Triton's CPU interpreter run one at a time
+
 
 def arg_key(a, _tensor=torch.Tensor, _int=int):
     """The properties of one runtime argument that Triton's specialization depends on."""
@@ -49,7 +54,12 @@ class CachedLaunch:
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, num_warps: int, num_stages: int,
                  key=None, cx: tuple = None):
         x = args[0]
-        if self._interpreted or not x.is_cuda or hooks_active():
+        if self._interpreted:
+            # Triton's interpreter keeps global state, and every CPU launch shares one set of split-K
+            # tile counters (they are per stream, and a CPU has one): one launch at a time.
+            with INTERPRETER_LOCK:
+                return self._slow(grid, args, constexprs, num_warps, num_stages)
+        if not x.is_cuda or hooks_active():
             return self._slow(grid, args, constexprs, num_warps, num_stages)
         index = x.get_device()
         if index != torch._C._cuda_getDevice():

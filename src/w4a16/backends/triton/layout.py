@@ -132,8 +132,8 @@ def prepare_layout(w, qweight: Optional[torch.Tensor] = None) -> PreparedWeight:
 def with_params(pw: PreparedWeight, w) -> PreparedWeight:
     """``pw`` with the scales and zeros of ``w`` in the layout's [G_pad, N] form."""
     G_pad = padded_groups(pw.K, pw.group)
-    zeros_t = None if w.zeros is None else transpose_pad(w.zeros, G_pad)
-    return replace(pw, scales_t=transpose_pad(w.scales, G_pad), zeros_t=zeros_t)
+    zeros_t = None if w.params.zeros is None else transpose_pad(w.params.zeros, G_pad)
+    return replace(pw, scales_t=transpose_pad(w.params.scales, G_pad), zeros_t=zeros_t)
 
 
 def unpack_layout(pw: PreparedWeight) -> torch.Tensor:
