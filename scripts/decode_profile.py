@@ -19,8 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from w4a16.bench.shapes import preset_layers  # noqa: E402
-from w4a16.backends.gluon.config import GluonDecodeConfig  # noqa: E402
-from w4a16.backends.gluon.launch import _plan, last_launch, run_decode  # noqa: E402
+from w4a16.backends.gluon.decode.config import GluonDecodeConfig  # noqa: E402
+from w4a16.backends.gluon.decode.launch import plan_for, run_decode  # noqa: E402
+from w4a16.backends.gluon.host import STATE  # noqa: E402
 from w4a16.backends.gluon.layout import prepare_weight  # noqa: E402
 from w4a16.measure import random_weight  # noqa: E402
 
@@ -49,8 +50,8 @@ def main():
         for _ in range(6):
             run_decode(x, pw, None, 1.0, cfg)
         torch.cuda.synchronize()
-        compiled, grid = last_launch()
-        plan = _plan(pw, a.M, cfg, True)
+        compiled, grid = STATE.last
+        plan = plan_for(pw, a.M, cfg, True)
         md = compiled.metadata
         occ = driver_occupancy(compiled.function, md.num_warps * 32, md.shared)
         print(f"{a.layer} M={a.M} {short}: grid {tuple(grid)} split_mode {plan.split_mode} num_warps {md.num_warps} "

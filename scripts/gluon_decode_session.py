@@ -27,8 +27,9 @@ import w4a16  # noqa: E402
 from w4a16 import reference  # noqa: E402
 from w4a16.bench.shapes import preset_layers  # noqa: E402
 from w4a16.bench.ceilings import measure_copy_bandwidth  # noqa: E402
-from w4a16.backends.gluon.config import GluonDecodeConfig, heuristic  # noqa: E402
-from w4a16.backends.gluon.launch import run_decode, supports  # noqa: E402
+from w4a16.backends.gluon.decode.config import GluonDecodeConfig, heuristic  # noqa: E402
+from w4a16.backends.gluon.decode.launch import run_decode  # noqa: E402
+from w4a16.backends.gluon.support import call_reason  # noqa: E402
 from w4a16.backends.gluon.layout import GluonPrepared, prepare_weight  # noqa: E402
 from session_log import SessionLog  # noqa: E402
 from w4a16.measure import GraphTimer, graph_replay_matches_eager, random_weight  # noqa: E402
@@ -45,7 +46,7 @@ def check(M, N, K, g, zeros, dtype, bias, alpha, cfg=None, deterministic=True, s
     ref = reference.gemm(x.cpu(), w, None if b is None else b.cpu(), alpha).float()
     pw = prepare_weight(w)
     cfg = cfg or heuristic(M, N, K, w.group_size_effective, 132)
-    why = supports(M, N, K, w.group_size_effective, dtype, zeros is not None, x)
+    why = call_reason(M, N, K, w.group_size_effective, dtype, x, "decode")
     if why:
         return None, why
     y = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
@@ -185,7 +186,7 @@ def timing(bw, ms, dtypes_for, cfg_override=None):
 
 def sweep(bw, shapes, ms):
     """Time every candidate config on a few shapes (for the heuristic)."""
-    from w4a16.backends.gluon.config import candidates
+    from w4a16.backends.gluon.decode.config import candidates
     log("== sweep: us per call (fraction of copy bandwidth)")
     for name in shapes:
         N, K = SHAPES[name]

@@ -30,8 +30,9 @@ from w4a16 import reference  # noqa: E402
 from w4a16.bench.shapes import preset_layers  # noqa: E402
 from w4a16.backends.gluon.layout import GluonPrepared, prepare_weight  # noqa: E402
 from session_log import SessionLog  # noqa: E402
-from w4a16.backends.gluon.prefill_config import NAMED, GluonPrefillConfig, prefill_candidates, prefill_heuristic  # noqa: E402,F401
-from w4a16.backends.gluon.prefill_launch import run_prefill, supports  # noqa: E402
+from w4a16.backends.gluon.prefill.config import NAMED, GluonPrefillConfig, prefill_candidates, prefill_heuristic  # noqa: E402,F401
+from w4a16.backends.gluon.prefill.launch import run_prefill  # noqa: E402
+from w4a16.backends.gluon.support import call_reason  # noqa: E402
 from w4a16.measure import GraphTimer, copies_for, graph_replay_matches_eager, random_weight  # noqa: E402
 from w4a16.weight import QuantizedWeight  # noqa: E402
 
@@ -48,7 +49,7 @@ def check(M, N, K, g, zeros, dtype, bias, alpha, cfg, seed=0):
     w = random_weight(N, K, g, zeros, dtype, "cpu", gen).to("cuda")
     x = torch.randn(M, K, generator=gen).to(dtype).cuda()
     b = (torch.randn(N, generator=gen) * 0.1).to(dtype).cuda() if bias else None
-    why = supports(M, N, K, w.group_size_effective, dtype, zeros is not None, x)
+    why = call_reason(M, N, K, w.group_size_effective, dtype, x, "prefill")
     if why:
         return None, why
     ref = reference.gemm(x, w, b, alpha).float()
@@ -90,8 +91,8 @@ def smoke(args, with_determinism=False):
             err, why = float("inf"), f"{type(e).__name__}: {str(e)[:300]}"
         res = ""
         try:
-            from w4a16.backends.gluon import launch
-            k = list(launch._KERNELS.values())[-1]
+            from w4a16.backends.gluon.host import STATE
+            k = list(STATE.kernels.values())[-1]
             res = (f"regs {getattr(k, 'n_regs', '?')} spills {getattr(k, 'n_spills', '?')} "
                    f"warps {k.metadata.num_warps} shared {k.metadata.shared}")
         except Exception as e:  # noqa: BLE001

@@ -128,8 +128,8 @@ def main() -> None:
                 g = timer.measure([lambda: w4a16.gemm(x, w, b, backend=be)]).median_us
                 row.append(f"gemm[{be}] {g:.1f}")
                 if be == "gluon":
-                    from w4a16.backends.gluon.launch import direct_launch_state
-                    row.append(f"direct={direct_launch_state()}")
+                    from w4a16.backends.gluon.host import STATE
+                    row.append(f"direct={STATE.direct, STATE.error}")
                 pr = cProfile.Profile()
                 pr.enable()
                 for _ in range(a.calls):

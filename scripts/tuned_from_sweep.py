@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from w4a16 import tuning_cache  # noqa: E402
 from w4a16.backends import registry  # noqa: E402
-from w4a16.backends.gluon.config import GluonDecodeConfig  # noqa: E402
+from w4a16.backends.gluon.decode.config import GluonDecodeConfig  # noqa: E402
 from w4a16.bench.shapes import preset_layers  # noqa: E402
 
 LINE = re.compile(r"^(?P<layer>\d+B \w+)\s+M=\s*(?P<M>\d+)\s+(?P<rest>.*)$")

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from w4a16.backends.gluon.config import auto_splits
-from w4a16.backends.gluon.launch import k_ranges
+from w4a16.backends.gluon.decode.config import auto_splits
+from w4a16.backends.gluon.host import k_ranges
 from w4a16.capi import gluon_variants as gv
 from w4a16.capi.loader import gluon_applies
 

@@ -27,6 +27,8 @@ from typing import Optional
 import torch
 
 from . import __version__, config, ops, reference, spec
+from .backends.triton.env import triton_version
+from .measure import rel_error
 from .backends import registry
 from ._table import fmt_bytes, format_table
 from .pack import pack_nibbles
@@ -42,14 +44,6 @@ def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _triton_version() -> str:
-    try:
-        import triton
-    except ImportError:
-        return "not installed"
-    return triton.__version__
-
-
 def _interpret_state() -> str:
     v = os.environ.get("TRITON_INTERPRET")
     return "unset" if v is None else v
@@ -60,7 +54,7 @@ def _headline(device: torch.device) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "no CUDA GPU"
     path, reason = ops.describe_path(device)
     return (f"device: {device.type} ({name})\n"
-            f"versions: w4a16 {__version__}, torch {torch.__version__}, triton {_triton_version()}, "
+            f"versions: w4a16 {__version__}, torch {torch.__version__}, triton {triton_version()}, "
             f"TRITON_INTERPRET={_interpret_state()}\n"
             f"gemm path: {path} ({reason})")
 
@@ -70,21 +64,12 @@ def _interpreted(device: torch.device) -> bool:
     return ops.describe_path(device)[0] == "triton-interpreter"
 
 
-def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    """Relative Frobenius error |y - ref| / |ref| in float64 (0 for two empty or zero tensors)."""
-    d = float(torch.linalg.vector_norm((y.double() - ref.double()).flatten()))
-    r = float(torch.linalg.vector_norm(ref.double().flatten()))
-    if r == 0.0:
-        return 0.0 if d == 0.0 else float("inf")
-    return d / r
-
-
 # ---------------------------------------------------------------------------- info
 def cmd_info(args) -> int:
     dev = _device()
     path, reason = ops.describe_path(dev)
     rows = [["w4a16", __version__], ["python", sys.version.split()[0]], ["torch", torch.__version__],
-            ["triton", _triton_version()], ["TRITON_INTERPRET", _interpret_state()],
+            ["triton", triton_version()], ["TRITON_INTERPRET", _interpret_state()],
             ["CUDA available", "yes" if dev.type == "cuda" else "no"],
             ["torch CUDA build", torch.version.cuda or "none (CPU build)"]]
     if dev.type == "cuda":

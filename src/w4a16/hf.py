@@ -209,11 +209,11 @@ def _read_layer(prefix, method, present, ckpt: _Tensors, reader, N: int, K: int)
     format allows (see :mod:`w4a16.distributed.hf_shards`)."""
     split = None if reader is None else reader.split_of(prefix, method, ckpt.shape, N, K)
     if split is not None:
-        from .distributed.hf_shards import G_IDX, _groups, sliced_tensors
+        from .distributed.hf_shards import G_IDX, groups_in_checkpoint, sliced_tensors
         from .formats._common import perm_from_g_idx
         gi = G_IDX[method]
         g_idx = ckpt.get(f"{prefix}.{gi}") if gi in present else None
-        G = _groups(method, ckpt.shape, prefix)
+        G = groups_in_checkpoint(method, ckpt.shape, prefix)
         if g_idx is not None and perm_from_g_idx(g_idx, K, G, K // G, f"{prefix}.{gi}") is None:
             g_idx = None   # the default order: not act-order
         tensors = sliced_tensors(method, lambda p, index: ckpt.part(f"{prefix}.{p}", index), present, split, N, K,
@@ -257,9 +257,10 @@ def _quantized_layer(model, prefix, method, opts, ckpt: _Tensors, dtype, report,
         device = reader.device(module)
     else:
         device = torch.device("cpu") if module.weight.is_meta else module.weight.device
-    w = QuantizedWeight.from_plain(w.qweight.to(device), w.scales.to(device, target),
-                                   None if w.zeros is None else w.zeros.to(device, target),
-                                   w.group_size, None if w.perm is None else w.perm.to(device))
+    scales, zeros, perm = w.params   # validated by the importer: moved and converted, not checked again
+    w = QuantizedWeight(w.plain_codes().to(device), scales.to(device, target),
+                        None if zeros is None else zeros.to(device, target), w.group_size,
+                        None if perm is None else perm.to(device))
     key = f"{prefix}.bias"
     bias = ckpt.part(key, rows) if key in ckpt else None
     if module.bias is None and bias is not None and bool((bias != 0).any()):

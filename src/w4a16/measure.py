@@ -18,6 +18,7 @@ them so consecutive calls read different weights and a layer is not served from 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -83,11 +84,35 @@ def graph_replay_matches_eager(run: Callable[[Optional[torch.Tensor]], torch.Ten
 
 
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    """Relative Frobenius error |y - ref| / |ref| in fp32 (inf when shapes differ, nan passes through)."""
+    """Relative Frobenius error |y - ref| / |ref| in float64: inf when the shapes differ, 0 for two
+    zero (or empty) tensors, inf for a non-zero y against a zero ref; NaN passes through."""
     if tuple(y.shape) != tuple(ref.shape):
         return math.inf
-    r = ref.float()
-    return float(torch.linalg.vector_norm(y.float() - r) / torch.linalg.vector_norm(r).clamp_min(1e-30))
+    d = float(torch.linalg.vector_norm((y.double() - ref.double()).flatten()))
+    r = float(torch.linalg.vector_norm(ref.double().flatten()))
+    if r == 0.0:
+        return 0.0 if d == 0.0 else (d if math.isnan(d) else math.inf)
+    return d / r
+
+
+def loop_timer(device: str) -> Callable[[Callable[[], object], int], float]:
+    """time_ms(fn, iters): mean ms of ``iters`` back-to-back calls (CUDA events on a GPU)."""
+    def cuda_ms(fn, iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / iters
+
+    def cpu_ms(fn, iters):
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t) * 1e3 / iters
+
+    return cuda_ms if str(device).startswith("cuda") else cpu_ms
 
 
 @dataclass(frozen=True)

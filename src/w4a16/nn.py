@@ -80,12 +80,14 @@ class W4A16Linear(nn.Module):
         """Wrap a QuantizedWeight (its tensors become the buffers, not copied when contiguous).
 
         Args:
-            w: QuantizedWeight of shape (N, K); validated again here.
+            w: QuantizedWeight of shape (N, K) (its tensors are taken as they are: a weight was
+                validated when it was built).
             bias: None or [N], any float dtype; converted to w's dtype and device.
             backend: the module's ``backend`` ("auto" or a backend name).
         """
         expect(isinstance(w, QuantizedWeight), "w", "a w4a16.QuantizedWeight", type(w).__name__)
-        w = QuantizedWeight.from_plain(w.plain_codes(), w.scales, w.zeros, w.group_size, w.perm)
+        w = QuantizedWeight(w.plain_codes().contiguous(), *(None if t is None else t.contiguous() for t in w.params[:2]),
+                            w.group_size, w.params.perm)
         N, K = w.shape
         if bias is not None:
             expect(isinstance(bias, torch.Tensor), "bias", "a torch.Tensor or None", type(bias).__name__)

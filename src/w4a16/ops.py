@@ -11,15 +11,15 @@ dbias = sum of dY; the int4 weight is frozen).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
+import weakref
 from typing import Any, Callable, List, NamedTuple, Optional
 
 import torch
 
-from . import reference
-from .backends.selection import Choice, choose as choose_backend, get as get_backend, problem_of, registry
 from .backends.base import Problem
-from .backends.triton.env import interpreting
+from .backends.selection import Choice, availability_key, choose_nonfinite, problem_of, registry
+from .backends.selection import choose as choose_backend
+from .backends.selection import get as get_backend
 from .backends.workspace import recall
 from .tuning_cache import generation
 from .validate import check_gemm_args
@@ -27,8 +27,9 @@ from .weight import QuantizedWeight
 
 _CHOICES: dict = {}
 MAX_CACHED = 4096
-NON_FINITE_CONFIG = "128"   # a tile config: scales applied per element before the dot product
 MAX_CALLS_PER_WEIGHT = 64
+# Per weight: (its epoch, {call key: _Call}): the bound eager calls of the fast path (see gemm).
+_CALLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def choose(x: torch.Tensor, w: QuantizedWeight, config="auto", backend: str = "auto") -> Choice:
@@ -36,48 +37,42 @@ def choose(x: torch.Tensor, w: QuantizedWeight, config="auto", backend: str = "a
     ``gemm(x, w, config=config, backend=backend)`` runs.
 
     With ``config="auto"`` and ``backend="auto"``, a weight whose scales or zeros hold NaN or an
-    infinity runs the tile config "128" (the Triton kernel where it runs, else the reference):
-    the configs that apply a scale after a group's dot product, and the Gluon kernels, which fold
-    the zero point into an offset, would not follow the README's non-finite rule."""
+    infinity runs a config that follows the README's non-finite rule (``Backend.nonfinite_config``:
+    the Triton tile config "128" where it runs, else the reference); the configs that apply a
+    scale after a group's dot product, and the Gluon kernels, which fold the zero point into an
+    offset, would not."""
     K = x.shape[-1]
     M = x.numel() // K if K else 0
     dev = x.device
     non_finite = (config == "auto" and backend == "auto" and isinstance(w, QuantizedWeight)
                   and not torch.compiler.is_compiling() and not w.params_finite())
-    # On the CPU the Triton backend's availability follows TRITON_INTERPRET, read per call.
     key = (M, w.shape, w.group_size_effective, x.dtype, w.params.zeros is not None, dev, config, backend,
-           dev.type == "cpu" and interpreting(), non_finite)
+           availability_key(dev), non_finite)
     hit = _CHOICES.get(key)
     if hit is None or hit[1] != generation():
         if len(_CHOICES) >= MAX_CACHED:
             _CHOICES.clear()
-        if non_finite:
-            c = choose_backend(problem_of(x, w), "auto", NON_FINITE_CONFIG)
-            c = replace(c, reason=f"non-finite scales or zeros: config {NON_FINITE_CONFIG!r}, which follows the "
-                                  f"IEEE rule term by term ({c.reason})")
-        else:
-            c = choose_backend(problem_of(x, w), backend, config)
+        c = choose_nonfinite(problem_of(x, w)) if non_finite else choose_backend(problem_of(x, w), backend, config)
         hit = _CHOICES[key] = (c, generation())
     return hit[0]
 
 
 def describe_path(device) -> tuple:
-    """(path, reason) for a decode-sized fp16 call on ``device``: path is the backend's name
-    ("gluon", "triton", "reference"), or "triton-interpreter" for the Triton kernel on the CPU."""
+    """(path, reason) for a decode-sized fp16 call on ``device``: path is the first backend that
+    runs it, by ``Backend.path_label`` ("gluon", "triton", "triton-interpreter" for the Triton
+    kernel in Triton's CPU interpreter, "reference")."""
     device = torch.device(device)
     p = Problem(1, 4096, 4096, 128, torch.float16, False, device)
     skipped = []
     for b in registry().values():
-        if b.name == "reference":
-            break
         reason = b.available(device) or b.supports(p)
         if reason is None:
-            name = "triton-interpreter" if b.name == "triton" and device.type == "cpu" else b.name
-            why = "kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1)" if device.type == "cpu" \
-                else f"{b.name} runs on {device}"
-            return name, why + (f"; skipped: {'; '.join(skipped)}" if skipped else "")
+            label = b.path_label(device)
+            why = ("kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1)" if label == "triton-interpreter"
+                   else f"{b.name} runs on {device}")
+            return label, why + (f"; skipped: {'; '.join(skipped)}" if skipped else "")
         skipped.append(f"{b.name}: {reason}")
-    return "reference", "; ".join(skipped) or "no kernel backend"
+    return "none", "; ".join(skipped)  # pragma: no cover - the reference runs everywhere
 
 
 def prepare(w: QuantizedWeight, backend: str = "auto"):
@@ -169,7 +164,8 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
         # device, same kind of bias, alpha and settings, nothing needing a gradient, the weight
         # unchanged) reuses that call's validation, choice and bound launch.
         key = _call_key(x, bias, alpha, config, backend, deterministic)
-        hit = None if key is None or not isinstance(w, QuantizedWeight) else w._calls.get(key)
+        calls = _calls_of(w) if key is not None and isinstance(w, QuantizedWeight) else None
+        hit = None if calls is None else calls.get(key)
         if hit is not None and hit.config_arg is config and w.prepared(hit.backend) is hit.prepared:
             x2 = x if hit.rows is None else x.view(hit.rows)
             if w.params.perm is not None:
@@ -189,8 +185,6 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
     else:
         choice = choose(x, w, config, backend)
         b, config_key = choice.backend, choice.config_key
-    if b.name == "reference":
-        return reference.gemm(x, w, bias, float(alpha))
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if w.params.perm is not None:
         x2 = x2.index_select(1, w.params.perm)
@@ -207,11 +201,12 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
                      bool(deterministic))
         y = run(x2, bias)
         if key is not None and x.is_contiguous():
-            if len(w._calls) >= MAX_CALLS_PER_WEIGHT:
-                w._calls.clear()
+            calls = _calls_of(w)
+            if len(calls) >= MAX_CALLS_PER_WEIGHT:
+                calls.clear()
             flat = x.dim() != 2
-            w._calls[key] = _Call(b, prepared, config, (x2.shape[0], K) if flat else None,
-                                  (*x.shape[:-1], N) if flat else None, run)
+            calls[key] = _Call(b, prepared, config, (x2.shape[0], K) if flat else None,
+                               (*x.shape[:-1], N) if flat else None, run)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
 
 
@@ -242,6 +237,15 @@ class _Call(NamedTuple):
     rows: Optional[tuple]  # (M, K) to view an x of other than 2 dims as, or None
     out: Optional[tuple]   # the shape to view y [M, N] as, or None
     run: Callable          # run(x2 [M, K] contiguous, bias) -> y [M, N]
+
+
+def _calls_of(w: QuantizedWeight) -> dict:
+    """The bound calls kept for ``w`` (dropped whenever its epoch moves: a bound call holds a
+    prepared copy, and a stale one must not be kept alive)."""
+    entry = _CALLS.get(w)
+    if entry is None or entry[0] != w.epoch:
+        entry = _CALLS[w] = (w.epoch, {})
+    return entry[1]
 
 
 def _call_key(x, bias, alpha, config, backend, deterministic) -> Optional[tuple]:

@@ -115,7 +115,14 @@ def gemm_stored(x2: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tenso
                 alpha: float = 1.0) -> torch.Tensor:
     """The contract on x2 [M, K] already in the weight's stored K order (gathered by ``w.perm``),
     fp32 throughout, cast to x2's dtype: [M, N]. No argument checks."""
-    y = _dot(x2.float(), dequantize_fp32(w)) * float(alpha)
+    return gemm_dequantized(x2, dequantize_fp32(w), bias, alpha)
+
+
+def gemm_dequantized(x2: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                     alpha: float = 1.0) -> torch.Tensor:
+    """y [M, N] = alpha * (x2 [M, K] @ W^T) + bias, W fp32 [N, K] in x2's K order; fp32 throughout
+    (the contract's non-finite rule term by term), cast to x2's dtype."""
+    y = _dot(x2.float(), W) * float(alpha)
     if bias is not None:
         y = y + bias.float()
     return y.to(x2.dtype)

@@ -189,7 +189,7 @@ class QuantizedWeight:
         self._watch_ver = None
         self._gen = 0                                    # bumped whenever the codes change
         self._layouts: dict = {}                         # (backend, layout) -> _Prepared
-        self._calls: dict = {}                           # w4a16.gemm's bound eager calls
+        self._epoch = 0                                  # bumped whenever a prepared copy changes
         self._finite: Optional[tuple] = None             # (params version, scales/zeros finite)
         self._lock = threading.Lock()
         self._group_size = int(group_size)
@@ -254,6 +254,12 @@ class QuantizedWeight:
         return self._params
 
     @property
+    def epoch(self) -> int:
+        """A counter that moves whenever a prepared copy of this weight is built or replaced (or
+        its parameters are): what callers caching launches bound to a prepared copy compare."""
+        return self._epoch
+
+    @property
     def group_size(self) -> int:
         """32, 64, 128, 256 or -1 (one group over all of K), as given."""
         return self._group_size
@@ -265,7 +271,8 @@ class QuantizedWeight:
             if int(value) != self._group_size:
                 self._group_size = int(value)
                 self._gen += 1          # the layouts depend on the group size
-                self._layouts, self._calls = {}, {}
+                self._layouts = {}
+                self._epoch += 1
 
     def set_params(self, scales: torch.Tensor, zeros: Optional[torch.Tensor] = None,
                    perm: Optional[torch.Tensor] = None) -> None:
@@ -278,7 +285,7 @@ class QuantizedWeight:
             self._params = Params(_plain(scales), _plain(zeros), _plain(perm))
             self._out = Params(*(Watched.wrap(t) for t in self._params))
             self._params_gen += 1
-            self._calls = {}
+            self._epoch += 1
 
     # ------------------------------------------------------------------ the codes
     @property
@@ -310,7 +317,7 @@ class QuantizedWeight:
             self._watch = ()
             self._gen += 1
             self._layouts = {}
-            self._calls = {}
+            self._epoch += 1
 
     def plain_codes(self) -> torch.Tensor:
         """The plain codes (a plain tensor) without holding a rebuilt copy (for ``save`` and
@@ -382,11 +389,11 @@ class QuantizedWeight:
             self._sync_codes()
             params = self._params_version()
             entry = self._layouts.get(key)
-            self._calls = {}  # bound calls hold prepared copies: never keep a stale one alive
             if entry is not None and entry.gen == self._gen:
                 if entry.params != params:
                     entry = self._layouts[key] = _Prepared(backend.prepare_params(entry.prepared, self),
                                                            self._gen, params)
+                    self._epoch += 1
             else:
                 codes = self._codes if self._codes is not None else (self._watched() or self._rebuild())
                 fresh = {k: e for k, e in self._layouts.items() if e.gen == self._gen}
@@ -394,6 +401,7 @@ class QuantizedWeight:
                     fresh.pop(next(iter(fresh)))
                 entry = fresh[key] = _Prepared(backend.prepare(codes, self), self._gen, params)
                 self._layouts = fresh
+                self._epoch += 1
             remember(backend, entry.prepared)
             if backend.owns_codes and self._codes is not None:
                 # The packed copy is the codes now; watch the codes handed out (the tensor given

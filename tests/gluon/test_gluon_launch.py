@@ -4,8 +4,8 @@ with the arguments and constexprs in signature order; hooks and failures take th
 import pytest
 import torch
 
-from w4a16.backends.gluon import launch
-from w4a16.backends.gluon.config import GluonDecodeConfig
+from w4a16.backends.gluon import host
+from w4a16.backends.gluon.decode.config import GluonDecodeConfig
 
 
 class FakeCompiled:
@@ -39,9 +39,7 @@ def _args():
 
 
 def _setup(monkeypatch):
-    monkeypatch.setattr(launch, "_KERNELS", {})
-    monkeypatch.setattr(launch, "_DIRECT", [True])
-    monkeypatch.setattr(launch, "_LAST", [None])
+    monkeypatch.setattr(host, "STATE", host.LaunchState())
     monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda i: 1234, raising=False)
 
@@ -51,10 +49,10 @@ def test_second_call_goes_straight_to_the_compiled_launcher(monkeypatch):
     k, cfg = FakeKernel(), GluonDecodeConfig()
     cx = {"MT": 16, "W": 4}
     for _ in range(3):
-        launch._launch(k, (7, 2), _args(), cx, cfg, (cfg, 64, 4096, 0))
+        host.launch(k, (7, 2), _args(), cx, cfg, (cfg, 64, 4096, 0))
     kinds = [e[0] for e in k.log]
     assert kinds == ["generic", "direct", "direct"]
-    compiled, grid = launch.last_launch()          # what kernel_info reads
+    compiled, grid = host.STATE.last               # what kernel_info reads
     assert isinstance(compiled, FakeCompiled) and grid == (7, 2)
     assert k.log[0][3] == {"num_warps": 4, "maxnreg": cfg.regs, "launch_pdl": True, "enable_fp_fusion": True, "MT": 16, "W": 4}
     grid_x, grid_y, grid_z, stream, fn, meta, lm, enter, exit_, *rest = k.log[1][1]
@@ -67,9 +65,9 @@ def test_second_call_goes_straight_to_the_compiled_launcher(monkeypatch):
 def test_other_specializations_and_devices_compile_separately(monkeypatch):
     _setup(monkeypatch)
     k, cfg = FakeKernel(), GluonDecodeConfig()
-    launch._launch(k, (7, 2), _args(), {"MT": 16}, cfg, (cfg, 64, 4096, 0))
-    launch._launch(k, (7, 2), _args(), {"MT": 8}, cfg, (cfg, 64, 4096, 0))      # other constexprs
-    launch._launch(k, (7, 2), _args(), {"MT": 16}, cfg, (cfg, 64, 4096, 1))     # not the current device
+    host.launch(k, (7, 2), _args(), {"MT": 16}, cfg, (cfg, 64, 4096, 0))
+    host.launch(k, (7, 2), _args(), {"MT": 8}, cfg, (cfg, 64, 4096, 0))      # other constexprs
+    host.launch(k, (7, 2), _args(), {"MT": 16}, cfg, (cfg, 64, 4096, 1))     # not the current device
     assert [e[0] for e in k.log] == ["generic", "generic", "generic"]
 
 
@@ -77,8 +75,8 @@ def test_a_failing_direct_launch_falls_back_for_good(monkeypatch):
     _setup(monkeypatch)
     k, cfg = FakeKernel(fail=True), GluonDecodeConfig()
     for _ in range(3):
-        launch._launch(k, (7, 2), _args(), {"MT": 16}, cfg, (cfg, 64, 4096, 0))
-    assert [e[0] for e in k.log] == ["generic", "generic", "generic"] and launch._DIRECT == [False]
+        host.launch(k, (7, 2), _args(), {"MT": 16}, cfg, (cfg, 64, 4096, 0))
+    assert [e[0] for e in k.log] == ["generic", "generic", "generic"] and host.STATE.direct is False and "signature differs" in host.STATE.error
 
 
 def _fake_compiled(launch, listed):

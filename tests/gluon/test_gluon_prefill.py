@@ -12,8 +12,8 @@ import torch
 
 from w4a16.backends.base import Problem
 from w4a16.backends.gluon.backend import GluonBackend
-from w4a16.backends.gluon.config import GluonDecodeConfig
-from w4a16.backends.gluon.prefill_config import (NAMED, SMEM_LIMIT, GluonPrefillConfig, prefill_candidates,
+from w4a16.backends.gluon.decode.config import GluonDecodeConfig
+from w4a16.backends.gluon.prefill.config import (NAMED, SMEM_LIMIT, GluonPrefillConfig, prefill_candidates,
                                                   prefill_heuristic)
 from w4a16.errors import W4A16Error
 
@@ -219,12 +219,12 @@ def test_run_prefill_host_path(monkeypatch):
     is persistent (min(tiles, SMs)), the tile counts cover M, N and K, and the plan is cached."""
     import types
 
-    from w4a16.backends.gluon import prefill_launch as pl
+    from w4a16.backends.gluon.prefill import launch as pl
     from w4a16.backends.gluon.layout import prepare_decode
-    from w4a16.backends.gluon.prefill import w4a16_prefill_kernel
+    from w4a16.backends.gluon.prefill.kernel import w4a16_prefill_kernel
 
     calls = []
-    monkeypatch.setattr(pl, "_launch", lambda kernel, grid, args, cx, cfg, static: calls.append(
+    monkeypatch.setattr(pl, "launch", lambda kernel, grid, args, cx, cfg, static: calls.append(
         (kernel, grid, args, cx, cfg, static)))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=132))
     monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
@@ -263,9 +263,9 @@ def test_run_prefill_host_path(monkeypatch):
 
 
 def test_direct_launch_with_a_prefill_config(monkeypatch):
-    """launch._launch compiles with num_warps 4 (the default partition) and maxnreg 168 for a
+    """host.launch compiles with num_warps 4 (the default partition) and maxnreg 168 for a
     prefill config, then goes straight to the compiled launcher."""
-    from w4a16.backends.gluon import launch
+    from w4a16.backends.gluon import host
 
     log = []
 
@@ -282,14 +282,13 @@ def test_direct_launch_with_a_prefill_config(monkeypatch):
                 return Compiled()
             return go
 
-    monkeypatch.setattr(launch, "_KERNELS", {})
-    monkeypatch.setattr(launch, "_DIRECT", [True])
+    monkeypatch.setattr(host, "STATE", host.LaunchState())
     monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda i: 7, raising=False)
     cfg = NAMED["prefill-128"]
     X = torch.zeros(4)
     args = ("c", "x", "s", "o", X, X, 1000, 4096, 128, 32, 32, 8, 1.0)
     for _ in range(2):
-        launch._launch(Kernel(), (132, 1), args, {"MT": 128}, cfg, ("prefill", cfg, 64, 4096, 0))
+        host.launch(Kernel(), (132, 1), args, {"MT": 128}, cfg, ("prefill", cfg, 64, 4096, 0))
     assert [e[0] for e in log] == ["generic", "direct"]
     assert log[0][3] == {"num_warps": 4, "maxnreg": 168, "enable_fp_fusion": True, "MT": 128}

@@ -13,7 +13,7 @@ from w4a16.backends.triton_compat import gluon_unsupported  # noqa: E402
 if gluon_unsupported():
     pytest.skip(gluon_unsupported(), allow_module_level=True)
 
-from w4a16.backends.gluon.config import NAMED, GluonDecodeConfig, candidates, heuristic  # noqa: E402
+from w4a16.backends.gluon.decode.config import NAMED, GluonDecodeConfig, candidates, heuristic  # noqa: E402
 from w4a16.backends.gluon.offline import compile_decode, decode_stats  # noqa: E402
 
 

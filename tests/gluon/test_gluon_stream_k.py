@@ -3,8 +3,8 @@ kernel computes it, against a brute-force assignment of units to programs; and i
 and config rules (no GPU needed)."""
 import pytest
 
-from w4a16.backends.gluon.config import GluonDecodeConfig, candidates
-from w4a16.backends.gluon.launch import SK_MAX_PRODUCT, stream_k_programs
+from w4a16.backends.gluon.decode.config import GluonDecodeConfig, candidates
+from w4a16.backends.gluon.decode.launch import SK_MAX_PRODUCT, stream_k_programs
 from w4a16.errors import W4A16Error
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from w4a16.backends import registry
-from w4a16.backends.gluon.config import GluonDecodeConfig, candidates
+from w4a16.backends.gluon.decode.config import GluonDecodeConfig, candidates
 from w4a16.errors import W4A16Error
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "tuned_from_sweep.py"

@@ -10,8 +10,9 @@ from gluon_helpers import skip_unless_gluon  # noqa: E402
 skip_unless_gluon()
 
 from w4a16 import reference  # noqa: E402
-from w4a16.backends.gluon.config import GluonDecodeConfig, heuristic  # noqa: E402
-from w4a16.backends.gluon.launch import run_decode, supports  # noqa: E402
+from w4a16.backends.gluon.decode.config import GluonDecodeConfig, heuristic  # noqa: E402
+from w4a16.backends.gluon.decode.launch import run_decode  # noqa: E402
+from w4a16.backends.gluon.support import call_reason  # noqa: E402
 from gluon_helpers import prep, rel  # noqa: E402
 from w4a16.measure import graph_replay_matches_eager, random_weight  # noqa: E402
 
@@ -35,7 +36,7 @@ def test_matrix(dtype, group, zeros):
             bias = (torch.randn(N, generator=gen) * 0.1).to(dtype) if (i + j) % 2 else None
             alpha = 0.5 if j % 3 == 0 else 1.0
             ref = reference.gemm(x, w, bias, alpha)
-            assert supports(M, N, K, w.group_size_effective, dtype, zeros is not None, x.cuda()) is None
+            assert call_reason(M, N, K, w.group_size_effective, dtype, x.cuda(), "decode") is None
             y = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
             cfg = heuristic(M, N, K, w.group_size_effective, 132)
             run_decode(x.cuda(), pw, None if bias is None else bias.cuda(), alpha, cfg, out=y)
@@ -70,9 +71,9 @@ def test_cuda_graph():
 
 def test_unsupported_reasons():
     x = torch.zeros(4, 100, dtype=torch.float16)
-    assert supports(65, 64, 4096, 128, torch.float16, False) is not None
-    assert "16" in supports(4, 64, 100, 100, torch.float16, False)   # K * 2 = 200 bytes: not TMA-aligned
-    assert supports(4, 64, 4096, 128, torch.float32, False) is not None
+    assert call_reason(65, 64, 4096, 128, torch.float16, None, "decode") is not None
+    assert "16" in call_reason(4, 64, 100, 100, torch.float16, None, "decode")   # K * 2 = 200 bytes: not TMA-aligned
+    assert call_reason(4, 64, 4096, 128, torch.float32, None, "decode") is not None
     del x
 
 
@@ -83,7 +84,7 @@ def test_unsupported_reasons():
 def test_bound_launch_matches_run_decode(cfg, bias, dtype):
     """The bound eager launch (descriptors encoded once, Triton's C launcher called directly) gives
     bitwise the results of run_decode, for x at several addresses, and really takes its fast path."""
-    from w4a16.backends.gluon.bound import BoundDecode
+    from w4a16.backends.gluon.decode.bound import BoundDecode
     gen = torch.Generator().manual_seed(10)
     w = random_weight(1000, 4096, 128, "int", dtype, "cpu", gen)
     pw = prep(w)
@@ -102,7 +103,7 @@ def test_bound_launch_matches_run_decode(cfg, bias, dtype):
 def test_gemm_fast_path_uses_bound_launch():
     """w4a16.gemm's eager fast path on the Gluon backend ends in a BoundDecode that resolved."""
     import w4a16
-    from w4a16.backends.gluon.bound import BoundDecode
+    from w4a16.backends.gluon.decode.bound import BoundDecode
     gen = torch.Generator().manual_seed(11)
     w = random_weight(512, 1024, 128, None, torch.float16, "cpu", gen).to("cuda")
     x = torch.randn(1, 1024, generator=gen).half().cuda()

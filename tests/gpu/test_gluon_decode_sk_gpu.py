@@ -14,8 +14,8 @@ from gluon_helpers import skip_unless_gluon  # noqa: E402
 skip_unless_gluon()
 
 from w4a16 import reference  # noqa: E402
-from w4a16.backends.gluon.config import GluonDecodeConfig, heuristic  # noqa: E402
-from w4a16.backends.gluon.launch import _plan, run_decode  # noqa: E402
+from w4a16.backends.gluon.decode.config import GluonDecodeConfig, heuristic  # noqa: E402
+from w4a16.backends.gluon.decode.launch import plan_for, run_decode  # noqa: E402
 from w4a16.backends.workspace import tile_counters  # noqa: E402
 from gluon_helpers import prep, rel  # noqa: E402
 from w4a16.measure import graph_replay_matches_eager, random_weight  # noqa: E402
@@ -64,7 +64,7 @@ def test_program_counts(programs, M, N, K):
     x = torch.randn(M, K, generator=gen).half()
     b = (torch.randn(N, generator=gen) * 0.1).half()
     cfg = _sk(M, N, K, 32, programs)
-    plan = _plan(pw, M, cfg, True)
+    plan = plan_for(pw, M, cfg, True)
     assert plan.split_mode == 3 and plan.grid[0] <= plan.sps
     y1 = _run(x, pw, b, 0.5, cfg, torch.float16)
     y2 = _run(x, pw, b, 0.5, cfg, torch.float16)
@@ -85,7 +85,7 @@ def test_cuda_graph():
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_bound_launch_matches_run_decode(bias):
-    from w4a16.backends.gluon.bound import BoundDecode
+    from w4a16.backends.gluon.decode.bound import BoundDecode
     gen = torch.Generator().manual_seed(20)
     w = random_weight(1000, 4096, 128, "int", torch.float16, "cpu", gen)
     pw = prep(w)

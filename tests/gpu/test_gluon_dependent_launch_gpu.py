@@ -14,8 +14,8 @@ from gluon_helpers import skip_unless_gluon  # noqa: E402
 skip_unless_gluon()
 
 from w4a16 import reference  # noqa: E402
-from w4a16.backends.gluon.config import GluonDecodeConfig  # noqa: E402
-from w4a16.backends.gluon.launch import run_decode  # noqa: E402
+from w4a16.backends.gluon.decode.config import GluonDecodeConfig  # noqa: E402
+from w4a16.backends.gluon.decode.launch import run_decode  # noqa: E402
 from gluon_helpers import prep, rel  # noqa: E402
 from w4a16.measure import random_weight  # noqa: E402
 

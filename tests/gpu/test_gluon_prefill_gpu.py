@@ -11,8 +11,9 @@ from gluon_helpers import skip_unless_gluon  # noqa: E402
 skip_unless_gluon()
 
 from w4a16 import reference  # noqa: E402
-from w4a16.backends.gluon.prefill_config import NAMED, GluonPrefillConfig, prefill_candidates  # noqa: E402
-from w4a16.backends.gluon.prefill_launch import run_prefill, supports  # noqa: E402
+from w4a16.backends.gluon.prefill.config import NAMED, GluonPrefillConfig, prefill_candidates  # noqa: E402
+from w4a16.backends.gluon.prefill.launch import run_prefill  # noqa: E402
+from w4a16.backends.gluon.support import call_reason  # noqa: E402
 from gluon_helpers import prep, rel  # noqa: E402
 from w4a16.measure import graph_replay_matches_eager, random_weight  # noqa: E402
 
@@ -43,7 +44,7 @@ def test_matrix(dtype, group, zeros):
             x = torch.randn(M, K, generator=gen).to(dtype).cuda()
             bias = (torch.randn(N, generator=gen) * 0.1).to(dtype).cuda() if (i + j) % 2 else None
             alpha = 0.5 if j % 3 == 0 else 1.0
-            assert supports(M, N, K, w.group_size_effective, dtype, zeros is not None, x) is None
+            assert call_reason(M, N, K, w.group_size_effective, dtype, x, "prefill") is None
             ref = reference.gemm(x, w, bias, alpha)
             assert rel(_run(x, pw, bias, alpha, cfg), ref) <= tol, (M, N, K, group, zeros)
 
@@ -142,7 +143,7 @@ def test_backend_dispatch():
 
 
 def test_unsupported_reasons():
-    assert supports(64, 4096, 4096, 128, torch.float16, False) is not None      # the decode kernel's range
-    assert supports(65536, 57344, 4096, 128, torch.float16, False) is not None  # 32-bit offsets
-    assert supports(1024, 64, 100, 100, torch.float16, False) is not None       # K * 2 not 16-byte aligned
-    assert supports(1024, 64, 4096, 96, torch.float16, False) is not None       # group size
+    assert call_reason(64, 4096, 4096, 128, torch.float16, None, "prefill") is not None      # the decode kernel's range
+    assert call_reason(65536, 57344, 4096, 128, torch.float16, None, "prefill") is not None  # 32-bit offsets
+    assert call_reason(1024, 64, 100, 100, torch.float16, None, "prefill") is not None       # K * 2 not 16-byte aligned
+    assert call_reason(1024, 64, 4096, 96, torch.float16, None, "prefill") is not None       # group size

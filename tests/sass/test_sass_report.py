@@ -22,8 +22,8 @@ def _baseline(*results):
 
 
 def test_shipped_cases_cover_every_kernel_and_named_config():
-    from w4a16.backends.gluon.config import NAMED
-    from w4a16.backends.gluon.prefill_config import NAMED as PREFILL
+    from w4a16.backends.gluon.decode.config import NAMED
+    from w4a16.backends.gluon.prefill.config import NAMED as PREFILL
     from w4a16.backends.triton.config import NAMED_CONFIGS
     cases = shipped_cases()
     keys = [c.key for c in cases]

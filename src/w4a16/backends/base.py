@@ -65,6 +65,20 @@ class Backend(abc.ABC):
     def supports(self, p: Problem) -> Optional[str]:
         """None when the backend computes ``p`` correctly, else the reason it does not."""
 
+    def availability_key(self, device: torch.device) -> Any:
+        """A value that changes whenever :meth:`available` on ``device`` may change its answer
+        within a process (None: it never does); callers cache choices under it."""
+        return None
+
+    def path_label(self, device: torch.device) -> str:
+        """How ``describe_path`` names this backend running on ``device``."""
+        return self.name
+
+    def nonfinite_config(self, p: Problem) -> Any:
+        """A config that computes ``p`` by the contract's term-by-term IEEE rule when scales or
+        zeros hold NaN or an infinity (README, "Non-finite values"), or None when none does."""
+        return None
+
     # ------------------------------------------------------------------ the weight
     @abc.abstractmethod
     def prepare(self, qweight: torch.Tensor, w) -> Any:

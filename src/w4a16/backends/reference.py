@@ -1,16 +1,29 @@
 """The pure-torch reference as a backend: any device, any dtype of the contract, slow.
 
 It is the last fallback of ``backend="auto"`` and what ``config="reference"`` or
-``backend="reference"`` selects. It keeps the weight's plain codes (no layout of its own).
+``backend="reference"`` selects. It keeps the weight's own plain codes, scales and zeros (no layout
+of its own, nothing copied) and computes the contract in fp32, the non-finite rule term by term.
 """
 from __future__ import annotations
 
-import weakref
-from typing import Optional
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 
+from ..pack import unpack_nibbles
+from ..weight import dequantize_codes
 from .base import Backend, Problem
+
+
+@dataclass(eq=False)
+class ReferencePrepared:
+    """A weight as the reference reads it: the weight's own tensors (plain codes uint8 [N, K/2],
+    scales and zeros [N, G]) and its effective group size."""
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: Optional[torch.Tensor]
+    group: int
 
 
 class ReferenceBackend(Backend):
@@ -24,14 +37,29 @@ class ReferenceBackend(Backend):
     def supports(self, p: Problem) -> Optional[str]:
         return None
 
-    def prepare(self, qweight: torch.Tensor, w):
-        return weakref.ref(w)  # no layout of its own: it reads the weight itself
+    def nonfinite_config(self, p: Problem) -> str:
+        return "reference"
 
-    def prepare_params(self, prepared, w):
-        return prepared
+    def prepare(self, qweight: torch.Tensor, w) -> ReferencePrepared:
+        scales, zeros, _ = w.params
+        return ReferencePrepared(qweight, scales, zeros, w.group_size_effective)
 
-    def unpack_codes(self, prepared) -> torch.Tensor:
-        return prepared().qweight
+    def prepare_params(self, prepared: ReferencePrepared, w) -> ReferencePrepared:
+        return self.prepare(prepared.codes, w)
+
+    def unpack_codes(self, prepared: ReferencePrepared) -> torch.Tensor:
+        return prepared.codes
+
+    def op_tensors(self, prepared: ReferencePrepared) -> List[torch.Tensor]:
+        t = [prepared.codes, prepared.scales]
+        return t if prepared.zeros is None else t + [prepared.zeros]
+
+    def from_op_tensors(self, tensors: List[torch.Tensor], N: int, K: int, group: int) -> ReferencePrepared:
+        return ReferencePrepared(tensors[0], tensors[1], tensors[2] if len(tensors) > 2 else None, group)
+
+    def dequantize(self, prepared: ReferencePrepared, dtype: torch.dtype) -> torch.Tensor:
+        p = prepared
+        return dequantize_codes(unpack_nibbles(p.codes), p.scales, p.zeros, p.group, dtype)
 
     def named_configs(self) -> dict:
         return {"reference": "reference"}
@@ -49,7 +77,7 @@ class ReferenceBackend(Backend):
         return "reference"
 
     def run(self, x2, prepared, bias, alpha, cfg, deterministic=True, out=None):
-        from ..reference import gemm_stored
+        from ..reference import gemm_dequantized
 
-        y = gemm_stored(x2, prepared(), bias, alpha)
+        y = gemm_dequantized(x2, self.dequantize(prepared, torch.float32), bias, alpha)
         return y if out is None else out.copy_(y)

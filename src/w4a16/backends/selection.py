@@ -178,6 +178,23 @@ def choose(p: Problem, backend: str = "auto", config: Any = "auto") -> Choice:
     return choice
 
 
+def choose_nonfinite(p: Problem) -> Choice:
+    """For a weight whose scales or zeros hold NaN or an infinity: the first backend, in order of
+    preference, that runs ``p`` with a config following the contract's non-finite rule."""
+    for b in registry().values():
+        if why_not(b, p) is None:
+            cfg = b.nonfinite_config(p)
+            if cfg is not None and b.config_supports(cfg, p) is None:
+                return Choice(b, cfg, f"non-finite scales or zeros: {b.name} {b.config_label(cfg)} follows the "
+                                      f"IEEE rule term by term")
+    raise W4A16Error("backend: no backend computes a weight with non-finite scales here")  # pragma: no cover
+
+
+def availability_key(device: torch.device) -> tuple:
+    """What the backends' availability on ``device`` depends on within this process (cache key)."""
+    return tuple(b.availability_key(device) for b in registry().values())
+
+
 def config_names() -> tuple:
     """Every name ``gemm(config=...)`` accepts: "auto" and each backend's named configs."""
     names = ["auto"]

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import platform
 import re
 import subprocess
-import sys
 
 import torch
+
+from ..backends.triton.env import triton_version
 
 
 def _driver_version() -> str:
@@ -31,21 +31,6 @@ def _driver_version() -> str:
     return "unknown"
 
 
-def _triton_version() -> str:
-    """The version of the triton this process runs: the imported module's when it is imported (a
-    triton found first on PYTHONPATH shadows the installed one), else read from the installed
-    package's metadata (importing it would fix its settings)."""
-    module = sys.modules.get("triton")
-    if module is not None and getattr(module, "__version__", None):
-        return module.__version__
-    for dist in ("triton", "pytorch-triton"):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return "absent"
-
-
 def card(device) -> dict:
     """{'card', 'sm_count', 'capability', 'memory_gib'} of ``device`` (a CPU reports 'cpu', 0 SMs)."""
     device = torch.device(device)
@@ -64,7 +49,7 @@ def collect(device) -> dict:
     info.update(
         driver=_driver_version() if torch.device(device).type == "cuda" else "n/a",
         torch=torch.__version__,
-        triton=_triton_version(),
+        triton=triton_version(),
         cuda=torch.version.cuda or "n/a",
         python=platform.python_version(),
         w4a16=__version__,

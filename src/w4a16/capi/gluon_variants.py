@@ -68,13 +68,13 @@ class GluonVariant:
 
     def decode_config(self):
         """The GluonDecodeConfig of a decode variant (the heuristic's pipeline at this token tile)."""
-        from w4a16.backends.gluon.config import GluonDecodeConfig
+        from w4a16.backends.gluon.decode.config import GluonDecodeConfig
         mt = int(self.config[len("decode"):].rstrip("k"))
         nch = 4 if self.group_class == 32 else 2
         return GluonDecodeConfig(mt=mt, warps=4, nch=nch, stages=4 if mt <= 16 else 3)
 
     def prefill_config(self):
-        from w4a16.backends.gluon.prefill_config import NAMED
+        from w4a16.backends.gluon.prefill.config import NAMED
         return NAMED[self.config]
 
 

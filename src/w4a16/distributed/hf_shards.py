@@ -41,13 +41,13 @@ from ..weight import QuantizedWeight
 from .loading import mesh_device
 from .plan import COLWISE_REP, DEFAULT_TP_PLAN, Plan, apply_tp_plan, plan_targets
 from .shard import COLWISE, ROWWISE, LocalShard, Split, split_for, take
-from .styles import _W4A16Parallel
+from .styles import W4A16Parallel
 
 PACKS_N = {"gptq": ("qzeros",), "awq": ("qweight", "qzeros"), "compressed-tensors": ("weight_zero_point",)}
 G_IDX = {"gptq": "g_idx", "awq": None, "compressed-tensors": "weight_g_idx"}
 
 
-def _groups(method: str, shape_of, prefix: str) -> int:
+def groups_in_checkpoint(method: str, shape_of, prefix: str) -> int:
     """G of a layer from its scales' stored shape (read from the file header, not the data)."""
     if method == "compressed-tensors":
         return shape_of(f"{prefix}.weight_scale")[1]
@@ -108,7 +108,7 @@ class ShardReader:
     def style_of(self, prefix: str) -> Optional[str]:
         """COLWISE / ROWWISE when the plan shards layer ``prefix`` with a W4A16 style, else None."""
         value = self.targets.get(prefix, (None,))[0]
-        if isinstance(value, _W4A16Parallel):
+        if isinstance(value, W4A16Parallel):
             return value.style
         if value in (COLWISE, COLWISE_REP):
             return COLWISE
@@ -118,7 +118,7 @@ class ShardReader:
         style = self.style_of(prefix)
         if style is None:
             return None
-        G = _groups(method, shape_of, prefix)
+        G = groups_in_checkpoint(method, shape_of, prefix)
         group = -1 if G == 1 else K // max(G, 1)
         return split_for(style, (N, K), group, self.rank, self.tp, prefix)
 

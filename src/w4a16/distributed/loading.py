@@ -21,7 +21,7 @@ from ..nn import W4A16Linear
 from ..weight import QuantizedWeight
 from .plan import DEFAULT_TP_PLAN, Plan, apply_tp_plan, resolve_plan
 from .shard import COLWISE, LocalShard, Split, code_bytes, split_for
-from .styles import _W4A16Parallel
+from .styles import W4A16Parallel
 
 PARTS = ("qweight", "scales", "zeros", "perm", "bias")
 
@@ -99,7 +99,7 @@ def load_sharded(path: Union[str, "os.PathLike[str]"], model: nn.Module, mesh: D
         shards, sharded_keys = {}, set()
         for name, style in resolve_plan(model, plan, tp).items():
             module = modules[name]
-            if not isinstance(style, _W4A16Parallel):
+            if not isinstance(style, W4A16Parallel):
                 continue
             split = split_for(style.style, (module.out_features, module.in_features), module.group_size, rank, tp,
                               name, getattr(module, "splits", None))

@@ -34,7 +34,7 @@ from .module import ShardedW4A16Linear
 from .shard import COLWISE, ROWWISE, LocalShard, split_for
 
 COLWISE_REP = "colwise_rep"   # column-wise, the output gathered on every rank (Replicate)
-from .styles import STYLES, _W4A16Parallel
+from .styles import STYLES, W4A16Parallel
 
 DEFAULT_TP_PLAN: Dict[str, str] = {
     "self_attn.q_proj": COLWISE,
@@ -148,7 +148,7 @@ def _resolve(model: nn.Module, plan: Plan, tp: int) -> Tuple[Dict[str, ParallelS
     styles = _fused_targets(modules, planned)
     for name, style in styles.items():
         module = modules[name]
-        if isinstance(style, _W4A16Parallel):
+        if isinstance(style, W4A16Parallel):
             style.check_fused(module, name)
             w = module.weight_q
             split_for(style.style, w.shape, w.group_size, 0, tp, name, getattr(module, "splits", None))
@@ -185,7 +185,7 @@ def apply_tp_plan(model: nn.Module, mesh: DeviceMesh, plan: Optional[Plan] = Non
     modules = dict(model.named_modules())
     shards = shards or {}
     for name, style in styles.items():
-        if isinstance(style, _W4A16Parallel):
+        if isinstance(style, W4A16Parallel):
             style.apply_shard(modules[name], mesh, shards.get(name), name)
         else:
             parallelize_module(modules[name], mesh, style)

@@ -55,7 +55,7 @@ def _same(a: Placement, b: Placement, ndim: int) -> bool:
     return a == b or (_is_last_dim_shard(a, ndim) and _is_last_dim_shard(b, ndim))
 
 
-class _W4A16Parallel(ParallelStyle):
+class W4A16Parallel(ParallelStyle):
     style: str
 
     def __init__(self, *, input_layouts: Optional[Placement] = None, output_layouts: Optional[Placement] = None,
@@ -106,7 +106,7 @@ class _W4A16Parallel(ParallelStyle):
                 f"use_local_output={self.use_local_output})")
 
 
-class W4A16ColwiseParallel(_W4A16Parallel):
+class W4A16ColwiseParallel(W4A16Parallel):
     """Split N: rank r keeps output rows [r*N/tp, (r+1)*N/tp) (codes, scales, zeros, bias); the
     input is replicated (``input_layouts``, default Replicate(), is redistributed to Replicate),
     the output is Shard(-1) unless ``output_layouts`` says otherwise (Replicate(): all-gather).
@@ -134,7 +134,7 @@ class W4A16ColwiseParallel(_W4A16Parallel):
         return out.to_local() if self.use_local_output else out
 
 
-class W4A16RowwiseParallel(_W4A16Parallel):
+class W4A16RowwiseParallel(W4A16Parallel):
     """Split K on group boundaries: rank r keeps stored K positions [r*K/tp, (r+1)*K/tp) (whole
     groups of codes, scales, zeros); the input is Shard(-1) (``input_layouts`` default), the
     partial outputs are summed (output Replicate(), or reduce-scattered for Shard(-1)). The bias

@@ -15,7 +15,8 @@ from typing import Dict, List
 
 import torch
 
-from .speed import StaticDecoder, _timer
+from ..measure import loop_timer
+from .decoder import StaticDecoder
 
 
 @dataclass
@@ -50,7 +51,7 @@ def interleaved_eager(models: Dict[str, torch.nn.Module], batch: int, device: st
         dec.prefill(prompt)
         dec.ids.copy_(token)
         decoders[name] = dec
-    time_ms = _timer(device)
+    time_ms = loop_timer(device)
     for dec in decoders.values():
         time_ms(dec.step, 3)  # warm-up: compiled kernels, bound launches, allocator
     rounds: Dict[str, List[float]] = {name: [] for name in decoders}

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import os
 import statistics
@@ -40,6 +39,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+
+from ..measure import loop_timer, rel_error
+from .decoder import StaticDecoder
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
@@ -133,11 +135,6 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.double(), want.double()
-    return float((got - want).norm() / want.norm().clamp_min(1e-30))
-
-
 def _finite(t: torch.Tensor, what: str) -> torch.Tensor:
     if not bool(torch.isfinite(t).all()):
         raise RuntimeError(f"{what}: logits contain NaN or Inf")
@@ -170,26 +167,6 @@ def dequantized_weights(model):
 
 
 # ---------------------------------------------------------------------- timing
-def _timer(device: str) -> Callable[[Callable[[], object], int], float]:
-    """time_ms(fn, iters): mean ms of ``iters`` back-to-back calls (CUDA events on a GPU)."""
-    def cuda_ms(fn, iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / iters
-
-    def cpu_ms(fn, iters):
-        t = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return (time.perf_counter() - t) * 1e3 / iters
-
-    return cuda_ms if str(device).startswith("cuda") else cpu_ms
-
-
 @torch.no_grad()
 def prefill_ms(model, tokens: int, device: str, iters: int = 3, seed: int = 1) -> float:
     """Median ms of one forward over [1, tokens] (no cache) plus lm_head on the last position."""
@@ -201,85 +178,8 @@ def prefill_ms(model, tokens: int, device: str, iters: int = 3, seed: int = 1) -
         return model.lm_head(h[:, -1])
 
     _finite(run(), "prefill")
-    time_ms = _timer(device)
+    time_ms = loop_timer(device)
     return statistics.median(time_ms(run, 1) for _ in range(iters))
-
-
-class StaticDecoder:
-    """One decode step of ``model`` for ``batch`` sequences on a transformers StaticCache.
-
-    Inputs live in static tensors (``ids`` int64 [batch, 1], positions) so the step can be
-    captured as a CUDA graph. Works with the cache passed as ``past_key_values`` (+ an explicit
-    ``cache_position``, transformers 4.x) or as ``cache`` (positions kept by the cache, 5.x).
-    """
-
-    def __init__(self, model, batch: int, context: int, prompt_len: int, device: str, compile: bool = False):
-        from transformers import StaticCache
-
-        self.model, self.batch, self.prompt_len, self.device = model, batch, prompt_len, device
-        # compile: the step's forward goes through torch.compile (inductor fuses the small
-        # non-GEMM kernels); the W4A16 GEMM is the custom op w4a16::gemm inside the compiled graph.
-        self.forward = torch.compile(model.forward, dynamic=False) if compile else model.forward
-        # A compiled step is traced after one eager step: the weights are then prepared in every
-        # layout the decode shape uses (preparing inside the trace would break the graph per layer).
-        self.eager_first = compile
-        dtype = next(model.parameters()).dtype
-        try:
-            self.cache = StaticCache(config=model.config, max_batch_size=batch, max_cache_len=context,
-                                     device=device, dtype=dtype)
-        except TypeError:
-            self.cache = StaticCache(config=model.config, max_cache_len=context)
-        params = inspect.signature(model.forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
-        self.explicit_position = "cache_position" in params
-        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.kwargs = {self.cache_kw: self.cache, "use_cache": True,
-                       "position_ids": torch.full((batch, 1), prompt_len, dtype=torch.long, device=device)}
-        if self.explicit_position:
-            self.kwargs["cache_position"] = torch.tensor([prompt_len], device=device)
-        self.graph, self.out, self.used = None, None, False
-
-    @torch.no_grad()
-    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
-        """prompt int64 [batch, prompt_len]: reset the cache, fill it; -> last logits [batch, V]."""
-        if self.used:
-            self.cache.reset()
-        self.used = True
-        P = prompt.shape[1]
-        pos = torch.arange(P, device=self.device)
-        kw = {self.cache_kw: self.cache, "use_cache": True, "position_ids": pos.expand(self.batch, P)}
-        if self.explicit_position:
-            kw["cache_position"] = pos
-        return self.model(input_ids=prompt, **kw).logits[:, -1]
-
-    @torch.no_grad()
-    def step(self) -> torch.Tensor:
-        """Decode ``self.ids`` at position prompt_len -> logits [batch, V] (eager)."""
-        if self.eager_first:
-            self.eager_first = False
-            # (a cache that keeps its own position, transformers 5, moves one slot on: timing
-            # steps do not care, and a check starts from a fresh prefill)
-            self.model.forward(input_ids=self.ids, **self.kwargs)
-        return self.forward(input_ids=self.ids, **self.kwargs).logits[:, -1]
-
-    def capture(self, warmup: int = 3) -> None:
-        """Record :meth:`step` as a CUDA graph (after ``warmup`` eager steps on a side stream)."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                self.step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self.step()
-        self.graph, self.out = graph, out
-
-    def run(self) -> torch.Tensor:
-        if self.graph is None:
-            return self.step()
-        self.graph.replay()
-        return self.out
 
 
 @torch.no_grad()
@@ -311,11 +211,11 @@ def decode_speed(model, batch: int, device: str, context: int = 256, prompt_len:
     dec.prefill(prompt)
     got = _finite(dec.run().float(), f"decode batch {batch}")
     want = logits_of(model, torch.cat([prompt, dec.ids], dim=1))[:, -1].to(got.device)
-    err = _rel(got, want)
+    err = rel_error(got, want)
     if err > GRAPH_TOL:
         raise RuntimeError(f"decode batch {batch} ({mode}): logits differ from a full forward, "
                            f"relative error {err:.3g} > {GRAPH_TOL}")
-    time_ms = _timer(device)
+    time_ms = loop_timer(device)
     time_ms(dec.run, warmup)
     ms = time_ms(dec.run, iters)
     kinds = kernel_breakdown(dec.step) if str(device).startswith("cuda") else {}
@@ -439,7 +339,7 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
     with dequantized_weights(model):
         deq = logits_of(model, vids)
     result.check = {"top1_vs_fp16": float((got.argmax(-1) == ref.argmax(-1)).double().mean()),
-                    "rel_err_vs_fp16": _rel(got, ref), "rel_err_vs_dequantized": _rel(got, deq),
+                    "rel_err_vs_fp16": rel_error(got, ref), "rel_err_vs_dequantized": rel_error(got, deq),
                     "layers_quantized": len(report.replaced)}
     say("W4A16 logits on a {}-token prompt: top-1 agreement with fp16 {top1_vs_fp16:.3f}, relative error "
         "{rel_err_vs_fp16:.3g}; vs its own dequantized weights {rel_err_vs_dequantized:.3g}"

@@ -44,6 +44,17 @@ def instructions(cubin: bytes) -> List[Instr]:
     return out
 
 
+def digest(ins: List[Instr]) -> str:
+    """A fingerprint of the whole kernel's SASS, instruction for instruction, with the constant-bank
+    offsets of kernel parameters masked (``c[0x0][0x...]``: they move when parameters do)."""
+    import hashlib
+    h = hashlib.sha1()
+    for _, _, text in ins:
+        h.update(re.sub(r"c\[0x0\]\[0x[0-9a-f]+\]", "c[0x0][.]", text).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
 def registers(cubin: bytes) -> Optional[int]:
     """Registers per thread (cuobjdump's resource usage), None if it does not say."""
     m = re.search(r"REG:(\d+)", cuobjdump(cubin, "-res-usage"))

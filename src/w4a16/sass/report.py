@@ -37,6 +37,7 @@ class CaseResult:
     uniform: int = 0             # of which on the uniform datapath
     weights_per_thread: int = 0
     wait_between_hgmma: bool = False
+    digest: str = ""             # the whole kernel's SASS (disasm.digest)
     error: Optional[str] = None
     failures: List[str] = field(default_factory=list)
     allowed: List[str] = field(default_factory=list)
@@ -88,6 +89,7 @@ def run_case(case: KernelCase) -> CaseResult:
     r.shared_bytes = int(k.metadata.shared)
     r.hgmma, r.instructions, r.uniform = loop.hgmma, loop.instructions, loop.uniform
     r.weights_per_thread, r.wait_between_hgmma = wpt, loop.wait_between_hgmma
+    r.digest = disasm.digest(ins)
     return r
 
 

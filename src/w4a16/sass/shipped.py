@@ -44,7 +44,7 @@ def _tuned_cases() -> List[KernelCase]:
     """A case for every entry of the shipped tuning table, in the entry's dtype and group size
     (its key: backend|layout|device|M|N|K|group|dtype)."""
     from ..backends import get
-    from ..backends.gluon.prefill_config import GluonPrefillConfig
+    from ..backends.gluon.prefill.config import GluonPrefillConfig
     from ..tuning_cache import SHIPPED
     out = []
     for key, v in json.loads(SHIPPED.read_text())["entries"].items():
@@ -78,9 +78,9 @@ def _unique(cases: Iterable[KernelCase]) -> List[KernelCase]:
 
 def named_and_heuristic() -> List[Tuple[str, Any]]:
     """(kernel, config) of the named configs and the decode heuristic's picks on the preset layers."""
-    from ..backends.gluon.config import NAMED as DECODE_NAMED
-    from ..backends.gluon.config import heuristic
-    from ..backends.gluon.prefill_config import NAMED as PREFILL_NAMED
+    from ..backends.gluon.decode.config import NAMED as DECODE_NAMED
+    from ..backends.gluon.decode.config import heuristic
+    from ..backends.gluon.prefill.config import NAMED as PREFILL_NAMED
     from ..backends.triton.config import NAMED_CONFIGS
     from ..bench.shapes import preset_layers
 

@@ -1,6 +1,7 @@
 """The Hopper backend: hand-pipelined Gluon kernels for sm_90a (TMA ring, mbarriers, a producer
-warp, register-operand wgmma): the decode kernel for M <= 64 (``decode.py``) and the
-warp-specialized prefill kernel above (``prefill.py``), on one weight layout. Both are measured
+warp, register-operand wgmma): the decode kernel for M <= 64 (``decode/``) and the
+warp-specialized prefill kernel above (``prefill/``), on one weight layout (``layout.py``); which
+problems they take is ``support.py``'s rule. Both are measured
 on an H200 and are ``backend="auto"``'s choice on sm_90 where the tuning table or the heuristic
 says so.
 
@@ -18,14 +19,11 @@ import torch
 
 from ..base import Backend, Problem
 from ..device import sms_of
-from .config import NAMED, GluonDecodeConfig, candidates, heuristic
+from .decode.config import NAMED, GluonDecodeConfig, candidates, heuristic
 from .layout import GLUON_LAYOUT_VERSION, GluonPrepared, decode_params, prepare_decode, unpack_decode
-from .prefill_config import MIN_M as PREFILL_MIN_M
-from .prefill_config import NAMED as PREFILL_NAMED
-from .prefill_config import GluonPrefillConfig, prefill_candidates, prefill_heuristic
-
-MAX_M = 64
-
+from .prefill.config import NAMED as PREFILL_NAMED
+from .prefill.config import GluonPrefillConfig, prefill_candidates, prefill_heuristic
+from .support import MAX_DECODE_M, PREFILL_MIN_M, problem_reason
 
 @functools.lru_cache(maxsize=1)
 def _triton_unsupported() -> Optional[str]:
@@ -61,17 +59,7 @@ class GluonBackend(Backend):
         return None
 
     def supports(self, p: Problem) -> Optional[str]:
-        if p.M < 1:
-            return f"M = {p.M}"
-        if p.K % 8:
-            return f"K = {p.K}: x's rows must be a multiple of 16 bytes for TMA (K % 8 == 0)"
-        if p.M > MAX_M:
-            # the prefill kernel: the decode kernel's conditions, plus 32-bit output offsets
-            if p.group not in (32, 64, 128, 256) and p.group != p.K:
-                return f"group size {p.group}: the Gluon prefill kernel takes 32, 64, 128, 256 or per-channel"
-            if p.M * p.N >= 2 ** 31:
-                return f"M * N = {p.M * p.N}: the Gluon prefill kernel uses 32-bit output offsets"
-        return None
+        return problem_reason(p.M, p.N, p.K, p.group, p.dtype)
 
     def config_supports(self, cfg, p: Problem) -> Optional[str]:
         if isinstance(cfg, GluonPrefillConfig):
@@ -126,12 +114,12 @@ class GluonBackend(Backend):
         # Measured on the H200 (docs/gluon_decode_notes.md, docs/gluon_prefill_notes.md): the decode
         # kernel is faster than the Triton kernel on every Llama layer at M = 1, 16 and 64, the
         # prefill kernel on all but one (8B o at M = 256) at M = 256, 1024 and 4096.
-        if p.M > MAX_M:
+        if p.M > MAX_DECODE_M:
             return prefill_heuristic(p.M, p.N, p.K, p.group, sms_of(p.device))
         return heuristic(p.M, p.N, p.K, p.group, sms_of(p.device))
 
     def candidates(self, p: Problem) -> list:
-        if p.M > MAX_M:
+        if p.M > MAX_DECODE_M:
             return prefill_candidates(p.M, p.N, p.K, p.group, sms_of(p.device), p.has_zeros)
         return candidates(p.M, p.N, p.K, p.group, sms_of(p.device))
 
@@ -151,7 +139,7 @@ class GluonBackend(Backend):
     def bind(self, prepared, M, dtype, has_bias, alpha, cfg, deterministic=True):
         if isinstance(cfg, GluonPrefillConfig):
             return super().bind(prepared, M, dtype, has_bias, alpha, cfg, deterministic)
-        from .bound import BoundDecode
+        from .decode.bound import BoundDecode
 
         return BoundDecode(prepared, M, dtype, has_bias, alpha, cfg, deterministic)
 
@@ -159,18 +147,18 @@ class GluonBackend(Backend):
         if x2.data_ptr() % 16:  # TMA needs a 16-byte aligned base: take an aligned copy
             x2 = x2.clone()
         if isinstance(cfg, GluonPrefillConfig):
-            from .prefill_launch import run_prefill
+            from .prefill.launch import run_prefill
 
             return run_prefill(x2, prepared, bias, alpha, cfg, deterministic, out)
-        from .launch import run_decode
+        from .decode.launch import run_decode
 
         return run_decode(x2, prepared, bias, alpha, cfg, deterministic, out)
 
     def kernel_info(self, x2, prepared, bias, cfg) -> dict:
-        from .launch import last_launch
+        from .host import STATE
 
         self.run(x2, prepared, bias, 1.0, cfg)
-        compiled, grid = last_launch()
+        compiled, grid = STATE.last
         return dict(registers=int(getattr(compiled, "n_regs", 0) or 0),
                     shared_bytes=int(getattr(compiled.metadata, "shared", 0)),
                     spills=int(getattr(compiled, "n_spills", 0) or 0),

@@ -37,11 +37,9 @@ GLUON_LAYOUT_VERSION = 1
 
 
 def half_chunk(group: int) -> int:
-    """KH, the half-chunk length along K, for effective group size ``group``: min(g, 64) for
-    power-of-two g, 64 for per-channel (g = K, one group, any even K)."""
-    if group & (group - 1) == 0 and group < 64:
-        return group
-    return 64
+    """KH, the half-chunk length along K, for effective group size ``group``: 32 for g = 32 (and a
+    per-channel K below 32, padded), 64 otherwise (g = 64, 128, 256, per-channel K)."""
+    return 32 if group <= 32 else 64
 
 
 @dataclass(frozen=True, eq=False)

@@ -10,11 +10,12 @@ import torch
 
 from ...sass import disasm
 from ..triton_compat import COMPILE_OPTIONS
-from .config import GluonDecodeConfig
-from .launch import PRODUCER_REGS, decode_constexprs, smem_layouts, stage_blocks
+from .decode.config import GluonDecodeConfig
+from .decode.launch import decode_constexprs
+from .host import smem_layouts, stage_blocks
 from .layout import half_chunk
-from .prefill_config import GluonPrefillConfig
-from .prefill_launch import prefill_constexprs
+from .prefill.config import GluonPrefillConfig
+from .prefill.launch import prefill_constexprs
 
 
 def compile_gluon(kernel, signature: dict, constexprs: dict, num_warps: int, maxnreg: Optional[int],
@@ -51,8 +52,8 @@ def compile_decode(cfg: GluonDecodeConfig, dtype=torch.float16, has_zeros: bool 
                    has_bias: bool = True, split_mode: int = 1, attrs: Optional[dict] = None):
     """The decode kernel for ``cfg`` compiled for sm_90a (a stream-K config compiles the stream-K
     kernel, whose split mode is always 3)."""
-    from .decode import w4a16_decode_kernel
-    from .decode_sk import w4a16_decode_sk_kernel
+    from .decode.kernel import w4a16_decode_kernel
+    from .decode.stream_k import w4a16_decode_sk_kernel
     if cfg.sk:
         split_mode = 3
     kh = half_chunk(group)
@@ -70,7 +71,7 @@ def compile_decode(cfg: GluonDecodeConfig, dtype=torch.float16, has_zeros: bool 
 def compile_prefill(cfg: GluonPrefillConfig, dtype=torch.float16, has_zeros: bool = False, group: int = 128,
                     has_bias: bool = True, attrs: Optional[dict] = None):
     """The prefill kernel for ``cfg`` compiled for sm_90a."""
-    from .prefill import w4a16_prefill_kernel
+    from .prefill.kernel import w4a16_prefill_kernel
     kh = half_chunk(group)
     ks, gps, _ = stage_blocks(cfg, kh, group)
     dt = "fp16" if dtype == torch.float16 else "bf16"

@@ -55,6 +55,17 @@ class TritonBackend(Backend):
             return "CPU tensors without TRITON_INTERPRET=1 (set it before Triton is imported)"
         return f"{device.type} tensors"
 
+    def availability_key(self, device: torch.device):
+        return interpreting() if device.type == "cpu" else None   # the CPU's answer follows TRITON_INTERPRET
+
+    def path_label(self, device: torch.device) -> str:
+        return "triton-interpreter" if device.type == "cpu" else self.name
+
+    def nonfinite_config(self, p: Problem):
+        # the tile config: every weight scaled per element before its dot product (the split-K
+        # configs that scale a group's sum afterwards do not follow the rule with infinite scales)
+        return NAMED_CONFIGS["128"]
+
     def supports(self, p: Problem) -> Optional[str]:
         if p.device.type == "cpu" and p.dtype == torch.bfloat16:
             return ("bf16 in Triton's CPU interpreter: the interpreter computes bf16 dots wrongly "

@@ -5,3 +5,21 @@ import os
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_version() -> str:
+    """The version of the Triton this process runs: the imported module's when it is imported (a
+    triton first on PYTHONPATH shadows the installed one), else the installed package's metadata
+    (read without importing it: importing fixes its settings); "not installed" when absent."""
+    import importlib.metadata
+    import sys
+
+    module = sys.modules.get("triton")
+    if module is not None and getattr(module, "__version__", None):
+        return module.__version__
+    for dist in ("triton", "pytorch-triton"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "not installed"

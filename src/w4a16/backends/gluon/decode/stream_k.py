@@ -1,6 +1,6 @@
 """The Gluon decode kernel with a stream-K schedule (persistent, one pipeline per program).
 
-The plain decode kernel (``decode.py``) runs one program per (N tile, K split); when the programs
+The plain decode kernel (``kernel.py``) runs one program per (N tile, K split); when the programs
 do not fill a whole number of waves the last wave runs part-empty (70B gate_up at M = 1: 896
 tiles on 396 resident programs, 2.26 waves), and a small layer's programs stream only a few
 stages each, paying the pipeline's fill per program. Here the grid is exactly the programs that
@@ -21,8 +21,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from ..triton_compat import barrier
-from .decode import _consume_stage, _epilogue, _issue, allocate_rings, gdc_launch_dependents, gdc_wait
+from ...triton_compat import barrier
+from ..common import epilogue, gdc_launch_dependents, gdc_wait
+from .pipeline import allocate_rings, consume_stage, issue_stage
 
 
 @gluon.jit
@@ -37,12 +38,12 @@ def _sk_producer(u0, u1, n_stages, c_desc, x_desc, s_desc, o_desc, c_ring, x_rin
         n_pre = gl.minimum(u1 - u0, STAGES)
         for it in range(n_pre):
             t = (u0 + it) // n_stages
-            _issue(it, u0 - t * n_stages, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring,
+            issue_stage(it, u0 - t * n_stages, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring,
                    bars, t * 16 * W, group, STAGES, NCH, KH, GPS, W, HAS_ZEROS, 1)
         gdc_wait()
         for it in range(n_pre):
             t = (u0 + it) // n_stages
-            _issue(it, u0 - t * n_stages, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring,
+            issue_stage(it, u0 - t * n_stages, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring,
                    bars, t * 16 * W, group, STAGES, NCH, KH, GPS, W, HAS_ZEROS, 2)
     it = 0
     for t in range(u0 // n_stages, (u1 - 1) // n_stages + 1):
@@ -51,8 +52,8 @@ def _sk_producer(u0, u1, n_stages, c_desc, x_desc, s_desc, o_desc, c_ring, x_rin
             if it >= n_pre:
                 slot = it % STAGES
                 mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1, pred=it >= STAGES)
-                # _issue loads K stage st0 + it into slot it % STAGES
-                _issue(it, kk - it, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, t * 16 * W,
+                # issue_stage loads K stage st0 + it into slot it % STAGES
+                issue_stage(it, kk - it, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, t * 16 * W,
                        group, STAGES, NCH, KH, GPS, W, HAS_ZEROS)
             it += 1
     if PDL:
@@ -67,7 +68,7 @@ def _sk_tile_done(acc, t, kb, ke, u0, n_stages, n_units, y_ptr, bias_ptr, part_p
     the module docstring)."""
     row0 = t * BN
     if (kb == 0) & (ke == n_stages):
-        _epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, 0, 1, acc_l, BN, MT, 0,
+        epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, 0, 1, acc_l, BN, MT, 0,
                   HAS_BIAS, DTYPE)
     else:
         P = gl.num_programs(0)
@@ -88,7 +89,7 @@ def _sk_tile_done(acc, t, kb, ke, u0, n_stages, n_units, y_ptr, bias_ptr, part_p
                 qs = 2 * q + ((q * n_units // P) // n_stages != t).to(gl.int32)
                 total += gl.load(part_ptr + qs * (M * BN) + offs, mask=mask, other=0.0, cache_modifier=".cg")
             gl.atomic_xchg(cnt_ptr + t, 0, sem="relaxed", scope="gpu")
-            _epilogue(total, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, 0, 1, acc_l, BN, MT, 0,
+            epilogue(total, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, 0, 1, acc_l, BN, MT, 0,
                       HAS_BIAS, DTYPE)
 
 
@@ -108,7 +109,7 @@ def _sk_consumer(u0, u1, n_stages, n_units, c_ring, x_ring, s_ring, o_ring, bars
         ke = gl.minimum(u1 - ts, n_stages)
         acc = gl.zeros([16 * W, MT], gl.float32, acc_l)
         for kk in range(kb, ke):
-            acc = _consume_stage(acc, it, c_ring, x_ring, s_ring, o_ring, bars, acc_l, W, KH, NCH, STAGES, GDIV,
+            acc = consume_stage(acc, it, c_ring, x_ring, s_ring, o_ring, bars, acc_l, W, KH, NCH, STAGES, GDIV,
                                  HAS_ZEROS, DTYPE, SA)
             mbarrier.arrive(empty.index(it % STAGES), count=1)
             it += 1
@@ -125,7 +126,7 @@ def w4a16_decode_sk_kernel(
     HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, WS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
     SA: gl.constexpr, PDL: gl.constexpr,
 ):
-    """The decode kernel's arguments (``decode.w4a16_decode_kernel``), with n_units = n_tiles *
+    """The decode kernel's arguments (``kernel.w4a16_decode_kernel``), with n_units = n_tiles *
     n_stages in place of stages_per_split; part_ptr: fp32 [2 * P, M, BN]; cnt_ptr: int32
     [n_tiles], zero before and after. SPLIT and WS are accepted for the common signature (the
     schedule is always stream-K with a producer warp)."""

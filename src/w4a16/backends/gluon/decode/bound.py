@@ -15,10 +15,11 @@ from typing import Optional
 
 import torch
 
-from ..triton_compat import direct_launcher, hooks_active
+from ...triton_compat import direct_launcher, hooks_active
+from ..host import STATE
+from ..layout import GluonPrepared
 from .config import GluonDecodeConfig
-from .launch import decode_constexprs, _plan, direct_launch_state, last_launch, run_decode, workspace_of
-from .layout import GluonPrepared
+from .launch import decode_constexprs, plan_for, run_decode, workspace_of
 
 MAX_X_DESCRIPTORS = 64   # encoded x descriptors kept per bound call (distinct activation buffers)
 
@@ -70,12 +71,11 @@ class BoundDecode:
 
     def _resolve(self, x2):
         """The launch of the call just made through run_decode, or None to stay generic."""
-        direct, _ = direct_launch_state()
-        last = last_launch()
-        if not direct or last is None:
+        last = STATE.last
+        if not STATE.direct or last is None:
             return None
         compiled, grid = last
-        plan = _plan(self.pw, self.M, self.cfg, self.det)
+        plan = plan_for(self.pw, self.M, self.cfg, self.det)
         if tuple(grid) != tuple(plan.grid):
             return None
         if plan.split_mode == 2:   # atomics: the partial sums are combined on the host side of run_decode

@@ -1,5 +1,5 @@
-"""Host side of the Gluon prefill kernel (``prefill.py``): support check, cached launch plans, the
-launch (through ``launch._launch``'s direct path); its offline compilation is in ``offline.py``."""
+"""Host side of the Gluon prefill kernel (``kernel.py``): cached launch plans and the launch
+(through ``host.launch``'s direct path); its offline compilation is in ``../offline.py``."""
 from __future__ import annotations
 
 import functools
@@ -8,23 +8,11 @@ from typing import Optional
 
 import torch
 
-from ...errors import expect
-from ..workspace import plans_of, tile_counters
-from .launch import PRODUCER_REGS, stage_blocks, gl_dtype, _launch, smem_layouts, check_x2, k_ranges, weight_descriptors
-from .launch import supports as _decode_supports
-from .layout import GluonPrepared, half_chunk
-from .prefill_config import MIN_M, GluonPrefillConfig
-
-
-def supports(M: int, N: int, K: int, group: int, dtype: torch.dtype, has_zeros: bool,
-             x: Optional[torch.Tensor] = None) -> Optional[str]:
-    """None when the Gluon prefill kernel handles this call (M >= 65), else the reason it does not."""
-    if M < MIN_M:
-        return f"M = {M} < {MIN_M}: the decode kernel's range"
-    if M * N >= 2 ** 31:
-        return f"M * N = {M * N} >= 2^31 (32-bit output offsets)"
-    # every other condition (triton version, dtype, TMA alignment, group size, x) is the decode kernel's
-    return _decode_supports(1, N, K, group, dtype, has_zeros, x)
+from ....errors import expect
+from ...workspace import plans_of, tile_counters
+from ..host import PRODUCER_REGS, check_x2, gl_dtype, k_ranges, launch, stage_blocks, weight_descriptors
+from ..layout import GluonPrepared
+from .config import GluonPrefillConfig
 
 
 @functools.lru_cache(maxsize=1024)
@@ -38,8 +26,9 @@ def prefill_constexprs(cfg: GluonPrefillConfig, kh: int, group: int, has_zeros: 
                 CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=PRODUCER_REGS)
 
 
-@dataclass
-class _PrefillPlan:
+@dataclass(frozen=True)
+class PrefillPlan:
+    """One (prepared weight, M, config)'s launch, resolved once (``plan_for``)."""
     c_desc: object
     s_desc: object
     o_desc: object
@@ -54,7 +43,8 @@ class _PrefillPlan:
     dummy_f32: object   # stands for the partials and counters when there is no split
 
 
-def _plan(pw: GluonPrepared, M: int, cfg: GluonPrefillConfig) -> _PrefillPlan:
+def plan_for(pw: GluonPrepared, M: int, cfg: GluonPrefillConfig) -> PrefillPlan:
+    """The launch plan of M rows on ``pw`` with ``cfg``, cached per prepared weight."""
     key = ("prefill", M, cfg)
     plans = plans_of(pw)
     plan = plans.get(key)
@@ -66,9 +56,9 @@ def _plan(pw: GluonPrepared, M: int, cfg: GluonPrefillConfig) -> _PrefillPlan:
     n_k = -(-pw.K // ks)
     kps, n_split = k_ranges(n_k, cfg.splits)
     sms = torch.cuda.get_device_properties(pw.codes.device).multi_processor_count
-    plan = _PrefillPlan(c_desc, s_desc, o_desc, xl, kh, n_k, n_tn, n_tm, n_split, kps,
-                        (min(n_tn * n_tm * n_split, sms), 1),
-                        torch.zeros(1, dtype=torch.float32, device=pw.codes.device))
+    plan = PrefillPlan(c_desc=c_desc, s_desc=s_desc, o_desc=o_desc, xl=xl, kh=kh, n_k=n_k, n_tn=n_tn, n_tm=n_tm,
+                       n_split=n_split, kps=kps, grid=(min(n_tn * n_tm * n_split, sms), 1),
+                       dummy_f32=torch.zeros(1, dtype=torch.float32, device=pw.codes.device))
     plans[key] = plan
     return plan
 
@@ -83,12 +73,12 @@ def run_prefill(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor
     fixed order, so the result is deterministic either way.
     """
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    from .prefill import w4a16_prefill_kernel
+    from .kernel import w4a16_prefill_kernel
     M, K = x2.shape
     N = pw.N
     expect(M >= 1, "x2.shape[0] (M)", ">= 1", M)
     check_x2(x2, pw)
-    plan = _plan(pw, M, cfg)
+    plan = plan_for(pw, M, cfg)
     y = out if out is not None else torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     x_desc = TensorDescriptor(x2, [M, K], [K, 1], [cfg.mt, plan.kh], plan.xl)
     split = plan.n_split > 1
@@ -101,7 +91,7 @@ def run_prefill(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor
         part = cnt = plan.dummy_f32
     args = (plan.c_desc, x_desc, plan.s_desc, plan.o_desc, y, bias if bias is not None else y, part, cnt,
             M, N, pw.group, plan.n_k, plan.n_tn, plan.n_tm, plan.n_split, plan.kps, float(alpha))
-    _launch(w4a16_prefill_kernel, plan.grid, args, cx, cfg, ("prefill", cfg, plan.kh, pw.K_pad, x2.get_device()))
+    launch(w4a16_prefill_kernel, plan.grid, args, cx, cfg, ("prefill", cfg, plan.kh, pw.K_pad, x2.get_device()))
     return y
 
 

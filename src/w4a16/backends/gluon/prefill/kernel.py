@@ -19,7 +19,7 @@ of it: its own fp32 accumulator [BN, MT], its own epilogue. Partitions (``warp_s
   each warpgroup's rows; one "full" mbarrier per slot carries all of them. A slot is refilled once
   both consumers have arrived on its "empty" mbarrier (count 2).
 - Each consumer, per stage: wait for the slot, per chunk one LDS.128 per 64 rows of its own A
-  fragment, the dequant (``decode.py``'s inline PTX, 13 instructions per 8 weights in fp16), two
+  fragment, the dequant (``dequant_ptx.py``'s inline PTX, 13 instructions per 8 weights in fp16), two
   async wgmmas (low and high half chunk). With PINGPONG the first wgmma of a stage waits on the
   warpgroup's "turn" mbarrier, and once the stage's last wgmma is issued the warpgroup arrives on
   the other's: the two wgmma chains alternate, and each warpgroup's dequant of its next stage runs
@@ -28,7 +28,7 @@ of it: its own fp32 accumulator [BN, MT], its own epilogue. Partitions (``warp_s
   (``warpgroup_mma_wait(2)`` with the previous A as deps: the register-A hazard of triton issue 9433
   cannot bite); without HOLD each chunk waits for its own wgmmas. A stage ends with
   ``warpgroup_mma_wait(0)`` before the slot is released.
-- Epilogue per consumer and tile: alpha, bias, cast, masked store of y [M, N] (``decode._epilogue``
+- Epilogue per consumer and tile: alpha, bias, cast, masked store of y [M, N] (``common.epilogue``
   on the tile's rows and tokens); it overlaps the other warpgroup's main loop.
 """
 import triton  # noqa: F401
@@ -36,8 +36,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
-from ..triton_compat import reinterpret, tma_load
-from .decode import _epilogue, code_smem_layout, dequant_chunk
+from ...triton_compat import reinterpret, tma_load
+from ..common import code_smem_layout, dequant_chunk, epilogue
 
 
 @gluon.jit
@@ -153,7 +153,7 @@ def _halves(acc, BN: gl.constexpr, MT: gl.constexpr):
 def _pf_store(part, y_ptr, bias_ptr, M, N, alpha, row0, tok0, BN: gl.constexpr, MT: gl.constexpr,
               HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr):
     p_l: gl.constexpr = part.type.layout
-    _epilogue(part, y_ptr + tok0 * N, bias_ptr, y_ptr, y_ptr, M - tok0, N, alpha, row0, 0, 1, p_l, BN, MT, 0,
+    epilogue(part, y_ptr + tok0 * N, bias_ptr, y_ptr, y_ptr, M - tok0, N, alpha, row0, 0, 1, p_l, BN, MT, 0,
               HAS_BIAS, DTYPE)
 
 
@@ -185,9 +185,9 @@ def _pf_epilogue(acc, y_ptr, bias_ptr, M, N, alpha, row0, tok0, BN: gl.constexpr
 def _pf_split_store(part, y_ptr, bias_ptr, part_ptr, cnt_ptr, cnt_idx, split, n_split, M, N, alpha, row0, tok0,
                     BN: gl.constexpr, MT: gl.constexpr, HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr):
     """One token slice of a K-split tile: its fp32 partial into part [n_split, M, N], and the last
-    split to arrive sums them in split order and stores y (decode._epilogue, SPLIT 1)."""
+    split to arrive sums them in split order and stores y (common.epilogue, SPLIT 1)."""
     p_l: gl.constexpr = part.type.layout
-    _epilogue(part, y_ptr + tok0 * N, bias_ptr, part_ptr + tok0 * N, cnt_ptr, M - tok0, N, alpha, row0, split,
+    epilogue(part, y_ptr + tok0 * N, bias_ptr, part_ptr + tok0 * N, cnt_ptr, M - tok0, N, alpha, row0, split,
               n_split, p_l, BN, MT, 1, HAS_BIAS, DTYPE, M * N, cnt_idx)
 
 

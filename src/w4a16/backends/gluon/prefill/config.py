@@ -9,10 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List
 
-from ...errors import expect
+from ....errors import expect
 
 PREFILL_TOKEN_TILES = (64, 128, 256)
-MIN_M = 65   # below this the decode kernel (M <= 64) is the Gluon kernel for the call
 SMEM_LIMIT = 227 * 1024   # dynamic shared memory per block on H100 / H200
 
 

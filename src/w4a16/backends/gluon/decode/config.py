@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List
 
-from ...errors import expect
+from ....errors import expect
 
 TOKEN_TILES = (8, 16, 32, 64)
 

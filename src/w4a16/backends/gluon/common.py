@@ -1,0 +1,152 @@
+"""Device-side pieces the Gluon kernels share (decode, its stream-K variant and prefill): the
+shared-memory view of the codes, the programmatic-dependent-launch controls, the dequant of one
+chunk into the wgmma A-operand layout, and the epilogue (alpha, bias, cast, masked store, and the
+K-split reduction in split order).
+"""
+import triton  # noqa: F401
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+from ..triton_compat import barrier, reinterpret
+from .dequant_ptx import dequant_ptx
+
+# the dequant programs (dequant_ptx.py): q * s + o, and q - 8 for symmetric weights scaled after the MMA
+DEQ_FP16 = gl.constexpr(dequant_ptx("fp16", scaled=True))
+DEQ_BF16 = gl.constexpr(dequant_ptx("bf16", scaled=True))
+DEQ_INT_FP16 = gl.constexpr(dequant_ptx("fp16", scaled=False))
+DEQ_INT_BF16 = gl.constexpr(dequant_ptx("bf16", scaled=False))
+
+
+@gluon.constexpr_function
+def code_smem_layout(W, NCH, KH):
+    """Shared layout of one stage's codes viewed as [16 * W, NCH * KH] uint8 (chunk ch = columns
+    [ch * KH, (ch + 1) * KH)): offset
+    w * NCH * 16 * KH + ch * 16 * KH + lane * KH / 2 + reg (layout.py), expressed through the
+    wgmma A-operand register/lane/warp bases (DotOperandLayout, k_width = 2)."""
+    bases = [[0, 1], [8, 0], [0, 8], [0, 16], [0, 32]][: {32: 4, 64: 5}[KH]]
+    bases += [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]]
+    c = 1
+    while c < NCH:
+        bases.append([0, KH * c])
+        c *= 2
+    w = 1
+    while w < W:
+        bases.append([16 * w, 0])
+        w *= 2
+    return gl.SharedLinearLayout(offset_bases=bases)
+
+
+@gluon.constexpr_function
+def rowmajor_layout(R, C):
+    """A plain row-major shared layout of an [R, C] tile (the scales' TMA box, swizzle 0)."""
+    bases = []
+    c = 1
+    while c < C:
+        bases.append([0, c])
+        c *= 2
+    r = 1
+    while r < R:
+        bases.append([r, 0])
+        r *= 2
+    return gl.SharedLinearLayout(offset_bases=bases)
+
+
+@gluon.jit
+def gdc_wait():
+    """griddepcontrol.wait: block until the grids this one depends on (a programmatic dependent
+    launch) have completed and their memory is visible; returns at once otherwise."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def gdc_launch_dependents():
+    """griddepcontrol.launch_dependents: a grid launched as this one's programmatic dependent may
+    start once every program of this grid has executed this (or exited)."""
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                              pack=1)
+
+
+@gluon.jit
+def scale_pair(s_ring, o_ring, slot, gi: gl.constexpr, row_l: gl.constexpr, HAS_ZEROS: gl.constexpr):
+    """(s, o) of local group ``gi`` of the slot: [BN, 1] tensors in the A-operand layout."""
+    GPS: gl.constexpr = s_ring.shape[1]
+    BN: gl.constexpr = s_ring.shape[2]
+    fl: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+    START: gl.constexpr = gi * BN
+    s = reinterpret(s_ring.index(slot), s_ring.dtype, [GPS * BN], fl).slice(START, BN).load(row_l)
+    if HAS_ZEROS:
+        o = reinterpret(o_ring.index(slot), s_ring.dtype, [GPS * BN], fl).slice(START, BN).load(row_l)
+    else:
+        o = s * -8.0
+    return gl.expand_dims(s, 1), gl.expand_dims(o, 1)
+
+
+@gluon.jit
+def epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, pid_k, nsplit,
+              acc_l: gl.constexpr, BN: gl.constexpr, MT: gl.constexpr, SPLIT: gl.constexpr,
+              HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, part_stride=None, cnt_idx=None):
+    """alpha * acc (+ bias) cast and stored into y [M, N] at rows row0.. (the tile's BN rows, MT
+    tokens, masked). SPLIT 1: this program's fp32 partial goes to ``part_ptr + pid_k *
+    part_stride`` (None: M * N), the tile's counter ``cnt_ptr + cnt_idx`` (None: the program id)
+    counts arrivals, and the last of ``nsplit`` sums the partials in split order, stores, and
+    resets the counter. SPLIT 2: fp32 atomics into part_ptr (the host finishes)."""
+    offs_n = row0 + gl.arange(0, BN, layout=gl.SliceLayout(1, acc_l))
+    offs_m = gl.arange(0, MT, layout=gl.SliceLayout(0, acc_l))
+    n_ok = offs_n < N
+    mask = gl.expand_dims(n_ok, 1) & gl.expand_dims(offs_m < M, 0)
+    offs = gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1)
+    if SPLIT == 2:
+        gl.atomic_add(part_ptr + offs, acc, mask=mask, sem="relaxed")
+    else:
+        if SPLIT == 1:
+            if part_stride is None:   # the decode kernel: partials [nsplit, M, N], a counter per program
+                gl.store(part_ptr + pid_k * M * N + offs, acc, mask=mask)
+                counter = cnt_ptr + gl.program_id(0)
+            else:
+                gl.store(part_ptr + pid_k * part_stride + offs, acc, mask=mask)
+                counter = cnt_ptr + cnt_idx
+            barrier()
+            arrived = gl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if arrived == nsplit - 1:
+                total = gl.zeros([BN, MT], gl.float32, acc_l)
+                for s in range(0, nsplit):
+                    if part_stride is None:
+                        total += gl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                    else:
+                        total += gl.load(part_ptr + s * part_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                gl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+                out = total * alpha
+                if HAS_BIAS:
+                    out += gl.expand_dims(gl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32), 1)
+                gl.store(y_ptr + offs, out.to(DTYPE), mask=mask)
+        else:
+            out = acc * alpha
+            if HAS_BIAS:
+                out += gl.expand_dims(gl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32), 1)
+            gl.store(y_ptr + offs, out.to(DTYPE), mask=mask)
+
+
+@gluon.jit
+def dequant_chunk(cview, s_ring, o_ring, slot, ch: gl.constexpr, a_l: gl.constexpr, KH: gl.constexpr,
+                  GDIV: gl.constexpr, HAS_ZEROS: gl.constexpr, DTYPE: gl.constexpr):
+    """Chunk ``ch`` of a stage's codes (``cview`` [BN, NCH * KH] uint8 in shared memory) as the two
+    wgmma A operands (w_lo, w_hi) [BN, KH] in DTYPE: each 16-byte load is a thread's fragment,
+    lop3 magic-number dequant to exact q, then q * s + o with its half chunk's scales/offsets."""
+    KC: gl.constexpr = 2 * KH
+    row_l: gl.constexpr = gl.SliceLayout(1, a_l)
+    s_lo, o_lo = scale_pair(s_ring, o_ring, slot, (ch * KC) // GDIV, row_l, HAS_ZEROS)
+    if (ch * KC + KH) // GDIV == (ch * KC) // GDIV:
+        s_hi = s_lo
+        o_hi = o_lo
+    else:
+        s_hi, o_hi = scale_pair(s_ring, o_ring, slot, (ch * KC + KH) // GDIV, row_l, HAS_ZEROS)
+    codes = cview.slice(ch * KH, KH, dim=1).load(a_l)
+    if DTYPE == gl.float16:
+        w_lo, w_hi = gl.inline_asm_elementwise(
+            DEQ_FP16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [codes, s_lo, o_lo, s_hi, o_hi],
+            dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
+    else:
+        w_lo, w_hi = gl.inline_asm_elementwise(
+            DEQ_BF16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [codes, s_lo, o_lo, s_hi, o_hi],
+            dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=4)
+    return w_lo, w_hi

@@ -1,0 +1,1 @@
+"""The Gluon prefill kernel (M > 64): configs, the kernel, the host side."""
