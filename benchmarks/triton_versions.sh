@@ -31,14 +31,14 @@ check)
     for which in new base; do   # the fuzz on the baseline too: the kernels' sources changed for both
         path=new_path; [ "$which" = base ] && path=base_path
         for be in gluon triton; do
-            PYTHONPATH=${!path} TRITON_BACKENDS_IN_TREE=1 timeout "${T_FUZZ:-360}" $PY scripts/fuzz_gpu.py \
+            PYTHONPATH=${!path} TRITON_BACKENDS_IN_TREE=1 timeout "${T_FUZZ:-360}" $PY -m w4a16 fuzz \
                 --cases "${FUZZ_CASES:-400}" --backend "$be" --max-mnk 300,1100,4200 --progress 100 \
                 > "$OUT/fuzz_${which}_$be.txt" 2>&1 &
             pids+=($!)
         done
     done
     PYTHONPATH=$new_path TRITON_BACKENDS_IN_TREE=1 timeout "${T_TESTS:-420}" $PY -m pytest -q -p no:cacheprovider \
-        tests/gpu > "$OUT/gpu_tests.txt" 2>&1 || status=1
+        -m gpu tests > "$OUT/gpu_tests.txt" 2>&1 || status=1
     for p in "${pids[@]}"; do wait "$p" || status=1; done
     tail -n 15 "$OUT/gpu_tests.txt"
     for f in "$OUT"/fuzz_*.txt; do echo "$(basename "$f" .txt): $(tail -n 1 "$f")"; done

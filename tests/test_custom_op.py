@@ -11,7 +11,7 @@ from w4a16.config import GemmConfig
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
-    reason="CPU interpreter test; tests/gpu runs opcheck on the GPU")
+    reason="CPU interpreter test; the GPU tests (pytest -m gpu) run opcheck on the GPU")
 pytest.importorskip("triton")
 
 

@@ -36,6 +36,27 @@ def test_codes_are_held_once_after_the_first_call():
 
 
 @needs_kernel
+def test_bound_calls_are_dropped_when_the_weight_changes():
+    """gemm's eager fast path keeps one bound launch per kind of call; an edit found by the next
+    call drops it (a bound launch holds a prepared copy) and binds a new one."""
+    from w4a16.ops import bound_calls
+
+    w = make_weight(64, 256, 64, "int", DTYPE, DEVICE)
+    assert bound_calls(w) == []
+    for _ in range(2):
+        w4a16.gemm(_x(2, 256), w)
+    first = bound_calls(w)
+    assert len(first) == 1
+    w4a16.gemm(_x(2, 256), w)
+    assert bound_calls(w)[0] is first[0]
+    w.scales.mul_(2)
+    y = w4a16.gemm(_x(2, 256), w)
+    now = bound_calls(w)
+    assert len(now) == 1 and now[0] is not first[0]
+    assert _close(y, reference.gemm(_x(2, 256), w))
+
+
+@needs_kernel
 @pytest.mark.parametrize("edit", ["scales_inplace", "zeros_inplace", "qweight_inplace", "qweight_held_inplace",
                                   "scales_assign", "qweight_assign"])
 def test_edits_after_the_first_call_change_the_next_result(edit):

@@ -3,7 +3,7 @@
     y = alpha * (x @ dequant(w)^T) + bias,   W[n, k] = (q[n, k] - z[n, k // g]) * s[n, k // g]
 """
 from . import backends, formats, reference
-from .errors import W4A16Error
+from .errors import BackendRefused, W4A16Error
 from .hf import load_pretrained_quantized
 from .io import load, save
 from .model import quantize_model
@@ -18,6 +18,7 @@ from .weight import QuantizedWeight
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendRefused",
     "GemmConfig",
     "backends",
     "choose",

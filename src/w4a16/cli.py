@@ -1,4 +1,5 @@
-"""The command line: ``w4a16 info | check | demo | bench | sass | build-lib`` (also ``python -m w4a16``).
+"""The command line: ``w4a16 info | check | demo | bench | sass | fuzz | tune | build-lib`` (also
+``python -m w4a16``).
 
 * ``info``  — versions, the device, and which path ``w4a16.gemm`` takes there and why.
 * ``check`` — the test program: ``w4a16.gemm`` against ``w4a16.reference.gemm`` over shapes,
@@ -8,6 +9,9 @@
 * ``bench`` — the benchmark harness of :mod:`w4a16.bench.cli`, where that module is present.
 * ``sass``  — every shipped kernel config compiled for sm_90a, no GPU needed: registers, spills,
   shared memory, SASS instructions per weight (:mod:`w4a16.sass`).
+* ``fuzz``  — random problems against the reference, per backend (:mod:`w4a16.fuzz_cli`).
+* ``tune``  — time configs on this GPU and keep the winners; merge tuning files; turn a decode
+  sweep log into entries (:mod:`w4a16.tune_cli`).
 * ``build-lib`` — the C library (:mod:`w4a16.capi`).
 
 Without a CUDA GPU the commands run the Triton kernels in Triton's CPU interpreter: ``main`` sets
@@ -365,6 +369,9 @@ def build_parser(bench=None, bench_error: Optional[str] = None) -> argparse.Argu
     capi_cli.add_parser(sub).set_defaults(func=capi_cli.run)
     from .sass import cli as sass_cli  # likewise
     sass_cli.add_parser(sub).set_defaults(func=sass_cli.run)
+    from . import fuzz_cli, tune_cli
+    fuzz_cli.add_parser(sub).set_defaults(func=fuzz_cli.run)
+    tune_cli.add_parser(sub).set_defaults(func=tune_cli.run)
 
     if bench is not None:
         bench.add_parser(sub)

@@ -13,6 +13,11 @@ class W4A16Error(ValueError):
     """Raised for any invalid argument; subclasses ValueError so ``except ValueError`` catches it."""
 
 
+class BackendRefused(W4A16Error):
+    """A backend named by the caller (``backend=...`` or a config of that backend) cannot run the
+    call: a shape, dtype or device outside its kernels' rules. ``backend="auto"`` never raises it."""
+
+
 def fail(arg: str, expected: Any, actual: Any) -> None:
     """Raise :class:`W4A16Error` naming ``arg`` with the expected and the actual value."""
     raise W4A16Error(f"{arg}: expected {expected}, got {actual}")

@@ -8,7 +8,7 @@ A case draws M, N, K within the alignment rules (K even and a multiple of the gr
 M >= 0, any N >= 1), a group size, the kind of zero points (none / int / float), bias, alpha,
 act-order (a random ``perm``), the layout of x (contiguous, transposed, strided, or with a batch
 dimension) and the dtype. Every case carries its own seed, so one failing case can be rerun
-alone. The tests run a few hundred small cases in Triton's interpreter; ``scripts/fuzz_gpu.py``
+alone. The tests run a few hundred small cases in Triton's interpreter; ``w4a16 fuzz``
 runs thousands per backend on a GPU.
 """
 from __future__ import annotations

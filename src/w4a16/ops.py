@@ -248,6 +248,13 @@ def _calls_of(w: QuantizedWeight) -> dict:
     return entry[1]
 
 
+def bound_calls(w: QuantizedWeight) -> list:
+    """The launches ``gemm``'s eager fast path keeps bound for ``w``, one per kind of call seen
+    since a call last found the weight changed (then they are dropped): each backend's bound
+    object, e.g. a Gluon ``BoundDecode``."""
+    return [c.run for c in _calls_of(w).values()]
+
+
 def _call_key(x, bias, alpha, config, backend, deterministic) -> Optional[tuple]:
     """The fast path's key, or None when the call must take the full path (a gradient is needed,
     x is not contiguous, alpha is a tensor, a bias that is not contiguous)."""

@@ -50,13 +50,14 @@ def _candidates(p: Problem, candidates: Optional[Sequence[Any]], backends: Optio
 def tune(shapes: Iterable[Sequence[int]], ms: Iterable[int] = (1, 16, 64, 256, 1024, 4096),
          dtype: torch.dtype = torch.float16, group_size: int = 128, zeros: bool = False,
          candidates: Optional[Sequence[Any]] = None, persist: bool = True, progress: bool = True,
-         print_fn=None, backends: Optional[Sequence[str]] = None) -> List[TuneResult]:
+         print_fn=None, backends: Optional[Sequence[str]] = None, path=None) -> List[TuneResult]:
     """Time every candidate for every (N, K) in ``shapes`` and M in ``ms`` on the current GPU.
 
     candidates: config objects of any backend (default: each backend's own search space);
     backends: names to tune (default: every kernel backend available here).
-    Winners go to the cache file (``w4a16.tuning_cache.cache_path()``) when ``persist``; later
-    ``gemm(config="auto")`` calls on a GPU of the same name use them. Returns every timing.
+    Winners go to the tuning file ``path`` (default: the user's cache,
+    ``w4a16.tuning_cache.cache_path()``) when ``persist``; ``gemm(config="auto")`` calls on a GPU of
+    the same name use the cache's entries. Returns every timing.
     """
     from .ops import gemm
 
@@ -106,7 +107,8 @@ def tune(shapes: Iterable[Sequence[int]], ms: Iterable[int] = (1, 16, 64, 256, 1
             out += [TuneResult(r.N, r.K, r.M, r.backend, r.config, r.time_us, r.rel_err, r is best) for r in mine]
             if persist and best.time_us < float("inf"):
                 b = registry()[name]
-                tuning_cache.store(b, b.layout_version, gpu, M, N, K, p.group, dtype, best.config, best.time_us)
+                tuning_cache.store(b, b.layout_version, gpu, M, N, K, p.group, dtype, best.config, best.time_us,
+                                   path=path)
             if print_fn:
                 print_fn(f"N={N} K={K} M={M} {name}: best {registry()[name].config_label(best.config)} "
                          f"{best.time_us:.1f} us ({len(mine)} candidates)")

@@ -98,6 +98,57 @@ def lookup(backend, layout: int, gpu: str, p) -> Optional[tuple]:
     return None
 
 
+def merge(sources, into: Path) -> tuple:
+    """Merge the entries of the tuning files ``sources`` (in order; a later one wins) into the file
+    ``into`` (created when missing; an entry of the same key is replaced). Returns (entries
+    merged, of them new, entries in ``into`` after). Every file must be of this version's format."""
+    into = Path(into)
+    dst = _load_file(into, missing_ok=True)
+    merged, new = 0, 0
+    for src in sources:
+        data = _load_file(Path(src), missing_ok=False)
+        new += sum(k not in dst for k in data)
+        merged += len(data)
+        dst.update(data)
+    _write(into, dict(sorted(dst.items())))
+    return merged, new, len(dst)
+
+
+def _load_file(path: Path, missing_ok: bool) -> dict:
+    """The entries of a tuning file, checked: W4A16Error naming the file for a missing one (unless
+    ``missing_ok``), one that is not JSON, or one of another format."""
+    from .errors import expect
+
+    if missing_ok and not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        expect(False, "tuning file", "a readable JSON file", f"{path} ({type(e).__name__}: {e})")
+    expect(isinstance(data, dict) and isinstance(data.get("entries"), dict), "tuning file",
+           "a JSON object with 'format' and 'entries'", str(path))
+    expect(data.get("format") == FORMAT, f"format of {path}", FORMAT, data.get("format"))
+    return dict(data["entries"])
+
+
+def _write(path: Path, entries: dict) -> None:
+    """Write a tuning file atomically (a temporary file unique to this process, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"format": FORMAT, "entries": entries}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=1, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _GENERATION[0] += 1
+
+
 def store(backend, layout: int, gpu: str, M: int, N: int, K: int, group: int, dtype: torch.dtype, cfg,
           time_us: float, path: Optional[Path] = None) -> None:
     """Record a winner (atomically rewrites the JSON file).
@@ -107,19 +158,7 @@ def store(backend, layout: int, gpu: str, M: int, N: int, K: int, group: int, dt
     either the old file or the new one, never a truncated mix.
     """
     path = Path(path or cache_path())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"format": FORMAT, "entries": dict(_entries(path))}
-    data["entries"][key(backend.name, layout, gpu, M, N, K, group, dtype)] = {
+    entries = dict(_entries(path))
+    entries[key(backend.name, layout, gpu, M, N, K, group, dtype)] = {
         "config": backend.config_key(cfg), "time_us": round(time_us, 3)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=1, sort_keys=True))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _GENERATION[0] += 1
+    _write(path, entries)

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from .. import tuning_cache
-from ..errors import W4A16Error, expect
+from ..errors import BackendRefused, W4A16Error, expect
 from .base import Backend, Problem
 from .device import gpu_name, index_of
 
@@ -143,7 +143,7 @@ def _force(b: Backend, cfg: Any, p: Problem, what: str, fallback: bool) -> Choic
     if fallback:
         ref = get("reference")
         return Choice(ref, "reference", f"{what}, but {b.name} cannot run here ({reason}): reference")
-    raise W4A16Error(f"backend: expected a backend that runs this call, got {b.name!r} ({reason})")
+    raise BackendRefused(f"backend: expected a backend that runs this call, got {b.name!r} ({reason})")
 
 
 def _first_config(b: Backend, p: Problem) -> Any:

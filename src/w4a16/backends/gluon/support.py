@@ -1,6 +1,6 @@
 """Which problems the Gluon kernels take: the one rule, read by the backend's ``supports`` and the
 launchers' checks, and tested against the C library's rule (``capi.loader.gluon_applies``, the
-Python mirror of its ``gluon_class``, accepts a subset: tests/test_capi_gluon.py)."""
+Python mirror of its ``gluon_class``, accepts a subset: tests/capi/test_gluon_rule.py)."""
 from __future__ import annotations
 
 from typing import Optional

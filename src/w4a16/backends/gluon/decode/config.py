@@ -74,7 +74,7 @@ class GluonDecodeConfig:
         weights, mt <= 32; at mt = 8 not with 4 chunks of group 64; above mt = 8 groups of at least
         128 and at most 2 chunks per stage
         (with two groups per chunk or 4 chunks, the wider tiles' integer sums do not fit 80
-        registers and ptxas waits for every wgmma: checked by tests/gluon/test_gluon_sass.py)."""
+        registers and ptxas waits for every wgmma: checked by tests/backends/gluon/test_sass.py)."""
         if not self.sa or has_zeros:
             return False
         if self.mt <= 8:
