@@ -411,7 +411,7 @@ def _case_load_hf(mesh, tmp, method, fuse):
     (an act-order layer split row-wise is read whole, and said so)."""
     from safetensors import safe_open
 
-    from w4a16 import hf
+    from w4a16 import io as w4a16_io
     from w4a16.distributed import ShardedW4A16Linear
 
     r = mesh.get_local_rank()
@@ -430,11 +430,11 @@ def _case_load_hf(mesh, tmp, method, fuse):
 
     model = build_model(source.config, "cpu", seed=3)   # float weights: everything must come from the file
     log = []
-    hf.safe_open = lambda *a, **k: _Spy(safe_open(*a, **k), log)
+    w4a16_io.safe_open = lambda *a, **k: _Spy(safe_open(*a, **k), log)   # the checkpoint opens through io
     try:
         report = w4a16.load_pretrained_quantized(model, folder, mesh=mesh, fuse=fuse)
     finally:
-        hf.safe_open = safe_open
+        w4a16_io.safe_open = safe_open
     with torch.no_grad():
         assert_same(model(ids).logits, want, f"{method} logits")
     attn = model.model.layers[1].self_attn
