@@ -36,6 +36,25 @@ def test_codes_are_held_once_after_the_first_call():
 
 
 @needs_kernel
+def test_assignments_are_checked_without_unpacking_the_codes(monkeypatch):
+    """Once the codes live only in a packed layout, validating a new scales / zeros / group size
+    reads their shape, not the codes (no unpack of the whole weight per assignment)."""
+    w = make_weight(64, 256, 64, "int", DTYPE, DEVICE)
+    w4a16.gemm(_x(2, 256), w)
+    assert w._codes is None
+    b = registry()[KERNEL]
+    unpacks = []
+    real = type(b).unpack_codes
+    monkeypatch.setattr(type(b), "unpack_codes", lambda self, p: (unpacks.append(1), real(self, p))[1])
+    w.scales = w.scales.clone() * 2
+    w.zeros = w.zeros.clone()
+    w.set_params(w.scales.clone(), w.zeros.clone(), None)
+    with pytest.raises(w4a16.W4A16Error, match="scales.shape: expected"):
+        w.scales = torch.ones(64, 3, dtype=DTYPE, device=DEVICE)
+    assert unpacks == []
+
+
+@needs_kernel
 def test_bound_calls_are_dropped_when_the_weight_changes():
     """gemm's eager fast path keeps one bound launch per kind of call; an edit found by the next
     call drops it (a bound launch holds a prepared copy) and binds a new one."""

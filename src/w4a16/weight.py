@@ -266,7 +266,7 @@ class QuantizedWeight:
 
     @group_size.setter
     def group_size(self, value: int) -> None:
-        _check_parts(self.plain_codes(), *self._params[:2], value, self._params.perm)
+        _check_parts(self._codes_shape(), *self._params[:2], value, self._params.perm)
         with self._lock:
             if int(value) != self._group_size:
                 self._group_size = int(value)
@@ -278,7 +278,7 @@ class QuantizedWeight:
                    perm: Optional[torch.Tensor] = None) -> None:
         """Replace scales, zeros and perm together (one of them alone: assign the attribute), after
         the constructor's checks and, for a new ``perm``, that it is a permutation."""
-        _check_parts(self.plain_codes(), scales, zeros, self._group_size, perm)
+        _check_parts(self._codes_shape(), scales, zeros, self._group_size, perm)
         if perm is not None and not perm.is_meta and not _aliases(perm, self._params.perm):
             _check_permutation(perm, self._shape[1])
         with self._lock:
@@ -286,6 +286,13 @@ class QuantizedWeight:
             self._out = Params(*(Watched.wrap(t) for t in self._params))
             self._params_gen += 1
             self._epoch += 1
+
+    def _codes_shape(self) -> torch.Tensor:
+        """A stand-in of the plain codes for the constructor's checks: uint8 [N, K // 2] on the
+        weight's device, one byte expanded (the real codes may live only in a packed layout, and
+        rebuilding them to check shapes would unpack the whole weight)."""
+        N, K = self._shape
+        return torch.empty(1, dtype=torch.uint8, device=self._params.scales.device).expand(N, K // 2)
 
     # ------------------------------------------------------------------ the codes
     @property
