@@ -33,12 +33,22 @@ def cache(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("text", ['{"format": 3, "entries": {"a|1|', "not json", "[1, 2]",
-                                  '{"format": 3, "entries": [1]}'])
+                                  '{"format": 3, "entries": [1]}', '{"format": 3}'])
 def test_corrupted_cache_is_ignored_with_a_warning(cache, text):
     cache.parent.mkdir(parents=True)
     cache.write_text(text)
     with pytest.warns(UserWarning, match=f"ignoring the tuning cache {cache}"):
         assert _lookup(1) is None
+
+
+def test_store_all_writes_every_row_in_one_rewrite(cache, monkeypatch):
+    writes = []
+    real = tuning_cache._write
+    monkeypatch.setattr(tuning_cache, "_write", lambda path, entries: (writes.append(len(entries)), real(path, entries)))
+    tuning_cache.store_all([(TB, TB.layout_version, "gpu", M, 64, 256, 128, torch.float16, CFG, 10.0 + M)
+                            for M in (1, 16, 64)])
+    assert writes == [3]
+    assert [_lookup(M) for M in (1, 16, 64)] == [(CFG, 11.0), (CFG, 26.0), (CFG, 74.0)]
 
 
 def test_missing_cache_is_silent(cache):

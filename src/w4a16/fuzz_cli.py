@@ -28,9 +28,10 @@ class Tally:
     worst: float = 0.0
     failures: List[str] = field(default_factory=list)
 
-    def line(self) -> str:
+    def line(self, more: str = "") -> str:
+        """The summary line; ``more`` is appended inside its parentheses."""
         return (f"[{self.backend}] {self.passed} passed, {self.failed} failed, {self.refused} refused "
-                f"(worst passing rel err {self.worst:.3g})")
+                f"(worst passing rel err {self.worst:.3g}{more})")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -116,6 +117,6 @@ def run(args) -> int:
         t0 = time.perf_counter()
         t = fuzz_backend(backend, args.cases, device, args.seed, max_mnk, dtypes, args.show, args.progress,
                          print_fn=lambda s: print(s, flush=True))
-        print(f"{t.line()[:-1]}, {time.perf_counter() - t0:.0f} s, device {device}, seed {args.seed})", flush=True)
+        print(t.line(f", {time.perf_counter() - t0:.0f} s, device {device}, seed {args.seed}"), flush=True)
         status |= t.failed > 0 or t.passed + t.failed < args.cases
     return int(status)

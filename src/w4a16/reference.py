@@ -15,8 +15,7 @@ from .validate import check_gemm_args
 from .weight import QuantizedWeight
 
 
-def _check_scales_fit(weight: torch.Tensor, s32: torch.Tensor, lo: Optional[torch.Tensor], dtype: torch.dtype,
-                      symmetric: bool) -> None:
+def _check_scales_fit(weight: torch.Tensor, s32: torch.Tensor, dtype: torch.dtype, symmetric: bool) -> None:
     """Refuse a weight the kernels would compute wrongly in ``dtype``:
 
     * overflow: the kernels form each dequantized value (q - z) * s in ``dtype`` before the MMA
@@ -80,7 +79,7 @@ def quantize(weight: torch.Tensor, group_size: int = 128, symmetric: bool = True
         lo = w.amin(dim=-1).clamp(max=0)
         hi = w.amax(dim=-1).clamp(min=0)
         s32 = (hi - lo) / spec.CODE_MAX
-    _check_scales_fit(weight, s32, None if symmetric else lo, dtype, symmetric)
+    _check_scales_fit(weight, s32, dtype, symmetric)
     s = s32.to(dtype)
     s = torch.where(s == 0, torch.ones_like(s), s)  # an all-zero group (or one below dtype's range)
     if symmetric:

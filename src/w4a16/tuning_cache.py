@@ -50,21 +50,39 @@ def key(backend: str, layout: int, gpu: str, M: int, N: int, K: int, group: int,
     return f"{backend}|{layout}|{gpu}|{m_bucket(M)}|{N}|{K}|{group}|{dtype_name(dtype)}"
 
 
+class _NotATuningFile(Exception):
+    """A tuning file that cannot be read as one: ``expected`` says what it should be, ``detail`` why not."""
+
+    def __init__(self, expected: str, detail: str):
+        super().__init__(f"expected {expected}{detail}")
+        self.expected, self.detail = expected, detail
+
+
+def _parse(path: str) -> dict:
+    """The JSON object of a tuning file (its "entries" a dict): FileNotFoundError for a missing
+    file, _NotATuningFile for one that is unreadable, not JSON, or not shaped as a tuning file."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:  # unreadable, truncated or not JSON
+        raise _NotATuningFile("a readable JSON file", f" ({type(e).__name__}: {e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
+        raise _NotATuningFile("a JSON object with 'format' and 'entries'", "")
+    return data
+
+
 @functools.lru_cache(maxsize=4)
 def _read(path: str, mtime: float) -> dict:
     """The entries of one tuning file; {} for a missing file, a file of another format,
     or (with a warning naming the file) one that is not a valid tuning file."""
     try:
-        with open(path) as f:
-            data = json.load(f)
+        data = _parse(path)
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as e:  # unreadable, truncated or not JSON
-        warnings.warn(f"w4a16: ignoring the tuning cache {path}: not a readable JSON file ({e})", stacklevel=3)
-        return {}
-    if not isinstance(data, dict) or not isinstance(data.get("entries", {}), dict):
-        warnings.warn(f"w4a16: ignoring the tuning cache {path}: expected a JSON object with "
-                      "'format' and 'entries'", stacklevel=3)
+    except _NotATuningFile as e:
+        warnings.warn(f"w4a16: ignoring the tuning cache {path}: {e}", stacklevel=3)
         return {}
     if data.get("format") != FORMAT:  # a file of another schema: not this version's to read
         return {}
@@ -117,16 +135,16 @@ def merge(sources, into: Path) -> tuple:
 def _load_file(path: Path, missing_ok: bool) -> dict:
     """The entries of a tuning file, checked: W4A16Error naming the file for a missing one (unless
     ``missing_ok``), one that is not JSON, or one of another format."""
-    from .errors import expect
+    from .errors import expect, fail
 
-    if missing_ok and not path.exists():
-        return {}
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        expect(False, "tuning file", "a readable JSON file", f"{path} ({type(e).__name__}: {e})")
-    expect(isinstance(data, dict) and isinstance(data.get("entries"), dict), "tuning file",
-           "a JSON object with 'format' and 'entries'", str(path))
+        data = _parse(str(path))
+    except FileNotFoundError as e:
+        if missing_ok:
+            return {}
+        fail("tuning file", "a readable JSON file", f"{path} ({type(e).__name__}: {e})")
+    except _NotATuningFile as e:
+        fail("tuning file", e.expected, f"{path}{e.detail}")
     expect(data.get("format") == FORMAT, f"format of {path}", FORMAT, data.get("format"))
     return dict(data["entries"])
 
@@ -157,8 +175,15 @@ def store(backend, layout: int, gpu: str, M: int, N: int, K: int, group: int, dt
     disk (fsync), then renamed over the old one: an interrupted or concurrent ``tune`` leaves
     either the old file or the new one, never a truncated mix.
     """
+    store_all([(backend, layout, gpu, M, N, K, group, dtype, cfg, time_us)], path)
+
+
+def store_all(rows, path: Optional[Path] = None) -> None:
+    """Record several winners in one rewrite of the file: ``rows`` of :func:`store`'s arguments
+    (backend, layout, gpu, M, N, K, group, dtype, cfg, time_us)."""
     path = Path(path or cache_path())
     entries = dict(_entries(path))
-    entries[key(backend.name, layout, gpu, M, N, K, group, dtype)] = {
-        "config": backend.config_key(cfg), "time_us": round(time_us, 3)}
+    for backend, layout, gpu, M, N, K, group, dtype, cfg, time_us in rows:
+        entries[key(backend.name, layout, gpu, M, N, K, group, dtype)] = {
+            "config": backend.config_key(cfg), "time_us": round(time_us, 3)}
     _write(path, entries)

@@ -60,7 +60,6 @@ def entries_from_sweep(log: Path, out: Path) -> List[Winner]:
     rows = winners(text)
     for r in rows:
         expect(r.layer in layers, f"layer of {log}", f"one of {tuple(layers)}", r.layer)
-        N, K = layers[r.layer]
-        tuning_cache.store(backend, backend.layout_version, gpu, r.M, N, K, 128, torch.float16, r.config,
-                           r.time_us, path=out)
+    tuning_cache.store_all([(backend, backend.layout_version, gpu, r.M, *layers[r.layer], 128, torch.float16,
+                             r.config, r.time_us) for r in rows], out)
     return rows

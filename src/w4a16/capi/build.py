@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import W4A16Error
+from ..backends.triton.env import interpreter_unset
 from ..backends.triton.offline import GEMM_ARGS
 from . import gluon_variants, variants
 
@@ -105,14 +106,9 @@ def compile_kernels(jobs: int) -> list:
     items = [("gemm", v) for v in variants.gemm_variants()] + [("repack", n) for n in variants.REPACK_NAMES]
     items += [("gluon_repack", n) for n in gluon_variants.REPACK_NAMES]
     items += [("gluon", v) for v in gluon_variants.gluon_variants()]
-    saved = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx) as pool:
-            return list(pool.map(variants.compile_one, items, chunksize=4))
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
+    ctx = multiprocessing.get_context("spawn")
+    with interpreter_unset(), cf.ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx) as pool:
+        return list(pool.map(variants.compile_one, items, chunksize=4))
 
 
 def _c_string(s: str) -> str:

@@ -15,6 +15,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from ..backends.triton.env import interpreter_unset
 from . import disasm
 from .allowances import allowance_for
 from .shipped import PER_CHANNEL_K, KernelCase
@@ -101,17 +102,12 @@ def run_cases(cases: Iterable[KernelCase], jobs: int = 0, progress=None) -> List
     results: Dict[int, CaseResult] = {}
     # Fresh processes without TRITON_INTERPRET: Triton decides when a kernel module is imported
     # whether its kernels are interpreted, and an interpreted kernel cannot be compiled.
-    saved = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
-            futs = {ex.submit(run_case, c): i for i, c in enumerate(cases)}
-            for f in cf.as_completed(futs):
-                results[futs[f]] = f.result()
-                if progress:
-                    progress(results[futs[f]])
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
+    with interpreter_unset(), cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+        futs = {ex.submit(run_case, c): i for i, c in enumerate(cases)}
+        for f in cf.as_completed(futs):
+            results[futs[f]] = f.result()
+            if progress:
+                progress(results[futs[f]])
     return [results[i] for i in range(len(cases))]
 
 

@@ -3,12 +3,12 @@ machine: no GPU is needed, Triton ships ptxas. What ``w4a16 sass``, the C librar
 SASS tests compile."""
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
 from ...sass import disasm
+from ..triton.env import interpreter_unset
 from ..triton_compat import COMPILE_OPTIONS
 from .decode.config import GluonDecodeConfig
 from .decode.launch import decode_constexprs
@@ -29,14 +29,10 @@ def compile_gluon(kernel, signature: dict, constexprs: dict, num_warps: int, max
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    saved = os.environ.pop("TRITON_INTERPRET", None)
-    try:
+    with interpreter_unset():
         return triton.compile(GluonASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps, "maxnreg": maxnreg, "launch_pdl": launch_pdl,
                                        **COMPILE_OPTIONS})
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
 
 
 def _desc_signature(dt: str, rows: int, ks: int, mt: int, kh: int, gps: int, layouts) -> dict:

@@ -1,10 +1,24 @@
 """How the kernels run in this process (no Triton import, so the package loads without it)."""
+import contextlib
 import os
 
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@contextlib.contextmanager
+def interpreter_unset():
+    """TRITON_INTERPRET removed from the environment meanwhile, restored after: for compiling real
+    cubins (an interpreted kernel cannot be compiled) and for worker processes started meanwhile
+    (Triton decides when a kernel module is imported whether its kernels are interpreted)."""
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
 def triton_version() -> str:

@@ -2,7 +2,6 @@
 (``GPUTarget("cuda", 90, 32)``) on any machine: what ``w4a16 sass`` reads and the C library bakes."""
 from __future__ import annotations
 
-import os
 from typing import Iterable
 
 from .config import GemmConfig
@@ -32,6 +31,7 @@ def compile_gemm(cfg: GemmConfig, dtype: str = "fp16", group: int = 128, has_zer
     from triton.compiler import ASTSource
 
     from ..triton_compat import COMPILE_OPTIONS
+    from .env import interpreter_unset
     from .gemm import w4a16_gemm_kernel
 
     st = "*fp32" if cfg.wide_scales else f"*{dtype}"
@@ -46,14 +46,10 @@ def compile_gemm(cfg: GemmConfig, dtype: str = "fp16", group: int = 128, has_zer
               PREFETCH=cfg.prefetch, SCALE_AFTER=cfg.scale_after, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias,
               ATOMIC=False, USE_ASM=cfg.dequant == "magic", DTYPE=tl.float16 if dtype == "fp16" else tl.bfloat16)
     sig.update({k: "constexpr" for k in cx})
-    saved = os.environ.pop("TRITON_INTERPRET", None)   # the interpreter must not take over compiling
-    try:
+    with interpreter_unset():   # the interpreter must not take over compiling
         return triton.compile(ASTSource(fn=w4a16_gemm_kernel, signature=sig, constexprs=cx, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **COMPILE_OPTIONS})
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
 
 
 def weights_per_thread(cfg: GemmConfig, group: int) -> int:
