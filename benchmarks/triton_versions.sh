@@ -4,10 +4,13 @@
 #
 #   bash benchmarks/triton_versions.sh check TARBALL   # GPU tests on the newer Triton, the fuzz on both
 #   bash benchmarks/triton_versions.sh bench TARBALL   # w4a16 bench on both Tritons, same machine
+#   bash benchmarks/triton_versions.sh tests TARBALL   # the whole test suite on the baseline and the
+#                                                      # GPU tests on the newer Triton, at once (pytest-xdist)
 #
 # TARBALL: a .tar.xz holding triton/ (for example the wheel's triton/ without backends/amd). Logs and
 # bench tables go to $OUT (default /tmp/triton_versions). Environment: M (bench rows, default
-# 1,16,64,256,1024,4096), DTYPE (default fp16), FUZZ_CASES (default 400 per backend), T_TESTS, T_FUZZ.
+# 1,16,64,256,1024,4096), DTYPE (default fp16), FUZZ_CASES (default 400 per backend), T_TESTS, T_FUZZ,
+# WORKERS (pytest-xdist workers per suite in `tests`, default 6).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=$1
@@ -43,6 +46,17 @@ check)
     tail -n 15 "$OUT/gpu_tests.txt"
     for f in "$OUT"/fuzz_*.txt; do echo "$(basename "$f" .txt): $(tail -n 1 "$f")"; done
     ;;
+tests)
+    PYTHONPATH=$base_path timeout "${T_TESTS:-540}" $PY -m pytest -q -p no:cacheprovider -n "${WORKERS:-6}" \
+        --durations=15 tests > "$OUT/tests_base.txt" 2>&1 &
+    base=$!
+    PYTHONPATH=$new_path TRITON_BACKENDS_IN_TREE=1 timeout "${T_TESTS:-540}" $PY -m pytest -q -p no:cacheprovider \
+        -n "${WORKERS:-6}" --durations=15 -m gpu tests > "$OUT/tests_new.txt" 2>&1 || status=1
+    wait "$base" || status=1
+    for f in "$OUT"/tests_base.txt "$OUT"/tests_new.txt; do
+        echo "== $(basename "$f" .txt)"; grep -E "^(FAILED|ERROR)" "$f" | head -n 20; tail -n 1 "$f"
+    done
+    ;;
 bench)
     for which in base new; do
         path=base_path; [ "$which" = new ] && path=new_path
@@ -54,7 +68,7 @@ bench)
     PYTHONPATH=src $PY benchmarks/compare_bench.py "$OUT/bench_base/bench.csv" "$OUT/bench_new/bench.csv" \
         | tee "$OUT/compare.txt"
     ;;
-*) echo "mode: check or bench"; exit 2 ;;
+*) echo "mode: check, tests or bench"; exit 2 ;;
 esac
 echo "status $status"
 exit $status

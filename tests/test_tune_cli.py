@@ -41,9 +41,30 @@ def test_winners_become_tuning_entries(tmp_path, capsys):
     assert f"2 entries -> {out}" in capsys.readouterr().out
     entries = json.loads(out.read_text())["entries"]
     v = registry()["gluon"].layout_version
-    assert set(entries) == {f"gluon|{v}|NVIDIA H200|1|4096|4096|128|fp16", f"gluon|{v}|NVIDIA H200|16|57344|8192|128|fp16"}
-    e = entries[f"gluon|{v}|NVIDIA H200|16|57344|8192|128|fp16"]
+    card = "NVIDIA H200/132"   # the log names the GPU; --sms (default 132) its SM count
+    assert set(entries) == {f"gluon|{v}|{card}|1|4096|4096|128|fp16", f"gluon|{v}|{card}|16|57344|8192|128|fp16"}
+    e = entries[f"gluon|{v}|{card}|16|57344|8192|128|fp16"]
     assert e["time_us"] == 66.1 and GluonDecodeConfig(**json.loads(e["config"])).short() == "g16x64c2s4wssk"
+
+
+def test_sweep_entries_name_the_sm_count_given(tmp_path):
+    log, out = tmp_path / "sweep.log", tmp_path / "tuned.json"
+    log.write_text(LOG)
+    assert main(["tune", "--from-sweep", str(log), "--sms", "114", "--out", str(out)]) == 0
+    assert all("|NVIDIA H200/114|" in k for k in json.loads(out.read_text())["entries"])
+    with pytest.raises(W4A16Error, match="sms: expected a positive SM count, got 0"):
+        main(["tune", "--from-sweep", str(log), "--sms", "0", "--out", str(out)])
+
+
+def test_family_names_every_layer_of_the_family():
+    import argparse
+
+    from w4a16.tune_cli import _shapes
+
+    args = argparse.Namespace(layers=None, family=["qwen2.5-7b", "llama3-8b"], shape=None)
+    assert _shapes(args)[:4] == [("Qwen7B qkv", (4608, 3584)), ("Qwen7B o", (3584, 3584)),
+                                 ("Qwen7B gate_up", (37888, 3584)), ("Qwen7B down", (3584, 18944))]
+    assert len(_shapes(args)) == 8
 
 
 def test_sweep_log_without_env_line_is_refused(tmp_path):
@@ -93,7 +114,7 @@ def test_merge_refuses_another_format_and_non_json(tmp_path):
 
 
 def test_tune_needs_something_to_do_and_well_formed_shapes():
-    with pytest.raises(W4A16Error, match="tune: expected --layers, --shape, --merge or --from-sweep"):
+    with pytest.raises(W4A16Error, match="tune: expected --layers, --family, --shape, --merge or --from-sweep"):
         main(["tune"])
     with pytest.raises(W4A16Error, match="--shape: expected N,K with two positive integers, got 4096"):
         main(["tune", "--shape", "4096"])

@@ -1,5 +1,6 @@
 """The tuning cache survives faults: a corrupted file is ignored with a warning naming it, and
-``store`` writes through a per-process temporary file, fsynced, then renamed."""
+``store`` writes through a per-process temporary file, fsynced, then renamed. Entries are keyed by
+card (name and SM count); an untuned shape borrows the nearest tuned shape's winner."""
 import os
 import warnings
 
@@ -28,12 +29,14 @@ def cache(tmp_path, monkeypatch):
     path = tmp_path / "w4a16" / "tuned.json"
     monkeypatch.setenv("W4A16_CACHE", str(path))
     tuning_cache._read.cache_clear()
+    tuning_cache._by_prefix.cache_clear()
     yield path
     tuning_cache._read.cache_clear()
+    tuning_cache._by_prefix.cache_clear()
 
 
-@pytest.mark.parametrize("text", ['{"format": 3, "entries": {"a|1|', "not json", "[1, 2]",
-                                  '{"format": 3, "entries": [1]}', '{"format": 3}'])
+@pytest.mark.parametrize("text", ['{"format": 4, "entries": {"a|1|', "not json", "[1, 2]",
+                                  '{"format": 4, "entries": [1]}', '{"format": 4}'])
 def test_corrupted_cache_is_ignored_with_a_warning(cache, text):
     cache.parent.mkdir(parents=True)
     cache.write_text(text)
@@ -48,7 +51,7 @@ def test_store_all_writes_every_row_in_one_rewrite(cache, monkeypatch):
     tuning_cache.store_all([(TB, TB.layout_version, "gpu", M, 64, 256, 128, torch.float16, CFG, 10.0 + M)
                             for M in (1, 16, 64)])
     assert writes == [3]
-    assert [_lookup(M) for M in (1, 16, 64)] == [(CFG, 11.0), (CFG, 26.0), (CFG, 74.0)]
+    assert [_lookup(M)[:2] for M in (1, 16, 64)] == [(CFG, 11.0), (CFG, 26.0), (CFG, 74.0)]
 
 
 def test_missing_cache_is_silent(cache):
@@ -62,7 +65,7 @@ def test_store_replaces_a_corrupted_file_and_leaves_no_temporary(cache):
     cache.write_text("{truncated")
     with pytest.warns(UserWarning, match=str(cache)):
         _store(16)
-    assert _lookup(16) == (CFG, 12.5)
+    assert _lookup(16)[:2] == (CFG, 12.5)
     assert os.listdir(cache.parent) == ["tuned.json"]
 
 
@@ -95,3 +98,31 @@ def test_interrupted_store_keeps_the_old_file(cache, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         _store(2)
     assert cache.read_text() == before and os.listdir(cache.parent) == ["tuned.json"]
+
+
+def _problem(N, K, M=16):
+    return Problem(M, N, K, 128, torch.float16, False, torch.device("cpu"))
+
+
+def test_untuned_shape_takes_the_nearest_tuned_winner(cache):
+    near = GemmConfig("splitk", 16, 64, split_k=2, num_warps=4, num_stages=1)
+    tuning_cache.store_all([(TB, TB.layout_version, "H/132", 16, 4096, 4096, 128, torch.float16, CFG, 10.0),
+                            (TB, TB.layout_version, "H/132", 16, 6144, 4096, 128, torch.float16, near, 20.0)])
+    look = lambda N, K, card="H/132", M=16: tuning_cache.lookup(TB, TB.layout_version, card, _problem(N, K, M))
+    assert look(4096, 4096) == (CFG, 10.0, (4096, 4096))                       # exact
+    hit = look(5632, 4096)                                                     # nearer 6144 than 4096
+    assert hit.config == near and hit.shape == (6144, 4096) and hit.time_us == pytest.approx(20.0 * 5632 / 6144)
+    assert look(3584, 3584).shape == (4096, 4096)                             # Qwen2.5-7B's o
+    assert look(4096, 16384) is None                                          # K four times: too far
+    assert look(4096, 4096, M=64) is None                                     # another M bucket
+    assert look(4096, 4096, card="H/114") is None                             # same name, other SM count
+    assert tuning_cache.lookup(TB, TB.layout_version, "H/132", _problem(4000, 4096), nearest=False) is None
+
+
+def test_a_file_of_the_previous_format_is_not_read(cache):
+    cache.parent.mkdir(parents=True)
+    cache.write_text('{"format": 3, "entries": {"triton|%d|gpu|16|64|256|128|fp16": {"config": "x", "time_us": 1}}}'
+                     % TB.layout_version)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _lookup(16) is None

@@ -58,15 +58,20 @@ def write_hf_checkpoint(folder: str, method: str, source: nn.Module) -> None:
     for key, t in source.state_dict().items():
         if key.rpartition(".")[0] not in quantized:
             tensors[key] = t
-    qc = {"gptq": {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": True, "sym": False,
-                   "checkpoint_format": "gptq"},
-          "awq": {"quant_method": "awq", "bits": 4, "group_size": 64, "version": "gemm", "zero_point": True},
-          "compressed-tensors": {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
-                                 "config_groups": {"g": {"targets": ["Linear"], "input_activations": None,
-                                                         "weights": {"num_bits": 4, "type": "int", "symmetric": False,
-                                                                     "strategy": "group", "group_size": 64}}}}}[method]
     os.makedirs(folder, exist_ok=True)
-    write_checkpoint(Path(folder), qc, tensors, model_type="llama")
+    write_checkpoint(Path(folder), quantization_config(method), tensors, model_type="llama")
+
+
+def quantization_config(method: str, desc_act: bool = True) -> dict:
+    """The ``quantization_config`` of a ``method`` checkpoint with group size 64 and zero points."""
+    return {"gptq": {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": desc_act, "sym": False,
+                     "checkpoint_format": "gptq"},
+            "awq": {"quant_method": "awq", "bits": 4, "group_size": 64, "version": "gemm", "zero_point": True},
+            "compressed-tensors": {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                                   "ignore": ["lm_head"],
+                                   "config_groups": {"g": {"targets": ["Linear"], "input_activations": None,
+                                                           "weights": {"num_bits": 4, "type": "int", "symmetric": False,
+                                                                       "strategy": "group", "group_size": 64}}}}}[method]
 
 
 def write_checkpoint(folder: Path, qc: dict, tensors: dict, shards: int = 1, model_type: str = "tiny") -> Path:

@@ -12,7 +12,9 @@ field, the expected and the actual value):
                                        num_bits 4, type "int", strategy "group" or "channel",
                                        no input_activations quantization
 
-Quantized layer tensors (``prefix`` = the Linear's module name):
+Quantized layer tensors (``prefix`` = the Linear's module name; a mixture of experts' per-expert
+layers ``{experts}.{e}.gate_proj`` / ``up_proj`` / ``down_proj`` (or Mixtral's ``w1`` / ``w3`` /
+``w2``) go to the model's experts module, :mod:`w4a16.moe.checkpoint`):
     GPTQ / AWQ          {prefix}.qweight, .qzeros, .scales, [.g_idx (GPTQ)], [.bias]
     compressed-tensors  {prefix}.weight_packed, .weight_scale, .weight_shape,
                         [.weight_zero_point], [.weight_g_idx], [.bias]
@@ -34,6 +36,7 @@ from .errors import W4A16Error, expect, fail
 from .fused import fuse_projections
 from .io import open_safetensors
 from .model import QuantizationReport, linear_weight_bytes
+from .moe.checkpoint import build_experts, expert_layers, experts_used_keys, loaded as put_experts
 from .nn import W4A16Linear
 from .weight import QuantizedWeight
 
@@ -193,6 +196,17 @@ def _build_weight(method: str, opts: dict, t: Dict[str, torch.Tensor]) -> Quanti
                                            t.get("weight_zero_point"), t.get("weight_g_idx"))
 
 
+def _checkpoint_weight(prefix: str, method: str, opts: dict, ckpt: "_Tensors") -> QuantizedWeight:
+    """The QuantizedWeight of the checkpoint layer ``prefix``, read whole (an expert's projection)."""
+    present = [p for p in PARTS[method] if f"{prefix}.{p}" in ckpt]
+    for p in PARTS[method]:
+        expect(p in present or p in OPTIONAL, f"{prefix}.{p}", "a tensor in the checkpoint", "none")
+    try:
+        return _build_weight(method, opts, {p: ckpt.get(f"{prefix}.{p}") for p in present})
+    except W4A16Error as e:
+        raise W4A16Error(f"{prefix}: {e}") from e
+
+
 def _target_module(model: nn.Module, prefix: str) -> Optional[nn.Module]:
     try:
         module = model.get_submodule(prefix)
@@ -343,12 +357,28 @@ def load_pretrained_quantized(model: nn.Module, path: Union[str, os.PathLike],
         expect(bool(prefixes), "checkpoint", f"tensors named '*{suffix}' ({method})", "none")
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}
         prefixes.sort(key=lambda p: (order.get(p, len(order)), p))
+        experts = expert_layers(model, prefixes)
+        expect(not experts or mesh is None, "mesh", "None for a checkpoint with experts (tensor parallel "
+               "experts are not read from checkpoints yet)", "a mesh")
+        in_experts = {p for layers in experts.values() for p in experts_used_keys(layers)}
+        first = prefixes[0]
+        prefixes = [p for p in prefixes if p not in in_experts]
         # build every layer first, so that a bad tensor leaves the model untouched
+        built_experts = [(name, build_experts(model, name, layers, lambda p: _checkpoint_weight(p, method, opts, ckpt),
+                                              dtype)) for name, layers in experts.items()]
         built = [(p, _quantized_layer(model, p, method, opts, ckpt, dtype, report, reader)) for p in prefixes]
         built = [(p, new) for p, new in built if new is not None]
-        expect(bool(built), "checkpoint tensor names",
-               f"quantized layers named after the model's modules (e.g. {prefixes[0]!r})", "none matching")
+        expect(bool(built) or bool(built_experts), "checkpoint tensor names",
+               f"quantized layers named after the model's modules (e.g. {first!r})", "none matching")
         used: set = set()
+        for name, new in built_experts:
+            before, after = put_experts(model, name, new)
+            report.replaced.append(name)
+            report.experts.append(name)
+            report.bytes_before += before
+            report.bytes_after += after
+            used.update(f"{p}.{part}" for p in experts_used_keys(experts[name]) for part in PARTS[method] + ("bias",)
+                        if f"{p}.{part}" in ckpt)
         for prefix, new in built:
             parent_name, _, attr = prefix.rpartition(".")
             old = model.get_submodule(prefix)

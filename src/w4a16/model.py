@@ -29,7 +29,8 @@ class QuantizationReport:
     """What a model conversion did.
 
     Attributes:
-        replaced:     names of the modules now W4A16Linear, in model order.
+        replaced:     names of the modules now W4A16Linear or W4A16Experts, in model order.
+        experts:      those of them that are experts modules (W4A16Experts).
         skipped:      name -> reason for every Linear left alone.
         bytes_before: bytes of the replaced layers' original weights (bias not counted).
         bytes_after:  bytes of their quantized storage (codes, scales, zeros, perm).
@@ -41,6 +42,7 @@ class QuantizationReport:
     """
 
     replaced: List[str] = field(default_factory=list)
+    experts: List[str] = field(default_factory=list)
     skipped: Dict[str, str] = field(default_factory=dict)
     bytes_before: int = 0
     bytes_after: int = 0
@@ -56,8 +58,9 @@ class QuantizationReport:
         return self.bytes_before / self.bytes_after if self.bytes_after else 0.0
 
     def __str__(self) -> str:
-        n = len(self.replaced)
-        s = (f"quantized {n} Linear layer{'' if n == 1 else 's'}, {format_bytes(self.bytes_before)} -> "
+        n, e = len(self.replaced) - len(self.experts), len(self.experts)
+        moe = f" and {e} experts module{'' if e == 1 else 's'}" if e else ""
+        s = (f"quantized {n} Linear layer{'' if n == 1 else 's'}{moe}, {format_bytes(self.bytes_before)} -> "
              f"{format_bytes(self.bytes_after)} ({self.ratio:.1f}x smaller)")
         if self.fused:
             s += f"; fused {len(self.fused)} projection group{'' if len(self.fused) == 1 else 's'}"
@@ -121,8 +124,9 @@ def ineligible_reason(linear: nn.Module, group_size: int) -> Optional[str]:
 
 def quantize_model(model: nn.Module, group_size: int = 128, symmetric: bool = True,
                    skip: Iterable[str] = ("lm_head",), dtype: Optional[torch.dtype] = None,
-                   progress: bool = True, fuse: bool = True) -> QuantizationReport:
-    """Replace, in place, every eligible ``nn.Linear`` of ``model`` with ``W4A16Linear.from_linear``.
+                   progress: bool = True, fuse: bool = True, experts: bool = True) -> QuantizationReport:
+    """Replace, in place, every eligible ``nn.Linear`` of ``model`` with ``W4A16Linear.from_linear``,
+    and (``experts``) every mixture-of-experts experts module with a :class:`w4a16.moe.W4A16Experts`.
 
     Eligibility (anything else is left alone and listed in ``report.skipped`` with the reason):
       * the module's type is exactly ``nn.Linear`` (subclasses may read ``.weight`` elsewhere,
@@ -147,6 +151,9 @@ def quantize_model(model: nn.Module, group_size: int = 128, symmetric: bool = Tr
         progress: show a tqdm progress bar.
         fuse: run sibling projections that read the same input (q/k/v, gate/up of Llama-, Qwen2-
             and Mistral-style layers) as one GEMM each (:func:`w4a16.fused.fuse_projections`).
+        experts: quantize the experts modules of transformers MoE models (3-D ``gate_up_proj``
+            [E, 2I, H] and ``down_proj`` [E, H, I], SiLU: Qwen2/3-MoE, Mixtral, DeepSeek-V3, ...);
+            one that cannot be converted, and every router, is listed in ``report.skipped``.
 
     Returns:
         QuantizationReport (replaced names, skipped names with reasons, weight bytes before/after).
@@ -182,6 +189,19 @@ def quantize_model(model: nn.Module, group_size: int = 128, symmetric: bool = Tr
         report.replaced.append(name)
         report.bytes_before += linear_weight_bytes(module)
         report.bytes_after += linear_weight_bytes(new)
+    if experts:
+        from .moe.module import quantize_experts
+
+        done, left = quantize_experts(model, group_size, symmetric, dtype, skip)
+        for name, before, after in done:
+            report.replaced.append(name)
+            report.experts.append(name)
+            report.bytes_before += before
+            report.bytes_after += after
+        report.skipped.update(left)
+        for name, m in model.named_modules():
+            if "router" in type(m).__name__.lower() and name not in report.skipped:
+                report.skipped[name] = "router (kept in floating point: its top-k choice is sensitive)"
     if fuse:
         report.fused = fuse_projections(model)
     return report

@@ -15,7 +15,7 @@ import torch
 
 from . import reference, tuning_cache
 from .backends.base import Problem
-from .backends.device import gpu_name
+from .backends.device import card_id
 from .backends.selection import registry, why_not
 from .errors import expect
 from .measure import TOLERANCE, GraphTimer, copies_for, generator, random_activation, random_weight, rel_error
@@ -50,14 +50,17 @@ def _candidates(p: Problem, candidates: Optional[Sequence[Any]], backends: Optio
 def tune(shapes: Iterable[Sequence[int]], ms: Iterable[int] = (1, 16, 64, 256, 1024, 4096),
          dtype: torch.dtype = torch.float16, group_size: int = 128, zeros: bool = False,
          candidates: Optional[Sequence[Any]] = None, persist: bool = True, progress: bool = True,
-         print_fn=None, backends: Optional[Sequence[str]] = None, path=None) -> List[TuneResult]:
+         print_fn=None, backends: Optional[Sequence[str]] = None, path=None,
+         cublas: bool = False) -> List[TuneResult]:
     """Time every candidate for every (N, K) in ``shapes`` and M in ``ms`` on the current GPU.
 
     candidates: config objects of any backend (default: each backend's own search space);
     backends: names to tune (default: every kernel backend available here).
     Winners go to the tuning file ``path`` (default: the user's cache,
     ``w4a16.tuning_cache.cache_path()``) when ``persist``; ``gemm(config="auto")`` calls on a GPU of
-    the same name use the cache's entries. Returns every timing.
+    the same name and SM count use the cache's entries. With ``cublas``, each problem is also
+    timed as ``F.linear`` on the weight dequantized to ``dtype`` (a row of backend "cublas",
+    config None, never stored), so that a sweep carries its own baseline. Returns every timing.
     """
     from .ops import gemm
 
@@ -67,7 +70,7 @@ def tune(shapes: Iterable[Sequence[int]], ms: Iterable[int] = (1, 16, 64, 256, 1
     from triton.runtime.errors import OutOfResources   # tuning runs Triton kernels on a GPU: Triton is there
 
     dev = torch.device("cuda", torch.cuda.current_device())
-    gpu = gpu_name(dev.index)
+    gpu = card_id(dev.index)
     l2 = torch.cuda.get_device_properties(dev).L2_cache_size
     timer = GraphTimer(max_calls=30, budget_ms=40.0, max_repeats=5)
     gen = generator(dev, 0)
@@ -101,6 +104,11 @@ def tune(shapes: Iterable[Sequence[int]], ms: Iterable[int] = (1, 16, 64, 256, 1
             if bool(torch.isfinite(y).all()) and err <= TOLERANCE[dtype]:
                 t = timer.measure([lambda w=w, c=cfg: gemm(x, w, config=c) for w in ws]).median_us
             rows.append(TuneResult(N, K, M, b.name, cfg, t, err))
+        if cublas:
+            dense = [w.dequantize(dtype) for w in ws[:max(1, copies_for(N * K * 2, l2, hi=16))]]
+            t = timer.measure([lambda W=W: torch.nn.functional.linear(x, W) for W in dense]).median_us
+            out.append(TuneResult(N, K, M, "cublas", None, t, 0.0))
+            del dense
         for name in dict.fromkeys(r.backend for r in rows):
             mine = [r for r in rows if r.backend == name]
             best = min(mine, key=lambda r: r.time_us)

@@ -1,26 +1,30 @@
 """Tuned configurations on disk: the shipped table and the user's cache written by ``tune``.
 
-An entry's key is (backend, its layout version, GPU name, M bucket, N, K, group size, dtype); its
+An entry's key is (backend, its layout version, card, M bucket, N, K, group size, dtype), the card
+being the GPU's name and SM count ("NVIDIA H200/132", :func:`w4a16.backends.device.card_id`); its
 value is the config (as the backend's config key string) and the measured time. M is bucketed
-to the next power of two (at least 1), so a winner measured at M = 16 serves M = 9..16. Entries
-of another layout version than the backend's current one are never used. ``generation()``
-changes whenever this process writes an entry, so callers that cache choices know to look again.
+to the next power of two (at least 1), so a winner measured at M = 16 serves M = 9..16. A shape
+that was not tuned takes the winner of the nearest tuned shape of the same card and M bucket
+(within NEAREST_RADIUS, see :func:`lookup`). Entries of another layout version than the
+backend's current one are never used. ``generation()`` changes whenever this process writes an
+entry, so callers that cache choices know to look again.
 """
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from .spec import dtype_name
 
-FORMAT = 3
+FORMAT = 4   # 4: the card is named with its SM count ("NVIDIA H200/132"); files of 3 named it alone
 SHIPPED = Path(__file__).with_name("data") / "tuned.json"
 _GENERATION = [0]
 
@@ -96,23 +100,85 @@ def _entries(path: Path) -> dict:
         return {}
 
 
-def lookup(backend, layout: int, gpu: str, p) -> Optional[tuple]:
-    """(config, time_us) for backend ``backend`` (a Backend) on ``gpu`` and problem ``p``: the
-    user's cache first, then the shipped table; None when neither has it.
+NEAREST_RADIUS = 1.0
+"""How far a tuned shape may be from an untuned one and still lend it its winner: the distance
+|log2(N / N')| + |log2(K / K')| (1.0: one of N and K twice or half, or both about 1.4x apart; Qwen2.5-7B's
+layers are 0.4-0.6 from Llama-3-8B's)."""
+
+
+class Tuned(NamedTuple):
+    """A tuning entry that serves a problem: the config, its measured time (us; scaled by the
+    weights' size ratio when lent by a neighbour), and the (N, K) it was measured on."""
+
+    config: object
+    time_us: float
+    shape: tuple
+
+
+def _distance(N: int, K: int, N2: int, K2: int) -> float:
+    return abs(math.log2(N / N2)) + abs(math.log2(K / K2))
+
+
+@functools.lru_cache(maxsize=4)
+def _by_prefix(path: str, mtime: float) -> dict:
+    """The entries of one tuning file grouped by everything but the shape: {(backend, layout, card,
+    M bucket, group, dtype): [(N, K, entry), ...]}."""
+    out: dict = {}
+    for k, entry in _read(path, mtime).items():
+        parts = k.split("|")
+        if len(parts) != 8 or not (parts[4].isdigit() and parts[5].isdigit()) or "0" in (parts[4], parts[5]):
+            continue
+        b, layout, card, bucket, n, kk, group, dt = parts
+        out.setdefault((b, layout, card, bucket, group, dt), []).append((int(n), int(kk), entry))
+    return out
+
+
+def _grouped(path: Path) -> dict:
+    try:
+        return _by_prefix(str(path), path.stat().st_mtime)
+    except OSError:
+        return {}
+
+
+def _entry_config(backend, entry):
+    try:
+        return backend.config_from_key(entry["config"]), float(entry["time_us"])
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
+def lookup(backend, layout: int, gpu: str, p, nearest: bool = True, paths=None) -> Optional[Tuned]:
+    """The tuned entry for backend ``backend`` (a Backend) on card ``gpu`` and problem ``p``: the
+    user's cache first, then the shipped table; None when neither has one.
 
     A winner measured for fp16 and group size 128 also serves bf16 and other group sizes of the
-    same shape (the kernels' cost barely depends on them) when no exact entry exists.
+    same shape (the kernels' cost barely depends on them) when no exact entry exists. With
+    ``nearest``, a shape that neither file has takes the winner of the nearest tuned shape of
+    the same card and M bucket within NEAREST_RADIUS (the user's cache before the shipped table
+    at equal distance), its time scaled by N*K / (N'*K'). ``paths``: the tuning files to read,
+    in order (default: the user's cache, then the shipped table).
     """
-    keys = [key(backend.name, layout, gpu, p.M, p.N, p.K, g, dt)
-            for g, dt in ((p.group, p.dtype), (p.group, torch.float16), (128, torch.float16))]
-    for k in keys:
-        for path in (cache_path(), SHIPPED):
+    paths = [Path(q) for q in paths] if paths is not None else [cache_path(), SHIPPED]
+    variants = [(p.group, p.dtype), (p.group, torch.float16), (128, torch.float16)]
+    for g, dt in variants:
+        k = key(backend.name, layout, gpu, p.M, p.N, p.K, g, dt)
+        for path in paths:
             entry = _entries(path).get(k)
-            if entry is not None:
-                try:
-                    return backend.config_from_key(entry["config"]), float(entry["time_us"])
-                except (TypeError, ValueError, KeyError):
-                    continue
+            hit = None if entry is None else _entry_config(backend, entry)
+            if hit is not None:
+                return Tuned(hit[0], hit[1], (p.N, p.K))
+    if not nearest:
+        return None
+    for g, dt in variants:
+        prefix = (backend.name, str(layout), gpu, str(m_bucket(p.M)), str(g), dtype_name(dt))
+        near = sorted((_distance(p.N, p.K, n, k), i, n, k, e) for i, path in enumerate(paths)
+                      for n, k, e in _grouped(path).get(prefix, ()))
+        for d, _, n, k, e in near:
+            if d > NEAREST_RADIUS:
+                break
+            hit = _entry_config(backend, e)
+            if hit is not None:
+                return Tuned(hit[0], hit[1] * (p.N * p.K) / (n * k), (n, k))
     return None
 
 

@@ -1,6 +1,7 @@
 """Tuning entries from the log of a Gluon decode config sweep (``benchmarks/gluon_decode_session.py
 --sweep``): for each (layer, M) line of the log, the fastest config and its time, keyed as
-:func:`w4a16.tune` keys them (fp16, group size 128, the GPU named in the log's ``env:`` line).
+:func:`w4a16.tune` keys them (fp16, group size 128, the GPU named in the log's ``env:`` line with
+the SM count given, since the log does not say it).
 
 A sweep line reads ``70B gate_up  M= 16 g16x64c2s4wssk 66.1 (0.86)  g16x64c2s4wsskfo 69.0 (0.80)``:
 a preset layer label, M, then config names each with microseconds per call.
@@ -40,8 +41,9 @@ def winners(text: str) -> List[Winner]:
     return out
 
 
-def entries_from_sweep(log: Path, out: Path) -> List[Winner]:
-    """Store the winners of the sweep log ``log`` in the tuning file ``out``; returns them.
+def entries_from_sweep(log: Path, out: Path, sms: int) -> List[Winner]:
+    """Store the winners of the sweep log ``log`` (run on a card of ``sms`` SMs) in the tuning file
+    ``out``; returns them.
 
     W4A16Error when the log has no ``env: <GPU> torch ...`` line (the GPU the entries are for)
     or names a layer that is not a preset layer.
@@ -56,7 +58,8 @@ def entries_from_sweep(log: Path, out: Path) -> List[Winner]:
     text = Path(log).read_text()
     env = ENV.search(text)
     expect(env is not None, "sweep log", "an 'env: <GPU> torch ...' line", f"none in {log}")
-    gpu, layers, backend = env.group(1), preset_layers(), registry()["gluon"]
+    expect(isinstance(sms, int) and sms > 0, "sms", "a positive SM count", sms)
+    gpu, layers, backend = f"{env.group(1)}/{sms}", preset_layers(), registry()["gluon"]
     rows = winners(text)
     for r in rows:
         expect(r.layer in layers, f"layer of {log}", f"one of {tuple(layers)}", r.layer)

@@ -54,7 +54,7 @@ def test_tuning_cache_keys_on_backend_and_layout(tmp_path, monkeypatch):
     gen = tuning_cache.generation()
     tuning_cache.store(tb, tb.layout_version, "GPU X", 16, 4096, 4096, 128, torch.float16, cfg, 12.5)
     assert tuning_cache.generation() == gen + 1
-    assert tuning_cache.lookup(tb, tb.layout_version, "GPU X", p) == (cfg, 12.5)
+    assert tuning_cache.lookup(tb, tb.layout_version, "GPU X", p)[:2] == (cfg, 12.5)
     assert tuning_cache.lookup(tb, tb.layout_version + 1, "GPU X", p) is None   # another layout
     assert tuning_cache.lookup(tb, tb.layout_version, "GPU Y", p) is None
     data = json.loads((tmp_path / "tuned.json").read_text())
@@ -64,8 +64,8 @@ def test_tuning_cache_keys_on_backend_and_layout(tmp_path, monkeypatch):
 def test_shipped_table_is_readable():
     tb = get("triton")
     p = Problem(1, 57344, 8192, 128, torch.float16, False, torch.device("cpu"))
-    hit = tuning_cache.lookup(tb, tb.layout_version, "NVIDIA H200", p)
-    assert hit is not None and isinstance(hit[0], GemmConfig) and hit[1] > 0
+    hit = tuning_cache.lookup(tb, tb.layout_version, "NVIDIA H200/132", p)
+    assert hit is not None and isinstance(hit.config, GemmConfig) and hit.time_us > 0 and hit.shape == (57344, 8192)
 
 
 class _DoubleReference(ReferenceBackend):

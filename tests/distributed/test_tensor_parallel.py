@@ -36,8 +36,8 @@ REL_TOL = 2e-3
 CASES = ("mlp_g64_sym", "mlp_g128_asym", "colwise_gather", "dtensor_chain", "rowwise_replicated_input",
          "rowwise_reduce_scatter",
          "act_order_colwise", "act_order_rowwise", "act_order_rowwise_sharded_input", "llama", "llama_fused", "state_dict",
-         "errors", "load_sharded", "load_sharded_fused", "compiled", "load_hf_gptq", "load_hf_awq", "load_hf_compressed_tensors")
-NEEDS_TRANSFORMERS = ("llama", "llama_fused", "errors", "load_sharded", "load_sharded_fused", "load_hf_gptq",
+         "errors", "load_sharded", "load_sharded_fused", "compiled", "load_hf_gptq", "load_hf_awq", "load_hf_compressed_tensors", "moe_experts")
+NEEDS_TRANSFORMERS = ("llama", "llama_fused", "errors", "moe_experts", "load_sharded", "load_sharded_fused", "load_hf_gptq",
                       "load_hf_awq", "load_hf_compressed_tensors")
 
 
@@ -233,7 +233,8 @@ def _case_llama(mesh):
     with torch.no_grad():
         want = model(ids).logits
         styles = apply_tp_plan(model, mesh)
-        assert len(styles) == 2 * (len(DEFAULT_TP_PLAN) - 1) + 1, sorted(styles)   # 2 layers + lm_head
+        per_layer = [k for k in DEFAULT_TP_PLAN if k not in ("lm_head", "mlp.experts")]   # no experts here
+        assert len(styles) == 2 * len(per_layer) + 1, sorted(styles)   # 2 layers + lm_head
         assert model.lm_head.weight.to_local().shape[0] == model.lm_head.out_features // mesh.size()
         attn = model.model.layers[0].self_attn
         assert isinstance(attn.q_proj, ShardedW4A16Linear) and attn.q_proj.weight_q.shape == (128, 256)
@@ -241,6 +242,33 @@ def _case_llama(mesh):
         assert model.model.layers[1].mlp.down_proj.weight_q.shape == (256, 256)
         got = model(ids).logits
     assert_same(got, want, "llama logits")
+
+
+def _case_moe_experts(mesh):
+    """A tiny Qwen3-MoE model: the default plan splits each experts module over I (and the
+    attention as for Llama); the logits equal the unsharded model's."""
+    import transformers
+
+    from w4a16.distributed import W4A16ExpertsParallel, apply_tp_plan
+    from w4a16.moe import W4A16Experts
+
+    cfg = transformers.Qwen3MoeConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                                      moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                                      max_position_embeddings=64)
+    torch.manual_seed(3)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval().half()
+    w4a16.quantize_model(model, group_size=32, symmetric=False, progress=False)
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(15))
+    with torch.no_grad():
+        want = model(ids).logits
+        styles = apply_tp_plan(model, mesh)
+        experts = model.model.layers[0].mlp.experts
+        assert isinstance(experts, W4A16Experts) and isinstance(styles["model.layers.0.mlp.experts"], W4A16ExpertsParallel)
+        gu, dn = experts.weights()
+        assert gu.shape == (4, 64, 64) and dn.shape == (4, 64, 32)     # I = 64 over 2 ranks
+        got = model(ids).logits
+    assert_same(got, want, "moe logits")
 
 
 def _case_llama_fused(mesh):
@@ -490,6 +518,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             "load_hf_gptq": lambda: _case_load_hf(mesh, tmp, "gptq", True),
             "load_hf_awq": lambda: _case_load_hf(mesh, tmp, "awq", False),
             "load_hf_compressed_tensors": lambda: _case_load_hf(mesh, tmp, "compressed-tensors", True),
+            "moe_experts": lambda: _case_moe_experts(mesh),
         }
         has_transformers = importlib.util.find_spec("transformers") is not None
         for name in CASES:

@@ -22,6 +22,14 @@ def gpu_name(device_index: int) -> str:
     return torch.cuda.get_device_name(device_index)
 
 
+@functools.lru_cache(maxsize=16)
+def card_id(device_index: int) -> str:
+    """The card as tuning entries name it: the device's name and its SM count, e.g.
+    "NVIDIA H200/132" (two cards of one name but another SM count, a MIG slice or a cut-down part,
+    do not share tuned configs)."""
+    return f"{gpu_name(device_index)}/{sm_count(device_index)}"
+
+
 def index_of(device: torch.device) -> int:
     """The CUDA index of ``device`` (the current device when it has none)."""
     return device.index if device.index is not None else torch.cuda.current_device()

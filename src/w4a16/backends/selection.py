@@ -16,7 +16,7 @@ import torch
 from .. import tuning_cache
 from ..errors import BackendRefused, W4A16Error, expect
 from .base import Backend, Problem
-from .device import gpu_name, index_of
+from .device import card_id, index_of
 
 # name -> (module, class): a new backend is a folder under backends/ and a line here. Earlier
 # entries are preferred where their heuristic claims a problem and no measurement says otherwise.
@@ -78,14 +78,14 @@ def why_not(b: Backend, p: Problem) -> Optional[str]:
 
 
 def _gpu(p: Problem) -> Optional[str]:
-    return gpu_name(index_of(p.device)) if p.device.type == "cuda" else None
+    return card_id(index_of(p.device)) if p.device.type == "cuda" else None
 
 
 TIE_MARGIN = 0.03   # tuned times this close are a tie (timing noise between runs is about that size)
 
 
 def pick_tuned(timed: list) -> tuple:
-    """The entry to run from ``timed``, [(time_us, backend, config)] in order of preference: the
+    """The entry to run from ``timed``, [(time_us, backend, config, ...)] in order of preference: the
     first within TIE_MARGIN of the fastest. A tie goes to the preferred backend, so a weight used
     at several M keeps to one backend, and one prepared layout, where the times do not tell them
     apart."""
@@ -108,13 +108,14 @@ def _auto(p: Problem) -> Choice:
             if b.config_type is None:
                 continue
             hit = tuning_cache.lookup(b, b.layout_version, gpu, p)
-            if hit is not None and b.config_supports(hit[0], p) is None:
-                timed.append((hit[1], b, hit[0]))
+            if hit is not None and b.config_supports(hit.config, p) is None:
+                timed.append((hit.time_us, b, hit.config, hit.shape))
         if timed:
-            t, b, cfg = pick_tuned(timed)
+            t, b, cfg, shape = pick_tuned(timed)
             best = min(e[0] for e in timed)
             note = "" if t == best else f" (within {TIE_MARGIN:.0%} of the fastest backend's {best:.1f} us)"
-            return Choice(b, cfg, f"tuned on {gpu}: {t:.1f} us{note}")
+            lent = "" if shape == (p.N, p.K) else f" for the nearest tuned shape N={shape[0]}, K={shape[1]}"
+            return Choice(b, cfg, f"tuned on {gpu}{lent}: {t:.1f} us{note}")
     for b in usable:
         cfg = b.default_config(p)
         if cfg is not None:

@@ -29,8 +29,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "GEMM rate measured in the same run. Every result is checked against "
                     "w4a16.reference.gemm before it is timed. Writes a markdown table to stdout and "
                     "bench.md, bench.csv, bench.json and PNG plots to --out.")
-    p.add_argument("--preset", action="append", choices=tuple(sh.PRESETS),
-                   help="layer preset, repeatable (default: both; none when --shape is given)")
+    p.add_argument("--preset", action="append", choices=tuple(sh.PRESETS) + tuple(sh.FAMILIES),
+                   help=f"layer preset, repeatable (default: {' and '.join(sh.PRESETS)}; none when --shape "
+                        f"is given; the other families are measured when named)")
     p.add_argument("--shape", action="append", metavar="N,K",
                    help="a custom layer: N output features, K input features (repeatable)")
     p.add_argument("--m", metavar="M,M,...", default=None,

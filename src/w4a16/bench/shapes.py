@@ -38,11 +38,31 @@ PRESETS = {
     "llama3-70b": _llama("70B", hidden=8192, qkv=10240, ffn=28672),
 }
 
-def preset_layers(cli: bool = False) -> dict:
+# Other model families' layers, (N, K), from each model's published config.json (hidden size,
+# attention heads x head dim, key/value heads, intermediate size): for tuning sweeps and for
+# measuring how a choice made on some families holds on others. Not measured by default.
+FAMILIES = {
+    "llama3.2-3b": _llama("3B", hidden=3072, qkv=5120, ffn=8192),       # 24 x 128 q, 8 kv heads
+    "phi3-mini": _llama("Phi3", hidden=3072, qkv=9216, ffn=8192),       # 32 x 96 q, 32 kv heads
+    "qwen2.5-7b": _llama("Qwen7B", hidden=3584, qkv=4608, ffn=18944),   # 28 x 128 q, 4 kv heads
+    "gemma2-9b": (Shape("Gemma9B", "qkv", 8192, 3584), Shape("Gemma9B", "o", 3584, 4096),   # 16 x 256 q, 8 kv
+                  Shape("Gemma9B", "gate_up", 28672, 3584), Shape("Gemma9B", "down", 3584, 14336)),
+    "nemo-12b": (Shape("Nemo12B", "qkv", 6144, 5120), Shape("Nemo12B", "o", 5120, 4096),    # 32 x 128 q, 8 kv
+                 Shape("Nemo12B", "gate_up", 28672, 5120), Shape("Nemo12B", "down", 5120, 14336)),
+    # DeepSeek-V3's dense layers: MLA's q up-projection (128 heads x 192 from a 1536 rank), its output
+    # projection (128 x 128 -> 7168) and the dense MLP of the first three layers (intermediate 18432).
+    "deepseek-v3-dense": (Shape("DSV3", "q_b", 24576, 1536), Shape("DSV3", "o", 7168, 16384),
+                          Shape("DSV3", "gate_up", 36864, 7168), Shape("DSV3", "down", 7168, 18432)),
+}
+
+
+def preset_layers(cli: bool = False, families: bool = False) -> dict:
     """(N, K) of every preset layer in preset order, by label ("8B qkv", ..., "70B down") or, with
-    ``cli``, by command-line key ("8b.qkv", ..., "70b.down")."""
+    ``cli``, by command-line key ("8b.qkv", ..., "70b.down"); with ``families``, the layers of
+    FAMILIES after them ("Qwen7B qkv" / "qwen7b.qkv", ...)."""
+    groups = list(PRESETS.values()) + (list(FAMILIES.values()) if families else [])
     return {(s.label.lower().replace(" ", ".") if cli else s.label): (s.N, s.K)
-            for layers in PRESETS.values() for s in layers}
+            for layers in groups for s in layers}
 
 
 DEFAULT_M = (1, 16, 64, 256, 1024, 4096)
@@ -124,8 +144,9 @@ def preset_shapes(names) -> tuple:
     """The layers of the named presets, in order, without repeats."""
     out = []
     for name in names:
-        expect(name in PRESETS, "--preset", f"one of {tuple(PRESETS)}", repr(name))
-        out.extend(s for s in PRESETS[name] if s not in out)
+        known = {**PRESETS, **FAMILIES}
+        expect(name in known, "--preset", f"one of {tuple(known)}", repr(name))
+        out.extend(s for s in known[name] if s not in out)
     return tuple(out)
 
 

@@ -2,11 +2,13 @@
 ``parallelize_module``; NCCL on GPUs, gloo on CPUs).
 
     styles.py   W4A16ColwiseParallel, W4A16RowwiseParallel: ParallelStyles for W4A16Linear
+    experts.py  W4A16ExpertsParallel: a mixture of experts' experts module, split over I
     module.py   ShardedW4A16Linear: the layer once sharded (local kernels, DTensor state dict)
     shard.py    which rows / columns / groups a rank keeps, and why a split is refused
     plan.py     apply_tp_plan(model, mesh, plan=None) and DEFAULT_TP_PLAN (Llama-style)
     loading.py  load_sharded(path, model, mesh, plan=None): reads only the rank's bytes
 """
+from .experts import W4A16ExpertsParallel
 from .loading import load_sharded
 from .module import ShardedW4A16Linear
 from .plan import DEFAULT_TP_PLAN, apply_tp_plan
@@ -19,6 +21,7 @@ __all__ = [
     "ShardedW4A16Linear",
     "Split",
     "W4A16ColwiseParallel",
+    "W4A16ExpertsParallel",
     "W4A16RowwiseParallel",
     "apply_tp_plan",
     "load_sharded",

@@ -29,11 +29,13 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from ..errors import expect, fail
 from ..fused import W4A16Slice
+from ..moe.module import W4A16Experts
 from ..nn import W4A16Linear
 from .module import ShardedW4A16Linear
 from .shard import COLWISE, ROWWISE, LocalShard, split_for
 
 COLWISE_REP = "colwise_rep"   # column-wise, the output gathered on every rank (Replicate)
+from .experts import EXPERTS, W4A16ExpertsParallel, check_split
 from .styles import STYLES, W4A16Parallel
 
 DEFAULT_TP_PLAN: Dict[str, str] = {
@@ -44,6 +46,7 @@ DEFAULT_TP_PLAN: Dict[str, str] = {
     "mlp.gate_proj": COLWISE,
     "mlp.up_proj": COLWISE,
     "mlp.down_proj": ROWWISE,
+    "mlp.experts": EXPERTS,
     "lm_head": COLWISE_REP,
 }
 HEAD_ATTRS = ("num_heads", "num_key_value_heads")
@@ -62,8 +65,12 @@ def resolve_style(value: Union[str, ParallelStyle], module: nn.Module, key: str)
     ``nn.Linear`` (e.g. an unquantized lm_head)."""
     if isinstance(value, ParallelStyle):
         return value
-    expect(value in (COLWISE, ROWWISE, COLWISE_REP), f"plan[{key!r}]",
-           f"{COLWISE!r}, {ROWWISE!r}, {COLWISE_REP!r} or a ParallelStyle", repr(value))
+    expect(value in (COLWISE, ROWWISE, COLWISE_REP, EXPERTS), f"plan[{key!r}]",
+           f"{COLWISE!r}, {ROWWISE!r}, {COLWISE_REP!r}, {EXPERTS!r} or a ParallelStyle", repr(value))
+    if value == EXPERTS or isinstance(module, W4A16Experts):
+        expect(value == EXPERTS and isinstance(module, W4A16Experts), f"plan[{key!r}]",
+               f"{EXPERTS!r} for a W4A16Experts module and for it only", f"{value!r} on a {type(module).__name__}")
+        return W4A16ExpertsParallel()
     gather = dict(output_layouts=Replicate()) if value == COLWISE_REP else {}
     if isinstance(module, W4A16Linear):
         return STYLES[ROWWISE if value == ROWWISE else COLWISE](**gather)
@@ -148,6 +155,8 @@ def _resolve(model: nn.Module, plan: Plan, tp: int) -> Tuple[Dict[str, ParallelS
     styles = _fused_targets(modules, planned)
     for name, style in styles.items():
         module = modules[name]
+        if isinstance(style, W4A16ExpertsParallel):
+            check_split(module, tp, name)
         if isinstance(style, W4A16Parallel):
             style.check_fused(module, name)
             w = module.weight_q
@@ -165,7 +174,8 @@ def apply_tp_plan(model: nn.Module, mesh: DeviceMesh, plan: Optional[Plan] = Non
             projections (``quantize_model`` fuses q/k/v and gate/up by default) are split member
             by member when all their members are planned column-wise.
         mesh: a 1-D DeviceMesh (``init_device_mesh("cuda", (tp,))``).
-        plan: {name pattern: "colwise" | "rowwise" | a ParallelStyle}; a pattern names a module
+        plan: {name pattern: "colwise" | "rowwise" | "colwise_rep" | "experts" | a ParallelStyle}
+            ("experts": a W4A16Experts split as :mod:`w4a16.distributed.experts` says); a pattern names a module
             whole or as its trailing components, with fnmatch wildcards (``"mlp.up_proj"``,
             ``"model.layers.*.mlp.up_proj"``). Default :data:`DEFAULT_TP_PLAN`. Strings give
             the W4A16 styles for W4A16Linear layers and torch's styles for ``nn.Linear``.
@@ -187,6 +197,8 @@ def apply_tp_plan(model: nn.Module, mesh: DeviceMesh, plan: Optional[Plan] = Non
     for name, style in styles.items():
         if isinstance(style, W4A16Parallel):
             style.apply_shard(modules[name], mesh, shards.get(name), name)
+        elif isinstance(style, W4A16ExpertsParallel):
+            style.apply_shard(modules[name], mesh, name)
         else:
             parallelize_module(modules[name], mesh, style)
     tp = mesh.size()

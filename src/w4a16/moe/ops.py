@@ -1,0 +1,138 @@
+"""The mixture-of-experts entry points: ``grouped_gemm`` (one projection over the routed experts)
+and ``fused_moe`` (the expert layer: gate_up, SiLU(gate)*up, down, the weighted sum over the k
+choices). Backends: "triton" (a GPU, or Triton's CPU interpreter) and "reference" (plain torch);
+"auto" takes the Triton kernel wherever it runs."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from .. import spec
+from ..errors import BackendRefused, expect
+from . import reference
+from .routing import align, check_topk
+from .weights import QuantizedExperts
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def _backend(x: torch.Tensor, backend: str) -> str:
+    from ..backends.triton.env import interpreting
+
+    expect(backend in BACKENDS, "backend", f"one of {BACKENDS}", repr(backend))
+    runs = x.is_cuda or interpreting()
+    if backend == "auto":
+        return "triton" if runs else "reference"
+    if backend == "triton" and not runs:
+        raise BackendRefused("backend: expected a backend that runs this call, got 'triton' "
+                             "(a CPU tensor without TRITON_INTERPRET=1)")
+    return backend
+
+
+def block_m_for(slots: int, num_experts: int) -> int:
+    """Rows per block of the grouped order: 16 when experts get few slots each (decode), else 64."""
+    return 16 if slots <= 16 * num_experts else 64
+
+
+def _check(x: torch.Tensor, experts, arg: str, K_name: str) -> None:
+    expect(isinstance(experts, QuantizedExperts), arg, "a w4a16.moe.QuantizedExperts", type(experts).__name__)
+    expect(isinstance(x, torch.Tensor) and x.dim() == 2, "x", "a 2-D tensor [T, K]",
+           f"{x.dim()}-D" if isinstance(x, torch.Tensor) else type(x).__name__)
+    spec.check_activation_dtype(x.dtype, "x")
+    expect(x.dtype == experts.dtype, "x.dtype", f"{arg}'s scales dtype {experts.dtype}", x.dtype)
+    expect(x.device == experts.device, "x.device", f"{arg}'s device {experts.device}", x.device)
+    expect(x.shape[1] == experts.shape[2], f"x.shape[1] ({K_name})", f"{arg}'s K = {experts.shape[2]}", x.shape[1])
+
+
+def _host_check_ids(topk_ids: torch.Tensor, E: int) -> None:
+    """Ids out of range would be dropped by the kernels: check them where a host read is allowed
+    (not during CUDA-graph capture or torch.compile tracing)."""
+    if torch.compiler.is_compiling() or (topk_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    reference.check_ids(topk_ids, E)
+
+
+def grouped_gemm(x: torch.Tensor, experts: QuantizedExperts, topk_ids: torch.Tensor,
+                 topk_weights: Optional[torch.Tensor] = None, gather: bool = True, backend: str = "auto",
+                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """One projection over the routed experts: y [T*k, N], row s = x[s // k] @ W[e_s]^T (``gather``)
+    or x[s] @ W[e_s]^T (x [T*k, K]), times topk_weights[s] when given; fp32 accumulation, cast to
+    ``out_dtype`` (default x's dtype).
+
+    x: fp16/bf16 [T, K] (or [T*k, K] without gather); experts: QuantizedExperts [E, N, K] of x's
+    dtype; topk_ids: integer [T, k] in [0, E); topk_weights: float [T, k] or None.
+    """
+    _check(x, experts, "experts", "K")
+    T = x.shape[0] if gather else None
+    E, N, K = experts.shape
+    expect(isinstance(topk_ids, torch.Tensor) and topk_ids.dim() == 2, "topk_ids", "a 2-D tensor [T, k]",
+           getattr(topk_ids, "shape", type(topk_ids).__name__))
+    if T is None:
+        T = topk_ids.shape[0]
+        expect(x.shape[0] == topk_ids.numel(), "x.shape[0]", f"T*k = {topk_ids.numel()} rows (gather=False)", x.shape[0])
+    check_topk(topk_ids, topk_weights if topk_weights is not None else topk_ids.float(), T, E)
+    expect(topk_ids.device == x.device, "topk_ids.device", x.device, topk_ids.device)
+    out_dtype = out_dtype or x.dtype
+    _host_check_ids(topk_ids, E)
+    if _backend(x, backend) == "reference":
+        return reference.grouped_gemm(x, experts, topk_ids, gather, topk_weights).to(out_dtype)
+    from ..backends.triton import moe as kernel
+
+    S = topk_ids.numel()
+    routing = align(topk_ids, E, block_m_for(S, E))
+    out = torch.empty(S, N, dtype=out_dtype, device=x.device)
+    tw = None if topk_weights is None else topk_weights.reshape(-1).float().contiguous()
+    return kernel.grouped_gemm(x.contiguous(), experts, routing, topk_ids.shape[1], gather, out, tw)
+
+
+def fused_moe(x: torch.Tensor, gate_up: QuantizedExperts, down: QuantizedExperts, topk_ids: torch.Tensor,
+              topk_weights: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """The expert layer of a mixture of experts, y [T, H] in x's dtype (:mod:`w4a16.moe.reference`
+    has the contract): gate_up QuantizedExperts [E, 2I, H] (gate rows first, then up), down
+    [E, H, I], the router's topk_ids integer [T, k] and topk_weights float [T, k]. The slots are
+    grouped by expert on the device once and both GEMMs use that order."""
+    _check(x, gate_up, "gate_up", "H")
+    E, I2, H = gate_up.shape
+    expect(I2 % 2 == 0, "gate_up.shape[1]", "an even 2*I (gate rows, then up rows)", I2)
+    expect(isinstance(down, QuantizedExperts), "down", "a w4a16.moe.QuantizedExperts", type(down).__name__)
+    expect(tuple(down.shape) == (E, H, I2 // 2), "down.shape", (E, H, I2 // 2), tuple(down.shape))
+    expect(down.dtype == x.dtype and down.device == x.device, "down", f"{x.dtype} on {x.device}",
+           f"{down.dtype} on {down.device}")
+    T = x.shape[0]
+    check_topk(topk_ids, topk_weights, T, E)
+    expect(topk_ids.device == x.device and topk_weights.device == x.device, "topk_ids/topk_weights device",
+           x.device, f"{topk_ids.device} / {topk_weights.device}")
+    _host_check_ids(topk_ids, E)
+    gz, dz = gate_up.zeros, down.zeros
+    return fused_moe_op(x, gate_up.qweight, gate_up.scales, gz, down.qweight, down.scales, dz, topk_ids,
+                        topk_weights, [gate_up.group_size, down.group_size], _backend(x, backend))
+
+
+@torch.library.custom_op("w4a16::fused_moe", mutates_args=())
+def fused_moe_op(x: torch.Tensor, gu_q: torch.Tensor, gu_s: torch.Tensor, gu_z: Optional[torch.Tensor],
+                 dn_q: torch.Tensor, dn_s: torch.Tensor, dn_z: Optional[torch.Tensor], topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor, group_sizes: List[int], backend: str) -> torch.Tensor:
+    """:func:`fused_moe` as a custom op (opaque to torch.compile, captured whole by CUDA graphs):
+    the two QuantizedExperts' tensors, their group sizes, backend "triton" or "reference".
+    -> y [T, H] in x's dtype."""
+    gate_up = QuantizedExperts(gu_q, gu_s, gu_z, group_sizes[0])
+    down = QuantizedExperts(dn_q, dn_s, dn_z, group_sizes[1])
+    if backend == "reference":
+        return reference.fused_moe(x, gate_up, down, topk_ids, topk_weights)
+    from ..backends.triton import moe as kernel
+
+    E, I2, H = gate_up.shape
+    T, k = topk_ids.shape
+    S = T * k
+    routing = align(topk_ids, E, block_m_for(S, E))
+    h = kernel.grouped_gemm(x.contiguous(), gate_up, routing, k, True, torch.empty(S, I2, dtype=x.dtype, device=x.device))
+    a = reference.silu_mul(h)
+    tw = topk_weights.reshape(-1).float().contiguous()
+    y = kernel.grouped_gemm(a, down, routing, k, False, torch.empty(S, H, dtype=torch.float32, device=x.device), tw)
+    return y.reshape(T, k, H).sum(1).to(x.dtype)
+
+
+@fused_moe_op.register_fake
+def _fused_moe_fake(x, gu_q, gu_s, gu_z, dn_q, dn_s, dn_z, topk_ids, topk_weights, group_sizes, backend):
+    return x.new_empty((x.shape[0], dn_q.shape[1]))

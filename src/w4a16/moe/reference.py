@@ -1,0 +1,54 @@
+"""The mixture-of-experts layer in plain torch: what the kernels are checked against.
+
+Contract (x's dtype for every tensor stored between the steps, fp32 inside each step):
+    h[s]   = x[s // k] @ W_gate_up[e_s]^T                  [T*k, 2I]   slot s = t*k + j, e_s = topk_ids[t, j]
+    a[s]   = silu(h[s, :I]) * h[s, I:]                      [T*k, I]
+    y[t]   = sum_j topk_weights[t, j] * (a[t*k + j] @ W_down[e_{t*k+j}]^T)   [T, H], summed in fp32
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import expect
+
+
+def check_ids(topk_ids: torch.Tensor, num_experts: int) -> None:
+    """Every id in [0, num_experts) (reads the ids: a host sync)."""
+    if topk_ids.numel():
+        lo, hi = int(topk_ids.min()), int(topk_ids.max())
+        expect(lo >= 0 and hi < num_experts, "topk_ids", f"expert ids in [0, {num_experts})",
+               f"ids from {lo} to {hi}")
+
+
+def grouped_gemm(x: torch.Tensor, experts, topk_ids: torch.Tensor, gather: bool = True,
+                 topk_weights=None) -> torch.Tensor:
+    """[T*k, N] fp32: row s = x[s // k if gather else s] @ W[e_s]^T (times topk_weights[s])."""
+    E, N, K = experts.shape
+    check_ids(topk_ids, E)
+    ids = topk_ids.reshape(-1).long()
+    k = topk_ids.shape[1]
+    rows = torch.arange(ids.numel(), device=ids.device)
+    xr = x[rows // k] if gather else x
+    out = torch.zeros(ids.numel(), N, dtype=torch.float32, device=x.device)
+    for e in torch.unique(ids).tolist():
+        sel = (ids == e).nonzero().flatten()
+        W = experts.dequantize(torch.float32, experts=[e])[0]
+        out[sel] = xr[sel].float() @ W.t()
+    if topk_weights is not None:
+        out = out * topk_weights.reshape(-1, 1).float()
+    return out
+
+
+def silu_mul(h: torch.Tensor) -> torch.Tensor:
+    """h [S, 2I] -> silu(h[:, :I]) * h[:, I:] computed in fp32, in h's dtype."""
+    I = h.shape[1] // 2
+    hf = h.float()
+    return (torch.nn.functional.silu(hf[:, :I]) * hf[:, I:]).to(h.dtype)
+
+
+def fused_moe(x: torch.Tensor, gate_up, down, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """The whole expert layer, [T, H] in x's dtype (module docstring)."""
+    T, k = topk_ids.shape
+    h = grouped_gemm(x, gate_up, topk_ids).to(x.dtype)
+    y = grouped_gemm(silu_mul(h), down, topk_ids, gather=False, topk_weights=topk_weights)
+    return y.reshape(T, k, -1).sum(1).to(x.dtype)

@@ -1,0 +1,105 @@
+"""QuantizedExperts: the int4 weights of a mixture-of-experts layer's experts, stacked."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import spec
+from ..errors import expect
+from ..pack import unpack_nibbles
+
+
+class QuantizedExperts:
+    """E experts' int4 weights of one projection, W[e] [N, K] = (q - z) * s group-wise along K.
+
+    qweight: uint8 [E, N, K/2] (the plain layout of FORMATS.md per expert: element k in byte k//2,
+             even k in the low nibble); scales: fp16/bf16 [E, N, K/g]; zeros: None (symmetric,
+             z = 8) or float [E, N, K/g] in scales' dtype; group_size: 32, 64, 128, 256 or -1 (= K).
+    """
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor] = None,
+                 group_size: int = 128):
+        expect(isinstance(qweight, torch.Tensor) and qweight.dim() == 3, "qweight", "a 3-D tensor [E, N, K/2]",
+               f"{qweight.dim()}-D" if isinstance(qweight, torch.Tensor) else type(qweight).__name__)
+        expect(qweight.dtype == torch.uint8, "qweight.dtype", torch.uint8, qweight.dtype)
+        E, N, K2 = qweight.shape
+        expect(E >= 1 and N >= 1 and K2 >= 1, "qweight.shape", "E, N and K/2 >= 1", tuple(qweight.shape))
+        K = 2 * K2
+        g = spec.check_group_size(group_size, K)
+        expect(isinstance(scales, torch.Tensor), "scales", "a torch.Tensor", type(scales).__name__)
+        spec.check_activation_dtype(scales.dtype, "scales")
+        expect(tuple(scales.shape) == (E, N, K // g), "scales.shape", (E, N, K // g), tuple(scales.shape))
+        expect(scales.device == qweight.device, "scales.device", qweight.device, scales.device)
+        if zeros is not None:
+            expect(isinstance(zeros, torch.Tensor), "zeros", "a torch.Tensor or None", type(zeros).__name__)
+            expect(zeros.dtype == scales.dtype, "zeros.dtype", scales.dtype, zeros.dtype)
+            expect(tuple(zeros.shape) == tuple(scales.shape), "zeros.shape", tuple(scales.shape), tuple(zeros.shape))
+            expect(zeros.device == qweight.device, "zeros.device", qweight.device, zeros.device)
+            zeros = zeros.contiguous()
+        self.qweight, self.scales, self.zeros = qweight.contiguous(), scales.contiguous(), zeros
+        self.group_size = int(group_size)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, group_size: int = 128, symmetric: bool = True,
+                 dtype: Optional[torch.dtype] = None) -> "QuantizedExperts":
+        """Round-to-nearest int4 of float expert weights [E, N, K] (each row as
+        :func:`w4a16.quantize` does it: the experts are quantized as one [E*N, K] matrix)."""
+        from ..reference import quantize
+
+        expect(isinstance(weight, torch.Tensor) and weight.dim() == 3, "weight", "a 3-D tensor [E, N, K]",
+               f"{weight.dim()}-D" if isinstance(weight, torch.Tensor) else type(weight).__name__)
+        E, N, K = weight.shape
+        w = quantize(weight.reshape(E * N, K), group_size, symmetric, dtype)
+        zeros = None if w.zeros is None else w.zeros.reshape(E, N, -1)
+        return cls(w.plain_codes().reshape(E, N, K // 2), w.scales.reshape(E, N, -1), zeros, group_size)
+
+    @property
+    def shape(self) -> tuple:
+        """(E, N, K)."""
+        E, N, K2 = self.qweight.shape
+        return E, N, 2 * K2
+
+    @property
+    def group_size_effective(self) -> int:
+        return self.shape[2] if self.group_size == -1 else self.group_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype the experts serve (their scales' dtype)."""
+        return self.scales.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    def nbytes(self) -> int:
+        """Bytes of codes, scales and zeros."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros) if t is not None)
+
+    def unpack(self) -> torch.Tensor:
+        """Codes uint8 [E, N, K] in 0..15."""
+        E, N, K = self.shape
+        return unpack_nibbles(self.qweight.reshape(E * N, K // 2)).reshape(E, N, K)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, experts=None) -> torch.Tensor:
+        """W [E, N, K] (or [len(experts), N, K] for the indices ``experts``), computed in fp32, cast."""
+        from ..weight import dequantize_codes
+
+        E, N, K = self.shape
+        idx = slice(None) if experts is None else experts
+        q, s = self.qweight[idx], self.scales[idx]
+        z = None if self.zeros is None else self.zeros[idx]
+        n = q.shape[0]
+        w = dequantize_codes(unpack_nibbles(q.reshape(n * N, K // 2)), s.reshape(n * N, -1),
+                             None if z is None else z.reshape(n * N, -1), self.group_size_effective, dtype)
+        return w.reshape(n, N, K)
+
+    def to(self, device) -> "QuantizedExperts":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return QuantizedExperts(move(self.qweight), move(self.scales), move(self.zeros), self.group_size)
+
+    def __repr__(self) -> str:
+        E, N, K = self.shape
+        return (f"QuantizedExperts(E={E}, N={N}, K={K}, group_size={self.group_size}, "
+                f"{'asymmetric' if self.zeros is not None else 'symmetric'}, {spec.dtype_name(self.dtype)})")
