@@ -150,3 +150,16 @@ def test_unknown_or_missing_peer_is_a_clear_error():
     if importlib.util.find_spec("torchao") is None:
         with pytest.raises(W4A16Error, match="torchao"):
             peers.torchao_int4(torch.nn.Linear(8, 8))
+
+
+def test_moe_model_runs_with_w4a16_experts():
+    """The Qwen3-30B-A3B-shaped run (tiny here): its experts become W4A16Experts, checked against the
+    dequantized experts like every other layer."""
+    tiny = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2, vocab_size=512)
+    dims = speed.model_dims("qwen3-30b-a3b")
+    assert (dims["num_experts"], dims["num_experts_per_tok"], dims["moe_intermediate_size"]) == (128, 8, 768)
+    r = speed.run_speed(**dict(RUN, config_overrides=tiny, batches=(1,)), model="qwen3-30b-a3b")
+    assert r.config["model"] == "qwen3-30b-a3b"
+    assert r.check["layers_quantized"] == 2 * (4 + 1)        # q, k, v, o and the experts module per layer
+    assert r.check["rel_err_vs_dequantized"] < speed.KERNEL_TOL

@@ -92,3 +92,17 @@ def test_save_and_load_round_trip(tmp_path):
     ids = torch.randint(0, 96, (1, 5))
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, q(ids).logits)
+
+
+def test_layouts_it_does_not_read_are_left_alone():
+    """Experts stored transposed or with interleaved gate/up rows (transformers' flags) stay in
+    floating point, with the reason, rather than being read in the wrong order."""
+    from w4a16.moe.module import experts_reason
+
+    torch.manual_seed(0)
+    experts = transformers.AutoModelForCausalLM.from_config(_mixtral()).model.layers[0].mlp.experts
+    assert experts_reason(experts, 32) is None
+    experts.is_transposed = True
+    assert "transposed" in experts_reason(experts, 32)
+    experts.is_transposed, experts.is_concatenated = False, False
+    assert "interleaved" in experts_reason(experts, 32)

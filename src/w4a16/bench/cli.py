@@ -4,6 +4,7 @@
     w4a16 bench --quick                           # smoke test: 8B layers, M = 1, 16, 1024
     w4a16 bench --shape 4096,4096 --m 1,16 --dtype bf16 --timing both --out out/
     w4a16 bench --preset llama3-70b --configs     # every named config, to check the heuristic
+    w4a16 bench --moe qwen3-30b-a3b,mixtral-8x7b --m 1,16,256   # whole MoE layers (w4a16.bench.moe)
 """
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         f"is given; the other families are measured when named)")
     p.add_argument("--shape", action="append", metavar="N,K",
                    help="a custom layer: N output features, K input features (repeatable)")
+    p.add_argument("--moe", metavar="PRESETS", default=None,
+                   help="time whole mixture-of-experts layers instead: 'all' or a comma list of "
+                        "qwen3-30b-a3b, qwen3-235b-a22b, mixtral-8x7b, deepseek-v3 (--m gives the token "
+                        "counts; peers w4a16, torch, w4a16-loop; writes moe.md, moe.csv, moe.json)")
     p.add_argument("--m", metavar="M,M,...", default=None,
                    help=f"rows of x (default {','.join(map(str, sh.DEFAULT_M))})")
     p.add_argument("--dtype", default="fp16", metavar="fp16|bf16",
@@ -66,20 +71,17 @@ def run(args) -> int:
     """Run the benchmark; exit code 0, 1 if any result was wrong, 2 on bad arguments or no GPU."""
     from . import plots, report, runner
 
+    moe_run = bool(getattr(args, "moe", None))
     try:
-        settings = Settings.from_args(args)
+        settings = _moe_settings(args) if moe_run else Settings.from_args(args)
     except W4A16Error as e:
         print(f"w4a16 bench: {e}", file=sys.stderr)
         return EXIT_USAGE
-    if settings.fake_timer:
-        device = torch.device("cpu")
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        print("w4a16 bench: no CUDA device (torch.cuda.is_available() is False); the benchmark needs an "
-              "NVIDIA GPU. (--fake-timer runs the harness on the CPU with made-up times, for tests.)",
-              file=sys.stderr)
+    device = _device_or_none(args.fake_timer)
+    if device is None:
         return EXIT_USAGE
+    if moe_run:
+        return _run_moe(settings, device, args)
     result = runner.run_bench(settings, device, progress=not args.no_progress)
     text = report.markdown(result)
     print(text, end="")
@@ -87,12 +89,50 @@ def run(args) -> int:
     pngs, message = plots.plot_all(result, settings.out)
     if message:
         print(message, file=sys.stderr)
-    print("wrote " + ", ".join(paths + pngs), file=sys.stderr)
-    wrong = result.wrong()
+    return _finish(paths + pngs, len(result.wrong()))
+
+
+def _finish(paths, wrong: int) -> int:
+    """Name the files written; exit code EXIT_WRONG if ``wrong`` rows were wrong, else EXIT_OK."""
+    print("wrote " + ", ".join(paths), file=sys.stderr)
     if wrong:
-        print(f"w4a16 bench: {len(wrong)} result rows were WRONG (see the notes)", file=sys.stderr)
+        print(f"w4a16 bench: {wrong} result rows were WRONG (see the notes)", file=sys.stderr)
         return EXIT_WRONG
     return EXIT_OK
+
+
+def _device_or_none(fake: bool):
+    if fake:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    print("w4a16 bench: no CUDA device (torch.cuda.is_available() is False); the benchmark needs an "
+          "NVIDIA GPU. (--fake-timer runs the harness on the CPU with made-up times, for tests.)", file=sys.stderr)
+    return None
+
+
+def _moe_settings(args) -> dict:
+    """``--moe``'s settings: presets, token counts, one dtype and group size, peers (W4A16Error on a bad one)."""
+    from . import moe
+
+    given = args.peers != ",".join(PEER_NAMES)
+    peers = tuple(p.strip() for p in args.peers.split(",") if p.strip()) if given else moe.PEERS
+    if not peers or any(p not in moe.PEERS for p in peers):
+        raise W4A16Error(f"--peers: expected names from {moe.PEERS} with --moe, got {args.peers!r}")
+    return dict(presets=moe.parse_presets(args.moe), tokens=sh.parse_m(args.m) if args.m else moe.DEFAULT_T,
+                dtype=sh.parse_dtypes(args.dtype)[0], group_size=sh.parse_group_sizes(args.group_size)[0],
+                peers=peers)
+
+
+def _run_moe(settings: dict, device, args) -> int:
+    """``--moe``: whole MoE layers (:mod:`w4a16.bench.moe`)."""
+    from . import moe
+
+    result = moe.run_moe(device=device, fake=args.fake_timer, seed=args.seed, progress=not args.no_progress,
+                         **settings)
+    text = moe.markdown(result)
+    print(text, end="")
+    return _finish(moe.write_all(result, args.out, text), len(result.wrong()))
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,10 @@
-"""End-to-end speed on a Llama-3-8B-shaped model: fp16 vs W4A16, on a GPU.
+"""End-to-end speed on a Llama-3-8B- or Qwen3-30B-A3B-shaped model: fp16 vs W4A16, on a GPU.
 
-The model is transformers' ``LlamaForCausalLM`` built from a config written here (Llama-3-8B's
-dimensions; ``layers`` shrinks it) with random weights in fp16 on the device: nothing is
-downloaded. The same model is measured in fp16, then quantized in place with
+The model is transformers' ``LlamaForCausalLM`` (or, with ``model="qwen3-30b-a3b"``,
+``Qwen3MoeForCausalLM``: 128 experts of intermediate size 768, 8 per token, its experts run by
+transformers' ``grouped_mm`` implementation in fp16 and by :class:`w4a16.moe.W4A16Experts` once
+quantized) built from a config written here (the published dimensions; ``layers`` shrinks it)
+with random weights in fp16 on the device: nothing is downloaded. The same model is measured in fp16, then quantized in place with
 :func:`w4a16.quantize_model` (``lm_head`` left in fp16) and measured again:
 
 * prefill: one forward over ``prefill_tokens`` tokens (batch 1, no KV cache) and the
@@ -46,6 +48,14 @@ from .decoder import StaticDecoder
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
                  rms_norm_eps=1e-5, tie_word_embeddings=False)
+# Qwen3-30B-A3B (its config.json): 48 layers, hidden 2048, 32 query heads and 4 key/value heads of
+# 128, 128 experts of intermediate size 768, 8 per token, normalized top-k weights.
+QWEN3_30B_A3B = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+                     num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                     num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, vocab_size=151936,
+                     max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                     tie_word_embeddings=False)
+MODELS = {"llama3-8b": LLAMA3_8B, "qwen3-30b-a3b": QWEN3_30B_A3B}
 KERNEL_TOL = 2e-2   # W4A16 model vs its own dequantized weights, relative Frobenius error of logits
 GRAPH_TOL = 3e-2    # replayed decode step vs a full forward (different GEMM shapes, fp16)
 FP16_TOL = 1.0      # W4A16 vs fp16 model: beyond this it predicts worse than all-zero logits
@@ -86,10 +96,32 @@ class SpeedResult:
 # ---------------------------------------------------------------------- model
 def llama_dims(layers: Optional[int] = None, **overrides) -> Dict[str, object]:
     """Llama-3-8B's dimensions, with ``layers`` decoder layers and any field overridden."""
-    dims = dict(LLAMA3_8B, **overrides)
+    return model_dims("llama3-8b", layers, **overrides)
+
+
+def model_dims(model: str, layers: Optional[int] = None, **overrides) -> Dict[str, object]:
+    """The dimensions of ``model`` (a key of MODELS), with ``layers`` decoder layers and any field overridden."""
+    from ..errors import expect
+
+    expect(model in MODELS, "model", f"one of {tuple(MODELS)}", repr(model))
+    dims = dict(MODELS[model], **overrides)
     if layers is not None:
         dims["num_hidden_layers"] = int(layers)
     return dims
+
+
+def model_config(model: str, dims: Dict[str, object]):
+    """The transformers config of ``model`` from :func:`model_dims`: SDPA attention; the MoE model's
+    experts run by transformers' ``grouped_mm`` implementation (torch._grouped_mm) where it has one."""
+    if model == "llama3-8b":
+        return llama_config(dims)
+    from transformers import Qwen3MoeConfig
+
+    cfg = Qwen3MoeConfig(**dims)
+    cfg._attn_implementation = "sdpa"
+    if hasattr(cfg, "_experts_implementation") and hasattr(torch, "_grouped_mm"):
+        cfg._experts_implementation = "grouped_mm"
+    return cfg
 
 
 def llama_config(dims: Dict[str, object]):
@@ -106,17 +138,17 @@ def llama_config(dims: Dict[str, object]):
 
 
 def build_model(config, device: str = "cuda", dtype: torch.dtype = torch.float16, seed: int = 0):
-    """A ``LlamaForCausalLM`` with transformers' random init (normal, std ``initializer_range``),
-    created directly on ``device`` with parameters in ``dtype`` (the rotary ``inv_freq`` buffer
-    stays fp32, as transformers makes it); eval mode."""
-    from transformers import LlamaForCausalLM
+    """The causal LM of ``config`` (``LlamaForCausalLM``, ``Qwen3MoeForCausalLM``) with transformers'
+    random init (normal, std ``initializer_range``), created directly on ``device`` with parameters
+    in ``dtype`` (the rotary ``inv_freq`` buffer stays fp32, as transformers makes it); eval mode."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(config)
+            model = AutoModelForCausalLM.from_config(config)
     finally:
         torch.set_default_dtype(previous)
     for name, p in model.named_parameters():
@@ -149,21 +181,29 @@ def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def dequantized_weights(model):
-    """Within the block every W4A16Linear computes ``F.linear(x, W, bias)`` with its dequantized W."""
+    """Within the block every W4A16Linear computes ``F.linear(x, W, bias)`` with its dequantized W,
+    and every W4A16Experts runs the pure-torch reference (dequantized experts, fp32)."""
+    from ..moe import W4A16Experts
     from ..nn import W4A16Linear
 
     mods = [m for m in model.modules() if isinstance(m, W4A16Linear)]
+    experts = [m for m in model.modules() if isinstance(m, W4A16Experts)]
 
     def forward(self, x):
         return torch.nn.functional.linear(x, self.weight_q.dequantize(x.dtype), self.bias)
 
     for m in mods:
         m.forward = forward.__get__(m)
+    backends = [m.backend for m in experts]
+    for m in experts:
+        m.backend = "reference"
     try:
-        yield len(mods)
+        yield len(mods) + len(experts)
     finally:
         for m in mods:
             del m.forward
+        for m, b in zip(experts, backends):
+            m.backend = b
 
 
 # ---------------------------------------------------------------------- timing
@@ -283,8 +323,8 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
               iters: int = 50, prompt_len: int = 32, verify_tokens: int = 64, use_graph: bool = True,
               eager_too: bool = False, interleave_eager: bool = False,
               config_overrides=None, compile: bool = False, fuse: bool = True, peers: Sequence[str] = (),
-              print_fn: Optional[Callable[[str], None]] = print) -> SpeedResult:
-    """Measure fp16 and W4A16 on the Llama-3-8B shape (see the module docstring).
+              print_fn: Optional[Callable[[str], None]] = print, model: str = "llama3-8b") -> SpeedResult:
+    """Measure fp16 and W4A16 on the Llama-3-8B shape, or another of MODELS (see the module docstring).
 
     Args:
         layers: decoder layers (default 32); batches: decode batch sizes;
@@ -300,7 +340,8 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
         fuse: fuse q/k/v and gate/up into one W4A16 GEMM each (``quantize_model(fuse=...)``);
         peers: names from ``w4a16.e2e.peers.PEERS`` (e.g. "torchao-int4"): each quantizes a fresh
             copy of the fp16 model its own way and is timed in the same harness, after W4A16;
-        config_overrides: dict of LlamaConfig fields (e.g. a tiny model for tests).
+        config_overrides: dict of config fields (e.g. a tiny model for tests);
+        model: "llama3-8b" or "qwen3-30b-a3b" (a mixture of experts; ``layers`` default 48).
     Returns:
         SpeedResult; raises RuntimeError if a check fails.
     """
@@ -309,11 +350,12 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
 
     check_peers(peers)
     say = print_fn or (lambda s: None)
-    dims = llama_dims(layers, **(config_overrides or {}))
-    config = llama_config(dims)
+    kind = model
+    dims = model_dims(kind, layers, **(config_overrides or {}))
+    config = model_config(kind, dims)
     t0 = time.perf_counter()
     model = build_model(config, device)
-    say(f"built Llama ({dims['num_hidden_layers']} layers, hidden {dims['hidden_size']}) on {device} "
+    say(f"built {kind} ({dims['num_hidden_layers']} layers, hidden {dims['hidden_size']}) on {device} "
         f"in {time.perf_counter() - t0:.1f} s")
     g = torch.Generator().manual_seed(3)
     vids = torch.randint(0, config.vocab_size, (1, verify_tokens), generator=g).to(device)
@@ -321,7 +363,7 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
     decode_kw = dict(context=context, prompt_len=prompt_len, iters=iters, compile=compile)
     graph_modes = (True, False) if use_graph and eager_too else (use_graph,)
     dev_name = torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu"
-    result = SpeedResult(dict(dims, group_size=group_size, symmetric=symmetric, prefill_tokens=prefill_tokens,
+    result = SpeedResult(dict(dims, model=kind, group_size=group_size, symmetric=symmetric, prefill_tokens=prefill_tokens,
                               context=context, verify_tokens=verify_tokens, compile=compile, fused=fuse),
                          dev_name, _versions(), {})
     result.models.append(_measure("fp16", model, device, batches, prefill_tokens, decode_kw, say, graph_modes))
@@ -422,8 +464,11 @@ def write_json(result: SpeedResult, out_dir: str) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> SpeedResult:
-    p = argparse.ArgumentParser(description="fp16 vs W4A16 on a Llama-3-8B-shaped model (random weights)")
-    p.add_argument("--layers", type=int, default=None, help="decoder layers (default 32)")
+    p = argparse.ArgumentParser(description="fp16 vs W4A16 on a Llama-3-8B- or Qwen3-30B-A3B-shaped model "
+                                            "(random weights)")
+    p.add_argument("--model", choices=tuple(MODELS), default="llama3-8b",
+                   help="llama3-8b (dense) or qwen3-30b-a3b (128 experts, 8 per token)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's, 32 or 48)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="decode batch sizes")
     p.add_argument("--prefill-tokens", type=int, default=2048)
     p.add_argument("--group-size", type=int, default=128)
@@ -445,7 +490,7 @@ def main(argv: Optional[Sequence[str]] = None) -> SpeedResult:
         p.error("no CUDA device: this benchmark needs a GPU (--device cpu only checks that it runs)")
     result = run_speed(a.layers, a.batches, a.prefill_tokens, a.group_size, not a.asym, a.device, a.context,
                        a.iters, use_graph=not a.no_graph, compile=a.compile, fuse=not a.no_fuse,
-                       eager_too=a.eager_too, interleave_eager=a.interleave_eager, peers=a.peers)
+                       eager_too=a.eager_too, interleave_eager=a.interleave_eager, peers=a.peers, model=a.model)
     if a.out:
         print(f"wrote {write_json(result, a.out)}")
     return result

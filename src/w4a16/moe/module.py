@@ -26,6 +26,10 @@ def experts_reason(module: nn.Module, group_size: int) -> Optional[str]:
     gu, dn = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
     if not (isinstance(gu, torch.Tensor) and isinstance(dn, torch.Tensor) and gu.dim() == 3 and dn.dim() == 3):
         return "not an experts module (no 3-D gate_up_proj and down_proj)"
+    if getattr(module, "is_transposed", False):
+        return "transposed expert weights (gate_up_proj [E, H, 2I]) are not converted"
+    if getattr(module, "is_concatenated", True) is False:
+        return "interleaved gate/up rows are not converted (gate rows, then up rows, are)"
     E, I2, H = gu.shape
     if tuple(dn.shape) != (E, H, I2 // 2) or I2 % 2:
         return f"gate_up_proj {tuple(gu.shape)} and down_proj {tuple(dn.shape)} are not [E, 2I, H] and [E, H, I]"

@@ -19,7 +19,7 @@ import triton.language as tl
 
 
 @triton.jit
-def moe_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, tw_ptr, out_ptr, slots_ptr, bexp_ptr,
+def w4a16_moe_gemm(x_ptr, q_ptr, s_ptr, z_ptr, tw_ptr, out_ptr, slots_ptr, bexp_ptr,
                     N, K, G, num_slots, top_k, stride_xm, stride_om,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_GROUP: tl.constexpr,
                     GATHER: tl.constexpr, MUL_WEIGHT: tl.constexpr, HAS_ZEROS: tl.constexpr):
@@ -72,7 +72,7 @@ BLOCK_N = 64
 
 def grouped_gemm(x: torch.Tensor, experts, routing, top_k: int, gather: bool, out: torch.Tensor,
                  topk_weights=None) -> torch.Tensor:
-    """Launch :func:`moe_gemm_kernel`: x [T, K] (gather) or [T*k, K], experts a QuantizedExperts
+    """Launch :func:`w4a16_moe_gemm`: x [T, K] (gather) or [T*k, K], experts a QuantizedExperts
     [E, N, K], routing a :class:`w4a16.moe.routing.Routing`, out [T*k, N] (written for every
     routed slot), topk_weights float32 [T*k] or None. Returns out."""
     E, N, K = experts.shape
@@ -83,7 +83,7 @@ def grouped_gemm(x: torch.Tensor, experts, routing, top_k: int, gather: bool, ou
     grid = (blocks, triton.cdiv(N, BLOCK_N))
     zeros = experts.zeros if experts.zeros is not None else experts.scales
     tw = topk_weights if topk_weights is not None else out   # unread without MUL_WEIGHT
-    moe_gemm_kernel[grid](x, experts.qweight, experts.scales, zeros, tw, out, routing.sorted_slots,
+    w4a16_moe_gemm[grid](x, experts.qweight, experts.scales, zeros, tw, out, routing.sorted_slots,
                           routing.block_expert, N, K, G, routing.slots, top_k,
                           x.stride(0), out.stride(0), BLOCK_M=routing.block_m, BLOCK_N=BLOCK_N, BLOCK_K=block_k,
                           ONE_GROUP=one_group,

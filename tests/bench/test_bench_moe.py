@@ -1,0 +1,38 @@
+"""w4a16 bench --moe on the CPU with the fake timer: every preset and peer gives a checked row,
+the files are written, a wrong peer is recorded and fails the run, bad arguments are refused."""
+import csv
+
+import pytest
+
+from w4a16.bench import moe
+from w4a16.cli import main
+
+
+def test_fake_run_writes_checked_rows(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["bench", "--moe", "qwen3-30b-a3b,mixtral-8x7b", "--m", "1,5", "--fake-timer", "--no-progress",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "FAKE TIMER" in text
+    rows = list(csv.DictReader(open(out / "moe.csv")))
+    assert len(rows) == 2 * 2 * len(moe.PEERS)
+    assert {r["peer"] for r in rows} == {"w4a16", "torch-loop", "w4a16-loop"}   # no _grouped_mm on the CPU
+    assert all(r["status"] == "ok" and float(r["rel_err"]) < 1e-2 for r in rows)
+    assert {(r["preset"], r["top_k"]) for r in rows} == {("qwen3-30b-a3b", "8"), ("mixtral-8x7b", "2")}
+    assert (out / "moe.md").read_text() == text and (out / "moe.json").exists()
+
+
+def test_a_wrong_peer_is_recorded_and_fails(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(moe, "fused_moe", lambda x, *a: x * 0)
+    assert main(["bench", "--moe", "mixtral-8x7b", "--m", "4", "--fake-timer", "--no-progress",
+                 "--peers", "w4a16", "--out", str(tmp_path)]) == 1
+    rows = list(csv.DictReader(open(tmp_path / "moe.csv")))
+    assert [r["status"] for r in rows] == ["wrong"] and rows[0]["median_us"] == ""
+    assert "WRONG" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,msg", [(["--moe", "llama"], "--moe: expected 'all' or names from"),
+                                      (["--moe", "all", "--peers", "cublas-fp16"], "--peers: expected names from")])
+def test_bad_arguments(tmp_path, capsys, argv, msg):
+    assert main(["bench", *argv, "--fake-timer", "--out", str(tmp_path)]) == 2
+    assert msg in capsys.readouterr().err
