@@ -85,6 +85,10 @@ def cmd_info(args) -> int:
     rows += [["gemm path", path], ["why", reason]]
     rows += [[f"backend {name}", b.available(dev) or "available"] for name, b in registry().items()]
     rows.append(["Gluon kernels on this triton", _gluon_on_triton()])
+    if importlib.util.find_spec("triton") is not None:
+        from .backends.triton_compat import SM90_PTXAS_ENV, legacy_sm90_ptxas, sm90_ptxas
+        note = f"; {SM90_PTXAS_ENV}=legacy compiles it with the older one" if legacy_sm90_ptxas() else ""
+        rows.append(["ptxas for sm_90", sm90_ptxas() + note])
     print(format_table(["item", "value"], rows))
     return 0
 

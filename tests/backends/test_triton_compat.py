@@ -95,3 +95,24 @@ def test_no_other_module_tests_a_triton_version():
             if pattern.search(line):
                 offenders.append(f"{path.relative_to(SRC)}:{n}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_legacy_sm90_ptxas_is_chosen_only_where_it_differs(monkeypatch):
+    """W4A16_SM90_PTXAS=legacy: the older ptxas a Triton ships is offered only when it is a 12.x
+    release and sm_90 is compiled with another one (Triton 3.9)."""
+    from types import SimpleNamespace as Tool
+
+    from w4a16.backends import triton_compat as tc
+
+    new, old = Tool(path="/t/ptxas-blackwell", version="13.4"), Tool(path="/t/ptxas", version="12.9")
+    monkeypatch.setattr(tc, "_ptxas_tools", lambda: (new, old))
+    assert tc.legacy_sm90_ptxas() == "/t/ptxas"
+    assert tc.sm90_ptxas() == "13.4 (Triton's default)"
+    monkeypatch.setattr(tc, "_ptxas_tools", lambda: (old, old))              # 3.6 to 3.8: one ptxas
+    assert tc.legacy_sm90_ptxas() is None
+    monkeypatch.setattr(tc, "_ptxas_tools", lambda: (new, Tool(path="/t/ptxas", version="13.0")))
+    assert tc.legacy_sm90_ptxas() is None                                   # not an older release
+    monkeypatch.setenv("W4A16_SM90_PTXAS", "legacy")
+    monkeypatch.setenv("TRITON_PTXAS_BLACKWELL_PATH", "/t/ptxas")
+    monkeypatch.setattr(tc, "_ptxas_tools", lambda: (old, old))
+    assert tc.sm90_ptxas() == "12.9 (W4A16_SM90_PTXAS=legacy)"

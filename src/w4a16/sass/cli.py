@@ -63,7 +63,9 @@ def run(args) -> int:
             baseline = json.load(f)
     cases = shipped_cases(dtypes, kernels)
     t0 = time.time()
-    print(f"triton {triton.__version__}: compiling {len(cases)} kernel configs for sm_90a"
+    from ..backends.triton_compat import sm90_ptxas
+
+    print(f"triton {triton.__version__} (ptxas {sm90_ptxas()}): compiling {len(cases)} kernel configs for sm_90a"
           + (f", against the triton {baseline['triton']} build in {args.baseline}" if baseline else ""), flush=True)
     done = [0]
 
