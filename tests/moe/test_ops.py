@@ -136,3 +136,11 @@ def test_custom_op_traces_whole_and_matches(gen):
 
     args = (x, gu.qweight, gu.scales, gu.zeros, dn.qweight, dn.scales, dn.zeros, ids, w, [32, 32], "reference")
     torch.library.opcheck(fused_moe_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_no_tokens(gen, backend):
+    x, gu, dn, ids, w = _bad_call(gen)
+    y = fused_moe(x[:0], gu, dn, ids[:0], w[:0], backend=backend)
+    assert y.shape == (0, x.shape[1]) and y.dtype == x.dtype
+    assert grouped_gemm(x[:0], gu, ids[:0], backend=backend).shape == (0, gu.shape[1])

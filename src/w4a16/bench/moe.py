@@ -71,9 +71,20 @@ def parse_presets(text: str) -> tuple:
 
 
 def _experts(E, N, K, g, dtype, device, gen) -> QuantizedExperts:
-    q = torch.randint(0, 256, (E, N, K // 2), dtype=torch.uint8, generator=gen).to(device)
-    s = (torch.rand(E, N, K // g, generator=gen) * 0.02 + 0.005).to(device, dtype)
+    """Random int4 experts made on ``device`` (``gen`` a generator there): codes and scales."""
+    q = torch.randint(0, 256, (E, N, K // 2), dtype=torch.uint8, generator=gen, device=device)
+    s = (torch.rand(E, N, K // g, generator=gen, device=device) * 0.02 + 0.005).to(dtype)
     return QuantizedExperts(q, s, None, g)
+
+
+def _dense_k_major(w: QuantizedExperts, dtype) -> torch.Tensor:
+    """[E, K, N] in ``dtype``: the experts dequantized one at a time (a whole-stack dequantization
+    would hold fp32 copies of every expert: 90 GB for DeepSeek-V3's gate_up)."""
+    E, N, K = w.shape
+    out = torch.empty(E, K, N, dtype=dtype, device=w.device)
+    for e in range(E):
+        out[e] = w.dequantize(dtype, experts=[e])[0].t()
+    return out
 
 
 def _routings(T, E, k, device, gen) -> list:
@@ -150,6 +161,7 @@ def run_moe(presets, tokens, dtype, group_size, peers, device, fake: bool, seed:
     except ImportError:
         bar = todo
     gen = torch.Generator().manual_seed(seed)
+    wgen = torch.Generator(device=device).manual_seed(seed)
     built: dict = {}
     for preset, T in bar:
         H, I, E, k = PRESETS[preset]
@@ -161,7 +173,8 @@ def run_moe(presets, tokens, dtype, group_size, peers, device, fake: bool, seed:
             built = {"key": (preset, H, I, E)}
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            built["gu"], built["dn"] = _experts(E, 2 * I, H, g, dtype, device, gen), _experts(E, H, I, g, dtype, device, gen)
+            built["gu"], built["dn"] = (_experts(E, 2 * I, H, g, dtype, device, wgen),
+                                        _experts(E, H, I, g, dtype, device, wgen))
             built["dense"] = None
         gu, dn = built["gu"], built["dn"]
         x = torch.randn(T, H, generator=gen).to(device, dtype)
@@ -174,8 +187,7 @@ def run_moe(presets, tokens, dtype, group_size, peers, device, fake: bool, seed:
         torch_us = None
         for name in peers:
             if name == "torch" and built["dense"] is None:   # K-major 16-bit weights, made once per preset
-                built["dense"] = (gu.dequantize(dtype).transpose(1, 2).contiguous(),
-                                  dn.dequantize(dtype).transpose(1, 2).contiguous())
+                built["dense"] = tuple(_dense_k_major(w, dtype) for w in (gu, dn))
             calls, eager, label = _peer_calls(name, x, gu, dn, built["dense"], routes)
             row = dict(base, peer=label, timing="eager" if eager else "graph",
                        note="FAKE TIMER, proxy shape" if fake else "")

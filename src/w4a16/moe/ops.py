@@ -125,6 +125,8 @@ def fused_moe_op(x: torch.Tensor, gu_q: torch.Tensor, gu_s: torch.Tensor, gu_z: 
     E, I2, H = gate_up.shape
     T, k = topk_ids.shape
     S = T * k
+    if S == 0:
+        return x.new_zeros((T, H))
     routing = align(topk_ids, E, block_m_for(S, E))
     h = kernel.grouped_gemm(x.contiguous(), gate_up, routing, k, True, torch.empty(S, I2, dtype=x.dtype, device=x.device))
     a = reference.silu_mul(h)

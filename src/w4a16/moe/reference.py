@@ -51,4 +51,4 @@ def fused_moe(x: torch.Tensor, gate_up, down, topk_ids: torch.Tensor, topk_weigh
     T, k = topk_ids.shape
     h = grouped_gemm(x, gate_up, topk_ids).to(x.dtype)
     y = grouped_gemm(silu_mul(h), down, topk_ids, gather=False, topk_weights=topk_weights)
-    return y.reshape(T, k, -1).sum(1).to(x.dtype)
+    return y.reshape(T, k, down.shape[1]).sum(1).to(x.dtype)

@@ -9,8 +9,10 @@ j-th choice. The grouped GEMM wants each expert's slots contiguous and padded to
                                  each expert's run padded to a multiple of block_m with T*k (none)
     block_expert  int32 [P / block_m]  the expert of each block, -1 past the last used block
 
-P = T*k + E*(block_m - 1) rounded up to block_m: the most padding any routing can need, known
-without reading ``topk_ids`` on the host.
+P = T*k + min(E, T*k)*(block_m - 1) rounded up to block_m: the most padding any routing can need
+(at most min(E, T*k) experts get slots, each padded by fewer than block_m), known without reading
+``topk_ids`` on the host. At decode (T*k small against E) that keeps the grid to the blocks that
+can hold slots.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def check_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, T: int, num_e
 
 def padded_length(slots: int, num_experts: int, block_m: int) -> int:
     """P: the length of ``sorted_slots`` for ``slots`` slots over ``num_experts`` experts."""
-    most = slots + num_experts * (block_m - 1)
+    most = slots + min(num_experts, slots) * (block_m - 1)
     return max(block_m, -(-most // block_m) * block_m)
 
 
