@@ -4,7 +4,7 @@ file; each problem of the held-out families is then answered as ``backend="auto"
 it with only that file (``w4a16.tuning_cache.lookup``: the nearest tuned shape's winner) and as the
 heuristic would, and both are read off the sweep's own timings of those configs.
 
-    python3 benchmarks/heldout_report.py sweep.csv --held Qwen7B [--out heldout.md]
+    python3 benchmarks/heldout_report.py sweep.csv --held Qwen7B [--table] [--cv] [--out heldout.md]
 
 Ratios are cuBLAS time / Gluon time of the same run (> 1: faster than cuBLAS). "tuned" is the
 sweep's best config for the shape itself (what tuning that shape gives); the gap columns divide a
@@ -126,15 +126,81 @@ def card_table(problems: dict) -> list:
     return lines
 
 
+def _efficiency(problems: dict, card: str, held: str, pick) -> dict:
+    """{M: geomean of best time / picked time} over ``held``'s problems on ``card``; ``pick(key, times)``
+    returns a config key or None (then the heuristic's)."""
+    out: dict = defaultdict(list)
+    for key, times in problems.items():
+        if key[0] != card or family(key[1]) != held:
+            continue
+        cfgs = {c: t for c, t in times.items() if c != "cublas" and math.isfinite(t)}
+        chosen = pick(key, cfgs)
+        if cfgs and chosen in cfgs:
+            out[key[4]].append(min(cfgs.values()) / cfgs[chosen])
+    return out
+
+
+def cross_validation(problems: dict, backend) -> list:
+    """Markdown lines: every family held out in turn, the choice rules' efficiency per M (geomean of
+    best / chosen time over all held-out problems): the heuristic, the nearest tuned shape's winner
+    (``tuning_cache.lookup``), and the config best on average over the 3 nearest shapes (radius 1.5)."""
+    lines = []
+    for card in sorted({k[0] for k in problems}):
+        fams = sorted({family(k[1]) for k in problems if k[0] == card})
+        res = {name: defaultdict(list) for name in ("heuristic", "nearest", "3 nearest, averaged")}
+
+        def heuristic(key, cfgs):
+            _, _, N, K, M, dt, g = key
+            return backend.config_key(backend.default_config(Problem(M, N, K, g, DTYPES[dt], False, torch.device("cpu"))))
+
+        for held in fams:
+            others = {k: t for k, t in problems.items() if k[0] == card and family(k[1]) != held}
+            with tempfile.TemporaryDirectory() as d:
+                path = fit_file(others, sorted(set(fams) - {held}), backend, Path(d))
+
+                def nearest(key, cfgs):
+                    _, _, N, K, M, dt, g = key
+                    hit = tuning_cache.lookup(backend, backend.layout_version, card,
+                                              Problem(M, N, K, g, DTYPES[dt], False, torch.device("cpu")), paths=[path])
+                    return backend.config_key(hit.config) if hit else heuristic(key, cfgs)
+
+                def averaged(key, cfgs):
+                    _, _, N, K, M, dt, g = key
+                    near = sorted((abs(math.log2(N / k[2])) + abs(math.log2(K / k[3])), i, t)
+                                  for i, (k, t) in enumerate(others.items()) if k[4] == M)[:3]
+                    near = [{c: x for c, x in t.items() if c != "cublas" and math.isfinite(x)} for dd, _, t in near
+                            if dd <= 1.5]
+                    scores = defaultdict(list)
+                    for t in near:
+                        for c, x in t.items():
+                            scores[c].append(math.log(min(t.values()) / x))
+                    best = [(sum(v) / len(v), c) for c, v in scores.items() if near and len(v) == len(near)]
+                    return max(best)[1] if best else heuristic(key, cfgs)
+
+                for name, rule in (("heuristic", heuristic), ("nearest", nearest), ("3 nearest, averaged", averaged)):
+                    for M, v in _efficiency(problems, card, held, rule).items():
+                        res[name][M] += v
+        Ms = sorted({M for r in res.values() for M in r})
+        lines += [f"### {card}: every family held out in turn, geomean of best / chosen time", "",
+                  "| rule | " + " | ".join(f"M={M}" for M in Ms) + " |", "|---|" + "---:|" * len(Ms)]
+        for name, r in res.items():
+            lines.append(f"| {name} | " + " | ".join(f"{geomean(r[M]):.3f}" for M in Ms) + " |")
+        lines.append("")
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("csv", nargs="+", help="sweep CSVs of w4a16 tune --csv --cublas")
     ap.add_argument("--held", nargs="+", required=True, help="model labels held out of the fit (e.g. Qwen7B)")
     ap.add_argument("--out", default=None, help="also write the markdown here")
     ap.add_argument("--table", action="store_true", help="also print each card's layer x M table of ratios")
+    ap.add_argument("--cv", action="store_true", help="also hold every family out in turn and compare the choice rules")
     args = ap.parse_args()
     problems = read(args.csv)
-    text = "\n".join((card_table(problems) if args.table else []) + report(problems, args.held, registry()["gluon"]))
+    b = registry()["gluon"]
+    text = "\n".join((card_table(problems) if args.table else []) + report(problems, args.held, b)
+                     + (cross_validation(problems, b) if args.cv else []))
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
