@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The mixture-of-experts checks and timings on a GPU, one phase per call (each fits one call):
 #
-#   bash benchmarks/moe_session.sh check   # the MoE tests on the GPU (bf16 included), then the fuzz-like
-#                                          # routings of w4a16 bench --moe on two presets at small T
+#   bash benchmarks/moe_session.sh check   # the MoE tests on the GPU (bf16 included), w4a16 fuzz --moe,
+#                                          # then w4a16 bench --moe on two presets at small T
 #   bench                                  # w4a16 bench --moe all --m 1,16,64,256,4096 (bf16)
 #   model                                  # w4a16.e2e.speed --model qwen3-30b-a3b --layers 8 --compile
 #
@@ -18,9 +18,12 @@ LIMIT=${T_LIMIT:-540}
 echo "$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader), $($PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)')"
 case "${1:-check}" in
 check)
-    timeout $((LIMIT / 2)) $PY -m pytest -q -p no:cacheprovider tests/moe tests/bench/test_bench_moe.py > "$OUT/tests.txt" 2>&1
+    timeout $((LIMIT / 3)) $PY -m pytest -q -p no:cacheprovider tests/moe tests/bench/test_bench_moe.py > "$OUT/tests.txt" 2>&1
     tail -n 5 "$OUT/tests.txt"
-    timeout $((LIMIT / 2)) $PY -m w4a16 bench --moe qwen3-30b-a3b,mixtral-8x7b --m 1,16,256 --dtype "${DTYPE:-bf16}" \
+    timeout $((LIMIT / 3)) $PY -m w4a16 fuzz --moe --cases "${FUZZ_CASES:-300}" --backend triton --progress 100 \
+        > "$OUT/fuzz.txt" 2>&1
+    grep FAIL "$OUT/fuzz.txt" | head -n 10; tail -n 1 "$OUT/fuzz.txt"
+    timeout $((LIMIT / 3)) $PY -m w4a16 bench --moe qwen3-30b-a3b,mixtral-8x7b --m 1,16,256 --dtype "${DTYPE:-bf16}" \
         --no-progress --out "$OUT/check" > "$OUT/check.txt" 2>&1
     tail -n 12 "$OUT/check.txt" ;;
 bench)

@@ -2,6 +2,7 @@
 
     w4a16 fuzz --cases 2000                                # gemm's own choice, on the GPU if there is one
     w4a16 fuzz --cases 2000 --backend triton --backend gluon --progress 200
+    w4a16 fuzz --moe --cases 500 --backend triton         # mixture-of-experts layers (w4a16.moe.fuzz)
 
 Each case runs once per backend; failures are printed (up to ``--show``), then one line per backend:
 "N passed, F failed, R refused". A case a named backend refuses (:class:`w4a16.BackendRefused`:
@@ -49,12 +50,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=20, help="failures printed per backend (default 20)")
     p.add_argument("--progress", type=int, default=0, metavar="EVERY",
                    help="print a progress line every EVERY cases (default 0: none)")
+    p.add_argument("--moe", action="store_true",
+                   help="whole mixture-of-experts layers (w4a16.moe.fused_moe; backends auto, triton, reference; "
+                        "--max-mnk bounds T,H,I, default 64,256,512 on the CPU, 300,2048,2048 on a GPU)")
     return p
 
 
 def fuzz_backend(backend: Optional[str], n: int, device, seed: int, max_mnk, dtypes, show: int = 20,
-                 progress: int = 0, print_fn=print) -> Tally:
-    """Run ``n`` cases of :func:`w4a16.fuzz.cases` on ``backend`` (None: gemm's own choice).
+                 progress: int = 0, print_fn=print, suite=None) -> Tally:
+    """Run ``n`` cases of :func:`w4a16.fuzz.cases` on ``backend`` (None: gemm's own choice);
+    ``suite`` another module of the same interface (``cases``, ``run_case``, ``passes``), e.g.
+    :mod:`w4a16.moe.fuzz`.
 
     At most 20 x ``n`` cases are drawn to find ``n`` the backend runs; the draw is the same for
     every backend. Exceptions other than :class:`~w4a16.errors.BackendRefused` count as failures.
@@ -64,6 +70,7 @@ def fuzz_backend(backend: Optional[str], n: int, device, seed: int, max_mnk, dty
     from . import fuzz
     from .errors import BackendRefused
 
+    fuzz = suite or fuzz
     t = Tally(backend or "default")
     t0 = time.perf_counter()
     reported = 0
@@ -104,7 +111,8 @@ def run(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
     expect(args.cases >= 1, "--cases", "a count >= 1", args.cases)
-    spec = args.max_mnk or ("300,1100,4200" if gpu else "64,256,1024")
+    spec = args.max_mnk or {(False, False): "64,256,1024", (True, False): "300,1100,4200",
+                             (False, True): "64,256,512", (True, True): "300,2048,2048"}[(gpu, bool(args.moe))]
     try:
         max_mnk = tuple(int(v) for v in spec.split(","))
     except ValueError:
@@ -112,11 +120,17 @@ def run(args) -> int:
     expect(len(max_mnk) == 3, "--max-mnk", "three integers M,N,K", spec)
     dt = args.dtype or ("both" if gpu else "fp16")
     dtypes = {"fp16": (torch.float16,), "bf16": (torch.bfloat16,), "both": (torch.float16, torch.bfloat16)}[dt]
+    moe_fuzz = None
+    if args.moe:
+        from .moe import fuzz as moe_fuzz
+        from .moe.ops import BACKENDS
+        for b in args.backend or []:
+            expect(b in BACKENDS, "--backend", f"one of {BACKENDS} with --moe", repr(b))
     status = 0
     for backend in args.backend or [None]:
         t0 = time.perf_counter()
         t = fuzz_backend(backend, args.cases, device, args.seed, max_mnk, dtypes, args.show, args.progress,
-                         print_fn=lambda s: print(s, flush=True))
+                         print_fn=lambda s: print(s, flush=True), suite=moe_fuzz)
         print(t.line(f", {time.perf_counter() - t0:.0f} s, device {device}, seed {args.seed}"), flush=True)
         status |= t.failed > 0 or t.passed + t.failed < args.cases
     return int(status)
