@@ -37,11 +37,13 @@ def test_winners_become_tuning_entries(tmp_path, capsys):
         ("8B o", 1, "g8x64c4s3ws", 5.5), ("70B gate_up", 16, "g16x64c2s4wssk", 66.1)]
     log, out = tmp_path / "sweep.log", tmp_path / "tuned.json"
     log.write_text(LOG)
-    assert main(["tune", "--from-sweep", str(log), "--out", str(out)]) == 0
+    with pytest.raises(W4A16Error, match="--sms: expected the SM count"):
+        main(["tune", "--from-sweep", str(log), "--out", str(out)])
+    assert main(["tune", "--from-sweep", str(log), "--sms", "132", "--out", str(out)]) == 0
     assert f"2 entries -> {out}" in capsys.readouterr().out
     entries = json.loads(out.read_text())["entries"]
     v = registry()["gluon"].layout_version
-    card = "NVIDIA H200/132"   # the log names the GPU; --sms (default 132) its SM count
+    card = "NVIDIA H200/132"   # the log names the GPU; --sms its SM count
     assert set(entries) == {f"gluon|{v}|{card}|1|4096|4096|128|fp16", f"gluon|{v}|{card}|16|57344|8192|128|fp16"}
     e = entries[f"gluon|{v}|{card}|16|57344|8192|128|fp16"]
     assert e["time_us"] == 66.1 and GluonDecodeConfig(**json.loads(e["config"])).short() == "g16x64c2s4wssk"
@@ -71,7 +73,7 @@ def test_sweep_log_without_env_line_is_refused(tmp_path):
     log = tmp_path / "sweep.log"
     log.write_text(LOG.split("\n", 1)[1])
     with pytest.raises(W4A16Error, match="sweep log: expected an 'env: <GPU> torch ...' line"):
-        main(["tune", "--from-sweep", str(log), "--out", str(tmp_path / "t.json")])
+        main(["tune", "--from-sweep", str(log), "--sms", "132", "--out", str(tmp_path / "t.json")])
 
 
 def _file(path, entries, fmt=tuning_cache.FORMAT):

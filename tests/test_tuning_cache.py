@@ -1,6 +1,7 @@
 """The tuning cache survives faults: a corrupted file is ignored with a warning naming it, and
 ``store`` writes through a per-process temporary file, fsynced, then renamed. Entries are keyed by
 card (name and SM count); an untuned shape borrows the nearest tuned shape's winner."""
+import json
 import os
 import warnings
 
@@ -117,12 +118,33 @@ def test_untuned_shape_takes_the_nearest_tuned_winner(cache):
     assert look(4096, 4096, M=64) is None                                     # another M bucket
     assert look(4096, 4096, card="H/114") is None                             # same name, other SM count
     assert tuning_cache.lookup(TB, TB.layout_version, "H/132", _problem(4000, 4096), nearest=False) is None
+    refuse_near = lambda cfg: cfg != near   # noqa: E731  (a config the backend cannot run here)
+    hit = tuning_cache.lookup(TB, TB.layout_version, "H/132", _problem(5632, 4096), accept=refuse_near)
+    assert hit.config == CFG and hit.shape == (4096, 4096)                  # the next nearest instead
 
 
-def test_a_file_of_the_previous_format_is_not_read(cache):
+def test_a_file_of_the_previous_format_is_kept_not_read(cache):
+    """A cache of format 3 (keyed by GPU name alone) is not read, and the first store keeps it
+    beside the new file (with a warning) instead of overwriting it."""
     cache.parent.mkdir(parents=True)
-    cache.write_text('{"format": 3, "entries": {"triton|%d|gpu|16|64|256|128|fp16": {"config": "x", "time_us": 1}}}'
-                     % TB.layout_version)
+    old = {"format": 3, "entries": {f"triton|{TB.layout_version}|gpu|16|64|256|128|fp16":
+                                    {"config": TB.config_key(CFG), "time_us": 1.0}}}
+    cache.write_text(json.dumps(old))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _lookup(16) is None
+    with pytest.warns(UserWarning, match="was a tuning file of format 3"):
+        _store(1)
+    assert json.loads((cache.parent / "tuned.json.v3").read_text()) == old
+    assert list(json.loads(cache.read_text())["entries"]) == [f"triton|{TB.layout_version}|gpu|1|64|256|128|fp16"]
+
+
+def test_stores_keep_every_entry_where_mtimes_are_coarse(cache, monkeypatch):
+    """Each store reads the file as it is on disk, and the read caches are keyed by more than the
+    mtime: ten quick stores keep ten entries even if every version had the same mtime."""
+    real = tuning_cache._stamp
+    monkeypatch.setattr(tuning_cache, "_stamp", lambda path: (0, 0, 0) if path.exists() else real(path))
+    for i in range(10):
+        tuning_cache.store(TB, TB.layout_version, "gpu", 2 ** i, 64, 256, 128, torch.float16, CFG, float(i))
+    assert len(json.loads(cache.read_text())["entries"]) == 10
+    assert _lookup(512)[:2] == (CFG, 9.0)

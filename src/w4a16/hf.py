@@ -202,9 +202,14 @@ def _checkpoint_weight(prefix: str, method: str, opts: dict, ckpt: "_Tensors") -
     for p in PARTS[method]:
         expect(p in present or p in OPTIONAL, f"{prefix}.{p}", "a tensor in the checkpoint", "none")
     try:
-        return _build_weight(method, opts, {p: ckpt.get(f"{prefix}.{p}") for p in present})
+        w = _build_weight(method, opts, {p: ckpt.get(f"{prefix}.{p}") for p in present})
     except W4A16Error as e:
         raise W4A16Error(f"{prefix}: {e}") from e
+    g_cfg = opts.get("group_size")
+    if g_cfg is not None:
+        expect(w.group_size_effective == (w.shape[1] if g_cfg == -1 else g_cfg), f"{prefix}.scales",
+               f"groups of {g_cfg} (quantization_config.group_size)", f"groups of {w.group_size_effective}")
+    return w
 
 
 def _target_module(model: nn.Module, prefix: str) -> Optional[nn.Module]:
@@ -377,7 +382,8 @@ def load_pretrained_quantized(model: nn.Module, path: Union[str, os.PathLike],
             report.experts.append(name)
             report.bytes_before += before
             report.bytes_after += after
-            used.update(f"{p}.{part}" for p in experts_used_keys(experts[name]) for part in PARTS[method] + ("bias",)
+            # an expert's bias has no place in W4A16Experts: left out of ``used``, it is reported unexpected
+            used.update(f"{p}.{part}" for p in experts_used_keys(experts[name]) for part in PARTS[method]
                         if f"{p}.{part}" in ckpt)
         for prefix, new in built:
             parent_name, _, attr = prefix.rpartition(".")

@@ -46,8 +46,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--csv", default=None, help="also write every candidate's time to this CSV file")
     p.add_argument("--cublas", action="store_true",
                    help="also time F.linear on the dequantized weight (a 'cublas' row in --csv)")
-    p.add_argument("--sms", type=int, default=132,
-                   help="with --from-sweep: SM count of the card the log came from (default 132: H100/H200 SXM)")
+    p.add_argument("--sms", type=int, default=None,
+                   help="with --from-sweep (required there): SM count of the card the log came from "
+                        "(132 for an H100 or H200 SXM, 114 for an H100 PCIe)")
     p.add_argument("--into", default=None, help="tuning file --merge writes (default: the user's cache)")
     return p
 
@@ -113,6 +114,8 @@ def run(args) -> int:
     if args.from_sweep:
         from .tuning_sweep import entries_from_sweep
 
+        expect(args.sms is not None, "--sms", "the SM count of the card the sweep log came from (the log "
+               "names the GPU, not its SM count)", "none")
         rows = entries_from_sweep(Path(args.from_sweep), out, args.sms)
         for r in rows:
             print(f"{r.layer:12s} M={r.M:4d} {r.config.short():18s} {r.time_us:8.1f} us")

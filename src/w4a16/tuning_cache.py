@@ -78,7 +78,7 @@ def _parse(path: str) -> dict:
 
 
 @functools.lru_cache(maxsize=4)
-def _read(path: str, mtime: float) -> dict:
+def _read(path: str, stamp: tuple) -> dict:
     """The entries of one tuning file; {} for a missing file, a file of another format,
     or (with a warning naming the file) one that is not a valid tuning file."""
     try:
@@ -93,9 +93,17 @@ def _read(path: str, mtime: float) -> dict:
     return data["entries"]
 
 
+def _stamp(path: Path) -> tuple:
+    """What identifies one version of a file for the caches: (mtime in ns, size, inode); every
+    write replaces the file (a new inode), so two versions never share a stamp even where the
+    file system keeps mtimes to the second."""
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
 def _entries(path: Path) -> dict:
     try:
-        return _read(str(path), path.stat().st_mtime)
+        return _read(str(path), _stamp(path))
     except OSError:
         return {}
 
@@ -120,11 +128,11 @@ def _distance(N: int, K: int, N2: int, K2: int) -> float:
 
 
 @functools.lru_cache(maxsize=4)
-def _by_prefix(path: str, mtime: float) -> dict:
+def _by_prefix(path: str, stamp: tuple) -> dict:
     """The entries of one tuning file grouped by everything but the shape: {(backend, layout, card,
     M bucket, group, dtype): [(N, K, entry), ...]}."""
     out: dict = {}
-    for k, entry in _read(path, mtime).items():
+    for k, entry in _read(path, stamp).items():
         parts = k.split("|")
         if len(parts) != 8 or not (parts[4].isdigit() and parts[5].isdigit()) or "0" in (parts[4], parts[5]):
             continue
@@ -135,7 +143,7 @@ def _by_prefix(path: str, mtime: float) -> dict:
 
 def _grouped(path: Path) -> dict:
     try:
-        return _by_prefix(str(path), path.stat().st_mtime)
+        return _by_prefix(str(path), _stamp(path))
     except OSError:
         return {}
 
@@ -147,7 +155,7 @@ def _entry_config(backend, entry):
         return None
 
 
-def lookup(backend, layout: int, gpu: str, p, nearest: bool = True, paths=None) -> Optional[Tuned]:
+def lookup(backend, layout: int, gpu: str, p, nearest: bool = True, paths=None, accept=None) -> Optional[Tuned]:
     """The tuned entry for backend ``backend`` (a Backend) on card ``gpu`` and problem ``p``: the
     user's cache first, then the shipped table; None when neither has one.
 
@@ -155,8 +163,9 @@ def lookup(backend, layout: int, gpu: str, p, nearest: bool = True, paths=None) 
     same shape (the kernels' cost barely depends on them) when no exact entry exists. With
     ``nearest``, a shape that neither file has takes the winner of the nearest tuned shape of
     the same card and M bucket within NEAREST_RADIUS (the user's cache before the shipped table
-    at equal distance), its time scaled by N*K / (N'*K'). ``paths``: the tuning files to read,
-    in order (default: the user's cache, then the shipped table).
+    at equal distance), its time scaled by N*K / (N'*K'); ``accept(config)`` (e.g. "the backend
+    runs this config on ``p``") passes over entries it rejects. ``paths``: the tuning files to
+    read, in order (default: the user's cache, then the shipped table).
     """
     paths = [Path(q) for q in paths] if paths is not None else [cache_path(), SHIPPED]
     variants = [(p.group, p.dtype), (p.group, torch.float16), (128, torch.float16)]
@@ -165,7 +174,7 @@ def lookup(backend, layout: int, gpu: str, p, nearest: bool = True, paths=None) 
         for path in paths:
             entry = _entries(path).get(k)
             hit = None if entry is None else _entry_config(backend, entry)
-            if hit is not None:
+            if hit is not None and (accept is None or accept(hit[0])):
                 return Tuned(hit[0], hit[1], (p.N, p.K))
     if not nearest:
         return None
@@ -177,7 +186,7 @@ def lookup(backend, layout: int, gpu: str, p, nearest: bool = True, paths=None) 
             if d > NEAREST_RADIUS:
                 break
             hit = _entry_config(backend, e)
-            if hit is not None:
+            if hit is not None and (accept is None or accept(hit[0])):
                 return Tuned(hit[0], hit[1] * (p.N * p.K) / (n * k), (n, k))
     return None
 
@@ -230,6 +239,8 @@ def _write(path: Path, entries: dict) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _read.cache_clear()
+    _by_prefix.cache_clear()
     _GENERATION[0] += 1
 
 
@@ -244,11 +255,31 @@ def store(backend, layout: int, gpu: str, M: int, N: int, K: int, group: int, dt
     store_all([(backend, layout, gpu, M, N, K, group, dtype, cfg, time_us)], path)
 
 
+def _current_entries(path: Path) -> dict:
+    """The entries of the tuning file ``path`` as they are on disk now (read afresh, not through the
+    cache), before a rewrite. A file of another format is kept beside it as ``<name>.v<format>``
+    (with a warning) rather than overwritten; an unreadable one is replaced (with a warning)."""
+    try:
+        data = _parse(str(path))
+    except FileNotFoundError:
+        return {}
+    except _NotATuningFile as e:
+        warnings.warn(f"w4a16: replacing the tuning cache {path}: {e}", stacklevel=4)
+        return {}
+    if data.get("format") != FORMAT:
+        keep = path.with_name(f"{path.name}.v{data.get('format')}")
+        os.replace(path, keep)
+        warnings.warn(f"w4a16: {path} was a tuning file of format {data.get('format')} (this version reads "
+                      f"{FORMAT}: entries per GPU name and SM count); kept as {keep}, tune again", stacklevel=4)
+        return {}
+    return dict(data["entries"])
+
+
 def store_all(rows, path: Optional[Path] = None) -> None:
     """Record several winners in one rewrite of the file: ``rows`` of :func:`store`'s arguments
     (backend, layout, gpu, M, N, K, group, dtype, cfg, time_us)."""
     path = Path(path or cache_path())
-    entries = dict(_entries(path))
+    entries = _current_entries(path)
     for backend, layout, gpu, M, N, K, group, dtype, cfg, time_us in rows:
         entries[key(backend.name, layout, gpu, M, N, K, group, dtype)] = {
             "config": backend.config_key(cfg), "time_us": round(time_us, 3)}

@@ -112,7 +112,8 @@ def test_legacy_sm90_ptxas_is_chosen_only_where_it_differs(monkeypatch):
     assert tc.legacy_sm90_ptxas() is None
     monkeypatch.setattr(tc, "_ptxas_tools", lambda: (new, Tool(path="/t/ptxas", version="13.0")))
     assert tc.legacy_sm90_ptxas() is None                                   # not an older release
-    monkeypatch.setenv("W4A16_SM90_PTXAS", "legacy")
-    monkeypatch.setenv("TRITON_PTXAS_BLACKWELL_PATH", "/t/ptxas")
     monkeypatch.setattr(tc, "_ptxas_tools", lambda: (old, old))
+    monkeypatch.setattr(tc, "LEGACY_PTXAS_APPLIED", [True])                # as the import sets it
     assert tc.sm90_ptxas() == "12.9 (W4A16_SM90_PTXAS=legacy)"
+    monkeypatch.setattr(tc, "LEGACY_PTXAS_APPLIED", [False])
+    assert tc.sm90_ptxas() == "12.9 (Triton's default)"

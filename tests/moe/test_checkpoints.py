@@ -96,3 +96,16 @@ def test_missing_expert_projection_is_refused(tmp_path):
     save_file(t, str(tmp_path / "model.safetensors"))
     with pytest.raises(W4A16Error, match=r"experts.2: expected gate, up and down projections in the checkpoint, got no \['up'\]"):
         w4a16.load_pretrained_quantized(copy.deepcopy(model), tmp_path)
+
+
+def test_expert_biases_are_reported_not_dropped(tmp_path):
+    """W4A16Experts has no biases: an expert layer's bias in the checkpoint is an unexpected key."""
+    model = _model("qwen3")
+    _write(tmp_path, "gptq", model, False)
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(tmp_path / "model.safetensors"))
+    t["model.layers.0.mlp.experts.1.down_proj.bias"] = torch.full((64,), 5.0, dtype=torch.float16)
+    save_file(t, str(tmp_path / "model.safetensors"))
+    report = w4a16.load_pretrained_quantized(copy.deepcopy(model), tmp_path)
+    assert report.unexpected_keys == ["model.layers.0.mlp.experts.1.down_proj.bias"]

@@ -107,8 +107,8 @@ def _auto(p: Problem) -> Choice:
         for b in usable:
             if b.config_type is None:
                 continue
-            hit = tuning_cache.lookup(b, b.layout_version, gpu, p)
-            if hit is not None and b.config_supports(hit.config, p) is None:
+            hit = tuning_cache.lookup(b, b.layout_version, gpu, p, accept=lambda c, b=b: b.config_supports(c, p) is None)
+            if hit is not None:
                 timed.append((hit.time_us, b, hit.config, hit.shape))
         if timed:
             t, b, cfg, shape = pick_tuned(timed)

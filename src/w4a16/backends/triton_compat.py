@@ -76,15 +76,16 @@ def sm90_ptxas() -> str:
         return f"unknown ({type(e).__name__})"
     if sm90 is None:
         return "unknown"
-    chosen = os.environ.get(SM90_PTXAS_ENV) == "legacy" and os.environ.get("TRITON_PTXAS_BLACKWELL_PATH")
-    return f"{sm90.version} ({SM90_PTXAS_ENV}=legacy)" if chosen else f"{sm90.version} (Triton's default)"
+    return f"{sm90.version} ({SM90_PTXAS_ENV}=legacy)" if LEGACY_PTXAS_APPLIED[0] else f"{sm90.version} (Triton's default)"
 
 
+LEGACY_PTXAS_APPLIED = [False]   # whether this import pointed sm_90 compiles at the older ptxas
 if os.environ.get(SM90_PTXAS_ENV) == "legacy":
     _legacy = legacy_sm90_ptxas()
-    if _legacy is not None:
-        os.environ.setdefault("TRITON_PTXAS_BLACKWELL_PATH", _legacy)
+    if _legacy is not None and "TRITON_PTXAS_BLACKWELL_PATH" not in os.environ:
+        os.environ["TRITON_PTXAS_BLACKWELL_PATH"] = _legacy
         COMPILE_OPTIONS["ptx_options"] = "-O3"
+        LEGACY_PTXAS_APPLIED[0] = True
 
 try:
     from triton.experimental import gluon

@@ -73,7 +73,7 @@ def parse_presets(text: str) -> tuple:
 def _experts(E, N, K, g, dtype, device, gen) -> QuantizedExperts:
     """Random int4 experts made on ``device`` (``gen`` a generator there): codes and scales."""
     q = torch.randint(0, 256, (E, N, K // 2), dtype=torch.uint8, generator=gen, device=device)
-    s = (torch.rand(E, N, K // g, generator=gen, device=device) * 0.02 + 0.005).to(dtype)
+    s = (torch.rand(E, N, 1 if g == -1 else K // g, generator=gen, device=device) * 0.02 + 0.005).to(dtype)
     return QuantizedExperts(q, s, None, g)
 
 
@@ -168,7 +168,7 @@ def run_moe(presets, tokens, dtype, group_size, peers, device, fake: bool, seed:
         if fake:
             H, I, E, T = (min(a, b) for a, b in zip((H, I, E, T), FAKE_PROXY))
             k = min(k, E)
-        g = min(group_size if group_size != -1 else H, H, I)
+        g = group_size if group_size == -1 else min(group_size, H, I)   # a proxy shape may be smaller than a group
         if built.get("key") != (preset, H, I, E):
             built = {"key": (preset, H, I, E)}
             if device.type == "cuda":

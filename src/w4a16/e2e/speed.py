@@ -339,7 +339,8 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
         compile: run the decode step's forward through torch.compile (both models);
         fuse: fuse q/k/v and gate/up into one W4A16 GEMM each (``quantize_model(fuse=...)``);
         peers: names from ``w4a16.e2e.peers.PEERS`` (e.g. "torchao-int4"): each quantizes a fresh
-            copy of the fp16 model its own way and is timed in the same harness, after W4A16;
+            copy of the fp16 model its own way and is timed in the same harness, after W4A16 (they
+            quantize ``nn.Linear`` layers only: on the MoE model their experts stay in fp16);
         config_overrides: dict of config fields (e.g. a tiny model for tests);
         model: "llama3-8b" or "qwen3-30b-a3b" (a mixture of experts; ``layers`` default 48).
     Returns:
@@ -424,7 +425,8 @@ def format_speed(result: SpeedResult) -> str:
     steps = [(d.batch, d.mode) for d in result.models[0].decode]
     both = len(steps) != len({b for b, _ in steps})  # a batch timed in both modes: label every column
     c = result.config
-    head = (f"Llama-3-8B shape, {c['num_hidden_layers']} layers, {result.device} "
+    shape = {"llama3-8b": "Llama-3-8B", "qwen3-30b-a3b": "Qwen3-30B-A3B"}.get(c.get("model", "llama3-8b"), c.get("model"))
+    head = (f"{shape} shape, {c['num_hidden_layers']} layers, {result.device} "
             f"(torch {result.versions['torch']}, transformers {result.versions['transformers']}, "
             f"triton {result.versions['triton']}); decode on a {c['context']}-slot KV cache"
             + (", decode step through torch.compile" if c.get("compile") else ""))

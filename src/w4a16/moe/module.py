@@ -38,7 +38,9 @@ def experts_reason(module: nn.Module, group_size: int) -> Optional[str]:
     if getattr(module, "has_bias", False) or getattr(module, "gate_up_proj_bias", None) is not None:
         return "experts with biases"
     for name, t in (("hidden size", H), ("intermediate size", I2 // 2)):
-        if t % 2 or (group_size != -1 and t % group_size):
+        if t % 2:
+            return f"{name} {t} is odd"
+        if group_size != -1 and t % group_size:
             return f"{name} {t} is not a multiple of group_size {group_size}"
     if gu.is_meta or dn.is_meta:
         return "weights are on the meta device"
@@ -98,7 +100,9 @@ class W4A16Experts(nn.Module):
         for attr, w in (("gate_up_proj", gu), ("down_proj", dn)):
             p = getattr(module, attr)
             expect(tuple(p.shape) == w.shape, f"{attr}.shape", w.shape, tuple(p.shape))
-            p.data = w.dequantize(p.dtype).to(p.device)
+            with torch.no_grad():
+                for e in range(w.shape[0]):   # one expert's fp32 temporaries at a time
+                    p.data[e] = w.dequantize(p.dtype, experts=[e])[0].to(p.device)
         return module
 
     def extra_repr(self) -> str:

@@ -45,14 +45,6 @@ def _check(x: torch.Tensor, experts, arg: str, K_name: str) -> None:
     expect(x.shape[1] == experts.shape[2], f"x.shape[1] ({K_name})", f"{arg}'s K = {experts.shape[2]}", x.shape[1])
 
 
-def _host_check_ids(topk_ids: torch.Tensor, E: int) -> None:
-    """Ids out of range would be dropped by the kernels: check them where a host read is allowed
-    (not during CUDA-graph capture or torch.compile tracing)."""
-    if torch.compiler.is_compiling() or (topk_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return
-    reference.check_ids(topk_ids, E)
-
-
 def grouped_gemm(x: torch.Tensor, experts: QuantizedExperts, topk_ids: torch.Tensor,
                  topk_weights: Optional[torch.Tensor] = None, gather: bool = True, backend: str = "auto",
                  out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -61,7 +53,8 @@ def grouped_gemm(x: torch.Tensor, experts: QuantizedExperts, topk_ids: torch.Ten
     ``out_dtype`` (default x's dtype).
 
     x: fp16/bf16 [T, K] (or [T*k, K] without gather); experts: QuantizedExperts [E, N, K] of x's
-    dtype; topk_ids: integer [T, k] in [0, E); topk_weights: float [T, k] or None.
+    dtype; topk_ids: integer [T, k]; topk_weights: float [T, k] or None. A slot whose id is outside
+    [0, E) (transformers passes E for a choice another rank owns) gets a row of zeros.
     """
     _check(x, experts, "experts", "K")
     T = x.shape[0] if gather else None
@@ -73,15 +66,18 @@ def grouped_gemm(x: torch.Tensor, experts: QuantizedExperts, topk_ids: torch.Ten
         expect(x.shape[0] == topk_ids.numel(), "x.shape[0]", f"T*k = {topk_ids.numel()} rows (gather=False)", x.shape[0])
     check_topk(topk_ids, topk_weights if topk_weights is not None else topk_ids.float(), T, E)
     expect(topk_ids.device == x.device, "topk_ids.device", x.device, topk_ids.device)
+    if topk_weights is not None:
+        expect(topk_weights.device == x.device, "topk_weights.device", x.device, topk_weights.device)
+    expect(out_dtype in (None, torch.float16, torch.bfloat16, torch.float32), "out_dtype",
+           "None, torch.float16, torch.bfloat16 or torch.float32", out_dtype)
     out_dtype = out_dtype or x.dtype
-    _host_check_ids(topk_ids, E)
     if _backend(x, backend) == "reference":
         return reference.grouped_gemm(x, experts, topk_ids, gather, topk_weights).to(out_dtype)
     from ..backends.triton import moe as kernel
 
     S = topk_ids.numel()
     routing = align(topk_ids, E, block_m_for(S, E))
-    out = torch.empty(S, N, dtype=out_dtype, device=x.device)
+    out = torch.zeros(S, N, dtype=out_dtype, device=x.device)   # slots of ids outside [0, E) stay 0
     tw = None if topk_weights is None else topk_weights.reshape(-1).float().contiguous()
     return kernel.grouped_gemm(x.contiguous(), experts, routing, topk_ids.shape[1], gather, out, tw)
 
@@ -91,7 +87,9 @@ def fused_moe(x: torch.Tensor, gate_up: QuantizedExperts, down: QuantizedExperts
     """The expert layer of a mixture of experts, y [T, H] in x's dtype (:mod:`w4a16.moe.reference`
     has the contract): gate_up QuantizedExperts [E, 2I, H] (gate rows first, then up), down
     [E, H, I], the router's topk_ids integer [T, k] and topk_weights float [T, k]. The slots are
-    grouped by expert on the device once and both GEMMs use that order."""
+    grouped by expert on the device once and both GEMMs use that order. A choice whose id is
+    outside [0, E) contributes nothing (transformers' experts modules skip the id E, which marks
+    a choice another rank owns); ids are not read on the host (no sync)."""
     _check(x, gate_up, "gate_up", "H")
     E, I2, H = gate_up.shape
     expect(I2 % 2 == 0, "gate_up.shape[1]", "an even 2*I (gate rows, then up rows)", I2)
@@ -103,7 +101,6 @@ def fused_moe(x: torch.Tensor, gate_up: QuantizedExperts, down: QuantizedExperts
     check_topk(topk_ids, topk_weights, T, E)
     expect(topk_ids.device == x.device and topk_weights.device == x.device, "topk_ids/topk_weights device",
            x.device, f"{topk_ids.device} / {topk_weights.device}")
-    _host_check_ids(topk_ids, E)
     gz, dz = gate_up.zeros, down.zeros
     return fused_moe_op(x, gate_up.qweight, gate_up.scales, gz, down.qweight, down.scales, dz, topk_ids,
                         topk_weights, [gate_up.group_size, down.group_size], _backend(x, backend))
@@ -131,7 +128,8 @@ def fused_moe_op(x: torch.Tensor, gu_q: torch.Tensor, gu_s: torch.Tensor, gu_z: 
     h = kernel.grouped_gemm(x.contiguous(), gate_up, routing, k, True, torch.empty(S, I2, dtype=x.dtype, device=x.device))
     a = reference.silu_mul(h)
     tw = topk_weights.reshape(-1).float().contiguous()
-    y = kernel.grouped_gemm(a, down, routing, k, False, torch.empty(S, H, dtype=torch.float32, device=x.device), tw)
+    y = torch.zeros(S, H, dtype=torch.float32, device=x.device)   # slots of ids outside [0, E) add nothing
+    kernel.grouped_gemm(a, down, routing, k, False, y, tw)
     return y.reshape(T, k, H).sum(1).to(x.dtype)
 
 

@@ -33,8 +33,8 @@ class Routing(NamedTuple):
 
 
 def check_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, T: int, num_experts: int) -> None:
-    """Shapes, dtypes and devices of the router's outputs for T tokens (values are not read: that
-    would sync; ids outside [0, E) are masked off by the kernels and checked by the reference)."""
+    """Shapes and dtypes of the router's outputs for T tokens (values are not read: that would
+    sync; an id outside [0, E) gets no block, so its slot contributes nothing)."""
     expect(isinstance(topk_ids, torch.Tensor), "topk_ids", "a torch.Tensor", type(topk_ids).__name__)
     expect(isinstance(topk_weights, torch.Tensor), "topk_weights", "a torch.Tensor", type(topk_weights).__name__)
     expect(topk_ids.dim() == 2 and topk_ids.shape[0] == T and topk_ids.shape[1] >= 1, "topk_ids.shape",

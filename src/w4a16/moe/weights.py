@@ -43,16 +43,17 @@ class QuantizedExperts:
     @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int = 128, symmetric: bool = True,
                  dtype: Optional[torch.dtype] = None) -> "QuantizedExperts":
-        """Round-to-nearest int4 of float expert weights [E, N, K] (each row as
-        :func:`w4a16.quantize` does it: the experts are quantized as one [E*N, K] matrix)."""
+        """Round-to-nearest int4 of float expert weights [E, N, K], expert by expert as
+        :func:`w4a16.quantize` does it (one expert's fp32 temporaries at a time)."""
         from ..reference import quantize
 
         expect(isinstance(weight, torch.Tensor) and weight.dim() == 3, "weight", "a 3-D tensor [E, N, K]",
                f"{weight.dim()}-D" if isinstance(weight, torch.Tensor) else type(weight).__name__)
-        E, N, K = weight.shape
-        w = quantize(weight.reshape(E * N, K), group_size, symmetric, dtype)
-        zeros = None if w.zeros is None else w.zeros.reshape(E, N, -1)
-        return cls(w.plain_codes().reshape(E, N, K // 2), w.scales.reshape(E, N, -1), zeros, group_size)
+        ws = [quantize(weight[e], group_size, symmetric, dtype) for e in range(weight.shape[0])]
+        zeros = None
+        if any(w.zeros is not None for w in ws):   # an expert without zeros has z = 8
+            zeros = torch.stack([w.zeros if w.zeros is not None else torch.full_like(w.scales, 8.0) for w in ws])
+        return cls(torch.stack([w.plain_codes() for w in ws]), torch.stack([w.scales for w in ws]), zeros, group_size)
 
     @property
     def shape(self) -> tuple:
