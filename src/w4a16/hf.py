@@ -196,19 +196,38 @@ def _build_weight(method: str, opts: dict, t: Dict[str, torch.Tensor]) -> Quanti
                                            t.get("weight_zero_point"), t.get("weight_g_idx"))
 
 
-def _checkpoint_weight(prefix: str, method: str, opts: dict, ckpt: "_Tensors") -> QuantizedWeight:
-    """The QuantizedWeight of the checkpoint layer ``prefix``, read whole (an expert's projection)."""
+def _present_parts(prefix: str, method: str, opts: dict, ckpt: "_Tensors") -> List[str]:
+    """The parts of layer ``prefix`` the checkpoint holds, after checking that every required
+    one is there (and g_idx where desc_act says so)."""
     present = [p for p in PARTS[method] if f"{prefix}.{p}" in ckpt]
     for p in PARTS[method]:
         expect(p in present or p in OPTIONAL, f"{prefix}.{p}", "a tensor in the checkpoint", "none")
+    expect("g_idx" in present or not opts.get("desc_act"), f"{prefix}.g_idx",
+           "a tensor in the checkpoint (desc_act is true)", "none")
+    return present
+
+
+def _built(prefix: str, method: str, opts: dict, tensors: Dict[str, torch.Tensor]) -> QuantizedWeight:
+    """The importer's QuantizedWeight of layer ``prefix`` (its errors name the layer)."""
     try:
-        w = _build_weight(method, opts, {p: ckpt.get(f"{prefix}.{p}") for p in present})
+        return _build_weight(method, opts, tensors)
     except W4A16Error as e:
         raise W4A16Error(f"{prefix}: {e}") from e
+
+
+def _check_groups(prefix: str, w: QuantizedWeight, opts: dict) -> None:
+    """The weight's groups are those quantization_config.group_size names (when it names one)."""
     g_cfg = opts.get("group_size")
     if g_cfg is not None:
         expect(w.group_size_effective == (w.shape[1] if g_cfg == -1 else g_cfg), f"{prefix}.scales",
                f"groups of {g_cfg} (quantization_config.group_size)", f"groups of {w.group_size_effective}")
+
+
+def _checkpoint_weight(prefix: str, method: str, opts: dict, ckpt: "_Tensors") -> QuantizedWeight:
+    """The QuantizedWeight of the checkpoint layer ``prefix``, read whole (an expert's projection)."""
+    present = _present_parts(prefix, method, opts, ckpt)
+    w = _built(prefix, method, opts, {p: ckpt.get(f"{prefix}.{p}") for p in present})
+    _check_groups(prefix, w, opts)
     return w
 
 
@@ -250,27 +269,17 @@ def _quantized_layer(model, prefix, method, opts, ckpt: _Tensors, dtype, report,
     module = _target_module(model, prefix)
     if module is None:
         return None
-    present = [p for p in PARTS[method] if f"{prefix}.{p}" in ckpt]
-    for p in PARTS[method]:
-        expect(p in present or p in OPTIONAL, f"{prefix}.{p}", "a tensor in the checkpoint", "none")
-    expect("g_idx" in present or not opts.get("desc_act"), f"{prefix}.g_idx",
-           "a tensor in the checkpoint (desc_act is true)", "none")
+    present = _present_parts(prefix, method, opts, ckpt)
     N, K = module.out_features, module.in_features
     tensors, split, whole = _read_layer(prefix, method, present, ckpt, reader, N, K)
-    try:
-        w = _build_weight(method, opts, tensors)
-    except W4A16Error as e:
-        raise W4A16Error(f"{prefix}: {e}") from e
+    w = _built(prefix, method, opts, tensors)
     local = split is not None and not whole   # what was read is this rank's part only
     rows = split.rows[0] if local and split.style == "colwise" else slice(0, N)
     cols = split.cols if local and split.style != "colwise" else slice(0, K)
     shape = (rows.stop - rows.start, cols.stop - cols.start)
     expect(w.shape == shape, f"{prefix}.{MARKER[method]}", f"a weight of shape (N, K) = {(N, K)} (the model's)",
            w.shape if not local else f"a part of shape {w.shape} (expected {shape})")
-    g_cfg = opts.get("group_size")
-    if g_cfg is not None:
-        expect(w.group_size_effective == (w.shape[1] if g_cfg == -1 else g_cfg), f"{prefix}.scales",
-               f"groups of {g_cfg} (quantization_config.group_size)", f"groups of {w.group_size_effective}")
+    _check_groups(prefix, w, opts)
     target = dtype or (module.weight.dtype if module.weight.dtype in spec.ACTIVATION_DTYPES else w.dtype)
     if split is not None:
         device = reader.device(module)
