@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import expect
 from .nn import W4A16Linear
-from .weight import QuantizedWeight
+from .weight import QuantizedWeight, join_parts
 
 # (fused attribute, member attributes) looked for on every module.
 GROUPS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
@@ -52,17 +52,13 @@ class FusedW4A16Linear(W4A16Linear):
             expect(m.scales.device == first.scales.device, f"members[{i}].device", first.scales.device,
                    m.scales.device)
             expect(m.perm is None, f"members[{i}].perm", "None (act-order projections are not fused)", "a perm")
-        ws = [m.weight_q for m in members]
-        zeros = None
-        if any(w.zeros is not None for w in ws):
-            zeros = torch.cat([w.zeros if w.zeros is not None else torch.full_like(w.scales, 8.0) for w in ws])
+        codes, scales, zeros = join_parts([m.weight_q for m in members], torch.cat)
         bias = None
         if any(m.bias is not None for m in members):
             bias = torch.cat([m.bias.detach() if m.bias is not None else
                               torch.zeros(m.out_features, dtype=first.dtype, device=first.scales.device)
                               for m in members])
-        w = QuantizedWeight.from_plain(torch.cat([w.plain_codes() for w in ws]), torch.cat([w.scales for w in ws]),
-                                       zeros, first.group_size)
+        w = QuantizedWeight.from_plain(codes, scales, zeros, first.group_size)
         backends = {getattr(m, "backend", "auto") for m in members}
         mod = cls(first.in_features, [m.out_features for m in members], bias=bias is not None,
                   group_size=first.group_size, symmetric=zeros is None, dtype=first.dtype, device="meta",

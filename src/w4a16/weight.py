@@ -27,6 +27,18 @@ def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[
     return ((q - z) * s).to(dtype)
 
 
+def join_parts(ws, combine) -> tuple:
+    """(codes, scales, zeros) of the QuantizedWeights ``ws`` put together by ``combine``
+    (``torch.cat``: their rows one after another; ``torch.stack``: a new leading dimension), in the
+    plain layout. Zeros are None when no weight has zero points; otherwise a weight without them
+    gets z = 8 (what symmetric means)."""
+    params = [w.params for w in ws]
+    zeros = None
+    if any(p.zeros is not None for p in params):
+        zeros = combine([p.zeros if p.zeros is not None else torch.full_like(p.scales, 8.0) for p in params])
+    return combine([w.plain_codes() for w in ws]), combine([p.scales for p in params]), zeros
+
+
 class Watched(torch.Tensor):
     """A tensor of a :class:`QuantizedWeight` as the weight hands it out (codes, scales, zeros,
     perm): an alias of the tensor it was given, the same storage and version counter, with two

@@ -161,3 +161,18 @@ def test_ids_outside_the_experts_contribute_nothing(gen, backend):
     assert _rel(got, want) < TOL[torch.float16]
     rows = grouped_gemm(x, gu, skip, backend=backend)
     assert torch.equal(rows[1], torch.zeros_like(rows[1])) and rows[0].abs().sum() > 0
+
+
+def test_stack_of_expert_weights(gen):
+    """QuantizedExperts.stack: an expert without zero points gets z = 8 beside one with them (the
+    same dequantized weights), and experts of other shapes or group sizes are refused by index."""
+    import w4a16
+
+    sym = w4a16.quantize(torch.randn(16, 64, generator=gen), 32, symmetric=True, dtype=torch.float16)
+    asym = w4a16.quantize(torch.randn(16, 64, generator=gen), 32, symmetric=False, dtype=torch.float16)
+    ex = QuantizedExperts.stack([sym, asym])
+    assert ex.zeros is not None and torch.equal(ex.dequantize(experts=[0])[0], sym.dequantize(torch.float32))
+    with pytest.raises(W4A16Error, match=r"weights\[1\].shape: expected \(16, 64\), got \(8, 64\)"):
+        QuantizedExperts.stack([sym, w4a16.quantize(torch.randn(8, 64, generator=gen), 32)])
+    with pytest.raises(W4A16Error, match=r"weights\[1\] group size: expected 32, got 64"):
+        QuantizedExperts.stack([sym, w4a16.quantize(torch.randn(16, 64, generator=gen), 64)])

@@ -16,7 +16,8 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch import nn
 
-from ..errors import expect
+from ..errors import W4A16Error, expect
+from ..weight import QuantizedWeight, join_parts
 from .module import W4A16Experts
 from .weights import QuantizedExperts
 
@@ -80,23 +81,12 @@ def build_experts(model: nn.Module, name: str, layers: Dict[int, Dict[str, str]]
 
 def _stack(per_expert: List[List], dtype, device, what: str) -> QuantizedExperts:
     """QuantizedExperts of E experts, each a list of QuantizedWeights stacked row-wise (gate, up)."""
-    groups = {w.group_size_effective for ws in per_expert for w in ws}
-    expect(len(groups) == 1, what, "one group size for every expert", sorted(groups))
-    K = per_expert[0][0].shape[1]
-    g = groups.pop()
-    zeros_any = any(w.params.zeros is not None for ws in per_expert for w in ws)
-
-    def part(w, which):
-        s, z, _ = w.params
-        if which == "scales":
-            return s
-        return z if z is not None else torch.full_like(s, 8.0)
-
-    q = torch.stack([torch.cat([w.plain_codes() for w in ws]) for ws in per_expert])
-    s = torch.stack([torch.cat([part(w, "scales") for w in ws]) for ws in per_expert])
-    z = torch.stack([torch.cat([part(w, "zeros") for w in ws]) for ws in per_expert]) if zeros_any else None
-    return QuantizedExperts(q.to(device), s.to(device, dtype), None if z is None else z.to(device, dtype),
-                            -1 if g == K else g)
+    try:
+        rows = [ws[0] if len(ws) == 1 else QuantizedWeight(*join_parts(ws, torch.cat), ws[0].group_size)
+                for ws in per_expert]
+        return QuantizedExperts.stack(rows).to(device, dtype)
+    except W4A16Error as e:
+        raise W4A16Error(f"{what}: {e}") from e
 
 
 def experts_used_keys(layers: Dict[int, Dict[str, str]]) -> List[str]:

@@ -68,11 +68,8 @@ def make_problem(case: MoeCase, device) -> tuple:
     gen = torch.Generator().manual_seed(case.seed)
 
     def experts(N, K):
-        ws = [random_weight(N, K, case.group, case.zeros, case.dtype, "cpu", generator("cpu", case.seed + e))
-              for e in range(case.E)]
-        zeros = None if ws[0].zeros is None else torch.stack([w.zeros for w in ws])
-        return QuantizedExperts(torch.stack([w.plain_codes() for w in ws]), torch.stack([w.scales for w in ws]),
-                                zeros, case.group).to(device)
+        return QuantizedExperts.stack([random_weight(N, K, case.group, case.zeros, case.dtype, "cpu",
+                                                     generator("cpu", case.seed + e)) for e in range(case.E)]).to(device)
 
     gu, dn = experts(2 * case.I, case.H), experts(case.H, case.I)
     x = torch.randn(case.T, case.H, generator=gen).to(device, case.dtype)

@@ -49,11 +49,22 @@ class QuantizedExperts:
 
         expect(isinstance(weight, torch.Tensor) and weight.dim() == 3, "weight", "a 3-D tensor [E, N, K]",
                f"{weight.dim()}-D" if isinstance(weight, torch.Tensor) else type(weight).__name__)
-        ws = [quantize(weight[e], group_size, symmetric, dtype) for e in range(weight.shape[0])]
-        zeros = None
-        if any(w.zeros is not None for w in ws):   # an expert without zeros has z = 8
-            zeros = torch.stack([w.zeros if w.zeros is not None else torch.full_like(w.scales, 8.0) for w in ws])
-        return cls(torch.stack([w.plain_codes() for w in ws]), torch.stack([w.scales for w in ws]), zeros, group_size)
+        return cls.stack([quantize(weight[e], group_size, symmetric, dtype) for e in range(weight.shape[0])])
+
+    @classmethod
+    def stack(cls, weights) -> "QuantizedExperts":
+        """The experts ``weights`` (QuantizedWeights [N, K] of one shape, group size and dtype, no
+        act-order; an expert without zero points gets z = 8 where another has them), stacked."""
+        from ..weight import join_parts
+
+        first = weights[0]
+        for i, w in enumerate(weights):
+            expect(w.shape == first.shape, f"weights[{i}].shape", first.shape, w.shape)
+            expect(w.group_size_effective == first.group_size_effective, f"weights[{i}] group size",
+                   first.group_size_effective, w.group_size_effective)
+            expect(w.params.perm is None, f"weights[{i}].perm", "None (experts without act-order)", "a permutation")
+        g, K = first.group_size_effective, first.shape[1]
+        return cls(*join_parts(weights, torch.stack), -1 if g == K else g)
 
     @property
     def shape(self) -> tuple:
@@ -96,9 +107,10 @@ class QuantizedExperts:
                              None if z is None else z.reshape(n * N, -1), self.group_size_effective, dtype)
         return w.reshape(n, N, K)
 
-    def to(self, device) -> "QuantizedExperts":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return QuantizedExperts(move(self.qweight), move(self.scales), move(self.zeros), self.group_size)
+    def to(self, device, dtype: Optional[torch.dtype] = None) -> "QuantizedExperts":
+        """On ``device``, scales and zeros in ``dtype`` (default: theirs)."""
+        move = lambda t: None if t is None else t.to(device, dtype or t.dtype)  # noqa: E731
+        return QuantizedExperts(self.qweight.to(device), move(self.scales), move(self.zeros), self.group_size)
 
     def __repr__(self) -> str:
         E, N, K = self.shape
