@@ -113,8 +113,8 @@ def fused_moe_op(x: torch.Tensor, gu_q: torch.Tensor, gu_s: torch.Tensor, gu_z: 
     """:func:`fused_moe` as a custom op (opaque to torch.compile, captured whole by CUDA graphs):
     the two QuantizedExperts' tensors, their group sizes, backend "triton" or "reference".
     -> y [T, H] in x's dtype."""
-    gate_up = QuantizedExperts(gu_q, gu_s, gu_z, group_sizes[0])
-    down = QuantizedExperts(dn_q, dn_s, dn_z, group_sizes[1])
+    gate_up = QuantizedExperts.trusted(gu_q, gu_s, gu_z, group_sizes[0])   # checked by fused_moe
+    down = QuantizedExperts.trusted(dn_q, dn_s, dn_z, group_sizes[1])
     if backend == "reference":
         return reference.fused_moe(x, gate_up, down, topk_ids, topk_weights)
     from ..backends.triton import moe as kernel

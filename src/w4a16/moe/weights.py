@@ -41,6 +41,15 @@ class QuantizedExperts:
         self.group_size = int(group_size)
 
     @classmethod
+    def trusted(cls, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                group_size: int) -> "QuantizedExperts":
+        """The same object without the checks, for tensors that came from a checked one (the custom
+        op's inputs: :func:`w4a16.moe.fused_moe` checked them on the way in)."""
+        out = cls.__new__(cls)
+        out.qweight, out.scales, out.zeros, out.group_size = qweight, scales, zeros, group_size
+        return out
+
+    @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int = 128, symmetric: bool = True,
                  dtype: Optional[torch.dtype] = None) -> "QuantizedExperts":
         """Round-to-nearest int4 of float expert weights [E, N, K], expert by expert as
