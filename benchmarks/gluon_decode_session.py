@@ -31,6 +31,7 @@ from w4a16.backends.gluon.decode.config import GluonDecodeConfig, heuristic  # n
 from w4a16.backends.gluon.decode.launch import run_decode  # noqa: E402
 from w4a16.backends.gluon.support import call_reason  # noqa: E402
 from w4a16.backends.gluon.layout import GluonPrepared, prepare_weight  # noqa: E402
+from session_cases import option_matrix  # noqa: E402
 from session_log import SessionLog  # noqa: E402
 from w4a16.measure import GraphTimer, graph_replay_matches_eager, random_weight  # noqa: E402
 from w4a16.weight import QuantizedWeight  # noqa: E402
@@ -63,18 +64,9 @@ def correctness(quick):
     log("== correctness")
     fails = 0
     n = 0
-    cases = []
     shapes = [(1, 72, 576), (7, 200, 1376), (16, 4100, 4096), (33, 72, 4096), (64, 200, 576), (2, 4100, 1376),
               (8, 200, 4096), (15, 72, 1376)]
-    i = 0
-    for dtype in (torch.float16, torch.bfloat16):
-        for g in (32, 64, 128, 256, -1):
-            for zeros in (None, "int", "float"):
-                M, N, K = shapes[i % len(shapes)]
-                i += 1
-                if g != -1 and K % g:
-                    K = 4096
-                cases.append((M, N, K, g, zeros, dtype, i % 2 == 0, 1.0 if i % 3 else 0.5))
+    cases = [case for _, case in option_matrix(shapes)]
     if not quick:
         for M in (1, 2, 7, 8, 15, 16, 33, 64):
             cases.append((M, 4100, 4096, 128, None, torch.float16, True, 1.0))

@@ -29,6 +29,7 @@ sys.path.insert(0, str(SRC))
 from w4a16 import reference  # noqa: E402
 from w4a16.bench.shapes import preset_layers  # noqa: E402
 from w4a16.backends.gluon.layout import GluonPrepared, prepare_weight  # noqa: E402
+from session_cases import option_matrix  # noqa: E402
 from session_log import SessionLog  # noqa: E402
 from w4a16.backends.gluon.prefill.config import NAMED, GluonPrefillConfig, prefill_candidates, prefill_heuristic  # noqa: E402,F401
 from w4a16.backends.gluon.prefill.launch import run_prefill  # noqa: E402
@@ -164,20 +165,9 @@ def sanitize_cases():
 
 def correctness(cfg, quick):
     log(f"== correctness ({cfg.short()})")
-    cases = []
     shapes = [(65, 72, 576), (300, 200, 1376), (1000, 4100, 4096), (2049, 72, 4096), (129, 4100, 1376),
               (513, 200, 4096)]
-    i = 0
-    for dtype in (torch.float16, torch.bfloat16):
-        for g in (32, 64, 128, 256, -1):
-            for zeros in (None, "int", "float"):
-                M, N, K = shapes[i % len(shapes)]
-                i += 1
-                if g != -1 and K % g:
-                    K = 4096
-                if quick and i % 3:
-                    continue
-                cases.append((M, N, K, g, zeros, dtype, i % 2 == 0, 1.0 if i % 3 else 0.5))
+    cases = [case for i, case in option_matrix(shapes) if not (quick and i % 3)]
     fails = 0
     for n, (M, N, K, g, zeros, dtype, bias, alpha) in enumerate(cases):
         tol = 2e-3 if dtype == torch.float16 else 1e-2
