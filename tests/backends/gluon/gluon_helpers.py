@@ -1,5 +1,5 @@
 """What the Gluon kernels' GPU tests share: a QuantizedWeight in the kernels' layout, on the GPU,
-and the relative error of an output that must be finite everywhere."""
+the relative error of an output that must be finite everywhere, and the option matrix."""
 import pytest
 import torch
 
@@ -21,3 +21,11 @@ def skip_unless_gluon() -> None:
     from w4a16.backends.triton_compat import gluon_unsupported
     if gluon_unsupported():
         pytest.skip(gluon_unsupported(), allow_module_level=True)
+
+
+def option_matrix(test):
+    """Parametrize ``test(dtype, group, zeros)`` over fp16 / bf16 x group 32..256 and per channel x
+    no / integer / float zero points."""
+    test = pytest.mark.parametrize("zeros", [None, "int", "float"])(test)
+    test = pytest.mark.parametrize("group", [32, 64, 128, 256, -1])(test)
+    return pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])(test)

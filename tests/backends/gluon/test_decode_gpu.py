@@ -15,16 +15,14 @@ from w4a16 import reference  # noqa: E402
 from w4a16.backends.gluon.decode.config import GluonDecodeConfig, heuristic  # noqa: E402
 from w4a16.backends.gluon.decode.launch import run_decode  # noqa: E402
 from w4a16.backends.gluon.support import call_reason  # noqa: E402
-from gluon_helpers import prep, rel  # noqa: E402
+from gluon_helpers import option_matrix, prep, rel  # noqa: E402
 from w4a16.measure import graph_replay_matches_eager, random_weight  # noqa: E402
 
 MS = [1, 2, 7, 8, 15, 16, 33, 64]
 NKS = [(72, 576), (200, 1376), (4100, 4096)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("group", [32, 64, 128, 256, -1])
-@pytest.mark.parametrize("zeros", [None, "int", "float"])
+@option_matrix
 def test_matrix(dtype, group, zeros):
     gen = torch.Generator().manual_seed(7)
     tol = 2e-3 if dtype == torch.float16 else 1e-2

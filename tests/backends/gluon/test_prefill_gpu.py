@@ -16,7 +16,7 @@ from w4a16 import reference  # noqa: E402
 from w4a16.backends.gluon.prefill.config import NAMED, GluonPrefillConfig, prefill_candidates  # noqa: E402
 from w4a16.backends.gluon.prefill.launch import run_prefill  # noqa: E402
 from w4a16.backends.gluon.support import call_reason  # noqa: E402
-from gluon_helpers import prep, rel  # noqa: E402
+from gluon_helpers import option_matrix, prep, rel  # noqa: E402
 from w4a16.measure import graph_replay_matches_eager, random_weight  # noqa: E402
 
 MS = [65, 300, 1000, 2049]
@@ -30,9 +30,7 @@ def _run(x, pw, bias, alpha, cfg):
     return y
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("group", [32, 64, 128, 256, -1])
-@pytest.mark.parametrize("zeros", [None, "int", "float"])
+@option_matrix
 def test_matrix(dtype, group, zeros):
     gen = torch.Generator().manual_seed(11)
     tol = 2e-3 if dtype == torch.float16 else 1e-2
