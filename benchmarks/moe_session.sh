@@ -5,6 +5,8 @@
 #                                          # then w4a16 bench --moe on two presets at small T
 #   bench                                  # w4a16 bench --moe all --m 1,16,64,256,4096 (bf16)
 #   model                                  # w4a16.e2e.speed --model qwen3-30b-a3b --layers 8 --compile
+#   tiles                                  # the MoE tests, a short fuzz, then every MoeTile of the
+#                                          # grouped kernel timed per projection (benchmarks/moe_tiles.py)
 #
 # Logs and tables under $OUT (default /tmp/moe_session). DTYPE (default bf16), T_LIMIT (seconds
 # for the phase, default 540).
@@ -34,5 +36,13 @@ model)
     timeout "$LIMIT" $PY -m w4a16.e2e.speed --model qwen3-30b-a3b --layers 8 --batches 1 16 --compile \
         --out "$OUT/model" > "$OUT/model.txt" 2>&1
     tail -n 30 "$OUT/model.txt" ;;
-*) echo "phase: check, bench or model"; exit 2 ;;
+tiles)
+    timeout 120 $PY -m pytest -q -p no:cacheprovider -n 8 tests/moe > "$OUT/tests.txt" 2>&1
+    tail -n 3 "$OUT/tests.txt"
+    timeout 90 $PY -m w4a16 fuzz --moe --cases "${FUZZ_CASES:-100}" --backend triton > "$OUT/fuzz.txt" 2>&1
+    grep FAIL "$OUT/fuzz.txt" | head -n 10; tail -n 1 "$OUT/fuzz.txt"
+    timeout "$((LIMIT - 210))" $PY benchmarks/moe_tiles.py --tokens "${TOKENS:-1,16,256,4096}" \
+        --limit-s "$((LIMIT - 260))" --out "$OUT/tiles" > "$OUT/tiles.txt" 2>&1
+    grep -E "^(BEST|WRONG)|failed" "$OUT/tiles.txt" | head -n 60 ;;
+*) echo "phase: check, bench, model or tiles"; exit 2 ;;
 esac

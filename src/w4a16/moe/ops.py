@@ -31,8 +31,23 @@ def _backend(x: torch.Tensor, backend: str) -> str:
 
 
 def block_m_for(slots: int, num_experts: int) -> int:
-    """Rows per block of the grouped order: 16 when experts get few slots each (decode), else 64."""
-    return 16 if slots <= 16 * num_experts else 64
+    """Rows per block of the grouped order: 16 when experts get few slots each (decode), 64 up to
+    128 slots per expert on average, else 128."""
+    if slots <= 16 * num_experts:
+        return 16
+    return 64 if slots <= 128 * num_experts else 128
+
+
+def _route(topk_ids: torch.Tensor, num_experts: int):
+    """The grouped order of topk_ids [T, k] for the Triton kernels: one launch of the align kernel
+    for the few slots of a decode step, the torch version above that (same result)."""
+    from ..backends.triton import moe_route
+
+    S = topk_ids.numel()
+    bm = block_m_for(S, num_experts)
+    if S <= moe_route.ALIGN_MAX_SLOTS:
+        return moe_route.align(topk_ids.contiguous(), num_experts, bm)
+    return align(topk_ids, num_experts, bm)
 
 
 def _check(x: torch.Tensor, experts, arg: str, K_name: str) -> None:
@@ -76,9 +91,9 @@ def grouped_gemm(x: torch.Tensor, experts: QuantizedExperts, topk_ids: torch.Ten
     from ..backends.triton import moe as kernel
 
     S = topk_ids.numel()
-    routing = align(topk_ids, E, block_m_for(S, E))
+    routing = _route(topk_ids, E)
     out = torch.zeros(S, N, dtype=out_dtype, device=x.device)   # slots of ids outside [0, E) stay 0
-    tw = None if topk_weights is None else topk_weights.reshape(-1).float().contiguous()
+    tw = None if topk_weights is None else topk_weights.reshape(-1).contiguous()
     return kernel.grouped_gemm(x.contiguous(), experts, routing, topk_ids.shape[1], gather, out, tw)
 
 
@@ -118,19 +133,20 @@ def fused_moe_op(x: torch.Tensor, gu_q: torch.Tensor, gu_s: torch.Tensor, gu_z: 
     if backend == "reference":
         return reference.fused_moe(x, gate_up, down, topk_ids, topk_weights)
     from ..backends.triton import moe as kernel
+    from ..backends.triton.moe_route import combine
 
     E, I2, H = gate_up.shape
     T, k = topk_ids.shape
     S = T * k
     if S == 0:
         return x.new_zeros((T, H))
-    routing = align(topk_ids, E, block_m_for(S, E))
-    h = kernel.grouped_gemm(x.contiguous(), gate_up, routing, k, True, torch.empty(S, I2, dtype=x.dtype, device=x.device))
-    a = reference.silu_mul(h)
-    tw = topk_weights.reshape(-1).float().contiguous()
-    y = torch.zeros(S, H, dtype=torch.float32, device=x.device)   # slots of ids outside [0, E) add nothing
-    kernel.grouped_gemm(a, down, routing, k, False, y, tw)
-    return y.reshape(T, k, H).sum(1).to(x.dtype)
+    ids = topk_ids.contiguous()
+    routing = _route(ids, E)
+    a = kernel.grouped_gemm(x.contiguous(), gate_up, routing, k, True,
+                            torch.empty(S, I2 // 2, dtype=x.dtype, device=x.device), silu_mul=True)
+    ys = torch.empty(S, H, dtype=torch.float32, device=x.device)   # rows of ids outside [0, E): not read
+    kernel.grouped_gemm(a, down, routing, k, False, ys, topk_weights.reshape(-1).contiguous())
+    return combine(ys, ids, E, x.dtype)
 
 
 @fused_moe_op.register_fake

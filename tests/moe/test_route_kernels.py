@@ -1,0 +1,110 @@
+"""The MoE layer's small kernels and tiles: the one-launch align kernel gives torch's grouped order
+element for element (random routings over several chunks, ids out of range, experts with no
+slots, E not a power of two); the combine kernel sums each token's routed rows and skips the
+others, even when those rows hold NaN; the gate_up kernel's SiLU*up epilogue and every tile shape
+the heuristic can pick match the reference on a poisoned output."""
+import pytest
+import torch
+
+from conftest import DEVICE
+from w4a16.backends.triton import moe as kernel
+from w4a16.backends.triton import moe_route
+from w4a16.moe import QuantizedExperts, reference
+from w4a16.moe.ops import block_m_for
+from w4a16.moe.routing import align
+
+
+def _ids(gen, T, k, E):
+    return torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]).to(DEVICE)
+
+
+@pytest.mark.parametrize("T,k,E,bm", [(1, 8, 128, 16), (16, 8, 128, 16), (50, 2, 8, 16), (33, 3, 7, 64),
+                                      (200, 1, 5, 64), (9, 4, 300, 16)])
+def test_align_kernel_equals_torch_align(gen, T, k, E, bm):
+    ids = _ids(gen, T, k, E)
+    ids[0, 0] = E                      # another rank's choice
+    if T > 2:
+        ids[2, -1] = -1
+    got, want = moe_route.align(ids, E, bm), align(ids, E, bm)
+    assert torch.equal(got.sorted_slots.cpu(), want.sorted_slots.cpu())
+    assert torch.equal(got.block_expert.cpu(), want.block_expert.cpu())
+    assert (got.block_m, got.slots) == (want.block_m, want.slots)
+
+
+def test_align_kernel_all_slots_on_one_expert():
+    ids = torch.full((70, 1), 2, device=DEVICE)
+    got, want = moe_route.align(ids, 4, 16), align(ids, 4, 16)
+    assert torch.equal(got.sorted_slots.cpu(), want.sorted_slots.cpu())
+    assert torch.equal(got.block_expert.cpu(), want.block_expert.cpu())
+
+
+def test_combine_sums_routed_rows_and_skips_the_rest(gen):
+    T, k, E, H = 5, 3, 4, 40
+    ids = _ids(gen, T, k, E)
+    ids[1, 2] = E
+    ids[3, 0] = -1
+    ys = torch.randn(T * k, H, generator=gen).to(DEVICE)
+    ys[1 * k + 2] = float("nan")       # rows of skipped choices are never written: garbage
+    ys[3 * k + 0] = float("nan")
+    y = moe_route.combine(ys, ids, E, torch.float16)
+    ok = ((ids >= 0) & (ids < E)).reshape(-1, 1).float()
+    want = (torch.nan_to_num(ys) * ok).reshape(T, k, H).sum(1)
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), want, rtol=2e-3, atol=2e-3)
+
+
+def _experts(gen, E, N, K, g, zeros):
+    return QuantizedExperts.quantize(torch.randn(E, N, K, generator=gen), g, not zeros, torch.float16).to(DEVICE)
+
+
+@pytest.mark.parametrize("g,zeros", [(32, False), (128, True), (-1, False)])
+@pytest.mark.parametrize("swap", [False, True])
+def test_silu_mul_epilogue_matches_reference(gen, g, zeros, swap):
+    E, I, H, T, k = 6, 48, 128, 9, 2
+    gu = _experts(gen, E, 2 * I, H, g, zeros)
+    ids = _ids(gen, T, k, E)
+    x = torch.randn(T, H, generator=gen).to(DEVICE, torch.float16)
+    r = align(ids, E, block_m_for(T * k, E))
+    out = torch.full((T * k, I), float("nan"), dtype=torch.float16, device=DEVICE)
+    kernel.grouped_gemm(x, gu, r, k, True, out, silu_mul=True, tile=kernel.MoeTile(64, 32 if g == 32 else 64, 4, 3, swap))
+    want = reference.silu_mul(reference.grouped_gemm(x, gu, ids).to(torch.float16))
+    assert torch.isfinite(out).all()
+    assert float((out.float() - want.float()).norm() / want.float().norm()) < 3e-3
+
+
+@pytest.mark.parametrize("tile", [kernel.MoeTile(16, 128, 4, 4), kernel.MoeTile(32, 64, 4, 2),
+                                  kernel.MoeTile(64, 32, 4, 3), kernel.MoeTile(128, 64, 8, 3),
+                                  kernel.MoeTile(64, 128, 4, 3, True)])
+@pytest.mark.parametrize("bm", [16, 64])
+def test_every_tile_matches_reference(gen, tile, bm):
+    E, N, K, T, k = 4, 80, 256, 21, 2
+    ex = _experts(gen, E, N, K, 64 if tile.block_k <= 64 else 128, True)
+    ids = _ids(gen, T, k, E)
+    x = torch.randn(T, K, generator=gen).to(DEVICE, torch.float16)
+    w = torch.rand(T, k, generator=gen).to(DEVICE)
+    out = torch.full((T * k, N), float("nan"), dtype=torch.float32, device=DEVICE)
+    kernel.grouped_gemm(x, ex, align(ids, E, bm), k, True, out, w.reshape(-1), tile=tile)
+    want = reference.grouped_gemm(x, ex, ids, True, w)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, want, rtol=2e-3, atol=2e-2)
+
+
+def test_a_tile_whose_k_step_crosses_groups_is_refused(gen):
+    from w4a16.errors import W4A16Error
+
+    ex = _experts(gen, 2, 16, 64, 32, False)
+    ids = _ids(gen, 3, 1, 2)
+    out = torch.empty(3, 16, device=DEVICE)
+    with pytest.raises(W4A16Error, match="tile.block_k: expected a divisor of the group size 32, got 64"):
+        kernel.grouped_gemm(torch.randn(3, 64, device=DEVICE, dtype=torch.float16), ex, align(ids, 2, 16), 1, True,
+                            out, tile=kernel.MoeTile(16, 64, 4, 3))
+
+
+@pytest.mark.parametrize("block_m,blocks,N,G,one,want", [
+    (16, 8, 768, 128, False, kernel.MoeTile(16, 128, 4, 3)),        # Qwen3-30B decode gate_up: fill the grid
+    (16, 8, 2048, 128, False, kernel.MoeTile(32, 128, 4, 3)),
+    (16, 128, 4096, 32, False, kernel.MoeTile(64, 32, 4, 3)),
+    (64, 600, 768, 128, False, kernel.MoeTile(64, 64, 4, 3)),
+    (128, 300, 4096, -1, True, kernel.MoeTile(128, 64, 8, 3))])
+def test_tile_heuristic(block_m, blocks, N, G, one, want):
+    assert kernel.tile_for(block_m, blocks, N, G, one, sms=132) == want
