@@ -181,3 +181,49 @@ def test_moe_model_runs_with_w4a16_experts(monkeypatch):
     assert r.config["model"] == "qwen3-30b-a3b"
     assert r.check["layers_quantized"] == 2 * (4 + 1)        # q, k, v, o and the experts module per layer
     assert r.check["rel_err_vs_dequantized"] < speed.KERNEL_TOL and backends
+
+
+def test_a_failing_peer_is_reported_and_the_run_keeps_what_it_measured(monkeypatch, tmp_path):
+    """A peer whose quantizer raises gets a "failed" row with the reason; a peer whose decode check
+    fails at one batch keeps its prefill and other batches; the fp16 and W4A16 rows are intact and
+    the JSON says the same."""
+    import json
+
+    from w4a16.e2e import peers
+
+    def broken(model, group_size):
+        raise RuntimeError("no kernel for this card")
+
+    calls = {"n": 0}
+    real = speed.decode_speed
+
+    def flaky(model, batch, *a, **kw):
+        if getattr(model, "_flaky", False) and batch == 2:
+            raise RuntimeError("decode batch 2 (cuda-graph): logits differ from a full forward")
+        return real(model, batch, *a, **kw)
+
+    def flaky_peer(model, group_size):
+        calls["n"] += 1
+        model._flaky = True
+        return model
+    monkeypatch.setitem(peers.PEERS, "broken-int4", broken)
+    monkeypatch.setitem(peers.PEERS, "flaky-int4", flaky_peer)
+    monkeypatch.setattr(speed, "decode_speed", flaky)
+    res = speed.run_speed(**dict(RUN, peers=("broken-int4", "flaky-int4")))
+    names = [m.name for m in res.models]
+    assert names[0] == "fp16" and names[2:] == ["broken-int4", "flaky-int4"] and calls["n"] == 1
+    broken_row, flaky_row = res.models[2], res.models[3]
+    assert "RuntimeError: no kernel for this card" in broken_row.error and not broken_row.decode
+    assert [d.mode for d in flaky_row.decode] == ["eager", "failed"] and flaky_row.prefill_ms > 0
+    assert "logits differ" in flaky_row.decode[1].note
+    table = speed.format_speed(res)
+    assert "| broken-int4 | failed | failed | failed | failed |" in table
+    assert "note: broken-int4: failed: RuntimeError: no kernel for this card" in table
+    flaky_line = next(line for line in table.splitlines() if line.startswith("| flaky-int4 |"))
+    assert flaky_line.endswith("| failed |") and "failed" not in flaky_line.split("|")[4]
+    assert "| W4A16 / fp16 |" in table and "failed" not in next(
+        line for line in table.splitlines() if line.startswith("| W4A16 / fp16 |"))
+    with open(speed.write_json(res, str(tmp_path))) as f:
+        doc = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert doc["models"][2]["error"].startswith("failed: RuntimeError") and doc["models"][2]["prefill_ms"] is None
+    assert doc["models"][3]["decode"][1]["tokens_per_s"] is None

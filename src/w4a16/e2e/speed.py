@@ -37,6 +37,7 @@ import json
 import os
 import statistics
 import time
+from math import nan
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -81,6 +82,7 @@ class ModelSpeed:
     memory_allocated: int        # torch.cuda.memory_allocated() with the model alone (0 on CPU)
     prefill_ms: float
     decode: List[DecodeSpeed] = field(default_factory=list)
+    error: str = ""              # a peer that failed before any measurement: why (its row says "failed")
 
 
 @dataclass
@@ -307,15 +309,35 @@ def _versions() -> Dict[str, str]:
     return out
 
 
-def _measure(name, model, device, batches, prefill_tokens, decode_kw, say, graph_modes=(True,)) -> ModelSpeed:
+def _measure(name, model, device, batches, prefill_tokens, decode_kw, say, graph_modes=(True,),
+             tolerate: bool = False) -> ModelSpeed:
+    """Prefill and every decode step of ``model``. With ``tolerate`` (a peer), a step that fails
+    (its own consistency check, a capture error) becomes a "failed" entry with the reason and the
+    run goes on; otherwise the error propagates."""
     mem = torch.cuda.memory_allocated() if str(device).startswith("cuda") else 0
     say(f"{name}: prefill {prefill_tokens} tokens ...")
-    ms = ModelSpeed(name, weight_bytes(model), mem, prefill_ms(model, prefill_tokens, device))
+    ms = ModelSpeed(name, weight_bytes(model), mem, _tolerant(lambda: prefill_ms(model, prefill_tokens, device),
+                                                              tolerate, say, f"{name} prefill", nan))
     for use_graph in graph_modes:
         for b in batches:
             say(f"{name}: decode batch {b} ({'graph' if use_graph else 'eager'}) ...")
-            ms.decode.append(decode_speed(model, b, device, say=say, use_graph=use_graph, **decode_kw))
+            failed = lambda why, b=b: DecodeSpeed(b, nan, nan, "failed", nan, why)  # noqa: E731
+            ms.decode.append(_tolerant(lambda b=b: decode_speed(model, b, device, say=say, use_graph=use_graph,
+                                                                **decode_kw),
+                                       tolerate, say, f"{name} decode batch {b}", failed))
     return ms
+
+
+def _tolerant(run: Callable[[], object], tolerate: bool, say, what: str, failed):
+    """run(), or when it raises and ``tolerate``: ``failed`` (a value, or a function of the reason)."""
+    if not tolerate:
+        return run()
+    try:
+        return run()
+    except Exception as e:   # a peer's failure is a result: reported, and the run goes on
+        why = f"failed: {type(e).__name__}: {str(e)[:300]}"
+        say(f"WARNING: {what}: {why}")
+        return failed(why) if callable(failed) else failed
 
 
 def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), prefill_tokens: int = 2048,
@@ -408,8 +430,13 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
         del fp16
     for peer in peers:
         say(f"{peer}: quantizing a fresh copy of the fp16 model ...")
-        other = PEERS[peer](build_model(config, device), group_size)
-        result.models.append(_measure(peer, other, device, batches, prefill_tokens, decode_kw, say, graph_modes))
+        other = _tolerant(lambda: PEERS[peer](build_model(config, device), group_size), True, say, peer,
+                          lambda why: why)
+        if isinstance(other, str):   # it could not even be built (a missing package, its quantizer failed)
+            result.models.append(ModelSpeed(peer, 0, 0, nan, error=other))
+            continue
+        result.models.append(_measure(peer, other, device, batches, prefill_tokens, decode_kw, say, graph_modes,
+                                      tolerate=True))
         del other
         if str(device).startswith("cuda"):
             torch.cuda.empty_cache()
@@ -434,16 +461,23 @@ def format_speed(result: SpeedResult) -> str:
         f"decode b={b} tok/s" + (f" ({m})" if both else "") for b, m in steps]
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for m in result.models:
-        dec = [f"{d.tokens_per_s:.1f}" + ("" if d.mode == "cuda-graph" or both else f" ({d.mode})")
-               for d in m.decode]
-        lines.append("| " + " | ".join([m.name, format_bytes(m.weight_bytes), f"{m.prefill_ms:.2f}"] + dec) + " |")
+        if m.error:
+            lines.append("| " + " | ".join([m.name] + ["failed"] * (len(cols) - 1)) + " |")
+            continue
+        dec = ["failed" if d.mode == "failed" else
+               f"{d.tokens_per_s:.1f}" + ("" if d.mode == "cuda-graph" or both else f" ({d.mode})") for d in m.decode]
+        lines.append("| " + " | ".join([m.name, format_bytes(m.weight_bytes), _num(m.prefill_ms, ".2f")] + dec) + " |")
     a = result.models[0]
     for i, b in enumerate(result.models[1:]):
-        ratio = [f"{a.weight_bytes / b.weight_bytes:.2f}x smaller", f"{a.prefill_ms / b.prefill_ms:.2f}x"]
-        ratio += [f"{db.tokens_per_s / da.tokens_per_s:.2f}x" for da, db in zip(a.decode, b.decode)]
         label = "W4A16 / fp16" if i == 0 else f"{b.name} / fp16"
+        if b.error:
+            lines.append(f"| {label} | " + " | ".join(["failed"] * (len(cols) - 1)) + " |")
+            continue
+        ratio = [f"{a.weight_bytes / b.weight_bytes:.2f}x smaller", _num(a.prefill_ms / b.prefill_ms, ".2f", "x")]
+        ratio += [_num(db.tokens_per_s / da.tokens_per_s, ".2f", "x") for da, db in zip(a.decode, b.decode)]
         lines.append(f"| {label} | " + " | ".join(ratio) + " |")
-    notes = [f"b={d.batch} {m.name}: {d.note}" for m in result.models for d in m.decode if d.note]
+    notes = [f"{m.name}: {m.error}" for m in result.models if m.error]
+    notes += [f"b={d.batch} {m.name}: {d.note}" for m in result.models for d in m.decode if d.note]
     split = [f"{m.name} b={d.batch}: " + ", ".join(f"{k} {v:.2f}" for k, v in d.kernel_ms.items())
              for m in result.models for d in m.decode if d.kernel_ms]
     if split:
@@ -456,12 +490,28 @@ def format_speed(result: SpeedResult) -> str:
     return "\n".join(lines + [f"note: {n}" for n in notes])
 
 
+def _num(v: float, fmt: str, unit: str = "") -> str:
+    """v formatted, or "failed" for the NaN a failed measurement leaves."""
+    return "failed" if v != v else f"{v:{fmt}}{unit}"
+
+
+def _nan_to_none(v):
+    """The JSON form: a failed measurement's NaN becomes null (strict JSON has no NaN)."""
+    if isinstance(v, float) and v != v:
+        return None
+    if isinstance(v, dict):
+        return {k: _nan_to_none(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_nan_to_none(x) for x in v]
+    return v
+
+
 def write_json(result: SpeedResult, out_dir: str) -> str:
     """Write ``speed.json`` into ``out_dir`` (created); returns its path."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "speed.json")
     with open(path, "w") as f:
-        json.dump(asdict(result), f, indent=2)
+        json.dump(_nan_to_none(asdict(result)), f, indent=2)
     return path
 
 
