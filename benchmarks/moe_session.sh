@@ -5,6 +5,8 @@
 #                                          # then w4a16 bench --moe on two presets at small T
 #   bench                                  # w4a16 bench --moe all --m 1,16,64,256,4096 (bf16)
 #   model                                  # w4a16.e2e.speed --model qwen3-30b-a3b --layers 8 --compile
+#   final                                  # the MoE tests, w4a16 bench --moe all, the per-kernel
+#                                          # profile (benchmarks/moe_profile.py), then the model phase
 #   tiles                                  # the MoE tests, a short fuzz, then every MoeTile of the
 #                                          # grouped kernel timed per projection (benchmarks/moe_tiles.py)
 #
@@ -44,5 +46,15 @@ tiles)
     timeout "$((LIMIT - 210))" $PY benchmarks/moe_tiles.py --tokens "${TOKENS:-1,16,256,4096}" \
         --limit-s "$((LIMIT - 260))" --out "$OUT/tiles" > "$OUT/tiles.txt" 2>&1
     grep -E "^(BEST|WRONG)|failed" "$OUT/tiles.txt" | head -n 60 ;;
-*) echo "phase: check, bench, model or tiles"; exit 2 ;;
+final)
+    timeout 120 $PY -m pytest -q -p no:cacheprovider -n 8 tests/moe > "$OUT/tests.txt" 2>&1
+    tail -n 1 "$OUT/tests.txt"
+    timeout 180 $PY -m w4a16 bench --moe all --m 1,16,64,256,4096 --dtype "${DTYPE:-bf16}" --no-progress \
+        --out "$OUT/bench" > "$OUT/bench.txt" 2>&1
+    grep -E "^\| .* \| (w4a16|torch)" "$OUT/bench.txt" | grep -v loop
+    timeout 60 $PY benchmarks/moe_profile.py > "$OUT/profile.txt" 2>&1; cat "$OUT/profile.txt"
+    timeout "$((LIMIT - 370))" $PY -m w4a16.e2e.speed --model qwen3-30b-a3b --layers 8 --batches 1 16 --compile \
+        --out "$OUT/model" > "$OUT/model.txt" 2>&1
+    tail -n 25 "$OUT/model.txt" ;;
+*) echo "phase: check, bench, model, tiles or final"; exit 2 ;;
 esac

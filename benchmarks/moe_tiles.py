@@ -29,9 +29,8 @@ def candidates(block_m: int) -> list:
     """The tiles tried for a block size (those the heuristic picks among them)."""
     T = kernel.MoeTile
     if block_m <= 16:
-        return [T(bn, bk, 4, st, sw) for bn in (16, 32, 64, 128) for bk in (64, 128) for st in (3, 4)
-                for sw in (False, True) if not (sw and bn < 64)]
-    return [T(bn, bk, w, st, False) for bn in (64, 128) for bk in (32, 64) for w in (4, 8) for st in (3, 4)]
+        return [T(bn, bk, 4, st) for bn in (16, 32, 64, 128) for bk in (64, 128) for st in (3, 4)]
+    return [T(bn, bk, w, st) for bn in (64, 128) for bk in (32, 64) for w in (4, 8) for st in (3, 4)]
 
 
 def random_experts(E, N, K, dtype, gen) -> QuantizedExperts:
@@ -78,9 +77,7 @@ def main() -> int:
             for proj, w, n_out in (("gate_up", gu, I), ("down", dn, H)):
                 out = torch.empty(S, n_out, dtype=dtype if proj == "gate_up" else torch.float32, device="cuda")
                 nbytes = touched * w.nbytes() / E
-                blocks = min(routes[0].block_expert.numel(), S)
-                heur[proj] = kernel.tile_for(bm, blocks, n_out, 128, False,
-                                             torch.cuda.get_device_properties(0).multi_processor_count)
+                heur[proj] = kernel.tile_for(bm, proj == "gate_up", 128, False)
                 for tile in candidates(bm):
                     def call(r, tile=tile, proj=proj, w=w, out=out):
                         if proj == "gate_up":

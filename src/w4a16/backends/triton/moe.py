@@ -47,7 +47,7 @@ def w4a16_moe_gemm(x_ptr, q_ptr, s_ptr, z_ptr, tw_ptr, out_ptr, slots_ptr, bexp_
                     N, K, G, num_slots, top_k, stride_xm, stride_om,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_GROUP: tl.constexpr,
                     GATHER: tl.constexpr, MUL_WEIGHT: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                    SILU_MUL: tl.constexpr, SWAP: tl.constexpr, USE_ASM: tl.constexpr, DTYPE: tl.constexpr):
+                    SILU_MUL: tl.constexpr, USE_ASM: tl.constexpr, DTYPE: tl.constexpr):
     """BLOCK_K divides the group size G unless ONE_GROUP (per-channel: one scale per row). N is
     the output width (I with SILU_MUL: the weight then has 2N rows)."""
     pid_b = tl.program_id(0)
@@ -85,12 +85,8 @@ def w4a16_moe_gemm(x_ptr, q_ptr, s_ptr, z_ptr, tw_ptr, out_ptr, slots_ptr, bexp_
             z_u = z_g
             if HAS_ZEROS:
                 z_u = tl.load(z_up, mask=nmask, other=0.0)
-        if SWAP:   # acc^T = W x^T: the dequantized tile is the MMA's register operand
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=valid[:, None] & (k < K)[None, :],
@@ -106,20 +102,11 @@ def w4a16_moe_gemm(x_ptr, q_ptr, s_ptr, z_ptr, tw_ptr, out_ptr, slots_ptr, bexp_
                     if HAS_ZEROS:
                         z_u = tl.load(z_up + g, mask=nmask, other=0.0)
             w = _dequant_tile(q_gate, kh, half_k, s_g, z_g, nmask, HAS_ZEROS, USE_ASM, DTYPE, BLOCK_N, BLOCK_K)
-            if SWAP:
-                acc += tl.dot(w, tl.trans(a))
-            else:
-                acc += tl.dot(a, tl.trans(w))
+            acc += tl.dot(a, tl.trans(w))
             if SILU_MUL:
                 w_u = _dequant_tile(q_up, kh, half_k, s_u, z_u, nmask, HAS_ZEROS, USE_ASM, DTYPE,
                                     BLOCK_N, BLOCK_K)
-                if SWAP:
-                    acc_u += tl.dot(w_u, tl.trans(a))
-                else:
-                    acc_u += tl.dot(a, tl.trans(w_u))
-        if SWAP:
-            acc = tl.trans(acc)
-            acc_u = tl.trans(acc_u)
+                acc_u += tl.dot(a, tl.trans(w_u))
         if SILU_MUL:
             gate = acc.to(DTYPE).to(tl.float32)
             acc = gate / (1.0 + tl.exp(-gate)) * acc_u.to(DTYPE).to(tl.float32)
@@ -136,22 +123,18 @@ class MoeTile(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int
-    swap: bool = False   # compute W x^T (the dequantized tile as the MMA's register operand)
 
 
-def tile_for(block_m: int, blocks: int, N: int, G: int, one_group: bool, sms: int = 132) -> MoeTile:
-    """The tile for a call: decode-sized blocks (block_m 16) stream weights, so BN shrinks until
-    the grid fills about two waves of the ``sms`` multiprocessors; larger blocks take 128-wide
-    tiles. BK is the largest of 128/64 that divides the group (any, per channel)."""
+def tile_for(block_m: int, silu_mul: bool, G: int, one_group: bool) -> MoeTile:
+    """The tile for a call, from a sweep of 16 tiles per block size over the ``w4a16 bench --moe``
+    presets at T = 1, 16, 256 and 4096 on an H100 (benchmarks/moe_tiles.py; BENCHMARKS.md): each
+    pick below was within 2% of the best tile on geometric mean, 10% at worst. Decode-sized blocks
+    (block_m 16) stream 128 codes per row per step; gate_up tiles (two weight tiles per step)
+    are half as wide as down's. BK never crosses a group."""
     bk = 128 if one_group else min(128, G)
     if block_m <= 16:
-        bn = 64
-        while bn > 16 and blocks * triton.cdiv(N, bn) < 2 * sms:
-            bn //= 2
-        return MoeTile(bn, bk, 4, 3)
-    if block_m <= 64 and N <= 1024:
-        return MoeTile(64, min(bk, 64), 4, 3)
-    return MoeTile(128, min(bk, 64), 8, 3)
+        return MoeTile(32 if silu_mul else 64, bk, 4, 3)
+    return MoeTile(64 if silu_mul else 128, min(bk, 64), 4, 3)
 
 
 _DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -172,8 +155,7 @@ def grouped_gemm(x: torch.Tensor, experts, routing, top_k: int, gather: bool, ou
     if tile is not None:
         expect(one_group or G % tile.block_k == 0, "tile.block_k", f"a divisor of the group size {G}", tile.block_k)
     else:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
-        tile = tile_for(routing.block_m, min(blocks, routing.slots), n_out, G, one_group, sms)
+        tile = tile_for(routing.block_m, silu_mul, G, one_group)
     grid = (blocks, triton.cdiv(n_out, tile.block_n))
     zeros = experts.zeros if experts.zeros is not None else experts.scales
     tw = topk_weights if topk_weights is not None else out   # unread without MUL_WEIGHT
@@ -182,6 +164,6 @@ def grouped_gemm(x: torch.Tensor, experts, routing, top_k: int, gather: bool, ou
                           x.stride(0), out.stride(0), BLOCK_M=routing.block_m, BLOCK_N=tile.block_n,
                           BLOCK_K=tile.block_k, ONE_GROUP=one_group, GATHER=gather,
                           MUL_WEIGHT=topk_weights is not None, HAS_ZEROS=experts.zeros is not None,
-                          SILU_MUL=silu_mul, SWAP=tile.swap, USE_ASM=not interpreting(), DTYPE=_DTYPES[x.dtype],
+                          SILU_MUL=silu_mul, USE_ASM=not interpreting(), DTYPE=_DTYPES[x.dtype],
                           num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out
