@@ -98,3 +98,14 @@ def test_quality_does_not_regress(result):
         top1, kl = (r.top1_ref, r.kl_ref) if r.name == "bf16" else (r.top1_16, r.kl_16)
         assert top1 >= top1_m - 0.05, (r.name, top1)
         assert kl <= 1.5 * kl_m + 0.01, (r.name, kl)
+
+
+def test_lm_head_too_adds_a_row_with_the_head_quantized(result):
+    """lm_head_too measures each setting a second time with the lm_head quantized as well: a row
+    that holds more int4 weight bytes than the same setting without it, and differs from it."""
+    r = quality.run_quality(group_sizes=(32,), modes=("sym",), max_tokens=64, gen_tokens=0, q4_1=False,
+                            lm_head_too=True, print_fn=None)
+    assert [x.name for x in r.rows] == ["fp32", "bf16", "w4 sym g32", "w4 sym g32 + lm_head"]
+    plain, head = r.row("w4 sym g32"), r.row("w4 sym g32 + lm_head")
+    assert head.weight_bytes > plain.weight_bytes
+    assert head.ppl != plain.ppl and 0.2 < head.top1_ref <= 1.0

@@ -227,3 +227,14 @@ def test_a_failing_peer_is_reported_and_the_run_keeps_what_it_measured(monkeypat
         doc = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert doc["models"][2]["error"].startswith("failed: RuntimeError") and doc["models"][2]["prefill_ms"] is None
     assert doc["models"][3]["decode"][1]["tokens_per_s"] is None
+
+
+def test_both_lm_head_choices_in_one_run():
+    """lm_head_int4 adds a row for the same W4A16 model with its lm_head quantized, checked against
+    its dequantized weights like the rest."""
+    res = speed.run_speed(**dict(RUN, batches=(1,), lm_head_int4=True))
+    assert [m.name for m in res.models] == ["fp16", "w4a16 g32 sym", "w4a16 g32 sym, 4-bit lm_head"]
+    assert res.check["lm_head_rel_err_vs_dequantized"] <= speed.KERNEL_TOL
+    assert res.models[2].weight_bytes < res.models[1].weight_bytes
+    assert res.config["lm_head_int4"] is True
+    assert "| w4a16 g32 sym, 4-bit lm_head / fp16 |" in speed.format_speed(res)

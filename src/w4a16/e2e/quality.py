@@ -222,7 +222,8 @@ def _versions() -> Dict[str, str]:
 def run_quality(group_sizes: Sequence[int] = (32, 64), modes: Sequence[str] = ("sym", "asym"),
                 max_tokens: int = 512, device: str = "cpu", dtype: str = "bf16", gen_tokens: int = 30,
                 prompt: str = DEFAULT_PROMPT, q4_1: bool = True,
-                print_fn: Optional[Callable[[str], None]] = print, progress: bool = False) -> QualityResult:
+                print_fn: Optional[Callable[[str], None]] = print, progress: bool = False,
+                lm_head_too: bool = False) -> QualityResult:
     """Measure SmolLM2-135M-Instruct: fp32, the same in ``dtype``, and W4A16 per (mode, group size).
 
     Args:
@@ -236,6 +237,9 @@ def run_quality(group_sizes: Sequence[int] = (32, 64), modes: Sequence[str] = ("
         q4_1: also measure the file's own Q4_1 codes imported exactly ("w4 q4_1 g32").
         print_fn: called with progress lines and the final table; None for silence.
         progress: show quantize_model's progress bar.
+        lm_head_too: also measure each (mode, group size) with the lm_head quantized as well
+            ("w4 sym g32 + lm_head": ``quantize_model(skip=())``; the embedding it is tied to stays
+            as it is).
 
     Returns:
         QualityResult with rows fp32, the 16-bit model, "w4 q4_1 g32" if ``q4_1``, then one per
@@ -275,18 +279,19 @@ def run_quality(group_sizes: Sequence[int] = (32, 64), modes: Sequence[str] = ("
     ref, _ = measure("fp32", base)
     half, row16 = measure(dtype, copy.deepcopy(base).to(dt))
     row16.top1_ref, row16.kl_ref = agreement_and_kl(ref, half)
-    configs = [("q4_1", 32)] * bool(q4_1) + [(mode, g) for mode in modes for g in group_sizes]
-    for mode, g in configs:
+    configs = [("q4_1", 32, False)] * bool(q4_1) + [(mode, g, head) for mode in modes for g in group_sizes
+                                                    for head in (False, True)[:1 + bool(lm_head_too)]]
+    for mode, g, head in configs:
         qmodel = copy.deepcopy(base)
         report = quantize_model(qmodel, group_size=g, symmetric=mode == "sym", dtype=dt, progress=progress,
-                                fuse=False)
+                                fuse=False, skip=() if head else ("lm_head",))
         if mode == "q4_1":
             load_q4_1_grid(qmodel, base, report.replaced)
         report.fused = fuse_projections(qmodel)  # after the per-layer codes are in place
         qmodel.to(dt)
         if report.skipped and set(report.skipped) != {"lm_head"}:
             say(f"  w4 {mode} g{g}: left unquantized: " + ", ".join(sorted(report.skipped))[:200])
-        logits, row = measure(f"w4 {mode} g{g}", qmodel, g, mode, report.bytes_after)
+        logits, row = measure(f"w4 {mode} g{g}" + (" + lm_head" if head else ""), qmodel, g, mode, report.bytes_after)
         row.top1_ref, row.kl_ref = agreement_and_kl(ref, logits)
         row.top1_16, row.kl_16 = agreement_and_kl(half, logits)
         if result.rows[0].weight_bytes == 0:

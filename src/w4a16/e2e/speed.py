@@ -5,7 +5,8 @@ The model is transformers' ``LlamaForCausalLM`` (or, with ``model="qwen3-30b-a3b
 transformers' ``grouped_mm`` implementation in fp16 and by :class:`w4a16.moe.W4A16Experts` once
 quantized) built from a config written here (the published dimensions; ``layers`` shrinks it)
 with random weights in fp16 on the device: nothing is downloaded. The same model is measured in fp16, then quantized in place with
-:func:`w4a16.quantize_model` (``lm_head`` left in fp16) and measured again:
+:func:`w4a16.quantize_model` (``lm_head`` left in fp16) and measured again; with ``lm_head_int4``
+its ``lm_head`` is then quantized too and the model measured a third time:
 
 * prefill: one forward over ``prefill_tokens`` tokens (batch 1, no KV cache) and the
   ``lm_head`` of the last position, eager, median of a few runs;
@@ -20,7 +21,9 @@ with random weights in fp16 on the device: nothing is downloaded. The same model
 * where a decode step's device time goes (CUDA): a few eager steps under torch.profiler, their
   kernels' device time per step summed by kind (W4A16 GEMM, other GEMMs, everything else);
 * peers (``peers=("torchao-int4",)``, ``w4a16.e2e.peers``): other int4 weight-only
-  implementations applied to a fresh copy of the fp16 model and timed the same way.
+  implementations applied to a fresh copy of the fp16 model and timed the same way; a peer that
+  fails (its import, its quantizer, its own decode check) is a "failed" row with the reason, and
+  what was measured before it is kept.
 
 Checks that stop the run (RuntimeError) before anything is timed:
 * the W4A16 model's logits on a prompt match the same model computing with its dequantized
@@ -345,7 +348,8 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
               iters: int = 50, prompt_len: int = 32, verify_tokens: int = 64, use_graph: bool = True,
               eager_too: bool = False, interleave_eager: bool = False,
               config_overrides=None, compile: bool = False, fuse: bool = True, peers: Sequence[str] = (),
-              print_fn: Optional[Callable[[str], None]] = print, model: str = "llama3-8b") -> SpeedResult:
+              print_fn: Optional[Callable[[str], None]] = print, model: str = "llama3-8b",
+              lm_head_int4: bool = False) -> SpeedResult:
     """Measure fp16 and W4A16 on the Llama-3-8B shape, or another of MODELS (see the module docstring).
 
     Args:
@@ -365,6 +369,9 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
             quantize ``nn.Linear`` layers only: on the MoE model their experts stay in fp16);
         config_overrides: dict of config fields (e.g. a tiny model for tests);
         model: "llama3-8b" or "qwen3-30b-a3b" (a mixture of experts; ``layers`` default 48).
+        lm_head_int4: then quantize the W4A16 model's lm_head too (``quantize_model(skip=())``),
+            check it against its dequantized weights again and time it as one more row (both
+            lm_head choices in one run; quality: ``w4a16.e2e.run_quality(lm_head_too=True)``).
     Returns:
         SpeedResult; raises RuntimeError if a check fails.
     """
@@ -387,7 +394,8 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
     graph_modes = (True, False) if use_graph and eager_too else (use_graph,)
     dev_name = torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu"
     result = SpeedResult(dict(dims, model=kind, group_size=group_size, symmetric=symmetric, prefill_tokens=prefill_tokens,
-                              context=context, verify_tokens=verify_tokens, compile=compile, fused=fuse),
+                              context=context, verify_tokens=verify_tokens, compile=compile, fused=fuse,
+                              lm_head_int4=lm_head_int4),
                          dev_name, _versions(), {})
     result.models.append(_measure("fp16", model, device, batches, prefill_tokens, decode_kw, say, graph_modes))
 
@@ -428,6 +436,22 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
         result.interleaved = [interleaved_eager({"fp16": fp16, name: model}, b, device, context, prompt_len,
                                                 steps=steps) for b in batches]
         del fp16
+    if lm_head_int4:
+        head = quantize_model(model, group_size=group_size, symmetric=symmetric, skip=(), dtype=torch.float16,
+                              progress=False, fuse=False)
+        say(f"lm_head: {head}")
+        if "lm_head" not in head.replaced:
+            raise RuntimeError(f"quantize_model(skip=()) left the lm_head alone: {head.skipped.get('lm_head')}")
+        with dequantized_weights(model):
+            deq = logits_of(model, vids)
+        got = logits_of(model, vids)
+        result.check.update(lm_head_top1_vs_fp16=float((got.argmax(-1) == ref.argmax(-1)).double().mean()),
+                            lm_head_rel_err_vs_dequantized=rel_error(got, deq))
+        if result.check["lm_head_rel_err_vs_dequantized"] > KERNEL_TOL:
+            raise RuntimeError(f"W4A16 model with a 4-bit lm_head disagrees with its dequantized weights: relative "
+                               f"error {result.check['lm_head_rel_err_vs_dequantized']:.3g} > {KERNEL_TOL}")
+        result.models.append(_measure(name + ", 4-bit lm_head", model, device, batches, prefill_tokens, decode_kw,
+                                      say, graph_modes))
     for peer in peers:
         say(f"{peer}: quantizing a fresh copy of the fp16 model ...")
         other = _tolerant(lambda: PEERS[peer](build_model(config, device), group_size), True, say, peer,
@@ -535,6 +559,8 @@ def main(argv: Optional[Sequence[str]] = None) -> SpeedResult:
     p.add_argument("--no-fuse", action="store_true", help="one W4A16 GEMM per projection (no fused q/k/v, gate/up)")
     p.add_argument("--peers", nargs="*", default=[], metavar="NAME",
                    help="other int4 implementations timed in the same harness (torchao-int4)")
+    p.add_argument("--lm-head-int4", action="store_true",
+                   help="also time the W4A16 model with its lm_head quantized (one more row)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None, help="folder for speed.json")
     a = p.parse_args(argv)
@@ -542,7 +568,8 @@ def main(argv: Optional[Sequence[str]] = None) -> SpeedResult:
         p.error("no CUDA device: this benchmark needs a GPU (--device cpu only checks that it runs)")
     result = run_speed(a.layers, a.batches, a.prefill_tokens, a.group_size, not a.asym, a.device, a.context,
                        a.iters, use_graph=not a.no_graph, compile=a.compile, fuse=not a.no_fuse,
-                       eager_too=a.eager_too, interleave_eager=a.interleave_eager, peers=a.peers, model=a.model)
+                       eager_too=a.eager_too, interleave_eager=a.interleave_eager, peers=a.peers, model=a.model,
+                       lm_head_int4=a.lm_head_int4)
     if a.out:
         print(f"wrote {write_json(result, a.out)}")
     return result
