@@ -176,3 +176,25 @@ def test_stack_of_expert_weights(gen):
         QuantizedExperts.stack([sym, w4a16.quantize(torch.randn(8, 64, generator=gen), 32)])
     with pytest.raises(W4A16Error, match=r"weights\[1\] group size: expected 32, got 64"):
         QuantizedExperts.stack([sym, w4a16.quantize(torch.randn(16, 64, generator=gen), 64)])
+
+
+def test_module_weights_follow_in_place_edits_and_replaced_buffers(gen, monkeypatch):
+    """W4A16Experts keeps its QuantizedExperts between calls: an in-place edit of a buffer is seen
+    by the next call (the objects hold the same tensors), a replaced buffer is checked again (a
+    wrong shape is refused by name). Eager calls do not go through the custom op's dispatch."""
+    from w4a16.moe import W4A16Experts
+    from w4a16.moe import ops
+
+    E, I, H, T, k = 4, 64, 64, 3, 2
+    m = W4A16Experts(_experts(gen, E, 2 * I, H, 32, False, torch.float16),
+                     _experts(gen, E, H, I, 32, False, torch.float16), backend="reference")
+    x = torch.randn(T, H, generator=gen).to(DEVICE, torch.float16)
+    ids, w = _routing(gen, T, k, E, "random")
+    monkeypatch.setattr(ops, "fused_moe_op", lambda *a: pytest.fail("eager call dispatched the custom op"))
+    y0 = m(x, ids, w)
+    assert m.weights() is m.weights()
+    m.down_scales.mul_(2)                                   # in place: seen
+    torch.testing.assert_close(m(x, ids, w).float(), 2 * y0.float(), rtol=1e-2, atol=1e-2)
+    m.down_scales = m.down_scales[:, :, :1].contiguous()    # replaced with a wrong shape: refused
+    with pytest.raises(W4A16Error, match="scales.shape"):
+        m(x, ids, w)

@@ -106,3 +106,28 @@ def test_a_tile_whose_k_step_crosses_groups_is_refused(gen):
     (128, False, 4096, True, kernel.MoeTile(128, 64, 4, 3))])
 def test_tile_heuristic(block_m, silu, G, one, want):
     assert kernel.tile_for(block_m, silu, G, one) == want
+
+
+def test_one_token_runs_without_grouping(gen):
+    """T = 1 takes the direct routing (no align launch): block b is slot b; a repeated expert and
+    ids outside [0, E) are handled as by the reference; every routed row of a poisoned output is
+    written, the skipped one is not."""
+    from w4a16.moe import fused_moe
+    from w4a16.moe.routing import direct
+
+    E, I, H = 8, 64, 64
+    gu, dn = _experts(gen, E, 2 * I, H, 32, False), _experts(gen, E, H, I, 32, False)
+    x = torch.randn(1, H, generator=gen).to(DEVICE, torch.float16)
+    ids = torch.tensor([[3, 3, 9, 0, -1]], device=DEVICE)
+    w = torch.rand(1, 5, generator=gen).to(DEVICE)
+    r = direct(ids)
+    assert r.direct and r.slots == 5 and r.block_expert.numel() == 5
+    out = torch.full((5, I), float("nan"), dtype=torch.float16, device=DEVICE)
+    kernel.grouped_gemm(x, gu, r, 5, True, out, silu_mul=True)
+    want = reference.silu_mul(reference.grouped_gemm(x, gu, ids).to(torch.float16))
+    written = torch.tensor([True, True, False, True, False], device=DEVICE)
+    assert torch.isfinite(out[written]).all() and torch.isnan(out[~written]).all()
+    assert float((out[written].float() - want[written].float()).norm() / want[written].float().norm()) < 3e-3
+    y = fused_moe(x, gu, dn, ids, w, backend="triton")
+    ref = reference.fused_moe(x, gu, dn, ids, w)
+    assert float((y.float() - ref.float()).norm() / ref.float().norm()) < 3e-3

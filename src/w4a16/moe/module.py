@@ -64,9 +64,15 @@ class W4A16Experts(nn.Module):
                 self.register_buffer(f"{prefix}_{part}", getattr(w, part))
 
     def weights(self) -> Tuple[QuantizedExperts, QuantizedExperts]:
-        """(gate_up, down) over the module's current buffers."""
-        return tuple(QuantizedExperts(*(getattr(self, f"{p}_{part}") for part in PARTS), g)
-                     for p, g in zip(("gate_up", "down"), self.group_sizes))
+        """(gate_up, down) over the module's current buffers: checked when a buffer is replaced
+        (``.to()``, assignment, ``load_state_dict`` of another shape), else the objects built
+        last time, which hold the same tensors (in-place edits are seen)."""
+        bufs = tuple(getattr(self, f"{p}_{part}") for p in ("gate_up", "down") for part in PARTS)
+        cached = self.__dict__.get("_weights")
+        if cached is None or len(cached[0]) != len(bufs) or any(a is not b for a, b in zip(cached[0], bufs)):
+            built = tuple(QuantizedExperts(*bufs[3 * i:3 * i + 3], g) for i, g in enumerate(self.group_sizes))
+            self.__dict__["_weights"] = cached = (bufs, built)
+        return cached[1]
 
     @classmethod
     def from_float(cls, module: nn.Module, group_size: int = 128, symmetric: bool = True,

@@ -11,7 +11,7 @@ import torch
 from .. import spec
 from ..errors import BackendRefused, expect
 from . import reference
-from .routing import align, check_topk
+from .routing import align, check_topk, direct
 from .weights import QuantizedExperts
 
 BACKENDS = ("auto", "triton", "reference")
@@ -39,10 +39,13 @@ def block_m_for(slots: int, num_experts: int) -> int:
 
 
 def _route(topk_ids: torch.Tensor, num_experts: int):
-    """The grouped order of topk_ids [T, k] for the Triton kernels: one launch of the align kernel
-    for the few slots of a decode step, the torch version above that (same result)."""
+    """The grouped order of topk_ids [T, k] for the Triton kernels: none for one token (``direct``:
+    its k choices are k experts), one launch of the align kernel for the few slots of a decode
+    step, the torch version above that (same result)."""
     from ..backends.triton import moe_route
 
+    if topk_ids.shape[0] == 1:
+        return direct(topk_ids.contiguous())
     S = topk_ids.numel()
     bm = block_m_for(S, num_experts)
     if S <= moe_route.ALIGN_MAX_SLOTS:
@@ -117,17 +120,17 @@ def fused_moe(x: torch.Tensor, gate_up: QuantizedExperts, down: QuantizedExperts
     expect(topk_ids.device == x.device and topk_weights.device == x.device, "topk_ids/topk_weights device",
            x.device, f"{topk_ids.device} / {topk_weights.device}")
     gz, dz = gate_up.zeros, down.zeros
-    return fused_moe_op(x, gate_up.qweight, gate_up.scales, gz, down.qweight, down.scales, dz, topk_ids,
-                        topk_weights, [gate_up.group_size, down.group_size], _backend(x, backend))
+    # Traced calls go through the custom op; eager ones call its body directly (the same
+    # computation without the op's dispatch, tens of microseconds per layer on the host).
+    run = fused_moe_op if torch.compiler.is_compiling() else _fused_moe
+    return run(x, gate_up.qweight, gate_up.scales, gz, down.qweight, down.scales, dz, topk_ids,
+               topk_weights, [gate_up.group_size, down.group_size], _backend(x, backend))
 
 
-@torch.library.custom_op("w4a16::fused_moe", mutates_args=())
-def fused_moe_op(x: torch.Tensor, gu_q: torch.Tensor, gu_s: torch.Tensor, gu_z: Optional[torch.Tensor],
-                 dn_q: torch.Tensor, dn_s: torch.Tensor, dn_z: Optional[torch.Tensor], topk_ids: torch.Tensor,
-                 topk_weights: torch.Tensor, group_sizes: List[int], backend: str) -> torch.Tensor:
-    """:func:`fused_moe` as a custom op (opaque to torch.compile, captured whole by CUDA graphs):
-    the two QuantizedExperts' tensors, their group sizes, backend "triton" or "reference".
-    -> y [T, H] in x's dtype."""
+def _fused_moe(x: torch.Tensor, gu_q: torch.Tensor, gu_s: torch.Tensor, gu_z: Optional[torch.Tensor],
+               dn_q: torch.Tensor, dn_s: torch.Tensor, dn_z: Optional[torch.Tensor], topk_ids: torch.Tensor,
+               topk_weights: torch.Tensor, group_sizes: List[int], backend: str) -> torch.Tensor:
+    """The body of :func:`fused_moe_op` (the arguments are described there)."""
     gate_up = QuantizedExperts.trusted(gu_q, gu_s, gu_z, group_sizes[0])   # checked by fused_moe
     down = QuantizedExperts.trusted(dn_q, dn_s, dn_z, group_sizes[1])
     if backend == "reference":
@@ -147,6 +150,16 @@ def fused_moe_op(x: torch.Tensor, gu_q: torch.Tensor, gu_s: torch.Tensor, gu_z: 
     ys = torch.empty(S, H, dtype=torch.float32, device=x.device)   # rows of ids outside [0, E): not read
     kernel.grouped_gemm(a, down, routing, k, False, ys, topk_weights.reshape(-1).contiguous())
     return combine(ys, ids, E, x.dtype)
+
+
+@torch.library.custom_op("w4a16::fused_moe", mutates_args=())
+def fused_moe_op(x: torch.Tensor, gu_q: torch.Tensor, gu_s: torch.Tensor, gu_z: Optional[torch.Tensor],
+                 dn_q: torch.Tensor, dn_s: torch.Tensor, dn_z: Optional[torch.Tensor], topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor, group_sizes: List[int], backend: str) -> torch.Tensor:
+    """:func:`fused_moe` as a custom op (opaque to torch.compile, captured whole by CUDA graphs):
+    the two QuantizedExperts' tensors, their group sizes, backend "triton" or "reference".
+    -> y [T, H] in x's dtype."""
+    return _fused_moe(x, gu_q, gu_s, gu_z, dn_q, dn_s, dn_z, topk_ids, topk_weights, group_sizes, backend)
 
 
 @fused_moe_op.register_fake

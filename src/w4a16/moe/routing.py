@@ -24,12 +24,24 @@ from ..errors import expect
 
 
 class Routing(NamedTuple):
-    """The grouped order of a call's slots (see the module docstring); ``slots`` = T*k."""
+    """The grouped order of a call's slots (see the module docstring); ``slots`` = T*k.
+
+    ``direct``: no grouping at all, for one token (T = 1: its k choices are k experts, so grouping
+    would give each block one slot anyway): block b is slot b alone, ``block_expert`` is topk_ids
+    flattened (any integer dtype; ids outside [0, E) skipped by the kernel) and ``sorted_slots``
+    is unused. Nothing is launched to build it."""
 
     sorted_slots: torch.Tensor
     block_expert: torch.Tensor
     block_m: int
     slots: int
+    direct: bool = False
+
+
+def direct(topk_ids: torch.Tensor, block_m: int = 16) -> Routing:
+    """The :class:`Routing` of one slot per block (see ``direct`` there) for topk_ids [T, k]."""
+    flat = topk_ids.reshape(-1)
+    return Routing(flat, flat, block_m, flat.numel(), True)
 
 
 def check_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor, T: int, num_experts: int) -> None:

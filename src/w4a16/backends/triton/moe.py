@@ -10,7 +10,8 @@ step divides the group):
     out[slot, n] = sum_k x[row(slot), k] * W[e, n, k]     (times topk_weights[slot] with MUL_WEIGHT)
 
 row(slot) is slot // top_k when GATHER (the first GEMM reads each token once per choice) and the
-slot itself otherwise (the second GEMM reads the first one's per-slot rows). With SILU_MUL the
+slot itself otherwise (the second GEMM reads the first one's per-slot rows). For one token the
+routing is ``direct`` (no align launch: block b is slot b, its expert read from topk_ids). With SILU_MUL the
 weight is a gate_up [E, 2I, K] and the program computes columns n of the gate and of the up
 half together and writes SiLU(gate) * up [slot, n] for n < I (each half rounded to the
 activation dtype first, as the unfused layer stores h). Padding rows and blocks past the last
@@ -44,20 +45,23 @@ def _dequant_tile(q_ptrs, kh, half_k, s, z, nmask, HAS_ZEROS: tl.constexpr, USE_
 
 @triton.jit
 def w4a16_moe_gemm(x_ptr, q_ptr, s_ptr, z_ptr, tw_ptr, out_ptr, slots_ptr, bexp_ptr,
-                    N, K, G, num_slots, top_k, stride_xm, stride_om,
+                    N, K, G, num_slots, top_k, num_experts, stride_xm, stride_om,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_GROUP: tl.constexpr,
                     GATHER: tl.constexpr, MUL_WEIGHT: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                    SILU_MUL: tl.constexpr, USE_ASM: tl.constexpr, DTYPE: tl.constexpr):
+                    SILU_MUL: tl.constexpr, DIRECT: tl.constexpr, USE_ASM: tl.constexpr, DTYPE: tl.constexpr):
     """BLOCK_K divides the group size G unless ONE_GROUP (per-channel: one scale per row). N is
-    the output width (I with SILU_MUL: the weight then has 2N rows)."""
+    the output width (I with SILU_MUL: the weight then has 2N rows). DIRECT: block b is slot b
+    alone and bexp_ptr holds the slots' expert ids (``Routing.direct``)."""
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e = tl.load(bexp_ptr + pid_b)
-    if e >= 0:
+    e = tl.load(bexp_ptr + pid_b).to(tl.int32)
+    if (e >= 0) & (e < num_experts):
         rows_w = 2 * N if SILU_MUL else N
         e64 = e.to(tl.int64)
-        offs_m = pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
-        slots = tl.load(slots_ptr + offs_m)
+        if DIRECT:
+            slots = tl.where(tl.arange(0, BLOCK_M) == 0, pid_b, num_slots)
+        else:
+            slots = tl.load(slots_ptr + pid_b * BLOCK_M + tl.arange(0, BLOCK_M))
         valid = slots < num_slots
         if GATHER:
             rows = slots // top_k
@@ -160,10 +164,10 @@ def grouped_gemm(x: torch.Tensor, experts, routing, top_k: int, gather: bool, ou
     zeros = experts.zeros if experts.zeros is not None else experts.scales
     tw = topk_weights if topk_weights is not None else out   # unread without MUL_WEIGHT
     w4a16_moe_gemm[grid](x, experts.qweight, experts.scales, zeros, tw, out, routing.sorted_slots,
-                          routing.block_expert, n_out, K, G, routing.slots, top_k,
+                          routing.block_expert, n_out, K, G, routing.slots, top_k, E,
                           x.stride(0), out.stride(0), BLOCK_M=routing.block_m, BLOCK_N=tile.block_n,
                           BLOCK_K=tile.block_k, ONE_GROUP=one_group, GATHER=gather,
                           MUL_WEIGHT=topk_weights is not None, HAS_ZEROS=experts.zeros is not None,
-                          SILU_MUL=silu_mul, USE_ASM=not interpreting(), DTYPE=_DTYPES[x.dtype],
+                          SILU_MUL=silu_mul, DIRECT=routing.direct, USE_ASM=not interpreting(), DTYPE=_DTYPES[x.dtype],
                           num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out
