@@ -238,3 +238,16 @@ def test_both_lm_head_choices_in_one_run():
     assert res.models[2].weight_bytes < res.models[1].weight_bytes
     assert res.config["lm_head_int4"] is True
     assert "| w4a16 g32 sym, 4-bit lm_head / fp16 |" in speed.format_speed(res)
+
+
+def test_a_ratio_of_steps_in_different_modes_is_marked():
+    """When one model's step was captured and the other's ran eagerly (its capture failed), the
+    ratio says so in its cell and in a note: it is not a like-for-like number."""
+    d = speed.DecodeSpeed
+    res = speed.SpeedResult(dict(model="llama3-8b", num_hidden_layers=2, context=32, prefill_tokens=16), "cpu",
+                            dict(torch="x", transformers="y", triton="z"), {})
+    res.models = [speed.ModelSpeed("fp16", 200, 0, 2.0, [d(1, 20.0, 50.0, "eager", 0.0), d(16, 20.0, 800.0, "cuda-graph", 0.0)]),
+                  speed.ModelSpeed("w4a16", 100, 0, 1.0, [d(1, 2.0, 500.0, "cuda-graph", 0.0), d(16, 10.0, 1600.0, "cuda-graph", 0.0)])]
+    table = speed.format_speed(res)
+    assert "| W4A16 / fp16 | 2.00x smaller | 2.00x | 10.00x (cuda-graph vs eager) | 2.00x |" in table
+    assert "not a like-for-like ratio" in table and table.count("not a like-for-like") == 1

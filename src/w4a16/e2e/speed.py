@@ -498,9 +498,13 @@ def format_speed(result: SpeedResult) -> str:
             lines.append(f"| {label} | " + " | ".join(["failed"] * (len(cols) - 1)) + " |")
             continue
         ratio = [f"{a.weight_bytes / b.weight_bytes:.2f}x smaller", _num(a.prefill_ms / b.prefill_ms, ".2f", "x")]
-        ratio += [_num(db.tokens_per_s / da.tokens_per_s, ".2f", "x") for da, db in zip(a.decode, b.decode)]
+        ratio += [_decode_ratio(da, db) for da, db in zip(a.decode, b.decode)]
         lines.append(f"| {label} | " + " | ".join(ratio) + " |")
     notes = [f"{m.name}: {m.error}" for m in result.models if m.error]
+    notes += [f"b={db.batch} {b.name} / {a.name}: {db.mode} step against a{'n' if da.mode[0] in 'ae' else ''} "
+              f"{da.mode} one (the other model's capture failed): not a like-for-like ratio"
+              for b in result.models[1:] if not b.error for da, db in zip(a.decode, b.decode)
+              if "failed" not in (da.mode, db.mode) and da.mode != db.mode]
     notes += [f"b={d.batch} {m.name}: {d.note}" for m in result.models for d in m.decode if d.note]
     split = [f"{m.name} b={d.batch}: " + ", ".join(f"{k} {v:.2f}" for k, v in d.kernel_ms.items())
              for m in result.models for d in m.decode if d.kernel_ms]
@@ -512,6 +516,13 @@ def format_speed(result: SpeedResult) -> str:
                      + ", ".join(f"{n} {it.step_ms[n]:.2f} ms" for n in names)
                      + "".join(f"; {n} / {names[0]} tokens/s {v:.2f}x" for n, v in it.speedup.items()))
     return "\n".join(lines + [f"note: {n}" for n in notes])
+
+
+def _decode_ratio(base: DecodeSpeed, other: DecodeSpeed) -> str:
+    """other / base tokens/s; "failed" when either failed; marked when the two steps ran in
+    different modes (one captured, one eager)."""
+    r = _num(other.tokens_per_s / base.tokens_per_s, ".2f", "x")
+    return r if r == "failed" or base.mode == other.mode else f"{r} ({other.mode} vs {base.mode})"
 
 
 def _num(v: float, fmt: str, unit: str = "") -> str:
