@@ -7,6 +7,8 @@
 #   model                                  # w4a16.e2e.speed --model qwen3-30b-a3b --layers 8 --compile
 #   final                                  # the MoE tests, w4a16 bench --moe all, the per-kernel
 #                                          # profile (benchmarks/moe_profile.py), then the model phase
+#   sanitize                               # compute-sanitizer (memcheck, racecheck, synccheck,
+#                                          # initcheck) on 24 small random layers (w4a16 fuzz --moe)
 #   tiles                                  # the MoE tests, a short fuzz, then every MoeTile of the
 #                                          # grouped kernel timed per projection (benchmarks/moe_tiles.py)
 #
@@ -46,6 +48,19 @@ tiles)
     timeout "$((LIMIT - 210))" $PY benchmarks/moe_tiles.py --tokens "${TOKENS:-1,16,256,4096}" \
         --limit-s "$((LIMIT - 260))" --out "$OUT/tiles" > "$OUT/tiles.txt" 2>&1
     grep -E "^(BEST|WRONG)|failed" "$OUT/tiles.txt" | head -n 60 ;;
+sanitize)
+    pids=()
+    for tool in memcheck racecheck synccheck initcheck; do
+        timeout "$LIMIT" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+            $PY -m w4a16 fuzz --moe --cases "${SAN_CASES:-24}" --backend triton > "$OUT/sanitize_$tool.txt" 2>&1 &
+        pids+=($!)
+    done
+    status=0
+    for p in "${pids[@]}"; do wait "$p" || status=1; done
+    for tool in memcheck racecheck synccheck initcheck; do
+        echo "$tool: $(grep -E 'SUMMARY' "$OUT/sanitize_$tool.txt" | tail -n 1) | $(tail -n 1 "$OUT/sanitize_$tool.txt")"
+    done
+    exit $status ;;
 final)
     timeout 120 $PY -m pytest -q -p no:cacheprovider -n 8 tests/moe > "$OUT/tests.txt" 2>&1
     tail -n 1 "$OUT/tests.txt"
@@ -56,5 +71,5 @@ final)
     timeout "$((LIMIT - 370))" $PY -m w4a16.e2e.speed --model qwen3-30b-a3b --layers 8 --batches 1 16 --compile \
         --out "$OUT/model" > "$OUT/model.txt" 2>&1
     tail -n 25 "$OUT/model.txt" ;;
-*) echo "phase: check, bench, model, tiles or final"; exit 2 ;;
+*) echo "phase: check, bench, model, sanitize, tiles or final"; exit 2 ;;
 esac
