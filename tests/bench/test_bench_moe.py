@@ -1,5 +1,5 @@
 """w4a16 bench --moe on the CPU with the fake timer: every preset and peer gives a checked row,
-the files are written, a wrong peer is recorded and fails the run, bad arguments are refused."""
+the files (and the two plots) are written, a wrong peer is recorded and fails the run, bad arguments are refused."""
 import csv
 
 import pytest
@@ -20,6 +20,9 @@ def test_fake_run_writes_checked_rows(tmp_path, capsys):
     assert all(r["status"] == "ok" and float(r["rel_err"]) < 1e-2 for r in rows)
     assert {(r["preset"], r["top_k"]) for r in rows} == {("qwen3-30b-a3b", "8"), ("mixtral-8x7b", "2")}
     assert (out / "moe.md").read_text() == text and (out / "moe.json").exists()
+    pytest.importorskip("matplotlib")
+    for png in ("moe_speedup.png", "moe_copy.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_wrong_peer_is_recorded_and_fails(tmp_path, monkeypatch, capsys):

@@ -126,13 +126,16 @@ def _moe_settings(args) -> dict:
 
 def _run_moe(settings: dict, device, args) -> int:
     """``--moe``: whole MoE layers (:mod:`w4a16.bench.moe`)."""
-    from . import moe
+    from . import moe, plots
 
     result = moe.run_moe(device=device, fake=args.fake_timer, seed=args.seed, progress=not args.no_progress,
                          **settings)
     text = moe.markdown(result)
     print(text, end="")
-    return _finish(moe.write_all(result, args.out, text), len(result.wrong()))
+    pngs, message = plots.plot_moe(result.rows, result.header.get("card", ""), result.header["settings"], args.out)
+    if message:
+        print(message, file=sys.stderr)
+    return _finish(moe.write_all(result, args.out, text) + pngs, len(result.wrong()))
 
 
 def main(argv=None) -> int:

@@ -2,6 +2,8 @@
 
 * speedup.png  — speedup over cuBLAS fp16 vs M (log x and y), one panel per layer, one line per peer.
 * roofline.png — fraction of the roofline floor (floor / time, each peer's own bytes) vs M.
+* moe_speedup.png, moe_copy.png (``w4a16 bench --moe``) — speedup over torch's 16-bit layer and
+  fraction of copy bandwidth vs T, one panel per preset.
 
 One figure per (dtype, group size, zeros) and timing would multiply files; the plots use the first
 dtype / group size / zeros of the run and graph timing when measured (else eager), named in the title.
@@ -29,7 +31,7 @@ def _select(rows: list) -> tuple:
 
 
 def _panels(figure_cls, rows: list, field: str, ylabel: str, title: str, path: str, skip_peer: Optional[str],
-            ref_line: float, log_y: bool) -> None:
+            ref_line: float, log_y: bool, xlabel: str = "M") -> None:
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     ms = sorted({r["M"] for r in rows})
     peers = [p for p in dict.fromkeys(r["peer"] for r in rows) if p != skip_peer]
@@ -51,7 +53,7 @@ def _panels(figure_cls, rows: list, field: str, ylabel: str, title: str, path: s
         if log_y:
             ax.set_yscale("log", base=2)
         ax.set_title(layer)
-        ax.set_xlabel("M")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
     for j in range(len(layers), nrow * ncol):
@@ -87,3 +89,26 @@ def plot_all(result: BenchResult, out_dir: str) -> tuple:
     _panels(Figure, rows, "frac_floor", "fraction of roofline floor", title, roof, None, 1.0,
             log_y=False)
     return [speedup, roof], ""
+
+
+def plot_moe(rows: list, card: str, settings: dict, out_dir: str) -> tuple:
+    """Write moe_speedup.png and moe_copy.png for ``w4a16 bench --moe`` rows (dicts with preset,
+    T, peer, status, speedup_vs_torch, frac_copy) into ``out_dir``; (paths, message) as
+    :func:`plot_all`."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return [], "plots skipped: matplotlib is not installed (pip install matplotlib)"
+    ok = [dict(r, layer=r["preset"], M=int(r["T"])) for r in rows if r["status"] == "ok"]
+    if not ok:
+        return [], "plots skipped: no timed results"
+    title = (f"{card}: MoE layer, {settings.get('dtype')}, group size {settings.get('group_size')}"
+             + (f"\n{FAKE_LABEL}" if settings.get("fake_timer") else ""))
+    os.makedirs(out_dir, exist_ok=True)
+    speedup, copy = os.path.join(out_dir, "moe_speedup.png"), os.path.join(out_dir, "moe_copy.png")
+    torch_peer = next((r["peer"] for r in ok if r["peer"].startswith("torch")), None)
+    _panels(Figure, ok, "speedup_vs_torch", "speedup over torch 16-bit layer", title, speedup, torch_peer, 1.0,
+            log_y=True, xlabel="T (tokens)")
+    _panels(Figure, ok, "frac_copy", "fraction of copy bandwidth", title, copy, None, 1.0, log_y=False,
+            xlabel="T (tokens)")
+    return [speedup, copy], ""
