@@ -36,6 +36,20 @@ def test_shipped_cases_cover_every_kernel_and_named_config():
     assert {c.group for c in cases} == {32, 64, 128, 256, -1} and any(c.zeros for c in cases)
 
 
+def test_shipped_cases_hold_the_moe_kernels_heuristic_tiles():
+    """Every tile the MoE heuristic picks (block sizes 16, 64, 128; gate_up and down; the one-token
+    variant at 16) in both dtypes, and the decode gate_up tile over every group size."""
+    from w4a16.backends.triton.moe import tile_for
+
+    cases = shipped_cases(kernels=("triton-moe",))
+    got = {(c.config.block_m, c.config.silu_mul, c.config.direct, c.dtype) for c in cases if c.group == 128
+           and not c.zeros}
+    assert got == {(bm, s, d, dt) for bm in (16, 64, 128) for s in (True, False) for d in (False, True)
+                   for dt in ("fp16", "bf16") if not (d and bm != 16)}
+    assert all(c.config.tile == tile_for(c.config.block_m, c.config.silu_mul, c.group, c.group == -1) for c in cases)
+    assert {c.group for c in cases} == {32, 64, 128, 256, -1}
+
+
 def test_shipped_cases_respect_the_filters():
     cases = shipped_cases(("bf16",), ("triton",))
     assert cases and all(c.kernel == "triton" and c.dtype == "bf16" for c in cases)
@@ -109,16 +123,19 @@ def test_json_round_trip(tmp_path):
     assert data["triton"] == "3.6.0" and data["cases"]["gluon-decode g8x64c4s3ws fp16 g128"]["instructions"] == 469
 
 
-@pytest.mark.parametrize("kernel,pick", [("gluon-decode", "g16x64c2s4ws"), ("gluon-prefill", "p64x64x2c2s4pp"),
-                                         ("triton", "splitk 16x64 k8 w4 s1 sa")])
-def test_real_compiles(kernel, pick):
+@pytest.mark.parametrize("kernel,pick,hgmma", [("gluon-decode", "g16x64c2s4ws", 4), ("gluon-prefill", "p64x64x2c2s4pp", 4),
+                                               ("triton", "splitk 16x64 k8 w4 s1 sa", 4),
+                                               ("triton-moe", "moe-down m64 n128 k64 w4 s3", 4),
+                                               ("triton-moe", "moe-gate_up m16 n32 k128 w4 s3 direct", 0)])
+def test_real_compiles(kernel, pick, hgmma):
     """One shipped config of each kernel compiled in a worker process (as ``w4a16 sass`` does):
-    spill-free, a main loop with HGMMAs, instructions per weight in the range the kernels reach."""
+    spill-free, a main loop (with HGMMAs where the tile has 64 rows or more), instructions per
+    weight in the range the kernels reach."""
     case = next(c for c in shipped_cases(("fp16",), (kernel,)) if c.label == pick and c.group == 128)
     (r,) = run_cases([case], jobs=1)
     judge([r], (3, 6))
     assert not r.failures, (r.failures, r.error)
-    assert r.registers and r.hgmma >= 4 and 1.0 < r.per_weight < 6.0 and r.vector_per_weight <= r.per_weight
+    assert r.registers and r.hgmma >= hgmma and 1.0 < r.per_weight < 6.0 and r.vector_per_weight <= r.per_weight
 
 
 def test_cli_with_a_baseline(tmp_path, monkeypatch, capsys):

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 @dataclass(frozen=True)
 class Allowance:
     release: Tuple[int, int]   # the Triton (major, minor) it applies to
-    kernel: str                # "gluon-decode", "gluon-prefill" or "triton"
+    kernel: str                # "gluon-decode", "gluon-prefill", "triton" or "triton-moe"
     growth: float              # accepted growth of main-loop instructions per weight (a fraction)
     spills: int = 0            # accepted spill instructions (LDL/STL)
     label: str = ".*"          # regular expression the config label must match in full

@@ -4,7 +4,9 @@ Shipped means: what a user's call can run without tuning. For each kernel, its n
 the decode heuristic's picks for the preset Llama layers (M = 1, 8, 16, 32, 64), in fp16 and bf16
 with symmetric group-128 weights; the shipped tuning table's configs (``data/tuned.json``) in the
 dtype and group size they were tuned for; and each kernel's first named config over every group
-size, symmetric and with zero points (fp16).
+size, symmetric and with zero points (fp16). The grouped MoE kernel ("triton-moe"): the tile its
+heuristic picks for each block size and projection (the one-token variant too), fp16 and bf16,
+symmetric group 128, and its decode gate_up tile over every group size with and without zeros.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, List, Tuple
 
-KERNELS = ("gluon-decode", "gluon-prefill", "triton")
+KERNELS = ("gluon-decode", "gluon-prefill", "triton", "triton-moe")
 GROUPS = (32, 64, 128, 256, -1)     # -1: one group over K (compiled with K = 4096)
 PER_CHANNEL_K = 4096
 DECODE_M = (1, 8, 16, 32, 64)
@@ -102,4 +104,20 @@ def shipped_cases(dtypes: Iterable[str] = ("fp16", "bf16"), kernels: Iterable[st
         firsts.setdefault(k, c)
     cases += [KernelCase(k, c, "fp16", g, z) for k, c in firsts.items() for g in GROUPS for z in (False, True)
               if "fp16" in dtypes]
+    if "triton-moe" in kernels:
+        cases += moe_cases(dtypes)
     return _unique(cases)
+
+
+def moe_cases(dtypes: Iterable[str]) -> List[KernelCase]:
+    """The grouped MoE kernel's shipped variants (see the module docstring)."""
+    from ..backends.triton.moe import MoeKernel, tile_for
+
+    variants = [(bm, silu, direct) for bm in (16, 64, 128) for silu in (True, False) for direct in (False, True)
+                if not (direct and bm != 16)]
+    out = [KernelCase("triton-moe", MoeKernel(tile_for(bm, silu, 128, False), bm, silu, direct), dt)
+           for bm, silu, direct in variants for dt in dtypes]
+    if "fp16" in dtypes:
+        out += [KernelCase("triton-moe", MoeKernel(tile_for(16, True, g, g == -1), 16, True), "fp16", g, z)
+                for g in GROUPS for z in (False, True)]
+    return out

@@ -20,6 +20,7 @@ does not depend on the schedule.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -127,6 +128,22 @@ class MoeTile(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int
+
+
+@dataclass(frozen=True)
+class MoeKernel:
+    """A compile-time variant of :func:`w4a16_moe_gemm` as ``w4a16 sass`` names it: the tile, the
+    routing's block size, the gate_up epilogue (SiLU*up) or not, the one-token routing or not."""
+
+    tile: MoeTile
+    block_m: int
+    silu_mul: bool
+    direct: bool = False
+
+    def short(self) -> str:
+        t = self.tile
+        return (f"moe-{'gate_up' if self.silu_mul else 'down'} m{self.block_m} n{t.block_n} k{t.block_k} "
+                f"w{t.num_warps} s{t.num_stages}{' direct' if self.direct else ''}")
 
 
 def tile_for(block_m: int, silu_mul: bool, G: int, one_group: bool) -> MoeTile:

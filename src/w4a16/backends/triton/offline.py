@@ -1,5 +1,6 @@
-"""Offline compilation of the Triton GEMM kernel (``gemm.py``) for sm_90a
-(``GPUTarget("cuda", 90, 32)``) on any machine: what ``w4a16 sass`` reads and the C library bakes."""
+"""Offline compilation of the Triton GEMM kernel (``gemm.py``) and the grouped MoE kernel
+(``moe.py``) for sm_90a (``GPUTarget("cuda", 90, 32)``) on any machine: what ``w4a16 sass`` reads
+and the C library bakes (the dense kernel)."""
 from __future__ import annotations
 
 from typing import Iterable
@@ -55,3 +56,44 @@ def compile_gemm(cfg: GemmConfig, dtype: str = "fp16", group: int = 128, has_zer
 def weights_per_thread(cfg: GemmConfig, group: int) -> int:
     """Weights one thread dequantizes per main-loop iteration (block_n rows x unroll chunks)."""
     return cfg.block_n * chunk_of(group) * cfg.unroll // (32 * cfg.num_warps)
+
+
+MOE_ARGS = ("x_ptr", "q_ptr", "s_ptr", "z_ptr", "tw_ptr", "out_ptr", "slots_ptr", "bexp_ptr", "N", "K", "G",
+            "num_slots", "top_k", "num_experts", "stride_xm", "stride_om")
+MOE_ALIGNED = ("x_ptr", "q_ptr", "s_ptr", "z_ptr", "tw_ptr", "out_ptr", "slots_ptr", "bexp_ptr", "N", "K", "G",
+               "stride_xm", "stride_om")
+
+
+def compile_moe(kernel, dtype: str = "fp16", group: int = 128, has_zeros: bool = False, K: int = 4096):
+    """:func:`w4a16.backends.triton.moe.w4a16_moe_gemm` at ``kernel`` (a MoeKernel) compiled for
+    sm_90a: the gate_up variant writes the activation dtype, down fp32 rows times the routing
+    weights; the direct variant reads int64 expert ids (topk_ids). Pointers and sizes compiled as
+    16-byte aligned, as a real layer's are. group -1: one group over ``K``."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ..triton_compat import COMPILE_OPTIONS
+    from .env import interpreter_unset
+    from .moe import w4a16_moe_gemm
+
+    t = kernel.tile
+    types = (f"*{dtype}", "*u8", f"*{dtype}", f"*{dtype}", "*fp32", f"*{dtype}" if kernel.silu_mul else "*fp32",
+             "*i32", "*i64" if kernel.direct else "*i32") + ("i32",) * 8
+    sig = dict(zip(MOE_ARGS, types))
+    attrs = {(MOE_ARGS.index(a),): [["tt.divisibility", 16]] for a in MOE_ALIGNED}
+    cx = dict(BLOCK_M=kernel.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, ONE_GROUP=group == -1,
+              GATHER=kernel.silu_mul, MUL_WEIGHT=not kernel.silu_mul, HAS_ZEROS=has_zeros, SILU_MUL=kernel.silu_mul,
+              DIRECT=kernel.direct, USE_ASM=True, DTYPE=tl.float16 if dtype == "fp16" else tl.bfloat16)
+    sig.update({k: "constexpr" for k in cx})
+    with interpreter_unset():
+        return triton.compile(ASTSource(fn=w4a16_moe_gemm, signature=sig, constexprs=cx, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": t.num_warps, "num_stages": t.num_stages, **COMPILE_OPTIONS})
+
+
+def moe_weights_per_thread(kernel) -> int:
+    """Weights one thread dequantizes per main-loop iteration (two tiles with SiLU*up)."""
+    t = kernel.tile
+    return t.block_n * t.block_k * (2 if kernel.silu_mul else 1) // (32 * t.num_warps)
