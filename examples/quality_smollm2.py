@@ -19,9 +19,11 @@ parser.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64])
 parser.add_argument("--modes", nargs="+", default=["sym", "asym"], choices=["sym", "asym"])
 parser.add_argument("--max-tokens", type=int, default=512, help="tokens of the quality text")
 parser.add_argument("--gen-tokens", type=int, default=30, help="greedy tokens after the prompt")
+parser.add_argument("--lm-head-too", action="store_true",
+                    help="also measure each setting with the lm_head quantized (rows '... + lm_head')")
 args = parser.parse_args()
 
 result = run_quality(group_sizes=args.group_sizes, modes=args.modes, max_tokens=args.max_tokens,
-                     device=args.device, dtype=args.dtype, gen_tokens=args.gen_tokens)
+                     device=args.device, dtype=args.dtype, gen_tokens=args.gen_tokens, lm_head_too=args.lm_head_too)
 worst = min(r.top1_16 for r in result.rows if r.top1_16 is not None)
 print(f"\nworst top-1 agreement of a W4A16 model with the unquantized {args.dtype} model: {worst:.3f}")
