@@ -62,6 +62,40 @@ def write_hf_checkpoint(folder: str, method: str, source: nn.Module) -> None:
     write_checkpoint(Path(folder), quantization_config(method), tensors, model_type="llama")
 
 
+def write_moe_checkpoint(folder, method: str, model: nn.Module, mixtral_names: bool = False) -> dict:
+    """``model`` (a float transformers MoE model) as a checkpoint of ``method``: dense layers and
+    every expert's projections quantized (group 64, asymmetric), experts as per-expert layers
+    (``experts.{e}.gate_proj`` ..., or Mixtral's ``block_sparse_moe.experts.{e}.w1`` ... with
+    ``mixtral_names``). Returns {experts name: [E] of (gate, up, down) QuantizedWeights}."""
+    import copy
+
+    export = {"gptq": formats.to_gptq, "awq": formats.to_awq, "compressed-tensors": formats.to_compressed_tensors}
+    src = copy.deepcopy(model)
+    w4a16.quantize_model(src, group_size=64, symmetric=False, progress=False, fuse=False, experts=False)
+    tensors, written = {}, {}
+    for name, m in src.named_modules():
+        if isinstance(m, w4a16.W4A16Linear):
+            tensors.update({f"{name}.{k}": v for k, v in export[method](m.weight_q).items()})
+        elif isinstance(getattr(m, "gate_up_proj", None), torch.Tensor):
+            I = m.down_proj.shape[2]
+            ws = []
+            for e in range(m.gate_up_proj.shape[0]):
+                parts = [m.gate_up_proj[e, :I], m.gate_up_proj[e, I:], m.down_proj[e]]
+                ws.append([w4a16.quantize(p.detach(), 64, symmetric=False) for p in parts])
+                base = name.replace(".mlp.", ".block_sparse_moe.") if mixtral_names else name
+                for proj, w in zip(("w1", "w3", "w2") if mixtral_names else ("gate_proj", "up_proj", "down_proj"), ws[-1]):
+                    tensors.update({f"{base}.{e}.{proj}.{k}": v for k, v in export[method](w).items()})
+            written[name] = ws
+    quantized = {n for n, m in src.named_modules() if isinstance(m, w4a16.W4A16Linear)}
+    for key, t in src.state_dict().items():
+        owner = key.rpartition(".")[0]
+        if owner not in quantized and owner not in written:
+            tensors[key] = t
+    os.makedirs(folder, exist_ok=True)
+    write_checkpoint(Path(folder), quantization_config(method, desc_act=False), tensors, model_type="tiny")
+    return written
+
+
 def quantization_config(method: str, desc_act: bool = True) -> dict:
     """The ``quantization_config`` of a ``method`` checkpoint with group size 64 and zero points."""
     return {"gptq": {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": desc_act, "sym": False,

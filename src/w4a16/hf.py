@@ -223,6 +223,15 @@ def _check_groups(prefix: str, w: QuantizedWeight, opts: dict) -> None:
                f"groups of {g_cfg} (quantization_config.group_size)", f"groups of {w.group_size_effective}")
 
 
+def _experts(model: nn.Module, name: str, layers: dict, method: str, opts: dict, ckpt: "_Tensors", dtype, reader):
+    """The W4A16Experts of the experts module ``name`` from its checkpoint ``layers``: built whole;
+    with a ``reader`` (a mesh) built on the CPU and handed to it (this rank's slices)."""
+    build = lambda p: _checkpoint_weight(p, method, opts, ckpt)  # noqa: E731
+    if reader is None:
+        return build_experts(model, name, layers, build, dtype)
+    return reader.experts(name, build_experts(model, name, layers, build, dtype, torch.device("cpu")))
+
+
 def _checkpoint_weight(prefix: str, method: str, opts: dict, ckpt: "_Tensors") -> QuantizedWeight:
     """The QuantizedWeight of the checkpoint layer ``prefix``, read whole (an expert's projection)."""
     present = _present_parts(prefix, method, opts, ckpt)
@@ -344,8 +353,10 @@ def load_pretrained_quantized(model: nn.Module, path: Union[str, os.PathLike],
             :func:`w4a16.quantize_model` does (act-order layers stay separate).
         mesh: a 1-D ``DeviceMesh`` to shard the model over (tensor parallelism; call it on every
             rank with the same model): each rank reads only its part of every layer ``plan``
-            shards (:mod:`w4a16.distributed.hf_shards` lists the slices), then the model is
-            sharded as :func:`w4a16.distributed.apply_tp_plan` does. None: no sharding.
+            shards (:mod:`w4a16.distributed.hf_shards` lists the slices; a mixture of experts'
+            per-expert layers are read whole on the CPU and only the rank's slices reach its
+            device), then the model is sharded as :func:`w4a16.distributed.apply_tp_plan` does.
+            None: no sharding.
         plan: the tensor-parallel plan (default ``w4a16.distributed.DEFAULT_TP_PLAN``); only
             with ``mesh``.
 
@@ -372,14 +383,12 @@ def load_pretrained_quantized(model: nn.Module, path: Union[str, os.PathLike],
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}
         prefixes.sort(key=lambda p: (order.get(p, len(order)), p))
         experts = expert_layers(model, prefixes)
-        expect(not experts or mesh is None, "mesh", "None for a checkpoint with experts (tensor parallel "
-               "experts are not read from checkpoints yet)", "a mesh")
         in_experts = {p for layers in experts.values() for p in experts_used_keys(layers)}
         first = prefixes[0]
         prefixes = [p for p in prefixes if p not in in_experts]
         # build every layer first, so that a bad tensor leaves the model untouched
-        built_experts = [(name, build_experts(model, name, layers, lambda p: _checkpoint_weight(p, method, opts, ckpt),
-                                              dtype)) for name, layers in experts.items()]
+        built_experts = [(name, _experts(model, name, layers, method, opts, ckpt, dtype, reader))
+                         for name, layers in experts.items()]
         built = [(p, _quantized_layer(model, p, method, opts, ckpt, dtype, report, reader)) for p in prefixes]
         built = [(p, new) for p, new in built if new is not None]
         expect(bool(built) or bool(built_experts), "checkpoint tensor names",

@@ -28,7 +28,7 @@ from w4a16.distributed.shard import take
 from w4a16.pack import pack_nibbles
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: tiny_models
-from tiny_models import write_hf_checkpoint  # noqa: E402
+from tiny_models import write_hf_checkpoint, write_moe_checkpoint  # noqa: E402
 
 TP = 2
 TIMEOUT_S = 150
@@ -36,9 +36,9 @@ REL_TOL = 2e-3
 CASES = ("mlp_g64_sym", "mlp_g128_asym", "colwise_gather", "dtensor_chain", "rowwise_replicated_input",
          "rowwise_reduce_scatter",
          "act_order_colwise", "act_order_rowwise", "act_order_rowwise_sharded_input", "llama", "llama_fused", "state_dict",
-         "errors", "load_sharded", "load_sharded_fused", "compiled", "load_hf_gptq", "load_hf_awq", "load_hf_compressed_tensors", "moe_experts")
+         "errors", "load_sharded", "load_sharded_fused", "compiled", "load_hf_gptq", "load_hf_awq", "load_hf_compressed_tensors", "moe_experts", "load_hf_moe")
 NEEDS_TRANSFORMERS = ("llama", "llama_fused", "errors", "moe_experts", "load_sharded", "load_sharded_fused", "load_hf_gptq",
-                      "load_hf_awq", "load_hf_compressed_tensors")
+                      "load_hf_awq", "load_hf_compressed_tensors", "load_hf_moe")
 
 
 # ---------------------------------------------------------------------------- helpers (both sides)
@@ -269,6 +269,53 @@ def _case_moe_experts(mesh):
         assert gu.shape == (4, 64, 64) and dn.shape == (4, 64, 32)     # I = 64 over 2 ranks
         got = model(ids).logits
     assert_same(got, want, "moe logits")
+
+
+def _case_load_hf_moe(mesh, tmp):
+    """load_pretrained_quantized(..., mesh=mesh) of a GPTQ MoE checkpoint (per-expert layers): each
+    experts module is split over I as apply_tp_plan does (rank r: its slice of every expert), the
+    logits equal the unsharded load's, and the report lists the experts as read whole. Its
+    o_proj (K = 128, group 64) keeps one group per rank: read as a per-channel part, it still
+    shards as a group-64 layer."""
+    import copy
+
+    import transformers
+
+    from w4a16.distributed import W4A16ExpertsParallel
+    from w4a16.moe import W4A16Experts
+
+    r = mesh.get_local_rank()
+    cfg = transformers.Qwen3MoeConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+                                      num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                                      moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2,
+                                      max_position_embeddings=64)
+    torch.manual_seed(5)
+    source = transformers.AutoModelForCausalLM.from_config(cfg).eval().half()
+    folder = os.path.join(tmp, "hf-moe-gptq")
+    if r == 0:
+        write_moe_checkpoint(folder, "gptq", source)
+    dist.barrier()
+    whole = copy.deepcopy(source)
+    w4a16.load_pretrained_quantized(whole, folder)
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(21))
+    with torch.no_grad():
+        want = whole(ids).logits
+    torch.manual_seed(6)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval().half()   # other float weights
+    report = w4a16.load_pretrained_quantized(model, folder, mesh=mesh)
+    name = "model.layers.1.mlp.experts"
+    experts = model.get_submodule(name)
+    assert isinstance(experts, W4A16Experts) and experts.tp == 2 and report.sharded[name] == W4A16ExpertsParallel.__name__
+    assert name in report.read_whole and name in report.experts
+    gu, dn = experts.weights()
+    assert gu.shape == (4, 128, 64) and dn.shape == (4, 64, 64) and not gu.qweight.is_meta
+    full_gu, full_dn = whole.get_submodule(name).weights()
+    I, i = 128, 64
+    assert torch.equal(gu.dequantize(), torch.cat([full_gu.dequantize()[:, r * i:(r + 1) * i],
+                                                   full_gu.dequantize()[:, I + r * i:I + (r + 1) * i]], 1))
+    assert torch.equal(dn.dequantize(), full_dn.dequantize()[:, :, r * i:(r + 1) * i])
+    with torch.no_grad():
+        assert_same(model(ids).logits, want, "moe checkpoint logits")
 
 
 def _case_llama_fused(mesh):
@@ -519,6 +566,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             "load_hf_awq": lambda: _case_load_hf(mesh, tmp, "awq", False),
             "load_hf_compressed_tensors": lambda: _case_load_hf(mesh, tmp, "compressed-tensors", True),
             "moe_experts": lambda: _case_moe_experts(mesh),
+            "load_hf_moe": lambda: _case_load_hf_moe(mesh, tmp),
         }
         has_transformers = importlib.util.find_spec("transformers") is not None
         for name in CASES:

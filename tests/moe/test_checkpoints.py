@@ -10,8 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="the e2e extra (pip install 'w4a16[e2e]') is not installed")
 
 import w4a16  # noqa: E402
-from tiny_models import quantization_config, write_checkpoint  # noqa: E402
-from w4a16 import formats  # noqa: E402
+from tiny_models import write_moe_checkpoint  # noqa: E402
 from w4a16.errors import W4A16Error  # noqa: E402
 from w4a16.moe import W4A16Experts  # noqa: E402
 
@@ -19,7 +18,6 @@ pytestmark = pytest.mark.usefixtures("reference_gemm")
 
 COMMON = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=64, intermediate_size=128)
-EXPORT = {"gptq": formats.to_gptq, "awq": formats.to_awq, "compressed-tensors": formats.to_compressed_tensors}
 
 
 def _model(kind):
@@ -31,32 +29,7 @@ def _model(kind):
 
 
 def _write(folder, method, model, mixtral_names):
-    """The model as a checkpoint of ``method``: dense layers and every expert's projections
-    quantized (group 64, asymmetric), experts as per-expert layers. Returns {experts name:
-    [E] of (gate, up, down) QuantizedWeights}."""
-    src = copy.deepcopy(model)
-    w4a16.quantize_model(src, group_size=64, symmetric=False, progress=False, fuse=False, experts=False)
-    tensors, written = {}, {}
-    for name, m in src.named_modules():
-        if isinstance(m, w4a16.W4A16Linear):
-            tensors.update({f"{name}.{k}": v for k, v in EXPORT[method](m.weight_q).items()})
-        elif isinstance(getattr(m, "gate_up_proj", None), torch.Tensor):
-            I = m.down_proj.shape[2]
-            ws = []
-            for e in range(m.gate_up_proj.shape[0]):
-                parts = [m.gate_up_proj[e, :I], m.gate_up_proj[e, I:], m.down_proj[e]]
-                ws.append([w4a16.quantize(p.detach(), 64, symmetric=False) for p in parts])
-                base = name.replace(".mlp.", ".block_sparse_moe.") if mixtral_names else name
-                for proj, w in zip(("w1", "w3", "w2") if mixtral_names else ("gate_proj", "up_proj", "down_proj"), ws[-1]):
-                    tensors.update({f"{base}.{e}.{proj}.{k}": v for k, v in EXPORT[method](w).items()})
-            written[name] = ws
-    quantized = {n for n, m in src.named_modules() if isinstance(m, w4a16.W4A16Linear)}
-    for key, t in src.state_dict().items():
-        owner = key.rpartition(".")[0]
-        if owner not in quantized and owner not in written:
-            tensors[key] = t
-    write_checkpoint(folder, quantization_config(method, desc_act=False), tensors, model_type="tiny")
-    return written
+    return write_moe_checkpoint(folder, method, model, mixtral_names)
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq", "compressed-tensors"])

@@ -12,6 +12,8 @@ per-channel down projection cannot be split). The module's buffers become this r
 (plain tensors: its state dict is the rank's part)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DeviceMesh
@@ -57,13 +59,16 @@ class W4A16ExpertsParallel(ParallelStyle):
     def _apply(self, module, device_mesh: DeviceMesh):
         return self.apply_shard(module, device_mesh)
 
-    def apply_shard(self, module, mesh: DeviceMesh, name: str = "experts"):
+    def apply_shard(self, module, mesh: DeviceMesh, name: str = "experts", local: Optional[dict] = None):
+        """Shard ``module`` in place; ``local``: this rank's buffers already taken (:func:`take`, as
+        the checkpoint reader does before the module's placeholder ever holds the whole weights)."""
         expect(isinstance(module, W4A16Experts) and not getattr(module, "tp", None), name,
                "a W4A16Experts not yet sharded", type(module).__name__)
         expect(mesh.ndim == 1, "device_mesh", "a 1-D DeviceMesh (slice a larger mesh, e.g. mesh['tp'])",
                f"{mesh.ndim}-D")
         check_split(module, mesh.size(), name)
-        local = take(module, mesh.get_local_rank(), mesh.size())
+        if local is None:
+            local = take(module, mesh.get_local_rank(), mesh.size())
         for key, t in local.items():
             setattr(module, key, t)
         module.intermediate_dim //= mesh.size()

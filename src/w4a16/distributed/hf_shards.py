@@ -23,7 +23,9 @@ A layer whose part is not such a slice is read whole and split in memory (exact,
 ``report.read_whole``): act-order weights (a g_idx other than ``arange(K) // g``) split row-wise,
 whose stored K order is the permuted one, and column-wise splits with n0 or n1 not a multiple of
 8 where a format packs 8 outputs per int32. Tensors of layers the plan does not shard, and every
-other tensor (embeddings, norms, an fp16 lm_head), are read whole.
+other tensor (embeddings, norms, an fp16 lm_head), are read whole. A mixture of experts' per-expert
+layers are read whole, one experts module at a time, on the CPU; only this rank's slices of the
+stacked module reach its device (:meth:`ShardReader.experts`).
 """
 from __future__ import annotations
 
@@ -36,8 +38,11 @@ from torch.distributed.tensor import DeviceMesh
 
 from ..errors import expect
 from ..fused import FusedW4A16Linear, W4A16Slice
+from ..moe.module import W4A16Experts
 from ..nn import W4A16Linear
 from ..weight import QuantizedWeight
+from .experts import EXPERTS, W4A16ExpertsParallel, check_split
+from .experts import take as take_experts
 from .loading import mesh_device
 from .plan import COLWISE_REP, DEFAULT_TP_PLAN, Plan, apply_tp_plan, plan_targets
 from .shard import COLWISE, ROWWISE, LocalShard, Split, split_for, take
@@ -127,6 +132,21 @@ class ShardReader:
             return module.weight.device
         return mesh_device(self.mesh)
 
+    def experts(self, name: str, built: W4A16Experts) -> W4A16Experts:
+        """What stands for the experts module ``name`` (``built`` whole, on the CPU) until
+        :meth:`finish`: when the plan splits it, this rank's slices go to the rank's device (the
+        whole module never does) and a meta W4A16Experts of the global shape takes its place;
+        otherwise ``built`` on the rank's device. The experts' layers are read whole from the
+        checkpoint (listed in ``read_whole``) and split here, one experts module at a time."""
+        value = self.targets.get(name, (None,))[0]
+        dev = mesh_device(self.mesh)
+        if not (value == EXPERTS or isinstance(value, W4A16ExpertsParallel)):
+            return built.to(dev)
+        check_split(built, self.tp, name)
+        self.shards[name] = {k: t.to(dev) for k, t in take_experts(built, self.rank, self.tp).items()}
+        self.read_whole.append(name)
+        return built.to("meta")
+
     def placeholder(self, prefix: str, module: nn.Linear, shard: LocalShard, whole: bool) -> W4A16Linear:
         """Record ``shard`` for ``prefix`` and return the meta W4A16Linear of the global shape that
         stands in the model until :meth:`finish`. Zero points: a layer is asymmetric on every
@@ -142,8 +162,10 @@ class ShardReader:
         self.shards[prefix] = shard
         if whole:
             self.read_whole.append(prefix)
+        # a row-wise part holding one group reads as per-channel; the layer's group is that part's K
+        group = w.shape[1] if w.group_size == -1 and w.shape[1] < module.in_features else w.group_size
         return W4A16Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                           group_size=w.group_size, symmetric=not bool(flag.item()), dtype=w.scales.dtype,
+                           group_size=group, symmetric=not bool(flag.item()), dtype=w.scales.dtype,
                            device="meta")
 
     def local(self, w: QuantizedWeight, bias: Optional[torch.Tensor], split: Split, whole: bool) -> LocalShard:
@@ -174,6 +196,7 @@ class ShardReader:
             bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])
             self.shards[name] = LocalShard(fused, bias)
         styles = apply_tp_plan(model, self.mesh, self.plan, shards=self.shards)
-        left = [n for n, m in model.named_modules() if isinstance(m, W4A16Linear) and m.scales.is_meta]
+        left = [n for n, m in model.named_modules() if isinstance(m, W4A16Linear) and m.scales.is_meta
+                or isinstance(m, W4A16Experts) and m.gate_up_qweight.is_meta]
         expect(not left, "plan", "to shard every layer it names (each was read as a shard)", f"unsharded: {left[:4]}")
         return styles

@@ -179,7 +179,9 @@ def apply_tp_plan(model: nn.Module, mesh: DeviceMesh, plan: Optional[Plan] = Non
             whole or as its trailing components, with fnmatch wildcards (``"mlp.up_proj"``,
             ``"model.layers.*.mlp.up_proj"``). Default :data:`DEFAULT_TP_PLAN`. Strings give
             the W4A16 styles for W4A16Linear layers and torch's styles for ``nn.Linear``.
-        shards: pre-read local shards by module name (used by ``load_sharded``).
+        shards: pre-read local shards by module name (used by ``load_sharded`` and
+            ``load_pretrained_quantized``): a LocalShard per layer, a dict of buffers
+            (``w4a16.distributed.experts.take``) per experts module.
 
     Returns:
         module name -> the style applied. Modules no entry names stay replicated (every rank
@@ -198,7 +200,7 @@ def apply_tp_plan(model: nn.Module, mesh: DeviceMesh, plan: Optional[Plan] = Non
         if isinstance(style, W4A16Parallel):
             style.apply_shard(modules[name], mesh, shards.get(name), name)
         elif isinstance(style, W4A16ExpertsParallel):
-            style.apply_shard(modules[name], mesh, name)
+            style.apply_shard(modules[name], mesh, name, shards.get(name))
         else:
             parallelize_module(modules[name], mesh, style)
     tp = mesh.size()

@@ -51,9 +51,10 @@ def expert_layers(model: nn.Module, prefixes: List[str]) -> Dict[str, Dict[int, 
 
 
 def build_experts(model: nn.Module, name: str, layers: Dict[int, Dict[str, str]],
-                  build: Callable[[str], object], dtype) -> W4A16Experts:
+                  build: Callable[[str], object], dtype, device=None) -> W4A16Experts:
     """The W4A16Experts for the model's experts module ``name`` from its checkpoint ``layers``;
-    ``build(prefix)`` returns the QuantizedWeight of one checkpoint layer."""
+    ``build(prefix)`` returns the QuantizedWeight of one checkpoint layer. On ``device`` (default:
+    the float module's, the CPU for a meta one)."""
     module = model.get_submodule(name)
     E, I2, H = module.gate_up_proj.shape
     expect(sorted(layers) == list(range(E)), f"{name} experts in the checkpoint", f"experts 0..{E - 1}",
@@ -75,7 +76,8 @@ def build_experts(model: nn.Module, name: str, layers: Dict[int, Dict[str, str]]
         parts["down"].append([ws["down"]])
     target = dtype or (module.gate_up_proj.dtype if module.gate_up_proj.dtype in (torch.float16, torch.bfloat16)
                        else parts["down"][0][0].dtype)
-    device = torch.device("cpu") if module.gate_up_proj.is_meta else module.gate_up_proj.device
+    if device is None:
+        device = torch.device("cpu") if module.gate_up_proj.is_meta else module.gate_up_proj.device
     return W4A16Experts(*(_stack(parts[k], target, device, f"{name} {k}") for k in ("gate_up", "down")))
 
 
