@@ -244,20 +244,25 @@ def _case_llama(mesh):
     assert_same(got, want, "llama logits")
 
 
+def _tiny_qwen3_moe(heads: int, intermediate: int, seed: int):
+    """A two-layer Qwen3-MoE model (hidden 64, 4 experts, 2 per token, head_dim 16), fp16, random."""
+    import transformers
+
+    cfg = transformers.Qwen3MoeConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=heads,
+                                      num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                                      moe_intermediate_size=intermediate, num_experts=4, num_experts_per_tok=2,
+                                      max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval().half()
+
+
 def _case_moe_experts(mesh):
     """A tiny Qwen3-MoE model: the default plan splits each experts module over I (and the
     attention as for Llama); the logits equal the unsharded model's."""
-    import transformers
-
     from w4a16.distributed import W4A16ExpertsParallel, apply_tp_plan
     from w4a16.moe import W4A16Experts
 
-    cfg = transformers.Qwen3MoeConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, head_dim=16, intermediate_size=128,
-                                      moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
-                                      max_position_embeddings=64)
-    torch.manual_seed(3)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval().half()
+    model = _tiny_qwen3_moe(heads=4, intermediate=64, seed=3)
     w4a16.quantize_model(model, group_size=32, symmetric=False, progress=False)
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(15))
     with torch.no_grad():
@@ -279,18 +284,11 @@ def _case_load_hf_moe(mesh, tmp):
     shards as a group-64 layer."""
     import copy
 
-    import transformers
-
     from w4a16.distributed import W4A16ExpertsParallel
     from w4a16.moe import W4A16Experts
 
     r = mesh.get_local_rank()
-    cfg = transformers.Qwen3MoeConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
-                                      num_key_value_heads=2, head_dim=16, intermediate_size=128,
-                                      moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2,
-                                      max_position_embeddings=64)
-    torch.manual_seed(5)
-    source = transformers.AutoModelForCausalLM.from_config(cfg).eval().half()
+    source = _tiny_qwen3_moe(heads=8, intermediate=128, seed=5)
     folder = os.path.join(tmp, "hf-moe-gptq")
     if r == 0:
         write_moe_checkpoint(folder, "gptq", source)
@@ -300,8 +298,7 @@ def _case_load_hf_moe(mesh, tmp):
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(21))
     with torch.no_grad():
         want = whole(ids).logits
-    torch.manual_seed(6)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval().half()   # other float weights
+    model = _tiny_qwen3_moe(heads=8, intermediate=128, seed=6)   # other float weights
     report = w4a16.load_pretrained_quantized(model, folder, mesh=mesh)
     name = "model.layers.1.mlp.experts"
     experts = model.get_submodule(name)
