@@ -224,12 +224,29 @@ def _check_groups(prefix: str, w: QuantizedWeight, opts: dict) -> None:
 
 
 def _experts(model: nn.Module, name: str, layers: dict, method: str, opts: dict, ckpt: "_Tensors", dtype, reader):
-    """The W4A16Experts of the experts module ``name`` from its checkpoint ``layers``: built whole;
-    with a ``reader`` (a mesh) built on the CPU and handed to it (this rank's slices)."""
+    """The W4A16Experts of the experts module ``name`` from its checkpoint ``layers``; with a
+    ``reader`` (a mesh) whose plan splits it, the meta placeholder, the reader keeping this rank's
+    part, read as slices of each expert's layers."""
     build = lambda p: _checkpoint_weight(p, method, opts, ckpt)  # noqa: E731
     if reader is None:
         return build_experts(model, name, layers, build, dtype)
-    return reader.experts(name, build_experts(model, name, layers, build, dtype, torch.device("cpu")))
+    from .distributed.loading import mesh_device
+    from .distributed.shard import take
+    if not reader.splits_experts(name, layers):   # replicated: whole on every rank
+        return build_experts(model, name, layers, build, dtype, torch.device("cpu")).to(mesh_device(reader.mesh))
+    E, I2, H = model.get_submodule(name).gate_up_proj.shape
+    shape = {p: (H, I2 // 2) if proj == "down" else (I2 // 2, H) for e in layers.values() for proj, p in e.items()}
+
+    def part(prefix: str) -> QuantizedWeight:
+        tensors, split, whole = _read_layer(prefix, method, _present_parts(prefix, method, opts, ckpt), ckpt, reader,
+                                            *shape[prefix])
+        w = _built(prefix, method, opts, tensors)
+        _check_groups(prefix, w, opts)
+        if whole:
+            reader.read_whole.append(prefix)
+            w = take(w, None, split).weight
+        return w
+    return reader.experts(name, build_experts(model, name, layers, part, dtype, torch.device("cpu"), reader.tp))
 
 
 def _checkpoint_weight(prefix: str, method: str, opts: dict, ckpt: "_Tensors") -> QuantizedWeight:
@@ -354,9 +371,8 @@ def load_pretrained_quantized(model: nn.Module, path: Union[str, os.PathLike],
         mesh: a 1-D ``DeviceMesh`` to shard the model over (tensor parallelism; call it on every
             rank with the same model): each rank reads only its part of every layer ``plan``
             shards (:mod:`w4a16.distributed.hf_shards` lists the slices; a mixture of experts'
-            per-expert layers are read whole on the CPU and only the rank's slices reach its
-            device), then the model is sharded as :func:`w4a16.distributed.apply_tp_plan` does.
-            None: no sharding.
+            per-expert layers are split as its experts module is), then the model is sharded as
+            :func:`w4a16.distributed.apply_tp_plan` does. None: no sharding.
         plan: the tensor-parallel plan (default ``w4a16.distributed.DEFAULT_TP_PLAN``); only
             with ``mesh``.
 

@@ -36,9 +36,11 @@ REL_TOL = 2e-3
 CASES = ("mlp_g64_sym", "mlp_g128_asym", "colwise_gather", "dtensor_chain", "rowwise_replicated_input",
          "rowwise_reduce_scatter",
          "act_order_colwise", "act_order_rowwise", "act_order_rowwise_sharded_input", "llama", "llama_fused", "state_dict",
-         "errors", "load_sharded", "load_sharded_fused", "compiled", "load_hf_gptq", "load_hf_awq", "load_hf_compressed_tensors", "moe_experts", "load_hf_moe")
+         "errors", "load_sharded", "load_sharded_fused", "compiled", "load_hf_gptq", "load_hf_awq", "load_hf_compressed_tensors", "moe_experts", "load_hf_moe_gptq",
+         "load_hf_moe_awq", "load_hf_moe_compressed_tensors")
 NEEDS_TRANSFORMERS = ("llama", "llama_fused", "errors", "moe_experts", "load_sharded", "load_sharded_fused", "load_hf_gptq",
-                      "load_hf_awq", "load_hf_compressed_tensors", "load_hf_moe")
+                      "load_hf_awq", "load_hf_compressed_tensors", "load_hf_moe_gptq", "load_hf_moe_awq",
+                      "load_hf_moe_compressed_tensors")
 
 
 # ---------------------------------------------------------------------------- helpers (both sides)
@@ -276,22 +278,25 @@ def _case_moe_experts(mesh):
     assert_same(got, want, "moe logits")
 
 
-def _case_load_hf_moe(mesh, tmp):
-    """load_pretrained_quantized(..., mesh=mesh) of a GPTQ MoE checkpoint (per-expert layers): each
-    experts module is split over I as apply_tp_plan does (rank r: its slice of every expert), the
-    logits equal the unsharded load's, and the report lists the experts as read whole. Its
-    o_proj (K = 128, group 64) keeps one group per rank: read as a per-channel part, it still
-    shards as a group-64 layer."""
+def _case_load_hf_moe(mesh, tmp, method):
+    """load_pretrained_quantized(..., mesh=mesh) of a MoE checkpoint of ``method`` (per-expert
+    layers): each experts module is split over I as apply_tp_plan does (rank r: its slice of every
+    expert), each expert's layers read as slices (gate and up rows, down's K), never whole, and
+    the logits equal the unsharded load's. Its o_proj (K = 128, group 64) keeps one group per
+    rank: read as a per-channel part, it still shards as a group-64 layer."""
     import copy
 
+    from safetensors import safe_open
+
+    from w4a16 import io as w4a16_io
     from w4a16.distributed import W4A16ExpertsParallel
     from w4a16.moe import W4A16Experts
 
     r = mesh.get_local_rank()
     source = _tiny_qwen3_moe(heads=8, intermediate=128, seed=5)
-    folder = os.path.join(tmp, "hf-moe-gptq")
+    folder = os.path.join(tmp, f"hf-moe-{method}")
     if r == 0:
-        write_moe_checkpoint(folder, "gptq", source)
+        write_moe_checkpoint(folder, method, source)
     dist.barrier()
     whole = copy.deepcopy(source)
     w4a16.load_pretrained_quantized(whole, folder)
@@ -299,11 +304,27 @@ def _case_load_hf_moe(mesh, tmp):
     with torch.no_grad():
         want = whole(ids).logits
     model = _tiny_qwen3_moe(heads=8, intermediate=128, seed=6)   # other float weights
-    report = w4a16.load_pretrained_quantized(model, folder, mesh=mesh)
+    log = []
+    w4a16_io.safe_open = lambda *a, **k: _Spy(safe_open(*a, **k), log)   # the checkpoint opens through io
+    try:
+        report = w4a16.load_pretrained_quantized(model, folder, mesh=mesh)
+    finally:
+        w4a16_io.safe_open = safe_open
+    read_whole = sorted({e[1] for e in log if e[0] == "tensor" and ".experts." in e[1] and not e[1].endswith("g_idx")})
+    assert not read_whole and not report.read_whole, (read_whole[:4], report.read_whole)
+    slices = {e[1]: e[2] for e in log if e[0] == "slice"}
+    p = "model.layers.1.mlp.experts.2"
+    want_slices = {   # up: rows r*64.. of N = 64 per rank; down: K = 128 columns, 64 per rank
+        "gptq": (("up_proj.qweight", (slice(None), slice(r * 64, (r + 1) * 64))), ("down_proj.qweight", slice(r * 8, (r + 1) * 8))),
+        "awq": (("up_proj.qweight", (slice(None), slice(r * 8, (r + 1) * 8))), ("down_proj.qweight", slice(r * 64, (r + 1) * 64))),
+        "compressed-tensors": (("up_proj.weight_packed", slice(r * 64, (r + 1) * 64)),
+                               ("down_proj.weight_packed", (slice(None), slice(r * 8, (r + 1) * 8))))}[method]
+    for key, sl in want_slices:
+        assert slices[f"{p}.{key}"] == repr(sl), (key, slices.get(f"{p}.{key}"))
     name = "model.layers.1.mlp.experts"
     experts = model.get_submodule(name)
     assert isinstance(experts, W4A16Experts) and experts.tp == 2 and report.sharded[name] == W4A16ExpertsParallel.__name__
-    assert name in report.read_whole and name in report.experts
+    assert name in report.experts
     gu, dn = experts.weights()
     assert gu.shape == (4, 128, 64) and dn.shape == (4, 64, 64) and not gu.qweight.is_meta
     full_gu, full_dn = whole.get_submodule(name).weights()
@@ -312,7 +333,7 @@ def _case_load_hf_moe(mesh, tmp):
                                                    full_gu.dequantize()[:, I + r * i:I + (r + 1) * i]], 1))
     assert torch.equal(dn.dequantize(), full_dn.dequantize()[:, :, r * i:(r + 1) * i])
     with torch.no_grad():
-        assert_same(model(ids).logits, want, "moe checkpoint logits")
+        assert_same(model(ids).logits, want, f"{method} moe checkpoint logits")
 
 
 def _case_llama_fused(mesh):
@@ -563,7 +584,9 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             "load_hf_awq": lambda: _case_load_hf(mesh, tmp, "awq", False),
             "load_hf_compressed_tensors": lambda: _case_load_hf(mesh, tmp, "compressed-tensors", True),
             "moe_experts": lambda: _case_moe_experts(mesh),
-            "load_hf_moe": lambda: _case_load_hf_moe(mesh, tmp),
+            "load_hf_moe_gptq": lambda: _case_load_hf_moe(mesh, tmp, "gptq"),
+            "load_hf_moe_awq": lambda: _case_load_hf_moe(mesh, tmp, "awq"),
+            "load_hf_moe_compressed_tensors": lambda: _case_load_hf_moe(mesh, tmp, "compressed-tensors"),
         }
         has_transformers = importlib.util.find_spec("transformers") is not None
         for name in CASES:

@@ -23,9 +23,9 @@ A layer whose part is not such a slice is read whole and split in memory (exact,
 ``report.read_whole``): act-order weights (a g_idx other than ``arange(K) // g``) split row-wise,
 whose stored K order is the permuted one, and column-wise splits with n0 or n1 not a multiple of
 8 where a format packs 8 outputs per int32. Tensors of layers the plan does not shard, and every
-other tensor (embeddings, norms, an fp16 lm_head), are read whole. A mixture of experts' per-expert
-layers are read whole, one experts module at a time, on the CPU; only this rank's slices of the
-stacked module reach its device (:meth:`ShardReader.experts`).
+other tensor (embeddings, norms, an fp16 lm_head), are read whole. A mixture of experts'
+per-expert layers are split as its experts module is (:mod:`w4a16.distributed.experts`): each
+expert's gate and up column-wise, its down row-wise, read as slices like any such layer.
 """
 from __future__ import annotations
 
@@ -38,11 +38,11 @@ from torch.distributed.tensor import DeviceMesh
 
 from ..errors import expect
 from ..fused import FusedW4A16Linear, W4A16Slice
-from ..moe.module import W4A16Experts
+from ..moe.module import PARTS, W4A16Experts
+from ..moe.weights import QuantizedExperts
 from ..nn import W4A16Linear
 from ..weight import QuantizedWeight
-from .experts import EXPERTS, W4A16ExpertsParallel, check_split
-from .experts import take as take_experts
+from .experts import EXPERTS, W4A16ExpertsParallel
 from .loading import mesh_device
 from .plan import COLWISE_REP, DEFAULT_TP_PLAN, Plan, apply_tp_plan, plan_targets
 from .shard import COLWISE, ROWWISE, LocalShard, Split, split_for, take
@@ -132,20 +132,38 @@ class ShardReader:
             return module.weight.device
         return mesh_device(self.mesh)
 
-    def experts(self, name: str, built: W4A16Experts) -> W4A16Experts:
-        """What stands for the experts module ``name`` (``built`` whole, on the CPU) until
-        :meth:`finish`: when the plan splits it, this rank's slices go to the rank's device (the
-        whole module never does) and a meta W4A16Experts of the global shape takes its place;
-        otherwise ``built`` on the rank's device. The experts' layers are read whole from the
-        checkpoint (listed in ``read_whole``) and split here, one experts module at a time."""
+    def splits_experts(self, name: str, layers: Dict[int, Dict[str, str]]) -> bool:
+        """Whether the plan splits the experts module ``name``; if so, each expert's checkpoint
+        layers (``layers``: {expert: {"gate" | "up" | "down": prefix}}) are planned as the split
+        has them (gate and up column-wise, down row-wise), so that they are read as slices."""
         value = self.targets.get(name, (None,))[0]
-        dev = mesh_device(self.mesh)
         if not (value == EXPERTS or isinstance(value, W4A16ExpertsParallel)):
-            return built.to(dev)
-        check_split(built, self.tp, name)
-        self.shards[name] = {k: t.to(dev) for k, t in take_experts(built, self.rank, self.tp).items()}
-        self.read_whole.append(name)
-        return built.to("meta")
+            return False
+        for projs in layers.values():
+            for proj, prefix in projs.items():
+                self.targets[prefix] = (ROWWISE if proj == "down" else COLWISE, name)
+        return True
+
+    def experts(self, name: str, local: W4A16Experts) -> W4A16Experts:
+        """Keep ``local`` (this rank's part of the experts module ``name``, read as slices of each
+        expert's layers) for :meth:`finish` on the rank's device, zero points alike on every rank;
+        returns the meta W4A16Experts of the global shape that stands in the model until then."""
+        dev = mesh_device(self.mesh)
+        flag = torch.tensor([int(local.gate_up_zeros is not None or local.down_zeros is not None)],
+                            device=dev if self.mesh.device_type != "cpu" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.mesh.get_group())
+        gu, dn = local.weights()
+        if bool(flag.item()):
+            gu, dn = (QuantizedExperts(w.qweight, w.scales, w.zeros if w.zeros is not None else torch.full_like(
+                w.scales, 8), w.group_size) for w in (gu, dn))
+        E, I2, H = gu.shape
+        g_down = dn.group_size if dn.group_size != -1 else dn.shape[2]   # one group per rank: the layer's group
+        self.shards[name] = {f"{p}_{part}": getattr(w, part).to(dev) for p, w in (("gate_up", gu), ("down", dn))
+                             for part in PARTS if getattr(w, part) is not None}
+        meta = lambda t, dim: None if t is None else torch.empty(  # noqa: E731
+            [n * self.tp if i == dim else n for i, n in enumerate(t.shape)], dtype=t.dtype, device="meta")
+        return W4A16Experts(QuantizedExperts(meta(gu.qweight, 1), meta(gu.scales, 1), meta(gu.zeros, 1), gu.group_size),
+                            QuantizedExperts(meta(dn.qweight, 2), meta(dn.scales, 2), meta(dn.zeros, 2), g_down))
 
     def placeholder(self, prefix: str, module: nn.Linear, shard: LocalShard, whole: bool) -> W4A16Linear:
         """Record ``shard`` for ``prefix`` and return the meta W4A16Linear of the global shape that

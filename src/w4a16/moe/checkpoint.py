@@ -51,12 +51,14 @@ def expert_layers(model: nn.Module, prefixes: List[str]) -> Dict[str, Dict[int, 
 
 
 def build_experts(model: nn.Module, name: str, layers: Dict[int, Dict[str, str]],
-                  build: Callable[[str], object], dtype, device=None) -> W4A16Experts:
+                  build: Callable[[str], object], dtype, device=None, parts: int = 1) -> W4A16Experts:
     """The W4A16Experts for the model's experts module ``name`` from its checkpoint ``layers``;
     ``build(prefix)`` returns the QuantizedWeight of one checkpoint layer. On ``device`` (default:
-    the float module's, the CPU for a meta one)."""
+    the float module's, the CPU for a meta one). ``parts`` > 1: ``build`` gives one rank's part of
+    each layer (1 / parts of the intermediate size: gate and up rows, down columns)."""
     module = model.get_submodule(name)
     E, I2, H = module.gate_up_proj.shape
+    I2 //= parts
     expect(sorted(layers) == list(range(E)), f"{name} experts in the checkpoint", f"experts 0..{E - 1}",
            f"{sorted(layers)[:8]}{'...' if len(layers) > 8 else ''}")
     parts: Dict[str, List] = {"gate_up": [], "down": []}
