@@ -156,7 +156,6 @@ class ShardReader:
         if bool(flag.item()):
             gu, dn = (QuantizedExperts(w.qweight, w.scales, w.zeros if w.zeros is not None else torch.full_like(
                 w.scales, 8), w.group_size) for w in (gu, dn))
-        E, I2, H = gu.shape
         g_down = dn.group_size if dn.group_size != -1 else dn.shape[2]   # one group per rank: the layer's group
         self.shards[name] = {f"{p}_{part}": getattr(w, part).to(dev) for p, w in (("gate_up", gu), ("down", dn))
                              for part in PARTS if getattr(w, part) is not None}
