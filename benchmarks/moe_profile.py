@@ -10,16 +10,10 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from w4a16.bench.moe import PRESETS
-from w4a16.moe import QuantizedExperts, fused_moe
+from w4a16.bench.moe import PRESETS, random_experts
+from w4a16.moe import fused_moe
 
 ITERS = 10
-
-
-def random_experts(E, N, K, dtype, gen) -> QuantizedExperts:
-    q = torch.randint(0, 256, (E, N, K // 2), dtype=torch.uint8, device="cuda", generator=gen)
-    s = (torch.rand(E, N, K // 128, device="cuda", generator=gen) * 0.02 + 0.005).to(dtype)
-    return QuantizedExperts(q, s, None, 128)
 
 
 def main() -> None:
@@ -33,7 +27,8 @@ def main() -> None:
     print(torch.cuda.get_device_name(), torch.__version__, a.dtype)
     for preset in a.presets.split(","):
         H, I, E, k = PRESETS[preset]
-        gu, dn = random_experts(E, 2 * I, H, dtype, gen), random_experts(E, H, I, dtype, gen)
+        gu = random_experts(E, 2 * I, H, 128, dtype, "cuda", gen)
+        dn = random_experts(E, H, I, 128, dtype, "cuda", gen)
         for T in (int(t) for t in a.tokens.split(",")):
             x = torch.randn(T, H, device="cuda", generator=gen).to(dtype)
             ids = [torch.stack([torch.randperm(E, device="cuda", generator=gen)[:k] for _ in range(T)])

@@ -16,9 +16,9 @@ import torch
 import w4a16
 from w4a16.backends.triton import moe as kernel
 from w4a16.bench.ceilings import measure_copy_bandwidth
-from w4a16.bench.moe import PRESETS
+from w4a16.bench.moe import PRESETS, random_experts
 from w4a16.measure import GraphTimer, rel_error
-from w4a16.moe import QuantizedExperts, reference
+from w4a16.moe import reference
 from w4a16.moe.ops import block_m_for
 from w4a16.moe.routing import align
 
@@ -31,12 +31,6 @@ def candidates(block_m: int) -> list:
     if block_m <= 16:
         return [T(bn, bk, 4, st) for bn in (16, 32, 64, 128) for bk in (64, 128) for st in (3, 4)]
     return [T(bn, bk, w, st) for bn in (64, 128) for bk in (32, 64) for w in (4, 8) for st in (3, 4)]
-
-
-def random_experts(E, N, K, dtype, gen) -> QuantizedExperts:
-    q = torch.randint(0, 256, (E, N, K // 2), dtype=torch.uint8, device="cuda", generator=gen)
-    s = (torch.rand(E, N, K // 128, device="cuda", generator=gen) * 0.02 + 0.005).to(dtype)
-    return QuantizedExperts(q, s, None, 128)
 
 
 def main() -> int:
@@ -57,7 +51,8 @@ def main() -> int:
     rows, t0 = [], time.time()
     for preset in presets:
         H, I, E, k = PRESETS[preset]
-        gu, dn = random_experts(E, 2 * I, H, dtype, gen), random_experts(E, H, I, dtype, gen)
+        gu = random_experts(E, 2 * I, H, 128, dtype, "cuda", gen)
+        dn = random_experts(E, H, I, 128, dtype, "cuda", gen)
         for T in tokens:
             if time.time() - t0 > a.limit_s:
                 print("time limit: stopping", flush=True)

@@ -70,8 +70,9 @@ def parse_presets(text: str) -> tuple:
     return names
 
 
-def _experts(E, N, K, g, dtype, device, gen) -> QuantizedExperts:
-    """Random int4 experts made on ``device`` (``gen`` a generator there): codes and scales."""
+def random_experts(E, N, K, g, dtype, device, gen) -> QuantizedExperts:
+    """Random int4 experts [E, N, K] made on ``device`` (``gen`` a generator there): codes uniform,
+    symmetric scales in [0.005, 0.025) of group ``g`` (-1: per channel)."""
     q = torch.randint(0, 256, (E, N, K // 2), dtype=torch.uint8, generator=gen, device=device)
     s = (torch.rand(E, N, 1 if g == -1 else K // g, generator=gen, device=device) * 0.02 + 0.005).to(dtype)
     return QuantizedExperts(q, s, None, g)
@@ -173,8 +174,8 @@ def run_moe(presets, tokens, dtype, group_size, peers, device, fake: bool, seed:
             built = {"key": (preset, H, I, E)}
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            built["gu"], built["dn"] = (_experts(E, 2 * I, H, g, dtype, device, wgen),
-                                        _experts(E, H, I, g, dtype, device, wgen))
+            built["gu"], built["dn"] = (random_experts(E, 2 * I, H, g, dtype, device, wgen),
+                                        random_experts(E, H, I, g, dtype, device, wgen))
             built["dense"] = None
         gu, dn = built["gu"], built["dn"]
         x = torch.randn(T, H, generator=gen).to(device, dtype)

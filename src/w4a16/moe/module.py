@@ -69,7 +69,7 @@ class W4A16Experts(nn.Module):
         last time, which hold the same tensors (in-place edits are seen)."""
         bufs = tuple(getattr(self, f"{p}_{part}") for p in ("gate_up", "down") for part in PARTS)
         cached = self.__dict__.get("_weights")
-        if cached is None or len(cached[0]) != len(bufs) or any(a is not b for a, b in zip(cached[0], bufs)):
+        if cached is None or any(a is not b for a, b in zip(cached[0], bufs)):
             built = tuple(QuantizedExperts(*bufs[3 * i:3 * i + 3], g) for i, g in enumerate(self.group_sizes))
             self.__dict__["_weights"] = cached = (bufs, built)
         return cached[1]

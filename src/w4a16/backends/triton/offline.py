@@ -26,31 +26,39 @@ def compile_gemm(cfg: GemmConfig, dtype: str = "fp16", group: int = 128, has_zer
     (alpha, bias and the store in the kernel) rather than one writing fp32 partials; even_k: K a
     multiple of the chunk; aligned: the arguments compiled as divisible by 16 (16-byte aligned
     pointers, sizes that are multiples of 16), as the launcher's real problems usually are."""
-    import triton
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    from ..triton_compat import COMPILE_OPTIONS
-    from .env import interpreter_unset
     from .gemm import w4a16_gemm_kernel
 
     st = "*fp32" if cfg.wide_scales else f"*{dtype}"
     types = (f"*{dtype}", "*u8", st, st, f"*{dtype}", f"*{dtype}", "*fp32", "*i32",
              "i32", "i32", "i32", "i32", "i32", "i32", "fp32")
-    sig = dict(zip(GEMM_ARGS, types))
-    attrs = {(GEMM_ARGS.index(a),): [["tt.divisibility", 16]] for a in aligned}
     kc = chunk_of(group)
     cx = dict(GROUP_LOG2=-1 if group == -1 else group.bit_length() - 1, KC=kc,
               ONE_SCALE=group == -1 or group % kc == 0, EVEN_K=even_k, BM=cfg.block_m, BN=cfg.block_n,
               EPILOGUE=epilogue, GROUP_M=cfg.group_m, SWAP_AB=cfg.swap_ab, UNROLL=cfg.unroll,
               PREFETCH=cfg.prefetch, SCALE_AFTER=cfg.scale_after, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias,
               ATOMIC=False, USE_ASM=cfg.dequant == "magic", DTYPE=tl.float16 if dtype == "fp16" else tl.bfloat16)
-    sig.update({k: "constexpr" for k in cx})
+    return _compile_sm90a(w4a16_gemm_kernel, GEMM_ARGS, types, aligned, cx, cfg.num_warps, cfg.num_stages)
+
+
+def _compile_sm90a(fn, names, types, aligned: Iterable[str], constexprs: dict, num_warps: int, num_stages: int):
+    """``fn`` compiled for sm_90a: its arguments ``names`` of Triton ``types``, those in
+    ``aligned`` declared divisible by 16, then the ``constexprs``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ..triton_compat import COMPILE_OPTIONS
+    from .env import interpreter_unset
+
+    sig = dict(zip(names, types))
+    sig.update({k: "constexpr" for k in constexprs})
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     with interpreter_unset():   # the interpreter must not take over compiling
-        return triton.compile(ASTSource(fn=w4a16_gemm_kernel, signature=sig, constexprs=cx, attrs=attrs),
+        return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **COMPILE_OPTIONS})
+                              options={"num_warps": num_warps, "num_stages": num_stages, **COMPILE_OPTIONS})
 
 
 def weights_per_thread(cfg: GemmConfig, group: int) -> int:
@@ -64,33 +72,22 @@ MOE_ALIGNED = ("x_ptr", "q_ptr", "s_ptr", "z_ptr", "tw_ptr", "out_ptr", "slots_p
                "stride_xm", "stride_om")
 
 
-def compile_moe(kernel, dtype: str = "fp16", group: int = 128, has_zeros: bool = False, K: int = 4096):
+def compile_moe(kernel, dtype: str = "fp16", group: int = 128, has_zeros: bool = False):
     """:func:`w4a16.backends.triton.moe.w4a16_moe_gemm` at ``kernel`` (a MoeKernel) compiled for
     sm_90a: the gate_up variant writes the activation dtype, down fp32 rows times the routing
     weights; the direct variant reads int64 expert ids (topk_ids). Pointers and sizes compiled as
-    16-byte aligned, as a real layer's are. group -1: one group over ``K``."""
-    import triton
+    16-byte aligned, as a real layer's are. group -1: one group over K (a run-time size)."""
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    from ..triton_compat import COMPILE_OPTIONS
-    from .env import interpreter_unset
     from .moe import w4a16_moe_gemm
 
     t = kernel.tile
     types = (f"*{dtype}", "*u8", f"*{dtype}", f"*{dtype}", "*fp32", f"*{dtype}" if kernel.silu_mul else "*fp32",
              "*i32", "*i64" if kernel.direct else "*i32") + ("i32",) * 8
-    sig = dict(zip(MOE_ARGS, types))
-    attrs = {(MOE_ARGS.index(a),): [["tt.divisibility", 16]] for a in MOE_ALIGNED}
     cx = dict(BLOCK_M=kernel.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, ONE_GROUP=group == -1,
               GATHER=kernel.silu_mul, MUL_WEIGHT=not kernel.silu_mul, HAS_ZEROS=has_zeros, SILU_MUL=kernel.silu_mul,
               DIRECT=kernel.direct, USE_ASM=True, DTYPE=tl.float16 if dtype == "fp16" else tl.bfloat16)
-    sig.update({k: "constexpr" for k in cx})
-    with interpreter_unset():
-        return triton.compile(ASTSource(fn=w4a16_moe_gemm, signature=sig, constexprs=cx, attrs=attrs),
-                              target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": t.num_warps, "num_stages": t.num_stages, **COMPILE_OPTIONS})
+    return _compile_sm90a(w4a16_moe_gemm, MOE_ARGS, types, MOE_ALIGNED, cx, t.num_warps, t.num_stages)
 
 
 def moe_weights_per_thread(kernel) -> int:
