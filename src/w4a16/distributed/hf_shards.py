@@ -95,6 +95,13 @@ def sliced_tensors(method: str, get, present: List[str], split: Split, N: int, K
     return out
 
 
+def layer_group(group: int, part_k: int, layer_k: int) -> int:
+    """The group size of a layer of ``layer_k`` inputs whose row-wise part of ``part_k`` was read
+    with ``group``: a part holding one group reads as per-channel (-1), but the layer's group is
+    that part's K."""
+    return part_k if group == -1 and part_k < layer_k else group
+
+
 class ShardReader:
     """Reads each planned layer's local shard while ``load_pretrained_quantized`` builds the model,
     then shards the model (:meth:`finish`). Layers it reads become W4A16Linear placeholders of
@@ -149,14 +156,11 @@ class ShardReader:
         expert's layers) for :meth:`finish` on the rank's device, zero points alike on every rank;
         returns the meta W4A16Experts of the global shape that stands in the model until then."""
         dev = mesh_device(self.mesh)
-        flag = torch.tensor([int(local.gate_up_zeros is not None or local.down_zeros is not None)],
-                            device=dev if self.mesh.device_type != "cpu" else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.mesh.get_group())
         gu, dn = local.weights()
-        if bool(flag.item()):
+        if self._on_any_rank(gu.zeros is not None or dn.zeros is not None):
             gu, dn = (QuantizedExperts(w.qweight, w.scales, w.zeros if w.zeros is not None else torch.full_like(
                 w.scales, 8), w.group_size) for w in (gu, dn))
-        g_down = dn.group_size if dn.group_size != -1 else dn.shape[2]   # one group per rank: the layer's group
+        g_down = layer_group(dn.group_size, dn.shape[2], dn.shape[2] * self.tp)
         self.shards[name] = {f"{p}_{part}": getattr(w, part).to(dev) for p, w in (("gate_up", gu), ("down", dn))
                              for part in PARTS if getattr(w, part) is not None}
         meta = lambda t, dim: None if t is None else torch.empty(  # noqa: E731
@@ -169,21 +173,23 @@ class ShardReader:
         stands in the model until :meth:`finish`. Zero points: a layer is asymmetric on every
         rank if its shard is on any (a slice may happen to hold only symmetric groups)."""
         w = shard.weight
-        flag = torch.tensor([int(w.zeros is not None)], device=w.scales.device if self.mesh.device_type != "cpu"
-                            else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.mesh.get_group())
-        if bool(flag.item()) and w.zeros is None:
+        asymmetric = self._on_any_rank(w.zeros is not None)
+        if asymmetric and w.zeros is None:
             w = QuantizedWeight.from_plain(w.plain_codes(), w.scales, torch.full_like(w.scales, 8), w.group_size,
                                            w.perm)
             shard = shard._replace(weight=w)
         self.shards[prefix] = shard
         if whole:
             self.read_whole.append(prefix)
-        # a row-wise part holding one group reads as per-channel; the layer's group is that part's K
-        group = w.shape[1] if w.group_size == -1 and w.shape[1] < module.in_features else w.group_size
         return W4A16Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                           group_size=group, symmetric=not bool(flag.item()), dtype=w.scales.dtype,
-                           device="meta")
+                           group_size=layer_group(w.group_size, w.shape[1], module.in_features),
+                           symmetric=not asymmetric, dtype=w.scales.dtype, device="meta")
+
+    def _on_any_rank(self, value: bool) -> bool:
+        """Whether ``value`` holds on any rank of the mesh (one all-reduce on the rank's device)."""
+        flag = torch.tensor([int(value)], device=mesh_device(self.mesh))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.mesh.get_group())
+        return bool(flag.item())
 
     def local(self, w: QuantizedWeight, bias: Optional[torch.Tensor], split: Split, whole: bool) -> LocalShard:
         """The LocalShard from what was read: ``w`` and ``bias`` are already this rank's part, or

@@ -312,6 +312,19 @@ def _versions() -> Dict[str, str]:
     return out
 
 
+def _against_dequantized(model, vids, ref: torch.Tensor, what: str) -> tuple:
+    """(logits of ``vids``, their top-1 agreement with ``ref``, their relative error against the
+    same model computing with its dequantized weights); RuntimeError naming ``what`` when that
+    error exceeds KERNEL_TOL (a kernel computes something else than its weights say)."""
+    got = logits_of(model, vids)
+    with dequantized_weights(model):
+        deq = logits_of(model, vids)
+    err = rel_error(got, deq)
+    if err > KERNEL_TOL:
+        raise RuntimeError(f"{what} disagrees with its dequantized weights: relative error {err:.3g} > {KERNEL_TOL}")
+    return got, float((got.argmax(-1) == ref.argmax(-1)).double().mean()), err
+
+
 def _measure(name, model, device, batches, prefill_tokens, decode_kw, say, graph_modes=(True,),
              tolerate: bool = False) -> ModelSpeed:
     """Prefill and every decode step of ``model``. With ``tolerate`` (a peer), a step that fails
@@ -408,18 +421,12 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
     say(f"{report} in {time.perf_counter() - t0:.1f} s")
     if not report.replaced:
         raise RuntimeError("quantize_model replaced no layer")
-    got = logits_of(model, vids)
-    with dequantized_weights(model):
-        deq = logits_of(model, vids)
-    result.check = {"top1_vs_fp16": float((got.argmax(-1) == ref.argmax(-1)).double().mean()),
-                    "rel_err_vs_fp16": rel_error(got, ref), "rel_err_vs_dequantized": rel_error(got, deq),
+    got, top1, err = _against_dequantized(model, vids, ref, "W4A16 model")
+    result.check = {"top1_vs_fp16": top1, "rel_err_vs_fp16": rel_error(got, ref), "rel_err_vs_dequantized": err,
                     "layers_quantized": len(report.replaced)}
     say("W4A16 logits on a {}-token prompt: top-1 agreement with fp16 {top1_vs_fp16:.3f}, relative error "
         "{rel_err_vs_fp16:.3g}; vs its own dequantized weights {rel_err_vs_dequantized:.3g}"
         .format(verify_tokens, **result.check))
-    if result.check["rel_err_vs_dequantized"] > KERNEL_TOL:
-        raise RuntimeError(f"W4A16 model disagrees with its dequantized weights: relative error "
-                           f"{result.check['rel_err_vs_dequantized']:.3g} > {KERNEL_TOL}")
     if result.check["rel_err_vs_fp16"] > FP16_TOL:
         # Random weights make a chaotic network: 4-bit rounding noise grows through 32 random layers,
         # so distance to the fp16 model says nothing here (quality is measured on a real model in
@@ -442,14 +449,8 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
         say(f"lm_head: {head}")
         if "lm_head" not in head.replaced:
             raise RuntimeError(f"quantize_model(skip=()) left the lm_head alone: {head.skipped.get('lm_head')}")
-        with dequantized_weights(model):
-            deq = logits_of(model, vids)
-        got = logits_of(model, vids)
-        result.check.update(lm_head_top1_vs_fp16=float((got.argmax(-1) == ref.argmax(-1)).double().mean()),
-                            lm_head_rel_err_vs_dequantized=rel_error(got, deq))
-        if result.check["lm_head_rel_err_vs_dequantized"] > KERNEL_TOL:
-            raise RuntimeError(f"W4A16 model with a 4-bit lm_head disagrees with its dequantized weights: relative "
-                               f"error {result.check['lm_head_rel_err_vs_dequantized']:.3g} > {KERNEL_TOL}")
+        _, top1, err = _against_dequantized(model, vids, ref, "W4A16 model with a 4-bit lm_head")
+        result.check.update(lm_head_top1_vs_fp16=top1, lm_head_rel_err_vs_dequantized=err)
         result.models.append(_measure(name + ", 4-bit lm_head", model, device, batches, prefill_tokens, decode_kw,
                                       say, graph_modes))
     for peer in peers:
