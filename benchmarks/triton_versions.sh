@@ -6,6 +6,8 @@
 #   bash benchmarks/triton_versions.sh bench TARBALL   # w4a16 bench on both Tritons, same machine
 #   bash benchmarks/triton_versions.sh tests TARBALL   # the whole test suite on the baseline and the
 #                                                      # GPU tests on the newer Triton, at once (pytest-xdist)
+#   bash benchmarks/triton_versions.sh gpu-tests TARBALL  # the GPU tests (-m gpu) on both Tritons, at once
+#   bash benchmarks/triton_versions.sh fuzz TARBALL    # the fuzz alone, both backends on both Tritons
 #
 # TARBALL: a .tar.xz holding triton/ (for example the wheel's triton/ without backends/amd). Logs and
 # bench tables go to $OUT (default /tmp/triton_versions). Environment: M (bench rows, default
@@ -28,8 +30,7 @@ new_path="$NEW:src"
 version() { PYTHONPATH=$1 TRITON_BACKENDS_IN_TREE=1 $PY -c "import triton; print(triton.__version__)"; }
 echo "baseline triton $(version "$base_path"), new triton $(version "$new_path"), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
 status=0
-case "$mode" in
-check)
+fuzz_all() {   # the fuzz of both backends on both Tritons, in the background; pids in `pids`
     pids=()
     for which in new base; do   # the fuzz on the baseline too: the kernels' sources changed for both
         path=new_path; [ "$which" = base ] && path=base_path
@@ -40,6 +41,10 @@ check)
             pids+=($!)
         done
     done
+}
+case "$mode" in
+check)
+    fuzz_all
     PYTHONPATH=$new_path TRITON_BACKENDS_IN_TREE=1 timeout "${T_TESTS:-420}" $PY -m pytest -q -p no:cacheprovider \
         -m gpu tests > "$OUT/gpu_tests.txt" 2>&1 || status=1
     for p in "${pids[@]}"; do wait "$p" || status=1; done
@@ -57,6 +62,22 @@ tests)
         echo "== $(basename "$f" .txt)"; grep -E "^(FAILED|ERROR)" "$f" | head -n 20; tail -n 1 "$f"
     done
     ;;
+gpu-tests)
+    PYTHONPATH=$base_path timeout "${T_TESTS:-540}" $PY -m pytest -q -p no:cacheprovider -n "${WORKERS:-7}" \
+        --durations=15 -m gpu tests > "$OUT/gpu_tests_base.txt" 2>&1 &
+    base=$!
+    PYTHONPATH=$new_path TRITON_BACKENDS_IN_TREE=1 timeout "${T_TESTS:-540}" $PY -m pytest -q -p no:cacheprovider \
+        -n "${WORKERS:-7}" --durations=15 -m gpu tests > "$OUT/gpu_tests_new.txt" 2>&1 || status=1
+    wait "$base" || status=1
+    for f in "$OUT"/gpu_tests_base.txt "$OUT"/gpu_tests_new.txt; do
+        echo "== $(basename "$f" .txt)"; grep -E "^(FAILED|ERROR)" "$f" | head -n 20; tail -n 1 "$f"
+    done
+    ;;
+fuzz)
+    fuzz_all
+    for p in "${pids[@]}"; do wait "$p" || status=1; done
+    for f in "$OUT"/fuzz_*.txt; do echo "$(basename "$f" .txt): $(tail -n 1 "$f")"; done
+    ;;
 bench)
     for which in base new; do
         path=base_path; [ "$which" = new ] && path=new_path
@@ -68,7 +89,7 @@ bench)
     PYTHONPATH=src $PY benchmarks/compare_bench.py "$OUT/bench_base/bench.csv" "$OUT/bench_new/bench.csv" \
         | tee "$OUT/compare.txt"
     ;;
-*) echo "mode: check, tests or bench"; exit 2 ;;
+*) echo "mode: check, tests, gpu-tests, fuzz or bench"; exit 2 ;;
 esac
 echo "status $status"
 exit $status
