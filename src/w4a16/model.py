@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from . import spec
 from .errors import W4A16Error, expect
 from .fused import fuse_projections
+from .fused_layer import fuse_decoder_layers
 from .nn import W4A16Linear
 
 
@@ -37,6 +38,8 @@ class QuantizationReport:
         missing_keys / unexpected_keys: from loading a checkpoint (empty for quantize_model).
         fused:        names of the fused projections made (``qkv_proj``, ``gate_up_proj``; see
                       :mod:`w4a16.fused`).
+        fused_layers: names of the decoder layers whose activation and residual adds run in the
+                      GEMMs' epilogues (``fuse="layers"``; see :mod:`w4a16.fused_layer`).
         sharded:      module name -> name of the tensor-parallel style applied (a load with a mesh).
         read_whole:   sharded layers whose checkpoint tensors had to be read whole (a load with a mesh).
     """
@@ -49,6 +52,7 @@ class QuantizationReport:
     missing_keys: List[str] = field(default_factory=list)
     unexpected_keys: List[str] = field(default_factory=list)
     fused: List[str] = field(default_factory=list)
+    fused_layers: List[str] = field(default_factory=list)
     sharded: Dict[str, str] = field(default_factory=dict)
     read_whole: List[str] = field(default_factory=list)
 
@@ -124,7 +128,7 @@ def ineligible_reason(linear: nn.Module, group_size: int) -> Optional[str]:
 
 def quantize_model(model: nn.Module, group_size: int = 128, symmetric: bool = True,
                    skip: Iterable[str] = ("lm_head",), dtype: Optional[torch.dtype] = None,
-                   progress: bool = True, fuse: bool = True, experts: bool = True) -> QuantizationReport:
+                   progress: bool = True, fuse=True, experts: bool = True) -> QuantizationReport:
     """Replace, in place, every eligible ``nn.Linear`` of ``model`` with ``W4A16Linear.from_linear``,
     and (``experts``) every mixture-of-experts experts module with a :class:`w4a16.moe.W4A16Experts`.
 
@@ -149,8 +153,11 @@ def quantize_model(model: nn.Module, group_size: int = 128, symmetric: bool = Tr
         dtype: fp16/bf16 for scales, zeros, bias and activations; default each layer's dtype if
             fp16/bf16, else fp16.
         progress: show a tqdm progress bar.
-        fuse: run sibling projections that read the same input (q/k/v, gate/up of Llama-, Qwen2-
-            and Mistral-style layers) as one GEMM each (:func:`w4a16.fused.fuse_projections`).
+        fuse: True: run sibling projections that read the same input (q/k/v, gate/up of Llama-,
+            Qwen2- and Mistral-style layers) as one GEMM each (:func:`w4a16.fused.fuse_projections`);
+            "layers": also move SiLU(gate) * up and the residual adds of Llama-, Qwen2-, Qwen3- and
+            Mistral-style decoder layers into the GEMMs' epilogues
+            (:func:`w4a16.fused_layer.fuse_decoder_layers`); False: neither.
         experts: quantize the experts modules of transformers MoE models (3-D ``gate_up_proj``
             [E, 2I, H] and ``down_proj`` [E, H, I], SiLU: Qwen2/3-MoE, Mixtral, DeepSeek-V3, ...);
             one that cannot be converted, and every router, is listed in ``report.skipped``.
@@ -163,6 +170,7 @@ def quantize_model(model: nn.Module, group_size: int = 128, symmetric: bool = Tr
            group_size)
     if dtype is not None:
         expect(dtype in spec.ACTIVATION_DTYPES, "dtype", "torch.float16 or torch.bfloat16", dtype)
+    expect(fuse is True or fuse is False or fuse == "layers", "fuse", "True, False or 'layers'", repr(fuse))
     skip = (skip,) if isinstance(skip, str) else tuple(skip)
     report = QuantizationReport()
     todo = []
@@ -204,4 +212,6 @@ def quantize_model(model: nn.Module, group_size: int = 128, symmetric: bool = Tr
                 report.skipped[name] = "router (kept in floating point: its top-k choice is sensitive)"
     if fuse:
         report.fused = fuse_projections(model)
+    if fuse == "layers":
+        report.fused_layers = fuse_decoder_layers(model)
     return report

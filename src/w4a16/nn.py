@@ -194,9 +194,14 @@ class W4A16Linear(nn.Module):
         return self.scales.dtype
 
     # ------------------------------------------------------------------ compute
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., in_features] in the module's dtype (fp16/bf16) -> [..., out_features]."""
-        return gemm(x, self._w, self.bias, backend=self.backend)
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                epilogue: Optional[str] = None) -> torch.Tensor:
+        """x: [..., in_features] in the module's dtype (fp16/bf16) -> [..., out_features]
+        (+ residual [..., out_features], added in fp32 before the cast); epilogue="silu_mul" for
+        a paired gate/up weight: [..., out_features / 2] (``w4a16.epilogue``)."""
+        if residual is None and epilogue is None:
+            return gemm(x, self._w, self.bias, backend=self.backend)
+        return gemm(x, self._w, self.bias, backend=self.backend, epilogue=epilogue, residual=residual)
 
     def extra_repr(self) -> str:
         s = (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -21,6 +21,8 @@ from .backends.selection import Choice, availability_key, choose_nonfinite, prob
 from .backends.selection import choose as choose_backend
 from .backends.selection import get as get_backend
 from .backends.workspace import recall
+from .epilogue import check_epilogue_args, out_features, silu_mul_backward
+from .epilogue import resolve as resolve_epilogue
 from .tuning_cache import generation
 from .validate import check_gemm_args
 from .weight import QuantizedWeight
@@ -32,9 +34,10 @@ MAX_CALLS_PER_WEIGHT = 64
 _CALLS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def choose(x: torch.Tensor, w: QuantizedWeight, config="auto", backend: str = "auto") -> Choice:
+def choose(x: torch.Tensor, w: QuantizedWeight, config="auto", backend: str = "auto",
+           epilogue: Optional[str] = None) -> Choice:
     """The :class:`~w4a16.backends.selection.Choice` (backend, config, reason) that
-    ``gemm(x, w, config=config, backend=backend)`` runs.
+    ``gemm(x, w, config=config, backend=backend, epilogue=epilogue)`` runs.
 
     With ``config="auto"`` and ``backend="auto"``, a weight whose scales or zeros hold NaN or an
     infinity runs a config that follows the README's non-finite rule (``Backend.nonfinite_config``:
@@ -47,12 +50,13 @@ def choose(x: torch.Tensor, w: QuantizedWeight, config="auto", backend: str = "a
     non_finite = (config == "auto" and backend == "auto" and isinstance(w, QuantizedWeight)
                   and not torch.compiler.is_compiling() and not w.params_finite())
     key = (M, w.shape, w.group_size_effective, x.dtype, w.params.zeros is not None, dev, config, backend,
-           availability_key(dev), non_finite)
+           availability_key(dev), non_finite, epilogue)
     hit = _CHOICES.get(key)
     if hit is None or hit[1] != generation():
         if len(_CHOICES) >= MAX_CACHED:
             _CHOICES.clear()
-        c = choose_nonfinite(problem_of(x, w)) if non_finite else choose_backend(problem_of(x, w), backend, config)
+        p = problem_of(x, w, epilogue)
+        c = choose_nonfinite(p) if non_finite else choose_backend(p, backend, config)
         hit = _CHOICES[key] = (c, generation())
     return hit[0]
 
@@ -92,14 +96,17 @@ def _op_prepared(b, weight: List[torch.Tensor], shape: List[int]):
 
 @torch.library.custom_op("w4a16::gemm", mutates_args=())
 def gemm_op(x: torch.Tensor, weight: List[torch.Tensor], bias: Optional[torch.Tensor], alpha: float,
-            shape: List[int], backend: str, config: str, deterministic: bool) -> torch.Tensor:
+            shape: List[int], backend: str, config: str, deterministic: bool, epilogue: str = "",
+            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The GEMM as a custom op. x [M, K] fp16/bf16 contiguous (in the weight's stored K order);
     weight: the backend's prepared tensors (``Backend.op_tensors``); bias [N] or None;
-    shape: [N, K, effective group size]; backend: its name; config: ``Backend.config_key``.
-    -> y [M, N] in x's dtype."""
+    shape: [N, K, effective group size]; backend: its name; config: ``Backend.config_key``;
+    epilogue: "" (none), "silu_mul" or "residual"; residual: [M, N] contiguous with "residual".
+    -> y [M, N] in x's dtype ([M, N / 2] with "silu_mul")."""
     b = get_backend(backend)
     with _on_device_of(x):
-        return b.run(x, _op_prepared(b, weight, shape), bias, alpha, b.config_from_key(config), deterministic)
+        return b.run(x, _op_prepared(b, weight, shape), bias, alpha, b.config_from_key(config), deterministic, None,
+                     epilogue or None, residual)
 
 
 def _on_device_of(x: torch.Tensor):
@@ -112,33 +119,46 @@ def _on_device_of(x: torch.Tensor):
 
 
 @gemm_op.register_fake
-def _gemm_fake(x, weight, bias, alpha, shape, backend, config, deterministic):
-    return x.new_empty((x.shape[0], shape[0]))
+def _gemm_fake(x, weight, bias, alpha, shape, backend, config, deterministic, epilogue="", residual=None):
+    return x.new_empty((x.shape[0], out_features(shape[0], epilogue or None)))
 
 
 def _setup_backward(ctx, inputs, output):
-    x, weight, bias, alpha, shape, backend, config, deterministic = inputs
-    ctx.save_for_backward(*weight)
-    ctx.meta = (list(shape), backend, float(alpha), bias is not None)
+    x, weight, bias, alpha, shape, backend, config, deterministic = inputs[:8]
+    epilogue = inputs[8] if len(inputs) > 8 else ""
+    residual = inputs[9] if len(inputs) > 9 else None
+    # silu_mul's gradient needs the pre-activations: x is kept to recompute them
+    ctx.save_for_backward(*weight, *((x,) if epilogue == "silu_mul" else ()))
+    # torch hands backward the structure of the arguments as passed, trailing defaults dropped
+    n_inputs = 10 if residual is not None else 9 if epilogue else 8
+    ctx.meta = (list(shape), backend, float(alpha), bias, epilogue, len(weight), residual is not None, n_inputs)
 
 
 def _backward(ctx, grad):
-    shape, backend, alpha, has_bias = ctx.meta
+    shape, backend, alpha, bias, epilogue, n_weight, has_residual, n_inputs = ctx.meta
+    saved = list(ctx.saved_tensors)
     b = get_backend(backend)
-    W = b.dequantize(b.from_op_tensors(list(ctx.saved_tensors), *shape), grad.dtype)   # [N, K]
+    W = b.dequantize(b.from_op_tensors(saved[:n_weight], *shape), grad.dtype)   # [N, K]
+    if epilogue == "silu_mul":
+        pre = torch.mm(saved[n_weight].float(), W.float().t()) * alpha
+        if bias is not None:
+            pre = pre + bias.detach().float()
+        grad = silu_mul_backward(grad.float(), pre).to(grad.dtype)    # [M, N]: d loss / d pre-activation
     gx = torch.mm(grad, W)
     if alpha != 1.0:
         gx = gx * alpha
-    gb = grad.float().sum(0).to(grad.dtype) if has_bias else None
-    return gx, [None] * len(ctx.saved_tensors), gb, None, None, None, None, None
+    gb = grad.float().sum(0).to(grad.dtype) if bias is not None else None
+    gr = grad if has_residual else None
+    return (gx, [None] * n_weight, gb, None, None, None, None, None, None, gr)[:n_inputs]
 
 
 gemm_op.register_autograd(_backward, setup_context=_setup_backward)
 
 
 def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = None, alpha: float = 1.0,
-         config="auto", deterministic: bool = True, backend: str = "auto") -> torch.Tensor:
-    """y = alpha * (x @ W^T) + bias, W = w.dequantize().
+         config="auto", deterministic: bool = True, backend: str = "auto", epilogue: Optional[str] = None,
+         residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = alpha * (x @ W^T) + bias, W = w.dequantize(), then the epilogue.
 
     Args:
         x: fp16/bf16 [..., K] (any leading dims; non-contiguous x is copied).
@@ -151,8 +171,13 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
             are bitwise reproducible; False lets split-K configs add them with fp32 atomics.
         backend: "auto" or a name from ``w4a16.backends.registry()`` ("gluon", "triton",
             "reference"); a forced backend that cannot run the call raises W4A16Error with the reason.
+        epilogue: None, "silu_mul" (y = SiLU(gate) * up of a weight whose gate and up rows are
+            interleaved as ``w4a16.epilogue`` describes: y [..., N / 2]) or "residual".
+        residual: None or [..., N] in x's dtype, added in fp32 before the cast (implies
+            epilogue="residual").
     Returns:
-        y [..., N] in x's dtype. Gradients flow to x and bias.
+        y [..., N] in x's dtype ([..., N / 2] with "silu_mul"). Gradients flow to x, bias and
+        residual.
     """
     compiling = torch.compiler.is_compiling()
     key = None
@@ -163,27 +188,30 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
         # The eager fast path: a call like an earlier one on this weight (same x shape, dtype and
         # device, same kind of bias, alpha and settings, nothing needing a gradient, the weight
         # unchanged) reuses that call's validation, choice and bound launch.
-        key = _call_key(x, bias, alpha, config, backend, deterministic)
+        key = _call_key(x, bias, alpha, config, backend, deterministic, epilogue, residual)
         calls = _calls_of(w) if key is not None and isinstance(w, QuantizedWeight) else None
         hit = None if calls is None else calls.get(key)
         if hit is not None and hit.config_arg is config and w.prepared(hit.backend) is hit.prepared:
             x2 = x if hit.rows is None else x.view(hit.rows)
             if w.params.perm is not None:
                 x2 = x2.index_select(1, w.params.perm)
-            y = hit.run(x2, bias)
+            y = hit.run(x2, bias) if residual is None else hit.run(x2, bias, residual.view(x2.shape[0], -1))
             return y if hit.out is None else y.view(hit.out)
     check_gemm_args(x, w, bias, alpha)
+    epilogue = resolve_epilogue(epilogue, residual)
     N, K = w.shape
+    check_epilogue_args(x, N, epilogue, residual)
+    n_out = out_features(N, epilogue)
     M = x.numel() // K
     if compiling and isinstance(M, int) and isinstance(config, str):
         # Traced: the choice is computed once, at trace time, outside the graph (no graph break
         # in the selection code, which reads files and device properties).
         name, config_key = _traced_choice(M, N, K, w.group_size_effective, x.dtype, w.params.zeros is not None, x.device,
-                                          config, backend)
+                                          config, backend, epilogue)
         choice = None
         b = get_backend(name)
     else:
-        choice = choose(x, w, config, backend)
+        choice = choose(x, w, config, backend, epilogue)
         b, config_key = choice.backend, choice.config_key
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if w.params.perm is not None:
@@ -192,22 +220,24 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
         x2 = x2.contiguous()
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
+    r2 = None if residual is None else residual.reshape(-1, N).contiguous()
     prepared = w.traced_prepared(b) if compiling else w.prepared(b)
-    if compiling or (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))):
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, residual))
+    if compiling or needs_grad:
         y = gemm_op(x2, b.op_tensors(prepared), bias, float(alpha), [N, K, w.group_size_effective], b.name,
-                    config_key, bool(deterministic))
+                    config_key, bool(deterministic), epilogue or "", r2)
     else:
         run = b.bind(prepared, x2.shape[0], x2.dtype, bias is not None, float(alpha), choice.config,
-                     bool(deterministic))
-        y = run(x2, bias)
+                     bool(deterministic), epilogue)
+        y = run(x2, bias) if r2 is None else run(x2, bias, r2)
         if key is not None and x.is_contiguous():
             calls = _calls_of(w)
             if len(calls) >= MAX_CALLS_PER_WEIGHT:
                 calls.clear()
             flat = x.dim() != 2
             calls[key] = _Call(b, prepared, config, (x2.shape[0], K) if flat else None,
-                               (*x.shape[:-1], N) if flat else None, run)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
+                               (*x.shape[:-1], n_out) if flat else None, run)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n_out)
 
 
 def _assume_constant_result(fn):
@@ -221,10 +251,10 @@ def _assume_constant_result(fn):
 
 @_assume_constant_result
 def _traced_choice(M: int, N: int, K: int, group: int, dtype: torch.dtype, zeros: bool, device: torch.device,
-                   config, backend: str) -> tuple:
+                   config, backend: str, epilogue: Optional[str] = None) -> tuple:
     """(backend name, config key) for a call torch.compile is tracing: run by Dynamo at trace time
     and taken as a constant. The graph is specialized on the shapes it depends on."""
-    c = choose_backend(Problem(M, N, K, group, dtype, zeros, device), backend, config)
+    c = choose_backend(Problem(M, N, K, group, dtype, zeros, device, epilogue), backend, config)
     return c.backend.name, c.config_key
 
 
@@ -236,7 +266,7 @@ class _Call(NamedTuple):
     config_arg: Any        # the caller's config argument (compared by identity)
     rows: Optional[tuple]  # (M, K) to view an x of other than 2 dims as, or None
     out: Optional[tuple]   # the shape to view y [M, N] as, or None
-    run: Callable          # run(x2 [M, K] contiguous, bias) -> y [M, N]
+    run: Callable          # run(x2 [M, K] contiguous, bias[, residual [M, N]]) -> y
 
 
 def _calls_of(w: QuantizedWeight) -> dict:
@@ -255,12 +285,22 @@ def bound_calls(w: QuantizedWeight) -> list:
     return [c.run for c in _calls_of(w).values()]
 
 
-def _call_key(x, bias, alpha, config, backend, deterministic) -> Optional[tuple]:
+def _call_key(x, bias, alpha, config, backend, deterministic, epilogue=None, residual=None) -> Optional[tuple]:
     """The fast path's key, or None when the call must take the full path (a gradient is needed,
-    x is not contiguous, alpha is a tensor, a bias that is not contiguous)."""
+    x is not contiguous, alpha is a tensor, a bias that is not contiguous, a residual that is not a
+    contiguous tensor of x's dtype, device and leading shape, or an epilogue name that is not one)."""
     if alpha.__class__ is not float and alpha.__class__ is not int or not isinstance(x, torch.Tensor):
         return None
     if x.requires_grad and torch.is_grad_enabled() or not x.is_contiguous():
+        return None
+    if residual is not None:
+        if (not isinstance(residual, torch.Tensor) or epilogue not in (None, "residual") or not residual.is_contiguous()
+                or residual.requires_grad and torch.is_grad_enabled()):
+            return None
+        rsig = (residual.shape, residual.dtype, residual.get_device())
+    elif epilogue is None or epilogue == "silu_mul":
+        rsig = None
+    else:
         return None
     if bias is None:
         bsig = None
@@ -269,4 +309,4 @@ def _call_key(x, bias, alpha, config, backend, deterministic) -> Optional[tuple]
             return None
         bsig = (bias.shape, bias.dtype, bias.get_device())
     cfg = config if config.__class__ is str else id(config)
-    return x.shape, x.dtype, x.get_device(), bsig, alpha, cfg, backend, deterministic
+    return x.shape, x.dtype, x.get_device(), bsig, alpha, cfg, backend, deterministic, epilogue, rsig

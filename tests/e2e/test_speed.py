@@ -104,6 +104,18 @@ def test_eager_too_times_both_modes_and_records_fusion():
     assert "decode b=1 tok/s (eager)" in speed.format_speed(res)
 
 
+def test_fused_layers_run_and_pass_the_dequantized_check():
+    """fuse="layers": the epilogue GEMMs (and the deferred o projection) check against the same
+    model on dequantized weights, as the plain W4A16 model does."""
+    res = speed.run_speed(**dict(RUN, batches=(1,), fuse="layers"))
+    assert res.config["fused"] == "layers"
+    assert res.check["rel_err_vs_dequantized"] <= speed.KERNEL_TOL
+    res = speed.run_speed(**dict(RUN, batches=(1,), fused_layers_too=True, lm_head_int4=True))
+    assert [m.name for m in res.models] == ["fp16", "w4a16 g32 sym", "w4a16 g32 sym, fused layers",
+                                            "w4a16 g32 sym, fused layers, 4-bit lm_head"]
+    assert res.check["fused_layers_rel_err_vs_dequantized"] <= speed.KERNEL_TOL
+
+
 def test_interleaved_eager_times_both_models_in_alternating_blocks(tmp_path):
     res = speed.run_speed(**dict(RUN, batches=(1, 2), interleave_eager=True))
     assert [it.batch for it in res.interleaved] == [1, 2]

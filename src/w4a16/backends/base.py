@@ -22,7 +22,8 @@ class Problem:
     """One GEMM call's shape: x [M, K] @ W[N, K]^T.
 
     group: the effective group size (K for per-channel weights); dtype: x's dtype (fp16/bf16);
-    has_zeros: the weight carries zero points; device: x's device.
+    has_zeros: the weight carries zero points; device: x's device; epilogue: None, "silu_mul" or
+    "residual" (``w4a16.epilogue``).
     """
 
     M: int
@@ -32,6 +33,7 @@ class Problem:
     dtype: torch.dtype
     has_zeros: bool
     device: torch.device
+    epilogue: Optional[str] = None
 
     @property
     def capability(self) -> Optional[tuple]:
@@ -55,6 +57,8 @@ class Backend(abc.ABC):
     #: True when ``prepare`` makes a full copy of the codes: the weight then drops its plain
     #: codes (rebuilt on demand with :meth:`unpack_codes`), so the codes are held once.
     owns_codes: bool = True
+    #: The epilogues ``run`` applies (``w4a16.epilogue``); the others are refused with a reason.
+    epilogues: tuple = (None,)
 
     # ------------------------------------------------------------------ where it runs
     @abc.abstractmethod
@@ -134,17 +138,21 @@ class Backend(abc.ABC):
     # ------------------------------------------------------------------ running
     @abc.abstractmethod
     def run(self, x2: torch.Tensor, prepared: Any, bias: Optional[torch.Tensor], alpha: float, cfg: Any,
-            deterministic: bool = True, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """y [M, N] = alpha * x2 @ W^T + bias. x2 [M, K] contiguous fp16/bf16 (already gathered by
-        the weight's ``perm``); bias None or [N] contiguous; out None or a contiguous [M, N]
-        tensor of x2's dtype to write into. Launches on torch's current stream."""
+            deterministic: bool = True, out: Optional[torch.Tensor] = None, epilogue: Optional[str] = None,
+            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """y [M, N] = alpha * x2 @ W^T + bias, then the epilogue. x2 [M, K] contiguous fp16/bf16
+        (already gathered by the weight's ``perm``); bias None or [N] contiguous; epilogue one of
+        :attr:`epilogues`; residual [M, N] contiguous in x2's dtype with "residual"; out None or a
+        contiguous tensor of y's shape ([M, N / 2] with "silu_mul") and x2's dtype to write into.
+        Launches on torch's current stream."""
 
     def bind(self, prepared: Any, M: int, dtype: torch.dtype, has_bias: bool, alpha: float, cfg: Any,
-             deterministic: bool = True):
-        """``run`` for repeated calls of one shape: a callable ``f(x2 [M, K], bias) -> y [M, N]``
-        (``w4a16.gemm`` keeps it for the next eager call like this one). A backend that can
+             deterministic: bool = True, epilogue: Optional[str] = None):
+        """``run`` for repeated calls of one shape: a callable ``f(x2 [M, K], bias, residual=None)
+        -> y`` (``w4a16.gemm`` keeps it for the next eager call like this one). A backend that can
         resolve its launch once overrides this to cut the host time per call."""
-        return lambda x2, bias: self.run(x2, prepared, bias, alpha, cfg, deterministic)
+        return lambda x2, bias, residual=None: self.run(x2, prepared, bias, alpha, cfg, deterministic, None, epilogue,
+                                                        residual)
 
     def dequantize(self, prepared: Any, dtype: torch.dtype) -> torch.Tensor:
         """W [N, K] in stored K order, in ``dtype``, from the prepared weight alone (the custom

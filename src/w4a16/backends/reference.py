@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import torch
 
+from ..epilogue import NAMES as EPILOGUES
 from ..pack import unpack_nibbles
 from ..weight import dequantize_codes
 from .base import Backend, Problem
@@ -30,6 +31,7 @@ class ReferenceBackend(Backend):
     name = "reference"
     layout_version = 0
     owns_codes = False
+    epilogues = EPILOGUES
 
     def available(self, device: torch.device) -> Optional[str]:
         return None
@@ -76,8 +78,8 @@ class ReferenceBackend(Backend):
     def config_from_key(self, key: str) -> str:
         return "reference"
 
-    def run(self, x2, prepared, bias, alpha, cfg, deterministic=True, out=None):
+    def run(self, x2, prepared, bias, alpha, cfg, deterministic=True, out=None, epilogue=None, residual=None):
         from ..reference import gemm_dequantized
 
-        y = gemm_dequantized(x2, self.dequantize(prepared, torch.float32), bias, alpha)
+        y = gemm_dequantized(x2, self.dequantize(prepared, torch.float32), bias, alpha, epilogue, residual)
         return y if out is None else out.copy_(y)

@@ -74,6 +74,8 @@ class Choice:
 
 def why_not(b: Backend, p: Problem) -> Optional[str]:
     """None when ``b`` can run ``p`` here, else the reason."""
+    if p.epilogue not in b.epilogues:
+        return f"no {p.epilogue!r} epilogue"
     return b.available(p.device) or b.supports(p)
 
 
@@ -204,8 +206,9 @@ def config_names() -> tuple:
     return tuple(names)
 
 
-def problem_of(x: torch.Tensor, w) -> Problem:
-    """The Problem of ``gemm(x, w)``."""
+def problem_of(x: torch.Tensor, w, epilogue: Optional[str] = None) -> Problem:
+    """The Problem of ``gemm(x, w, epilogue=epilogue)``."""
     K = x.shape[-1]
     M = x.numel() // K if K else 0
-    return Problem(M, w.shape[0], w.shape[1], w.group_size_effective, x.dtype, w.params.zeros is not None, x.device)
+    return Problem(M, w.shape[0], w.shape[1], w.group_size_effective, x.dtype, w.params.zeros is not None, x.device,
+                   epilogue)

@@ -33,7 +33,7 @@ CONFIGS = (tuple(f"decode{mt}" for mt in DECODE_TILES) + tuple(f"decode{mt}k" fo
            + PREFILL_CONFIGS)
 GROUP_CLASSES = (32, 64, 128, 256)     # 256: the "wide" class
 DTYPES = ("fp16", "bf16")
-HINTED_ARGS = (4, 5, 6, 7, 9)          # y_ptr, bias_ptr, part_ptr, cnt_ptr, N: divisible by 16
+HINTED_ARGS = (4, 5, 7, 8, 10)         # y_ptr, bias_ptr, part_ptr, cnt_ptr, N: divisible by 16 (6: res_ptr, None)
 DECODE_PARAMS = 34                     # PTX parameters: 4 descriptors (22), 4 pointers, 6 scalars, 2 scratch
 PREFILL_PARAMS = 37
 REPACK_NAMES = ("gluon_codes_h32", "gluon_codes_h64", "gluon_params_fp16", "gluon_params_fp16_z",

@@ -186,19 +186,25 @@ def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def dequantized_weights(model):
-    """Within the block every W4A16Linear computes ``F.linear(x, W, bias)`` with its dequantized W,
+    """Within the block every W4A16Linear computes ``F.linear(x, W, bias)`` with its dequantized W
+    (then its epilogue, ``w4a16.epilogue``; a fused layer's deferred o projection in ``project``),
     and every W4A16Experts runs the pure-torch reference (dequantized experts, fp32)."""
+    from ..epilogue import silu_mul
+    from ..fused_layer import DeferredW4A16Linear
     from ..moe import W4A16Experts
     from ..nn import W4A16Linear
 
     mods = [m for m in model.modules() if isinstance(m, W4A16Linear)]
     experts = [m for m in model.modules() if isinstance(m, W4A16Experts)]
 
-    def forward(self, x):
-        return torch.nn.functional.linear(x, self.weight_q.dequantize(x.dtype), self.bias)
+    def forward(self, x, residual=None, epilogue=None):
+        y = torch.nn.functional.linear(x, self.weight_q.dequantize(x.dtype), self.bias)
+        if epilogue == "silu_mul":
+            y = silu_mul(y)
+        return y if residual is None else y + residual
 
     for m in mods:
-        m.forward = forward.__get__(m)
+        setattr(m, "project" if isinstance(m, DeferredW4A16Linear) else "forward", forward.__get__(m))
     backends = [m.backend for m in experts]
     for m in experts:
         m.backend = "reference"
@@ -206,7 +212,7 @@ def dequantized_weights(model):
         yield len(mods) + len(experts)
     finally:
         for m in mods:
-            del m.forward
+            delattr(m, "project" if isinstance(m, DeferredW4A16Linear) else "forward")
         for m, b in zip(experts, backends):
             m.backend = b
 
@@ -360,9 +366,9 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
               group_size: int = 128, symmetric: bool = True, device: str = "cuda", context: int = 256,
               iters: int = 50, prompt_len: int = 32, verify_tokens: int = 64, use_graph: bool = True,
               eager_too: bool = False, interleave_eager: bool = False,
-              config_overrides=None, compile: bool = False, fuse: bool = True, peers: Sequence[str] = (),
+              config_overrides=None, compile: bool = False, fuse=True, peers: Sequence[str] = (),
               print_fn: Optional[Callable[[str], None]] = print, model: str = "llama3-8b",
-              lm_head_int4: bool = False) -> SpeedResult:
+              lm_head_int4: bool = False, fused_layers_too: bool = False) -> SpeedResult:
     """Measure fp16 and W4A16 on the Llama-3-8B shape, or another of MODELS (see the module docstring).
 
     Args:
@@ -376,7 +382,8 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
         interleave_eager: then also time eager steps of a second fp16 copy and the W4A16 model in
             alternating blocks (``w4a16.e2e.interleaved``: host drift cancels; needs memory for both);
         compile: run the decode step's forward through torch.compile (both models);
-        fuse: fuse q/k/v and gate/up into one W4A16 GEMM each (``quantize_model(fuse=...)``);
+        fuse: True: fuse q/k/v and gate/up into one W4A16 GEMM each; "layers": also the activation
+            and residual adds into the GEMMs' epilogues (``quantize_model(fuse=...)``);
         peers: names from ``w4a16.e2e.peers.PEERS`` (e.g. "torchao-int4"): each quantizes a fresh
             copy of the fp16 model its own way and is timed in the same harness, after W4A16 (they
             quantize ``nn.Linear`` layers only: on the MoE model their experts stay in fp16);
@@ -385,6 +392,10 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
         lm_head_int4: then quantize the W4A16 model's lm_head too (``quantize_model(skip=())``),
             check it against its dequantized weights again and time it as one more row (both
             lm_head choices in one run; quality: ``w4a16.e2e.run_quality(lm_head_too=True)``).
+        fused_layers_too: after the W4A16 model (fuse=True), move its decoder layers' activation and
+            residual adds into the GEMM epilogues (``w4a16.fused_layer.fuse_decoder_layers``), check
+            it against its dequantized weights and time it as one more row (before the 4-bit
+            lm_head row, which then has both).
     Returns:
         SpeedResult; raises RuntimeError if a check fails.
     """
@@ -443,6 +454,17 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
         result.interleaved = [interleaved_eager({"fp16": fp16, name: model}, b, device, context, prompt_len,
                                                 steps=steps) for b in batches]
         del fp16
+    if fused_layers_too:
+        from ..fused_layer import fuse_decoder_layers
+
+        fused_names = fuse_decoder_layers(model)
+        if not fused_names:
+            raise RuntimeError("fuse_decoder_layers converted no decoder layer")
+        say(f"fused decoder layers: {len(fused_names)}")
+        _, top1, err = _against_dequantized(model, vids, ref, "W4A16 model with fused decoder layers")
+        result.check.update(fused_layers_top1_vs_fp16=top1, fused_layers_rel_err_vs_dequantized=err)
+        name += ", fused layers"
+        result.models.append(_measure(name, model, device, batches, prefill_tokens, decode_kw, say, graph_modes))
     if lm_head_int4:
         head = quantize_model(model, group_size=group_size, symmetric=symmetric, skip=(), dtype=torch.float16,
                               progress=False, fuse=False)
@@ -569,6 +591,10 @@ def main(argv: Optional[Sequence[str]] = None) -> SpeedResult:
                    help="also time eager steps of fp16 and W4A16 in alternating blocks (both models in memory)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step's forward (both models)")
     p.add_argument("--no-fuse", action="store_true", help="one W4A16 GEMM per projection (no fused q/k/v, gate/up)")
+    p.add_argument("--fuse-layers", action="store_true",
+                   help="SiLU(gate)*up and the residual adds in the GEMM epilogues (quantize_model(fuse='layers'))")
+    p.add_argument("--fuse-layers-too", action="store_true",
+                   help="then fuse the W4A16 model's decoder layers that way and time it as one more row")
     p.add_argument("--peers", nargs="*", default=[], metavar="NAME",
                    help="other int4 implementations timed in the same harness (torchao-int4)")
     p.add_argument("--lm-head-int4", action="store_true",
@@ -579,9 +605,10 @@ def main(argv: Optional[Sequence[str]] = None) -> SpeedResult:
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("no CUDA device: this benchmark needs a GPU (--device cpu only checks that it runs)")
     result = run_speed(a.layers, a.batches, a.prefill_tokens, a.group_size, not a.asym, a.device, a.context,
-                       a.iters, use_graph=not a.no_graph, compile=a.compile, fuse=not a.no_fuse,
+                       a.iters, use_graph=not a.no_graph, compile=a.compile,
+                       fuse="layers" if a.fuse_layers else not a.no_fuse,
                        eager_too=a.eager_too, interleave_eager=a.interleave_eager, peers=a.peers, model=a.model,
-                       lm_head_int4=a.lm_head_int4)
+                       lm_head_int4=a.lm_head_int4, fused_layers_too=a.fuse_layers_too)
     if a.out:
         print(f"wrote {write_json(result, a.out)}")
     return result

@@ -242,7 +242,7 @@ def test_run_prefill_host_path(monkeypatch):
         assert kernel is w4a16_prefill_kernel and cfg2 is cfg
         names = w4a16_prefill_kernel.arg_names
         assert len(args) + len(cx) == len(names) and list(cx) == names[len(args):]
-        M_, N_, group, n_k, n_tn, n_tm, n_split, kps, alpha = args[8:]
+        M_, N_, group, n_k, n_tn, n_tm, n_split, kps, alpha = args[9:]
         assert (M_, N_, group, alpha) == (M, N, 32, 0.5)
         ks = cfg.nch * 2 * 32
         assert n_k * ks >= K > (n_k - 1) * ks
@@ -250,9 +250,9 @@ def test_run_prefill_host_path(monkeypatch):
         # K ranges: none empty, together exactly the n_k stages; the counters cover every slice
         assert n_split <= cfg.splits and (n_split - 1) * kps < n_k <= n_split * kps and cx["SPLIT"] == (n_split > 1)
         if n_split > 1:
-            assert args[6].numel() == n_split * M * N and args[6].dtype == torch.float32
-            assert args[7].dtype == torch.int32 and args[7].numel() >= n_tn * n_tm * 2 * cfg.epi_parts
-            assert int(args[7].abs().sum()) == 0
+            assert args[7].numel() == n_split * M * N and args[7].dtype == torch.float32
+            assert args[8].dtype == torch.int32 and args[8].numel() >= n_tn * n_tm * 2 * cfg.epi_parts
+            assert int(args[8].abs().sum()) == 0
         assert grid == (min(132, n_tn * n_tm * n_split), 1)
         assert cx["BN"] == cfg.bn and cx["MT"] == cfg.mt and cx["HAS_ZEROS"] and not cx["HAS_BIAS"]
         assert cx["CONSUMER_REGS"] == 232 and cx["PRODUCER_REGS"] == 40

@@ -17,6 +17,7 @@ from typing import List, Optional
 
 import torch
 
+from ...epilogue import NAMES as EPILOGUES
 from ..base import Backend, Problem
 from ..device import sms_of
 from .decode.config import NAMED, GluonDecodeConfig, candidates, heuristic
@@ -46,6 +47,7 @@ class GluonBackend(Backend):
     name = "gluon"
     layout_version = GLUON_LAYOUT_VERSION
     config_type = (GluonDecodeConfig, GluonPrefillConfig)   # isinstance() takes the tuple
+    epilogues = EPILOGUES
 
     def available(self, device: torch.device) -> Optional[str]:
         if device.type != "cuda":   # before Triton is imported: a CPU process may not have it set up for Gluon
@@ -136,23 +138,23 @@ class GluonBackend(Backend):
         return cfg.short()
 
     # ------------------------------------------------------------------ running
-    def bind(self, prepared, M, dtype, has_bias, alpha, cfg, deterministic=True):
-        if isinstance(cfg, GluonPrefillConfig):
-            return super().bind(prepared, M, dtype, has_bias, alpha, cfg, deterministic)
+    def bind(self, prepared, M, dtype, has_bias, alpha, cfg, deterministic=True, epilogue=None):
+        if isinstance(cfg, GluonPrefillConfig) or epilogue is not None:
+            return super().bind(prepared, M, dtype, has_bias, alpha, cfg, deterministic, epilogue)
         from .decode.bound import BoundDecode
 
         return BoundDecode(prepared, M, dtype, has_bias, alpha, cfg, deterministic)
 
-    def run(self, x2, prepared, bias, alpha, cfg, deterministic=True, out=None):
+    def run(self, x2, prepared, bias, alpha, cfg, deterministic=True, out=None, epilogue=None, residual=None):
         if x2.data_ptr() % 16:  # TMA needs a 16-byte aligned base: take an aligned copy
             x2 = x2.clone()
         if isinstance(cfg, GluonPrefillConfig):
             from .prefill.launch import run_prefill
 
-            return run_prefill(x2, prepared, bias, alpha, cfg, deterministic, out)
+            return run_prefill(x2, prepared, bias, alpha, cfg, deterministic, out, epilogue, residual)
         from .decode.launch import run_decode
 
-        return run_decode(x2, prepared, bias, alpha, cfg, deterministic, out)
+        return run_decode(x2, prepared, bias, alpha, cfg, deterministic, out, epilogue, residual)
 
     def kernel_info(self, x2, prepared, bias, cfg) -> dict:
         from .host import STATE

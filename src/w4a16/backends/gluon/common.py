@@ -1,7 +1,7 @@
 """Device-side pieces the Gluon kernels share (decode, its stream-K variant and prefill): the
 shared-memory view of the codes, the programmatic-dependent-launch controls, the dequant of one
-chunk into the wgmma A-operand layout, and the epilogue (alpha, bias, cast, masked store, and the
-K-split reduction in split order).
+chunk into the wgmma A-operand layout, and the epilogue (alpha, bias, SiLU(gate) * up or a residual,
+cast, masked store, and the K-split reduction in split order).
 """
 import triton  # noqa: F401
 from triton.experimental import gluon
@@ -82,14 +82,46 @@ def scale_pair(s_ring, o_ring, slot, gi: gl.constexpr, row_l: gl.constexpr, HAS_
 
 
 @gluon.jit
+def _pairs(t):
+    """(gate, up) halves of an [BN, MT] tile whose rows are in the silu_mul order (w4a16.epilogue:
+    rows 16b .. 16b + 7 gate, 16b + 8 .. 16b + 15 up), each [BN/16, 8, MT]. In the wgmma
+    accumulator layout a thread holds rows r and r + 8 of its 16-row slab: register moves only."""
+    BN: gl.constexpr = t.shape[0]
+    MT: gl.constexpr = t.shape[1]
+    return gl.split(gl.permute(gl.reshape(t, [BN // 16, 2, 8, MT]), [0, 2, 3, 1]))
+
+
+@gluon.jit
+def store_out(out, y_ptr, res_ptr, offs, mask, offs_n, offs_m, M, N, EPI: gl.constexpr, DTYPE: gl.constexpr):
+    """Store the fp32 tile out [BN weight rows, MT tokens] (alpha and bias applied) into y after
+    the epilogue EPI: 0 none (y [M, N] at offs, mask); 2 + residual [M, N] (read at offs);
+    1 SiLU(gate) * up of the interleaved gate/up rows into y [M, N/2]."""
+    if EPI == 1:
+        n_idx = gl.expand_dims(offs_n, 1) + gl.expand_dims(offs_m, 0) * 0
+        m_idx = gl.expand_dims(offs_m, 0) + gl.expand_dims(offs_n, 1) * 0
+        gate, up = _pairs(out)
+        n_g, n_u = _pairs(n_idx)
+        m_g, m_u = _pairs(m_idx)
+        h = gate / (1.0 + gl.exp(-gate)) * up
+        # weight row 16b + i (i < 8) of the gate half is output column 8b + i
+        gl.store(y_ptr + m_g * (N // 2) + (n_g - 8 * (n_g // 16)), h.to(DTYPE), mask=(n_g < N) & (m_g < M))
+    else:
+        if EPI == 2:
+            out += gl.load(res_ptr + offs, mask=mask, other=0.0).to(gl.float32)
+        gl.store(y_ptr + offs, out.to(DTYPE), mask=mask)
+
+
+@gluon.jit
 def epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, pid_k, nsplit,
               acc_l: gl.constexpr, BN: gl.constexpr, MT: gl.constexpr, SPLIT: gl.constexpr,
-              HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, part_stride=None, cnt_idx=None):
-    """alpha * acc (+ bias) cast and stored into y [M, N] at rows row0.. (the tile's BN rows, MT
-    tokens, masked). SPLIT 1: this program's fp32 partial goes to ``part_ptr + pid_k *
-    part_stride`` (None: M * N), the tile's counter ``cnt_ptr + cnt_idx`` (None: the program id)
-    counts arrivals, and the last of ``nsplit`` sums the partials in split order, stores, and
-    resets the counter. SPLIT 2: fp32 atomics into part_ptr (the host finishes)."""
+              HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, part_stride=None, cnt_idx=None, res_ptr=None,
+              EPI: gl.constexpr = 0):
+    """alpha * acc (+ bias), the epilogue EPI (``store_out``), cast and stored into y [M, N] ([M, N/2]
+    with EPI 1) at rows row0.. (the tile's BN rows, MT tokens, masked). SPLIT 1: this program's
+    fp32 partial goes to ``part_ptr + pid_k * part_stride`` (None: M * N), the tile's counter
+    ``cnt_ptr + cnt_idx`` (None: the program id) counts arrivals, and the last of ``nsplit`` sums
+    the partials in split order, stores, and resets the counter. SPLIT 2: fp32 atomics into
+    part_ptr (the host finishes; EPI 0 only)."""
     offs_n = row0 + gl.arange(0, BN, layout=gl.SliceLayout(1, acc_l))
     offs_m = gl.arange(0, MT, layout=gl.SliceLayout(0, acc_l))
     n_ok = offs_n < N
@@ -118,12 +150,12 @@ def epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, pid_k, 
                 out = total * alpha
                 if HAS_BIAS:
                     out += gl.expand_dims(gl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32), 1)
-                gl.store(y_ptr + offs, out.to(DTYPE), mask=mask)
+                store_out(out, y_ptr, res_ptr, offs, mask, offs_n, offs_m, M, N, EPI, DTYPE)
         else:
             out = acc * alpha
             if HAS_BIAS:
                 out += gl.expand_dims(gl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32), 1)
-            gl.store(y_ptr + offs, out.to(DTYPE), mask=mask)
+            store_out(out, y_ptr, res_ptr, offs, mask, offs_n, offs_m, M, N, EPI, DTYPE)
 
 
 @gluon.jit

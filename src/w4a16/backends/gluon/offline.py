@@ -35,19 +35,23 @@ def compile_gluon(kernel, signature: dict, constexprs: dict, num_warps: int, max
                                        **COMPILE_OPTIONS})
 
 
-def _desc_signature(dt: str, rows: int, ks: int, mt: int, kh: int, gps: int, layouts) -> dict:
+def _desc_signature(dt: str, rows: int, ks: int, mt: int, kh: int, gps: int, layouts, epi: int = 0) -> dict:
+    """The kernels' leading arguments (descriptors and pointers). The residual pointer is an
+    argument with the residual epilogue (epi 2) only, else a constexpr None (no kernel parameter:
+    the C library's parameter list does not change)."""
     cl, xl, sl = layouts
     return {"c_desc": f"tensordesc<u8[{rows // 16}, {ks // 32}, 256],{cl!r}>",
             "x_desc": f"tensordesc<{dt}[{mt}, {kh}],{xl!r}>",
             "s_desc": f"tensordesc<{dt}[{gps}, {rows}],{sl!r}>",
             "o_desc": f"tensordesc<{dt}[{gps}, {rows}],{sl!r}>",
-            "y_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "part_ptr": "*fp32", "cnt_ptr": "*i32"}
+            "y_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "res_ptr": f"*{dt}" if epi == 2 else "constexpr",
+            "part_ptr": "*fp32", "cnt_ptr": "*i32"}
 
 
 def compile_decode(cfg: GluonDecodeConfig, dtype=torch.float16, has_zeros: bool = False, group: int = 128,
-                   has_bias: bool = True, split_mode: int = 1, attrs: Optional[dict] = None):
+                   has_bias: bool = True, split_mode: int = 1, attrs: Optional[dict] = None, epi: int = 0):
     """The decode kernel for ``cfg`` compiled for sm_90a (a stream-K config compiles the stream-K
-    kernel, whose split mode is always 3)."""
+    kernel, whose split mode is always 3); epi: the epilogue's code (w4a16.epilogue.CODES)."""
     from .decode.kernel import w4a16_decode_kernel
     from .decode.stream_k import w4a16_decode_sk_kernel
     if cfg.sk:
@@ -55,27 +59,29 @@ def compile_decode(cfg: GluonDecodeConfig, dtype=torch.float16, has_zeros: bool 
     kh = half_chunk(group)
     ks, gps, _ = stage_blocks(cfg, kh, group)
     dt = "fp16" if dtype == torch.float16 else "bf16"
-    sig = _desc_signature(dt, 16 * cfg.warps, ks, cfg.mt, kh, gps, smem_layouts(cfg, kh, dtype))
+    sig = _desc_signature(dt, 16 * cfg.warps, ks, cfg.mt, kh, gps, smem_layouts(cfg, kh, dtype), epi)
     sig.update({"M": "i32", "N": "i32", "group": "i32", "n_stages": "i32",
                 ("n_units" if cfg.sk else "stages_per_split"): "i32", "alpha": "fp32"})
-    cx = decode_constexprs(cfg, kh, group, split_mode, has_zeros, has_bias, dtype)
+    cx = decode_constexprs(cfg, kh, group, split_mode, has_zeros, has_bias, dtype, epi)
     sig.update({k: "constexpr" for k in cx})
+    cx = cx if epi == 2 else {"res_ptr": None, **cx}
     return compile_gluon(w4a16_decode_sk_kernel if cfg.sk else w4a16_decode_kernel, sig, cx, cfg.warps, cfg.regs,
                          launch_pdl=cfg.pdl, attrs=attrs)
 
 
 def compile_prefill(cfg: GluonPrefillConfig, dtype=torch.float16, has_zeros: bool = False, group: int = 128,
-                    has_bias: bool = True, attrs: Optional[dict] = None):
-    """The prefill kernel for ``cfg`` compiled for sm_90a."""
+                    has_bias: bool = True, attrs: Optional[dict] = None, epi: int = 0):
+    """The prefill kernel for ``cfg`` compiled for sm_90a; epi: the epilogue's code."""
     from .prefill.kernel import w4a16_prefill_kernel
     kh = half_chunk(group)
     ks, gps, _ = stage_blocks(cfg, kh, group)
     dt = "fp16" if dtype == torch.float16 else "bf16"
-    sig = _desc_signature(dt, cfg.bn, ks, cfg.mt, kh, gps, smem_layouts(cfg, kh, dtype))
+    sig = _desc_signature(dt, cfg.bn, ks, cfg.mt, kh, gps, smem_layouts(cfg, kh, dtype), epi)
     sig.update({"M": "i32", "N": "i32", "group": "i32", "n_k": "i32", "n_tn": "i32", "n_tm": "i32",
                 "n_split": "i32", "kps": "i32", "alpha": "fp32"})
-    cx = prefill_constexprs(cfg, kh, group, has_zeros, has_bias, dtype, cfg.splits > 1)
+    cx = prefill_constexprs(cfg, kh, group, has_zeros, has_bias, dtype, cfg.splits > 1, epi)
     sig.update({k: "constexpr" for k in cx})
+    cx = cx if epi == 2 else {"res_ptr": None, **cx}
     return compile_gluon(w4a16_prefill_kernel, sig, cx, cfg.warps, cfg.regs, attrs=attrs)
 
 

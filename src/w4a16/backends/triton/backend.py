@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import torch
 
+from ...epilogue import NAMES as EPILOGUES
 from ...pack import unpack_nibbles
 from ...weight import dequantize_codes
 from ..base import Backend, Problem
@@ -40,6 +41,7 @@ class TritonBackend(Backend):
     name = "triton"
     layout_version = LAYOUT_VERSION
     config_type = GemmConfig
+    epilogues = EPILOGUES
 
     def available(self, device: torch.device) -> Optional[str]:
         if not triton_installed():
@@ -115,13 +117,13 @@ class TritonBackend(Backend):
         return cfg.short()
 
     # ------------------------------------------------------------------ running
-    def run(self, x2, prepared, bias, alpha, cfg, deterministic=True, out=None):
-        return _launcher()[0](x2, prepared, bias, alpha, cfg, deterministic, out)
+    def run(self, x2, prepared, bias, alpha, cfg, deterministic=True, out=None, epilogue=None, residual=None):
+        return _launcher()[0](x2, prepared, bias, alpha, cfg, deterministic, out, epilogue, residual)
 
-    def bind(self, prepared, M, dtype, has_bias, alpha, cfg, deterministic=True):
+    def bind(self, prepared, M, dtype, has_bias, alpha, cfg, deterministic=True, epilogue=None):
         from .launch import bind_gemm
 
-        return bind_gemm(prepared, M, dtype, has_bias, alpha, cfg, deterministic)
+        return bind_gemm(prepared, M, dtype, has_bias, alpha, cfg, deterministic, epilogue)
 
     def dequantize(self, prepared: PreparedWeight, dtype: torch.dtype) -> torch.Tensor:
         pw = prepared

@@ -11,7 +11,8 @@ so the dequantized weight is the first ``tl.dot`` operand (on Hopper, wgmma read
 registers). Without SWAP_AB it computes out[BM, BN] = x @ W^T and the dequantized weight is the
 second operand (staged through shared memory).
 
-With one split (EPILOGUE) the program applies alpha, bias and the cast and writes y.
+With one split (EPILOGUE) the program applies alpha, bias, the epilogue (EPI: none, SiLU(gate) *
+up of the interleaved gate/up rows, or a residual; ``w4a16.epilogue``) and the cast and writes y.
 With several splits, program (tile, s) covers chunks [s * CPS, (s + 1) * CPS) and writes its fp32
 partial tile to ``part[s]``; the last program of a tile to arrive (an acquire-release counter per
 tile, reset to 0 after use) sums the partials in split order and writes y, so the result is
@@ -96,13 +97,48 @@ def _per_row(v, SWAP_AB: tl.constexpr):
 
 
 @triton.jit
-def _write_y(acc, y_ptr, bias_ptr, rows, out_offs, out_mask, alpha, HAS_BIAS: tl.constexpr,
-             SWAP_AB: tl.constexpr, DTYPE: tl.constexpr):
-    """y = alpha * acc + bias, cast to DTYPE, stored at out_offs where out_mask."""
+def _pairs(t, SWAP_AB: tl.constexpr):
+    """(gate, up) halves of a tile in the silu_mul row order (w4a16.epilogue: weight rows 16b .. 16b
+    + 7 gate, 16b + 8 .. 16b + 15 up): [BN, BM] (SWAP_AB) -> two [BN/16, 8, BM], else [BM, BN] ->
+    two [BM, BN/16, 8]; register moves only (a thread holds both rows of a pair)."""
+    if SWAP_AB:
+        BN: tl.constexpr = t.shape[0]
+        BM: tl.constexpr = t.shape[1]
+        t = tl.permute(tl.reshape(t, (BN // 16, 2, 8, BM)), (0, 2, 3, 1))
+    else:
+        BM: tl.constexpr = t.shape[0]
+        BN: tl.constexpr = t.shape[1]
+        t = tl.permute(tl.reshape(t, (BM, BN // 16, 2, 8)), (0, 1, 3, 2))
+    return tl.split(t)
+
+
+@triton.jit
+def _write_y(acc, y_ptr, bias_ptr, res_ptr, rows, offs_n, offs_m, n_ok, m_ok, M, N, alpha, HAS_BIAS: tl.constexpr,
+             SWAP_AB: tl.constexpr, EPI: tl.constexpr, DTYPE: tl.constexpr):
+    """y = alpha * acc + bias, then the epilogue (EPI 0: none; 1: SiLU(gate) * up into y [M, N/2];
+    2: + residual [M, N]), cast to DTYPE and stored (rows past N and tokens past M masked)."""
     acc = acc * alpha
     if HAS_BIAS:
         acc += _per_row(tl.load(bias_ptr + rows), SWAP_AB)
-    tl.store(y_ptr + out_offs, acc.to(DTYPE), mask=out_mask)
+    if SWAP_AB:
+        n_idx = offs_n[:, None] + 0 * offs_m[None, :]
+        m_idx = offs_m[None, :] + 0 * offs_n[:, None]
+    else:
+        n_idx = offs_n[None, :] + 0 * offs_m[:, None]
+        m_idx = offs_m[:, None] + 0 * offs_n[None, :]
+    if EPI == 1:
+        gate, up = _pairs(acc, SWAP_AB)
+        n_g, _n_u = _pairs(n_idx, SWAP_AB)
+        m_g, _m_u = _pairs(m_idx, SWAP_AB)
+        out = gate / (1.0 + tl.exp(-gate)) * up
+        # weight row 16b + i (i < 8) of the gate half is output column 8b + i
+        tl.store(y_ptr + m_g * (N // 2) + (n_g - 8 * (n_g // 16)), out.to(DTYPE), mask=(n_g < N) & (m_g < M))
+    else:
+        offs = m_idx * N + n_idx
+        mask = (n_idx < N) & (m_idx < M)
+        if EPI == 2:
+            acc += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs, acc.to(DTYPE), mask=mask)
 
 
 @triton.jit
@@ -123,18 +159,18 @@ def _load_x(x_ptrs, k0, offs_h, m_ok, live, K, EVEN_K: tl.constexpr, SWAP_AB: tl
 
 @triton.jit
 def w4a16_gemm_kernel(
-    x_ptr, qk_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, part_ptr, counter_ptr,
+    x_ptr, qk_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, y_ptr, part_ptr, counter_ptr,
     M, N, K, chunks, chunks_per_split, n_blocks, alpha,
     GROUP_LOG2: tl.constexpr, KC: tl.constexpr, ONE_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, EPILOGUE: tl.constexpr, GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
     UNROLL: tl.constexpr, PREFETCH: tl.constexpr, SCALE_AFTER: tl.constexpr,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, USE_ASM: tl.constexpr,
-    DTYPE: tl.constexpr,
+    DTYPE: tl.constexpr, EPI: tl.constexpr,
 ):
     """x [M, K] DTYPE; qk uint8 [n_blocks, K_pad*8] (16-row fragment blocks, see layout.py);
-    s, z [G_pad, N] in DTYPE or fp32; bias [N]; y [M, N] DTYPE; part fp32 [splits, M, N] and
-    counter int32 [tiles], zero (both unused with EPILOGUE, the single-split case; counter unused
-    with ATOMIC)."""
+    s, z [G_pad, N] in DTYPE or fp32; bias [N]; res [M, N] DTYPE (EPI 2); y [M, N] DTYPE ([M, N/2]
+    with EPI 1); part fp32 [splits, M, N] and counter int32 [tiles], zero (both unused with
+    EPILOGUE, the single-split case; counter unused with ATOMIC, which needs EPI 0)."""
     H: tl.constexpr = KC // 2
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
@@ -213,7 +249,8 @@ def w4a16_gemm_kernel(
         out_mask = m_ok[:, None] & n_ok[None, :]
         out_offs = offs_m[:, None] * N + offs_n[None, :]
     if EPILOGUE:
-        _write_y(acc, y_ptr, bias_ptr, rows, out_offs, out_mask, alpha, HAS_BIAS, SWAP_AB, DTYPE)
+        _write_y(acc, y_ptr, bias_ptr, res_ptr, rows, offs_n, offs_m, n_ok, m_ok, M, N, alpha, HAS_BIAS, SWAP_AB,
+                 EPI, DTYPE)
     elif ATOMIC:
         tl.atomic_add(part_ptr + out_offs, acc, mask=out_mask, sem="relaxed")
     else:
@@ -229,4 +266,5 @@ def w4a16_gemm_kernel(
             for s in range(0, splits):
                 total += tl.load(part_ptr + s * M * N + out_offs, mask=out_mask, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next call
-            _write_y(total, y_ptr, bias_ptr, rows, out_offs, out_mask, alpha, HAS_BIAS, SWAP_AB, DTYPE)
+            _write_y(total, y_ptr, bias_ptr, res_ptr, rows, offs_n, offs_m, n_ok, m_ok, M, N, alpha, HAS_BIAS,
+                     SWAP_AB, EPI, DTYPE)

@@ -7,6 +7,7 @@ import torch
 import triton.language as tl
 
 from ...config import GemmConfig
+from ...epilogue import code_of, out_features
 from ...errors import expect
 from .env import interpreting
 from .fast_launch import CachedLaunch, arg_key
@@ -45,18 +46,19 @@ def split_plan(cfg: GemmConfig, chunks: int) -> tuple:
 
 
 def launch_plan(pw: PreparedWeight, M: int, cfg: GemmConfig, has_bias: bool, atomic_ok: bool,
-                dtype: torch.dtype) -> tuple:
+                dtype: torch.dtype, epilogue: Optional[str] = None) -> tuple:
     """(grid, splits, chunks_per_split, atomic, constexprs, static_key, constexpr values) of one
     launch, cached per prepared weight. static_key covers everything the compiled kernel depends
-    on except the alignment of the per-call tensors (x, y, workspace, bias)."""
-    key = (M, cfg, has_bias, atomic_ok, dtype)
+    on except the alignment of the per-call tensors (x, y, workspace, bias, residual). Atomic
+    split-K (finished by the reduce kernel) is used for the plain epilogue only."""
+    key = (M, cfg, has_bias, atomic_ok, dtype, epilogue)
     plans = plans_of(pw)
     plan = plans.get(key)
     if plan is not None:
         return plan
     chunks = pw.K_pad // pw.kc
     splits, per = split_plan(cfg, chunks)
-    atomic = splits > 1 and atomic_ok
+    atomic = splits > 1 and atomic_ok and epilogue is None
     bm = effective_block_m(cfg, M)
     grid = (_cdiv(M, bm) * _cdiv(pw.N, cfg.block_n), splits)
     constexprs = dict(
@@ -64,7 +66,7 @@ def launch_plan(pw: PreparedWeight, M: int, cfg: GemmConfig, has_bias: bool, ato
         EVEN_K=pw.K % pw.kc == 0, BM=bm, BN=cfg.block_n, EPILOGUE=splits == 1, GROUP_M=cfg.group_m,
         SWAP_AB=cfg.swap_ab, UNROLL=cfg.unroll, PREFETCH=cfg.prefetch, SCALE_AFTER=cfg.scale_after,
         HAS_ZEROS=pw.zeros_t is not None, HAS_BIAS=has_bias, ATOMIC=atomic,
-        USE_ASM=cfg.dequant == "magic" and not interpreting(), DTYPE=TL_DTYPES[dtype])
+        USE_ASM=cfg.dequant == "magic" and not interpreting(), DTYPE=TL_DTYPES[dtype], EPI=code_of(epilogue))
     cx = tuple(constexprs.values())
     zeros = pw.zeros_t if pw.zeros_t is not None else pw.scales_t
     static = (cx, cfg.num_warps, cfg.num_stages, dtype, has_bias, arg_key(pw.qk), arg_key(pw.scales_t),
@@ -74,9 +76,10 @@ def launch_plan(pw: PreparedWeight, M: int, cfg: GemmConfig, has_bias: bool, ato
 
 
 def launch_gemm(x: torch.Tensor, pw: PreparedWeight, bias: Optional[torch.Tensor], alpha: float,
-                cfg: GemmConfig, deterministic: bool = True, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y [M, N] = alpha * x @ W^T + bias (see :func:`launch_gemm_compiled`)."""
-    return launch_gemm_compiled(x, pw, bias, alpha, cfg, deterministic, out)[0]
+                cfg: GemmConfig, deterministic: bool = True, out: Optional[torch.Tensor] = None,
+                epilogue: Optional[str] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y [M, N] = alpha * x @ W^T + bias, then the epilogue (see :func:`launch_gemm_compiled`)."""
+    return launch_gemm_compiled(x, pw, bias, alpha, cfg, deterministic, out, epilogue, residual)[0]
 
 
 def row_limit(pw: PreparedWeight, M: int, cfg: GemmConfig) -> int:
@@ -91,39 +94,46 @@ def row_limit(pw: PreparedWeight, M: int, cfg: GemmConfig) -> int:
 
 def launch_gemm_compiled(x: torch.Tensor, pw: PreparedWeight, bias: Optional[torch.Tensor], alpha: float,
                          cfg: GemmConfig, deterministic: bool = True,
-                         out: Optional[torch.Tensor] = None) -> tuple:
-    """y = alpha * x @ W^T + bias -> (y, the compiled kernel or None).
+                         out: Optional[torch.Tensor] = None, epilogue: Optional[str] = None,
+                         residual: Optional[torch.Tensor] = None) -> tuple:
+    """y = alpha * x @ W^T + bias, then the epilogue -> (y, the compiled kernel or None).
 
-    x: [M, K] contiguous, fp16/bf16; bias: None or [N]; out: None or a contiguous [M, N] tensor of
-    x's dtype to write into (tests poison it first). Returns y [M, N] in x's dtype.
+    x: [M, K] contiguous, fp16/bf16; bias: None or [N]; epilogue: None, "silu_mul" or "residual"
+    (``w4a16.epilogue``); residual: [M, N] contiguous in x's dtype with "residual"; out: None or a
+    contiguous tensor of y's shape and x's dtype to write into (tests poison it first). Returns
+    y [M, N] ([M, N / 2] with "silu_mul") in x's dtype.
     Workspace (split-K partial sums, fp32) comes from torch's caching allocator, the split-K tile
     counters from :func:`tile_counters`; everything is launched on torch's current stream, so the
     call can be captured in a CUDA graph.
     """
     M = x.shape[0]
+    n_out = out_features(pw.N, epilogue)
     if M == 0:
-        return (torch.empty((0, pw.N), dtype=x.dtype, device=x.device) if out is None else out), None
+        return (torch.empty((0, n_out), dtype=x.dtype, device=x.device) if out is None else out), None
     rows = row_limit(pw, M, cfg)
     if M > rows:
-        y = torch.empty((M, pw.N), dtype=x.dtype, device=x.device) if out is None else out
+        y = torch.empty((M, n_out), dtype=x.dtype, device=x.device) if out is None else out
         compiled = None
         for m0 in range(0, M, rows):
+            res = None if residual is None else residual[m0:m0 + rows]
             _, compiled = launch_gemm_compiled(x[m0:m0 + rows], pw, bias, alpha, cfg, deterministic,
-                                               y[m0:m0 + rows])
+                                               y[m0:m0 + rows], epilogue, res)
         return y, compiled
-    return BoundGemm(pw, M, x.dtype, bias is not None, alpha, cfg, deterministic).launch(x, bias, out)
+    return BoundGemm(pw, M, x.dtype, bias is not None, alpha, cfg, deterministic, epilogue).launch(x, bias, residual,
+                                                                                                   out)
 
 
 def bind_gemm(pw: PreparedWeight, M: int, dtype: torch.dtype, has_bias: bool, alpha: float, cfg: GemmConfig,
-              deterministic: bool = True):
-    """A callable ``run(x [M, K] contiguous, bias) -> y [M, N]`` for repeated calls of one shape:
-    everything that does not change between such calls is computed here, once."""
+              deterministic: bool = True, epilogue: Optional[str] = None):
+    """A callable ``run(x [M, K] contiguous, bias, residual=None) -> y`` for repeated calls of one
+    shape: everything that does not change between such calls is computed here, once."""
     if M == 0 or M > row_limit(pw, M, cfg) or (cfg.wide_scales and pw.scales_t.dtype != torch.float32):
         # Row blocks, or fp32 scales made per call: a bound launch would keep an fp32 copy of the
         # scales alive with the weight (prefill calls are long: the per-call copy costs little).
-        return lambda x, bias: launch_gemm(x, pw, bias, alpha, cfg, deterministic)
-    bound = BoundGemm(pw, M, dtype, has_bias, alpha, cfg, deterministic)
-    return lambda x, bias: bound.launch(x, bias)[0]
+        return lambda x, bias, residual=None: launch_gemm(x, pw, bias, alpha, cfg, deterministic, None, epilogue,
+                                                          residual)
+    bound = BoundGemm(pw, M, dtype, has_bias, alpha, cfg, deterministic, epilogue)
+    return lambda x, bias, residual=None: bound.launch(x, bias, residual)[0]
 
 
 class BoundGemm:
@@ -131,13 +141,14 @@ class BoundGemm:
     split-K workspace are allocated and the per-call tensors' alignment is looked at."""
 
     def __init__(self, pw: PreparedWeight, M: int, dtype: torch.dtype, has_bias: bool, alpha: float,
-                 cfg: GemmConfig, deterministic: bool):
+                 cfg: GemmConfig, deterministic: bool, epilogue: Optional[str] = None):
         if cfg.wide_scales and pw.scales_t.dtype != torch.float32:
             # fp32 scales are made per bound launch (a few MB, next to a prefill GEMM's
             # milliseconds) rather than kept: the weight holds one prepared copy.
             pw = widen_scales(pw)
         grid, splits, per, atomic, constexprs, static, cx = launch_plan(pw, M, cfg, has_bias, not deterministic,
-                                                                         dtype)
+                                                                         dtype, epilogue)
+        self.n_out = out_features(pw.N, epilogue)
         self.M, self.N, self.dtype, self.grid, self.splits, self.atomic = M, pw.N, dtype, grid, splits, atomic
         self.constexprs, self.static, self.cx, self.cfg = constexprs, static, cx, cfg
         self.scales = pw.scales_t
@@ -147,9 +158,10 @@ class BoundGemm:
         self.tail = (M, pw.N, pw.K, pw.K_pad // pw.kc, per, pw.qk.shape[0], self.alpha)
         self.qk = pw.qk
 
-    def launch(self, x: torch.Tensor, bias: Optional[torch.Tensor], out: Optional[torch.Tensor] = None) -> tuple:
+    def launch(self, x: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor] = None,
+               out: Optional[torch.Tensor] = None) -> tuple:
         M, N = self.M, self.N
-        y = torch.empty((M, N), dtype=self.dtype, device=x.device) if out is None else out
+        y = torch.empty((M, self.n_out), dtype=self.dtype, device=x.device) if out is None else out
         if self.splits == 1:
             part = counters = y
         elif self.atomic:
@@ -158,13 +170,16 @@ class BoundGemm:
             part = torch.empty((self.splits, M, N), dtype=torch.float32, device=x.device)
             counters = tile_counters(x.device, self.grid[0])
         bias_arg = bias if bias is not None else self.scales
+        # None (a constexpr to Triton: no kernel parameter) unless the residual epilogue reads it
+        res_arg = residual
         # What the compiled kernel depends on beyond the plan: the per-call tensors' 16-byte
         # alignment and dtypes (the dtypes follow from the plan unless a caller passes its own out).
         aligned = (not x.data_ptr() & 15, not y.data_ptr() & 15, not part.data_ptr() & 15,
                    not counters.data_ptr() & 15, not bias_arg.data_ptr() & 15, y.dtype, part.dtype, counters.dtype,
-                   bias_arg.dtype)
+                   bias_arg.dtype, None if res_arg is None else (not res_arg.data_ptr() & 15, res_arg.dtype))
         cfg = self.cfg
-        compiled = _GEMM(self.grid, (x, self.qk, self.scales, self.zeros, bias_arg, y, part, counters) + self.tail,
+        compiled = _GEMM(self.grid, (x, self.qk, self.scales, self.zeros, bias_arg, res_arg, y, part, counters)
+                         + self.tail,
                          self.constexprs, cfg.num_warps, cfg.num_stages, key=(self.static, aligned), cx=self.cx)
         if self.atomic:
             _REDUCE((_cdiv(M * N, REDUCE_BLOCK),), (part, bias_arg, y, M, N, self.alpha),

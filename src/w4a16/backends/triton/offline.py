@@ -19,13 +19,15 @@ def chunk_of(group: int) -> int:
 
 def compile_gemm(cfg: GemmConfig, dtype: str = "fp16", group: int = 128, has_zeros: bool = False,
                  has_bias: bool = True, epilogue: bool = True, even_k: bool = True,
-                 aligned: Iterable[str] = ALIGNED_ARGS):
+                 aligned: Iterable[str] = ALIGNED_ARGS, epi: int = 0):
     """The kernel for ``cfg`` compiled for sm_90a.
 
     dtype: "fp16" or "bf16"; group: 32..256 or -1 (per channel); epilogue: the single-split kernel
     (alpha, bias and the store in the kernel) rather than one writing fp32 partials; even_k: K a
     multiple of the chunk; aligned: the arguments compiled as divisible by 16 (16-byte aligned
-    pointers, sizes that are multiples of 16), as the launcher's real problems usually are."""
+    pointers, sizes that are multiples of 16), as the launcher's real problems usually are; epi: the
+    kernel's EPI (w4a16.epilogue.CODES; with 2 the residual pointer is an argument after bias_ptr,
+    else a constexpr None, so the C library's parameter list stays as it is)."""
     import triton.language as tl
 
     from .gemm import w4a16_gemm_kernel
@@ -38,8 +40,15 @@ def compile_gemm(cfg: GemmConfig, dtype: str = "fp16", group: int = 128, has_zer
               ONE_SCALE=group == -1 or group % kc == 0, EVEN_K=even_k, BM=cfg.block_m, BN=cfg.block_n,
               EPILOGUE=epilogue, GROUP_M=cfg.group_m, SWAP_AB=cfg.swap_ab, UNROLL=cfg.unroll,
               PREFETCH=cfg.prefetch, SCALE_AFTER=cfg.scale_after, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias,
-              ATOMIC=False, USE_ASM=cfg.dequant == "magic", DTYPE=tl.float16 if dtype == "fp16" else tl.bfloat16)
-    return _compile_sm90a(w4a16_gemm_kernel, GEMM_ARGS, types, aligned, cx, cfg.num_warps, cfg.num_stages)
+              ATOMIC=False, USE_ASM=cfg.dequant == "magic", DTYPE=tl.float16 if dtype == "fp16" else tl.bfloat16,
+              EPI=epi)
+    names = GEMM_ARGS
+    if epi == 2:
+        names = names[:5] + ("res_ptr",) + names[5:]
+        types = types[:5] + (f"*{dtype}",) + types[5:]
+    else:
+        cx["res_ptr"] = None
+    return _compile_sm90a(w4a16_gemm_kernel, names, types, aligned, cx, cfg.num_warps, cfg.num_stages)
 
 
 def _compile_sm90a(fn, names, types, aligned: Iterable[str], constexprs: dict, num_warps: int, num_stages: int):
@@ -52,9 +61,10 @@ def _compile_sm90a(fn, names, types, aligned: Iterable[str], constexprs: dict, n
     from ..triton_compat import COMPILE_OPTIONS
     from .env import interpreter_unset
 
-    sig = dict(zip(names, types))
-    sig.update({k: "constexpr" for k in constexprs})
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    given = dict(zip(names, types))
+    # in the kernel's parameter order (a constexpr may sit between runtime arguments)
+    sig = {k: "constexpr" if k in constexprs else given[k] for k in fn.arg_names}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     with interpreter_unset():   # the interpreter must not take over compiling
         return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32),

@@ -56,7 +56,7 @@ class BoundDecode:
         stream = torch._C._cuda_getCurrentRawStream(dev)
         part, cnt = workspace_of(plan, x2.device)
         direct.launch(plan.grid[0], plan.grid[1], stream, function, packed,
-                      [*c_arg, *xa, *tail_w, y, bias if bias is not None else y, part, cnt, self.M, self.pw.N,
+                      [*c_arg, *xa, *tail_w, y, bias if bias is not None else y, None, part, cnt, self.M, self.pw.N,
                        self.pw.group, plan.n_stages, plan.sps, self.alpha, *cx])
         return y
 

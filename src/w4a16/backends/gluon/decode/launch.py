@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from ....epilogue import code_of, out_features
 from ....errors import expect
 from ...workspace import plans_of, tile_counters
 from ..host import PRODUCER_REGS, check_x2, gl_dtype, k_ranges, launch, stage_blocks, weight_descriptors
@@ -16,12 +17,14 @@ from .config import GluonDecodeConfig, auto_splits
 
 
 @functools.lru_cache(maxsize=1024)
-def decode_constexprs(cfg, kh, group, split_mode, has_zeros, has_bias, dtype):
-    """The kernel's constexpr arguments, in signature order (cached: the same few per weight)."""
+def decode_constexprs(cfg, kh, group, split_mode, has_zeros, has_bias, dtype, epi=0):
+    """The kernel's trailing constexpr arguments, in signature order (cached: the same few per
+    weight); epi: the epilogue's code."""
     ks, gps, gdiv = stage_blocks(cfg, kh, group)
     return dict(MT=cfg.mt, W=cfg.warps, KH=kh, NCH=cfg.nch, STAGES=cfg.stages, GPS=gps, GDIV=gdiv,
                 SPLIT=split_mode, HAS_ZEROS=bool(has_zeros), HAS_BIAS=bool(has_bias), DTYPE=gl_dtype(dtype),
-                WS=bool(cfg.ws), PRODUCER_REGS=PRODUCER_REGS, SA=cfg.scale_after(has_zeros, group), PDL=bool(cfg.pdl))
+                WS=bool(cfg.ws), PRODUCER_REGS=PRODUCER_REGS, SA=cfg.scale_after(has_zeros, group), PDL=bool(cfg.pdl),
+                EPI=epi)
 
 
 @dataclass(frozen=True)
@@ -114,23 +117,28 @@ def workspace_of(plan: DecodePlan, device) -> tuple:
 
 def run_decode(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor], alpha: float,
                cfg: GluonDecodeConfig, deterministic: bool = True,
-               out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y [M, N] = alpha * x2 @ W^T + bias with the Gluon decode kernel, on torch's current stream.
+               out: Optional[torch.Tensor] = None, epilogue: Optional[str] = None,
+               residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y [M, N] = alpha * x2 @ W^T + bias, then the epilogue, with the Gluon decode kernel, on
+    torch's current stream.
 
     x2: contiguous [M, K] fp16/bf16 (M <= cfg.mt); pw: the weight in the Gluon layout (same dtype);
-    bias: [N] or None. deterministic=False adds K-split partials with fp32 atomics.
+    bias: [N] or None; epilogue: None, "silu_mul" (y [M, N / 2]) or "residual" (residual [M, N]
+    contiguous). deterministic=False adds K-split partials with fp32 atomics (the plain epilogue
+    only: with another the partials are summed in split order).
     """
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     M, K = x2.shape
     N = pw.N
     expect(1 <= M <= cfg.mt, "x2.shape[0] (M)", f"1..{cfg.mt} (the config's token tile)", M)
     check_x2(x2, pw)
-    plan = plan_for(pw, M, cfg, deterministic)
-    y = out if out is not None else torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    plan = plan_for(pw, M, cfg, deterministic or epilogue is not None)
+    y = out if out is not None else torch.empty(M, out_features(N, epilogue), dtype=x2.dtype, device=x2.device)
     x_desc = TensorDescriptor(x2, [M, K], [K, 1], [cfg.mt, plan.kh], plan.xl)
     part, cnt = workspace_of(plan, x2.device)
-    cx = decode_constexprs(cfg, plan.kh, pw.group, plan.split_mode, pw.has_zeros, bias is not None, x2.dtype)
-    args = (plan.c_desc, x_desc, plan.s_desc, plan.o_desc, y, bias if bias is not None else y, part, cnt,
+    cx = decode_constexprs(cfg, plan.kh, pw.group, plan.split_mode, pw.has_zeros, bias is not None, x2.dtype,
+                           code_of(epilogue))
+    args = (plan.c_desc, x_desc, plan.s_desc, plan.o_desc, y, bias if bias is not None else y, residual, part, cnt,
             M, N, pw.group, plan.n_stages, plan.sps, float(alpha))
     launch(plan.kernel, plan.grid, args, cx, cfg, (cfg, plan.kh, pw.K_pad, x2.get_device()))
     if plan.split_mode == 2:

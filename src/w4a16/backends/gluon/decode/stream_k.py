@@ -61,15 +61,15 @@ def _sk_producer(u0, u1, n_stages, c_desc, x_desc, s_desc, o_desc, c_ring, x_rin
 
 
 @gluon.jit
-def _sk_tile_done(acc, t, kb, ke, u0, n_stages, n_units, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha,
+def _sk_tile_done(acc, t, kb, ke, u0, n_stages, n_units, y_ptr, bias_ptr, res_ptr, part_ptr, cnt_ptr, M, N, alpha,
                   acc_l: gl.constexpr, BN: gl.constexpr, MT: gl.constexpr, HAS_BIAS: gl.constexpr,
-                  DTYPE: gl.constexpr):
+                  DTYPE: gl.constexpr, EPI: gl.constexpr):
     """Tile t's stages kb..ke-1 are in acc [BN, MT] fp32: store y, or hand over the partial (see
     the module docstring)."""
     row0 = t * BN
     if (kb == 0) & (ke == n_stages):
         epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, 0, 1, acc_l, BN, MT, 0,
-                  HAS_BIAS, DTYPE)
+                  HAS_BIAS, DTYPE, res_ptr=res_ptr, EPI=EPI)
     else:
         P = gl.num_programs(0)
         offs_n = gl.arange(0, BN, layout=gl.SliceLayout(1, acc_l))
@@ -90,14 +90,15 @@ def _sk_tile_done(acc, t, kb, ke, u0, n_stages, n_units, y_ptr, bias_ptr, part_p
                 total += gl.load(part_ptr + qs * (M * BN) + offs, mask=mask, other=0.0, cache_modifier=".cg")
             gl.atomic_xchg(cnt_ptr + t, 0, sem="relaxed", scope="gpu")
             epilogue(total, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, 0, 1, acc_l, BN, MT, 0,
-                      HAS_BIAS, DTYPE)
+                      HAS_BIAS, DTYPE, res_ptr=res_ptr, EPI=EPI)
 
 
 @gluon.jit
-def _sk_consumer(u0, u1, n_stages, n_units, c_ring, x_ring, s_ring, o_ring, bars, empty, y_ptr, bias_ptr, part_ptr,
-                 cnt_ptr, M, N, alpha, acc_l: gl.constexpr, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr,
-                 MT: gl.constexpr, STAGES: gl.constexpr, GDIV: gl.constexpr, HAS_ZEROS: gl.constexpr,
-                 HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, SA: gl.constexpr, PDL: gl.constexpr):
+def _sk_consumer(u0, u1, n_stages, n_units, c_ring, x_ring, s_ring, o_ring, bars, empty, y_ptr, bias_ptr, res_ptr,
+                 part_ptr, cnt_ptr, M, N, alpha, acc_l: gl.constexpr, W: gl.constexpr, KH: gl.constexpr,
+                 NCH: gl.constexpr, MT: gl.constexpr, STAGES: gl.constexpr, GDIV: gl.constexpr,
+                 HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, SA: gl.constexpr,
+                 PDL: gl.constexpr, EPI: gl.constexpr):
     """Default partition: dequant + wgmma of units u0..u1-1; each tile's epilogue as it ends
     (PDL: after the grids this one depends on)."""
     if PDL:
@@ -113,18 +114,18 @@ def _sk_consumer(u0, u1, n_stages, n_units, c_ring, x_ring, s_ring, o_ring, bars
                                  HAS_ZEROS, DTYPE, SA)
             mbarrier.arrive(empty.index(it % STAGES), count=1)
             it += 1
-        _sk_tile_done(acc, t, kb, ke, u0, n_stages, n_units, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, acc_l,
-                      16 * W, MT, HAS_BIAS, DTYPE)
+        _sk_tile_done(acc, t, kb, ke, u0, n_stages, n_units, y_ptr, bias_ptr, res_ptr, part_ptr, cnt_ptr, M, N, alpha,
+                      acc_l, 16 * W, MT, HAS_BIAS, DTYPE, EPI)
 
 
 @gluon.jit
 def w4a16_decode_sk_kernel(
-    c_desc, x_desc, s_desc, o_desc, y_ptr, bias_ptr, part_ptr, cnt_ptr,
+    c_desc, x_desc, s_desc, o_desc, y_ptr, bias_ptr, res_ptr, part_ptr, cnt_ptr,
     M, N, group, n_stages, n_units, alpha,
     MT: gl.constexpr, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr, STAGES: gl.constexpr,
     GPS: gl.constexpr, GDIV: gl.constexpr, SPLIT: gl.constexpr, HAS_ZEROS: gl.constexpr,
     HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, WS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-    SA: gl.constexpr, PDL: gl.constexpr,
+    SA: gl.constexpr, PDL: gl.constexpr, EPI: gl.constexpr,
 ):
     """The decode kernel's arguments (``kernel.w4a16_decode_kernel``), with n_units = n_tiles *
     n_stages in place of stages_per_split; part_ptr: fp32 [2 * P, M, BN]; cnt_ptr: int32
@@ -141,8 +142,8 @@ def w4a16_decode_sk_kernel(
 
     gl.warp_specialize([
         (_sk_consumer, (u0, u1, n_stages, n_units, c_ring, x_ring, s_ring, o_ring, bars, empty, y_ptr, bias_ptr,
-                        part_ptr, cnt_ptr, M, N, alpha, acc_l, W, KH, NCH, MT, STAGES, GDIV, HAS_ZEROS, HAS_BIAS,
-                        DTYPE, SA, PDL)),
+                        res_ptr, part_ptr, cnt_ptr, M, N, alpha, acc_l, W, KH, NCH, MT, STAGES, GDIV, HAS_ZEROS,
+                        HAS_BIAS, DTYPE, SA, PDL, EPI)),
         (_sk_producer, (u0, u1, n_stages, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, empty,
                         group, STAGES, NCH, KH, GPS, W, HAS_ZEROS, PDL)),
     ], [1], [PRODUCER_REGS])

@@ -150,86 +150,107 @@ def _halves(acc, BN: gl.constexpr, MT: gl.constexpr):
 
 
 @gluon.jit
-def _pf_store(part, y_ptr, bias_ptr, M, N, alpha, row0, tok0, BN: gl.constexpr, MT: gl.constexpr,
-              HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr):
-    p_l: gl.constexpr = part.type.layout
-    epilogue(part, y_ptr + tok0 * N, bias_ptr, y_ptr, y_ptr, M - tok0, N, alpha, row0, 0, 1, p_l, BN, MT, 0,
-              HAS_BIAS, DTYPE)
+def _y_at(y_ptr, tok0, N, EPI: gl.constexpr):
+    """y's pointer at token tok0: its rows are N / 2 long with EPI 1 (silu_mul), N otherwise."""
+    if EPI == 1:
+        y0 = y_ptr + tok0 * (N // 2)
+    else:
+        y0 = y_ptr + tok0 * N
+    return y0
 
 
 @gluon.jit
-def _pf_epilogue(acc, y_ptr, bias_ptr, M, N, alpha, row0, tok0, BN: gl.constexpr, MT: gl.constexpr,
-                 HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, EPI_PARTS: gl.constexpr):
+def _pf_store(part, y_ptr, bias_ptr, res_ptr, M, N, alpha, row0, tok0, BN: gl.constexpr, MT: gl.constexpr,
+              HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, EPI: gl.constexpr):
+    p_l: gl.constexpr = part.type.layout
+    y0 = _y_at(y_ptr, tok0, N, EPI)
+    if EPI == 2:   # the residual [M, N] at token tok0 (else res_ptr is None)
+        epilogue(part, y0, bias_ptr, y_ptr, y_ptr, M - tok0, N, alpha, row0, 0, 1, p_l, BN, MT, 0,
+                  HAS_BIAS, DTYPE, res_ptr=res_ptr + tok0 * N, EPI=EPI)
+    else:
+        epilogue(part, y0, bias_ptr, y_ptr, y_ptr, M - tok0, N, alpha, row0, 0, 1, p_l, BN, MT, 0,
+                  HAS_BIAS, DTYPE, EPI=EPI)
+
+
+@gluon.jit
+def _pf_epilogue(acc, y_ptr, bias_ptr, res_ptr, M, N, alpha, row0, tok0, BN: gl.constexpr, MT: gl.constexpr,
+                 HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, EPI_PARTS: gl.constexpr, EPI: gl.constexpr):
     """y rows tok0 .. tok0 + MT: the decode epilogue (alpha, bias, cast, masked store) with the tile's
     tokens as its M, in EPI_PARTS (1, 2 or 4) slices of tokens, which divides the epilogue's live
     offsets and pointers: the 256-token and 128-row tiles spill without it."""
     if EPI_PARTS == 1:
-        _pf_store(acc, y_ptr, bias_ptr, M, N, alpha, row0, tok0, BN, MT, HAS_BIAS, DTYPE)
+        _pf_store(acc, y_ptr, bias_ptr, res_ptr, M, N, alpha, row0, tok0, BN, MT, HAS_BIAS, DTYPE, EPI)
     else:
         H: gl.constexpr = MT // 2
         lo, hi = _halves(acc, BN, MT)
         if EPI_PARTS == 2:
-            _pf_store(lo, y_ptr, bias_ptr, M, N, alpha, row0, tok0, BN, H, HAS_BIAS, DTYPE)
-            _pf_store(hi, y_ptr, bias_ptr, M, N, alpha, row0, tok0 + H, BN, H, HAS_BIAS, DTYPE)
+            _pf_store(lo, y_ptr, bias_ptr, res_ptr, M, N, alpha, row0, tok0, BN, H, HAS_BIAS, DTYPE, EPI)
+            _pf_store(hi, y_ptr, bias_ptr, res_ptr, M, N, alpha, row0, tok0 + H, BN, H, HAS_BIAS, DTYPE, EPI)
         else:
             Q: gl.constexpr = MT // 4
             a, b = _halves(lo, BN, H)
-            _pf_store(a, y_ptr, bias_ptr, M, N, alpha, row0, tok0, BN, Q, HAS_BIAS, DTYPE)
-            _pf_store(b, y_ptr, bias_ptr, M, N, alpha, row0, tok0 + Q, BN, Q, HAS_BIAS, DTYPE)
+            _pf_store(a, y_ptr, bias_ptr, res_ptr, M, N, alpha, row0, tok0, BN, Q, HAS_BIAS, DTYPE, EPI)
+            _pf_store(b, y_ptr, bias_ptr, res_ptr, M, N, alpha, row0, tok0 + Q, BN, Q, HAS_BIAS, DTYPE, EPI)
             c, d = _halves(hi, BN, H)
-            _pf_store(c, y_ptr, bias_ptr, M, N, alpha, row0, tok0 + H, BN, Q, HAS_BIAS, DTYPE)
-            _pf_store(d, y_ptr, bias_ptr, M, N, alpha, row0, tok0 + H + Q, BN, Q, HAS_BIAS, DTYPE)
+            _pf_store(c, y_ptr, bias_ptr, res_ptr, M, N, alpha, row0, tok0 + H, BN, Q, HAS_BIAS, DTYPE, EPI)
+            _pf_store(d, y_ptr, bias_ptr, res_ptr, M, N, alpha, row0, tok0 + H + Q, BN, Q, HAS_BIAS, DTYPE, EPI)
 
 
 @gluon.jit
-def _pf_split_store(part, y_ptr, bias_ptr, part_ptr, cnt_ptr, cnt_idx, split, n_split, M, N, alpha, row0, tok0,
-                    BN: gl.constexpr, MT: gl.constexpr, HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr):
+def _pf_split_store(part, y_ptr, bias_ptr, res_ptr, part_ptr, cnt_ptr, cnt_idx, split, n_split, M, N, alpha, row0,
+                    tok0, BN: gl.constexpr, MT: gl.constexpr, HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr,
+                    EPI: gl.constexpr):
     """One token slice of a K-split tile: its fp32 partial into part [n_split, M, N], and the last
     split to arrive sums them in split order and stores y (common.epilogue, SPLIT 1)."""
     p_l: gl.constexpr = part.type.layout
-    epilogue(part, y_ptr + tok0 * N, bias_ptr, part_ptr + tok0 * N, cnt_ptr, M - tok0, N, alpha, row0, split,
-              n_split, p_l, BN, MT, 1, HAS_BIAS, DTYPE, M * N, cnt_idx)
+    y0 = _y_at(y_ptr, tok0, N, EPI)
+    if EPI == 2:   # the residual [M, N] at token tok0 (else res_ptr is None)
+        epilogue(part, y0, bias_ptr, part_ptr + tok0 * N, cnt_ptr, M - tok0, N, alpha, row0, split,
+                  n_split, p_l, BN, MT, 1, HAS_BIAS, DTYPE, M * N, cnt_idx, res_ptr=res_ptr + tok0 * N, EPI=EPI)
+    else:
+        epilogue(part, y0, bias_ptr, part_ptr + tok0 * N, cnt_ptr, M - tok0, N, alpha, row0, split,
+                  n_split, p_l, BN, MT, 1, HAS_BIAS, DTYPE, M * N, cnt_idx, EPI=EPI)
 
 
 @gluon.jit
-def _pf_split_epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, t, split, n_split, M, N, alpha, row0, tok0,
-                       BN: gl.constexpr, MT: gl.constexpr, HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr,
-                       EPI_PARTS: gl.constexpr, WG: gl.constexpr):
+def _pf_split_epilogue(acc, y_ptr, bias_ptr, res_ptr, part_ptr, cnt_ptr, t, split, n_split, M, N, alpha, row0,
+                       tok0, BN: gl.constexpr, MT: gl.constexpr, HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr,
+                       EPI_PARTS: gl.constexpr, WG: gl.constexpr, EPI: gl.constexpr):
     """_pf_epilogue for a K-split tile: each token slice has its own counter,
     (t * 2 + WG) * EPI_PARTS + slice."""
     c0 = (t * 2 + WG) * EPI_PARTS
     if EPI_PARTS == 1:
-        _pf_split_store(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, c0, split, n_split, M, N, alpha, row0, tok0, BN, MT,
-                        HAS_BIAS, DTYPE)
+        _pf_split_store(acc, y_ptr, bias_ptr, res_ptr, part_ptr, cnt_ptr, c0, split, n_split, M, N, alpha, row0, tok0, BN, MT,
+                        HAS_BIAS, DTYPE, EPI)
     else:
         H: gl.constexpr = MT // 2
         lo, hi = _halves(acc, BN, MT)
         if EPI_PARTS == 2:
-            _pf_split_store(lo, y_ptr, bias_ptr, part_ptr, cnt_ptr, c0, split, n_split, M, N, alpha, row0, tok0,
-                            BN, H, HAS_BIAS, DTYPE)
-            _pf_split_store(hi, y_ptr, bias_ptr, part_ptr, cnt_ptr, c0 + 1, split, n_split, M, N, alpha, row0,
-                            tok0 + H, BN, H, HAS_BIAS, DTYPE)
+            _pf_split_store(lo, y_ptr, bias_ptr, res_ptr, part_ptr, cnt_ptr, c0, split, n_split, M, N, alpha, row0, tok0,
+                            BN, H, HAS_BIAS, DTYPE, EPI)
+            _pf_split_store(hi, y_ptr, bias_ptr, res_ptr, part_ptr, cnt_ptr, c0 + 1, split, n_split, M, N, alpha, row0,
+                            tok0 + H, BN, H, HAS_BIAS, DTYPE, EPI)
         else:
             Q: gl.constexpr = MT // 4
             a, b = _halves(lo, BN, H)
-            _pf_split_store(a, y_ptr, bias_ptr, part_ptr, cnt_ptr, c0, split, n_split, M, N, alpha, row0, tok0,
-                            BN, Q, HAS_BIAS, DTYPE)
-            _pf_split_store(b, y_ptr, bias_ptr, part_ptr, cnt_ptr, c0 + 1, split, n_split, M, N, alpha, row0,
-                            tok0 + Q, BN, Q, HAS_BIAS, DTYPE)
+            _pf_split_store(a, y_ptr, bias_ptr, res_ptr, part_ptr, cnt_ptr, c0, split, n_split, M, N, alpha, row0, tok0,
+                            BN, Q, HAS_BIAS, DTYPE, EPI)
+            _pf_split_store(b, y_ptr, bias_ptr, res_ptr, part_ptr, cnt_ptr, c0 + 1, split, n_split, M, N, alpha, row0,
+                            tok0 + Q, BN, Q, HAS_BIAS, DTYPE, EPI)
             c, d = _halves(hi, BN, H)
-            _pf_split_store(c, y_ptr, bias_ptr, part_ptr, cnt_ptr, c0 + 2, split, n_split, M, N, alpha, row0,
-                            tok0 + H, BN, Q, HAS_BIAS, DTYPE)
-            _pf_split_store(d, y_ptr, bias_ptr, part_ptr, cnt_ptr, c0 + 3, split, n_split, M, N, alpha, row0,
-                            tok0 + H + Q, BN, Q, HAS_BIAS, DTYPE)
+            _pf_split_store(c, y_ptr, bias_ptr, res_ptr, part_ptr, cnt_ptr, c0 + 2, split, n_split, M, N, alpha, row0,
+                            tok0 + H, BN, Q, HAS_BIAS, DTYPE, EPI)
+            _pf_split_store(d, y_ptr, bias_ptr, res_ptr, part_ptr, cnt_ptr, c0 + 3, split, n_split, M, N, alpha, row0,
+                            tok0 + H + Q, BN, Q, HAS_BIAS, DTYPE, EPI)
 
 
 @gluon.jit
 def _pf_consumer(n_work, n_tn, n_tm, n_k, n_split, kps, c_ring, x_ring, s_ring, o_ring, full, empty, turns,
-                 y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha,
+                 y_ptr, bias_ptr, res_ptr, part_ptr, cnt_ptr, M, N, alpha,
                  BN: gl.constexpr, MT: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr, STAGES: gl.constexpr,
                  GDIV: gl.constexpr, GROUP_N: gl.constexpr, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr,
                  DTYPE: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr, HOLD: gl.constexpr,
-                 EPI_PARTS: gl.constexpr, SPLIT: gl.constexpr):
+                 EPI_PARTS: gl.constexpr, SPLIT: gl.constexpr, EPI: gl.constexpr):
     """Consumer warpgroup WG: its BN rows of every tile of the program, then the tile's epilogue."""
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, MT, 16])
     turn_mine = turns.index(WG)
@@ -246,27 +267,28 @@ def _pf_consumer(n_work, n_tn, n_tm, n_k, n_split, kps, c_ring, x_ring, s_ring, 
                             BN, KH, NCH, STAGES, GDIV, HAS_ZEROS, DTYPE, WG, PINGPONG, HOLD)
             it += 1
         if SPLIT:
-            _pf_split_epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, t, split, n_split, M, N, alpha, row0, tok0,
-                               BN, MT, HAS_BIAS, DTYPE, EPI_PARTS, WG)
+            _pf_split_epilogue(acc, y_ptr, bias_ptr, res_ptr, part_ptr, cnt_ptr, t, split, n_split, M, N, alpha, row0, tok0,
+                               BN, MT, HAS_BIAS, DTYPE, EPI_PARTS, WG, EPI)
         else:
-            _pf_epilogue(acc, y_ptr, bias_ptr, M, N, alpha, row0, tok0, BN, MT, HAS_BIAS, DTYPE, EPI_PARTS)
+            _pf_epilogue(acc, y_ptr, bias_ptr, res_ptr, M, N, alpha, row0, tok0, BN, MT, HAS_BIAS, DTYPE, EPI_PARTS, EPI)
 
 
 @gluon.jit
 def w4a16_prefill_kernel(
-    c_desc, x_desc, s_desc, o_desc, y_ptr, bias_ptr, part_ptr, cnt_ptr,
+    c_desc, x_desc, s_desc, o_desc, y_ptr, bias_ptr, res_ptr, part_ptr, cnt_ptr,
     M, N, group, n_k, n_tn, n_tm, n_split, kps, alpha,
     MT: gl.constexpr, BN: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr, STAGES: gl.constexpr,
     GPS: gl.constexpr, GDIV: gl.constexpr, GROUP_N: gl.constexpr, PINGPONG: gl.constexpr, HOLD: gl.constexpr,
     HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, EPI_PARTS: gl.constexpr,
-    SPLIT: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    SPLIT: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, EPI: gl.constexpr,
 ):
     """See the module docstring. n_k: stages of K per tile; n_tn / n_tm: row tiles (of 2 * BN) and
     token tiles (of MT). GPS: groups per stage (scale box rows); GDIV: g when a stage spans several
     groups, else 1 << 30. SPLIT: each tile's K is split in n_split ranges of kps stages (work items
     tile x split); fp32 partials go to part_ptr [n_split, M, N] and int32 counters cnt_ptr
     [tiles * 2 * EPI_PARTS] (zero before, left zero after) let the last split of each slice sum
-    them in split order (deterministic). Without SPLIT, part_ptr, cnt_ptr, n_split and kps are unused."""
+    them in split order (deterministic). Without SPLIT, part_ptr, cnt_ptr, n_split and kps are unused.
+    EPI: the epilogue (common.store_out); res_ptr: the residual [M, N] with EPI 2, else None."""
     n_tiles = n_tn * n_tm
     if SPLIT:
         n_work = n_tiles * n_split
@@ -294,11 +316,11 @@ def w4a16_prefill_kernel(
 
     gl.warp_specialize([
         (_pf_consumer, (n_work, n_tn, n_tm, n_k, n_split, kps, c0, x_ring, s0, o0, full, empty, turns, y_ptr,
-                        bias_ptr, part_ptr, cnt_ptr, M, N, alpha, BN, MT, KH, NCH, STAGES, GDIV, GROUP_N, HAS_ZEROS,
-                        HAS_BIAS, DTYPE, 0, PINGPONG, HOLD, EPI_PARTS, SPLIT)),
+                        bias_ptr, res_ptr, part_ptr, cnt_ptr, M, N, alpha, BN, MT, KH, NCH, STAGES, GDIV, GROUP_N,
+                        HAS_ZEROS, HAS_BIAS, DTYPE, 0, PINGPONG, HOLD, EPI_PARTS, SPLIT, EPI)),
         (_pf_consumer, (n_work, n_tn, n_tm, n_k, n_split, kps, c1, x_ring, s1, o1, full, empty, turns, y_ptr,
-                        bias_ptr, part_ptr, cnt_ptr, M, N, alpha, BN, MT, KH, NCH, STAGES, GDIV, GROUP_N, HAS_ZEROS,
-                        HAS_BIAS, DTYPE, 1, PINGPONG, HOLD, EPI_PARTS, SPLIT)),
+                        bias_ptr, res_ptr, part_ptr, cnt_ptr, M, N, alpha, BN, MT, KH, NCH, STAGES, GDIV, GROUP_N,
+                        HAS_ZEROS, HAS_BIAS, DTYPE, 1, PINGPONG, HOLD, EPI_PARTS, SPLIT, EPI)),
         (_pf_producer, (n_work, n_tn, n_tm, n_k, n_split, kps, c_desc, x_desc, s_desc, o_desc, c0, c1, x_ring, s0,
                         s1, o0, o1, full, empty, group, BN, MT, STAGES, NCH, KH, GROUP_N, HAS_ZEROS, SPLIT)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from ....epilogue import code_of, out_features
 from ....errors import expect
 from ...workspace import plans_of, tile_counters
 from ..host import PRODUCER_REGS, check_x2, gl_dtype, k_ranges, launch, stage_blocks, weight_descriptors
@@ -17,13 +18,13 @@ from .config import GluonPrefillConfig
 
 @functools.lru_cache(maxsize=1024)
 def prefill_constexprs(cfg: GluonPrefillConfig, kh: int, group: int, has_zeros: bool, has_bias: bool, dtype,
-                split: bool = False):
-    """The kernel's constexpr arguments, in signature order."""
+                split: bool = False, epi: int = 0):
+    """The kernel's trailing constexpr arguments, in signature order (epi: the epilogue's code)."""
     ks, gps, gdiv = stage_blocks(cfg, kh, group)
     return dict(MT=cfg.mt, BN=cfg.bn, KH=kh, NCH=cfg.nch, STAGES=cfg.stages, GPS=gps, GDIV=gdiv,
                 GROUP_N=cfg.group_n, PINGPONG=bool(cfg.pingpong), HOLD=bool(cfg.hold), HAS_ZEROS=bool(has_zeros),
                 HAS_BIAS=bool(has_bias), DTYPE=gl_dtype(dtype), EPI_PARTS=cfg.epi_parts, SPLIT=bool(split),
-                CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=PRODUCER_REGS)
+                CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=PRODUCER_REGS, EPI=epi)
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,14 @@ def plan_for(pw: GluonPrepared, M: int, cfg: GluonPrefillConfig) -> PrefillPlan:
 
 def run_prefill(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor], alpha: float,
                 cfg: GluonPrefillConfig, deterministic: bool = True,
-                out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y [M, N] = alpha * x2 @ W^T + bias with the Gluon prefill kernel, on torch's current stream.
+                out: Optional[torch.Tensor] = None, epilogue: Optional[str] = None,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y [M, N] = alpha * x2 @ W^T + bias, then the epilogue, with the Gluon prefill kernel, on
+    torch's current stream.
 
     x2: contiguous [M, K] fp16/bf16; pw: the weight in the Gluon layout (the decode kernel's, same
-    dtype); bias: [N] or None. A config with ``splits`` > 1 splits K and sums the fp32 partials in a
+    dtype); bias: [N] or None; epilogue: None, "silu_mul" (y [M, N / 2]) or "residual" (residual
+    [M, N] contiguous). A config with ``splits`` > 1 splits K and sums the fp32 partials in a
     fixed order, so the result is deterministic either way.
     """
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -79,17 +83,18 @@ def run_prefill(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor
     expect(M >= 1, "x2.shape[0] (M)", ">= 1", M)
     check_x2(x2, pw)
     plan = plan_for(pw, M, cfg)
-    y = out if out is not None else torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    y = out if out is not None else torch.empty(M, out_features(N, epilogue), dtype=x2.dtype, device=x2.device)
     x_desc = TensorDescriptor(x2, [M, K], [K, 1], [cfg.mt, plan.kh], plan.xl)
     split = plan.n_split > 1
-    cx = prefill_constexprs(cfg, plan.kh, pw.group, pw.has_zeros, bias is not None, x2.dtype, split)
+    cx = prefill_constexprs(cfg, plan.kh, pw.group, pw.has_zeros, bias is not None, x2.dtype, split,
+                            code_of(epilogue))
     if split:
         part = torch.empty(plan.n_split * M * N, dtype=torch.float32, device=x2.device)
         # per (tile, warpgroup, epilogue slice); this (device, stream)'s buffer, kept at zero by the kernels
         cnt = tile_counters(x2.device, plan.n_tn * plan.n_tm * 2 * cfg.epi_parts)
     else:
         part = cnt = plan.dummy_f32
-    args = (plan.c_desc, x_desc, plan.s_desc, plan.o_desc, y, bias if bias is not None else y, part, cnt,
+    args = (plan.c_desc, x_desc, plan.s_desc, plan.o_desc, y, bias if bias is not None else y, residual, part, cnt,
             M, N, pw.group, plan.n_k, plan.n_tn, plan.n_tm, plan.n_split, plan.kps, float(alpha))
     launch(w4a16_prefill_kernel, plan.grid, args, cx, cfg, ("prefill", cfg, plan.kh, pw.K_pad, x2.get_device()))
     return y

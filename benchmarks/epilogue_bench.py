@@ -1,0 +1,86 @@
+"""The GEMM epilogues against the separate kernels they replace, on a GPU: a Llama-3-8B layer's
+gate_up GEMM writing SiLU(gate) * up against the GEMM plus torch's SiLU and multiply, and its o and
+down GEMMs adding the residual against the GEMM plus torch's add (CUDA-graph replay, weights
+rotated through enough copies to leave L2; ``backend="auto"``).
+
+    python benchmarks/epilogue_bench.py [--m 1,16,64,2048] [--dtype fp16] [--out DIR]
+
+Prints a table and writes epilogue_bench.csv under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+
+import torch
+
+import w4a16
+from w4a16 import epilogue as E
+from w4a16.measure import GraphTimer, copies_for, random_weight
+
+LAYERS = {"8B gate_up (silu_mul)": (14336, 4096, "silu_mul"), "8B down (residual)": (4096, 14336, "residual"),
+          "8B o (residual)": (4096, 4096, "residual"), "70B gate_up (silu_mul)": (28672, 8192, "silu_mul"),
+          "70B down (residual)": (8192, 28672, "residual")}
+
+
+def _weights(I_or_N: int, K: int, epilogue: str, dtype, copies: int, gen):
+    """``copies`` weights: paired gate/up [2I, K] for silu_mul, else [N, K]."""
+    out = []
+    for _ in range(copies):
+        if epilogue == "silu_mul":
+            g = random_weight(I_or_N, K, 128, None, dtype, "cpu", gen)
+            u = random_weight(I_or_N, K, 128, None, dtype, "cpu", gen)
+            out.append(E.pair_gate_up(g, u).to("cuda"))
+        else:
+            out.append(random_weight(I_or_N, K, 128, None, dtype, "cpu", gen).to("cuda"))
+    return out
+
+
+def main(argv=None) -> list:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--m", default="1,16,64,2048", help="rows of x (comma separated)")
+    p.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    dtype = torch.float16 if a.dtype == "fp16" else torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    timer = GraphTimer()
+    rows = []
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+          f"{__import__('triton').__version__}, {a.dtype}")
+    print(f"{'layer':<24} {'M':>5} {'fused us':>9} {'separate us':>12} {'ratio':>6}")
+    for name, (n, K, epilogue) in LAYERS.items():
+        N = 2 * n if epilogue == "silu_mul" else n
+        ws = _weights(n, K, epilogue, dtype, copies_for(N * K // 2, l2), gen)
+        for M in (int(m) for m in a.m.split(",")):
+            x = torch.randn(M, K, generator=gen).to(dtype).cuda()
+            r = torch.randn(M, N, generator=gen).to(dtype).cuda()
+            if epilogue == "silu_mul":
+                fused = [lambda w=w: w4a16.gemm(x, w, epilogue="silu_mul") for w in ws]
+                separate = [lambda w=w: E.silu_mul(w4a16.gemm(x, w)) for w in ws]
+            else:
+                fused = [lambda w=w: w4a16.gemm(x, w, residual=r) for w in ws]
+                separate = [lambda w=w: w4a16.gemm(x, w) + r for w in ws]
+            want = w4a16.reference.gemm(x[:1].cpu(), ws[0].to("cpu"), epilogue=epilogue,
+                                        residual=None if epilogue != "residual" else r[:1].cpu())
+            got = fused[0]()[:1].cpu()
+            err = float((got.double() - want.double()).norm() / want.double().norm())
+            if err > 1e-2:
+                raise RuntimeError(f"{name} M={M}: the fused epilogue is off the reference (relative error {err:.3g})")
+            tf, ts = timer.measure(fused).median_us, timer.measure(separate).median_us
+            rows.append(dict(layer=name, M=M, fused_us=round(tf, 2), separate_us=round(ts, 2),
+                             ratio=round(ts / tf, 3), choice=w4a16.ops.choose(x, ws[0], epilogue=epilogue).label))
+            print(f"{name:<24} {M:>5} {tf:>9.2f} {ts:>12.2f} {ts / tf:>6.2f}x", flush=True)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "epilogue_bench.csv"), "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+            wr.writeheader()
+            wr.writerows(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GEMM epilogues and the fused decoder layers on a GPU, one phase per call:
+#
+#   bash benchmarks/fused_layers_session.sh check   # the epilogue GPU tests (Gluon decode, stream-K,
+#                                                   # prefill, Triton; fp16, bf16; fused layers in a
+#                                                   # CUDA graph) and the kernels' launch-path GPU tests
+#                                                   # (pytest-xdist, WORKERS default 8), then
+#                                                   # benchmarks/epilogue_bench.py
+#   model                                           # w4a16.e2e.speed, Llama-3-8B shape, compiled:
+#                                                   # fp16, W4A16, W4A16 with fused layers, + 4-bit lm_head
+#
+# Logs and tables under $OUT (default /tmp/fused_layers). LAYERS (default 32), ITERS (default 20),
+# T_LIMIT (seconds for the phase, default 560).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH=src
+OUT=${OUT:-/tmp/fused_layers}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+LIMIT=${T_LIMIT:-560}
+echo "$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader), $($PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)')"
+case "${1:-check}" in
+check)
+    G=tests/backends/gluon
+    timeout $((LIMIT * 3 / 5)) $PY -m pytest -q -p no:cacheprovider -n "${WORKERS:-8}" --durations=10 -m gpu \
+        tests/test_epilogue_gpu.py "$G/test_stream_k_gpu.py" "$G/test_decode_gpu.py" "$G/test_prefill_gpu.py" \
+        tests/backends/triton/test_kernels_gpu.py tests/test_torch_integration_gpu.py \
+        -k "epilogue or fused or bound or fast_path or split or every_config or stream or kernels or graph or compile" \
+        > "$OUT/tests.txt" 2>&1
+    grep -E "^(FAILED|ERROR)" "$OUT/tests.txt" | head -n 20; tail -n 1 "$OUT/tests.txt"
+    timeout $((LIMIT * 2 / 5)) $PY benchmarks/epilogue_bench.py --m "${MS:-1,16,64,2048}" --out "$OUT" \
+        > "$OUT/epilogue_bench.txt" 2>&1
+    tail -n 25 "$OUT/epilogue_bench.txt" ;;
+model)
+    timeout "$LIMIT" $PY -m w4a16.e2e.speed --layers "${LAYERS:-32}" --batches 1 16 --iters "${ITERS:-20}" --compile \
+        --fuse-layers-too --lm-head-int4 --out "$OUT" > "$OUT/model.txt" 2>&1
+    tail -n 30 "$OUT/model.txt" ;;
+*) echo "phase: check or model"; exit 2 ;;
+esac

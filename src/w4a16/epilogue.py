@@ -1,0 +1,128 @@
+"""GEMM epilogues: what a kernel does to ``alpha * x @ W^T + bias`` before it casts and stores.
+
+``gemm(..., epilogue=...)`` takes one of:
+
+* ``None``: y = alpha * x @ W^T + bias, [M, N].
+* ``"silu_mul"``: for a fused gate/up weight, y = SiLU(gate) * up, [M, N / 2]. The weight's rows
+  hold gate and up rows interleaved in blocks of :data:`PAIR_ROWS` (8): rows 16b .. 16b + 7 are
+  gate rows 8b .. 8b + 7, rows 16b + 8 .. 16b + 15 are up rows 8b .. 8b + 7, so every kernel finds
+  a gate value and its up value in the same thread. :func:`interleave_rows` (and
+  :func:`pair_gate_up` for quantized weights) builds that order from the two projections;
+  N must be a multiple of 16. Bias, when given, is [N] in the same interleaved order.
+* ``"residual"``: y = alpha * x @ W^T + bias + residual, the residual [M, N] (x's dtype) added in
+  fp32 before the cast (the o and down projections of a decoder layer).
+
+The epilogue is applied after the whole K reduction (split-K partials are summed first).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .errors import expect, fail
+from .weight import QuantizedWeight, join_parts
+
+PAIR_ROWS = 8
+NAMES = (None, "silu_mul", "residual")
+# The kernels' constexpr code of each epilogue.
+CODES = {None: 0, "silu_mul": 1, "residual": 2}
+
+
+def code_of(epilogue: Optional[str]) -> int:
+    """The kernels' code of ``epilogue`` (0 none, 1 silu_mul, 2 residual)."""
+    expect(epilogue in CODES, "epilogue", " or ".join(repr(n) for n in NAMES), repr(epilogue))
+    return CODES[epilogue]
+
+
+def resolve(epilogue: Optional[str], residual: Optional[torch.Tensor]) -> Optional[str]:
+    """The epilogue a call runs: ``residual`` given without an epilogue means "residual"; an
+    epilogue name that needs a residual without one, or a residual with another epilogue, is an
+    error."""
+    code_of(epilogue)
+    if residual is not None:
+        if epilogue is None:
+            return "residual"
+        expect(epilogue == "residual", "residual", f"None with epilogue={epilogue!r} (they do not combine)",
+               "a tensor")
+    elif epilogue == "residual":
+        fail("residual", "a tensor [..., N] with epilogue='residual'", "None")
+    return epilogue
+
+
+def out_features(N: int, epilogue: Optional[str]) -> int:
+    """Columns of y for a weight of N rows."""
+    return N // 2 if epilogue == "silu_mul" else N
+
+
+def check_epilogue_args(x: torch.Tensor, N: int, epilogue: Optional[str], residual: Optional[torch.Tensor]) -> None:
+    """Validate the epilogue arguments of ``gemm`` for x [..., K] and a weight of N rows."""
+    if epilogue == "silu_mul":
+        expect(N % (2 * PAIR_ROWS) == 0, "w.shape[0] (N) with epilogue='silu_mul'",
+               f"a multiple of {2 * PAIR_ROWS} (gate and up rows interleaved in blocks of {PAIR_ROWS})", N)
+    if residual is not None:
+        expect(isinstance(residual, torch.Tensor), "residual", "a torch.Tensor", type(residual).__name__)
+        want = (*x.shape[:-1], N)
+        expect(tuple(residual.shape) == want, "residual.shape", want, tuple(residual.shape))
+        expect(residual.dtype == x.dtype, "residual.dtype", x.dtype, residual.dtype)
+        expect(residual.device == x.device, "residual.device", x.device, residual.device)
+
+
+def interleave_rows(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up [I, ...] -> [2I, ...] in the silu_mul row order (blocks of PAIR_ROWS rows,
+    gate first). I must be a multiple of PAIR_ROWS."""
+    expect(gate.shape == up.shape, "up.shape", tuple(gate.shape), tuple(up.shape))
+    I = gate.shape[0]
+    expect(I % PAIR_ROWS == 0, "gate.shape[0]", f"a multiple of {PAIR_ROWS}", I)
+    rest = gate.shape[1:]
+    g = gate.reshape(I // PAIR_ROWS, 1, PAIR_ROWS, *rest)
+    u = up.reshape(I // PAIR_ROWS, 1, PAIR_ROWS, *rest)
+    return torch.cat([g, u], 1).reshape(2 * I, *rest)
+
+
+def split_rows(t: torch.Tensor, dim: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`interleave_rows` along ``dim``: (gate, up), each half of t's size there."""
+    t = t.movedim(dim, 0)
+    n = t.shape[0]
+    p = t.reshape(n // (2 * PAIR_ROWS), 2, PAIR_ROWS, *t.shape[1:])
+    g = p[:, 0].reshape(n // 2, *t.shape[1:]).movedim(0, dim)
+    u = p[:, 1].reshape(n // 2, *t.shape[1:]).movedim(0, dim)
+    return g, u
+
+
+def silu_mul(pre: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up of pre-activations [..., N] in the silu_mul row order, in pre's dtype
+    (computed as pre is: pass fp32 for the reference)."""
+    g, u = split_rows(pre, -1)
+    return (torch.nn.functional.silu(g) * u).contiguous()
+
+
+def silu_mul_backward(grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """d loss / d pre [..., N] (silu_mul row order) from grad = d loss / d (SiLU(gate) * up)
+    [..., N / 2] and the pre-activations pre [..., N]; in pre's dtype."""
+    g, u = split_rows(pre, -1)
+    sig = torch.sigmoid(g)
+    d_gate = grad * u * sig * (1 + g * (1 - sig))
+    d_up = grad * g * sig
+    return interleave_rows(d_gate.movedim(-1, 0), d_up.movedim(-1, 0)).movedim(0, -1)
+
+
+def apply(y32: torch.Tensor, epilogue: Optional[str], residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """The epilogue on fp32 results y32 [M, N] (alpha and bias applied): the reference's rule."""
+    if epilogue == "silu_mul":
+        return silu_mul(y32)
+    if epilogue == "residual":
+        return y32 + residual.reshape(y32.shape).float()
+    return y32
+
+
+def pair_gate_up(gate, up):
+    """A QuantizedWeight [2I, K] whose rows are those of the QuantizedWeights ``gate`` and ``up``
+    (each [I, K], same K, group size, dtype and device, no act-order) in the silu_mul order."""
+    for name, w in (("gate", gate), ("up", up)):
+        expect(isinstance(w, QuantizedWeight), name, "a QuantizedWeight", type(w).__name__)
+        expect(w.params.perm is None, f"{name}.perm", "None (act-order weights are not paired)", "a permutation")
+    expect(up.shape == gate.shape, "up.shape", tuple(gate.shape), tuple(up.shape))
+    expect(up.group_size == gate.group_size, "up.group_size", gate.group_size, up.group_size)
+    codes, scales, zeros = join_parts([gate, up], lambda ts: interleave_rows(*ts))
+    return QuantizedWeight.from_plain(codes, scales, zeros, gate.group_size)

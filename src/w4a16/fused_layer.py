@@ -1,0 +1,139 @@
+"""Decoder layers on fewer kernels: the GEMM epilogues (``w4a16.epilogue``) inside Llama-, Qwen2-,
+Qwen3- and Mistral-style layers.
+
+After :func:`w4a16.fused.fuse_projections`, a decoder layer still runs SiLU(gate) * up and the two
+residual adds as kernels of their own, each reading and writing the activations once more.
+:func:`fuse_decoder_layers` moves them into the GEMMs:
+
+* the MLP becomes a :class:`W4A16GatedMLP`: one GEMM over the gate and up rows paired in the
+  silu_mul order writes SiLU(gate) * up [..., I], and the down GEMM adds the residual;
+* ``self_attn.o_proj`` becomes a :class:`DeferredW4A16Linear`: the attention module's own call of
+  it passes the attention output through, and the layer runs the projection with the residual;
+* the layer's ``forward`` (its class is swapped for a subclass) is the same arithmetic as the
+  model's: ``h = x + o(attn(norm1(x)))``, ``y = h + mlp(norm2(h))``, with the two adds in the
+  GEMMs' fp32 epilogues. The attention module (rotary embedding, cache, attention kernel) is the
+  model's own, called with the layer's keyword arguments as the model's layer calls it.
+
+Only the layer classes named in :data:`LAYER_CLASSES` (whose forward is exactly that arithmetic)
+with W4A16 projections, a fused gate/up (``gate_up_proj`` of two equal halves) and a SiLU MLP are
+converted; the state dict keeps its keys (the gate/up rows are stored paired).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from .epilogue import PAIR_ROWS, interleave_rows
+from .fused import FusedW4A16Linear
+from .nn import W4A16Linear
+from .weight import QuantizedWeight
+
+LAYER_CLASSES = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "MistralDecoderLayer")
+MLP_CLASSES = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP")
+
+
+class DeferredW4A16Linear(W4A16Linear):
+    """An output projection whose GEMM the decoder layer runs: ``forward(x)`` returns x as it is
+    (the attention module calls it last), :meth:`project` computes x @ W^T + bias + residual."""
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                epilogue: Optional[str] = None) -> torch.Tensor:
+        return x
+
+    def project(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features] (+ residual, added in fp32 before the cast)."""
+        return W4A16Linear.forward(self, x, residual)
+
+
+class W4A16GatedMLP(nn.Module):
+    """down(SiLU(gate(x)) * up(x)) (+ residual) in two GEMMs.
+
+    gate_up_proj: a W4A16Linear [2I, H] whose rows are the gate and up rows in the silu_mul order
+    (``w4a16.epilogue.interleave_rows``); down_proj: a W4A16Linear [H, I]."""
+
+    def __init__(self, gate_up_proj: W4A16Linear, down_proj: W4A16Linear):
+        super().__init__()
+        self.gate_up_proj = gate_up_proj
+        self.down_proj = down_proj
+        self.intermediate_size = gate_up_proj.out_features // 2
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [..., H] in the module's dtype -> [..., H] (+ residual [..., H])."""
+        return self.down_proj(self.gate_up_proj(x, epilogue="silu_mul"), residual)
+
+
+class FusedDecoderLayer(nn.Module):
+    """The forward of a converted decoder layer (mixed into a subclass of the layer's own class)."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args:   # positional arguments after hidden_states: by name, as the layer's own forward takes them
+            bound = inspect.signature(super().forward).bind(hidden_states, *args, **kwargs).arguments
+            kwargs = {**{k: v for k, v in bound.items() if k not in ("hidden_states", "kwargs")},
+                      **bound.get("kwargs", {})}
+        attn_out, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+        hidden_states = self.self_attn.o_proj.project(attn_out, hidden_states)
+        return self.mlp(self.post_attention_layernorm(hidden_states), hidden_states)
+
+
+def paired_gate_up(fused: FusedW4A16Linear) -> W4A16Linear:
+    """A W4A16Linear [2I, H] with the rows of a fused [gate; up] projection in the silu_mul order."""
+    I = fused.splits[0]
+    order = interleave_rows(torch.arange(I), torch.arange(I, 2 * I)).to(fused.scales.device)
+    w = fused.weight_q
+    scales, zeros = w.params.scales, w.params.zeros
+    paired = QuantizedWeight.from_plain(w.plain_codes()[order], scales[order], None if zeros is None else zeros[order],
+                                        w.group_size)
+    bias = None if fused.bias is None else fused.bias.detach()[order]
+    return W4A16Linear.from_quantized(paired, bias, backend=fused.backend)
+
+
+def why_not_fused(layer: nn.Module) -> Optional[str]:
+    """None when :func:`fuse_decoder_layers` converts ``layer``, else the reason."""
+    if type(layer).__name__ not in LAYER_CLASSES:
+        return f"{type(layer).__name__} is not one of {LAYER_CLASSES}"
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if attn is None or type(getattr(attn, "o_proj", None)) is not W4A16Linear:
+        return "self_attn.o_proj is not a W4A16Linear"
+    if type(mlp).__name__ not in MLP_CLASSES:
+        return f"mlp is a {type(mlp).__name__}, not one of {MLP_CLASSES}"
+    gu = getattr(mlp, "gate_up_proj", None)
+    if not isinstance(gu, FusedW4A16Linear) or len(gu.splits) != 2 or gu.splits[0] != gu.splits[1]:
+        return "mlp has no fused gate_up_proj of two equal halves (quantize with fuse=True first)"
+    if gu.splits[0] % PAIR_ROWS:
+        return f"intermediate size {gu.splits[0]} is not a multiple of {PAIR_ROWS}"
+    if type(getattr(mlp, "down_proj", None)) is not W4A16Linear:
+        return "mlp.down_proj is not a W4A16Linear"
+    act = getattr(mlp, "act_fn", None)
+    if not (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"):
+        return f"the MLP's activation is {type(act).__name__}, not SiLU"
+    return None
+
+
+def _fused_class(cls: type) -> type:
+    """The subclass of a decoder layer class with the fused forward (one per class)."""
+    made = _FUSED_CLASSES.get(cls)
+    if made is None:
+        made = _FUSED_CLASSES[cls] = type(f"W4A16Fused{cls.__name__}", (FusedDecoderLayer, cls),
+                                          {"__module__": __name__})
+    return made
+
+
+_FUSED_CLASSES: dict = {}
+
+
+def fuse_decoder_layers(model: nn.Module) -> List[str]:
+    """Convert, in place, every decoder layer of ``model`` that :func:`why_not_fused` accepts (see
+    the module docstring); returns their names."""
+    done = []
+    for name, layer in list(model.named_modules()):
+        if why_not_fused(layer) is not None:
+            continue
+        mlp = layer.mlp
+        layer.mlp = W4A16GatedMLP(paired_gate_up(mlp.gate_up_proj), mlp.down_proj)
+        layer.self_attn.o_proj.__class__ = DeferredW4A16Linear
+        layer.__class__ = _fused_class(type(layer))
+        done.append(name)
+    return done

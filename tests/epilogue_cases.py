@@ -1,0 +1,43 @@
+"""What the epilogue tests share (CPU interpreter and GPU): a random gate/up pair, a run of
+``w4a16.gemm`` with an epilogue into a NaN-poisoned output, and an element-by-element check
+against the reference."""
+from __future__ import annotations
+
+import torch
+
+import w4a16
+from w4a16 import epilogue as E
+from w4a16.measure import random_weight
+
+
+def close_everywhere(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    """Every element of y (finite: outputs are poisoned with NaN first) within the rounding of
+    ``dtype`` of ref: |y - ref| <= rtol * |ref| + rtol * mean |ref|."""
+    assert y.shape == ref.shape, (tuple(y.shape), tuple(ref.shape))
+    assert torch.isfinite(y).all(), "NaN/Inf in the output: an element left unwritten"
+    rtol = 8e-3 if dtype == torch.float16 else 3e-2
+    y, ref = y.double().cpu(), ref.double().cpu()
+    bound = rtol * ref.abs() + rtol * ref.abs().mean()
+    bad = (y - ref).abs() > bound
+    assert not bad.any(), f"{int(bad.sum())} of {y.numel()} elements off, worst {float((y - ref).abs().max()):.3g}"
+
+
+def paired_weight(I: int, K: int, group: int, zeros, dtype, gen: torch.Generator):
+    """(gate, up, their pair in the silu_mul row order): QuantizedWeights [I, K], [I, K], [2I, K]."""
+    gate = random_weight(I, K, group, zeros, dtype, "cpu", gen)
+    up = random_weight(I, K, group, zeros, dtype, "cpu", gen)
+    return gate, up, E.pair_gate_up(gate, up)
+
+
+def run_epilogue(x, w, epilogue, residual=None, bias=None, alpha=1.0, **kw):
+    """``w4a16.gemm`` with the epilogue, written through the backend's ``run`` into a NaN-poisoned
+    output as well as returned by the public call; both must agree bitwise. Returns y."""
+    y = w4a16.gemm(x, w, bias, alpha, epilogue=epilogue, residual=residual, **kw)
+    choice = w4a16.ops.choose(x, w, kw.get("config", "auto"), kw.get("backend", "auto"), epilogue)
+    b = choice.backend
+    out = torch.full_like(y, float("nan"))
+    r2 = None if residual is None else residual.reshape(-1, w.shape[0])
+    b.run(x.reshape(-1, w.shape[1]), w.prepared(b), bias, alpha, choice.config, True, out.view(-1, y.shape[-1]),
+          epilogue, r2)
+    assert torch.equal(out, y), "the public call and the backend's run into a poisoned output differ"
+    return y

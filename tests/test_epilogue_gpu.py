@@ -1,0 +1,101 @@
+"""The GEMM epilogues on the GPU: SiLU(gate) * up and the residual in the Gluon decode kernel (split,
+stream-K), the Gluon prefill kernel (every named config, a K-split one) and the Triton kernel, fp16
+and bf16, into NaN-poisoned outputs, every element against the reference; the fused decoder
+layers of a tiny Llama against the unfused model, eager and in a CUDA graph."""
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu   # selected by: pytest -m gpu tests
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from epilogue_cases import close_everywhere, paired_weight, run_epilogue  # noqa: E402
+
+import w4a16  # noqa: E402
+from w4a16.measure import random_weight  # noqa: E402
+
+HOPPER = torch.cuda.get_device_capability()[0] == 9
+DTYPES = pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+
+
+def _gluon_configs():
+    from w4a16.backends.gluon.decode.config import GluonDecodeConfig
+    from w4a16.backends.gluon.prefill.config import NAMED as PREFILL
+    from w4a16.backends.gluon.prefill.config import GluonPrefillConfig
+
+    decode = [("decode-one-split", 5, GluonDecodeConfig(16, 4, 2, 4, splits=1)),
+              ("decode-split5", 7, GluonDecodeConfig(16, 4, 2, 4, splits=5)),
+              ("decode-nows-split3", 8, GluonDecodeConfig(8, 8, 4, 3, splits=3, ws=False)),
+              ("decode-stream-k", 1, GluonDecodeConfig(8, 4, 2, 4, sk=True)),
+              ("decode-m64", 64, GluonDecodeConfig(64, 4, 1, 4))]
+    prefill = [(f"prefill-{name}", 300, cfg) for name, cfg in PREFILL.items()]
+    prefill.append(("prefill-split2", 130, GluonPrefillConfig(128, 64, 1, 4, pingpong=False, splits=2)))
+    return decode + prefill
+
+
+CASES = _gluon_configs() if HOPPER else []
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon kernels need an sm_90 GPU")
+@DTYPES
+@pytest.mark.parametrize("name,M,cfg", CASES, ids=[c[0] for c in CASES])
+def test_gluon_epilogues(name, M, cfg, dtype):
+    gen = torch.Generator().manual_seed(M)
+    _, _, w = paired_weight(1040, 2048, 128, "int", dtype, gen)        # N = 2080: a partial row tile
+    w = w.to("cuda")
+    x = torch.randn(M, 2048, generator=gen).to(dtype).cuda()
+    bias = (torch.randn(2080, generator=gen) * 0.1).to(dtype).cuda()
+    y = run_epilogue(x, w, "silu_mul", bias=bias, alpha=0.75, config=cfg, backend="gluon")
+    close_everywhere(y, w4a16.reference.gemm(x.cpu(), w.to("cpu"), bias.cpu(), 0.75, epilogue="silu_mul"), dtype)
+    r = torch.randn(M, 2080, generator=gen).to(dtype).cuda()
+    y = run_epilogue(x, w, "residual", residual=r, config=cfg, backend="gluon")
+    close_everywhere(y, w4a16.reference.gemm(x.cpu(), w.to("cpu"), residual=r.cpu()), dtype)
+
+
+@DTYPES
+@pytest.mark.parametrize("M", [1, 16, 300])
+def test_triton_epilogues(M, dtype):
+    gen = torch.Generator().manual_seed(M + 1)
+    _, _, w = paired_weight(520, 1024, 64, None, dtype, gen)
+    w = w.to("cuda")
+    x = torch.randn(M, 1024, generator=gen).to(dtype).cuda()
+    y = run_epilogue(x, w, "silu_mul", backend="triton")
+    close_everywhere(y, w4a16.reference.gemm(x.cpu(), w.to("cpu"), epilogue="silu_mul"), dtype)
+    v = random_weight(1000, 1024, 128, "float", dtype, "cpu", gen).to("cuda")
+    r = torch.randn(M, 1000, generator=gen).to(dtype).cuda()
+    y = run_epilogue(x, v, "residual", residual=r, backend="triton")
+    close_everywhere(y, w4a16.reference.gemm(x.cpu(), v.to("cpu"), residual=r.cpu()), dtype)
+
+
+@DTYPES
+def test_fused_decoder_layers_eager_and_graph(dtype):
+    pytest.importorskip("transformers")
+    import copy
+
+    from w4a16.e2e.speed import build_model, llama_config, llama_dims
+    from w4a16.measure import rel_error
+
+    dims = llama_dims(2, hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=2,
+                      vocab_size=1000)
+    plain = build_model(llama_config(dims), "cuda", dtype=dtype)
+    fused = copy.deepcopy(plain)
+    w4a16.quantize_model(plain, group_size=128, progress=False)
+    w4a16.quantize_model(fused, group_size=128, progress=False, fuse="layers")
+    ids = torch.randint(0, 1000, (1, 33), generator=torch.Generator().manual_seed(2)).cuda()
+    with torch.no_grad():
+        a, b = plain(input_ids=ids).logits, fused(input_ids=ids).logits
+        assert rel_error(b, a) <= (3e-3 if dtype == torch.float16 else 2e-2)
+        one = ids[:, :1]
+        eager = fused(input_ids=one).logits
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fused(input_ids=one)
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(g):
+            out = fused(input_ids=one).logits
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)

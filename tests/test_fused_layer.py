@@ -1,0 +1,89 @@
+"""Decoder layers with the activation and residual adds in the GEMM epilogues
+(``quantize_model(fuse="layers")``): tiny transformers Llama, Qwen2, Qwen3 and Mistral models give
+the logits and the greedy generation of the same model quantized with ``fuse=True`` (CPU; the
+kernels on the reference path)."""
+import copy
+
+import pytest
+import torch
+
+import w4a16
+from w4a16.errors import W4A16Error
+from w4a16.fused_layer import DeferredW4A16Linear, W4A16GatedMLP, why_not_fused
+from w4a16.measure import rel_error
+
+pytestmark = pytest.mark.usefixtures("reference_gemm")
+transformers = pytest.importorskip("transformers")
+SMALL = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+             num_hidden_layers=2, vocab_size=300, max_position_embeddings=256)
+
+
+def _tiny(family: str, seed: int = 0):
+    from w4a16.e2e.speed import build_model
+
+    cfg = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+           "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig}[family](**SMALL)
+    cfg._attn_implementation = "sdpa"
+    return build_model(cfg, "cpu", seed=seed)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_fused_layers_match_the_quantized_model(family):
+    plain = _tiny(family)
+    fused = copy.deepcopy(plain)
+    w4a16.quantize_model(plain, group_size=64, progress=False)
+    report = w4a16.quantize_model(fused, group_size=64, progress=False, fuse="layers")
+    assert report.fused_layers == ["model.layers.0", "model.layers.1"]
+    layer = fused.model.layers[0]
+    assert isinstance(layer.mlp, W4A16GatedMLP) and type(layer.self_attn.o_proj) is DeferredW4A16Linear
+    assert type(layer).__name__.startswith("W4A16Fused")
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = plain(input_ids=ids).logits, fused(input_ids=ids).logits
+    # the same arithmetic; the residual adds round once (fp32 epilogue) instead of twice
+    assert rel_error(b, a) <= 3e-3
+    mask = torch.ones_like(ids)
+    greedy = dict(max_new_tokens=6, do_sample=False, attention_mask=mask, pad_token_id=0)
+    assert torch.equal(plain.generate(ids, **greedy), fused.generate(ids, **greedy))
+
+
+def test_gated_mlp_is_silu_gate_times_up_then_down():
+    model = _tiny("llama", seed=2)
+    w4a16.quantize_model(model, group_size=64, progress=False)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(3)).half()
+    r = torch.randn(3, 128, generator=torch.Generator().manual_seed(4)).half()
+    with torch.no_grad():
+        want = mlp(x)
+        w4a16.fused_layer.fuse_decoder_layers(model)
+        got = model.model.layers[0].mlp(x)
+        got_r = model.model.layers[0].mlp(x, r)
+    assert rel_error(got, want) <= 2e-3
+    assert rel_error(got_r, want.float() + r.float()) <= 2e-3
+
+
+def test_state_dict_round_trips_between_fused_models(tmp_path):
+    src, dst = _tiny("qwen3", seed=5), _tiny("qwen3", seed=6)
+    for m in (src, dst):
+        w4a16.quantize_model(m, group_size=64, progress=False, fuse="layers")
+    w4a16.save(src, tmp_path / "m.safetensors")
+    dst.load_state_dict(w4a16.load(tmp_path / "m.safetensors"))
+    ids = torch.randint(0, 300, (1, 5), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(src(input_ids=ids).logits, dst(input_ids=ids).logits)
+
+
+def test_layers_that_do_not_fit_are_left_alone_with_the_reason():
+    model = _tiny("llama")
+    assert why_not_fused(model.model.layers[0]) == "self_attn.o_proj is not a W4A16Linear"
+    w4a16.quantize_model(model, group_size=64, progress=False, fuse=False)
+    assert "fused gate_up_proj" in why_not_fused(model.model.layers[0])
+    assert why_not_fused(model.model) == f"LlamaModel is not one of {w4a16.fused_layer.LAYER_CLASSES}"
+    report = w4a16.quantize_model(_tiny("llama"), group_size=64, progress=False, fuse="layers",
+                                  skip=("lm_head", "model.layers.1.mlp.down_proj"))
+    assert report.fused_layers == ["model.layers.0"]
+
+
+def test_fuse_argument_is_checked():
+    with pytest.raises(W4A16Error, match="fuse: expected True, False or 'layers', got 'all'"):
+        w4a16.quantize_model(torch.nn.Linear(64, 64), fuse="all")
