@@ -16,6 +16,12 @@ from ..layout import GluonPrepared
 from .config import GluonPrefillConfig
 
 
+def epilogue_parts(cfg: GluonPrefillConfig, epi: int) -> int:
+    """Token slices of the tile epilogue: the config's, at least 2 with the residual epilogue (its
+    loaded tile spills a one-slice epilogue of the 128-token tiles)."""
+    return max(cfg.epi_parts, 2) if epi == 2 else cfg.epi_parts
+
+
 @functools.lru_cache(maxsize=1024)
 def prefill_constexprs(cfg: GluonPrefillConfig, kh: int, group: int, has_zeros: bool, has_bias: bool, dtype,
                 split: bool = False, epi: int = 0):
@@ -23,7 +29,7 @@ def prefill_constexprs(cfg: GluonPrefillConfig, kh: int, group: int, has_zeros: 
     ks, gps, gdiv = stage_blocks(cfg, kh, group)
     return dict(MT=cfg.mt, BN=cfg.bn, KH=kh, NCH=cfg.nch, STAGES=cfg.stages, GPS=gps, GDIV=gdiv,
                 GROUP_N=cfg.group_n, PINGPONG=bool(cfg.pingpong), HOLD=bool(cfg.hold), HAS_ZEROS=bool(has_zeros),
-                HAS_BIAS=bool(has_bias), DTYPE=gl_dtype(dtype), EPI_PARTS=cfg.epi_parts, SPLIT=bool(split),
+                HAS_BIAS=bool(has_bias), DTYPE=gl_dtype(dtype), EPI_PARTS=epilogue_parts(cfg, epi), SPLIT=bool(split),
                 CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=PRODUCER_REGS, EPI=epi)
 
 
@@ -91,7 +97,7 @@ def run_prefill(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor
     if split:
         part = torch.empty(plan.n_split * M * N, dtype=torch.float32, device=x2.device)
         # per (tile, warpgroup, epilogue slice); this (device, stream)'s buffer, kept at zero by the kernels
-        cnt = tile_counters(x2.device, plan.n_tn * plan.n_tm * 2 * cfg.epi_parts)
+        cnt = tile_counters(x2.device, plan.n_tn * plan.n_tm * 2 * cx["EPI_PARTS"])
     else:
         part = cnt = plan.dummy_f32
     args = (plan.c_desc, x_desc, plan.s_desc, plan.o_desc, y, bias if bias is not None else y, residual, part, cnt,
