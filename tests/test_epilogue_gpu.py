@@ -99,3 +99,29 @@ def test_fused_decoder_layers_eager_and_graph(dtype):
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon kernels need an sm_90 GPU")
+@pytest.mark.parametrize("epilogue", ["silu_mul", "residual"])
+def test_bound_decode_launch_with_epilogues(epilogue):
+    """The bound eager launch (Triton's C launcher called directly) with an epilogue gives bitwise
+    run_decode's results, for inputs at several addresses, and really takes its fast path."""
+    from w4a16.backends.gluon.decode.bound import BoundDecode
+    from w4a16.backends.gluon.decode.config import GluonDecodeConfig
+    from w4a16.backends.gluon.decode.launch import run_decode
+    from w4a16.backends.gluon.layout import prepare_weight
+
+    gen = torch.Generator().manual_seed(21)
+    _, _, w = paired_weight(512, 4096, 128, "int", torch.float16, gen)
+    pw = prepare_weight(w)
+    cfg = GluonDecodeConfig(16, 4, 2, 4, splits=3)
+    bound = BoundDecode(pw, 5, torch.float16, False, 1.0, cfg, True, epilogue)
+    for rep in range(2):
+        for i in range(3):
+            x = torch.randn(5, 4096, generator=gen).half().cuda()
+            r = torch.randn(5, 1024, generator=gen).half().cuda() if epilogue == "residual" else None
+            y = bound(x, None, r)
+            assert torch.equal(y, run_decode(x, pw, None, 1.0, cfg, True, None, epilogue, r)), (rep, i)
+    assert bound.fast is not None, "the bound call never resolved its direct launch"
+    close_everywhere(y, w4a16.reference.gemm(x.cpu(), w, epilogue=epilogue, residual=None if r is None else r.cpu()),
+                     torch.float16)

@@ -139,11 +139,11 @@ class GluonBackend(Backend):
 
     # ------------------------------------------------------------------ running
     def bind(self, prepared, M, dtype, has_bias, alpha, cfg, deterministic=True, epilogue=None):
-        if isinstance(cfg, GluonPrefillConfig) or epilogue is not None:
+        if isinstance(cfg, GluonPrefillConfig):
             return super().bind(prepared, M, dtype, has_bias, alpha, cfg, deterministic, epilogue)
         from .decode.bound import BoundDecode
 
-        return BoundDecode(prepared, M, dtype, has_bias, alpha, cfg, deterministic)
+        return BoundDecode(prepared, M, dtype, has_bias, alpha, cfg, deterministic, epilogue)
 
     def run(self, x2, prepared, bias, alpha, cfg, deterministic=True, out=None, epilogue=None, residual=None):
         if x2.data_ptr() % 16:  # TMA needs a 16-byte aligned base: take an aligned copy

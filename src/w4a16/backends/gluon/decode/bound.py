@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from ....epilogue import code_of, out_features
 from ...triton_compat import direct_launcher, hooks_active
 from ..host import STATE
 from ..layout import GluonPrepared
@@ -25,30 +26,35 @@ MAX_X_DESCRIPTORS = 64   # encoded x descriptors kept per bound call (distinct a
 
 
 class BoundDecode:
-    """``f(x2 [M, K] contiguous, bias [N] or None) -> y [M, N]``: ``run_decode`` for one weight,
-    row count, dtype, bias presence, alpha, config and determinism, with the launch resolved
-    once. Results are those of :func:`run_decode` (same kernel, same arguments)."""
+    """``f(x2 [M, K] contiguous, bias [N] or None, residual [M, N] or None) -> y``: ``run_decode``
+    for one weight, row count, dtype, bias presence, alpha, config, determinism and epilogue, with
+    the launch resolved once. Results are those of :func:`run_decode` (same kernel, same arguments)."""
 
     def __init__(self, pw: GluonPrepared, M: int, dtype: torch.dtype, has_bias: bool, alpha: float,
-                 cfg: GluonDecodeConfig, deterministic: bool):
+                 cfg: GluonDecodeConfig, deterministic: bool, epilogue: Optional[str] = None):
         self.pw, self.M, self.dtype, self.alpha, self.cfg, self.det = pw, M, dtype, float(alpha), cfg, deterministic
         self.has_bias = has_bias
+        self.epilogue = epilogue
+        self.n_out = out_features(pw.N, epilogue)
+        if epilogue is not None:
+            self.det = True   # run_decode sums an epilogue's K-split partials in split order
         self.fast = None          # the resolved launch, after the first generic call
         self.x_desc: dict = {}    # x.data_ptr() -> expanded descriptor arguments
 
-    def __call__(self, x2: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def __call__(self, x2: torch.Tensor, bias: Optional[torch.Tensor],
+                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         f = self.fast
         dev = x2.get_device()
         if (f is None or dev != f[0] or dev != torch._C._cuda_getDevice() or hooks_active() or x2.data_ptr() & 15
-                or bias is not None and bias.data_ptr() & 15):
+                or bias is not None and bias.data_ptr() & 15 or residual is not None and residual.data_ptr() & 15):
             if x2.data_ptr() & 15:   # TMA needs a 16-byte aligned base
                 x2 = x2.clone()
-            y = run_decode(x2, self.pw, bias, self.alpha, self.cfg, self.det)
+            y = run_decode(x2, self.pw, bias, self.alpha, self.cfg, self.det, None, self.epilogue, residual)
             if f is None:
                 self.fast = self._resolve(x2)
             return y
         _, direct, function, packed, c_arg, tail_w, plan, cx = f
-        y = torch.empty(self.M, self.pw.N, dtype=self.dtype, device=x2.device)
+        y = torch.empty(self.M, self.n_out, dtype=self.dtype, device=x2.device)
         ptr = x2.data_ptr()
         xa = self.x_desc.get(ptr)
         if xa is None:
@@ -56,7 +62,7 @@ class BoundDecode:
         stream = torch._C._cuda_getCurrentRawStream(dev)
         part, cnt = workspace_of(plan, x2.device)
         direct.launch(plan.grid[0], plan.grid[1], stream, function, packed,
-                      [*c_arg, *xa, *tail_w, y, bias if bias is not None else y, None, part, cnt, self.M, self.pw.N,
+                      [*c_arg, *xa, *tail_w, y, bias if bias is not None else y, residual, part, cnt, self.M, self.pw.N,
                        self.pw.group, plan.n_stages, plan.sps, self.alpha, *cx])
         return y
 
@@ -89,5 +95,5 @@ class BoundDecode:
         except Exception:  # a launcher shaped differently from the ones triton_compat knows: stay generic
             return None
         cx = tuple(decode_constexprs(self.cfg, plan.kh, self.pw.group, plan.split_mode, self.pw.has_zeros, self.has_bias,
-                                     self.dtype).values())
+                                     self.dtype, code_of(self.epilogue)).values())
         return x2.get_device(), direct, compiled.function, compiled.packed_metadata, c_arg, tail_w, plan, cx
