@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from ..backends.triton.env import interpreter_unset
+from ..epilogue import code_of
 from . import disasm
 from .allowances import allowance_for
 from .shipped import PER_CHANNEL_K, KernelCase
@@ -63,11 +64,12 @@ def _compile(case: KernelCase):
     if case.kernel == "triton":
         from ..backends.triton.offline import compile_gemm, weights_per_thread
         k = compile_gemm(case.config, case.dtype, case.group, case.zeros,
-                         epilogue=case.config.kind == "tile" or case.config.split_k == 1)
+                         epilogue=case.config.kind == "tile" or case.config.split_k == 1, epi=code_of(case.epilogue))
         return k, weights_per_thread(case.config, case.group), None
     from ..backends.gluon import offline
     if case.kernel == "gluon-decode":
-        k = offline.compile_decode(case.config, dtype, case.zeros, group, has_bias=True, split_mode=1)
+        k = offline.compile_decode(case.config, dtype, case.zeros, group, has_bias=True, split_mode=1,
+                                   epi=code_of(case.epilogue))
         return k, offline.decode_weights_per_thread(case.config, group), None
     k = offline.compile_prefill(case.config, dtype, case.zeros, group, has_bias=True)
     return k, offline.prefill_weights_per_thread(case.config, group), offline.prefill_loops
@@ -76,7 +78,8 @@ def _compile(case: KernelCase):
 def run_case(case: KernelCase) -> CaseResult:
     """Compile one case and read its SASS; never raises (a failure is in the result)."""
     g = "pc" if case.group == -1 else f"g{case.group}"
-    r = CaseResult(case.key, case.kernel, case.label, case.dtype, g + (" zeros" if case.zeros else ""))
+    r = CaseResult(case.key, case.kernel, case.label, case.dtype,
+                   g + (" zeros" if case.zeros else "") + (f" {case.epilogue}" if case.epilogue else ""))
     try:
         k, wpt, find_loops = _compile(case)
     except Exception as e:  # a kernel that does not compile is this command's finding, not a crash

@@ -7,29 +7,35 @@ dtype and group size they were tuned for; and each kernel's first named config o
 size, symmetric and with zero points (fp16). The grouped MoE kernel ("triton-moe"): the tile its
 heuristic picks for each block size and projection (the one-token variant too), fp16 and bf16,
 symmetric group 128, and its decode gate_up tile over every group size with and without zeros.
+The GEMM epilogues (``w4a16.epilogue``: SiLU(gate) * up, the residual) on the decode heuristic's
+picks for the preset layers at M = 1 and 16 (fp16, bf16) and the Triton kernel's named configs
+(fp16): what a fused decoder layer runs at decode.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, List, Tuple
+from typing import Any, Iterable, List, Optional, Tuple
 
 KERNELS = ("gluon-decode", "gluon-prefill", "triton", "triton-moe")
 GROUPS = (32, 64, 128, 256, -1)     # -1: one group over K (compiled with K = 4096)
 PER_CHANNEL_K = 4096
 DECODE_M = (1, 8, 16, 32, 64)
+EPILOGUE_M = (1, 16)
+EPILOGUES = ("silu_mul", "residual")
 
 
 @dataclass(frozen=True)
 class KernelCase:
     """One compile: ``kernel`` (one of KERNELS) at ``config`` (the backend's config object) for
     ``dtype`` ("fp16" / "bf16") activations and weights of ``group`` (-1: per channel), symmetric or
-    with zero points."""
+    with zero points; ``epilogue`` None or a name of ``w4a16.epilogue``."""
     kernel: str
     config: Any
     dtype: str = "fp16"
     group: int = 128
     zeros: bool = False
+    epilogue: Optional[str] = None
 
     @property
     def label(self) -> str:
@@ -37,9 +43,10 @@ class KernelCase:
 
     @property
     def key(self) -> str:
-        """A stable name of the case: kernel, config label, dtype, group and zeros."""
+        """A stable name of the case: kernel, config label, dtype, group, zeros and epilogue."""
         g = "pc" if self.group == -1 else f"g{self.group}"
-        return f"{self.kernel} {self.label} {self.dtype} {g}{' zeros' if self.zeros else ''}"
+        return (f"{self.kernel} {self.label} {self.dtype} {g}{' zeros' if self.zeros else ''}"
+                f"{' ' + self.epilogue if self.epilogue else ''}")
 
 
 def _tuned_cases() -> List[KernelCase]:
@@ -65,7 +72,7 @@ def _compile_key(case: KernelCase):
     cfg = case.config
     if case.kernel == "triton":
         cfg = replace(cfg, split_k=min(cfg.split_k, 2))
-    return case.kernel, cfg, case.dtype, case.group, case.zeros
+    return case.kernel, cfg, case.dtype, case.group, case.zeros, case.epilogue
 
 
 def _unique(cases: Iterable[KernelCase]) -> List[KernelCase]:
@@ -104,9 +111,25 @@ def shipped_cases(dtypes: Iterable[str] = ("fp16", "bf16"), kernels: Iterable[st
         firsts.setdefault(k, c)
     cases += [KernelCase(k, c, "fp16", g, z) for k, c in firsts.items() for g in GROUPS for z in (False, True)
               if "fp16" in dtypes]
+    cases += epilogue_cases(dtypes, kernels)
     if "triton-moe" in kernels:
         cases += moe_cases(dtypes)
     return _unique(cases)
+
+
+def epilogue_cases(dtypes: Iterable[str], kernels: Iterable[str]) -> List[KernelCase]:
+    """The epilogue variants (see the module docstring)."""
+    from ..backends.gluon.decode.config import heuristic
+    from ..backends.triton.config import NAMED_CONFIGS
+    from ..bench.shapes import preset_layers
+
+    out = []
+    if "gluon-decode" in kernels:
+        configs = [heuristic(M, N, K, 128, 132) for (N, K) in preset_layers().values() for M in EPILOGUE_M]
+        out += [KernelCase("gluon-decode", c, dt, epilogue=e) for c in configs for dt in dtypes for e in EPILOGUES]
+    if "triton" in kernels and "fp16" in tuple(dtypes):
+        out += [KernelCase("triton", c, "fp16", epilogue=e) for c in NAMED_CONFIGS.values() for e in EPILOGUES]
+    return out
 
 
 def moe_cases(dtypes: Iterable[str]) -> List[KernelCase]:
