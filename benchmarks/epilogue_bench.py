@@ -3,7 +3,7 @@ gate_up GEMM writing SiLU(gate) * up against the GEMM plus torch's SiLU and mult
 down GEMMs adding the residual against the GEMM plus torch's add (CUDA-graph replay, weights
 rotated through enough copies to leave L2; ``backend="auto"``).
 
-    python benchmarks/epilogue_bench.py [--m 1,16,64,2048] [--dtype fp16] [--out DIR]
+    python benchmarks/epilogue_bench.py [--m 1,16,64,2048] [--dtype fp16] [--layers 8B] [--out DIR]
 
 Prints a table and writes epilogue_bench.csv under --out.
 """
@@ -41,6 +41,7 @@ def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--m", default="1,16,64,2048", help="rows of x (comma separated)")
     p.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
+    p.add_argument("--layers", default="", help="only the layers whose name starts with this (e.g. 8B)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     dtype = torch.float16 if a.dtype == "fp16" else torch.bfloat16
@@ -52,6 +53,8 @@ def main(argv=None) -> list:
           f"{__import__('triton').__version__}, {a.dtype}")
     print(f"{'layer':<24} {'M':>5} {'fused us':>9} {'separate us':>12} {'ratio':>6}")
     for name, (n, K, epilogue) in LAYERS.items():
+        if not name.startswith(a.layers):
+            continue
         N = 2 * n if epilogue == "silu_mul" else n
         ws = _weights(n, K, epilogue, dtype, copies_for(N * K // 2, l2), gen)
         for M in (int(m) for m in a.m.split(",")):
