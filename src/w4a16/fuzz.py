@@ -7,7 +7,9 @@
 A case draws M, N, K within the alignment rules (K even and a multiple of the group size, any
 M >= 0, any N >= 1), a group size, the kind of zero points (none / int / float), bias, alpha,
 act-order (a random ``perm``), the layout of x (contiguous, transposed, strided, or with a batch
-dimension) and the dtype. Every case carries its own seed, so one failing case can be rerun
+dimension), the dtype and the epilogue (none, SiLU(gate)·up, or a residual: drawn from the case's
+own seed, so adding it left the other fields of a seed's cases as they were, except that N of a
+SiLU(gate)·up case is rounded up to a multiple of 16). Every case carries its own seed, so one failing case can be rerun
 alone. The tests run a few hundred small cases in Triton's interpreter; ``w4a16 fuzz``
 runs thousands per backend on a GPU.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
@@ -28,6 +30,13 @@ from .weight import QuantizedWeight
 ZEROS = ("none", "int", "float")
 X_LAYOUTS = ("contiguous", "transposed", "strided", "batched")
 ALPHAS = (1.0, 1.0, 0.5, 2.0, -1.25)
+EPILOGUE_SHARE = 0.3   # cases with an epilogue
+
+
+def draw_epilogue(seed: int) -> Optional[str]:
+    """The epilogue of a case: None, "silu_mul" or "residual", from its seed."""
+    r = random.Random(seed ^ 0x5EED)
+    return None if r.random() >= EPILOGUE_SHARE else r.choice(["silu_mul", "residual"])
 
 
 @dataclass(frozen=True)
@@ -35,7 +44,8 @@ class Case:
     """One random problem. x [M, K] (laid out per ``x_layout``) times a (N, K) int4 weight.
 
     group_size: 32, 64, 128, 256 or -1; zeros: "none" (z = 8), "int" or "float";
-    act_order: the weight gets a random ``perm``; seed: draws the tensors of this case.
+    act_order: the weight gets a random ``perm``; seed: draws the tensors of this case;
+    epilogue: None, "silu_mul" or "residual" (``w4a16.epilogue``).
     """
 
     M: int
@@ -49,11 +59,13 @@ class Case:
     x_layout: str
     dtype: torch.dtype
     seed: int
+    epilogue: Optional[str] = None
 
     def short(self) -> str:
         return (f"M={self.M} N={self.N} K={self.K} g={self.group_size} zeros={self.zeros} "
                 f"bias={self.bias} alpha={self.alpha:g} act_order={self.act_order} x={self.x_layout} "
-                f"{spec.dtype_name(self.dtype)} seed={self.seed}")
+                f"{spec.dtype_name(self.dtype)} seed={self.seed}"
+                f"{' epilogue=' + self.epilogue if self.epilogue else ''}")
 
 
 def _pick_dim(rng: random.Random, hi: int, lo: int = 1) -> int:
@@ -84,10 +96,14 @@ def cases(n: int, seed: int = 0, max_mnk: Tuple[int, int, int] = (64, 256, 1024)
         step = 2 if g == -1 else g
         K = step * _pick_dim(rng, max_k // step)
         M = 0 if rng.random() < 0.02 else _pick_dim(rng, max_m) if max_m >= 1 else 0
-        yield Case(M=M, N=_pick_dim(rng, max_n), K=K, group_size=g, zeros=rng.choice(ZEROS),
-                   bias=rng.random() < 0.5, alpha=rng.choice(ALPHAS), act_order=rng.random() < 0.25,
-                   x_layout=rng.choice(X_LAYOUTS), dtype=rng.choice(list(dtypes)),
-                   seed=rng.randrange(2 ** 31))
+        N = _pick_dim(rng, max_n)
+        c = Case(M=M, N=N, K=K, group_size=g, zeros=rng.choice(ZEROS), bias=rng.random() < 0.5,
+                 alpha=rng.choice(ALPHAS), act_order=rng.random() < 0.25, x_layout=rng.choice(X_LAYOUTS),
+                 dtype=rng.choice(list(dtypes)), seed=rng.randrange(2 ** 31))
+        epilogue = draw_epilogue(c.seed)
+        if epilogue == "silu_mul":   # gate and up rows in blocks of 8: N a multiple of 16
+            c = replace(c, N=-(-N // 16) * 16)
+        yield replace(c, epilogue=epilogue)
 
 
 def make_problem(case: Case, device) -> tuple:
@@ -121,6 +137,12 @@ def make_problem(case: Case, device) -> tuple:
     return x, w, mv(bias)
 
 
+def make_residual(case: Case, x: torch.Tensor) -> torch.Tensor:
+    """The residual of a case with the residual epilogue: [..., N] like y, in x's dtype and device."""
+    gen = torch.Generator().manual_seed(case.seed ^ 0xEE)
+    return torch.randn(*x.shape[:-1], case.N, generator=gen).to(x.dtype).to(x.device)
+
+
 def run_case(case: Case, device="cpu", backend: Optional[str] = None) -> float:
     """The relative Frobenius error of ``w4a16.gemm`` against ``reference.gemm`` on ``case``
     (inf for a wrong shape or dtype, NaN when the result holds NaN).
@@ -131,9 +153,10 @@ def run_case(case: Case, device="cpu", backend: Optional[str] = None) -> float:
     import w4a16  # the public entry point, looked up at call time
 
     x, w, bias = make_problem(case, device)
-    ref = reference.gemm(x, w, bias, case.alpha)
+    residual = make_residual(case, x) if case.epilogue == "residual" else None
+    ref = reference.gemm(x, w, bias, case.alpha, epilogue=case.epilogue, residual=residual)
     kwargs = {} if backend is None else {"backend": backend}
-    y = w4a16.gemm(x, w, bias, alpha=case.alpha, **kwargs)
+    y = w4a16.gemm(x, w, bias, alpha=case.alpha, epilogue=case.epilogue, residual=residual, **kwargs)
     if y.dtype != ref.dtype or tuple(y.shape) != tuple(ref.shape):
         return math.inf
     return rel_error(y, ref)  # NaN when y holds NaN (or inf) where the reference is finite
