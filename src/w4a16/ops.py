@@ -127,27 +127,29 @@ def _setup_backward(ctx, inputs, output):
     x, weight, bias, alpha, shape, backend, config, deterministic = inputs[:8]
     epilogue = inputs[8] if len(inputs) > 8 else ""
     residual = inputs[9] if len(inputs) > 9 else None
-    # silu_mul's gradient needs the pre-activations: x is kept to recompute them
-    ctx.save_for_backward(*weight, *((x,) if epilogue == "silu_mul" else ()))
+    # silu_mul's gradient needs the pre-activations: x and bias are kept to recompute them
+    ctx.save_for_backward(*weight, *((x, bias) if epilogue == "silu_mul" else ()))
     # torch hands backward the structure of the arguments as passed, trailing defaults dropped
     n_inputs = 10 if residual is not None else 9 if epilogue else 8
-    ctx.meta = (list(shape), backend, float(alpha), bias, epilogue, len(weight), residual is not None, n_inputs)
+    ctx.meta = (list(shape), backend, float(alpha), bias is not None, epilogue, len(weight), residual is not None,
+                n_inputs)
 
 
 def _backward(ctx, grad):
-    shape, backend, alpha, bias, epilogue, n_weight, has_residual, n_inputs = ctx.meta
+    shape, backend, alpha, has_bias, epilogue, n_weight, has_residual, n_inputs = ctx.meta
     saved = list(ctx.saved_tensors)
     b = get_backend(backend)
     W = b.dequantize(b.from_op_tensors(saved[:n_weight], *shape), grad.dtype)   # [N, K]
     if epilogue == "silu_mul":
-        pre = torch.mm(saved[n_weight].float(), W.float().t()) * alpha
+        x, bias = saved[n_weight], saved[n_weight + 1]
+        pre = torch.mm(x.float(), W.float().t()) * alpha
         if bias is not None:
-            pre = pre + bias.detach().float()
+            pre = pre + bias.float()
         grad = silu_mul_backward(grad.float(), pre).to(grad.dtype)    # [M, N]: d loss / d pre-activation
     gx = torch.mm(grad, W)
     if alpha != 1.0:
         gx = gx * alpha
-    gb = grad.float().sum(0).to(grad.dtype) if bias is not None else None
+    gb = grad.float().sum(0).to(grad.dtype) if has_bias else None
     gr = grad if has_residual else None
     return (gx, [None] * n_weight, gb, None, None, None, None, None, None, gr)[:n_inputs]
 
