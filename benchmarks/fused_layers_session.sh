@@ -9,7 +9,8 @@
 #   model                                           # w4a16.e2e.speed, Llama-3-8B shape, compiled:
 #                                                   # fp16, W4A16, W4A16 with fused layers, + 4-bit lm_head
 #
-# Logs and tables under $OUT (default /tmp/fused_layers). LAYERS (default 32), ITERS (default 20),
+# Logs and tables under $OUT (default /tmp/fused_layers). MS (bench rows), BENCH_LAYERS (a prefix of the
+# bench layers, e.g. 8B), LAYERS (model layers, default 32), ITERS (default 20),
 # T_LIMIT (seconds for the phase, default 560).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +29,7 @@ check)
         -k "epilogue or fused or bound or fast_path or split or every_config or stream or kernels or graph or compile" \
         > "$OUT/tests.txt" 2>&1
     grep -E "^(FAILED|ERROR)" "$OUT/tests.txt" | head -n 20; tail -n 1 "$OUT/tests.txt"
-    timeout $((LIMIT * 2 / 5)) $PY benchmarks/epilogue_bench.py --m "${MS:-1,16,64,2048}" --out "$OUT" \
+    timeout $((LIMIT * 2 / 5)) $PY benchmarks/epilogue_bench.py --m "${MS:-1,16,64,2048}" --layers "${BENCH_LAYERS:-}" --out "$OUT" \
         > "$OUT/epilogue_bench.txt" 2>&1
     tail -n 25 "$OUT/epilogue_bench.txt" ;;
 model)
