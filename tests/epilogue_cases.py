@@ -22,6 +22,28 @@ def close_everywhere(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> 
     assert not bad.any(), f"{int(bad.sum())} of {y.numel()} elements off, worst {float((y - ref).abs().max()):.3g}"
 
 
+def silu_mul_close(y: torch.Tensor, x: torch.Tensor, w, bias, alpha: float, dtype: torch.dtype) -> None:
+    """Every element of a silu_mul result y [M, N/2] (finite) within what the kernels' rounding
+    allows: the pre-activations p = alpha * x @ W^T + bias are right to a relative tolerance of
+    their RMS (the dequantized weights are formed in ``dtype``), and an error e in the gate g and
+    up u moves SiLU(g) * u by about e * (|u| * |SiLU'(g)| + |SiLU(g)|); plus the output's rounding."""
+    assert torch.isfinite(y).all(), "NaN/Inf in the output: an element left unwritten"
+    W = w.to("cpu").dequantize(torch.float32)
+    pre = x.cpu().float() @ W.t() * alpha
+    if bias is not None:
+        pre = pre + bias.cpu().float()
+    g, u = E.split_rows(pre, -1)
+    sig = torch.sigmoid(g)
+    ref = g * sig * u
+    e = (8e-3 if dtype == torch.float16 else 4e-2) * pre.pow(2).mean().sqrt()
+    out_round = 2e-3 if dtype == torch.float16 else 1.6e-2
+    bound = e * (u.abs() * (sig * (1 + g * (1 - sig))).abs() + (g * sig).abs()) + out_round * ref.abs() + 1e-6
+    diff = (y.cpu().float() - ref).abs()
+    bad = diff > bound
+    assert y.shape == ref.shape and not bad.any(), \
+        f"{int(bad.sum())} of {y.numel()} elements off, worst excess {float((diff / bound).max()):.3g} x the bound"
+
+
 def paired_weight(I: int, K: int, group: int, zeros, dtype, gen: torch.Generator):
     """(gate, up, their pair in the silu_mul row order): QuantizedWeights [I, K], [I, K], [2I, K]."""
     gate = random_weight(I, K, group, zeros, dtype, "cpu", gen)

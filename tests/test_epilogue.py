@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from epilogue_cases import close_everywhere, paired_weight, run_epilogue
+from epilogue_cases import close_everywhere, paired_weight, run_epilogue, silu_mul_close
 
 import w4a16
 from w4a16 import epilogue as E
@@ -69,7 +69,7 @@ def test_triton_silu_mul(cfg, M, I, K, g, zeros):
     x = torch.randn(M, K, generator=gen).half()
     bias = (torch.randn(2 * I, generator=gen) * 0.1).half() if M % 2 else None
     y = run_epilogue(x, w, "silu_mul", bias=bias, alpha=0.75, config=cfg, backend="triton")
-    close_everywhere(y, w4a16.reference.gemm(x, w, bias, 0.75, epilogue="silu_mul"), torch.float16)
+    silu_mul_close(y, x, w, bias, 0.75, torch.float16)
 
 
 @needs_interpreter

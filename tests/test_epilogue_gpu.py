@@ -10,7 +10,7 @@ pytestmark = pytest.mark.gpu   # selected by: pytest -m gpu tests
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from epilogue_cases import close_everywhere, paired_weight, run_epilogue  # noqa: E402
+from epilogue_cases import close_everywhere, paired_weight, run_epilogue, silu_mul_close  # noqa: E402
 
 import w4a16  # noqa: E402
 from w4a16.measure import random_weight  # noqa: E402
@@ -47,7 +47,7 @@ def test_gluon_epilogues(name, M, cfg, dtype):
     x = torch.randn(M, 2048, generator=gen).to(dtype).cuda()
     bias = (torch.randn(2080, generator=gen) * 0.1).to(dtype).cuda()
     y = run_epilogue(x, w, "silu_mul", bias=bias, alpha=0.75, config=cfg, backend="gluon")
-    close_everywhere(y, w4a16.reference.gemm(x.cpu(), w.to("cpu"), bias.cpu(), 0.75, epilogue="silu_mul"), dtype)
+    silu_mul_close(y, x, w, bias, 0.75, dtype)
     r = torch.randn(M, 2080, generator=gen).to(dtype).cuda()
     y = run_epilogue(x, w, "residual", residual=r, config=cfg, backend="gluon")
     close_everywhere(y, w4a16.reference.gemm(x.cpu(), w.to("cpu"), residual=r.cpu()), dtype)
@@ -61,7 +61,7 @@ def test_triton_epilogues(M, dtype):
     w = w.to("cuda")
     x = torch.randn(M, 1024, generator=gen).to(dtype).cuda()
     y = run_epilogue(x, w, "silu_mul", backend="triton")
-    close_everywhere(y, w4a16.reference.gemm(x.cpu(), w.to("cpu"), epilogue="silu_mul"), dtype)
+    silu_mul_close(y, x, w, None, 1.0, dtype)
     v = random_weight(1000, 1024, 128, "float", dtype, "cpu", gen).to("cuda")
     r = torch.randn(M, 1000, generator=gen).to(dtype).cuda()
     y = run_epilogue(x, v, "residual", residual=r, backend="triton")
@@ -123,5 +123,7 @@ def test_bound_decode_launch_with_epilogues(epilogue):
             y = bound(x, None, r)
             assert torch.equal(y, run_decode(x, pw, None, 1.0, cfg, True, None, epilogue, r)), (rep, i)
     assert bound.fast is not None, "the bound call never resolved its direct launch"
-    close_everywhere(y, w4a16.reference.gemm(x.cpu(), w, epilogue=epilogue, residual=None if r is None else r.cpu()),
-                     torch.float16)
+    if epilogue == "silu_mul":
+        silu_mul_close(y, x, w, None, 1.0, torch.float16)
+    else:
+        close_everywhere(y, w4a16.reference.gemm(x.cpu(), w, residual=r.cpu()), torch.float16)
