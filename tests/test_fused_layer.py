@@ -73,6 +73,18 @@ def test_state_dict_round_trips_between_fused_models(tmp_path):
         assert torch.equal(src(input_ids=ids).logits, dst(input_ids=ids).logits)
 
 
+def test_a_state_dict_of_one_form_does_not_load_into_the_other():
+    """The paired gate/up rows are stored under another name than [gate; up]: strict loading
+    refuses instead of computing with the wrong rows."""
+    plain, fused = _tiny("llama", seed=8), _tiny("llama", seed=8)
+    w4a16.quantize_model(plain, group_size=64, progress=False)
+    w4a16.quantize_model(fused, group_size=64, progress=False, fuse="layers")
+    with pytest.raises(RuntimeError, match="gate_up_paired"):
+        fused.load_state_dict(plain.state_dict())
+    with pytest.raises(RuntimeError, match="gate_up_paired"):
+        plain.load_state_dict(fused.state_dict())
+
+
 def test_layers_that_do_not_fit_are_left_alone_with_the_reason():
     model = _tiny("llama")
     assert why_not_fused(model.model.layers[0]) == "self_attn.o_proj is not a W4A16Linear"

@@ -6,7 +6,8 @@ residual adds as kernels of their own, each reading and writing the activations 
 :func:`fuse_decoder_layers` moves them into the GEMMs:
 
 * the MLP becomes a :class:`W4A16GatedMLP`: one GEMM over the gate and up rows paired in the
-  silu_mul order writes SiLU(gate) * up [..., I], and the down GEMM adds the residual;
+  silu_mul order (``gate_up_paired``) writes SiLU(gate) * up [..., I], and the down GEMM adds the
+  residual;
 * ``self_attn.o_proj`` becomes a :class:`DeferredW4A16Linear`: the attention module's own call of
   it passes the attention output through, and the layer runs the projection with the residual;
 * the layer's ``forward`` (its class is swapped for a subclass) is the same arithmetic as the
@@ -16,7 +17,9 @@ residual adds as kernels of their own, each reading and writing the activations 
 
 Only the layer classes named in :data:`LAYER_CLASSES` (whose forward is exactly that arithmetic)
 with W4A16 projections, a fused gate/up (``gate_up_proj`` of two equal halves) and a SiLU MLP are
-converted; the state dict keeps its keys (the gate/up rows are stored paired).
+converted. In the state dict the paired gate/up weight is ``mlp.gate_up_paired`` (not
+``mlp.gate_up_proj``, whose rows are [gate; up]): a state dict of one form never loads silently
+into the other.
 """
 from __future__ import annotations
 
@@ -51,18 +54,18 @@ class DeferredW4A16Linear(W4A16Linear):
 class W4A16GatedMLP(nn.Module):
     """down(SiLU(gate(x)) * up(x)) (+ residual) in two GEMMs.
 
-    gate_up_proj: a W4A16Linear [2I, H] whose rows are the gate and up rows in the silu_mul order
+    gate_up_paired: a W4A16Linear [2I, H] whose rows are the gate and up rows in the silu_mul order
     (``w4a16.epilogue.interleave_rows``); down_proj: a W4A16Linear [H, I]."""
 
-    def __init__(self, gate_up_proj: W4A16Linear, down_proj: W4A16Linear):
+    def __init__(self, gate_up_paired: W4A16Linear, down_proj: W4A16Linear):
         super().__init__()
-        self.gate_up_proj = gate_up_proj
+        self.gate_up_paired = gate_up_paired
         self.down_proj = down_proj
-        self.intermediate_size = gate_up_proj.out_features // 2
+        self.intermediate_size = gate_up_paired.out_features // 2
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [..., H] in the module's dtype -> [..., H] (+ residual [..., H])."""
-        return self.down_proj(self.gate_up_proj(x, epilogue="silu_mul"), residual)
+        return self.down_proj(self.gate_up_paired(x, epilogue="silu_mul"), residual)
 
 
 class FusedDecoderLayer(nn.Module):
