@@ -99,3 +99,14 @@ def test_layers_that_do_not_fit_are_left_alone_with_the_reason():
 def test_fuse_argument_is_checked():
     with pytest.raises(W4A16Error, match="fuse: expected True, False or 'layers', got 'all'"):
         w4a16.quantize_model(torch.nn.Linear(64, 64), fuse="all")
+
+
+def test_tensor_parallel_refuses_fused_layers():
+    pytest.importorskip("torch.distributed.tensor")
+    from w4a16.distributed import apply_tp_plan
+
+    model = _tiny("llama")
+    w4a16.quantize_model(model, group_size=64, progress=False, fuse="layers")
+    with pytest.raises(W4A16Error, match=r"model: expected no fused decoder layers .*got fused decoder layers "
+                                         r"\(model.layers.0.self_attn.o_proj\)"):
+        apply_tp_plan(model, None)

@@ -29,6 +29,7 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from ..errors import expect, fail
 from ..fused import W4A16Slice
+from ..fused_layer import DeferredW4A16Linear, W4A16GatedMLP
 from ..moe.module import W4A16Experts
 from ..nn import W4A16Linear
 from .module import ShardedW4A16Linear
@@ -185,11 +186,15 @@ def apply_tp_plan(model: nn.Module, mesh: DeviceMesh, plan: Optional[Plan] = Non
 
     Returns:
         module name -> the style applied. Modules no entry names stay replicated (every rank
-        runs them whole). Raises W4A16Error, before anything is changed, when a named module
+        runs them whole). A model with fused decoder layers (``quantize_model(fuse="layers")``)
+        is refused. Raises W4A16Error, before anything is changed, when a named module
         cannot be split (tp not dividing N, K or the head counts, K/tp not a multiple of the
         group size, a per-channel weight row-wise).
     """
     expect(isinstance(model, nn.Module), "model", "a torch.nn.Module", type(model).__name__)
+    fused = next((n for n, m in model.named_modules() if isinstance(m, (W4A16GatedMLP, DeferredW4A16Linear))), None)
+    expect(fused is None, "model", "no fused decoder layers (quantize with fuse=True: tensor parallelism splits the "
+           "projections, not a layer's epilogue GEMMs)", f"fused decoder layers ({fused})")
     expect(isinstance(mesh, DeviceMesh), "mesh", "a torch.distributed DeviceMesh", type(mesh).__name__)
     expect(mesh.ndim == 1, "mesh", "a 1-D DeviceMesh (slice a larger mesh, e.g. mesh['tp'])", f"{mesh.ndim}-D")
     plan = DEFAULT_TP_PLAN if plan is None else plan
