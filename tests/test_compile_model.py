@@ -21,7 +21,7 @@ from w4a16.e2e import speed  # noqa: E402
 TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
 
 
-@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "separate"])
+@pytest.mark.parametrize("fuse", [True, False, "layers"], ids=["fused", "separate", "fused-layers"])
 def test_decode_step_traces_as_one_graph(monkeypatch, fuse):
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -41,14 +41,15 @@ def test_decode_step_traces_as_one_graph(monkeypatch, fuse):
         "the W4A16 GEMMs are not custom ops in the graph"
 
 
-def test_compiled_decode_steps_do_not_recompile(monkeypatch):
+@pytest.mark.parametrize("fuse", [True, "layers"], ids=["fused", "fused-layers"])
+def test_compiled_decode_steps_do_not_recompile(monkeypatch, fuse):
     """Several compiled decode steps (the cache position moving on): one compiled frame, no
     recompile, and the step's logits those of the eager step."""
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = speed.build_model(speed.llama_config(speed.llama_dims(layers=2, **TINY)), dev, torch.float16)
-    w4a16.quantize_model(model, group_size=32, progress=False)
+    w4a16.quantize_model(model, group_size=32, progress=False, fuse=fuse)
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
 
