@@ -42,41 +42,41 @@ fuzz_all() {   # the fuzz of both backends on both Tritons, in the background; p
         done
     done
 }
+fuzz_report() {   # wait for the fuzz runs of fuzz_all, then each one's last line
+    for p in "${pids[@]}"; do wait "$p" || status=1; done
+    for f in "$OUT"/fuzz_*.txt; do echo "$(basename "$f" .txt): $(tail -n 1 "$f")"; done
+}
+side_by_side() {  # $1 log prefix, $2 default workers, $3 the baseline's pytest marker ("": the whole suite):
+                  # the baseline's tests and the GPU tests on the newer Triton at once (pytest-xdist)
+    local mark=()
+    [ -n "$3" ] && mark=(-m "$3")
+    PYTHONPATH=$base_path timeout "${T_TESTS:-540}" $PY -m pytest -q -p no:cacheprovider -n "${WORKERS:-$2}" \
+        --durations=15 "${mark[@]}" tests > "$OUT/${1}_base.txt" 2>&1 &
+    local base=$!
+    PYTHONPATH=$new_path TRITON_BACKENDS_IN_TREE=1 timeout "${T_TESTS:-540}" $PY -m pytest -q -p no:cacheprovider \
+        -n "${WORKERS:-$2}" --durations=15 -m gpu tests > "$OUT/${1}_new.txt" 2>&1 || status=1
+    wait "$base" || status=1
+    for f in "$OUT/${1}_base.txt" "$OUT/${1}_new.txt"; do
+        echo "== $(basename "$f" .txt)"; grep -E "^(FAILED|ERROR)" "$f" | head -n 20; tail -n 1 "$f"
+    done
+}
 case "$mode" in
 check)
     fuzz_all
     PYTHONPATH=$new_path TRITON_BACKENDS_IN_TREE=1 timeout "${T_TESTS:-420}" $PY -m pytest -q -p no:cacheprovider \
         -m gpu tests > "$OUT/gpu_tests.txt" 2>&1 || status=1
-    for p in "${pids[@]}"; do wait "$p" || status=1; done
     tail -n 15 "$OUT/gpu_tests.txt"
-    for f in "$OUT"/fuzz_*.txt; do echo "$(basename "$f" .txt): $(tail -n 1 "$f")"; done
+    fuzz_report
     ;;
 tests)
-    PYTHONPATH=$base_path timeout "${T_TESTS:-540}" $PY -m pytest -q -p no:cacheprovider -n "${WORKERS:-6}" \
-        --durations=15 tests > "$OUT/tests_base.txt" 2>&1 &
-    base=$!
-    PYTHONPATH=$new_path TRITON_BACKENDS_IN_TREE=1 timeout "${T_TESTS:-540}" $PY -m pytest -q -p no:cacheprovider \
-        -n "${WORKERS:-6}" --durations=15 -m gpu tests > "$OUT/tests_new.txt" 2>&1 || status=1
-    wait "$base" || status=1
-    for f in "$OUT"/tests_base.txt "$OUT"/tests_new.txt; do
-        echo "== $(basename "$f" .txt)"; grep -E "^(FAILED|ERROR)" "$f" | head -n 20; tail -n 1 "$f"
-    done
+    side_by_side tests 6 ""
     ;;
 gpu-tests)
-    PYTHONPATH=$base_path timeout "${T_TESTS:-540}" $PY -m pytest -q -p no:cacheprovider -n "${WORKERS:-7}" \
-        --durations=15 -m gpu tests > "$OUT/gpu_tests_base.txt" 2>&1 &
-    base=$!
-    PYTHONPATH=$new_path TRITON_BACKENDS_IN_TREE=1 timeout "${T_TESTS:-540}" $PY -m pytest -q -p no:cacheprovider \
-        -n "${WORKERS:-7}" --durations=15 -m gpu tests > "$OUT/gpu_tests_new.txt" 2>&1 || status=1
-    wait "$base" || status=1
-    for f in "$OUT"/gpu_tests_base.txt "$OUT"/gpu_tests_new.txt; do
-        echo "== $(basename "$f" .txt)"; grep -E "^(FAILED|ERROR)" "$f" | head -n 20; tail -n 1 "$f"
-    done
+    side_by_side gpu_tests 7 gpu
     ;;
 fuzz)
     fuzz_all
-    for p in "${pids[@]}"; do wait "$p" || status=1; done
-    for f in "$OUT"/fuzz_*.txt; do echo "$(basename "$f" .txt): $(tail -n 1 "$f")"; done
+    fuzz_report
     ;;
 bench)
     for which in base new; do
