@@ -29,7 +29,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .epilogue import PAIR_ROWS, interleave_rows
+from .epilogue import PAIR_ROWS, interleave_rows, pair_gate_up
 from .fused import FusedW4A16Linear
 from .nn import W4A16Linear
 from .weight import QuantizedWeight
@@ -82,15 +82,15 @@ class FusedDecoderLayer(nn.Module):
 
 
 def paired_gate_up(fused: FusedW4A16Linear) -> W4A16Linear:
-    """A W4A16Linear [2I, H] with the rows of a fused [gate; up] projection in the silu_mul order."""
+    """A W4A16Linear [2I, H] with the rows of a fused [gate; up] projection in the silu_mul order
+    (``w4a16.epilogue.pair_gate_up`` of its two halves)."""
     I = fused.splits[0]
-    order = interleave_rows(torch.arange(I), torch.arange(I, 2 * I)).to(fused.scales.device)
     w = fused.weight_q
-    scales, zeros = w.params.scales, w.params.zeros
-    paired = QuantizedWeight.from_plain(w.plain_codes()[order], scales[order], None if zeros is None else zeros[order],
-                                        w.group_size)
-    bias = None if fused.bias is None else fused.bias.detach()[order]
-    return W4A16Linear.from_quantized(paired, bias, backend=fused.backend)
+    codes, scales, zeros = w.plain_codes(), w.params.scales, w.params.zeros
+    gate, up = (QuantizedWeight.from_plain(codes[rows], scales[rows], None if zeros is None else zeros[rows],
+                                           w.group_size) for rows in (slice(0, I), slice(I, 2 * I)))
+    bias = None if fused.bias is None else interleave_rows(*fused.bias.detach().split(I))
+    return W4A16Linear.from_quantized(pair_gate_up(gate, up), bias, backend=fused.backend)
 
 
 def why_not_fused(layer: nn.Module) -> Optional[str]:

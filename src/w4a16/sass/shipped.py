@@ -85,18 +85,24 @@ def _unique(cases: Iterable[KernelCase]) -> List[KernelCase]:
     return out
 
 
+def decode_picks(ms: Iterable[int]) -> list:
+    """The decode heuristic's configs for the preset layers at each M of ``ms`` (132 SMs, g128)."""
+    from ..backends.gluon.decode.config import heuristic
+    from ..bench.shapes import preset_layers
+
+    return [heuristic(M, N, K, 128, 132) for (N, K) in preset_layers().values() for M in ms]
+
+
 def named_and_heuristic() -> List[Tuple[str, Any]]:
     """(kernel, config) of the named configs and the decode heuristic's picks on the preset layers."""
     from ..backends.gluon.decode.config import NAMED as DECODE_NAMED
-    from ..backends.gluon.decode.config import heuristic
     from ..backends.gluon.prefill.config import NAMED as PREFILL_NAMED
     from ..backends.triton.config import NAMED_CONFIGS
-    from ..bench.shapes import preset_layers
 
     out = [("gluon-decode", c) for c in DECODE_NAMED.values()]
     out += [("gluon-prefill", c) for c in PREFILL_NAMED.values()]
     out += [("triton", c) for c in NAMED_CONFIGS.values()]
-    out += [("gluon-decode", heuristic(M, N, K, 128, 132)) for (N, K) in preset_layers().values() for M in DECODE_M]
+    out += [("gluon-decode", c) for c in decode_picks(DECODE_M)]
     return out
 
 
@@ -119,14 +125,12 @@ def shipped_cases(dtypes: Iterable[str] = ("fp16", "bf16"), kernels: Iterable[st
 
 def epilogue_cases(dtypes: Iterable[str], kernels: Iterable[str]) -> List[KernelCase]:
     """The epilogue variants (see the module docstring)."""
-    from ..backends.gluon.decode.config import heuristic
     from ..backends.triton.config import NAMED_CONFIGS
-    from ..bench.shapes import preset_layers
 
     out = []
     if "gluon-decode" in kernels:
-        configs = [heuristic(M, N, K, 128, 132) for (N, K) in preset_layers().values() for M in EPILOGUE_M]
-        out += [KernelCase("gluon-decode", c, dt, epilogue=e) for c in configs for dt in dtypes for e in EPILOGUES]
+        out += [KernelCase("gluon-decode", c, dt, epilogue=e) for c in decode_picks(EPILOGUE_M) for dt in dtypes
+                for e in EPILOGUES]
     if "triton" in kernels and "fp16" in tuple(dtypes):
         out += [KernelCase("triton", c, "fp16", epilogue=e) for c in NAMED_CONFIGS.values() for e in EPILOGUES]
     return out

@@ -170,15 +170,14 @@ class BoundGemm:
             part = torch.empty((self.splits, M, N), dtype=torch.float32, device=x.device)
             counters = tile_counters(x.device, self.grid[0])
         bias_arg = bias if bias is not None else self.scales
-        # None (a constexpr to Triton: no kernel parameter) unless the residual epilogue reads it
-        res_arg = residual
         # What the compiled kernel depends on beyond the plan: the per-call tensors' 16-byte
         # alignment and dtypes (the dtypes follow from the plan unless a caller passes its own out).
         aligned = (not x.data_ptr() & 15, not y.data_ptr() & 15, not part.data_ptr() & 15,
                    not counters.data_ptr() & 15, not bias_arg.data_ptr() & 15, y.dtype, part.dtype, counters.dtype,
-                   bias_arg.dtype, None if res_arg is None else (not res_arg.data_ptr() & 15, res_arg.dtype))
+                   bias_arg.dtype, None if residual is None else (not residual.data_ptr() & 15, residual.dtype))
         cfg = self.cfg
-        compiled = _GEMM(self.grid, (x, self.qk, self.scales, self.zeros, bias_arg, res_arg, y, part, counters)
+        # residual None (without the residual epilogue) is a constexpr to Triton: no kernel parameter
+        compiled = _GEMM(self.grid, (x, self.qk, self.scales, self.zeros, bias_arg, residual, y, part, counters)
                          + self.tail,
                          self.constexprs, cfg.num_warps, cfg.num_stages, key=(self.static, aligned), cx=self.cx)
         if self.atomic:

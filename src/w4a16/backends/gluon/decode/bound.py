@@ -36,8 +36,6 @@ class BoundDecode:
         self.has_bias = has_bias
         self.epilogue = epilogue
         self.n_out = out_features(pw.N, epilogue)
-        if epilogue is not None:
-            self.det = True   # run_decode sums an epilogue's K-split partials in split order
         self.fast = None          # the resolved launch, after the first generic call
         self.x_desc: dict = {}    # x.data_ptr() -> expanded descriptor arguments
 
@@ -81,7 +79,7 @@ class BoundDecode:
         if not STATE.direct or last is None:
             return None
         compiled, grid = last
-        plan = plan_for(self.pw, self.M, self.cfg, self.det)
+        plan = plan_for(self.pw, self.M, self.cfg, self.det, self.epilogue)
         if tuple(grid) != tuple(plan.grid):
             return None
         if plan.split_mode == 2:   # atomics: the partial sums are combined on the host side of run_decode

@@ -70,8 +70,12 @@ def stream_k_programs(n_units: int, slots: int) -> int:
     return p if n_units * p < SK_MAX_PRODUCT else 0
 
 
-def plan_for(pw: GluonPrepared, M: int, cfg: GluonDecodeConfig, deterministic: bool) -> DecodePlan:
-    """The launch plan of M rows on ``pw`` with ``cfg``, cached per prepared weight."""
+def plan_for(pw: GluonPrepared, M: int, cfg: GluonDecodeConfig, deterministic: bool,
+             epilogue: Optional[str] = None) -> DecodePlan:
+    """The launch plan of M rows on ``pw`` with ``cfg``, cached per prepared weight. With an
+    epilogue the K-split partials are summed in split order (the atomic mode leaves the finish to
+    the host, which applies alpha and bias only), whatever ``deterministic`` says."""
+    deterministic = deterministic or epilogue is not None
     key = (M, cfg, deterministic)
     plans = plans_of(pw)
     plan = plans.get(key)
@@ -132,7 +136,7 @@ def run_decode(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor]
     N = pw.N
     expect(1 <= M <= cfg.mt, "x2.shape[0] (M)", f"1..{cfg.mt} (the config's token tile)", M)
     check_x2(x2, pw)
-    plan = plan_for(pw, M, cfg, deterministic or epilogue is not None)
+    plan = plan_for(pw, M, cfg, deterministic, epilogue)
     y = out if out is not None else torch.empty(M, out_features(N, epilogue), dtype=x2.dtype, device=x2.device)
     x_desc = TensorDescriptor(x2, [M, K], [K, 1], [cfg.mt, plan.kh], plan.xl)
     part, cnt = workspace_of(plan, x2.device)
