@@ -110,3 +110,18 @@ def test_tensor_parallel_refuses_fused_layers():
     with pytest.raises(W4A16Error, match=r"model: expected no fused decoder layers .*got fused decoder layers "
                                          r"\(model.layers.0.self_attn.o_proj\)"):
         apply_tp_plan(model, None)
+
+
+def test_a_fused_layer_takes_its_arguments_by_position_too():
+    model = _tiny("mistral", seed=9)
+    w4a16.quantize_model(model, group_size=64, progress=False, fuse="layers")
+    layer = model.model.layers[0]
+    h = torch.randn(1, 5, 128, generator=torch.Generator().manual_seed(10)).half()
+    pos = torch.arange(5)[None]
+    pe = model.model.rotary_emb(h, pos)
+    with torch.no_grad():
+        by_name = layer(h, attention_mask=None, position_ids=pos, position_embeddings=pe)
+        # (hidden_states, attention_mask, position_ids, cache, use_cache, position_embeddings): the
+        # rotary embedding reaches the attention only through its name
+        by_position = layer(h, None, pos, None, False, pe)
+    assert torch.equal(by_name, by_position)
