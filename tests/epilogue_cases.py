@@ -3,11 +3,25 @@
 against the reference."""
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 import w4a16
 from w4a16 import epilogue as E
+from w4a16.config import GemmConfig
 from w4a16.measure import random_weight
+
+INTERPRETER = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(not INTERPRETER, reason="the Triton kernel in the CPU interpreter")
+# Triton kernel configs of small tiles (the CPU tests' shapes span several tiles): tile and split-K,
+# swapped and not
+CONFIGS = [GemmConfig("tile", 16, 32, num_warps=4, num_stages=2),
+           GemmConfig("tile", 16, 64, num_warps=4, num_stages=2, swap_ab=False),
+           GemmConfig("splitk", 16, 16, split_k=3, num_warps=4, num_stages=2),
+           GemmConfig("splitk", 16, 32, split_k=2, swap_ab=False, unroll=2, prefetch=False)]
+CONFIG_IDS = ["tile", "tile-noswap", "splitk", "splitk-noswap-u2"]
 
 
 def close_everywhere(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
@@ -51,15 +65,22 @@ def paired_weight(I: int, K: int, group: int, zeros, dtype, gen: torch.Generator
     return gate, up, E.pair_gate_up(gate, up)
 
 
-def run_epilogue(x, w, epilogue, residual=None, bias=None, alpha=1.0, **kw):
+def run_epilogue(x, w, epilogue, residual=None, bias=None, alpha=1.0, norm=None, **kw):
     """``w4a16.gemm`` with the epilogue, written through the backend's ``run`` into a NaN-poisoned
-    output as well as returned by the public call; both must agree bitwise. Returns y."""
-    y = w4a16.gemm(x, w, bias, alpha, epilogue=epilogue, residual=residual, **kw)
-    choice = w4a16.ops.choose(x, w, kw.get("config", "auto"), kw.get("backend", "auto"), epilogue)
+    output as well as returned by the public call; both must agree bitwise. Returns y (the pair
+    (h, n) with "residual_rmsnorm", whose ``norm`` is an ``E.Norm``)."""
+    extra = {} if norm is None else dict(norm_weight=norm.weight, norm_eps=norm.eps)
+    y = w4a16.gemm(x, w, bias, alpha, epilogue=epilogue, residual=residual, **extra, **kw)
+    choice = w4a16.ops.choose(x, w, kw.get("config", "auto"), kw.get("backend", "auto"), E.chosen_as(epilogue))
     b = choice.backend
-    out = torch.full_like(y, float("nan"))
-    r2 = None if residual is None else residual.reshape(-1, w.shape[0])
-    b.run(x.reshape(-1, w.shape[1]), w.prepared(b), bias, alpha, choice.config, True, out.view(-1, y.shape[-1]),
-          epilogue, r2)
-    assert torch.equal(out, y), "the public call and the backend's run into a poisoned output differ"
+    if epilogue not in b.epilogues:   # the backend runs the residual epilogue, the norm runs in torch
+        return y
+    N, K = w.shape
+    x2 = x.reshape(-1, K)
+    out = torch.full(E.out_shape(x2.shape[0], N, epilogue), float("nan"), dtype=x.dtype, device=x.device)
+    r2 = None if residual is None else residual.reshape(-1, N)
+    b.run(x2, w.prepared(b), bias, alpha, choice.config, True, out, epilogue, r2, norm)
+    got = (out[0].view(y[0].shape), out[1].view(y[1].shape)) if norm is not None else out.view(y.shape)
+    for a, b_ in zip(got if norm is not None else (got,), y if norm is not None else (y,)):
+        assert torch.equal(a, b_), "the public call and the backend's run into a poisoned output differ"
     return y

@@ -1,26 +1,17 @@
 """GEMM epilogues (w4a16.epilogue): SiLU(gate) * up of a paired gate/up weight and a residual
 added before the cast, in the reference, the Triton kernel (CPU interpreter, fp16) and the custom
 op (fake, autograd); the errors of bad arguments."""
-import os
 
 import pytest
 import torch
 
-from epilogue_cases import close_everywhere, paired_weight, run_epilogue, silu_mul_close
+from epilogue_cases import (CONFIG_IDS, CONFIGS, close_everywhere, needs_interpreter, paired_weight, run_epilogue,
+                            silu_mul_close)
 
 import w4a16
 from w4a16 import epilogue as E
-from w4a16.config import GemmConfig
 from w4a16.errors import W4A16Error
 from w4a16.measure import random_weight
-
-INTERPRETER = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1"
-needs_interpreter = pytest.mark.skipif(not INTERPRETER, reason="the Triton kernel in the CPU interpreter")
-CONFIGS = [GemmConfig("tile", 16, 32, num_warps=4, num_stages=2),
-           GemmConfig("tile", 16, 64, num_warps=4, num_stages=2, swap_ab=False),
-           GemmConfig("splitk", 16, 16, split_k=3, num_warps=4, num_stages=2),
-           GemmConfig("splitk", 16, 32, split_k=2, swap_ab=False, unroll=2, prefetch=False)]
-CONFIG_IDS = ["tile", "tile-noswap", "splitk", "splitk-noswap-u2"]
 
 
 def test_interleave_and_split_rows_are_inverse(gen):
@@ -168,7 +159,7 @@ def test_compiled_call_with_epilogues(gen):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(epilogue="gelu"), "epilogue: expected None or 'silu_mul' or 'residual', got 'gelu'"),
+    (dict(epilogue="gelu"), "epilogue: expected None or 'silu_mul' or 'residual' or 'residual_rmsnorm', got 'gelu'"),
     (dict(epilogue="residual"), "residual: expected a tensor"),
     (dict(epilogue="silu_mul", residual="r"), "residual: expected None with epilogue='silu_mul'"),
     (dict(residual="short"), r"residual.shape: expected \(3, 32\), got \(3, 31\)"),

@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
 from epilogue_cases import close_everywhere, paired_weight, run_epilogue, silu_mul_close  # noqa: E402
 
 import w4a16  # noqa: E402
+from w4a16 import epilogue as E  # noqa: E402
 from w4a16.measure import random_weight  # noqa: E402
 
 HOPPER = torch.cuda.get_device_capability()[0] == 9
@@ -66,6 +67,26 @@ def test_triton_epilogues(M, dtype):
     r = torch.randn(M, 1000, generator=gen).to(dtype).cuda()
     y = run_epilogue(x, v, "residual", residual=r, backend="triton")
     close_everywhere(y, w4a16.reference.gemm(x.cpu(), v.to("cpu"), residual=r.cpu()), dtype)
+
+
+@DTYPES
+@pytest.mark.parametrize("backend", ["triton", "gluon"])
+@pytest.mark.parametrize("M", [1, 16, 300])
+def test_residual_rmsnorm(M, backend, dtype):
+    """h and its RMSNorm: the Triton kernel's own row reduction (every named config, several row
+    blocks at M = 300), the Gluon kernels' residual epilogue with the norm run in torch."""
+    if backend == "gluon" and not HOPPER:
+        pytest.skip("the Gluon kernels need an sm_90 GPU")
+    gen = torch.Generator().manual_seed(M + 7)
+    w = random_weight(4096, 1024, 128, "int", dtype, "cpu", gen).to("cuda")   # N = 4096: a Llama hidden size
+    x = torch.randn(M, 1024, generator=gen).to(dtype).cuda()
+    r = (torch.randn(M, 4096, generator=gen) * 2).to(dtype).cuda()
+    norm = E.Norm((torch.rand(4096, generator=gen) + 0.5).to(dtype).cuda(), 1e-5)
+    configs = list(w4a16.backends.selection.get("triton").named_configs()) if backend == "triton" else ["auto"]
+    for cfg in configs:
+        h, n = run_epilogue(x, w, "residual_rmsnorm", residual=r, norm=norm, config=cfg, backend=backend)
+        close_everywhere(h, w4a16.reference.gemm(x.cpu(), w.to("cpu"), residual=r.cpu()), dtype)
+        close_everywhere(n, E.rms_norm(h.cpu(), norm.weight.cpu(), norm.eps), dtype)
 
 
 @DTYPES

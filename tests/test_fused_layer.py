@@ -125,3 +125,29 @@ def test_a_fused_layer_takes_its_arguments_by_position_too():
         # rotary embedding reaches the attention only through its name
         by_position = layer(h, None, pos, None, False, pe)
     assert torch.equal(by_name, by_position)
+
+
+def test_the_post_attention_norm_runs_in_the_o_projection():
+    """The o GEMM's "residual_rmsnorm" epilogue writes norm2(h): the norm module itself is not
+    called; a norm of another class is (the layer gives the same logits either way)."""
+    model = _tiny("qwen3", seed=5)
+    w4a16.quantize_model(model, group_size=64, progress=False, fuse="layers")
+    ids = torch.randint(0, 300, (1, 7), generator=torch.Generator().manual_seed(6))
+    calls = []
+    hooks = [layer.post_attention_layernorm.register_forward_hook(lambda *a: calls.append(1))
+             for layer in model.model.layers]
+    with torch.no_grad():
+        fused = model(input_ids=ids).logits
+    assert calls == []
+
+    class OtherNorm(type(model.model.layers[0].post_attention_layernorm)):
+        pass
+
+    for layer in model.model.layers:
+        layer.post_attention_layernorm.__class__ = OtherNorm
+    with torch.no_grad():
+        other = model(input_ids=ids).logits
+    assert len(calls) == 2
+    for h in hooks:
+        h.remove()
+    assert rel_error(other, fused) <= 1e-3

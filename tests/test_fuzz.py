@@ -99,11 +99,13 @@ def test_fuzz_command_rejects_bad_bounds():
 
 
 def test_cases_draw_epilogues_and_they_pass():
-    """About 30% of the cases carry an epilogue, both kinds; SiLU(gate)*up cases have N a multiple
+    """About 30% of the cases carry an epilogue, every kind; SiLU(gate)*up cases have N a multiple
     of 16; drawing them left the rest of each seed's case list alone."""
     cs = list(fuzz.cases(400, seed=5, max_mnk=(9, 64, 256)))
     kinds = [c.epilogue for c in cs]
-    assert 60 <= sum(k is not None for k in kinds) <= 180 and {"silu_mul", "residual"} <= set(kinds)
+    assert 60 <= sum(k is not None for k in kinds) <= 180
+    assert {"silu_mul", "residual", "residual_rmsnorm"} <= set(kinds)
     assert all(c.N % 16 == 0 for c in cs if c.epilogue == "silu_mul")
-    for c in [c for c in cs if c.epilogue][:12]:
+    picked = [c for c in cs if c.epilogue][:12] + [c for c in cs if c.epilogue == "residual_rmsnorm"][:4]
+    for c in picked:
         assert fuzz.passes(c, fuzz.run_case(c, "cpu")), c.short()

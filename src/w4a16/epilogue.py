@@ -11,12 +11,20 @@
   N must be a multiple of 16. Bias, when given, is [N] in the same interleaved order.
 * ``"residual"``: y = alpha * x @ W^T + bias + residual, the residual [M, N] (x's dtype) added in
   fp32 before the cast (the o and down projections of a decoder layer).
+* ``"residual_rmsnorm"``: the residual epilogue's h [M, N] and, from h as stored (x's dtype), the
+  RMSNorm of the projection that reads it: n = weight * (h * rsqrt(mean(h^2) + eps)) with
+  the mean over each row of h in fp32, the product with rsqrt rounded to x's dtype before the norm
+  weight [N] multiplies it (in x's dtype), as Llama-, Qwen- and Mistral-style RMSNorm modules do.
+  The kernels write both into one [2, M, N] tensor (h, then n); ``gemm`` returns the pair (h, n).
+  A kernel computes the norm after the last tile of a row block is stored (each tile's
+  per-row sums of squares are added in tile order: deterministic); a backend without it runs the
+  residual epilogue and the norm in torch (:func:`rms_norm`).
 
 The epilogue is applied after the whole K reduction (split-K partials are summed first).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -24,13 +32,21 @@ from .errors import expect, fail
 from .weight import QuantizedWeight, join_parts
 
 PAIR_ROWS = 8
-NAMES = (None, "silu_mul", "residual")
+NAMES = (None, "silu_mul", "residual", "residual_rmsnorm")
 # The kernels' constexpr code of each epilogue.
-CODES = {None: 0, "silu_mul": 1, "residual": 2}
+CODES = {None: 0, "silu_mul": 1, "residual": 2, "residual_rmsnorm": 3}
+WITH_RESIDUAL = ("residual", "residual_rmsnorm")
+
+
+class Norm(NamedTuple):
+    """The RMSNorm of the "residual_rmsnorm" epilogue: its weight [N] (x's dtype) and epsilon."""
+
+    weight: torch.Tensor
+    eps: float
 
 
 def code_of(epilogue: Optional[str]) -> int:
-    """The kernels' code of ``epilogue`` (0 none, 1 silu_mul, 2 residual)."""
+    """The kernels' code of ``epilogue`` (0 none, 1 silu_mul, 2 residual, 3 residual_rmsnorm)."""
     expect(epilogue in CODES, "epilogue", " or ".join(repr(n) for n in NAMES), repr(epilogue))
     return CODES[epilogue]
 
@@ -43,11 +59,30 @@ def resolve(epilogue: Optional[str], residual: Optional[torch.Tensor]) -> Option
     if residual is not None:
         if epilogue is None:
             return "residual"
-        expect(epilogue == "residual", "residual", f"None with epilogue={epilogue!r} (they do not combine)",
+        expect(epilogue in WITH_RESIDUAL, "residual", f"None with epilogue={epilogue!r} (they do not combine)",
                "a tensor")
-    elif epilogue == "residual":
-        fail("residual", "a tensor [..., N] with epilogue='residual'", "None")
+    elif epilogue in WITH_RESIDUAL:
+        fail("residual", f"a tensor [..., N] with epilogue={epilogue!r}", "None")
     return epilogue
+
+
+def chosen_as(epilogue: Optional[str]) -> Optional[str]:
+    """The epilogue a backend and config are chosen for: "residual_rmsnorm" is chosen as
+    "residual" (the GEMM is the same; a backend without the norm runs it afterwards in torch)."""
+    return "residual" if epilogue == "residual_rmsnorm" else epilogue
+
+
+def run_as(epilogue: Optional[str], native: tuple) -> Optional[str]:
+    """The epilogue a backend whose kernels apply ``native`` runs for ``epilogue``."""
+    return epilogue if epilogue in native else chosen_as(epilogue)
+
+
+def out_shape(M: int, N: int, epilogue: Optional[str]) -> tuple:
+    """Shape of a kernel's output for x [M, K] and a weight of N rows: [M, N], [M, N / 2] with
+    "silu_mul", [2, M, N] (h, n) with "residual_rmsnorm"."""
+    if epilogue == "residual_rmsnorm":
+        return (2, M, N)
+    return (M, out_features(N, epilogue))
 
 
 def out_features(N: int, epilogue: Optional[str]) -> int:
@@ -66,6 +101,42 @@ def check_epilogue_args(x: torch.Tensor, N: int, epilogue: Optional[str], residu
         expect(tuple(residual.shape) == want, "residual.shape", want, tuple(residual.shape))
         expect(residual.dtype == x.dtype, "residual.dtype", x.dtype, residual.dtype)
         expect(residual.device == x.device, "residual.device", x.device, residual.device)
+
+
+def check_norm_args(x: torch.Tensor, N: int, epilogue: Optional[str], norm_weight, norm_eps) -> Optional[Norm]:
+    """Validate the RMSNorm arguments of ``gemm`` (x [..., K], a weight of N rows): a Norm with
+    "residual_rmsnorm", None otherwise (where norm_weight must be None)."""
+    if epilogue != "residual_rmsnorm":
+        expect(norm_weight is None, "norm_weight", f"None with epilogue={epilogue!r}", "a tensor")
+        return None
+    expect(isinstance(norm_weight, torch.Tensor), "norm_weight", "a tensor [N] with epilogue='residual_rmsnorm'",
+           type(norm_weight).__name__)
+    expect(tuple(norm_weight.shape) == (N,), "norm_weight.shape", (N,), tuple(norm_weight.shape))
+    expect(norm_weight.dtype == x.dtype, "norm_weight.dtype", x.dtype, norm_weight.dtype)
+    expect(norm_weight.device == x.device, "norm_weight.device", x.device, norm_weight.device)
+    expect(isinstance(norm_eps, (float, int)) and not isinstance(norm_eps, bool) and 0 <= norm_eps < float("inf"),
+           "norm_eps", "a finite float >= 0", repr(norm_eps))
+    return Norm(norm_weight if norm_weight.is_contiguous() else norm_weight.contiguous(), float(norm_eps))
+
+
+def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (h * rsqrt(mean(h^2) + eps)) over h's last dim: the mean and the product with
+    rsqrt in fp32, rounded to h's dtype, then the weight's product in h's dtype (h [..., N],
+    weight [N] in h's dtype). Llama-, Qwen- and Mistral-style RMSNorm modules compute the same."""
+    h32 = h.float()
+    u = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * u.to(h.dtype)
+
+
+def rms_norm_backward(grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple:
+    """(d loss / d h, d loss / d weight) in fp32 from grad = d loss / d rms_norm(h, weight, eps)
+    [..., N] (roundings treated as exact)."""
+    h32, g = h.float(), grad.float()
+    rstd = torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
+    u = h32 * rstd
+    du = g * weight.float()
+    dh = rstd * (du - u * (du * u).mean(-1, keepdim=True))
+    return dh, (g * u).reshape(-1, h.shape[-1]).sum(0)
 
 
 def interleave_rows(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -108,12 +179,21 @@ def silu_mul_backward(grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
 
 
 def apply(y32: torch.Tensor, epilogue: Optional[str], residual: Optional[torch.Tensor]) -> torch.Tensor:
-    """The epilogue on fp32 results y32 [M, N] (alpha and bias applied): the reference's rule."""
+    """The epilogue on fp32 results y32 [M, N] (alpha and bias applied): the reference's rule
+    (for "residual_rmsnorm" its h in fp32; :func:`finish` adds the norm after the cast)."""
     if epilogue == "silu_mul":
         return silu_mul(y32)
-    if epilogue == "residual":
+    if epilogue in WITH_RESIDUAL:
         return y32 + residual.reshape(y32.shape).float()
     return y32
+
+
+def finish(y: torch.Tensor, epilogue: Optional[str], norm: Optional[Norm]) -> torch.Tensor:
+    """A kernel's output from the epilogue's result y [M, ...] in x's dtype: y itself, or with
+    "residual_rmsnorm" the [2, M, N] stack of h = y and its norm (:func:`rms_norm`)."""
+    if epilogue == "residual_rmsnorm":
+        return torch.stack([y, rms_norm(y, norm.weight, norm.eps)])
+    return y
 
 
 def pair_gate_up(gate, up):

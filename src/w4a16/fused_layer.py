@@ -12,7 +12,9 @@ residual adds as kernels of their own, each reading and writing the activations 
   it passes the attention output through, and the layer runs the projection with the residual;
 * the layer's ``forward`` (its class is swapped for a subclass) is the same arithmetic as the
   model's: ``h = x + o(attn(norm1(x)))``, ``y = h + mlp(norm2(h))``, with the two adds in the
-  GEMMs' fp32 epilogues. The attention module (rotary embedding, cache, attention kernel) is the
+  GEMMs' fp32 epilogues, and norm2 (an RMSNorm of the classes in :data:`NORM_CLASSES`, its
+  weight in the activations' dtype) in the o projection's too (the "residual_rmsnorm" epilogue
+  writes h and norm2(h)). The attention module (rotary embedding, cache, attention kernel) is the
   model's own, called with the layer's keyword arguments as the model's layer calls it.
 
 Only the layer classes named in :data:`LAYER_CLASSES` (whose forward is exactly that arithmetic)
@@ -36,6 +38,9 @@ from .weight import QuantizedWeight
 
 LAYER_CLASSES = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "MistralDecoderLayer")
 MLP_CLASSES = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP")
+# RMSNorm modules computing weight * (h * rsqrt(mean(h^2) + variance_epsilon)).to(h.dtype), which
+# is w4a16.epilogue.rms_norm
+NORM_CLASSES = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
 
 
 class DeferredW4A16Linear(W4A16Linear):
@@ -49,6 +54,12 @@ class DeferredW4A16Linear(W4A16Linear):
     def project(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features] (+ residual, added in fp32 before the cast)."""
         return W4A16Linear.forward(self, x, residual)
+
+    def project_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module) -> tuple:
+        """(h, norm(h)) for h = x @ W^T + bias + residual, x [..., in_features], residual and both
+        results [..., out_features]; ``norm`` an RMSNorm module of :data:`NORM_CLASSES` (its weight
+        [out_features] in x's dtype)."""
+        return W4A16Linear.forward(self, x, residual, "residual_rmsnorm", norm.weight, float(norm.variance_epsilon))
 
 
 class W4A16GatedMLP(nn.Module):
@@ -77,8 +88,13 @@ class FusedDecoderLayer(nn.Module):
             kwargs = {**{k: v for k, v in bound.items() if k not in ("hidden_states", "kwargs")},
                       **bound.get("kwargs", {})}
         attn_out, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
-        hidden_states = self.self_attn.o_proj.project(attn_out, hidden_states)
-        return self.mlp(self.post_attention_layernorm(hidden_states), hidden_states)
+        norm = self.post_attention_layernorm
+        if type(norm).__name__ in NORM_CLASSES and norm.weight.dtype == attn_out.dtype:
+            hidden_states, normed = self.self_attn.o_proj.project_norm(attn_out, hidden_states, norm)
+        else:
+            hidden_states = self.self_attn.o_proj.project(attn_out, hidden_states)
+            normed = norm(hidden_states)
+        return self.mlp(normed, hidden_states)
 
 
 def paired_gate_up(fused: FusedW4A16Linear) -> W4A16Linear:

@@ -7,8 +7,8 @@
 A case draws M, N, K within the alignment rules (K even and a multiple of the group size, any
 M >= 0, any N >= 1), a group size, the kind of zero points (none / int / float), bias, alpha,
 act-order (a random ``perm``), the layout of x (contiguous, transposed, strided, or with a batch
-dimension), the dtype and the epilogue (none, SiLU(gate)·up, or a residual: drawn from the case's
-own seed, so adding it left the other fields of a seed's cases as they were, except that N of a
+dimension), the dtype and the epilogue (none, SiLU(gate)·up, a residual, or a residual and the
+RMSNorm of the result: drawn from the case's own seed, so adding it left the other fields of a seed's cases as they were, except that N of a
 SiLU(gate)·up case is rounded up to a multiple of 16). Every case carries its own seed, so one failing case can be rerun
 alone. The tests run a few hundred small cases in Triton's interpreter; ``w4a16 fuzz``
 runs thousands per backend on a GPU.
@@ -34,9 +34,13 @@ EPILOGUE_SHARE = 0.3   # cases with an epilogue
 
 
 def draw_epilogue(seed: int) -> Optional[str]:
-    """The epilogue of a case: None, "silu_mul" or "residual", from its seed."""
+    """The epilogue of a case: None, "silu_mul", "residual" or "residual_rmsnorm" (half of the
+    residual cases), from its seed."""
     r = random.Random(seed ^ 0x5EED)
-    return None if r.random() >= EPILOGUE_SHARE else r.choice(["silu_mul", "residual"])
+    if r.random() >= EPILOGUE_SHARE:
+        return None
+    e = r.choice(["silu_mul", "residual"])
+    return "residual_rmsnorm" if e == "residual" and r.random() < 0.5 else e
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,12 @@ def make_residual(case: Case, x: torch.Tensor) -> torch.Tensor:
     return torch.randn(*x.shape[:-1], case.N, generator=gen).to(x.dtype).to(x.device)
 
 
+def make_norm_weight(case: Case, x: torch.Tensor) -> torch.Tensor:
+    """The RMSNorm weight [N] of a case with the "residual_rmsnorm" epilogue, in x's dtype and device."""
+    gen = torch.Generator().manual_seed(case.seed ^ 0xAB)
+    return (torch.rand(case.N, generator=gen) + 0.5).to(x.dtype).to(x.device)
+
+
 def run_case(case: Case, device="cpu", backend: Optional[str] = None) -> float:
     """The relative Frobenius error of ``w4a16.gemm`` against ``reference.gemm`` on ``case``
     (inf for a wrong shape or dtype, NaN when the result holds NaN).
@@ -153,13 +163,18 @@ def run_case(case: Case, device="cpu", backend: Optional[str] = None) -> float:
     import w4a16  # the public entry point, looked up at call time
 
     x, w, bias = make_problem(case, device)
-    residual = make_residual(case, x) if case.epilogue == "residual" else None
-    ref = reference.gemm(x, w, bias, case.alpha, epilogue=case.epilogue, residual=residual)
+    residual = make_residual(case, x) if case.epilogue in ("residual", "residual_rmsnorm") else None
     kwargs = {} if backend is None else {"backend": backend}
+    if case.epilogue == "residual_rmsnorm":
+        kwargs.update(norm_weight=make_norm_weight(case, x), norm_eps=1e-5)
+    ref = reference.gemm(x, w, bias, case.alpha, epilogue=case.epilogue, residual=residual,
+                         **{k: v for k, v in kwargs.items() if k != "backend"})
     y = w4a16.gemm(x, w, bias, alpha=case.alpha, epilogue=case.epilogue, residual=residual, **kwargs)
-    if y.dtype != ref.dtype or tuple(y.shape) != tuple(ref.shape):
+    pairs = tuple(zip(y, ref)) if case.epilogue == "residual_rmsnorm" else ((y, ref),)
+    if any(a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape) for a, b in pairs):
         return math.inf
-    return rel_error(y, ref)  # NaN when y holds NaN (or inf) where the reference is finite
+    # NaN when a result holds NaN (or inf) where the reference is finite
+    return max(rel_error(a, b) for a, b in pairs)
 
 
 def passes(case: Case, err: float) -> bool:

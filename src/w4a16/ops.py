@@ -21,7 +21,8 @@ from .backends.selection import Choice, availability_key, choose_nonfinite, prob
 from .backends.selection import choose as choose_backend
 from .backends.selection import get as get_backend
 from .backends.workspace import recall
-from .epilogue import check_epilogue_args, out_features, silu_mul_backward
+from .epilogue import (Norm, check_epilogue_args, check_norm_args, chosen_as, out_features, out_shape, rms_norm,
+                       rms_norm_backward, run_as, silu_mul_backward)
 from .epilogue import resolve as resolve_epilogue
 from .tuning_cache import generation
 from .validate import check_gemm_args
@@ -97,16 +98,45 @@ def _op_prepared(b, weight: List[torch.Tensor], shape: List[int]):
 @torch.library.custom_op("w4a16::gemm", mutates_args=())
 def gemm_op(x: torch.Tensor, weight: List[torch.Tensor], bias: Optional[torch.Tensor], alpha: float,
             shape: List[int], backend: str, config: str, deterministic: bool, epilogue: str = "",
-            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+            residual: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
+            norm_eps: float = 0.0) -> torch.Tensor:
     """The GEMM as a custom op. x [M, K] fp16/bf16 contiguous (in the weight's stored K order);
     weight: the backend's prepared tensors (``Backend.op_tensors``); bias [N] or None;
     shape: [N, K, effective group size]; backend: its name; config: ``Backend.config_key``;
-    epilogue: "" (none), "silu_mul" or "residual"; residual: [M, N] contiguous with "residual".
-    -> y [M, N] in x's dtype ([M, N / 2] with "silu_mul")."""
+    epilogue: "" (none), "silu_mul", "residual" or "residual_rmsnorm"; residual: [M, N]
+    contiguous with the last two; norm_weight [N] contiguous and norm_eps with "residual_rmsnorm".
+    -> y [M, N] in x's dtype ([M, N / 2] with "silu_mul", [2, M, N] (h, n) with "residual_rmsnorm")."""
     b = get_backend(backend)
+    norm = None if norm_weight is None else Norm(norm_weight, norm_eps)
     with _on_device_of(x):
-        return b.run(x, _op_prepared(b, weight, shape), bias, alpha, b.config_from_key(config), deterministic, None,
-                     epilogue or None, residual)
+        run = bound_run(b, _op_prepared(b, weight, shape), x.shape[0], x.dtype, bias is not None, alpha,
+                        b.config_from_key(config), deterministic, epilogue or None, packed=True)
+        return run(x, bias, residual, norm)
+
+
+def bound_run(b, prepared, M: int, dtype: torch.dtype, has_bias: bool, alpha: float, cfg, deterministic: bool,
+              epilogue: Optional[str], packed: bool = False) -> Callable:
+    """``b.bind(...)`` for ``epilogue`` as a callable ``run(x2, bias, residual=None, norm=None)``. With
+    "residual_rmsnorm" it returns (h, n) ([2, M, N] when ``packed``); a backend whose kernels lack
+    that epilogue runs "residual" and the norm in torch (``w4a16.epilogue.rms_norm``)."""
+    kernel_epilogue = run_as(epilogue, b.epilogues)
+    run = b.bind(prepared, M, dtype, has_bias, alpha, cfg, deterministic, kernel_epilogue)
+    if epilogue != "residual_rmsnorm":
+        return run
+    if kernel_epilogue == epilogue:
+        if packed:
+            return run
+
+        def native(x2, bias, residual=None, norm=None):
+            y = run(x2, bias, residual, norm)
+            return y[0], y[1]
+        return native
+
+    def composed(x2, bias, residual=None, norm=None):
+        h = run(x2, bias, residual)
+        n = rms_norm(h, norm.weight, norm.eps)
+        return torch.stack([h, n]) if packed else (h, n)
+    return composed
 
 
 def _on_device_of(x: torch.Tensor):
@@ -119,27 +149,41 @@ def _on_device_of(x: torch.Tensor):
 
 
 @gemm_op.register_fake
-def _gemm_fake(x, weight, bias, alpha, shape, backend, config, deterministic, epilogue="", residual=None):
-    return x.new_empty((x.shape[0], out_features(shape[0], epilogue or None)))
+def _gemm_fake(x, weight, bias, alpha, shape, backend, config, deterministic, epilogue="", residual=None,
+               norm_weight=None, norm_eps=0.0):
+    return x.new_empty(out_shape(x.shape[0], shape[0], epilogue or None))
+
+
+# The op's optional trailing arguments (epilogue, residual, norm_weight, norm_eps) and their defaults.
+OP_DEFAULTS = ("", None, None, 0.0)
 
 
 def _setup_backward(ctx, inputs, output):
     x, weight, bias, alpha, shape, backend, config, deterministic = inputs[:8]
-    epilogue = inputs[8] if len(inputs) > 8 else ""
-    residual = inputs[9] if len(inputs) > 9 else None
-    # silu_mul's gradient needs the pre-activations: x and bias are kept to recompute them
-    ctx.save_for_backward(*weight, *((x, bias) if epilogue == "silu_mul" else ()))
+    epilogue, residual, norm_weight, norm_eps = (*inputs[8:], *OP_DEFAULTS[len(inputs) - 8:])
+    # silu_mul's gradient needs the pre-activations: x and bias are kept to recompute them; the
+    # norm's needs h and its weight
+    extra = (x, bias) if epilogue == "silu_mul" else (output[0], norm_weight) if epilogue == "residual_rmsnorm" else ()
+    ctx.save_for_backward(*weight, *extra)
     # torch hands backward the structure of the arguments as passed, trailing defaults dropped
-    n_inputs = 10 if residual is not None else 9 if epilogue else 8
+    given = [i for i, (v, d) in enumerate(zip((epilogue, residual, norm_weight, norm_eps), OP_DEFAULTS))
+             if ((v is not None) if d is None else v != d)]
+    n_inputs = 9 + given[-1] if given else 8
     ctx.meta = (list(shape), backend, float(alpha), bias is not None, epilogue, len(weight), residual is not None,
-                n_inputs)
+                n_inputs, float(norm_eps))
 
 
 def _backward(ctx, grad):
-    shape, backend, alpha, has_bias, epilogue, n_weight, has_residual, n_inputs = ctx.meta
+    shape, backend, alpha, has_bias, epilogue, n_weight, has_residual, n_inputs, eps = ctx.meta
     saved = list(ctx.saved_tensors)
     b = get_backend(backend)
     W = b.dequantize(b.from_op_tensors(saved[:n_weight], *shape), grad.dtype)   # [N, K]
+    gn = None
+    if epilogue == "residual_rmsnorm":
+        h, norm_weight = saved[n_weight], saved[n_weight + 1]
+        dh, dw = rms_norm_backward(grad[1], h, norm_weight, eps)
+        grad = (grad[0].float() + dh).to(grad.dtype)                 # [M, N]: d loss / d h
+        gn = dw.to(norm_weight.dtype)
     if epilogue == "silu_mul":
         x, bias = saved[n_weight], saved[n_weight + 1]
         pre = torch.mm(x.float(), W.float().t()) * alpha
@@ -151,7 +195,7 @@ def _backward(ctx, grad):
         gx = gx * alpha
     gb = grad.float().sum(0).to(grad.dtype) if has_bias else None
     gr = grad if has_residual else None
-    return (gx, [None] * n_weight, gb, None, None, None, None, None, None, gr)[:n_inputs]
+    return (gx, [None] * n_weight, gb, None, None, None, None, None, None, gr, gn, None)[:n_inputs]
 
 
 gemm_op.register_autograd(_backward, setup_context=_setup_backward)
@@ -159,7 +203,8 @@ gemm_op.register_autograd(_backward, setup_context=_setup_backward)
 
 def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = None, alpha: float = 1.0,
          config="auto", deterministic: bool = True, backend: str = "auto", epilogue: Optional[str] = None,
-         residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+         residual: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
+         norm_eps: float = 1e-6):
     """y = alpha * (x @ W^T) + bias, W = w.dequantize(), then the epilogue.
 
     Args:
@@ -174,46 +219,55 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
         backend: "auto" or a name from ``w4a16.backends.registry()`` ("gluon", "triton",
             "reference"); a forced backend that cannot run the call raises W4A16Error with the reason.
         epilogue: None, "silu_mul" (y = SiLU(gate) * up of a weight whose gate and up rows are
-            interleaved as ``w4a16.epilogue`` describes: y [..., N / 2]) or "residual".
+            interleaved as ``w4a16.epilogue`` describes: y [..., N / 2]), "residual" or
+            "residual_rmsnorm" (h = the residual epilogue's y, and n = its RMSNorm).
         residual: None or [..., N] in x's dtype, added in fp32 before the cast (implies
-            epilogue="residual").
+            epilogue="residual"; needed by "residual_rmsnorm").
+        norm_weight: with "residual_rmsnorm" the RMSNorm's weight [N] in x's dtype; norm_eps its
+            epsilon (``w4a16.epilogue.rms_norm``).
     Returns:
-        y [..., N] in x's dtype ([..., N / 2] with "silu_mul"). Gradients flow to x, bias and
-        residual.
+        y [..., N] in x's dtype ([..., N / 2] with "silu_mul"); with "residual_rmsnorm" the pair
+        (h, n), each [..., N]. Gradients flow to x, bias, residual and norm_weight.
     """
     compiling = torch.compiler.is_compiling()
     key = None
     if not compiling:
         if isinstance(x, torch.Tensor) and x.is_cuda and x.get_device() != torch._C._cuda_getDevice():
             with _on_device_of(x):  # weights on cuda:1 and so on
-                return gemm(x, w, bias, alpha, config, deterministic, backend)
+                return gemm(x, w, bias, alpha, config, deterministic, backend, epilogue, residual, norm_weight,
+                            norm_eps)
         # The eager fast path: a call like an earlier one on this weight (same x shape, dtype and
         # device, same kind of bias, alpha and settings, nothing needing a gradient, the weight
         # unchanged) reuses that call's validation, choice and bound launch.
-        key = _call_key(x, bias, alpha, config, backend, deterministic, epilogue, residual)
+        key = _call_key(x, bias, alpha, config, backend, deterministic, epilogue, residual, norm_weight, norm_eps)
         calls = _calls_of(w) if key is not None and isinstance(w, QuantizedWeight) else None
         hit = None if calls is None else calls.get(key)
         if hit is not None and hit.config_arg is config and w.prepared(hit.backend) is hit.prepared:
             x2 = x if hit.rows is None else x.view(hit.rows)
             if w.params.perm is not None:
                 x2 = x2.index_select(1, w.params.perm)
-            y = hit.run(x2, bias) if residual is None else hit.run(x2, bias, residual.view(x2.shape[0], -1))
-            return y if hit.out is None else y.view(hit.out)
+            if residual is None:
+                y = hit.run(x2, bias)
+            else:
+                y = hit.run(x2, bias, residual.view(x2.shape[0], -1),
+                            None if norm_weight is None else Norm(norm_weight, norm_eps))
+            return _shaped(y, hit.out)
     check_gemm_args(x, w, bias, alpha)
     epilogue = resolve_epilogue(epilogue, residual)
     N, K = w.shape
     check_epilogue_args(x, N, epilogue, residual)
+    norm = check_norm_args(x, N, epilogue, norm_weight, norm_eps)
     n_out = out_features(N, epilogue)
     M = x.numel() // K
     if compiling and isinstance(M, int) and isinstance(config, str):
         # Traced: the choice is computed once, at trace time, outside the graph (no graph break
         # in the selection code, which reads files and device properties).
         name, config_key = _traced_choice(M, N, K, w.group_size_effective, x.dtype, w.params.zeros is not None, x.device,
-                                          config, backend, epilogue)
+                                          config, backend, chosen_as(epilogue))
         choice = None
         b = get_backend(name)
     else:
-        choice = choose(x, w, config, backend, epilogue)
+        choice = choose(x, w, config, backend, chosen_as(epilogue))
         b, config_key = choice.backend, choice.config_key
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if w.params.perm is not None:
@@ -223,23 +277,38 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     r2 = None if residual is None else residual.reshape(-1, N).contiguous()
+    out = (*x.shape[:-1], n_out) if x.dim() != 2 else None
     prepared = w.traced_prepared(b) if compiling else w.prepared(b)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, residual))
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in (x, bias, residual, norm_weight))
     if compiling or needs_grad:
+        # a backend without the norm runs the residual epilogue in the op and the norm as traced torch
+        # code after it (Inductor fuses it into one kernel; autograd differentiates it)
+        kernel_epilogue = run_as(epilogue, b.epilogues)
+        extra = (norm.weight, norm.eps) if kernel_epilogue == "residual_rmsnorm" else ()
         y = gemm_op(x2, b.op_tensors(prepared), bias, float(alpha), [N, K, w.group_size_effective], b.name,
-                    config_key, bool(deterministic), epilogue or "", r2)
-    else:
-        run = b.bind(prepared, x2.shape[0], x2.dtype, bias is not None, float(alpha), choice.config,
-                     bool(deterministic), epilogue)
-        y = run(x2, bias) if r2 is None else run(x2, bias, r2)
-        if key is not None and x.is_contiguous():
-            calls = _calls_of(w)
-            if len(calls) >= MAX_CALLS_PER_WEIGHT:
-                calls.clear()
-            flat = x.dim() != 2
-            calls[key] = _Call(b, prepared, config, (x2.shape[0], K) if flat else None,
-                               (*x.shape[:-1], n_out) if flat else None, run)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n_out)
+                    config_key, bool(deterministic), kernel_epilogue or "", r2, *extra)
+        if norm is not None:
+            y = (y[0], y[1]) if extra else (y, rms_norm(y, norm.weight, norm.eps))
+        return _shaped(y, out)
+    run = bound_run(b, prepared, x2.shape[0], x2.dtype, bias is not None, float(alpha), choice.config,
+                    bool(deterministic), epilogue)
+    y = run(x2, bias) if r2 is None else run(x2, bias, r2, norm)
+    if key is not None and x.is_contiguous():
+        calls = _calls_of(w)
+        if len(calls) >= MAX_CALLS_PER_WEIGHT:
+            calls.clear()
+        calls[key] = _Call(b, prepared, config, (x2.shape[0], K) if out is not None else None, out, run)
+    return _shaped(y, out)
+
+
+def _shaped(y, out: Optional[tuple]):
+    """y [M, n] (or the pair (h, n) of "residual_rmsnorm") viewed as ``out`` (None: as it is)."""
+    if out is None:
+        return y
+    if isinstance(y, tuple):
+        return y[0].view(out), y[1].view(out)
+    return y.view(out)
 
 
 def _assume_constant_result(fn):
@@ -268,7 +337,7 @@ class _Call(NamedTuple):
     config_arg: Any        # the caller's config argument (compared by identity)
     rows: Optional[tuple]  # (M, K) to view an x of other than 2 dims as, or None
     out: Optional[tuple]   # the shape to view y [M, N] as, or None
-    run: Callable          # run(x2 [M, K] contiguous, bias[, residual [M, N]]) -> y
+    run: Callable          # run(x2 [M, K] contiguous, bias[, residual [M, N], norm]) -> y (bound_run)
 
 
 def _calls_of(w: QuantizedWeight) -> dict:
@@ -287,20 +356,29 @@ def bound_calls(w: QuantizedWeight) -> list:
     return [c.run for c in _calls_of(w).values()]
 
 
-def _call_key(x, bias, alpha, config, backend, deterministic, epilogue=None, residual=None) -> Optional[tuple]:
+def _call_key(x, bias, alpha, config, backend, deterministic, epilogue=None, residual=None, norm_weight=None,
+              norm_eps=None) -> Optional[tuple]:
     """The fast path's key, or None when the call must take the full path (a gradient is needed,
-    x is not contiguous, alpha is a tensor, a bias that is not contiguous, a residual that is not a
-    contiguous tensor of x's dtype, device and leading shape, or an epilogue name that is not one)."""
+    x is not contiguous, alpha is a tensor, a bias that is not contiguous, a residual or norm
+    weight that is not a contiguous tensor, an epilogue name that is not one, a norm epsilon that
+    is not a float). The key holds the shapes, dtypes and devices the full path validated."""
     if alpha.__class__ is not float and alpha.__class__ is not int or not isinstance(x, torch.Tensor):
         return None
     if x.requires_grad and torch.is_grad_enabled() or not x.is_contiguous():
         return None
     if residual is not None:
-        if (not isinstance(residual, torch.Tensor) or epilogue not in (None, "residual") or not residual.is_contiguous()
-                or residual.requires_grad and torch.is_grad_enabled()):
+        if (not isinstance(residual, torch.Tensor) or epilogue not in (None, "residual", "residual_rmsnorm")
+                or not residual.is_contiguous() or residual.requires_grad and torch.is_grad_enabled()):
             return None
         rsig = (residual.shape, residual.dtype, residual.get_device())
-    elif epilogue is None or epilogue == "silu_mul":
+        if epilogue == "residual_rmsnorm":
+            if (not isinstance(norm_weight, torch.Tensor) or not norm_weight.is_contiguous() or norm_eps.__class__
+                    is not float or norm_weight.requires_grad and torch.is_grad_enabled()):
+                return None
+            rsig += (norm_weight.shape, norm_weight.dtype, norm_weight.get_device(), norm_eps)
+        elif norm_weight is not None:
+            return None
+    elif (epilogue is None or epilogue == "silu_mul") and norm_weight is None:
         rsig = None
     else:
         return None

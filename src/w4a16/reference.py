@@ -9,8 +9,9 @@ from typing import Optional
 import torch
 
 from . import spec
+from .epilogue import Norm
 from .epilogue import apply as apply_epilogue
-from .epilogue import check_epilogue_args, out_features, resolve
+from .epilogue import check_epilogue_args, check_norm_args, finish, out_features, resolve
 from .errors import expect, fail
 from .pack import pack_nibbles
 from .validate import check_gemm_args
@@ -95,46 +96,54 @@ def quantize(weight: torch.Tensor, group_size: int = 128, symmetric: bool = True
 
 
 def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = None,
-         alpha: float = 1.0, epilogue: Optional[str] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+         alpha: float = 1.0, epilogue: Optional[str] = None, residual: Optional[torch.Tensor] = None,
+         norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-6):
     """y = alpha * (x @ W^T) + bias with W = w.dequantize(), then the epilogue (``w4a16.epilogue``),
     all in fp32, cast to x's dtype.
 
     Args:
         x: fp16/bf16 [..., K]; w: QuantizedWeight (N, K) with scales in x's dtype;
-        bias: None or [N] in x's dtype; alpha: float; epilogue: None, "silu_mul" or "residual";
-        residual: [..., N] in x's dtype (with "residual", or alone).
+        bias: None or [N] in x's dtype; alpha: float; epilogue: None, "silu_mul", "residual" or
+        "residual_rmsnorm"; residual: [..., N] in x's dtype (with "residual"/"residual_rmsnorm",
+        or alone); norm_weight [N] in x's dtype and norm_eps: the RMSNorm of "residual_rmsnorm".
     Returns:
-        [..., N] in x's dtype ([..., N / 2] with "silu_mul").
+        [..., N] in x's dtype ([..., N / 2] with "silu_mul"); with "residual_rmsnorm" the pair
+        (h, n), each [..., N].
     """
     check_gemm_args(x, w, bias, alpha)
     epilogue = resolve(epilogue, residual)
     N, K = w.shape
     check_epilogue_args(x, N, epilogue, residual)
+    norm = check_norm_args(x, N, epilogue, norm_weight, norm_eps)
     x2 = x.reshape(-1, K)
     if w.params.perm is not None:
         x2 = x2[:, w.params.perm]
     r2 = None if residual is None else residual.reshape(-1, N)
-    y = gemm_stored(x2, w, bias, alpha, epilogue, r2)
+    y = gemm_stored(x2, w, bias, alpha, epilogue, r2, norm)
+    if epilogue == "residual_rmsnorm":
+        return y[0].reshape(*x.shape[:-1], N), y[1].reshape(*x.shape[:-1], N)
     return y.reshape(*x.shape[:-1], out_features(N, epilogue))
 
 
 def gemm_stored(x2: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = None,
                 alpha: float = 1.0, epilogue: Optional[str] = None,
-                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                residual: Optional[torch.Tensor] = None, norm: Optional[Norm] = None) -> torch.Tensor:
     """The contract on x2 [M, K] already in the weight's stored K order (gathered by ``w.perm``),
-    fp32 throughout, cast to x2's dtype: [M, N] (or [M, N / 2] with "silu_mul"). No argument checks."""
-    return gemm_dequantized(x2, dequantize_fp32(w), bias, alpha, epilogue, residual)
+    fp32 throughout, cast to x2's dtype: [M, N] (or [M, N / 2] with "silu_mul", [2, M, N] with
+    "residual_rmsnorm"). No argument checks."""
+    return gemm_dequantized(x2, dequantize_fp32(w), bias, alpha, epilogue, residual, norm)
 
 
 def gemm_dequantized(x2: torch.Tensor, W: torch.Tensor, bias: Optional[torch.Tensor] = None,
                      alpha: float = 1.0, epilogue: Optional[str] = None,
-                     residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     residual: Optional[torch.Tensor] = None, norm: Optional[Norm] = None) -> torch.Tensor:
     """y [M, N] = alpha * (x2 [M, K] @ W^T) + bias, then the epilogue, W fp32 [N, K] in x2's K
-    order; fp32 throughout (the contract's non-finite rule term by term), cast to x2's dtype."""
+    order; fp32 throughout (the contract's non-finite rule term by term), cast to x2's dtype
+    ([2, M, N]: h and its norm with "residual_rmsnorm")."""
     y = _dot(x2.float(), W) * float(alpha)
     if bias is not None:
         y = y + bias.float()
-    return apply_epilogue(y, epilogue, residual).to(x2.dtype)
+    return finish(apply_epilogue(y, epilogue, residual).to(x2.dtype), epilogue, norm)
 
 
 def dequantize_fp32(w: QuantizedWeight) -> torch.Tensor:

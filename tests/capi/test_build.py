@@ -251,9 +251,10 @@ def _emulate(x, qw, bias, alpha, kernel, generic, splits):
               BM=shape.block_m, BN=shape.block_n, EPILOGUE=not split, GROUP_M=8, SWAP_AB=True, UNROLL=shape.unroll,
               PREFETCH=shape.prefetch, SCALE_AFTER=shape.scale_after, HAS_ZEROS=qw.zeros is not None, HAS_BIAS=True,
               ATOMIC=False, USE_ASM=False, DTYPE=tl.float16, EPI=0)
-    # res_ptr None: the library's kernels are compiled with it as a constexpr (no parameter)
+    # res_ptr and the norm's arguments None: the library's kernels are compiled with them as
+    # constexprs (no parameter)
     w4a16_gemm_kernel[(tiles, nsplit)](x, qk, prepared[0], prepared[1], b, None, y, part, counters, M, N, K, chunks,
-                                       per, nb, alpha, **cx)
+                                       per, nb, alpha, None, None, None, **cx)
     return y
 
 

@@ -139,20 +139,22 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def run(self, x2: torch.Tensor, prepared: Any, bias: Optional[torch.Tensor], alpha: float, cfg: Any,
             deterministic: bool = True, out: Optional[torch.Tensor] = None, epilogue: Optional[str] = None,
-            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+            residual: Optional[torch.Tensor] = None, norm=None) -> torch.Tensor:
         """y [M, N] = alpha * x2 @ W^T + bias, then the epilogue. x2 [M, K] contiguous fp16/bf16
         (already gathered by the weight's ``perm``); bias None or [N] contiguous; epilogue one of
-        :attr:`epilogues`; residual [M, N] contiguous in x2's dtype with "residual"; out None or a
-        contiguous tensor of y's shape ([M, N / 2] with "silu_mul") and x2's dtype to write into.
-        Launches on torch's current stream."""
+        :attr:`epilogues`; residual [M, N] contiguous in x2's dtype with "residual" and
+        "residual_rmsnorm"; norm a ``w4a16.epilogue.Norm`` (weight [N] contiguous) with
+        "residual_rmsnorm"; out None or a contiguous tensor of y's shape (``epilogue.out_shape``:
+        [M, N / 2] with "silu_mul", [2, M, N] with "residual_rmsnorm") and x2's dtype to write
+        into. Launches on torch's current stream."""
 
     def bind(self, prepared: Any, M: int, dtype: torch.dtype, has_bias: bool, alpha: float, cfg: Any,
              deterministic: bool = True, epilogue: Optional[str] = None):
-        """``run`` for repeated calls of one shape: a callable ``f(x2 [M, K], bias, residual=None)
-        -> y`` (``w4a16.gemm`` keeps it for the next eager call like this one). A backend that can
-        resolve its launch once overrides this to cut the host time per call."""
-        return lambda x2, bias, residual=None: self.run(x2, prepared, bias, alpha, cfg, deterministic, None, epilogue,
-                                                        residual)
+        """``run`` for repeated calls of one shape: a callable ``f(x2 [M, K], bias, residual=None,
+        norm=None) -> y`` (``w4a16.gemm`` keeps it for the next eager call like this one). A backend
+        that can resolve its launch once overrides this to cut the host time per call."""
+        return lambda x2, bias, residual=None, norm=None: self.run(x2, prepared, bias, alpha, cfg, deterministic, None,
+                                                                   epilogue, residual, norm)
 
     def dequantize(self, prepared: Any, dtype: torch.dtype) -> torch.Tensor:
         """W [N, K] in stored K order, in ``dtype``, from the prepared weight alone (the custom

@@ -78,8 +78,9 @@ class ReferenceBackend(Backend):
     def config_from_key(self, key: str) -> str:
         return "reference"
 
-    def run(self, x2, prepared, bias, alpha, cfg, deterministic=True, out=None, epilogue=None, residual=None):
+    def run(self, x2, prepared, bias, alpha, cfg, deterministic=True, out=None, epilogue=None, residual=None,
+            norm=None):
         from ..reference import gemm_dequantized
 
-        y = gemm_dequantized(x2, self.dequantize(prepared, torch.float32), bias, alpha, epilogue, residual)
+        y = gemm_dequantized(x2, self.dequantize(prepared, torch.float32), bias, alpha, epilogue, residual, norm)
         return y if out is None else out.copy_(y)

@@ -9,7 +9,7 @@ heuristic picks for each block size and projection (the one-token variant too), 
 symmetric group 128, and its decode gate_up tile over every group size with and without zeros.
 The GEMM epilogues (``w4a16.epilogue``: SiLU(gate) * up, the residual) on the decode heuristic's
 picks for the preset layers at M = 1 and 16 (fp16, bf16) and the Triton kernel's named configs
-(fp16): what a fused decoder layer runs at decode.
+(fp16, with the residual and RMSNorm epilogue too): what a fused decoder layer runs at decode.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ PER_CHANNEL_K = 4096
 DECODE_M = (1, 8, 16, 32, 64)
 EPILOGUE_M = (1, 16)
 EPILOGUES = ("silu_mul", "residual")
+TRITON_EPILOGUES = EPILOGUES + ("residual_rmsnorm",)
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,8 @@ def epilogue_cases(dtypes: Iterable[str], kernels: Iterable[str]) -> List[Kernel
         out += [KernelCase("gluon-decode", c, dt, epilogue=e) for c in decode_picks(EPILOGUE_M) for dt in dtypes
                 for e in EPILOGUES]
     if "triton" in kernels and "fp16" in tuple(dtypes):
-        out += [KernelCase("triton", c, "fp16", epilogue=e) for c in NAMED_CONFIGS.values() for e in EPILOGUES]
+        out += [KernelCase("triton", c, "fp16", epilogue=e) for c in NAMED_CONFIGS.values()
+                for e in TRITON_EPILOGUES]
     return out
 
 

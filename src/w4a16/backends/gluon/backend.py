@@ -17,7 +17,6 @@ from typing import List, Optional
 
 import torch
 
-from ...epilogue import NAMES as EPILOGUES
 from ..base import Backend, Problem
 from ..device import sms_of
 from .decode.config import NAMED, GluonDecodeConfig, candidates, heuristic
@@ -47,7 +46,7 @@ class GluonBackend(Backend):
     name = "gluon"
     layout_version = GLUON_LAYOUT_VERSION
     config_type = (GluonDecodeConfig, GluonPrefillConfig)   # isinstance() takes the tuple
-    epilogues = EPILOGUES
+    epilogues = (None, "silu_mul", "residual")   # "residual_rmsnorm": its norm runs in torch after the kernel
 
     def available(self, device: torch.device) -> Optional[str]:
         if device.type != "cuda":   # before Triton is imported: a CPU process may not have it set up for Gluon
@@ -145,7 +144,8 @@ class GluonBackend(Backend):
 
         return BoundDecode(prepared, M, dtype, has_bias, alpha, cfg, deterministic, epilogue)
 
-    def run(self, x2, prepared, bias, alpha, cfg, deterministic=True, out=None, epilogue=None, residual=None):
+    def run(self, x2, prepared, bias, alpha, cfg, deterministic=True, out=None, epilogue=None, residual=None,
+            norm=None):
         if x2.data_ptr() % 16:  # TMA needs a 16-byte aligned base: take an aligned copy
             x2 = x2.clone()
         if isinstance(cfg, GluonPrefillConfig):

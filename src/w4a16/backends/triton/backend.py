@@ -117,8 +117,9 @@ class TritonBackend(Backend):
         return cfg.short()
 
     # ------------------------------------------------------------------ running
-    def run(self, x2, prepared, bias, alpha, cfg, deterministic=True, out=None, epilogue=None, residual=None):
-        return _launcher()[0](x2, prepared, bias, alpha, cfg, deterministic, out, epilogue, residual)
+    def run(self, x2, prepared, bias, alpha, cfg, deterministic=True, out=None, epilogue=None, residual=None,
+            norm=None):
+        return _launcher()[0](x2, prepared, bias, alpha, cfg, deterministic, out, epilogue, residual, norm)
 
     def bind(self, prepared, M, dtype, has_bias, alpha, cfg, deterministic=True, epilogue=None):
         from .launch import bind_gemm

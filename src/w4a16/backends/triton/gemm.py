@@ -12,7 +12,12 @@ registers). Without SWAP_AB it computes out[BM, BN] = x @ W^T and the dequantize
 second operand (staged through shared memory).
 
 With one split (EPILOGUE) the program applies alpha, bias, the epilogue (EPI: none, SiLU(gate) *
-up of the interleaved gate/up rows, or a residual; ``w4a16.epilogue``) and the cast and writes y.
+up of the interleaved gate/up rows, a residual, or a residual and the RMSNorm of the result;
+``w4a16.epilogue``) and the cast and writes y. With the RMSNorm (EPI 3) y is [2, M, N]: each tile
+stores h and its rows' partial sums of squares (of h as stored) into ``ss[tile column]``; the last
+tile of a row block to arrive (an acquire-release counter per row block after the split-K tile
+counters, reset after use) adds the partial sums in tile order and writes n = RMSNorm(h) * weight
+for the whole rows: deterministic.
 With several splits, program (tile, s) covers chunks [s * CPS, (s + 1) * CPS) and writes its fp32
 partial tile to ``part[s]``; the last program of a tile to arrive (an acquire-release counter per
 tile, reset to 0 after use) sums the partials in split order and writes y, so the result is
@@ -114,9 +119,10 @@ def _pairs(t, SWAP_AB: tl.constexpr):
 
 @triton.jit
 def _write_y(acc, y_ptr, bias_ptr, res_ptr, rows, offs_n, offs_m, n_ok, m_ok, M, N, alpha, HAS_BIAS: tl.constexpr,
-             SWAP_AB: tl.constexpr, EPI: tl.constexpr, DTYPE: tl.constexpr):
+             SWAP_AB: tl.constexpr, EPI: tl.constexpr, DTYPE: tl.constexpr, nw_ptr, ss_ptr, rc_ptr, pid_n, num_n, eps):
     """y = alpha * acc + bias, then the epilogue (EPI 0: none; 1: SiLU(gate) * up into y [M, N/2];
-    2: + residual [M, N]), cast to DTYPE and stored (rows past N and tokens past M masked)."""
+    2: + residual [M, N]; 3: + residual into y[0] and the norm into y[1], ``_norm_rows``), cast to
+    DTYPE and stored (rows past N and tokens past M masked)."""
     acc = acc * alpha
     if HAS_BIAS:
         acc += _per_row(tl.load(bias_ptr + rows), SWAP_AB)
@@ -136,9 +142,46 @@ def _write_y(acc, y_ptr, bias_ptr, res_ptr, rows, offs_n, offs_m, n_ok, m_ok, M,
     else:
         offs = m_idx * N + n_idx
         mask = (n_idx < N) & (m_idx < M)
-        if EPI == 2:
+        if EPI >= 2:
             acc += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs, acc.to(DTYPE), mask=mask)
+        h = acc.to(DTYPE)
+        tl.store(y_ptr + offs, h, mask=mask)
+        if EPI == 3:
+            hf = tl.where(mask, h.to(tl.float32), 0.0)
+            ss = tl.sum(hf * hf, axis=0 if SWAP_AB else 1)      # [BM]: this tile's part of each row
+            _norm_rows(ss, y_ptr, nw_ptr, ss_ptr, rc_ptr, pid_n, num_n, offs_m, m_ok, M, N, eps, DTYPE,
+                       NORM_ELEMENTS // offs_m.shape[0])
+
+
+NORM_ELEMENTS = tl.constexpr(8192)   # elements of h the norm reads per step (rows x columns)
+
+
+@triton.jit
+def _norm_rows(ss, y_ptr, nw_ptr, ss_ptr, rc_ptr, pid_n, num_n, offs_m, m_ok, M, N, eps, DTYPE: tl.constexpr,
+               BN: tl.constexpr):
+    """The RMSNorm of rows ``offs_m`` of h = y[0] [M, N] into y[1] once every tile of the row block
+    has stored its part of h: ``ss`` [BM] is this tile's partial sum of squares, stored to
+    ss_ptr[pid_n, M]; the last of the ``num_n`` tiles to arrive at counter ``rc_ptr`` sums them in
+    tile order, reads the whole rows of h back (L2), BN columns a step, and writes
+    weight * (h * rsqrt(mean + eps)) (the product with rsqrt rounded to DTYPE, then the weight's
+    product rounded: w4a16.epilogue.rms_norm)."""
+    tl.store(ss_ptr + pid_n * M + offs_m, ss, mask=m_ok)
+    tl.debug_barrier()  # every thread's stores of h and ss precede the release below
+    arrived = tl.atomic_add(rc_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == num_n - 1:
+        total = tl.zeros_like(ss)
+        for t in range(0, num_n):
+            total += tl.load(ss_ptr + t * M + offs_m, mask=m_ok, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(rc_ptr, 0, sem="relaxed", scope="gpu")   # ready for the next call
+        rstd = (1.0 / tl.sqrt_rn(total / N + eps))[:, None]
+        cols = tl.arange(0, BN)
+        for n0 in range(0, N, BN):
+            offs = offs_m[:, None] * N + (n0 + cols)[None, :]
+            mask = m_ok[:, None] & ((n0 + cols) < N)[None, :]
+            h = tl.load(y_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+            w = tl.load(nw_ptr + n0 + cols, mask=(n0 + cols) < N, other=0.0).to(tl.float32)
+            u = (h * rstd).to(DTYPE).to(tl.float32)
+            tl.store(y_ptr + M * N + offs, (w[None, :] * u).to(DTYPE), mask=mask)
 
 
 @triton.jit
@@ -161,6 +204,7 @@ def _load_x(x_ptrs, k0, offs_h, m_ok, live, K, EVEN_K: tl.constexpr, SWAP_AB: tl
 def w4a16_gemm_kernel(
     x_ptr, qk_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, y_ptr, part_ptr, counter_ptr,
     M, N, K, chunks, chunks_per_split, n_blocks, alpha,
+    nw_ptr, ss_ptr, eps,
     GROUP_LOG2: tl.constexpr, KC: tl.constexpr, ONE_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, EPILOGUE: tl.constexpr, GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
     UNROLL: tl.constexpr, PREFETCH: tl.constexpr, SCALE_AFTER: tl.constexpr,
@@ -168,9 +212,12 @@ def w4a16_gemm_kernel(
     DTYPE: tl.constexpr, EPI: tl.constexpr,
 ):
     """x [M, K] DTYPE; qk uint8 [n_blocks, K_pad*8] (16-row fragment blocks, see layout.py);
-    s, z [G_pad, N] in DTYPE or fp32; bias [N]; res [M, N] DTYPE (EPI 2); y [M, N] DTYPE ([M, N/2]
-    with EPI 1); part fp32 [splits, M, N] and counter int32 [tiles], zero (both unused with
-    EPILOGUE, the single-split case; counter unused with ATOMIC, which needs EPI 0)."""
+    s, z [G_pad, N] in DTYPE or fp32; bias [N]; res [M, N] DTYPE (EPI 2, 3); y [M, N] DTYPE ([M, N/2]
+    with EPI 1, [2, M, N] with EPI 3); part fp32 [splits, M, N] and counter int32 [tiles], zero
+    (both unused with EPILOGUE, the single-split case; counter unused with ATOMIC, which needs
+    EPI 0). EPI 3: nw [N] the norm weight (DTYPE), ss fp32 [N tiles, M] scratch, eps, and the
+    counters hold one more per row block after the tiles' (nw_ptr, ss_ptr, eps are None, constexprs
+    with no kernel parameter, otherwise)."""
     H: tl.constexpr = KC // 2
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
@@ -248,9 +295,10 @@ def w4a16_gemm_kernel(
     else:
         out_mask = m_ok[:, None] & n_ok[None, :]
         out_offs = offs_m[:, None] * N + offs_n[None, :]
+    rc_ptr = counter_ptr + num_m * num_n + pid_m   # EPI 3: the row block's counter, after the tiles'
     if EPILOGUE:
         _write_y(acc, y_ptr, bias_ptr, res_ptr, rows, offs_n, offs_m, n_ok, m_ok, M, N, alpha, HAS_BIAS, SWAP_AB,
-                 EPI, DTYPE)
+                 EPI, DTYPE, nw_ptr, ss_ptr, rc_ptr, pid_n, num_n, eps)
     elif ATOMIC:
         tl.atomic_add(part_ptr + out_offs, acc, mask=out_mask, sem="relaxed")
     else:
@@ -267,4 +315,4 @@ def w4a16_gemm_kernel(
                 total += tl.load(part_ptr + s * M * N + out_offs, mask=out_mask, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next call
             _write_y(total, y_ptr, bias_ptr, res_ptr, rows, offs_n, offs_m, n_ok, m_ok, M, N, alpha, HAS_BIAS,
-                     SWAP_AB, EPI, DTYPE)
+                     SWAP_AB, EPI, DTYPE, nw_ptr, ss_ptr, rc_ptr, pid_n, num_n, eps)

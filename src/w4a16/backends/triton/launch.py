@@ -7,7 +7,7 @@ import torch
 import triton.language as tl
 
 from ...config import GemmConfig
-from ...epilogue import code_of, out_features
+from ...epilogue import code_of, out_shape
 from ...errors import expect
 from .env import interpreting
 from .fast_launch import CachedLaunch, arg_key
@@ -77,9 +77,9 @@ def launch_plan(pw: PreparedWeight, M: int, cfg: GemmConfig, has_bias: bool, ato
 
 def launch_gemm(x: torch.Tensor, pw: PreparedWeight, bias: Optional[torch.Tensor], alpha: float,
                 cfg: GemmConfig, deterministic: bool = True, out: Optional[torch.Tensor] = None,
-                epilogue: Optional[str] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                epilogue: Optional[str] = None, residual: Optional[torch.Tensor] = None, norm=None) -> torch.Tensor:
     """y [M, N] = alpha * x @ W^T + bias, then the epilogue (see :func:`launch_gemm_compiled`)."""
-    return launch_gemm_compiled(x, pw, bias, alpha, cfg, deterministic, out, epilogue, residual)[0]
+    return launch_gemm_compiled(x, pw, bias, alpha, cfg, deterministic, out, epilogue, residual, norm)[0]
 
 
 def row_limit(pw: PreparedWeight, M: int, cfg: GemmConfig) -> int:
@@ -95,45 +95,49 @@ def row_limit(pw: PreparedWeight, M: int, cfg: GemmConfig) -> int:
 def launch_gemm_compiled(x: torch.Tensor, pw: PreparedWeight, bias: Optional[torch.Tensor], alpha: float,
                          cfg: GemmConfig, deterministic: bool = True,
                          out: Optional[torch.Tensor] = None, epilogue: Optional[str] = None,
-                         residual: Optional[torch.Tensor] = None) -> tuple:
+                         residual: Optional[torch.Tensor] = None, norm=None) -> tuple:
     """y = alpha * x @ W^T + bias, then the epilogue -> (y, the compiled kernel or None).
 
-    x: [M, K] contiguous, fp16/bf16; bias: None or [N]; epilogue: None, "silu_mul" or "residual"
-    (``w4a16.epilogue``); residual: [M, N] contiguous in x's dtype with "residual"; out: None or a
-    contiguous tensor of y's shape and x's dtype to write into (tests poison it first). Returns
-    y [M, N] ([M, N / 2] with "silu_mul") in x's dtype.
+    x: [M, K] contiguous, fp16/bf16; bias: None or [N]; epilogue: None, "silu_mul", "residual" or
+    "residual_rmsnorm" (``w4a16.epilogue``); residual: [M, N] contiguous in x's dtype with the last
+    two; norm: a ``w4a16.epilogue.Norm`` with "residual_rmsnorm"; out: None or a contiguous tensor of
+    y's shape and x's dtype to write into (tests poison it first). Returns y [M, N] ([M, N / 2]
+    with "silu_mul", [2, M, N] with "residual_rmsnorm") in x's dtype.
     Workspace (split-K partial sums, fp32) comes from torch's caching allocator, the split-K tile
     counters from :func:`tile_counters`; everything is launched on torch's current stream, so the
     call can be captured in a CUDA graph.
     """
     M = x.shape[0]
-    n_out = out_features(pw.N, epilogue)
     if M == 0:
-        return (torch.empty((0, n_out), dtype=x.dtype, device=x.device) if out is None else out), None
+        return (torch.empty(out_shape(0, pw.N, epilogue), dtype=x.dtype, device=x.device) if out is None else out), None
     rows = row_limit(pw, M, cfg)
     if M > rows:
-        y = torch.empty((M, n_out), dtype=x.dtype, device=x.device) if out is None else out
+        y = torch.empty(out_shape(M, pw.N, epilogue), dtype=x.dtype, device=x.device) if out is None else out
         compiled = None
         for m0 in range(0, M, rows):
             res = None if residual is None else residual[m0:m0 + rows]
-            _, compiled = launch_gemm_compiled(x[m0:m0 + rows], pw, bias, alpha, cfg, deterministic,
-                                               y[m0:m0 + rows], epilogue, res)
+            # with the norm, y [2, M, N]: a row block's h and n are not one contiguous slice
+            part = y[:, m0:m0 + rows] if epilogue == "residual_rmsnorm" else y[m0:m0 + rows]
+            block, compiled = launch_gemm_compiled(x[m0:m0 + rows], pw, bias, alpha, cfg, deterministic,
+                                                   None if epilogue == "residual_rmsnorm" else part, epilogue, res, norm)
+            if epilogue == "residual_rmsnorm":
+                part.copy_(block)
         return y, compiled
     return BoundGemm(pw, M, x.dtype, bias is not None, alpha, cfg, deterministic, epilogue).launch(x, bias, residual,
-                                                                                                   out)
+                                                                                                   out, norm)
 
 
 def bind_gemm(pw: PreparedWeight, M: int, dtype: torch.dtype, has_bias: bool, alpha: float, cfg: GemmConfig,
               deterministic: bool = True, epilogue: Optional[str] = None):
-    """A callable ``run(x [M, K] contiguous, bias, residual=None) -> y`` for repeated calls of one
-    shape: everything that does not change between such calls is computed here, once."""
+    """A callable ``run(x [M, K] contiguous, bias, residual=None, norm=None) -> y`` for repeated calls
+    of one shape: everything that does not change between such calls is computed here, once."""
     if M == 0 or M > row_limit(pw, M, cfg) or (cfg.wide_scales and pw.scales_t.dtype != torch.float32):
         # Row blocks, or fp32 scales made per call: a bound launch would keep an fp32 copy of the
         # scales alive with the weight (prefill calls are long: the per-call copy costs little).
-        return lambda x, bias, residual=None: launch_gemm(x, pw, bias, alpha, cfg, deterministic, None, epilogue,
-                                                          residual)
+        return lambda x, bias, residual=None, norm=None: launch_gemm(x, pw, bias, alpha, cfg, deterministic, None,
+                                                                     epilogue, residual, norm)
     bound = BoundGemm(pw, M, dtype, has_bias, alpha, cfg, deterministic, epilogue)
-    return lambda x, bias, residual=None: bound.launch(x, bias, residual)[0]
+    return lambda x, bias, residual=None, norm=None: bound.launch(x, bias, residual, None, norm)[0]
 
 
 class BoundGemm:
@@ -148,7 +152,8 @@ class BoundGemm:
             pw = widen_scales(pw)
         grid, splits, per, atomic, constexprs, static, cx = launch_plan(pw, M, cfg, has_bias, not deterministic,
                                                                          dtype, epilogue)
-        self.n_out = out_features(pw.N, epilogue)
+        self.out_shape = out_shape(M, pw.N, epilogue)
+        self.norm = epilogue == "residual_rmsnorm"
         self.M, self.N, self.dtype, self.grid, self.splits, self.atomic = M, pw.N, dtype, grid, splits, atomic
         self.constexprs, self.static, self.cx, self.cfg = constexprs, static, cx, cfg
         self.scales = pw.scales_t
@@ -159,9 +164,9 @@ class BoundGemm:
         self.qk = pw.qk
 
     def launch(self, x: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor] = None,
-               out: Optional[torch.Tensor] = None) -> tuple:
+               out: Optional[torch.Tensor] = None, norm=None) -> tuple:
         M, N = self.M, self.N
-        y = torch.empty((M, self.n_out), dtype=self.dtype, device=x.device) if out is None else out
+        y = torch.empty(self.out_shape, dtype=self.dtype, device=x.device) if out is None else out
         if self.splits == 1:
             part = counters = y
         elif self.atomic:
@@ -169,16 +174,22 @@ class BoundGemm:
         else:
             part = torch.empty((self.splits, M, N), dtype=torch.float32, device=x.device)
             counters = tile_counters(x.device, self.grid[0])
+        norm_args = (None, None, None)
+        if self.norm:   # a counter per row block after the tiles', and the rows' partial sums of squares
+            counters = tile_counters(x.device, self.grid[0] + _cdiv(M, self.constexprs["BM"]))
+            norm_args = (norm.weight, torch.empty((_cdiv(N, self.cfg.block_n), M), dtype=torch.float32,
+                                                  device=x.device), norm.eps)
         bias_arg = bias if bias is not None else self.scales
         # What the compiled kernel depends on beyond the plan: the per-call tensors' 16-byte
         # alignment and dtypes (the dtypes follow from the plan unless a caller passes its own out).
         aligned = (not x.data_ptr() & 15, not y.data_ptr() & 15, not part.data_ptr() & 15,
                    not counters.data_ptr() & 15, not bias_arg.data_ptr() & 15, y.dtype, part.dtype, counters.dtype,
-                   bias_arg.dtype, None if residual is None else (not residual.data_ptr() & 15, residual.dtype))
+                   bias_arg.dtype, None if residual is None else (not residual.data_ptr() & 15, residual.dtype),
+                   None if norm is None else (not norm.weight.data_ptr() & 15, norm.weight.dtype))
         cfg = self.cfg
         # residual None (without the residual epilogue) is a constexpr to Triton: no kernel parameter
         compiled = _GEMM(self.grid, (x, self.qk, self.scales, self.zeros, bias_arg, residual, y, part, counters)
-                         + self.tail,
+                         + self.tail + norm_args,
                          self.constexprs, cfg.num_warps, cfg.num_stages, key=(self.static, aligned), cx=self.cx)
         if self.atomic:
             _REDUCE((_cdiv(M * N, REDUCE_BLOCK),), (part, bias_arg, y, M, N, self.alpha),

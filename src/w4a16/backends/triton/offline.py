@@ -26,8 +26,9 @@ def compile_gemm(cfg: GemmConfig, dtype: str = "fp16", group: int = 128, has_zer
     (alpha, bias and the store in the kernel) rather than one writing fp32 partials; even_k: K a
     multiple of the chunk; aligned: the arguments compiled as divisible by 16 (16-byte aligned
     pointers, sizes that are multiples of 16), as the launcher's real problems usually are; epi: the
-    kernel's EPI (w4a16.epilogue.CODES; with 2 the residual pointer is an argument after bias_ptr,
-    else a constexpr None, so the C library's parameter list stays as it is)."""
+    kernel's EPI (w4a16.epilogue.CODES; with 2 and 3 the residual pointer is an argument after
+    bias_ptr, with 3 the norm's weight, scratch and epsilon after alpha, else they are constexpr
+    None, so the C library's parameter list stays as it is)."""
     import triton.language as tl
 
     from .gemm import w4a16_gemm_kernel
@@ -43,11 +44,16 @@ def compile_gemm(cfg: GemmConfig, dtype: str = "fp16", group: int = 128, has_zer
               ATOMIC=False, USE_ASM=cfg.dequant == "magic", DTYPE=tl.float16 if dtype == "fp16" else tl.bfloat16,
               EPI=epi)
     names = GEMM_ARGS
-    if epi == 2:
+    if epi >= 2:
         names = names[:5] + ("res_ptr",) + names[5:]
         types = types[:5] + (f"*{dtype}",) + types[5:]
     else:
         cx["res_ptr"] = None
+    if epi == 3:
+        names += ("nw_ptr", "ss_ptr", "eps")
+        types += (f"*{dtype}", "*fp32", "fp32")
+    else:
+        cx.update(nw_ptr=None, ss_ptr=None, eps=None)
     return _compile_sm90a(w4a16_gemm_kernel, names, types, aligned, cx, cfg.num_warps, cfg.num_stages)
 
 
