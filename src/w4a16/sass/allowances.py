@@ -40,10 +40,13 @@ ALLOWANCES = (
         "loop-invariant shared-memory offsets (one STL and one LDL per stage inside the loop, the rest "
         "outside); the same PTX through ptxas 12.9 spills none. More registers would cost a program "
         "per SM (80 -> 96: 3 -> 2; 128 -> 136: 2 -> 1).")),
-    Allowance((3, 9), "triton", 0.11, why=(
+    Allowance((3, 9), "triton", 0.115, why=(
         "Triton 3.9 orders the generic and async proxies before each wgmma that reads data cp.async "
         "wrote (FENCE.VIEW.ASYNC.S and MEMBAR.ALL.CTA in the loop), and builds wgmma descriptors from "
-        "32-bit addresses (UMOV, UIADD3).")),
+        "32-bit addresses (UMOV, UIADD3). Up to +10.4% on the plain configs; +11.2% on tile 128x128 "
+        "with the residual + RMSNorm epilogue, whose 3.6 main loop happens to be scheduled 1.3% "
+        "shorter than the other epilogues' (3.625 against 3.672 instructions per weight; 3.9 builds "
+        "all of them at 4.02-4.03).")),
 )
 
 
