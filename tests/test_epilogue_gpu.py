@@ -90,6 +90,25 @@ def test_residual_rmsnorm(M, backend, dtype):
 
 
 @DTYPES
+@pytest.mark.parametrize("backend", ["triton", "gluon"])
+@pytest.mark.parametrize("M", [1, 16, 300])
+def test_input_norm(M, backend, dtype):
+    """x read RMS-normalized: the Triton kernel's prologue (every named config), the Gluon kernels
+    after the norm in torch; against the reference on the normalized x."""
+    if backend == "gluon" and not HOPPER:
+        pytest.skip("the Gluon kernels need an sm_90 GPU")
+    gen = torch.Generator().manual_seed(M + 11)
+    w = random_weight(1536, 4096, 128, "int", dtype, "cpu", gen).to("cuda")
+    x = (torch.randn(M, 4096, generator=gen) * 4).to(dtype).cuda()
+    norm = ((torch.rand(4096, generator=gen) + 0.5).to(dtype).cuda(), 1e-5)
+    want = w4a16.reference.gemm(E.rms_norm(x.cpu(), norm[0].cpu(), norm[1]), w.to("cpu"))
+    configs = list(w4a16.backends.selection.get("triton").named_configs()) if backend == "triton" else ["auto"]
+    for cfg in configs:
+        y = w4a16.gemm(x, w, config=cfg, backend=backend, input_norm=norm)
+        close_everywhere(y, want, dtype)
+
+
+@DTYPES
 def test_fused_decoder_layers_eager_and_graph(dtype):
     pytest.importorskip("transformers")
     import copy

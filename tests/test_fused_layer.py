@@ -127,27 +127,31 @@ def test_a_fused_layer_takes_its_arguments_by_position_too():
     assert torch.equal(by_name, by_position)
 
 
-def test_the_post_attention_norm_runs_in_the_o_projection():
-    """The o GEMM's "residual_rmsnorm" epilogue writes norm2(h): the norm module itself is not
-    called; a norm of another class is (the layer gives the same logits either way)."""
+def test_both_norms_run_in_the_gemms():
+    """The o GEMM's "residual_rmsnorm" epilogue writes norm2(h) and the fused q/k/v GEMM reads its
+    input through norm1: neither norm module is called; norms of another class are (the layers give
+    the same logits either way)."""
+    from w4a16.fused_layer import NormedFusedW4A16Linear
+
     model = _tiny("qwen3", seed=5)
     w4a16.quantize_model(model, group_size=64, progress=False, fuse="layers")
+    assert all(type(layer.self_attn.qkv_proj) is NormedFusedW4A16Linear for layer in model.model.layers)
     ids = torch.randint(0, 300, (1, 7), generator=torch.Generator().manual_seed(6))
     calls = []
-    hooks = [layer.post_attention_layernorm.register_forward_hook(lambda *a: calls.append(1))
-             for layer in model.model.layers]
+    norms = [m for layer in model.model.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in norms]
     with torch.no_grad():
         fused = model(input_ids=ids).logits
     assert calls == []
 
-    class OtherNorm(type(model.model.layers[0].post_attention_layernorm)):
+    class OtherNorm(type(norms[0])):
         pass
 
-    for layer in model.model.layers:
-        layer.post_attention_layernorm.__class__ = OtherNorm
+    for m in norms:
+        m.__class__ = OtherNorm
     with torch.no_grad():
         other = model(input_ids=ids).logits
-    assert len(calls) == 2
+    assert len(calls) == 4
     for h in hooks:
         h.remove()
     assert rel_error(other, fused) <= 1e-3

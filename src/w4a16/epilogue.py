@@ -103,20 +103,35 @@ def check_epilogue_args(x: torch.Tensor, N: int, epilogue: Optional[str], residu
         expect(residual.device == x.device, "residual.device", x.device, residual.device)
 
 
+def _checked_norm(x: torch.Tensor, size: int, weight, eps, weight_name: str, eps_name: str, what: str) -> Norm:
+    """The Norm of ``weight`` ([size] in x's dtype, on x's device) and ``eps`` (a finite float >= 0),
+    or a W4A16Error naming the argument (``what`` describes the expected weight)."""
+    expect(isinstance(weight, torch.Tensor), weight_name, what, type(weight).__name__)
+    expect(tuple(weight.shape) == (size,), f"{weight_name}.shape", (size,), tuple(weight.shape))
+    expect(weight.dtype == x.dtype, f"{weight_name}.dtype", x.dtype, weight.dtype)
+    expect(weight.device == x.device, f"{weight_name}.device", x.device, weight.device)
+    expect(isinstance(eps, (float, int)) and not isinstance(eps, bool) and 0 <= eps < float("inf"),
+           eps_name, "a finite float >= 0", repr(eps))
+    return Norm(weight if weight.is_contiguous() else weight.contiguous(), float(eps))
+
+
 def check_norm_args(x: torch.Tensor, N: int, epilogue: Optional[str], norm_weight, norm_eps) -> Optional[Norm]:
     """Validate the RMSNorm arguments of ``gemm`` (x [..., K], a weight of N rows): a Norm with
     "residual_rmsnorm", None otherwise (where norm_weight must be None)."""
     if epilogue != "residual_rmsnorm":
         expect(norm_weight is None, "norm_weight", f"None with epilogue={epilogue!r}", "a tensor")
         return None
-    expect(isinstance(norm_weight, torch.Tensor), "norm_weight", "a tensor [N] with epilogue='residual_rmsnorm'",
-           type(norm_weight).__name__)
-    expect(tuple(norm_weight.shape) == (N,), "norm_weight.shape", (N,), tuple(norm_weight.shape))
-    expect(norm_weight.dtype == x.dtype, "norm_weight.dtype", x.dtype, norm_weight.dtype)
-    expect(norm_weight.device == x.device, "norm_weight.device", x.device, norm_weight.device)
-    expect(isinstance(norm_eps, (float, int)) and not isinstance(norm_eps, bool) and 0 <= norm_eps < float("inf"),
-           "norm_eps", "a finite float >= 0", repr(norm_eps))
-    return Norm(norm_weight if norm_weight.is_contiguous() else norm_weight.contiguous(), float(norm_eps))
+    return _checked_norm(x, N, norm_weight, norm_eps, "norm_weight", "norm_eps",
+                         "a tensor [N] with epilogue='residual_rmsnorm'")
+
+
+def check_input_norm(x: torch.Tensor, K: int, input_norm) -> Optional[Norm]:
+    """Validate ``gemm``'s ``input_norm`` (None, or (weight [K] in x's dtype, eps)) for x [..., K]."""
+    if input_norm is None:
+        return None
+    expect(isinstance(input_norm, tuple) and len(input_norm) == 2, "input_norm", "None or (weight [K], eps)",
+           type(input_norm).__name__)
+    return _checked_norm(x, K, input_norm[0], input_norm[1], "input_norm[0]", "input_norm[1] (eps)", "a tensor [K]")
 
 
 def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -14,7 +14,10 @@ residual adds as kernels of their own, each reading and writing the activations 
   model's: ``h = x + o(attn(norm1(x)))``, ``y = h + mlp(norm2(h))``, with the two adds in the
   GEMMs' fp32 epilogues, and norm2 (an RMSNorm of the classes in :data:`NORM_CLASSES`, its
   weight in the activations' dtype) in the o projection's too (the "residual_rmsnorm" epilogue
-  writes h and norm2(h)). The attention module (rotary embedding, cache, attention kernel) is the
+  writes h and norm2(h));
+* norm1 of such a class moves into the fused q/k/v projection (``self_attn.qkv_proj`` becomes a
+  :class:`NormedFusedW4A16Linear`, which reads its input RMS-normalized: ``gemm(input_norm=...)``),
+  and the attention module gets the layer's input as it is. The attention module (rotary embedding, cache, attention kernel) is the
   model's own, called with the layer's keyword arguments as the model's layer calls it.
 
 Only the layer classes named in :data:`LAYER_CLASSES` (whose forward is exactly that arithmetic)
@@ -62,6 +65,20 @@ class DeferredW4A16Linear(W4A16Linear):
         return W4A16Linear.forward(self, x, residual, "residual_rmsnorm", norm.weight, float(norm.variance_epsilon))
 
 
+class NormedFusedW4A16Linear(FusedW4A16Linear):
+    """A fused projection whose input is normalized by :attr:`input_norm` (an RMSNorm module of
+    :data:`NORM_CLASSES`, held outside the module tree: it stays its decoder layer's) as the GEMM
+    reads it."""
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                epilogue: Optional[str] = None) -> torch.Tensor:
+        """x [..., in_features] un-normalized -> [..., out_features] = norm(x) @ W^T + bias."""
+        norm = self.__dict__["input_norm"]
+        if type(norm).__name__ not in NORM_CLASSES or norm.weight.dtype != x.dtype:
+            return W4A16Linear.forward(self, norm(x), residual, epilogue)   # the module itself computes it
+        return W4A16Linear.forward(self, x, residual, epilogue, input_norm=(norm.weight, float(norm.variance_epsilon)))
+
+
 class W4A16GatedMLP(nn.Module):
     """down(SiLU(gate(x)) * up(x)) (+ residual) in two GEMMs.
 
@@ -87,7 +104,9 @@ class FusedDecoderLayer(nn.Module):
             bound = inspect.signature(super().forward).bind(hidden_states, *args, **kwargs).arguments
             kwargs = {**{k: v for k, v in bound.items() if k not in ("hidden_states", "kwargs")},
                       **bound.get("kwargs", {})}
-        attn_out, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+        normed_in_qkv = type(getattr(self.self_attn, "qkv_proj", None)) is NormedFusedW4A16Linear
+        attn_in = hidden_states if normed_in_qkv else self.input_layernorm(hidden_states)
+        attn_out, _ = self.self_attn(hidden_states=attn_in, **kwargs)
         norm = self.post_attention_layernorm
         if type(norm).__name__ in NORM_CLASSES and norm.weight.dtype == attn_out.dtype:
             hidden_states, normed = self.self_attn.o_proj.project_norm(attn_out, hidden_states, norm)
@@ -153,6 +172,12 @@ def fuse_decoder_layers(model: nn.Module) -> List[str]:
         mlp = layer.mlp
         layer.mlp = W4A16GatedMLP(paired_gate_up(mlp.gate_up_proj), mlp.down_proj)
         layer.self_attn.o_proj.__class__ = DeferredW4A16Linear
+        qkv = getattr(layer.self_attn, "qkv_proj", None)
+        norm = getattr(layer, "input_layernorm", None)
+        if (type(qkv) is FusedW4A16Linear and len(qkv.splits) == 3 and type(norm).__name__ in NORM_CLASSES
+                and norm.weight.shape == (qkv.in_features,)):
+            qkv.__class__ = NormedFusedW4A16Linear
+            qkv.__dict__["input_norm"] = norm
         layer.__class__ = _fused_class(type(layer))
         done.append(name)
     return done

@@ -196,15 +196,16 @@ class W4A16Linear(nn.Module):
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 epilogue: Optional[str] = None, norm_weight: Optional[torch.Tensor] = None,
-                norm_eps: float = 1e-6):
+                norm_eps: float = 1e-6, input_norm: Optional[tuple] = None):
         """x: [..., in_features] in the module's dtype (fp16/bf16) -> [..., out_features]
         (+ residual [..., out_features], added in fp32 before the cast); epilogue="silu_mul" for
         a paired gate/up weight: [..., out_features / 2]; "residual_rmsnorm" (with the residual and
-        the norm's weight [out_features] and epsilon): the pair (h, RMSNorm(h)) (``w4a16.epilogue``)."""
-        if residual is None and epilogue is None:
+        the norm's weight [out_features] and epsilon): the pair (h, RMSNorm(h)); input_norm
+        (weight [in_features], eps): x RMS-normalized first (``w4a16.epilogue``, ``w4a16.gemm``)."""
+        if residual is None and epilogue is None and input_norm is None:
             return gemm(x, self._w, self.bias, backend=self.backend)
         return gemm(x, self._w, self.bias, backend=self.backend, epilogue=epilogue, residual=residual,
-                    norm_weight=norm_weight, norm_eps=norm_eps)
+                    norm_weight=norm_weight, norm_eps=norm_eps, input_norm=input_norm)
 
     def extra_repr(self) -> str:
         s = (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -21,8 +21,8 @@ from .backends.selection import Choice, availability_key, choose_nonfinite, prob
 from .backends.selection import choose as choose_backend
 from .backends.selection import get as get_backend
 from .backends.workspace import recall
-from .epilogue import (Norm, check_epilogue_args, check_norm_args, chosen_as, out_features, out_shape, rms_norm,
-                       rms_norm_backward, run_as, silu_mul_backward)
+from .epilogue import (Norm, check_epilogue_args, check_input_norm, check_norm_args, chosen_as, out_features,
+                       out_shape, rms_norm, rms_norm_backward, run_as, silu_mul_backward)
 from .epilogue import resolve as resolve_epilogue
 from .tuning_cache import generation
 from .validate import check_gemm_args
@@ -99,41 +99,53 @@ def _op_prepared(b, weight: List[torch.Tensor], shape: List[int]):
 def gemm_op(x: torch.Tensor, weight: List[torch.Tensor], bias: Optional[torch.Tensor], alpha: float,
             shape: List[int], backend: str, config: str, deterministic: bool, epilogue: str = "",
             residual: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
-            norm_eps: float = 0.0) -> torch.Tensor:
+            norm_eps: float = 0.0, in_norm_weight: Optional[torch.Tensor] = None,
+            in_norm_eps: float = 0.0) -> torch.Tensor:
     """The GEMM as a custom op. x [M, K] fp16/bf16 contiguous (in the weight's stored K order);
     weight: the backend's prepared tensors (``Backend.op_tensors``); bias [N] or None;
     shape: [N, K, effective group size]; backend: its name; config: ``Backend.config_key``;
     epilogue: "" (none), "silu_mul", "residual" or "residual_rmsnorm"; residual: [M, N]
-    contiguous with the last two; norm_weight [N] contiguous and norm_eps with "residual_rmsnorm".
+    contiguous with the last two; norm_weight [N] contiguous and norm_eps with "residual_rmsnorm";
+    in_norm_weight [K] contiguous (in x's K order) and in_norm_eps: x is read RMS-normalized.
     -> y [M, N] in x's dtype ([M, N / 2] with "silu_mul", [2, M, N] (h, n) with "residual_rmsnorm")."""
     b = get_backend(backend)
     norm = None if norm_weight is None else Norm(norm_weight, norm_eps)
+    in_norm = None if in_norm_weight is None else Norm(in_norm_weight, in_norm_eps)
     with _on_device_of(x):
         run = bound_run(b, _op_prepared(b, weight, shape), x.shape[0], x.dtype, bias is not None, alpha,
-                        b.config_from_key(config), deterministic, epilogue or None, packed=True)
-        return run(x, bias, residual, norm)
+                        b.config_from_key(config), deterministic, epilogue or None, packed=True,
+                        input_norm=in_norm is not None)
+        return run(x, bias, residual, norm, in_norm)
 
 
 def bound_run(b, prepared, M: int, dtype: torch.dtype, has_bias: bool, alpha: float, cfg, deterministic: bool,
-              epilogue: Optional[str], packed: bool = False) -> Callable:
-    """``b.bind(...)`` for ``epilogue`` as a callable ``run(x2, bias, residual=None, norm=None)``. With
-    "residual_rmsnorm" it returns (h, n) ([2, M, N] when ``packed``); a backend whose kernels lack
-    that epilogue runs "residual" and the norm in torch (``w4a16.epilogue.rms_norm``)."""
+              epilogue: Optional[str], packed: bool = False, input_norm: bool = False) -> Callable:
+    """``b.bind(...)`` for ``epilogue`` as a callable ``run(x2, bias, residual=None, norm=None,
+    input_norm=None)``. With "residual_rmsnorm" it returns (h, n) ([2, M, N] when ``packed``); a
+    backend whose kernels lack that epilogue runs "residual" and the norm in torch
+    (``w4a16.epilogue.rms_norm``). ``input_norm``: each call passes the Norm x2 is normalized with,
+    by the kernel where the backend does it (``Backend.input_norm``), else in torch first."""
+    if input_norm and not b.input_norm:
+        inner = bound_run(b, prepared, M, dtype, has_bias, alpha, cfg, deterministic, epilogue, packed)
+
+        def normalized(x2, bias, residual=None, norm=None, input_norm=None):
+            return inner(rms_norm(x2, input_norm.weight, input_norm.eps), bias, residual, norm)
+        return normalized
     kernel_epilogue = run_as(epilogue, b.epilogues)
-    run = b.bind(prepared, M, dtype, has_bias, alpha, cfg, deterministic, kernel_epilogue)
+    run = b.bind(prepared, M, dtype, has_bias, alpha, cfg, deterministic, kernel_epilogue, input_norm)
     if epilogue != "residual_rmsnorm":
         return run
     if kernel_epilogue == epilogue:
         if packed:
             return run
 
-        def native(x2, bias, residual=None, norm=None):
-            y = run(x2, bias, residual, norm)
+        def native(x2, bias, residual=None, norm=None, input_norm=None):
+            y = run(x2, bias, residual, norm, input_norm)
             return y[0], y[1]
         return native
 
-    def composed(x2, bias, residual=None, norm=None):
-        h = run(x2, bias, residual)
+    def composed(x2, bias, residual=None, norm=None, input_norm=None):
+        h = run(x2, bias, residual, None, input_norm)
         n = rms_norm(h, norm.weight, norm.eps)
         return torch.stack([h, n]) if packed else (h, n)
     return composed
@@ -150,35 +162,38 @@ def _on_device_of(x: torch.Tensor):
 
 @gemm_op.register_fake
 def _gemm_fake(x, weight, bias, alpha, shape, backend, config, deterministic, epilogue="", residual=None,
-               norm_weight=None, norm_eps=0.0):
+               norm_weight=None, norm_eps=0.0, in_norm_weight=None, in_norm_eps=0.0):
     return x.new_empty(out_shape(x.shape[0], shape[0], epilogue or None))
 
 
-# The op's optional trailing arguments (epilogue, residual, norm_weight, norm_eps) and their defaults.
-OP_DEFAULTS = ("", None, None, 0.0)
+# The op's optional trailing arguments (epilogue, residual, norm_weight, norm_eps, in_norm_weight,
+# in_norm_eps) and their defaults.
+OP_DEFAULTS = ("", None, None, 0.0, None, 0.0)
 
 
 def _setup_backward(ctx, inputs, output):
     x, weight, bias, alpha, shape, backend, config, deterministic = inputs[:8]
-    epilogue, residual, norm_weight, norm_eps = (*inputs[8:], *OP_DEFAULTS[len(inputs) - 8:])
-    # silu_mul's gradient needs the pre-activations: x and bias are kept to recompute them; the
-    # norm's needs h and its weight
+    optional = (*inputs[8:], *OP_DEFAULTS[len(inputs) - 8:])
+    epilogue, residual, norm_weight, norm_eps, in_norm_weight, in_norm_eps = optional
+    # silu_mul's gradient needs the pre-activations (x and bias kept to recompute them), the norm's
+    # h and its weight, the input norm's x and its weight
     extra = (x, bias) if epilogue == "silu_mul" else (output[0], norm_weight) if epilogue == "residual_rmsnorm" else ()
+    if in_norm_weight is not None:
+        extra = (*extra, x, in_norm_weight)
     ctx.save_for_backward(*weight, *extra)
     # torch hands backward the structure of the arguments as passed, trailing defaults dropped
-    given = [i for i, (v, d) in enumerate(zip((epilogue, residual, norm_weight, norm_eps), OP_DEFAULTS))
-             if ((v is not None) if d is None else v != d)]
+    given = [i for i, (v, d) in enumerate(zip(optional, OP_DEFAULTS)) if ((v is not None) if d is None else v != d)]
     n_inputs = 9 + given[-1] if given else 8
     ctx.meta = (list(shape), backend, float(alpha), bias is not None, epilogue, len(weight), residual is not None,
-                n_inputs, float(norm_eps))
+                n_inputs, float(norm_eps), in_norm_weight is not None, float(in_norm_eps))
 
 
 def _backward(ctx, grad):
-    shape, backend, alpha, has_bias, epilogue, n_weight, has_residual, n_inputs, eps = ctx.meta
+    shape, backend, alpha, has_bias, epilogue, n_weight, has_residual, n_inputs, eps, has_in_norm, in_eps = ctx.meta
     saved = list(ctx.saved_tensors)
     b = get_backend(backend)
     W = b.dequantize(b.from_op_tensors(saved[:n_weight], *shape), grad.dtype)   # [N, K]
-    gn = None
+    gn = gin = None
     if epilogue == "residual_rmsnorm":
         h, norm_weight = saved[n_weight], saved[n_weight + 1]
         dh, dw = rms_norm_backward(grad[1], h, norm_weight, eps)
@@ -186,6 +201,8 @@ def _backward(ctx, grad):
         gn = dw.to(norm_weight.dtype)
     if epilogue == "silu_mul":
         x, bias = saved[n_weight], saved[n_weight + 1]
+        if has_in_norm:
+            x = rms_norm(x, saved[-1], in_eps)
         pre = torch.mm(x.float(), W.float().t()) * alpha
         if bias is not None:
             pre = pre + bias.float()
@@ -193,9 +210,13 @@ def _backward(ctx, grad):
     gx = torch.mm(grad, W)
     if alpha != 1.0:
         gx = gx * alpha
+    if has_in_norm:   # gx is d loss / d (the normalized x): through the norm to x and its weight
+        x, in_weight = saved[-2], saved[-1]
+        dx, dw = rms_norm_backward(gx, x, in_weight, in_eps)
+        gx, gin = dx.to(x.dtype), dw.to(in_weight.dtype)
     gb = grad.float().sum(0).to(grad.dtype) if has_bias else None
     gr = grad if has_residual else None
-    return (gx, [None] * n_weight, gb, None, None, None, None, None, None, gr, gn, None)[:n_inputs]
+    return (gx, [None] * n_weight, gb, None, None, None, None, None, None, gr, gn, None, gin, None)[:n_inputs]
 
 
 gemm_op.register_autograd(_backward, setup_context=_setup_backward)
@@ -204,7 +225,7 @@ gemm_op.register_autograd(_backward, setup_context=_setup_backward)
 def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = None, alpha: float = 1.0,
          config="auto", deterministic: bool = True, backend: str = "auto", epilogue: Optional[str] = None,
          residual: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
-         norm_eps: float = 1e-6):
+         norm_eps: float = 1e-6, input_norm: Optional[tuple] = None):
     """y = alpha * (x @ W^T) + bias, W = w.dequantize(), then the epilogue.
 
     Args:
@@ -225,9 +246,12 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
             epilogue="residual"; needed by "residual_rmsnorm").
         norm_weight: with "residual_rmsnorm" the RMSNorm's weight [N] in x's dtype; norm_eps its
             epsilon (``w4a16.epilogue.rms_norm``).
+        input_norm: None or (weight [K] in x's dtype, eps): x is RMS-normalized first
+            (``w4a16.epilogue.rms_norm(x, weight, eps)``), by the kernel where the backend reads x
+            normalized (``Backend.input_norm``), else in torch before it.
     Returns:
         y [..., N] in x's dtype ([..., N / 2] with "silu_mul"); with "residual_rmsnorm" the pair
-        (h, n), each [..., N]. Gradients flow to x, bias, residual and norm_weight.
+        (h, n), each [..., N]. Gradients flow to x, bias, residual and the norm weights.
     """
     compiling = torch.compiler.is_compiling()
     key = None
@@ -235,28 +259,31 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
         if isinstance(x, torch.Tensor) and x.is_cuda and x.get_device() != torch._C._cuda_getDevice():
             with _on_device_of(x):  # weights on cuda:1 and so on
                 return gemm(x, w, bias, alpha, config, deterministic, backend, epilogue, residual, norm_weight,
-                            norm_eps)
+                            norm_eps, input_norm)
         # The eager fast path: a call like an earlier one on this weight (same x shape, dtype and
         # device, same kind of bias, alpha and settings, nothing needing a gradient, the weight
         # unchanged) reuses that call's validation, choice and bound launch.
-        key = _call_key(x, bias, alpha, config, backend, deterministic, epilogue, residual, norm_weight, norm_eps)
+        key = _call_key(x, bias, alpha, config, backend, deterministic, epilogue, residual, norm_weight, norm_eps,
+                        input_norm)
         calls = _calls_of(w) if key is not None and isinstance(w, QuantizedWeight) else None
         hit = None if calls is None else calls.get(key)
         if hit is not None and hit.config_arg is config and w.prepared(hit.backend) is hit.prepared:
             x2 = x if hit.rows is None else x.view(hit.rows)
             if w.params.perm is not None:
                 x2 = x2.index_select(1, w.params.perm)
-            if residual is None:
+            if residual is None and input_norm is None:
                 y = hit.run(x2, bias)
             else:
-                y = hit.run(x2, bias, residual.view(x2.shape[0], -1),
-                            None if norm_weight is None else Norm(norm_weight, norm_eps))
+                y = hit.run(x2, bias, None if residual is None else residual.view(x2.shape[0], -1),
+                            None if norm_weight is None else Norm(norm_weight, norm_eps),
+                            None if input_norm is None else Norm(*input_norm))
             return _shaped(y, hit.out)
     check_gemm_args(x, w, bias, alpha)
     epilogue = resolve_epilogue(epilogue, residual)
     N, K = w.shape
     check_epilogue_args(x, N, epilogue, residual)
     norm = check_norm_args(x, N, epilogue, norm_weight, norm_eps)
+    in_norm = check_input_norm(x, K, input_norm)
     n_out = out_features(N, epilogue)
     M = x.numel() // K
     if compiling and isinstance(M, int) and isinstance(config, str):
@@ -272,6 +299,8 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if w.params.perm is not None:
         x2 = x2.index_select(1, w.params.perm)
+        if in_norm is not None:   # the norm weight follows x's columns
+            in_norm = Norm(in_norm.weight.index_select(0, w.params.perm), in_norm.eps)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     if bias is not None and not bias.is_contiguous():
@@ -280,21 +309,27 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
     out = (*x.shape[:-1], n_out) if x.dim() != 2 else None
     prepared = w.traced_prepared(b) if compiling else w.prepared(b)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                 for t in (x, bias, residual, norm_weight))
+                                                 for t in (x, bias, residual, norm_weight,
+                                                           None if in_norm is None else in_norm.weight))
+    if in_norm is not None and (compiling or needs_grad) and not b.input_norm:
+        # traced torch code before the op (Inductor fuses it; autograd differentiates it)
+        x2, in_norm = rms_norm(x2, in_norm.weight, in_norm.eps), None
     if compiling or needs_grad:
         # a backend without the norm runs the residual epilogue in the op and the norm as traced torch
         # code after it (Inductor fuses it into one kernel; autograd differentiates it)
         kernel_epilogue = run_as(epilogue, b.epilogues)
         extra = (norm.weight, norm.eps) if kernel_epilogue == "residual_rmsnorm" else ()
+        if in_norm is not None:
+            extra = (*(extra or (None, 0.0)), in_norm.weight, in_norm.eps)
         y = gemm_op(x2, b.op_tensors(prepared), bias, float(alpha), [N, K, w.group_size_effective], b.name,
                     config_key, bool(deterministic), kernel_epilogue or "", r2, *extra)
         if norm is not None:
-            y = (y[0], y[1]) if extra else (y, rms_norm(y, norm.weight, norm.eps))
+            y = (y[0], y[1]) if kernel_epilogue == epilogue else (y, rms_norm(y, norm.weight, norm.eps))
         return _shaped(y, out)
     run = bound_run(b, prepared, x2.shape[0], x2.dtype, bias is not None, float(alpha), choice.config,
-                    bool(deterministic), epilogue)
-    y = run(x2, bias) if r2 is None else run(x2, bias, r2, norm)
-    if key is not None and x.is_contiguous():
+                    bool(deterministic), epilogue, input_norm=in_norm is not None)
+    y = run(x2, bias) if r2 is None and in_norm is None else run(x2, bias, r2, norm, in_norm)
+    if key is not None and x.is_contiguous() and (in_norm is None or w.params.perm is None):
         calls = _calls_of(w)
         if len(calls) >= MAX_CALLS_PER_WEIGHT:
             calls.clear()
@@ -357,11 +392,12 @@ def bound_calls(w: QuantizedWeight) -> list:
 
 
 def _call_key(x, bias, alpha, config, backend, deterministic, epilogue=None, residual=None, norm_weight=None,
-              norm_eps=None) -> Optional[tuple]:
+              norm_eps=None, input_norm=None) -> Optional[tuple]:
     """The fast path's key, or None when the call must take the full path (a gradient is needed,
     x is not contiguous, alpha is a tensor, a bias that is not contiguous, a residual or norm
     weight that is not a contiguous tensor, an epilogue name that is not one, a norm epsilon that
-    is not a float). The key holds the shapes, dtypes and devices the full path validated."""
+    is not a float, an input norm that is not (a contiguous tensor, a float)). The key holds the
+    shapes, dtypes and devices the full path validated."""
     if alpha.__class__ is not float and alpha.__class__ is not int or not isinstance(x, torch.Tensor):
         return None
     if x.requires_grad and torch.is_grad_enabled() or not x.is_contiguous():
@@ -388,5 +424,14 @@ def _call_key(x, bias, alpha, config, backend, deterministic, epilogue=None, res
         if not isinstance(bias, torch.Tensor) or bias.requires_grad and torch.is_grad_enabled() or not bias.is_contiguous():
             return None
         bsig = (bias.shape, bias.dtype, bias.get_device())
+    isig = None
+    if input_norm is not None:
+        if input_norm.__class__ is not tuple or len(input_norm) != 2:
+            return None
+        nw, ne = input_norm
+        if (not isinstance(nw, torch.Tensor) or not nw.is_contiguous() or ne.__class__ is not float
+                or nw.requires_grad and torch.is_grad_enabled()):
+            return None
+        isig = (nw.shape, nw.dtype, nw.get_device(), ne)
     cfg = config if config.__class__ is str else id(config)
-    return x.shape, x.dtype, x.get_device(), bsig, alpha, cfg, backend, deterministic, epilogue, rsig
+    return x.shape, x.dtype, x.get_device(), bsig, alpha, cfg, backend, deterministic, epilogue, rsig, isig

@@ -11,7 +11,7 @@ import torch
 from . import spec
 from .epilogue import Norm
 from .epilogue import apply as apply_epilogue
-from .epilogue import check_epilogue_args, check_norm_args, finish, out_features, resolve
+from .epilogue import check_epilogue_args, check_input_norm, check_norm_args, finish, out_features, resolve, rms_norm
 from .errors import expect, fail
 from .pack import pack_nibbles
 from .validate import check_gemm_args
@@ -97,9 +97,10 @@ def quantize(weight: torch.Tensor, group_size: int = 128, symmetric: bool = True
 
 def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = None,
          alpha: float = 1.0, epilogue: Optional[str] = None, residual: Optional[torch.Tensor] = None,
-         norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-6):
+         norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-6, input_norm: Optional[tuple] = None):
     """y = alpha * (x @ W^T) + bias with W = w.dequantize(), then the epilogue (``w4a16.epilogue``),
-    all in fp32, cast to x's dtype.
+    all in fp32, cast to x's dtype; with input_norm = (weight [K], eps) x is first
+    ``w4a16.epilogue.rms_norm(x, weight, eps)``.
 
     Args:
         x: fp16/bf16 [..., K]; w: QuantizedWeight (N, K) with scales in x's dtype;
@@ -115,7 +116,10 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
     N, K = w.shape
     check_epilogue_args(x, N, epilogue, residual)
     norm = check_norm_args(x, N, epilogue, norm_weight, norm_eps)
+    in_norm = check_input_norm(x, K, input_norm)
     x2 = x.reshape(-1, K)
+    if in_norm is not None:
+        x2 = rms_norm(x2, in_norm.weight, in_norm.eps)
     if w.params.perm is not None:
         x2 = x2[:, w.params.perm]
     r2 = None if residual is None else residual.reshape(-1, N)

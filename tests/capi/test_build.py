@@ -250,11 +250,11 @@ def _emulate(x, qw, bias, alpha, kernel, generic, splits):
     cx = dict(GROUP_LOG2=gclass.bit_length() - 1, KC=kc, ONE_SCALE=gclass % kc == 0, EVEN_K=not generic,
               BM=shape.block_m, BN=shape.block_n, EPILOGUE=not split, GROUP_M=8, SWAP_AB=True, UNROLL=shape.unroll,
               PREFETCH=shape.prefetch, SCALE_AFTER=shape.scale_after, HAS_ZEROS=qw.zeros is not None, HAS_BIAS=True,
-              ATOMIC=False, USE_ASM=False, DTYPE=tl.float16, EPI=0)
-    # res_ptr and the norm's arguments None: the library's kernels are compiled with them as
+              ATOMIC=False, USE_ASM=False, DTYPE=tl.float16, EPI=0, PRO=False)
+    # res_ptr and the norms' arguments None: the library's kernels are compiled with them as
     # constexprs (no parameter)
     w4a16_gemm_kernel[(tiles, nsplit)](x, qk, prepared[0], prepared[1], b, None, y, part, counters, M, N, K, chunks,
-                                       per, nb, alpha, None, None, None, **cx)
+                                       per, nb, alpha, None, None, None, None, None, **cx)
     return y
 
 

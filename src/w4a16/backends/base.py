@@ -59,6 +59,9 @@ class Backend(abc.ABC):
     owns_codes: bool = True
     #: The epilogues ``run`` applies (``w4a16.epilogue``); the others are refused with a reason.
     epilogues: tuple = (None,)
+    #: True when ``run`` normalizes x itself (``input_norm``); otherwise ``w4a16.gemm`` normalizes x
+    #: before the call.
+    input_norm: bool = False
 
     # ------------------------------------------------------------------ where it runs
     @abc.abstractmethod
@@ -139,22 +142,25 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def run(self, x2: torch.Tensor, prepared: Any, bias: Optional[torch.Tensor], alpha: float, cfg: Any,
             deterministic: bool = True, out: Optional[torch.Tensor] = None, epilogue: Optional[str] = None,
-            residual: Optional[torch.Tensor] = None, norm=None) -> torch.Tensor:
+            residual: Optional[torch.Tensor] = None, norm=None, input_norm=None) -> torch.Tensor:
         """y [M, N] = alpha * x2 @ W^T + bias, then the epilogue. x2 [M, K] contiguous fp16/bf16
         (already gathered by the weight's ``perm``); bias None or [N] contiguous; epilogue one of
         :attr:`epilogues`; residual [M, N] contiguous in x2's dtype with "residual" and
         "residual_rmsnorm"; norm a ``w4a16.epilogue.Norm`` (weight [N] contiguous) with
-        "residual_rmsnorm"; out None or a contiguous tensor of y's shape (``epilogue.out_shape``:
-        [M, N / 2] with "silu_mul", [2, M, N] with "residual_rmsnorm") and x2's dtype to write
-        into. Launches on torch's current stream."""
+        "residual_rmsnorm"; input_norm None or the Norm (weight [K] in x2's K order, contiguous) x2
+        is read RMS-normalized with (backends with :attr:`input_norm` only); out None or a
+        contiguous tensor of y's shape (``epilogue.out_shape``: [M, N / 2] with "silu_mul",
+        [2, M, N] with "residual_rmsnorm") and x2's dtype to write into. Launches on torch's
+        current stream."""
 
     def bind(self, prepared: Any, M: int, dtype: torch.dtype, has_bias: bool, alpha: float, cfg: Any,
-             deterministic: bool = True, epilogue: Optional[str] = None):
+             deterministic: bool = True, epilogue: Optional[str] = None, input_norm: bool = False):
         """``run`` for repeated calls of one shape: a callable ``f(x2 [M, K], bias, residual=None,
-        norm=None) -> y`` (``w4a16.gemm`` keeps it for the next eager call like this one). A backend
-        that can resolve its launch once overrides this to cut the host time per call."""
-        return lambda x2, bias, residual=None, norm=None: self.run(x2, prepared, bias, alpha, cfg, deterministic, None,
-                                                                   epilogue, residual, norm)
+        norm=None, input_norm=None) -> y`` (``w4a16.gemm`` keeps it for the next eager call like this
+        one; ``input_norm`` True: each call passes one). A backend that can resolve its launch once
+        overrides this to cut the host time per call."""
+        return lambda x2, bias, residual=None, norm=None, input_norm=None: self.run(
+            x2, prepared, bias, alpha, cfg, deterministic, None, epilogue, residual, norm, input_norm)
 
     def dequantize(self, prepared: Any, dtype: torch.dtype) -> torch.Tensor:
         """W [N, K] in stored K order, in ``dtype``, from the prepared weight alone (the custom

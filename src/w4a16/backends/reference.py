@@ -12,6 +12,7 @@ from typing import List, Optional
 import torch
 
 from ..epilogue import NAMES as EPILOGUES
+from ..epilogue import rms_norm
 from ..pack import unpack_nibbles
 from ..weight import dequantize_codes
 from .base import Backend, Problem
@@ -32,6 +33,7 @@ class ReferenceBackend(Backend):
     layout_version = 0
     owns_codes = False
     epilogues = EPILOGUES
+    input_norm = True
 
     def available(self, device: torch.device) -> Optional[str]:
         return None
@@ -79,8 +81,10 @@ class ReferenceBackend(Backend):
         return "reference"
 
     def run(self, x2, prepared, bias, alpha, cfg, deterministic=True, out=None, epilogue=None, residual=None,
-            norm=None):
+            norm=None, input_norm=None):
         from ..reference import gemm_dequantized
 
+        if input_norm is not None:
+            x2 = rms_norm(x2, input_norm.weight, input_norm.eps)
         y = gemm_dequantized(x2, self.dequantize(prepared, torch.float32), bias, alpha, epilogue, residual, norm)
         return y if out is None else out.copy_(y)

@@ -64,7 +64,8 @@ def _compile(case: KernelCase):
     if case.kernel == "triton":
         from ..backends.triton.offline import compile_gemm, weights_per_thread
         k = compile_gemm(case.config, case.dtype, case.group, case.zeros,
-                         epilogue=case.config.kind == "tile" or case.config.split_k == 1, epi=code_of(case.epilogue))
+                         epilogue=case.config.kind == "tile" or case.config.split_k == 1, epi=code_of(case.epilogue),
+                         input_norm=case.input_norm)
         return k, weights_per_thread(case.config, case.group), None
     from ..backends.gluon import offline
     if case.kernel == "gluon-decode":
@@ -79,7 +80,8 @@ def run_case(case: KernelCase) -> CaseResult:
     """Compile one case and read its SASS; never raises (a failure is in the result)."""
     g = "pc" if case.group == -1 else f"g{case.group}"
     r = CaseResult(case.key, case.kernel, case.label, case.dtype,
-                   g + (" zeros" if case.zeros else "") + (f" {case.epilogue}" if case.epilogue else ""))
+                   g + (" zeros" if case.zeros else "") + (f" {case.epilogue}" if case.epilogue else "")
+                   + (" input_norm" if case.input_norm else ""))
     try:
         k, wpt, find_loops = _compile(case)
     except Exception as e:  # a kernel that does not compile is this command's finding, not a crash

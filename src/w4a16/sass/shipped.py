@@ -9,7 +9,8 @@ heuristic picks for each block size and projection (the one-token variant too), 
 symmetric group 128, and its decode gate_up tile over every group size with and without zeros.
 The GEMM epilogues (``w4a16.epilogue``: SiLU(gate) * up, the residual) on the decode heuristic's
 picks for the preset layers at M = 1 and 16 (fp16, bf16) and the Triton kernel's named configs
-(fp16, with the residual and RMSNorm epilogue too): what a fused decoder layer runs at decode.
+(fp16, with the residual and RMSNorm epilogue and the RMSNorm prologue too): what a fused decoder
+layer runs at decode.
 """
 from __future__ import annotations
 
@@ -30,13 +31,15 @@ TRITON_EPILOGUES = EPILOGUES + ("residual_rmsnorm",)
 class KernelCase:
     """One compile: ``kernel`` (one of KERNELS) at ``config`` (the backend's config object) for
     ``dtype`` ("fp16" / "bf16") activations and weights of ``group`` (-1: per channel), symmetric or
-    with zero points; ``epilogue`` None or a name of ``w4a16.epilogue``."""
+    with zero points; ``epilogue`` None or a name of ``w4a16.epilogue``; ``input_norm``: x read
+    RMS-normalized (the Triton kernel's prologue)."""
     kernel: str
     config: Any
     dtype: str = "fp16"
     group: int = 128
     zeros: bool = False
     epilogue: Optional[str] = None
+    input_norm: bool = False
 
     @property
     def label(self) -> str:
@@ -47,7 +50,7 @@ class KernelCase:
         """A stable name of the case: kernel, config label, dtype, group, zeros and epilogue."""
         g = "pc" if self.group == -1 else f"g{self.group}"
         return (f"{self.kernel} {self.label} {self.dtype} {g}{' zeros' if self.zeros else ''}"
-                f"{' ' + self.epilogue if self.epilogue else ''}")
+                f"{' ' + self.epilogue if self.epilogue else ''}{' input_norm' if self.input_norm else ''}")
 
 
 def _tuned_cases() -> List[KernelCase]:
@@ -73,7 +76,7 @@ def _compile_key(case: KernelCase):
     cfg = case.config
     if case.kernel == "triton":
         cfg = replace(cfg, split_k=min(cfg.split_k, 2))
-    return case.kernel, cfg, case.dtype, case.group, case.zeros, case.epilogue
+    return case.kernel, cfg, case.dtype, case.group, case.zeros, case.epilogue, case.input_norm
 
 
 def _unique(cases: Iterable[KernelCase]) -> List[KernelCase]:
@@ -135,6 +138,9 @@ def epilogue_cases(dtypes: Iterable[str], kernels: Iterable[str]) -> List[Kernel
     if "triton" in kernels and "fp16" in tuple(dtypes):
         out += [KernelCase("triton", c, "fp16", epilogue=e) for c in NAMED_CONFIGS.values()
                 for e in TRITON_EPILOGUES]
+        # the RMSNorm prologue (alone, and with the epilogue a fused layer's o projection runs)
+        out += [KernelCase("triton", c, "fp16", epilogue=e, input_norm=True) for c in NAMED_CONFIGS.values()
+                for e in (None, "residual_rmsnorm")]
     return out
 
 

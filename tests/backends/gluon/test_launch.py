@@ -120,3 +120,13 @@ def test_direct_launcher_reads_tritons_wrapper(listed):
     scratch.run.global_scratch_size = 64
     assert direct_launcher(scratch, 4) is None
 
+
+
+def test_bound_decode_takes_the_bind_call_shape():
+    """``w4a16.gemm`` calls a bound launch as ``Backend.bind`` documents it, run(x2, bias, residual,
+    norm, input_norm): the Gluon decode launch must accept that call (the norms are always None)."""
+    import inspect
+
+    from w4a16.backends.gluon.decode.bound import BoundDecode
+
+    inspect.signature(BoundDecode.__call__).bind(object(), "x2", "bias", "residual", None, None)

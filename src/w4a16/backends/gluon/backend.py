@@ -137,7 +137,7 @@ class GluonBackend(Backend):
         return cfg.short()
 
     # ------------------------------------------------------------------ running
-    def bind(self, prepared, M, dtype, has_bias, alpha, cfg, deterministic=True, epilogue=None):
+    def bind(self, prepared, M, dtype, has_bias, alpha, cfg, deterministic=True, epilogue=None, input_norm=False):
         if isinstance(cfg, GluonPrefillConfig):
             return super().bind(prepared, M, dtype, has_bias, alpha, cfg, deterministic, epilogue)
         from .decode.bound import BoundDecode
@@ -145,7 +145,7 @@ class GluonBackend(Backend):
         return BoundDecode(prepared, M, dtype, has_bias, alpha, cfg, deterministic, epilogue)
 
     def run(self, x2, prepared, bias, alpha, cfg, deterministic=True, out=None, epilogue=None, residual=None,
-            norm=None):
+            norm=None, input_norm=None):
         if x2.data_ptr() % 16:  # TMA needs a 16-byte aligned base: take an aligned copy
             x2 = x2.clone()
         if isinstance(cfg, GluonPrefillConfig):

@@ -42,6 +42,7 @@ class TritonBackend(Backend):
     layout_version = LAYOUT_VERSION
     config_type = GemmConfig
     epilogues = EPILOGUES
+    input_norm = True
 
     def available(self, device: torch.device) -> Optional[str]:
         if not triton_installed():
@@ -118,13 +119,13 @@ class TritonBackend(Backend):
 
     # ------------------------------------------------------------------ running
     def run(self, x2, prepared, bias, alpha, cfg, deterministic=True, out=None, epilogue=None, residual=None,
-            norm=None):
-        return _launcher()[0](x2, prepared, bias, alpha, cfg, deterministic, out, epilogue, residual, norm)
+            norm=None, input_norm=None):
+        return _launcher()[0](x2, prepared, bias, alpha, cfg, deterministic, out, epilogue, residual, norm, input_norm)
 
-    def bind(self, prepared, M, dtype, has_bias, alpha, cfg, deterministic=True, epilogue=None):
+    def bind(self, prepared, M, dtype, has_bias, alpha, cfg, deterministic=True, epilogue=None, input_norm=False):
         from .launch import bind_gemm
 
-        return bind_gemm(prepared, M, dtype, has_bias, alpha, cfg, deterministic, epilogue)
+        return bind_gemm(prepared, M, dtype, has_bias, alpha, cfg, deterministic, epilogue, input_norm)
 
     def dequantize(self, prepared: PreparedWeight, dtype: torch.dtype) -> torch.Tensor:
         pw = prepared

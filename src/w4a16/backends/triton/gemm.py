@@ -11,6 +11,11 @@ so the dequantized weight is the first ``tl.dot`` operand (on Hopper, wgmma read
 registers). Without SWAP_AB it computes out[BM, BN] = x @ W^T and the dequantized weight is the
 second operand (staged through shared memory).
 
+With PRO (the RMSNorm prologue) x is read normalized: the program first sums the squares of its
+rows of x over all of K (fp32), and every x tile it loads becomes x * rsqrt(mean + eps) * weight
+in DTYPE (``w4a16.epilogue.rms_norm`` rounds the product with rsqrt from fp32 instead: each value
+within about 1.5 roundings of it), the norm weight [K] read beside x.
+
 With one split (EPILOGUE) the program applies alpha, bias, the epilogue (EPI: none, SiLU(gate) *
 up of the interleaved gate/up rows, a residual, or a residual and the RMSNorm of the result;
 ``w4a16.epilogue``) and the cast and writes y. With the RMSNorm (EPI 3) y is [2, M, N]: each tile
@@ -185,9 +190,11 @@ def _norm_rows(ss, y_ptr, nw_ptr, ss_ptr, rc_ptr, pid_n, num_n, offs_m, m_ok, M,
 
 
 @triton.jit
-def _load_x(x_ptrs, k0, offs_h, m_ok, live, K, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr):
+def _load_x(x_ptrs, k0, offs_h, m_ok, live, K, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, PRO: tl.constexpr,
+            pn_ptr, rstd):
     """The x tile of K range [k0, k0 + H): [H, BM] (x^T) with SWAP_AB, else [BM, H]; rows past M,
-    columns past K and chunks that are not ``live`` read as 0."""
+    columns past K and chunks that are not ``live`` read as 0. PRO: normalized (``rstd`` [BM] the
+    rows' rsqrt(mean(x^2) + eps), pn_ptr the norm weight [K])."""
     rows_ok = m_ok & live
     if SWAP_AB:
         mask = rows_ok[None, :]
@@ -197,19 +204,41 @@ def _load_x(x_ptrs, k0, offs_h, m_ok, live, K, EVEN_K: tl.constexpr, SWAP_AB: tl
         mask = rows_ok[:, None]
         if not EVEN_K:
             mask = mask & ((k0 + offs_h) < K)[None, :]
-    return tl.load(x_ptrs + k0, mask=mask, other=0.0)
+    x = tl.load(x_ptrs + k0, mask=mask, other=0.0)
+    if PRO:
+        # in x's dtype (packed two-value multiplies): rstd rounded to it first, so each value is
+        # within about 1.5 roundings of w4a16.epilogue.rms_norm's rather than one
+        g = tl.load(pn_ptr + k0 + offs_h, mask=(k0 + offs_h) < K, other=0.0)
+        if SWAP_AB:
+            x = x * rstd[None, :] * g[:, None]
+        else:
+            x = x * rstd[:, None] * g[None, :]
+    return x
+
+
+@triton.jit
+def _row_rstd(x_ptr, offs_m, m_ok, K, eps, H: tl.constexpr):
+    """rsqrt(mean(x^2) + eps) [BM] fp32 of rows offs_m of x [M, K] (the squares summed over all of
+    K in steps of H columns)."""
+    cols = tl.arange(0, H)
+    ss = tl.zeros((offs_m.shape[0],), dtype=tl.float32)
+    for k0 in range(0, K, H):
+        v = tl.load(x_ptr + offs_m[:, None] * K + (k0 + cols)[None, :], mask=m_ok[:, None] & ((k0 + cols) < K)[None, :],
+                    other=0.0).to(tl.float32)
+        ss += tl.sum(v * v, axis=1)
+    return 1.0 / tl.sqrt_rn(ss / K + eps)
 
 
 @triton.jit
 def w4a16_gemm_kernel(
     x_ptr, qk_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, y_ptr, part_ptr, counter_ptr,
     M, N, K, chunks, chunks_per_split, n_blocks, alpha,
-    nw_ptr, ss_ptr, eps,
+    nw_ptr, ss_ptr, eps, pn_ptr, pro_eps,
     GROUP_LOG2: tl.constexpr, KC: tl.constexpr, ONE_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, EPILOGUE: tl.constexpr, GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
     UNROLL: tl.constexpr, PREFETCH: tl.constexpr, SCALE_AFTER: tl.constexpr,
     HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, USE_ASM: tl.constexpr,
-    DTYPE: tl.constexpr, EPI: tl.constexpr,
+    DTYPE: tl.constexpr, EPI: tl.constexpr, PRO: tl.constexpr,
 ):
     """x [M, K] DTYPE; qk uint8 [n_blocks, K_pad*8] (16-row fragment blocks, see layout.py);
     s, z [G_pad, N] in DTYPE or fp32; bias [N]; res [M, N] DTYPE (EPI 2, 3); y [M, N] DTYPE ([M, N/2]
@@ -217,7 +246,8 @@ def w4a16_gemm_kernel(
     (both unused with EPILOGUE, the single-split case; counter unused with ATOMIC, which needs
     EPI 0). EPI 3: nw [N] the norm weight (DTYPE), ss fp32 [N tiles, M] scratch, eps, and the
     counters hold one more per row block after the tiles' (nw_ptr, ss_ptr, eps are None, constexprs
-    with no kernel parameter, otherwise)."""
+    with no kernel parameter, otherwise). PRO: x is read RMS-normalized with the norm weight pn [K]
+    (DTYPE) and pro_eps (both None otherwise)."""
     H: tl.constexpr = KC // 2
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
@@ -246,6 +276,10 @@ def w4a16_gemm_kernel(
         x_ptrs = x_ptr + offs_m[:, None] * K + offs_h[None, :]      # x tile [BM, H]
         acc = tl.zeros((BM, BN), dtype=tl.float32)
 
+    rstd = None
+    if PRO:
+        rstd = _row_rstd(x_ptr, offs_m, m_ok, K, pro_eps, H).to(DTYPE)
+
     c_begin = pid_k * chunks_per_split
     c_end = tl.minimum(c_begin + chunks_per_split, chunks)
     # PREFETCH: scales (and zeros) of the next chunk are loaded one iteration ahead, so their
@@ -272,8 +306,8 @@ def w4a16_gemm_kernel(
                 w_lo, w_hi = codes_magic(t, z_lo, z_hi, HAS_ZEROS, DTYPE)
             else:
                 w_lo, w_hi = codes_portable(t, z_lo, z_hi, HAS_ZEROS, DTYPE)
-            x_lo = _load_x(x_ptrs, k0, offs_h, m_ok, live, K, EVEN_K, SWAP_AB)
-            x_hi = _load_x(x_ptrs, k0 + H, offs_h, m_ok, live, K, EVEN_K, SWAP_AB)
+            x_lo = _load_x(x_ptrs, k0, offs_h, m_ok, live, K, EVEN_K, SWAP_AB, PRO, pn_ptr, rstd)
+            x_hi = _load_x(x_ptrs, k0 + H, offs_h, m_ok, live, K, EVEN_K, SWAP_AB, PRO, pn_ptr, rstd)
             if SCALE_AFTER:
                 # The integer-valued tiles go into the MMA as they are; each half chunk's fp32
                 # partial product is scaled per row afterwards (fewer instructions when the

@@ -46,12 +46,13 @@ def split_plan(cfg: GemmConfig, chunks: int) -> tuple:
 
 
 def launch_plan(pw: PreparedWeight, M: int, cfg: GemmConfig, has_bias: bool, atomic_ok: bool,
-                dtype: torch.dtype, epilogue: Optional[str] = None) -> tuple:
+                dtype: torch.dtype, epilogue: Optional[str] = None, input_norm: bool = False) -> tuple:
     """(grid, splits, chunks_per_split, atomic, constexprs, static_key, constexpr values) of one
     launch, cached per prepared weight. static_key covers everything the compiled kernel depends
     on except the alignment of the per-call tensors (x, y, workspace, bias, residual). Atomic
-    split-K (finished by the reduce kernel) is used for the plain epilogue only."""
-    key = (M, cfg, has_bias, atomic_ok, dtype, epilogue)
+    split-K (finished by the reduce kernel) is used for the plain epilogue only. input_norm: x is
+    read RMS-normalized (the kernel's PRO)."""
+    key = (M, cfg, has_bias, atomic_ok, dtype, epilogue, input_norm)
     plans = plans_of(pw)
     plan = plans.get(key)
     if plan is not None:
@@ -66,7 +67,8 @@ def launch_plan(pw: PreparedWeight, M: int, cfg: GemmConfig, has_bias: bool, ato
         EVEN_K=pw.K % pw.kc == 0, BM=bm, BN=cfg.block_n, EPILOGUE=splits == 1, GROUP_M=cfg.group_m,
         SWAP_AB=cfg.swap_ab, UNROLL=cfg.unroll, PREFETCH=cfg.prefetch, SCALE_AFTER=cfg.scale_after,
         HAS_ZEROS=pw.zeros_t is not None, HAS_BIAS=has_bias, ATOMIC=atomic,
-        USE_ASM=cfg.dequant == "magic" and not interpreting(), DTYPE=TL_DTYPES[dtype], EPI=code_of(epilogue))
+        USE_ASM=cfg.dequant == "magic" and not interpreting(), DTYPE=TL_DTYPES[dtype], EPI=code_of(epilogue),
+        PRO=bool(input_norm))
     cx = tuple(constexprs.values())
     zeros = pw.zeros_t if pw.zeros_t is not None else pw.scales_t
     static = (cx, cfg.num_warps, cfg.num_stages, dtype, has_bias, arg_key(pw.qk), arg_key(pw.scales_t),
@@ -77,9 +79,10 @@ def launch_plan(pw: PreparedWeight, M: int, cfg: GemmConfig, has_bias: bool, ato
 
 def launch_gemm(x: torch.Tensor, pw: PreparedWeight, bias: Optional[torch.Tensor], alpha: float,
                 cfg: GemmConfig, deterministic: bool = True, out: Optional[torch.Tensor] = None,
-                epilogue: Optional[str] = None, residual: Optional[torch.Tensor] = None, norm=None) -> torch.Tensor:
+                epilogue: Optional[str] = None, residual: Optional[torch.Tensor] = None, norm=None,
+                input_norm=None) -> torch.Tensor:
     """y [M, N] = alpha * x @ W^T + bias, then the epilogue (see :func:`launch_gemm_compiled`)."""
-    return launch_gemm_compiled(x, pw, bias, alpha, cfg, deterministic, out, epilogue, residual, norm)[0]
+    return launch_gemm_compiled(x, pw, bias, alpha, cfg, deterministic, out, epilogue, residual, norm, input_norm)[0]
 
 
 def row_limit(pw: PreparedWeight, M: int, cfg: GemmConfig) -> int:
@@ -95,12 +98,13 @@ def row_limit(pw: PreparedWeight, M: int, cfg: GemmConfig) -> int:
 def launch_gemm_compiled(x: torch.Tensor, pw: PreparedWeight, bias: Optional[torch.Tensor], alpha: float,
                          cfg: GemmConfig, deterministic: bool = True,
                          out: Optional[torch.Tensor] = None, epilogue: Optional[str] = None,
-                         residual: Optional[torch.Tensor] = None, norm=None) -> tuple:
+                         residual: Optional[torch.Tensor] = None, norm=None, input_norm=None) -> tuple:
     """y = alpha * x @ W^T + bias, then the epilogue -> (y, the compiled kernel or None).
 
     x: [M, K] contiguous, fp16/bf16; bias: None or [N]; epilogue: None, "silu_mul", "residual" or
     "residual_rmsnorm" (``w4a16.epilogue``); residual: [M, N] contiguous in x's dtype with the last
-    two; norm: a ``w4a16.epilogue.Norm`` with "residual_rmsnorm"; out: None or a contiguous tensor of
+    two; norm: a ``w4a16.epilogue.Norm`` with "residual_rmsnorm"; input_norm: None or the Norm x is
+    normalized with (weight [K]) as the kernel reads it; out: None or a contiguous tensor of
     y's shape and x's dtype to write into (tests poison it first). Returns y [M, N] ([M, N / 2]
     with "silu_mul", [2, M, N] with "residual_rmsnorm") in x's dtype.
     Workspace (split-K partial sums, fp32) comes from torch's caching allocator, the split-K tile
@@ -119,25 +123,28 @@ def launch_gemm_compiled(x: torch.Tensor, pw: PreparedWeight, bias: Optional[tor
             # with the norm, y [2, M, N]: a row block's h and n are not one contiguous slice
             part = y[:, m0:m0 + rows] if epilogue == "residual_rmsnorm" else y[m0:m0 + rows]
             block, compiled = launch_gemm_compiled(x[m0:m0 + rows], pw, bias, alpha, cfg, deterministic,
-                                                   None if epilogue == "residual_rmsnorm" else part, epilogue, res, norm)
+                                                   None if epilogue == "residual_rmsnorm" else part, epilogue, res, norm,
+                                                   input_norm)
             if epilogue == "residual_rmsnorm":
                 part.copy_(block)
         return y, compiled
-    return BoundGemm(pw, M, x.dtype, bias is not None, alpha, cfg, deterministic, epilogue).launch(x, bias, residual,
-                                                                                                   out, norm)
+    bound = BoundGemm(pw, M, x.dtype, bias is not None, alpha, cfg, deterministic, epilogue, input_norm is not None)
+    return bound.launch(x, bias, residual, out, norm, input_norm)
 
 
 def bind_gemm(pw: PreparedWeight, M: int, dtype: torch.dtype, has_bias: bool, alpha: float, cfg: GemmConfig,
-              deterministic: bool = True, epilogue: Optional[str] = None):
-    """A callable ``run(x [M, K] contiguous, bias, residual=None, norm=None) -> y`` for repeated calls
-    of one shape: everything that does not change between such calls is computed here, once."""
+              deterministic: bool = True, epilogue: Optional[str] = None, input_norm: bool = False):
+    """A callable ``run(x [M, K] contiguous, bias, residual=None, norm=None, input_norm=None) -> y`` for
+    repeated calls of one shape (with ``input_norm`` each call passes its Norm): everything that
+    does not change between such calls is computed here, once."""
     if M == 0 or M > row_limit(pw, M, cfg) or (cfg.wide_scales and pw.scales_t.dtype != torch.float32):
         # Row blocks, or fp32 scales made per call: a bound launch would keep an fp32 copy of the
         # scales alive with the weight (prefill calls are long: the per-call copy costs little).
-        return lambda x, bias, residual=None, norm=None: launch_gemm(x, pw, bias, alpha, cfg, deterministic, None,
-                                                                     epilogue, residual, norm)
-    bound = BoundGemm(pw, M, dtype, has_bias, alpha, cfg, deterministic, epilogue)
-    return lambda x, bias, residual=None, norm=None: bound.launch(x, bias, residual, None, norm)[0]
+        return lambda x, bias, residual=None, norm=None, input_norm=None: launch_gemm(
+            x, pw, bias, alpha, cfg, deterministic, None, epilogue, residual, norm, input_norm)
+    bound = BoundGemm(pw, M, dtype, has_bias, alpha, cfg, deterministic, epilogue, input_norm)
+    return lambda x, bias, residual=None, norm=None, input_norm=None: bound.launch(x, bias, residual, None, norm,
+                                                                                   input_norm)[0]
 
 
 class BoundGemm:
@@ -145,13 +152,13 @@ class BoundGemm:
     split-K workspace are allocated and the per-call tensors' alignment is looked at."""
 
     def __init__(self, pw: PreparedWeight, M: int, dtype: torch.dtype, has_bias: bool, alpha: float,
-                 cfg: GemmConfig, deterministic: bool, epilogue: Optional[str] = None):
+                 cfg: GemmConfig, deterministic: bool, epilogue: Optional[str] = None, input_norm: bool = False):
         if cfg.wide_scales and pw.scales_t.dtype != torch.float32:
             # fp32 scales are made per bound launch (a few MB, next to a prefill GEMM's
             # milliseconds) rather than kept: the weight holds one prepared copy.
             pw = widen_scales(pw)
         grid, splits, per, atomic, constexprs, static, cx = launch_plan(pw, M, cfg, has_bias, not deterministic,
-                                                                         dtype, epilogue)
+                                                                         dtype, epilogue, input_norm)
         self.out_shape = out_shape(M, pw.N, epilogue)
         self.norm = epilogue == "residual_rmsnorm"
         self.M, self.N, self.dtype, self.grid, self.splits, self.atomic = M, pw.N, dtype, grid, splits, atomic
@@ -164,7 +171,7 @@ class BoundGemm:
         self.qk = pw.qk
 
     def launch(self, x: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor] = None,
-               out: Optional[torch.Tensor] = None, norm=None) -> tuple:
+               out: Optional[torch.Tensor] = None, norm=None, input_norm=None) -> tuple:
         M, N = self.M, self.N
         y = torch.empty(self.out_shape, dtype=self.dtype, device=x.device) if out is None else out
         if self.splits == 1:
@@ -185,11 +192,13 @@ class BoundGemm:
         aligned = (not x.data_ptr() & 15, not y.data_ptr() & 15, not part.data_ptr() & 15,
                    not counters.data_ptr() & 15, not bias_arg.data_ptr() & 15, y.dtype, part.dtype, counters.dtype,
                    bias_arg.dtype, None if residual is None else (not residual.data_ptr() & 15, residual.dtype),
-                   None if norm is None else (not norm.weight.data_ptr() & 15, norm.weight.dtype))
+                   None if norm is None else (not norm.weight.data_ptr() & 15, norm.weight.dtype),
+                   None if input_norm is None else (not input_norm.weight.data_ptr() & 15, input_norm.weight.dtype))
+        pro_args = (None, None) if input_norm is None else (input_norm.weight, input_norm.eps)
         cfg = self.cfg
         # residual None (without the residual epilogue) is a constexpr to Triton: no kernel parameter
         compiled = _GEMM(self.grid, (x, self.qk, self.scales, self.zeros, bias_arg, residual, y, part, counters)
-                         + self.tail + norm_args,
+                         + self.tail + norm_args + pro_args,
                          self.constexprs, cfg.num_warps, cfg.num_stages, key=(self.static, aligned), cx=self.cx)
         if self.atomic:
             _REDUCE((_cdiv(M * N, REDUCE_BLOCK),), (part, bias_arg, y, M, N, self.alpha),

@@ -19,7 +19,7 @@ def chunk_of(group: int) -> int:
 
 def compile_gemm(cfg: GemmConfig, dtype: str = "fp16", group: int = 128, has_zeros: bool = False,
                  has_bias: bool = True, epilogue: bool = True, even_k: bool = True,
-                 aligned: Iterable[str] = ALIGNED_ARGS, epi: int = 0):
+                 aligned: Iterable[str] = ALIGNED_ARGS, epi: int = 0, input_norm: bool = False):
     """The kernel for ``cfg`` compiled for sm_90a.
 
     dtype: "fp16" or "bf16"; group: 32..256 or -1 (per channel); epilogue: the single-split kernel
@@ -28,7 +28,8 @@ def compile_gemm(cfg: GemmConfig, dtype: str = "fp16", group: int = 128, has_zer
     pointers, sizes that are multiples of 16), as the launcher's real problems usually are; epi: the
     kernel's EPI (w4a16.epilogue.CODES; with 2 and 3 the residual pointer is an argument after
     bias_ptr, with 3 the norm's weight, scratch and epsilon after alpha, else they are constexpr
-    None, so the C library's parameter list stays as it is)."""
+    None, so the C library's parameter list stays as it is); input_norm: the RMSNorm prologue (its
+    weight and epsilon arguments after those, else constexpr None)."""
     import triton.language as tl
 
     from .gemm import w4a16_gemm_kernel
@@ -42,7 +43,7 @@ def compile_gemm(cfg: GemmConfig, dtype: str = "fp16", group: int = 128, has_zer
               EPILOGUE=epilogue, GROUP_M=cfg.group_m, SWAP_AB=cfg.swap_ab, UNROLL=cfg.unroll,
               PREFETCH=cfg.prefetch, SCALE_AFTER=cfg.scale_after, HAS_ZEROS=has_zeros, HAS_BIAS=has_bias,
               ATOMIC=False, USE_ASM=cfg.dequant == "magic", DTYPE=tl.float16 if dtype == "fp16" else tl.bfloat16,
-              EPI=epi)
+              EPI=epi, PRO=input_norm)
     names = GEMM_ARGS
     if epi >= 2:
         names = names[:5] + ("res_ptr",) + names[5:]
@@ -54,6 +55,11 @@ def compile_gemm(cfg: GemmConfig, dtype: str = "fp16", group: int = 128, has_zer
         types += (f"*{dtype}", "*fp32", "fp32")
     else:
         cx.update(nw_ptr=None, ss_ptr=None, eps=None)
+    if input_norm:
+        names += ("pn_ptr", "pro_eps")
+        types += (f"*{dtype}", "fp32")
+    else:
+        cx.update(pn_ptr=None, pro_eps=None)
     return _compile_sm90a(w4a16_gemm_kernel, names, types, aligned, cx, cfg.num_warps, cfg.num_stages)
 
 
