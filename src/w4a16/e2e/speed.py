@@ -187,32 +187,50 @@ def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def dequantized_weights(model):
     """Within the block every W4A16Linear computes ``F.linear(x, W, bias)`` with its dequantized W
-    (then its epilogue, ``w4a16.epilogue``; a fused layer's deferred o projection in ``project``),
-    and every W4A16Experts runs the pure-torch reference (dequantized experts, fp32)."""
-    from ..epilogue import silu_mul
-    from ..fused_layer import DeferredW4A16Linear
+    (then its epilogue and norms in torch, ``w4a16.epilogue``; a fused layer's deferred o
+    projection in ``project`` / ``project_norm``, its normed q/k/v projection through its norm
+    module), and every W4A16Experts runs the pure-torch reference (dequantized experts, fp32)."""
+    from ..epilogue import rms_norm, silu_mul
+    from ..fused_layer import DeferredW4A16Linear, NormedFusedW4A16Linear
     from ..moe import W4A16Experts
     from ..nn import W4A16Linear
 
     mods = [m for m in model.modules() if isinstance(m, W4A16Linear)]
     experts = [m for m in model.modules() if isinstance(m, W4A16Experts)]
 
-    def forward(self, x, residual=None, epilogue=None):
+    def forward(self, x, residual=None, epilogue=None, norm_weight=None, norm_eps=1e-6, input_norm=None):
+        if input_norm is not None:
+            x = rms_norm(x, *input_norm)
         y = torch.nn.functional.linear(x, self.weight_q.dequantize(x.dtype), self.bias)
         if epilogue == "silu_mul":
             y = silu_mul(y)
-        return y if residual is None else y + residual
+        y = y if residual is None else y + residual
+        return (y, rms_norm(y, norm_weight, norm_eps)) if epilogue == "residual_rmsnorm" else y
 
+    def normed_forward(self, x, residual=None, epilogue=None):
+        return forward(self, self.input_norm(x), residual, epilogue)
+
+    def project_norm(self, x, residual, norm):
+        return forward(self, x, residual, "residual_rmsnorm", norm.weight, float(norm.variance_epsilon))
+
+    patched = []
     for m in mods:
-        setattr(m, "project" if isinstance(m, DeferredW4A16Linear) else "forward", forward.__get__(m))
+        if isinstance(m, DeferredW4A16Linear):
+            patches = {"project": forward, "project_norm": project_norm}
+        else:
+            patches = {"forward": normed_forward if isinstance(m, NormedFusedW4A16Linear) else forward}
+        for name, fn in patches.items():
+            setattr(m, name, fn.__get__(m))
+        patched.append((m, patches))
     backends = [m.backend for m in experts]
     for m in experts:
         m.backend = "reference"
     try:
         yield len(mods) + len(experts)
     finally:
-        for m in mods:
-            delattr(m, "project" if isinstance(m, DeferredW4A16Linear) else "forward")
+        for m, patches in patched:
+            for name in patches:
+                delattr(m, name)
         for m, b in zip(experts, backends):
             m.backend = b
 
