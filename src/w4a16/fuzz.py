@@ -7,10 +7,11 @@
 A case draws M, N, K within the alignment rules (K even and a multiple of the group size, any
 M >= 0, any N >= 1), a group size, the kind of zero points (none / int / float), bias, alpha,
 act-order (a random ``perm``), the layout of x (contiguous, transposed, strided, or with a batch
-dimension), the dtype and the epilogue (none, SiLU(gate)·up, a residual, or a residual and the
-RMSNorm of the result: drawn from the case's own seed, so adding it left the other fields of a seed's cases as they were, except that N of a
-SiLU(gate)·up case is rounded up to a multiple of 16). Every case carries its own seed, so one failing case can be rerun
-alone. The tests run a few hundred small cases in Triton's interpreter; ``w4a16 fuzz``
+dimension), the dtype, the epilogue (none, SiLU(gate)·up, a residual, or a residual and the
+RMSNorm of the result) and whether x is read RMS-normalized (the last two drawn from the case's
+own seed, so adding them left the other fields of a seed's cases as they were, except that N of
+a SiLU(gate)·up case is rounded up to a multiple of 16). Every case carries its own seed, so one
+failing case can be rerun alone. The tests run a few hundred small cases in Triton's interpreter; ``w4a16 fuzz``
 runs thousands per backend on a GPU.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ ZEROS = ("none", "int", "float")
 X_LAYOUTS = ("contiguous", "transposed", "strided", "batched")
 ALPHAS = (1.0, 1.0, 0.5, 2.0, -1.25)
 EPILOGUE_SHARE = 0.3   # cases with an epilogue
+INPUT_NORM_SHARE = 0.1   # cases that read x RMS-normalized
 
 
 def draw_epilogue(seed: int) -> Optional[str]:
@@ -43,13 +45,19 @@ def draw_epilogue(seed: int) -> Optional[str]:
     return "residual_rmsnorm" if e == "residual" and r.random() < 0.5 else e
 
 
+def draw_input_norm(seed: int) -> bool:
+    """Whether a case reads x RMS-normalized (one case in ten), from its seed."""
+    return random.Random(seed ^ 0x1A0).random() < INPUT_NORM_SHARE
+
+
 @dataclass(frozen=True)
 class Case:
     """One random problem. x [M, K] (laid out per ``x_layout``) times a (N, K) int4 weight.
 
     group_size: 32, 64, 128, 256 or -1; zeros: "none" (z = 8), "int" or "float";
     act_order: the weight gets a random ``perm``; seed: draws the tensors of this case;
-    epilogue: None, "silu_mul" or "residual" (``w4a16.epilogue``).
+    epilogue: None, "silu_mul", "residual" or "residual_rmsnorm" (``w4a16.epilogue``);
+    input_norm: x is read RMS-normalized (``gemm(input_norm=...)``).
     """
 
     M: int
@@ -64,12 +72,13 @@ class Case:
     dtype: torch.dtype
     seed: int
     epilogue: Optional[str] = None
+    input_norm: bool = False
 
     def short(self) -> str:
         return (f"M={self.M} N={self.N} K={self.K} g={self.group_size} zeros={self.zeros} "
                 f"bias={self.bias} alpha={self.alpha:g} act_order={self.act_order} x={self.x_layout} "
                 f"{spec.dtype_name(self.dtype)} seed={self.seed}"
-                f"{' epilogue=' + self.epilogue if self.epilogue else ''}")
+                f"{' epilogue=' + self.epilogue if self.epilogue else ''}{' input_norm' if self.input_norm else ''}")
 
 
 def _pick_dim(rng: random.Random, hi: int, lo: int = 1) -> int:
@@ -107,7 +116,7 @@ def cases(n: int, seed: int = 0, max_mnk: Tuple[int, int, int] = (64, 256, 1024)
         epilogue = draw_epilogue(c.seed)
         if epilogue == "silu_mul":   # gate and up rows in blocks of 8: N a multiple of 16
             c = replace(c, N=-(-N // 16) * 16)
-        yield replace(c, epilogue=epilogue)
+        yield replace(c, epilogue=epilogue, input_norm=draw_input_norm(c.seed))
 
 
 def make_problem(case: Case, device) -> tuple:
@@ -147,10 +156,12 @@ def make_residual(case: Case, x: torch.Tensor) -> torch.Tensor:
     return torch.randn(*x.shape[:-1], case.N, generator=gen).to(x.dtype).to(x.device)
 
 
-def make_norm_weight(case: Case, x: torch.Tensor) -> torch.Tensor:
-    """The RMSNorm weight [N] of a case with the "residual_rmsnorm" epilogue, in x's dtype and device."""
-    gen = torch.Generator().manual_seed(case.seed ^ 0xAB)
-    return (torch.rand(case.N, generator=gen) + 0.5).to(x.dtype).to(x.device)
+def make_norm_weight(case: Case, x: torch.Tensor, size: Optional[int] = None) -> torch.Tensor:
+    """An RMSNorm weight [size] (default N: the "residual_rmsnorm" epilogue's; K: the input norm's)
+    of a case, in x's dtype and device."""
+    size = case.N if size is None else size
+    gen = torch.Generator().manual_seed(case.seed ^ 0xAB ^ size)
+    return (torch.rand(size, generator=gen) + 0.5).to(x.dtype).to(x.device)
 
 
 def run_case(case: Case, device="cpu", backend: Optional[str] = None) -> float:
@@ -167,6 +178,8 @@ def run_case(case: Case, device="cpu", backend: Optional[str] = None) -> float:
     kwargs = {} if backend is None else {"backend": backend}
     if case.epilogue == "residual_rmsnorm":
         kwargs.update(norm_weight=make_norm_weight(case, x), norm_eps=1e-5)
+    if case.input_norm:
+        kwargs.update(input_norm=(make_norm_weight(case, x, x.shape[-1]), 1e-5))
     ref = reference.gemm(x, w, bias, case.alpha, epilogue=case.epilogue, residual=residual,
                          **{k: v for k, v in kwargs.items() if k != "backend"})
     y = w4a16.gemm(x, w, bias, alpha=case.alpha, epilogue=case.epilogue, residual=residual, **kwargs)
