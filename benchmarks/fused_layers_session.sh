@@ -23,7 +23,7 @@ echo "$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader), $($PY
 case "${1:-check}" in
 check)
     G=tests/backends/gluon
-    timeout $((LIMIT * 3 / 5)) $PY -m pytest -q -p no:cacheprovider -n "${WORKERS:-8}" --durations=10 -m gpu \
+    timeout -s INT -k 30 $((LIMIT * 3 / 5)) $PY -m pytest -q -p no:cacheprovider -n "${WORKERS:-8}" --durations=10 -m gpu \
         tests/test_epilogue_gpu.py "$G/test_stream_k_gpu.py" "$G/test_decode_gpu.py" "$G/test_prefill_gpu.py" \
         tests/backends/triton/test_kernels_gpu.py tests/test_torch_integration_gpu.py \
         -k "epilogue or fused or bound or fast_path or split or every_config or stream or kernels or graph or compile" \

@@ -7,7 +7,8 @@
 # SHARD: gluon-decode (the Gluon decode kernel's GPU tests), gluon-prefill, gpu-rest (every other
 # GPU-marked test), kernels (the Triton kernel and MoE tests on the GPU), rest (everything else).
 # With TARBALL (a .tar.xz of a newer Triton's triton/ folder) the shard runs on that Triton.
-# pytest-xdist workers: WORKERS (default 12). Log: $OUT/tests_SHARD.txt (default /tmp/gpu_tests).
+# pytest-xdist workers: WORKERS (default 12). Log: $OUT/tests_SHARD.txt (default /tmp/gpu_tests). A shard
+# that reaches T_TESTS (default 560 s) is interrupted (SIGINT): pytest still prints what passed and failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_tests}
@@ -32,7 +33,7 @@ rest)          args=(-m "not gpu" tests --ignore=tests/backends --ignore=tests/m
 *) echo "shard: gluon-decode, gluon-prefill, gpu-rest, kernels or rest"; exit 2 ;;
 esac
 echo "$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader), triton $(PYTHONPATH=$path python3 -c 'import triton; print(triton.__version__)'), shard $shard"
-PYTHONPATH=$path timeout "${T_TESTS:-560}" python3 -m pytest -q -p no:cacheprovider -p no:benchmark \
+PYTHONPATH=$path timeout -s INT -k 30 "${T_TESTS:-560}" python3 -m pytest -q -p no:cacheprovider -p no:benchmark \
     -n "${WORKERS:-12}" --durations=10 "${args[@]}" > "$OUT/tests_$shard.txt" 2>&1
 status=$?
 grep -E "^(FAILED|ERROR)" "$OUT/tests_$shard.txt" | head -n 20

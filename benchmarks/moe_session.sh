@@ -24,7 +24,7 @@ LIMIT=${T_LIMIT:-540}
 echo "$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader), $($PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)')"
 case "${1:-check}" in
 check)
-    timeout $((LIMIT / 3)) $PY -m pytest -q -p no:cacheprovider tests/moe tests/bench/test_bench_moe.py > "$OUT/tests.txt" 2>&1
+    timeout -s INT -k 30 $((LIMIT / 3)) $PY -m pytest -q -p no:cacheprovider tests/moe tests/bench/test_bench_moe.py > "$OUT/tests.txt" 2>&1
     tail -n 5 "$OUT/tests.txt"
     timeout $((LIMIT / 3)) $PY -m w4a16 fuzz --moe --cases "${FUZZ_CASES:-300}" --backend triton --progress 100 \
         > "$OUT/fuzz.txt" 2>&1
@@ -41,7 +41,7 @@ model)
         --out "$OUT/model" > "$OUT/model.txt" 2>&1
     tail -n 30 "$OUT/model.txt" ;;
 tiles)
-    timeout 120 $PY -m pytest -q -p no:cacheprovider -n 8 tests/moe > "$OUT/tests.txt" 2>&1
+    timeout -s INT -k 30 120 $PY -m pytest -q -p no:cacheprovider -n 8 tests/moe > "$OUT/tests.txt" 2>&1
     tail -n 3 "$OUT/tests.txt"
     timeout 90 $PY -m w4a16 fuzz --moe --cases "${FUZZ_CASES:-100}" --backend triton > "$OUT/fuzz.txt" 2>&1
     grep FAIL "$OUT/fuzz.txt" | head -n 10; tail -n 1 "$OUT/fuzz.txt"
@@ -62,7 +62,7 @@ sanitize)
     done
     exit $status ;;
 final)
-    timeout 120 $PY -m pytest -q -p no:cacheprovider -n 8 tests/moe > "$OUT/tests.txt" 2>&1
+    timeout -s INT -k 30 120 $PY -m pytest -q -p no:cacheprovider -n 8 tests/moe > "$OUT/tests.txt" 2>&1
     tail -n 1 "$OUT/tests.txt"
     timeout 180 $PY -m w4a16 bench --moe all --m 1,16,64,256,4096 --dtype "${DTYPE:-bf16}" --no-progress \
         --out "$OUT/bench" > "$OUT/bench.txt" 2>&1

@@ -12,7 +12,8 @@
 # TARBALL: a .tar.xz holding triton/ (for example the wheel's triton/ without backends/amd). Logs and
 # bench tables go to $OUT (default /tmp/triton_versions). Environment: M (bench rows, default
 # 1,16,64,256,1024,4096), DTYPE (default fp16), FUZZ_CASES (default 400 per backend), T_TESTS, T_FUZZ,
-# WORKERS (pytest-xdist workers per suite in `tests`, default 6).
+# WORKERS (pytest-xdist workers per suite in `tests`, default 6). A test run that reaches T_TESTS is
+# interrupted (SIGINT), so pytest still prints how many passed and which failed, and its slowest tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=$1
@@ -50,10 +51,10 @@ side_by_side() {  # $1 log prefix, $2 default workers, $3 the baseline's pytest 
                   # the baseline's tests and the GPU tests on the newer Triton at once (pytest-xdist)
     local mark=()
     [ -n "$3" ] && mark=(-m "$3")
-    PYTHONPATH=$base_path timeout "${T_TESTS:-540}" $PY -m pytest -q -p no:cacheprovider -n "${WORKERS:-$2}" \
+    PYTHONPATH=$base_path timeout -s INT -k 30 "${T_TESTS:-520}" $PY -m pytest -q -p no:cacheprovider -n "${WORKERS:-$2}" \
         --durations=15 "${mark[@]}" tests > "$OUT/${1}_base.txt" 2>&1 &
     local base=$!
-    PYTHONPATH=$new_path TRITON_BACKENDS_IN_TREE=1 timeout "${T_TESTS:-540}" $PY -m pytest -q -p no:cacheprovider \
+    PYTHONPATH=$new_path TRITON_BACKENDS_IN_TREE=1 timeout -s INT -k 30 "${T_TESTS:-520}" $PY -m pytest -q -p no:cacheprovider \
         -n "${WORKERS:-$2}" --durations=15 -m gpu tests > "$OUT/${1}_new.txt" 2>&1 || status=1
     wait "$base" || status=1
     for f in "$OUT/${1}_base.txt" "$OUT/${1}_new.txt"; do
@@ -63,7 +64,7 @@ side_by_side() {  # $1 log prefix, $2 default workers, $3 the baseline's pytest 
 case "$mode" in
 check)
     fuzz_all
-    PYTHONPATH=$new_path TRITON_BACKENDS_IN_TREE=1 timeout "${T_TESTS:-420}" $PY -m pytest -q -p no:cacheprovider \
+    PYTHONPATH=$new_path TRITON_BACKENDS_IN_TREE=1 timeout -s INT -k 30 "${T_TESTS:-420}" $PY -m pytest -q -p no:cacheprovider \
         -m gpu tests > "$OUT/gpu_tests.txt" 2>&1 || status=1
     tail -n 15 "$OUT/gpu_tests.txt"
     fuzz_report
