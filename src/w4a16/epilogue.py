@@ -39,7 +39,8 @@ WITH_RESIDUAL = ("residual", "residual_rmsnorm")
 
 
 class Norm(NamedTuple):
-    """The RMSNorm of the "residual_rmsnorm" epilogue: its weight [N] (x's dtype) and epsilon."""
+    """An RMSNorm's weight (x's dtype) and epsilon: the "residual_rmsnorm" epilogue's (weight [N])
+    or the input norm's (``gemm(input_norm=...)``, weight [K])."""
 
     weight: torch.Tensor
     eps: float

@@ -17,8 +17,10 @@ residual adds as kernels of their own, each reading and writing the activations 
   writes h and norm2(h));
 * norm1 of such a class moves into the fused q/k/v projection (``self_attn.qkv_proj`` becomes a
   :class:`NormedFusedW4A16Linear`, which reads its input RMS-normalized: ``gemm(input_norm=...)``),
-  and the attention module gets the layer's input as it is. The attention module (rotary embedding, cache, attention kernel) is the
-  model's own, called with the layer's keyword arguments as the model's layer calls it.
+  and the attention module gets the layer's input as it is.
+
+The attention module (rotary embedding, cache, attention kernel) is the model's own, called with
+the layer's keyword arguments as the model's layer calls it.
 
 Only the layer classes named in :data:`LAYER_CLASSES` (whose forward is exactly that arithmetic)
 with W4A16 projections, a fused gate/up (``gate_up_proj`` of two equal halves) and a SiLU MLP are
