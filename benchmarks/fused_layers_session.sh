@@ -14,12 +14,7 @@
 # T_LIMIT (seconds for the phase, default 560).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 PYTHONPATH=src
-OUT=${OUT:-/tmp/fused_layers}
-mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-LIMIT=${T_LIMIT:-560}
-echo "$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader), $($PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)')"
+source benchmarks/session_setup.sh fused_layers 560
 case "${1:-check}" in
 check)
     G=tests/backends/gluon

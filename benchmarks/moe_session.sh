@@ -16,12 +16,7 @@
 # for the phase, default 540).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 PYTHONPATH=src
-OUT=${OUT:-/tmp/moe_session}
-mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-LIMIT=${T_LIMIT:-540}
-echo "$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader), $($PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)')"
+source benchmarks/session_setup.sh moe_session 540
 case "${1:-check}" in
 check)
     timeout -s INT -k 30 $((LIMIT / 3)) $PY -m pytest -q -p no:cacheprovider tests/moe tests/bench/test_bench_moe.py > "$OUT/tests.txt" 2>&1
