@@ -160,7 +160,11 @@ class BoundGemm:
         grid, splits, per, atomic, constexprs, static, cx = launch_plan(pw, M, cfg, has_bias, not deterministic,
                                                                          dtype, epilogue, input_norm)
         self.out_shape = out_shape(M, pw.N, epilogue)
-        self.norm = epilogue == "residual_rmsnorm"
+        # the norm epilogue: the rows' partial sums of squares per tile column, and a counter per row
+        # block after the split-K tiles' counters
+        self.ss_shape = (_cdiv(pw.N, cfg.block_n), M) if epilogue == "residual_rmsnorm" else None
+        split_counters = grid[0] if splits > 1 and not atomic else 0
+        self.n_counters = grid[0] + _cdiv(M, constexprs["BM"]) if self.ss_shape else split_counters
         self.M, self.N, self.dtype, self.grid, self.splits, self.atomic = M, pw.N, dtype, grid, splits, atomic
         self.constexprs, self.static, self.cx, self.cfg = constexprs, static, cx, cfg
         self.scales = pw.scales_t
@@ -175,17 +179,15 @@ class BoundGemm:
         M, N = self.M, self.N
         y = torch.empty(self.out_shape, dtype=self.dtype, device=x.device) if out is None else out
         if self.splits == 1:
-            part = counters = y
+            part = y
         elif self.atomic:
-            part = counters = torch.zeros((M, N), dtype=torch.float32, device=x.device)
+            part = torch.zeros((M, N), dtype=torch.float32, device=x.device)
         else:
             part = torch.empty((self.splits, M, N), dtype=torch.float32, device=x.device)
-            counters = tile_counters(x.device, self.grid[0])
+        counters = tile_counters(x.device, self.n_counters) if self.n_counters else part
         norm_args = (None, None, None)
-        if self.norm:   # a counter per row block after the tiles', and the rows' partial sums of squares
-            counters = tile_counters(x.device, self.grid[0] + _cdiv(M, self.constexprs["BM"]))
-            norm_args = (norm.weight, torch.empty((_cdiv(N, self.cfg.block_n), M), dtype=torch.float32,
-                                                  device=x.device), norm.eps)
+        if self.ss_shape is not None:
+            norm_args = (norm.weight, torch.empty(self.ss_shape, dtype=torch.float32, device=x.device), norm.eps)
         bias_arg = bias if bias is not None else self.scales
         # What the compiled kernel depends on beyond the plan: the per-call tensors' 16-byte
         # alignment and dtypes (the dtypes follow from the plan unless a caller passes its own out).
