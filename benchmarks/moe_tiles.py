@@ -1,5 +1,5 @@
-"""Every launch shape (``MoeTile``) of the grouped W4A16 MoE kernel on the ``w4a16 bench --moe``
-presets, each projection alone (gate_up with its SiLU*up epilogue, down with the routing
+"""Every launch shape (``PackedTile``) of the grouped W4A16 MoE kernel over the experts' layout-2
+copy (``w4a16.backends.triton.moe_packed``) on the ``w4a16 bench --moe`` presets, each projection alone (gate_up with its SiLU*up epilogue, down with the routing
 weights), CUDA-graph timing over 8 rotating routings; checked against the reference first. Prints
 one line per (preset, T, projection, tile) and the best tile of each against the heuristic's.
 
@@ -14,23 +14,27 @@ import time
 import torch
 
 import w4a16
-from w4a16.backends.triton import moe as kernel
+from w4a16.backends.selection import get
+from w4a16.backends.triton import moe_packed as kernel
 from w4a16.bench.ceilings import measure_copy_bandwidth
 from w4a16.bench.moe import PRESETS, random_experts
 from w4a16.measure import GraphTimer, rel_error
 from w4a16.moe import reference
 from w4a16.moe.ops import block_m_for
-from w4a16.moe.routing import align
+from w4a16.moe.routing import align, direct
 
 ROUTINGS = 8
 
 
 def candidates(block_m: int) -> list:
     """The tiles tried for a block size (those the heuristic picks among them)."""
-    T = kernel.MoeTile
+    T = kernel.PackedTile
     if block_m <= 16:
-        return [T(bn, bk, 4, st) for bn in (16, 32, 64, 128) for bk in (64, 128) for st in (3, 4)]
-    return [T(bn, bk, w, st) for bn in (64, 128) for bk in (32, 64) for w in (4, 8) for st in (3, 4)]
+        return [T(bn, swap, after, min(4, max(1, bn // 16)) * wm, st) for bn in (16, 32, 64, 128)
+                for swap, after in ((True, True), (True, False), (False, False)) for st in (1, 3) for wm in (1, 2)
+                if bn // 16 * wm <= 8 and (swap or bn >= 32)]
+    return [T(bn, swap, after, w, st) for bn in (64, 128) for swap, after in ((True, False), (False, False), (True, True))
+            for w in (4, 8) for st in (3, 4)]
 
 
 def main() -> int:
@@ -61,7 +65,7 @@ def main() -> int:
             bm = block_m_for(S, E)
             ids = [torch.stack([torch.randperm(E, device="cuda", generator=gen)[:k] for _ in range(T)])
                    for _ in range(ROUTINGS)]
-            routes = [align(i, E, bm) for i in ids]
+            routes = [direct(i) if T == 1 else align(i, E, bm) for i in ids]   # as w4a16.moe routes
             x = torch.randn(T, H, device="cuda", generator=gen).to(dtype)
             acts = torch.randn(S, I, device="cuda", generator=gen).to(dtype)
             tw = torch.rand(S, device="cuda", generator=gen)
@@ -69,15 +73,18 @@ def main() -> int:
             ref_h = reference.silu_mul(reference.grouped_gemm(x, gu, ids[0]).to(dtype))
             ref_y = reference.grouped_gemm(acts, dn, ids[0], False, tw.reshape(T, k))
             heur = {}
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
             for proj, w, n_out in (("gate_up", gu, I), ("down", dn, H)):
                 out = torch.empty(S, n_out, dtype=dtype if proj == "gate_up" else torch.float32, device="cuda")
                 nbytes = touched * w.nbytes() / E
-                heur[proj] = kernel.tile_for(bm, proj == "gate_up", 128, False)
-                for tile in candidates(bm):
-                    def call(r, tile=tile, proj=proj, w=w, out=out):
+                pw = w.weight.prepared(get("triton"))
+                heur[proj] = kernel.packed_tile_for(bm, n_out, routes[0].block_expert.numel() if T == 1 else min(routes[0].block_expert.numel(), E), sms,
+                                                    proj == "gate_up")
+                for tile in sorted(set(candidates(bm)) | {heur[proj]}):
+                    def call(r, tile=tile, proj=proj, pw=pw, out=out):
                         if proj == "gate_up":
-                            return kernel.grouped_gemm(x, w, r, k, True, out, silu_mul=True, tile=tile)
-                        return kernel.grouped_gemm(acts, w, r, k, False, out, tw, tile=tile)
+                            return kernel.grouped_gemm(x, pw, E, r, k, True, out, silu_mul=True, tile=tile)
+                        return kernel.grouped_gemm(acts, pw, E, r, k, False, out, tw, tile=tile)
                     try:
                         got = call(routes[0]).clone()
                         err = rel_error(got, ref_h if proj == "gate_up" else ref_y)

@@ -15,7 +15,8 @@ def test_cases_cover_the_edges():
     cs = list(moe_fuzz.cases(300, seed=1))
     assert {c.routing for c in cs} == set(moe_fuzz.ROUTINGS) and {c.group for c in cs} == {32, 64, 128, 256, -1}
     assert any(c.T == 0 for c in cs) and any(c.k == 1 for c in cs) and any(c.zeros == "float" for c in cs)
-    assert all(c.H % (c.group if c.group > 0 else 16) == 0 and c.k <= c.E for c in cs)
+    assert all(c.H % (c.group if c.group > 0 else 8) == 0 and c.k <= c.E for c in cs)
+    assert any(c.I % 16 for c in cs) and any(c.I % 16 == 0 and c.H % 16 == 0 for c in cs)   # both kernels
 
 
 def test_a_wrong_layer_fails(monkeypatch, capsys):

@@ -37,17 +37,26 @@ def test_shipped_cases_cover_every_kernel_and_named_config():
 
 
 def test_shipped_cases_hold_the_moe_kernels_heuristic_tiles():
-    """Every tile the MoE heuristic picks (block sizes 16, 64, 128; gate_up and down; the one-token
-    variant at 16) in both dtypes, and the decode gate_up tile over every group size."""
-    from w4a16.backends.triton.moe import tile_for
+    """Both grouped kernels: every block size (16, 64, 128; gate_up and down; the one-token variant at
+    16) in both dtypes, and a decode gate_up tile over every group size; the plain kernel's tiles
+    are its heuristic's, and every tile the packed kernel's rule can pick is compiled."""
+    from w4a16.backends.triton.moe import MoeKernel, tile_for
+    from w4a16.backends.triton.moe_packed import PackedKernel, packed_tile_for
 
     cases = shipped_cases(kernels=("triton-moe",))
-    got = {(c.config.block_m, c.config.silu_mul, c.config.direct, c.dtype) for c in cases if c.group == 128
-           and not c.zeros}
-    assert got == {(bm, s, d, dt) for bm in (16, 64, 128) for s in (True, False) for d in (False, True)
-                   for dt in ("fp16", "bf16") if not (d and bm != 16)}
-    assert all(c.config.tile == tile_for(c.config.block_m, c.config.silu_mul, c.group, c.group == -1) for c in cases)
-    assert {c.group for c in cases} == {32, 64, 128, 256, -1}
+    for kind in (MoeKernel, PackedKernel):
+        mine = [c for c in cases if isinstance(c.config, kind)]
+        got = {(c.config.block_m, c.config.silu_mul, c.config.direct, c.dtype) for c in mine if c.group == 128
+               and not c.zeros}
+        assert got == {(bm, s, d, dt) for bm in (16, 64, 128) for s in (True, False) for d in (False, True)
+                       for dt in ("fp16", "bf16") if not (d and bm != 16)}
+        assert {c.group for c in mine} == {32, 64, 128, 256, -1}
+    plain = [c for c in cases if isinstance(c.config, MoeKernel)]
+    assert all(c.config.tile == tile_for(c.config.block_m, c.config.silu_mul, c.group, c.group == -1) for c in plain)
+    packed = {c.config.tile for c in cases if isinstance(c.config, PackedKernel)}
+    picks = {packed_tile_for(bm, n, blocks, 132, silu) for bm in (16, 64, 128) for n in (256, 768, 2048, 4096, 14336)
+             for blocks in (1, 2, 8, 16, 64, 128, 256) for silu in (True, False)}
+    assert picks <= packed, picks - packed          # every tile the packed rule can pick
 
 
 def test_shipped_cases_respect_the_filters():

@@ -8,8 +8,8 @@ its down projection (down's K, on group boundaries), so each rank runs the whole
 slice of the intermediate size and the partial outputs are summed (one all-reduce per layer).
 The input hidden states are replicated (a plain tensor, every rank the same); the router runs
 whole on every rank. Needs I divisible by tp and I/tp a multiple of down's group size (a
-per-channel down projection cannot be split). The module's buffers become this rank's slices
-(plain tensors: its state dict is the rank's part)."""
+per-channel down projection cannot be split). The module's experts become this rank's slices
+(its state dict is the rank's part)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -20,7 +20,8 @@ from torch.distributed.tensor import DeviceMesh
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from ..errors import expect
-from ..moe.module import PARTS, W4A16Experts
+from ..moe.module import PARTS, PROJECTIONS, W4A16Experts
+from ..moe.weights import QuantizedExperts
 
 EXPERTS = "experts"
 
@@ -69,9 +70,9 @@ class W4A16ExpertsParallel(ParallelStyle):
         check_split(module, mesh.size(), name)
         if local is None:
             local = take(module, mesh.get_local_rank(), mesh.size())
-        for key, t in local.items():
-            setattr(module, key, t)
-        module.intermediate_dim //= mesh.size()
+        gs = module.group_sizes
+        module.set_weights(*(QuantizedExperts(local[f"{p}_qweight"], local[f"{p}_scales"], local.get(f"{p}_zeros"), g)
+                             for p, g in zip(PROJECTIONS, gs)))
         module.tp = mesh.size()
         group = mesh.get_group()
 

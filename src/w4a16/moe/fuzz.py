@@ -41,9 +41,9 @@ class MoeCase:
 
 
 def _dim(rng: random.Random, hi: int, g: int) -> int:
-    """An even multiple of ``g`` (or of 16 when per channel) up to ``hi``, or one group when ``hi``
-    is smaller than a group."""
-    step = g if g > 0 else 16
+    """An even multiple of ``g`` (or of 8 when per channel: some of them, not multiples of 16, run
+    on the plain-layout kernel) up to ``hi``, or one group when ``hi`` is smaller than a group."""
+    step = g if g > 0 else 8
     return step * rng.randint(1, max(1, hi // step))
 
 

@@ -47,32 +47,119 @@ def experts_reason(module: nn.Module, group_size: int) -> Optional[str]:
     return None
 
 
+PROJECTIONS = ("gate_up", "down")
+
+
 class W4A16Experts(nn.Module):
     """E experts with int4 weights: ``forward(hidden_states [T, H], top_k_index [T, k],
-    top_k_weights [T, k]) -> [T, H]`` as the float module it replaces. Buffers:
-    gate_up_{qweight, scales, zeros} and down_{...} (zeros only for asymmetric weights), the
-    stacked QuantizedExperts layout."""
+    top_k_weights [T, k]) -> [T, H]`` as the float module it replaces.
+
+    The module holds two :class:`QuantizedExperts` (``weights()``), gate_up [E, 2I, H] and down
+    [E, H, I]; their scales and zeros are registered buffers (``gate_up_scales``, ``down_zeros``,
+    ...: views of the experts' own tensors, zeros only for asymmetric weights), their codes live
+    once, in the layout of the kernel that runs them (``gate_up_qweight`` and ``down_qweight``
+    give the plain uint8 [E, N, K/2] codes). ``state_dict`` carries all six parts in the plain
+    layout; ``load_state_dict``, ``.to()``, assignment of a part (validated) and in-place edits
+    reach the next forward."""
 
     def __init__(self, gate_up: QuantizedExperts, down: QuantizedExperts, backend: str = "auto"):
         super().__init__()
+        self.backend = backend
+        self.__dict__["_experts"] = {}
+        self.set_weights(gate_up, down)
+
+    def set_weights(self, gate_up: QuantizedExperts, down: QuantizedExperts) -> None:
+        """Hold ``gate_up`` [E, 2I, H] and ``down`` [E, H, I] (e.g. a tensor-parallel rank's slices)."""
+        for arg, w in (("gate_up", gate_up), ("down", down)):
+            expect(isinstance(w, QuantizedExperts), arg, "a w4a16.moe.QuantizedExperts", type(w).__name__)
         E, I2, H = gate_up.shape
         expect(tuple(down.shape) == (E, H, I2 // 2), "down.shape", (E, H, I2 // 2), tuple(down.shape))
         self.num_experts, self.hidden_dim, self.intermediate_dim = E, H, I2 // 2
-        self.group_sizes, self.backend = (gate_up.group_size, down.group_size), backend
-        for prefix, w in (("gate_up", gate_up), ("down", down)):
-            for part in PARTS:
-                self.register_buffer(f"{prefix}_{part}", getattr(w, part))
+        for prefix, w in zip(PROJECTIONS, (gate_up, down)):
+            self._experts[prefix] = w
+            for part in PARTS[1:]:
+                self._buffers[f"{prefix}_{part}"] = getattr(w, part)
+        self.__dict__["_pair"] = (gate_up, down)
+        self.__dict__["_held"] = tuple(self._buffers[f"{p}_{part}"] for p in PROJECTIONS for part in PARTS[1:])
+
+    @property
+    def group_sizes(self) -> Tuple[int, int]:
+        """(gate_up's, down's) group size as given (-1: per channel)."""
+        return self._experts["gate_up"].group_size, self._experts["down"].group_size
+
+    @property
+    def gate_up_qweight(self) -> torch.Tensor:
+        """uint8 [E, 2I, H/2] plain codes (``QuantizedExperts.qweight``)."""
+        return self.weights()[0].qweight
+
+    @property
+    def down_qweight(self) -> torch.Tensor:
+        """uint8 [E, H, I/2] plain codes (``QuantizedExperts.qweight``)."""
+        return self.weights()[1].qweight
+
+    def _replace(self, prefix: str, part: str, value) -> None:
+        """The experts of ``prefix`` with ``part`` replaced by ``value`` (validated as the constructor does)."""
+        w = self.weights()[PROJECTIONS.index(prefix)]
+        parts = dict(zip(PARTS, (w.plain_codes(), w.scales, w.zeros)), **{part: value})
+        new = QuantizedExperts(parts["qweight"], parts["scales"], parts["zeros"], w.group_size)
+        expect(new.shape == w.shape, f"{prefix}_{part}", f"the experts' shape {w.shape}", new.shape)
+        ws = dict(zip(PROJECTIONS, self.weights()), **{prefix: new})
+        self.set_weights(ws["gate_up"], ws["down"])
+
+    def __setattr__(self, name, value):
+        if self.__dict__.get("_experts"):
+            for prefix in PROJECTIONS:
+                if name.startswith(prefix + "_") and name[len(prefix) + 1:] in PARTS:
+                    self._replace(prefix, name[len(prefix) + 1:], value)
+                    return
+        super().__setattr__(name, value)
 
     def weights(self) -> Tuple[QuantizedExperts, QuantizedExperts]:
-        """(gate_up, down) over the module's current buffers: checked when a buffer is replaced
-        (``.to()``, assignment, ``load_state_dict`` of another shape), else the objects built
-        last time, which hold the same tensors (in-place edits are seen)."""
-        bufs = tuple(getattr(self, f"{p}_{part}") for p in ("gate_up", "down") for part in PARTS)
-        cached = self.__dict__.get("_weights")
-        if cached is None or any(a is not b for a, b in zip(cached[0], bufs)):
-            built = tuple(QuantizedExperts(*bufs[3 * i:3 * i + 3], g) for i, g in enumerate(self.group_sizes))
-            self.__dict__["_weights"] = cached = (bufs, built)
-        return cached[1]
+        """(gate_up, down). A buffer replaced behind the module's back (``module._buffers[...] =``)
+        is taken in, checked, on the next call."""
+        held = self.__dict__["_held"]
+        now = tuple(self._buffers[f"{p}_{part}"] for p in PROJECTIONS for part in PARTS[1:])
+        if any(a is not b for a, b in zip(held, now)):
+            gu, dn = (QuantizedExperts(self._experts[p].plain_codes(), now[2 * i], now[2 * i + 1],
+                                       self._experts[p].group_size) for i, p in enumerate(PROJECTIONS))
+            self.set_weights(gu, dn)
+        return self._pair
+
+    def _apply(self, fn, *args, **kwargs):
+        codes = [w.plain_codes() for w in self.weights()]
+        out = super()._apply(fn, *args, **kwargs)
+        gu, dn = (QuantizedExperts(fn(c), self._buffers[f"{p}_scales"], self._buffers[f"{p}_zeros"],
+                                   self._experts[p].group_size) for c, p in zip(codes, PROJECTIONS))
+        self.set_weights(gu, dn)
+        return out
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for p, w in zip(PROJECTIONS, self.weights()):
+            codes = w.plain_codes()
+            destination[f"{prefix}{p}_qweight"] = codes if keep_vars else codes.detach()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        new = list(self.weights())
+        for i, p in enumerate(PROJECTIONS):
+            key = f"{prefix}{p}_qweight"
+            if key in unexpected_keys:
+                unexpected_keys.remove(key)
+            if key not in state_dict:
+                if strict:
+                    missing_keys.append(key)
+                continue
+            value, w = state_dict[key], new[i]
+            E, N, K = w.shape
+            if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or tuple(value.shape) != (E, N, K // 2):
+                error_msgs.append(f"{key}: expected a uint8 tensor of shape {(E, N, K // 2)}, got "
+                                  f"{getattr(value, 'dtype', type(value).__name__)} {tuple(getattr(value, 'shape', ()))}")
+                continue
+            new[i] = QuantizedExperts(value.detach().to(w.device, copy=True), w.scales, w.zeros, w.group_size)
+        self.set_weights(*new)
 
     @classmethod
     def from_float(cls, module: nn.Module, group_size: int = 128, symmetric: bool = True,
@@ -106,9 +193,11 @@ class W4A16Experts(nn.Module):
         for attr, w in (("gate_up_proj", gu), ("down_proj", dn)):
             p = getattr(module, attr)
             expect(tuple(p.shape) == w.shape, f"{attr}.shape", w.shape, tuple(p.shape))
+            held = w.plain_codes()   # one rebuild of the codes for all experts
             with torch.no_grad():
                 for e in range(w.shape[0]):   # one expert's fp32 temporaries at a time
                     p.data[e] = w.dequantize(p.dtype, experts=[e])[0].to(p.device)
+            del held
         return module
 
     def extra_repr(self) -> str:

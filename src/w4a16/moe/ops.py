@@ -91,13 +91,62 @@ def grouped_gemm(x: torch.Tensor, experts: QuantizedExperts, topk_ids: torch.Ten
     out_dtype = out_dtype or x.dtype
     if _backend(x, backend) == "reference":
         return reference.grouped_gemm(x, experts, topk_ids, gather, topk_weights).to(out_dtype)
-    from ..backends.triton import moe as kernel
-
     S = topk_ids.numel()
     routing = _route(topk_ids, E)
     out = torch.zeros(S, N, dtype=out_dtype, device=x.device)   # slots of ids outside [0, E) stay 0
     tw = None if topk_weights is None else topk_weights.reshape(-1).contiguous()
-    return kernel.grouped_gemm(x.contiguous(), experts, routing, topk_ids.shape[1], gather, out, tw)
+    layout, tensors = kernel_tensors(experts, False)
+    return _launch(x.contiguous(), layout, tensors, experts.shape, experts.group_size_effective, routing,
+                   topk_ids.shape[1], gather, out, tw, False)
+
+
+def kernel_tensors(experts: QuantizedExperts, silu_mul: bool):
+    """(layout, [codes, scales, zeros]) of ``experts`` as the Triton kernels read them: layout 2
+    (the dense kernels' layout of the experts as one weight [E * N, K], built on first use and then
+    the only copy of the codes: :mod:`w4a16.backends.triton.moe_packed`) where every expert (and a
+    gate_up weight's up half) starts on a 16-row block, else 0 (the plain tensors, read by
+    :mod:`w4a16.backends.triton.moe`)."""
+    from ..backends.selection import get
+    from ..backends.triton.moe_packed import packable
+
+    E, N, K = experts.shape
+    if not packable(N, silu_mul):
+        return 0, list(experts.plain_parts())
+    w, backend = experts.weight, get(_loaded("triton"))
+    pw = w.traced_prepared(backend) if torch.compiler.is_compiling() else w.prepared(backend)
+    return 2, [pw.qk, pw.scales_t, pw.zeros_t]
+
+
+def _loaded(name: str) -> str:
+    """``name`` once its backend is loaded: run by Dynamo at trace time and taken as a constant,
+    so that traced code asks the registry only for loaded backends (loading imports modules,
+    which Dynamo does not trace). Marked as ``torch._dynamo.assume_constant_result`` marks (see
+    ``w4a16.ops``: Dynamo is not imported with w4a16)."""
+    from ..backends.selection import get
+
+    get(name)
+    return name
+
+
+_loaded._dynamo_marked_constant = True
+
+
+def _launch(x: torch.Tensor, layout: int, tensors: list, shape: tuple, group: int, routing, top_k: int, gather: bool,
+            out: torch.Tensor, tw: Optional[torch.Tensor], silu_mul: bool) -> torch.Tensor:
+    """One grouped GEMM on the kernel of ``layout`` (:func:`kernel_tensors`); experts ``shape``
+    (E, N, K) with effective group size ``group``."""
+    E, N, K = shape
+    if layout == 0:
+        from ..backends.triton import moe as kernel
+
+        g = -1 if group == K else group
+        experts = QuantizedExperts(tensors[0], tensors[1], tensors[2], g)
+        return kernel.grouped_gemm(x, experts, routing, top_k, gather, out, tw, silu_mul=silu_mul)
+    from ..backends.selection import get
+    from ..backends.triton import moe_packed
+
+    pw = get("triton").from_op_tensors([t for t in tensors if t is not None], E * N, K, group)
+    return moe_packed.grouped_gemm(x, pw, E, routing, top_k, gather, out, tw, silu_mul=silu_mul)
 
 
 def fused_moe(x: torch.Tensor, gate_up: QuantizedExperts, down: QuantizedExperts, topk_ids: torch.Tensor,
@@ -119,49 +168,55 @@ def fused_moe(x: torch.Tensor, gate_up: QuantizedExperts, down: QuantizedExperts
     check_topk(topk_ids, topk_weights, T, E)
     expect(topk_ids.device == x.device and topk_weights.device == x.device, "topk_ids/topk_weights device",
            x.device, f"{topk_ids.device} / {topk_weights.device}")
-    gz, dz = gate_up.zeros, down.zeros
     # Traced calls go through the custom op; eager ones call its body directly (the same
     # computation without the op's dispatch, tens of microseconds per layer on the host).
     run = fused_moe_op if torch.compiler.is_compiling() else _fused_moe
-    return run(x, gate_up.qweight, gate_up.scales, gz, down.qweight, down.scales, dz, topk_ids,
-               topk_weights, [gate_up.group_size, down.group_size], _backend(x, backend))
+    backend = _backend(x, backend)
+    if backend == "reference":
+        (gl, gt), (dl, dt) = ((0, list(w.plain_parts())) for w in (gate_up, down))
+    else:
+        (gl, gt), (dl, dt) = kernel_tensors(gate_up, True), kernel_tensors(down, False)
+    dims = [E, I2 // 2, H, gate_up.group_size_effective, down.group_size_effective, gl, dl]
+    return run(x, *gt, *dt, topk_ids, topk_weights, dims, backend)
 
 
 def _fused_moe(x: torch.Tensor, gu_q: torch.Tensor, gu_s: torch.Tensor, gu_z: Optional[torch.Tensor],
                dn_q: torch.Tensor, dn_s: torch.Tensor, dn_z: Optional[torch.Tensor], topk_ids: torch.Tensor,
-               topk_weights: torch.Tensor, group_sizes: List[int], backend: str) -> torch.Tensor:
+               topk_weights: torch.Tensor, dims: List[int], backend: str) -> torch.Tensor:
     """The body of :func:`fused_moe_op` (the arguments are described there)."""
-    gate_up = QuantizedExperts.trusted(gu_q, gu_s, gu_z, group_sizes[0])   # checked by fused_moe
-    down = QuantizedExperts.trusted(dn_q, dn_s, dn_z, group_sizes[1])
+    E, I, H, g_gu, g_dn, gu_layout, dn_layout = dims
     if backend == "reference":
-        return reference.fused_moe(x, gate_up, down, topk_ids, topk_weights)
-    from ..backends.triton import moe as kernel
+        as_experts = lambda q, s, z, g: QuantizedExperts(q, s, z, -1 if g == q.shape[2] * 2 else g)  # noqa: E731
+        return reference.fused_moe(x, as_experts(gu_q, gu_s, gu_z, g_gu), as_experts(dn_q, dn_s, dn_z, g_dn),
+                                   topk_ids, topk_weights)
     from ..backends.triton.moe_route import combine
 
-    E, I2, H = gate_up.shape
     T, k = topk_ids.shape
     S = T * k
     if S == 0:
         return x.new_zeros((T, H))
     ids = topk_ids.contiguous()
     routing = _route(ids, E)
-    a = kernel.grouped_gemm(x.contiguous(), gate_up, routing, k, True,
-                            torch.empty(S, I2 // 2, dtype=x.dtype, device=x.device), silu_mul=True)
+    a = _launch(x.contiguous(), gu_layout, [gu_q, gu_s, gu_z], (E, 2 * I, H), g_gu, routing, k, True,
+                torch.empty(S, I, dtype=x.dtype, device=x.device), None, True)
     ys = torch.empty(S, H, dtype=torch.float32, device=x.device)   # rows of ids outside [0, E): not read
-    kernel.grouped_gemm(a, down, routing, k, False, ys, topk_weights.reshape(-1).contiguous())
+    _launch(a, dn_layout, [dn_q, dn_s, dn_z], (E, H, I), g_dn, routing, k, False, ys,
+            topk_weights.reshape(-1).contiguous(), False)
     return combine(ys, ids, E, x.dtype)
 
 
 @torch.library.custom_op("w4a16::fused_moe", mutates_args=())
 def fused_moe_op(x: torch.Tensor, gu_q: torch.Tensor, gu_s: torch.Tensor, gu_z: Optional[torch.Tensor],
                  dn_q: torch.Tensor, dn_s: torch.Tensor, dn_z: Optional[torch.Tensor], topk_ids: torch.Tensor,
-                 topk_weights: torch.Tensor, group_sizes: List[int], backend: str) -> torch.Tensor:
+                 topk_weights: torch.Tensor, dims: List[int], backend: str) -> torch.Tensor:
     """:func:`fused_moe` as a custom op (opaque to torch.compile, captured whole by CUDA graphs):
-    the two QuantizedExperts' tensors, their group sizes, backend "triton" or "reference".
+    the two projections' tensors as :func:`kernel_tensors` gives them (codes, scales, zeros or
+    None), dims [E, I, H, gate_up's and down's effective group sizes, gate_up's and down's
+    layouts (0 plain, 2 packed)], backend "triton" or "reference" (plain tensors).
     -> y [T, H] in x's dtype."""
-    return _fused_moe(x, gu_q, gu_s, gu_z, dn_q, dn_s, dn_z, topk_ids, topk_weights, group_sizes, backend)
+    return _fused_moe(x, gu_q, gu_s, gu_z, dn_q, dn_s, dn_z, topk_ids, topk_weights, dims, backend)
 
 
 @fused_moe_op.register_fake
-def _fused_moe_fake(x, gu_q, gu_s, gu_z, dn_q, dn_s, dn_z, topk_ids, topk_weights, group_sizes, backend):
-    return x.new_empty((x.shape[0], dn_q.shape[1]))
+def _fused_moe_fake(x, gu_q, gu_s, gu_z, dn_q, dn_s, dn_z, topk_ids, topk_weights, dims, backend):
+    return x.new_empty((x.shape[0], dims[2]))

@@ -16,10 +16,19 @@ class QuantizedExperts:
     qweight: uint8 [E, N, K/2] (the plain layout of FORMATS.md per expert: element k in byte k//2,
              even k in the low nibble); scales: fp16/bf16 [E, N, K/g]; zeros: None (symmetric,
              z = 8) or float [E, N, K/g] in scales' dtype; group_size: 32, 64, 128, 256 or -1 (= K).
+
+    The experts are one :class:`w4a16.QuantizedWeight` [E * N, K] (``weight``), so they share its
+    storage rules (docs/guide.md, "Memory: one copy of the codes"): once a kernel has repacked
+    the codes into its layout, that copy is the only one and ``qweight`` is rebuilt from it when
+    asked for; ``qweight``, ``scales`` and ``zeros`` are views of the weight's tensors (their
+    in-place edits, ``.data`` included, reach the next call). The object is otherwise immutable:
+    build a new one to change a part.
     """
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor] = None,
                  group_size: int = 128):
+        from ..weight import QuantizedWeight
+
         expect(isinstance(qweight, torch.Tensor) and qweight.dim() == 3, "qweight", "a 3-D tensor [E, N, K/2]",
                f"{qweight.dim()}-D" if isinstance(qweight, torch.Tensor) else type(qweight).__name__)
         expect(qweight.dtype == torch.uint8, "qweight.dtype", torch.uint8, qweight.dtype)
@@ -36,18 +45,46 @@ class QuantizedExperts:
             expect(zeros.dtype == scales.dtype, "zeros.dtype", scales.dtype, zeros.dtype)
             expect(tuple(zeros.shape) == tuple(scales.shape), "zeros.shape", tuple(scales.shape), tuple(zeros.shape))
             expect(zeros.device == qweight.device, "zeros.device", qweight.device, zeros.device)
-            zeros = zeros.contiguous()
-        self.qweight, self.scales, self.zeros = qweight.contiguous(), scales.contiguous(), zeros
+        flat = lambda t: None if t is None else t.contiguous().reshape(E * N, -1)  # noqa: E731
+        self._w = QuantizedWeight(flat(qweight), flat(scales), flat(zeros), group_size)
+        self._E = E
         self.group_size = int(group_size)
 
-    @classmethod
-    def trusted(cls, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-                group_size: int) -> "QuantizedExperts":
-        """The same object without the checks, for tensors that came from a checked one (the custom
-        op's inputs: :func:`w4a16.moe.fused_moe` checked them on the way in)."""
-        out = cls.__new__(cls)
-        out.qweight, out.scales, out.zeros, out.group_size = qweight, scales, zeros, group_size
-        return out
+    @property
+    def weight(self):
+        """The experts as one QuantizedWeight [E * N, K] (expert e: rows e*N .. e*N + N - 1)."""
+        return self._w
+
+    def _view(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        from ..weight import Watched
+
+        return None if t is None else Watched.wrap(t.view(self._E, -1, t.shape[1]))
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """uint8 [E, N, K/2] plain codes (see ``QuantizedWeight.qweight``)."""
+        return self._view(self._w.qweight)
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """[E, N, K/g] in the activation dtype."""
+        return self._view(self._w.scales)
+
+    @property
+    def zeros(self) -> Optional[torch.Tensor]:
+        """None or [E, N, K/g] in the activation dtype."""
+        return self._view(self._w.zeros)
+
+    def plain_parts(self) -> tuple:
+        """(codes uint8 [E, N, K/2], scales [E, N, K/g], zeros or None) as plain tensors (what a
+        custom op or a kernel takes); the codes as :meth:`plain_codes` gives them."""
+        p = self._w.params
+        E = self._E
+        return (self.plain_codes(),) + tuple(None if t is None else t.view(E, -1, t.shape[1]) for t in (p.scales, p.zeros))
+
+    def plain_codes(self) -> torch.Tensor:
+        """uint8 [E, N, K/2] plain codes without holding a rebuilt copy (``QuantizedWeight.plain_codes``)."""
+        return self._w.plain_codes().view(self._E, -1, self._w.shape[1] // 2)
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int = 128, symmetric: bool = True,
@@ -78,8 +115,8 @@ class QuantizedExperts:
     @property
     def shape(self) -> tuple:
         """(E, N, K)."""
-        E, N, K2 = self.qweight.shape
-        return E, N, 2 * K2
+        EN, K = self._w.shape
+        return self._E, EN // self._E, K
 
     @property
     def group_size_effective(self) -> int:
@@ -88,20 +125,22 @@ class QuantizedExperts:
     @property
     def dtype(self) -> torch.dtype:
         """The activation dtype the experts serve (their scales' dtype)."""
-        return self.scales.dtype
+        return self._w.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.qweight.device
+        return self._w.device
 
     def nbytes(self) -> int:
-        """Bytes of codes, scales and zeros."""
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros) if t is not None)
+        """Bytes of codes (one copy), scales and zeros."""
+        E, N, K = self.shape
+        p = self._w.params
+        return E * N * K // 2 + sum(t.numel() * t.element_size() for t in (p.scales, p.zeros) if t is not None)
 
     def unpack(self) -> torch.Tensor:
         """Codes uint8 [E, N, K] in 0..15."""
         E, N, K = self.shape
-        return unpack_nibbles(self.qweight.reshape(E * N, K // 2)).reshape(E, N, K)
+        return unpack_nibbles(self.plain_codes().reshape(E * N, K // 2)).reshape(E, N, K)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, experts=None) -> torch.Tensor:
         """W [E, N, K] (or [len(experts), N, K] for the indices ``experts``), computed in fp32, cast."""
@@ -109,7 +148,7 @@ class QuantizedExperts:
 
         E, N, K = self.shape
         idx = slice(None) if experts is None else experts
-        q, s = self.qweight[idx], self.scales[idx]
+        q, s = self.plain_codes()[idx], self.scales[idx]
         z = None if self.zeros is None else self.zeros[idx]
         n = q.shape[0]
         w = dequantize_codes(unpack_nibbles(q.reshape(n * N, K // 2)), s.reshape(n * N, -1),
@@ -119,7 +158,7 @@ class QuantizedExperts:
     def to(self, device, dtype: Optional[torch.dtype] = None) -> "QuantizedExperts":
         """On ``device``, scales and zeros in ``dtype`` (default: theirs)."""
         move = lambda t: None if t is None else t.to(device, dtype or t.dtype)  # noqa: E731
-        return QuantizedExperts(self.qweight.to(device), move(self.scales), move(self.zeros), self.group_size)
+        return QuantizedExperts(self.plain_codes().to(device), move(self.scales), move(self.zeros), self.group_size)
 
     def __repr__(self) -> str:
         E, N, K = self.shape

@@ -60,7 +60,8 @@ def _compile(case: KernelCase):
     dtype = torch.float16 if case.dtype == "fp16" else torch.bfloat16
     if case.kernel == "triton-moe":
         from ..backends.triton.offline import compile_moe, moe_weights_per_thread
-        return compile_moe(case.config, case.dtype, case.group, case.zeros), moe_weights_per_thread(case.config), None
+        return (compile_moe(case.config, case.dtype, case.group, case.zeros),
+                moe_weights_per_thread(case.config, case.group), None)
     if case.kernel == "triton":
         from ..backends.triton.offline import compile_gemm, weights_per_thread
         k = compile_gemm(case.config, case.dtype, case.group, case.zeros,

@@ -6,7 +6,8 @@ with symmetric group-128 weights; the shipped tuning table's configs (``data/tun
 dtype and group size they were tuned for; and each kernel's first named config over every group
 size, symmetric and with zero points (fp16). The grouped MoE kernel ("triton-moe"): the tile its
 heuristic picks for each block size and projection (the one-token variant too), fp16 and bf16,
-symmetric group 128, and its decode gate_up tile over every group size with and without zeros.
+symmetric group 128, and its decode gate_up tile over every group size with and without zeros;
+the same for the packed grouped kernel (layout 2), over each tile its rule can pick.
 The GEMM epilogues (``w4a16.epilogue``: SiLU(gate) * up, the residual) on the decode heuristic's
 picks for the preset layers at M = 1 and 16 (fp16, bf16) and the Triton kernel's named configs
 (fp16, with the residual and RMSNorm epilogue and the RMSNorm prologue too): what a fused decoder
@@ -155,4 +156,23 @@ def moe_cases(dtypes: Iterable[str]) -> List[KernelCase]:
     if "fp16" in dtypes:
         out += [KernelCase("triton-moe", MoeKernel(tile_for(16, True, g, g == -1), 16, True), "fp16", g, z)
                 for g in GROUPS for z in (False, True)]
+    return out + packed_moe_cases(dtypes)
+
+
+def packed_moe_cases(dtypes: Iterable[str]) -> List[KernelCase]:
+    """The packed grouped kernel's tiles: each tile ``packed_tile_for`` can pick (decode widths 16
+    to 128, and the prefill tile) for gate_up and down, the one-token routing on one of them, and
+    one decode tile over every group size, symmetric and with zero points (fp16)."""
+    from ..backends.triton.moe_packed import PackedKernel, packed_tile_for
+
+    out = []
+    for silu in (True, False):
+        widths = {packed_tile_for(16, 4096, blocks, 132, silu) for blocks in (1, 32, 64, 128, 512)}
+        kernels = [PackedKernel(t, 16, silu) for t in sorted(widths)]
+        kernels += [PackedKernel(packed_tile_for(16, 4096, 8, 132, silu), 16, silu, True)]
+        kernels += [PackedKernel(packed_tile_for(bm, 4096, 64, 132, silu), bm, silu) for bm in (64, 128)]
+        out += [KernelCase("triton-moe", k, dt) for k in kernels for dt in dtypes]
+    if "fp16" in dtypes:
+        tile = packed_tile_for(16, 4096, 32, 132, True)
+        out += [KernelCase("triton-moe", PackedKernel(tile, 16, True), "fp16", g, z) for g in GROUPS for z in (False, True)]
     return out

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .dequant import codes_magic, codes_portable
+from .tiles import group_params, load_x, per_row, scaled_mma, unswizzle
 
 
 @triton.jit
@@ -45,65 +46,6 @@ def _tile_coords(pid, num_m, num_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (pid % per_group) % size_m
     pid_n = (pid % per_group) // size_m
     return pid_m, pid_n
-
-
-@triton.jit
-def _group_of(k, K, GROUP_LOG2: tl.constexpr):
-    """Quantization group of K index ``k``: k >> log2(g); per-channel: 0 below K, 1 (padding) past it."""
-    if GROUP_LOG2 >= 0:
-        return k >> GROUP_LOG2
-    else:
-        return (k >= K).to(tl.int32)
-
-
-@triton.jit
-def _group_params(s_ptr, z_ptr, k0, K, N, rows, GROUP_LOG2: tl.constexpr, H: tl.constexpr,
-                  ONE_SCALE: tl.constexpr, HAS_ZEROS: tl.constexpr, DTYPE: tl.constexpr):
-    """(s_lo, s_hi, z_lo, z_hi), each [BN] in DTYPE (stored as DTYPE or fp32), for the two half
-    chunks starting at K index k0. Without zeros the z values are unused placeholders (the scales)."""
-    g_lo = _group_of(k0, K, GROUP_LOG2)
-    s_lo = tl.load(s_ptr + g_lo * N + rows).to(DTYPE)
-    z_lo = s_lo
-    if HAS_ZEROS:
-        z_lo = tl.load(z_ptr + g_lo * N + rows).to(DTYPE)
-    if ONE_SCALE:
-        s_hi = s_lo
-        z_hi = z_lo
-    else:
-        g_hi = _group_of(k0 + H, K, GROUP_LOG2)
-        s_hi = tl.load(s_ptr + g_hi * N + rows).to(DTYPE)
-        z_hi = s_hi
-        if HAS_ZEROS:
-            z_hi = tl.load(z_ptr + g_hi * N + rows).to(DTYPE)
-    return s_lo, s_hi, z_lo, z_hi
-
-
-@triton.jit
-def _unswizzle(t, BN: tl.constexpr, SH: tl.constexpr):
-    """A loaded fragment-block tile [SH * BN/16 (sh, b), 512 (g, t, 16 bytes)] -> the chunk tile
-    [BN, 32 * SH] (layout.py: row 16b + 8*r8 + g, byte 32*sh + 16*sl + 8*h + 2*t + j); register
-    moves only."""
-    t = tl.reshape(t, (SH, BN // 16, 8, 4, 2, 2, 2, 2))        # sh b g t sl h r8 j
-    t = tl.permute(t, (1, 6, 2, 0, 4, 5, 3, 7))                # b r8 g sh sl h t j
-    return tl.reshape(t, (BN, 32 * SH))
-
-
-@triton.jit
-def _dot(w, x, SWAP_AB: tl.constexpr, acc=None):
-    """acc + w @ x ([BN, BM], SWAP_AB) or acc + x @ w^T ([BM, BN]), fp32; w [BN, H], x as loaded."""
-    if SWAP_AB:
-        return tl.dot(w, x, acc)
-    else:
-        return tl.dot(x, tl.trans(w), acc)
-
-
-@triton.jit
-def _per_row(v, SWAP_AB: tl.constexpr):
-    """A per-weight-row vector [BN] as fp32, broadcastable against the accumulator."""
-    if SWAP_AB:
-        return v.to(tl.float32)[:, None]
-    else:
-        return v.to(tl.float32)[None, :]
 
 
 @triton.jit
@@ -130,7 +72,7 @@ def _write_y(acc, y_ptr, bias_ptr, res_ptr, rows, offs_n, offs_m, n_ok, m_ok, M,
     DTYPE and stored (rows past N and tokens past M masked)."""
     acc = acc * alpha
     if HAS_BIAS:
-        acc += _per_row(tl.load(bias_ptr + rows), SWAP_AB)
+        acc += per_row(tl.load(bias_ptr + rows), SWAP_AB)
     if SWAP_AB:
         n_idx = offs_n[:, None] + 0 * offs_m[None, :]
         m_idx = offs_m[None, :] + 0 * offs_n[:, None]
@@ -190,33 +132,6 @@ def _norm_rows(ss, y_ptr, nw_ptr, ss_ptr, rc_ptr, pid_n, num_n, offs_m, m_ok, M,
 
 
 @triton.jit
-def _load_x(x_ptrs, k0, offs_h, m_ok, live, K, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, PRO: tl.constexpr,
-            pn_ptr, rstd):
-    """The x tile of K range [k0, k0 + H): [H, BM] (x^T) with SWAP_AB, else [BM, H]; rows past M,
-    columns past K and chunks that are not ``live`` read as 0. PRO: normalized (``rstd`` [BM] the
-    rows' rsqrt(mean(x^2) + eps), pn_ptr the norm weight [K])."""
-    rows_ok = m_ok & live
-    if SWAP_AB:
-        mask = rows_ok[None, :]
-        if not EVEN_K:
-            mask = mask & ((k0 + offs_h) < K)[:, None]
-    else:
-        mask = rows_ok[:, None]
-        if not EVEN_K:
-            mask = mask & ((k0 + offs_h) < K)[None, :]
-    x = tl.load(x_ptrs + k0, mask=mask, other=0.0)
-    if PRO:
-        # in x's dtype (packed two-value multiplies): rstd rounded to it first, so each value is
-        # within about 1.5 roundings of w4a16.epilogue.rms_norm's rather than one
-        g = tl.load(pn_ptr + k0 + offs_h, mask=(k0 + offs_h) < K, other=0.0)
-        if SWAP_AB:
-            x = x * rstd[None, :] * g[:, None]
-        else:
-            x = x * rstd[:, None] * g[None, :]
-    return x
-
-
-@triton.jit
 def _row_rstd(x_ptr, offs_m, m_ok, K, eps, H: tl.constexpr):
     """rsqrt(mean(x^2) + eps) [BM] fp32 of rows offs_m of x [M, K] (the squares summed over all of
     K in steps of H columns)."""
@@ -264,7 +179,7 @@ def w4a16_gemm_kernel(
     # The code tile [H/32 * BN/16 (sh, b), 512]: a 512-byte row holds a 16-row block's codes of one
     # 32-byte column slice, (g, t, 16 bytes) contiguous. Two dimensions, the second contiguous, so
     # every Triton release lays the load out alike: 16 bytes a thread, lanes on (t, g), warps on
-    # the blocks, which is what makes the reshape in _unswizzle free. Blocks past the last are
+    # the blocks, which is what makes the reshape in unswizzle free. Blocks past the last are
     # clamped (their rows are never stored).
     r = tl.arange(0, (H // 32) * (BN // 16))
     blk = tl.minimum(pid_n * (BN // 16) + r % (BN // 16), n_blocks - 1)
@@ -286,7 +201,7 @@ def w4a16_gemm_kernel(
     # latency hides behind this chunk's math. Without it they are loaded where they are used;
     # fp32 scales (4-byte loads) are then staged by Triton's cp.async pipeline like the codes,
     # 2-byte ones are not (docs/PERF_NOTES.md).
-    nxt = _group_params(s_ptr, z_ptr, c_begin * KC, K, N, rows, GROUP_LOG2, H, ONE_SCALE, HAS_ZEROS, DTYPE)
+    nxt = group_params(s_ptr, z_ptr, c_begin * KC, K, N, rows, GROUP_LOG2, H, ONE_SCALE, HAS_ZEROS, DTYPE)
     for c0 in range(c_begin, c_end, UNROLL):
         for u in tl.static_range(UNROLL):
             # With UNROLL > 1 the last step may run past this split's end: such a chunk re-reads
@@ -294,34 +209,21 @@ def w4a16_gemm_kernel(
             live = c0 + u < c_end
             c = tl.minimum(c0 + u, c_end - 1)
             k0 = c * KC
-            t = _unswizzle(tl.load(q_ptrs + c * (16 * H)), BN, H // 32)
+            t = unswizzle(tl.load(q_ptrs + c * (16 * H)), BN, H // 32)
             if PREFETCH:
                 s_lo, s_hi, z_lo, z_hi = nxt
-                nxt = _group_params(s_ptr, z_ptr, tl.minimum(c + 1, chunks - 1) * KC, K, N, rows,
+                nxt = group_params(s_ptr, z_ptr, tl.minimum(c + 1, chunks - 1) * KC, K, N, rows,
                                     GROUP_LOG2, H, ONE_SCALE, HAS_ZEROS, DTYPE)
             else:
-                s_lo, s_hi, z_lo, z_hi = _group_params(s_ptr, z_ptr, k0, K, N, rows, GROUP_LOG2, H,
+                s_lo, s_hi, z_lo, z_hi = group_params(s_ptr, z_ptr, k0, K, N, rows, GROUP_LOG2, H,
                                                        ONE_SCALE, HAS_ZEROS, DTYPE)
             if USE_ASM:
                 w_lo, w_hi = codes_magic(t, z_lo, z_hi, HAS_ZEROS, DTYPE)
             else:
                 w_lo, w_hi = codes_portable(t, z_lo, z_hi, HAS_ZEROS, DTYPE)
-            x_lo = _load_x(x_ptrs, k0, offs_h, m_ok, live, K, EVEN_K, SWAP_AB, PRO, pn_ptr, rstd)
-            x_hi = _load_x(x_ptrs, k0 + H, offs_h, m_ok, live, K, EVEN_K, SWAP_AB, PRO, pn_ptr, rstd)
-            if SCALE_AFTER:
-                # The integer-valued tiles go into the MMA as they are; each half chunk's fp32
-                # partial product is scaled per row afterwards (fewer instructions when the
-                # accumulator tile is small, as in decode).
-                if ONE_SCALE:
-                    p = _dot(w_lo, x_lo, SWAP_AB)
-                    p = _dot(w_hi, x_hi, SWAP_AB, p)
-                    acc += p * _per_row(s_lo, SWAP_AB)
-                else:
-                    acc += _dot(w_lo, x_lo, SWAP_AB) * _per_row(s_lo, SWAP_AB)
-                    acc += _dot(w_hi, x_hi, SWAP_AB) * _per_row(s_hi, SWAP_AB)
-            else:
-                acc = _dot(w_lo * s_lo[:, None], x_lo, SWAP_AB, acc)
-                acc = _dot(w_hi * s_hi[:, None], x_hi, SWAP_AB, acc)
+            x_lo = load_x(x_ptrs, k0, offs_h, m_ok, live, K, EVEN_K, SWAP_AB, PRO, pn_ptr, rstd)
+            x_hi = load_x(x_ptrs, k0 + H, offs_h, m_ok, live, K, EVEN_K, SWAP_AB, PRO, pn_ptr, rstd)
+            acc = scaled_mma(acc, w_lo, w_hi, x_lo, x_hi, s_lo, s_hi, SCALE_AFTER, ONE_SCALE, SWAP_AB)
 
     if SWAP_AB:
         out_mask = n_ok[:, None] & m_ok[None, :]

@@ -17,7 +17,7 @@ contiguous): within the block of rows [16b, 16b + 16) and chunk c, byte
 
 holds the chunk-interleaved byte 32*sh + 16*sl + 8*h + 2*t + j of row 16b + 8*r8 + g
 (:func:`fragment_blocks`). A kernel loads a [4, 8, BN/16, H/32, 16] tile and reshapes and
-permutes it back to [BN, H] with register renames only (``w4a16.backends.triton.gemm._unswizzle``).
+permutes it back to [BN, H] with register renames only (``w4a16.backends.triton.tiles.unswizzle``).
 N is padded with zero rows to a multiple of 16, K with zeros to a multiple of KC (the kernels
 mask x past K to 0).
 

@@ -94,25 +94,48 @@ MOE_ALIGNED = ("x_ptr", "q_ptr", "s_ptr", "z_ptr", "tw_ptr", "out_ptr", "slots_p
                "stride_xm", "stride_om")
 
 
+PACKED_ARGS = ("x_ptr", "qk_ptr", "s_ptr", "z_ptr", "tw_ptr", "out_ptr", "slots_ptr", "bexp_ptr", "N", "K", "rows_w",
+               "chunks", "num_slots", "top_k", "num_experts", "stride_xm", "stride_om")
+PACKED_ALIGNED = ("x_ptr", "qk_ptr", "s_ptr", "z_ptr", "tw_ptr", "out_ptr", "slots_ptr", "bexp_ptr", "N", "K",
+                  "rows_w", "stride_xm", "stride_om")
+
+
 def compile_moe(kernel, dtype: str = "fp16", group: int = 128, has_zeros: bool = False):
-    """:func:`w4a16.backends.triton.moe.w4a16_moe_gemm` at ``kernel`` (a MoeKernel) compiled for
-    sm_90a: the gate_up variant writes the activation dtype, down fp32 rows times the routing
-    weights; the direct variant reads int64 expert ids (topk_ids). Pointers and sizes compiled as
-    16-byte aligned, as a real layer's are. group -1: one group over K (a run-time size)."""
+    """The grouped MoE kernel at ``kernel`` compiled for sm_90a: a MoeKernel
+    (:func:`w4a16.backends.triton.moe.w4a16_moe_gemm`, the plain layout) or a PackedKernel
+    (:func:`w4a16.backends.triton.moe_packed.w4a16_moe_packed`, layout 2). The gate_up variant
+    writes the activation dtype, down fp32 rows times the routing weights; the direct variant reads
+    int64 expert ids (topk_ids). Pointers and sizes compiled as 16-byte aligned, as a real layer's
+    are. group -1: one group over K (a run-time size)."""
     import triton.language as tl
 
     from .moe import w4a16_moe_gemm
+    from .moe_packed import PackedKernel, w4a16_moe_packed
 
     t = kernel.tile
-    types = (f"*{dtype}", "*u8", f"*{dtype}", f"*{dtype}", "*fp32", f"*{dtype}" if kernel.silu_mul else "*fp32",
-             "*i32", "*i64" if kernel.direct else "*i32") + ("i32",) * 8
+    out_t = f"*{dtype}" if kernel.silu_mul else "*fp32"
+    ids_t = "*i64" if kernel.direct else "*i32"
+    tl_dtype = tl.float16 if dtype == "fp16" else tl.bfloat16
+    if isinstance(kernel, PackedKernel):
+        kc = chunk_of(group)
+        types = (f"*{dtype}", "*u8", f"*{dtype}", f"*{dtype}", "*fp32", out_t, "*i32", ids_t) + ("i32",) * 9
+        cx = dict(GROUP_LOG2=-1 if group == -1 else group.bit_length() - 1, KC=kc,
+                  ONE_SCALE=group == -1 or group % kc == 0, EVEN_K=True, BM=kernel.block_m, BN=t.block_n,
+                  SWAP_AB=t.swap_ab, SCALE_AFTER=t.scale_after, GATHER=kernel.silu_mul,
+                  MUL_WEIGHT=not kernel.silu_mul, HAS_ZEROS=has_zeros, SILU_MUL=kernel.silu_mul,
+                  DIRECT=kernel.direct, USE_ASM=True, DTYPE=tl_dtype)
+        return _compile_sm90a(w4a16_moe_packed, PACKED_ARGS, types, PACKED_ALIGNED, cx, t.num_warps, t.num_stages)
+
+    types = (f"*{dtype}", "*u8", f"*{dtype}", f"*{dtype}", "*fp32", out_t, "*i32", ids_t) + ("i32",) * 8
     cx = dict(BLOCK_M=kernel.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, ONE_GROUP=group == -1,
               GATHER=kernel.silu_mul, MUL_WEIGHT=not kernel.silu_mul, HAS_ZEROS=has_zeros, SILU_MUL=kernel.silu_mul,
-              DIRECT=kernel.direct, USE_ASM=True, DTYPE=tl.float16 if dtype == "fp16" else tl.bfloat16)
+              DIRECT=kernel.direct, USE_ASM=True, DTYPE=tl_dtype)
     return _compile_sm90a(w4a16_moe_gemm, MOE_ARGS, types, MOE_ALIGNED, cx, t.num_warps, t.num_stages)
 
 
-def moe_weights_per_thread(kernel) -> int:
-    """Weights one thread dequantizes per main-loop iteration (two tiles with SiLU*up)."""
+def moe_weights_per_thread(kernel, group: int = 128) -> int:
+    """Weights one thread dequantizes per main-loop iteration (two tiles with SiLU*up): BK values of
+    K a step for a MoeKernel, one layout chunk for a PackedKernel."""
     t = kernel.tile
-    return t.block_n * t.block_k * (2 if kernel.silu_mul else 1) // (32 * t.num_warps)
+    k = getattr(t, "block_k", None) or chunk_of(group)
+    return t.block_n * k * (2 if kernel.silu_mul else 1) // (32 * t.num_warps)

@@ -1,0 +1,218 @@
+"""The grouped W4A16 GEMM over experts, reading the experts in the dense kernels' layout 2.
+
+The experts [E, Nw, K] of one projection are one weight [E * Nw, K] in layout version 2
+(:mod:`.layout`: 16-row fragment blocks, transposed scales [G_pad, E * Nw]); with Nw a multiple
+of 32 every expert starts on a block boundary, and so does the up half (rows Nw/2 ..) of a
+gate_up weight. One program computes rows [b * BM, (b + 1) * BM) of the grouped order
+(:mod:`w4a16.moe.routing`: one expert's slots per block) times BN output columns of that expert,
+with the dense kernel's K loop (:mod:`.tiles`: each thread loads its own fragment bytes 16 at a
+time, a register-only reshape, the magic-number dequant, one scale per row per half chunk):
+
+    out[slot, n] = sum_k x[row(slot), k] * W[e, n, k]     (times topk_weights[slot] with MUL_WEIGHT)
+
+row(slot) is slot // top_k when GATHER (the first GEMM reads each token once per choice) and the
+slot itself otherwise. SWAP_AB computes the tile transposed (the dequantized weight is the first
+MMA operand, from registers). With SILU_MUL the program also computes the same columns of the up
+half and writes SiLU(gate) * up for n < Nw/2 (each half rounded to the activation dtype first, as
+the unfused layer stores h). Padding rows, and blocks past the last used one (expert -1), write
+nothing; each output element is written by one program, so the result does not depend on the
+schedule.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ...errors import expect
+from .dequant import codes_magic, codes_portable
+from .env import interpreting
+from .launch import group_log2
+from .layout import PreparedWeight
+from .tiles import group_params, load_x, scaled_mma, unswizzle
+
+
+@triton.jit
+def _chunk(acc, q_ptrs, c, x_ptrs, s_ptr, z_ptr, rows_all, wrow, offs_h, valid, K, KC: tl.constexpr,
+           GROUP_LOG2: tl.constexpr, ONE_SCALE: tl.constexpr, EVEN_K: tl.constexpr, BN: tl.constexpr,
+           SWAP_AB: tl.constexpr, SCALE_AFTER: tl.constexpr, HAS_ZEROS: tl.constexpr, USE_ASM: tl.constexpr,
+           DTYPE: tl.constexpr):
+    """acc + chunk c of one weight tile (codes at q_ptrs, rows ``wrow`` of the [G_pad, rows_all]
+    scales) times its x tiles."""
+    H: tl.constexpr = KC // 2
+    k0 = c * KC
+    t = unswizzle(tl.load(q_ptrs + c * (16 * H)), BN, H // 32)
+    s_lo, s_hi, z_lo, z_hi = group_params(s_ptr, z_ptr, k0, K, rows_all, wrow, GROUP_LOG2, H, ONE_SCALE,
+                                          HAS_ZEROS, DTYPE)
+    if USE_ASM:
+        w_lo, w_hi = codes_magic(t, z_lo, z_hi, HAS_ZEROS, DTYPE)
+    else:
+        w_lo, w_hi = codes_portable(t, z_lo, z_hi, HAS_ZEROS, DTYPE)
+    x_lo = load_x(x_ptrs, k0, offs_h, valid, True, K, EVEN_K, SWAP_AB, False, None, None)
+    x_hi = load_x(x_ptrs, k0 + H, offs_h, valid, True, K, EVEN_K, SWAP_AB, False, None, None)
+    return scaled_mma(acc, w_lo, w_hi, x_lo, x_hi, s_lo, s_hi, SCALE_AFTER, ONE_SCALE, SWAP_AB)
+
+
+@triton.jit
+def w4a16_moe_packed(x_ptr, qk_ptr, s_ptr, z_ptr, tw_ptr, out_ptr, slots_ptr, bexp_ptr,
+                     N, K, rows_w, chunks, num_slots, top_k, num_experts, stride_xm, stride_om,
+                     GROUP_LOG2: tl.constexpr, KC: tl.constexpr, ONE_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, SWAP_AB: tl.constexpr, SCALE_AFTER: tl.constexpr,
+                     GATHER: tl.constexpr, MUL_WEIGHT: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                     SILU_MUL: tl.constexpr, DIRECT: tl.constexpr, USE_ASM: tl.constexpr, DTYPE: tl.constexpr):
+    """x [T, K] (GATHER) or [T*k, K] DTYPE; qk uint8 [E * rows_w / 16, chunks * KC * 8] (layout 2);
+    s, z [G_pad, E * rows_w] DTYPE; out [T*k, N]; N the output width (rows_w / 2 with SILU_MUL,
+    else rows_w), a multiple of 16. DIRECT: block b is slot b alone and bexp_ptr holds the slots'
+    expert ids (``Routing.direct``)."""
+    H: tl.constexpr = KC // 2
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(bexp_ptr + pid_b).to(tl.int32)
+    if (e >= 0) & (e < num_experts):
+        offs_m = tl.arange(0, BM)
+        if DIRECT:
+            slots = tl.where(offs_m == 0, pid_b, num_slots)
+        else:
+            slots = tl.load(slots_ptr + pid_b * BM + offs_m)
+        valid = slots < num_slots
+        if GATHER:
+            rows = slots // top_k
+        else:
+            rows = slots
+        rows = tl.where(valid, rows, 0).to(tl.int64)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_ok = offs_n < N
+        rows_all = num_experts * rows_w
+        wrow = e * rows_w + tl.minimum(offs_n, N - 1)     # rows past N read row N-1, never stored
+        # fragment blocks of the tile (as in the dense kernel), clamped to the expert's last block
+        r = tl.arange(0, (H // 32) * (BN // 16))
+        first = e * (rows_w // 16)
+        blk = first + tl.minimum(pid_n * (BN // 16) + r % (BN // 16), N // 16 - 1)
+        seg = ((r // (BN // 16)) * 512)[:, None] + tl.arange(0, 512)[None, :]
+        q_ptrs = qk_ptr + (blk.to(tl.int64) * (chunks * 16 * H))[:, None] + seg
+        offs_h = tl.arange(0, H)
+        if SWAP_AB:
+            x_ptrs = x_ptr + rows[None, :] * stride_xm + offs_h[:, None]      # x^T tile [H, BM]
+            acc = tl.zeros((BN, BM), dtype=tl.float32)
+        else:
+            x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_h[None, :]      # x tile [BM, H]
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = acc
+        up = N // 16 * (chunks * 16 * H)                  # the up half's codes: N rows further
+        for c in range(0, chunks):
+            acc = _chunk(acc, q_ptrs, c, x_ptrs, s_ptr, z_ptr, rows_all, wrow, offs_h, valid, K, KC, GROUP_LOG2,
+                         ONE_SCALE, EVEN_K, BN, SWAP_AB, SCALE_AFTER, HAS_ZEROS, USE_ASM, DTYPE)
+            if SILU_MUL:
+                acc_u = _chunk(acc_u, q_ptrs + up, c, x_ptrs, s_ptr, z_ptr, rows_all, wrow + N, offs_h, valid, K,
+                               KC, GROUP_LOG2, ONE_SCALE, EVEN_K, BN, SWAP_AB, SCALE_AFTER, HAS_ZEROS, USE_ASM,
+                               DTYPE)
+        if SILU_MUL:
+            gate = acc.to(DTYPE).to(tl.float32)
+            acc = gate / (1.0 + tl.exp(-gate)) * acc_u.to(DTYPE).to(tl.float32)
+        if SWAP_AB:
+            if MUL_WEIGHT:
+                acc = acc * tl.load(tw_ptr + slots, mask=valid, other=0.0).to(tl.float32)[None, :]
+            out = out_ptr + slots[None, :].to(tl.int64) * stride_om + offs_n[:, None]
+            mask = n_ok[:, None] & valid[None, :]
+        else:
+            if MUL_WEIGHT:
+                acc = acc * tl.load(tw_ptr + slots, mask=valid, other=0.0).to(tl.float32)[:, None]
+            out = out_ptr + slots[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+            mask = valid[:, None] & n_ok[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+class PackedTile(NamedTuple):
+    """A launch shape of :func:`w4a16_moe_packed` (BLOCK_M comes from the routing)."""
+
+    block_n: int
+    swap_ab: bool
+    scale_after: bool
+    num_warps: int
+    num_stages: int
+
+    def short(self) -> str:
+        return (f"n{self.block_n}{'' if self.swap_ab else ' noswap'}{' sa' if self.scale_after else ''} "
+                f"w{self.num_warps} s{self.num_stages}")
+
+
+@dataclass(frozen=True)
+class PackedKernel:
+    """A compile-time variant of :func:`w4a16_moe_packed` as ``w4a16 sass`` names it: the tile, the
+    routing's block size, the gate_up epilogue (SiLU*up) or not, the one-token routing or not."""
+
+    tile: PackedTile
+    block_m: int
+    silu_mul: bool
+    direct: bool = False
+
+    def short(self) -> str:
+        return (f"moe-packed-{'gate_up' if self.silu_mul else 'down'} m{self.block_m} {self.tile.short()}"
+                f"{' direct' if self.direct else ''}")
+
+
+def packable(rows_w: int, silu_mul: bool) -> bool:
+    """Whether a projection with ``rows_w`` weight rows per expert runs on this kernel: every
+    expert (and, for a gate_up weight, its up half) must start on a 16-row block."""
+    return rows_w % (32 if silu_mul else 16) == 0
+
+
+def packed_tile_for(block_m: int, n_out: int, blocks: int, num_sms: int, silu_mul: bool) -> PackedTile:
+    """The tile for a call: ``blocks`` programs along the grouped order (an upper bound of the
+    blocks that hold slots), ``n_out`` output columns. Decode-sized blocks (block_m 16) take the
+    widest of 128, 64, 32, 16 columns that still gives about two programs per SM (one SM streams
+    only so many bytes at once: a small grid leaves bandwidth unused), the weight as the first MMA
+    operand and the scales applied after it, codes straight from global memory to registers, one
+    warp per 16 rows up to four; larger blocks take 128-column tiles (64 with SiLU*up, two weight
+    tiles per step), the scales applied before the MMA, a 3-stage pipeline."""
+    if block_m <= 16:
+        bn = 16
+        for cand in (128, 64, 32):
+            if blocks * -(-n_out // cand) >= 2 * num_sms:
+                bn = cand
+                break
+        if silu_mul:
+            bn = max(16, bn // 2)
+        return PackedTile(bn, True, True, min(4, bn // 16), 1)
+    return PackedTile(64 if silu_mul else 128, True, False, 4, 3)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def grouped_gemm(x: torch.Tensor, pw: PreparedWeight, num_experts: int, routing, top_k: int, gather: bool,
+                 out: torch.Tensor, topk_weights: Optional[torch.Tensor] = None, silu_mul: bool = False,
+                 tile: Optional[PackedTile] = None) -> torch.Tensor:
+    """Launch :func:`w4a16_moe_packed`: x [T, K] (gather) or [T*k, K] contiguous, pw the experts
+    [E * Nw, K] in layout 2 (``packable(Nw, silu_mul)``), routing a
+    :class:`w4a16.moe.routing.Routing`, out [T*k, Nw] (written for every routed slot; [T*k, Nw/2]
+    with ``silu_mul``), topk_weights float [T*k] contiguous or None; tile: None for
+    :func:`packed_tile_for`'s. Returns out."""
+    rows_w = pw.N // num_experts
+    expect(packable(rows_w, silu_mul), "experts rows", f"a multiple of {32 if silu_mul else 16}", rows_w)
+    n_out = rows_w // 2 if silu_mul else rows_w
+    blocks = routing.block_expert.numel()
+    if tile is None:
+        used = blocks if routing.direct else min(blocks, num_experts)
+        tile = packed_tile_for(routing.block_m, n_out, used, _num_sms(x.device), silu_mul)
+    zeros = pw.zeros_t if pw.zeros_t is not None else pw.scales_t
+    tw = topk_weights if topk_weights is not None else out   # unread without MUL_WEIGHT
+    grid = (blocks, triton.cdiv(n_out, tile.block_n))
+    w4a16_moe_packed[grid](x, pw.qk, pw.scales_t, zeros, tw, out, routing.sorted_slots, routing.block_expert,
+                           n_out, pw.K, rows_w, pw.K_pad // pw.kc, routing.slots, top_k, num_experts, x.stride(0),
+                           out.stride(0), GROUP_LOG2=group_log2(pw), KC=pw.kc,
+                           ONE_SCALE=pw.group == pw.K or pw.group % pw.kc == 0, EVEN_K=pw.K % pw.kc == 0,
+                           BM=routing.block_m, BN=tile.block_n, SWAP_AB=tile.swap_ab, SCALE_AFTER=tile.scale_after,
+                           GATHER=gather, MUL_WEIGHT=topk_weights is not None, HAS_ZEROS=pw.zeros_t is not None,
+                           SILU_MUL=silu_mul, DIRECT=routing.direct, USE_ASM=not interpreting(),
+                           DTYPE=_DTYPES[x.dtype], num_warps=tile.num_warps, num_stages=tile.num_stages)
+    return out

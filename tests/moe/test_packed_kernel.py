@@ -1,0 +1,124 @@
+"""The grouped kernel over the experts' layout-2 copy (``w4a16.backends.triton.moe_packed``) against
+the reference, every element, on a poisoned output: each launch shape (swapped or not, scales
+before or after the MMA, 16..128 columns, pipelined or not), one token (direct routing), decode
+and prefill block sizes, gather or not, SiLU*up or the routing weights, K not a multiple of the
+chunk, group sizes 32, 64, 128 and per channel, zero points. Then the storage: the packed copy
+is the only copy of the codes, and edits through ``qweight``, ``scales`` and ``.data`` reach the
+next call; a module saved after its first call loads into another and gives the same result."""
+import pytest
+import torch
+
+from conftest import DEVICE, KERNEL_DTYPES
+from w4a16.backends.selection import get
+from w4a16.backends.triton import moe_packed
+from w4a16.backends.triton.moe_packed import PackedTile, packable, packed_tile_for
+from w4a16.moe import QuantizedExperts, W4A16Experts, align, fused_moe, grouped_gemm, reference
+from w4a16.moe.ops import block_m_for, kernel_tensors
+from w4a16.moe.routing import direct
+
+TILES = [None, PackedTile(16, True, True, 1, 1), PackedTile(32, True, False, 2, 1),
+         PackedTile(64, False, False, 4, 2), PackedTile(128, True, True, 4, 3)]
+
+
+def _experts(gen, E, N, K, g, zeros, dtype):
+    return QuantizedExperts.quantize(torch.randn(E, N, K, generator=gen), g, not zeros, dtype).to(DEVICE)
+
+
+def _ids(gen, T, k, E):
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]).to(DEVICE)
+    w = torch.rand(T, k, generator=gen).to(DEVICE) + 0.1
+    return ids, w
+
+
+def _expected(x, ex, ids, gather, w, silu_mul, dtype):
+    """The reference rows [T*k, N] (SiLU(gate) * up of the rounded halves with silu_mul)."""
+    y = reference.grouped_gemm(x, ex, ids, gather, None if silu_mul else w)
+    if not silu_mul:
+        return y.float()
+    gate, up = y.to(dtype).float().chunk(2, dim=1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def _assert_every_element(out, ref, dtype):
+    assert torch.isfinite(out).all()                      # every element written (poisoned with NaN)
+    tol = (2e-3 if dtype == torch.float16 else 1e-2) * float(ref.abs().max()) + 1e-3
+    err = (out.float() - ref).abs()
+    assert float(err.max()) <= tol, f"max error {float(err.max())} > {tol}"
+
+
+@pytest.mark.parametrize("tile", TILES, ids=lambda t: "auto" if t is None else t.short())
+@pytest.mark.parametrize("T,k,E,gather,silu_mul", [(1, 4, 6, True, True), (7, 2, 4, True, False),
+                                                   (40, 2, 2, False, False), (5, 3, 4, True, True)])
+def test_packed_kernel_matches_reference(gen, tile, T, k, E, gather, silu_mul):
+    dtype, K, g, zeros = torch.float16, 192, 64, T % 2 == 1
+    N = 64
+    ex = _experts(gen, E, N, K, g, zeros, dtype)
+    ids, w = _ids(gen, T, k, E)
+    x = torch.randn(T if gather else T * k, K, generator=gen).to(DEVICE, dtype)
+    S = T * k
+    routing = direct(ids) if T == 1 else align(ids, E, block_m_for(S, E))
+    n_out = N // 2 if silu_mul else N
+    out = torch.full((S, n_out), float("nan"), dtype=dtype if silu_mul else torch.float32, device=DEVICE)
+    tw = None if silu_mul else w.reshape(-1).float()
+    pw = ex.weight.prepared(get("triton"))
+    moe_packed.grouped_gemm(x, pw, E, routing, k, gather, out, tw, silu_mul=silu_mul, tile=tile)
+    _assert_every_element(out, _expected(x, ex, ids, gather, w, silu_mul, dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("g,zeros", [(32, False), (128, True), (-1, False), (-1, True)])
+def test_fused_layer_on_packed_experts_matches_reference(gen, dtype, g, zeros):
+    E, I, H, T, k = 4, 128, 128, 6, 2
+    gu, dn = _experts(gen, E, 2 * I, H, g, zeros, dtype), _experts(gen, E, H, I, g, zeros, dtype)
+    assert kernel_tensors(gu, True)[0] == 2 and kernel_tensors(dn, False)[0] == 2
+    x = torch.randn(T, H, generator=gen).to(DEVICE, dtype)
+    ids, w = _ids(gen, T, k, E)
+    y = fused_moe(x, gu, dn, ids, w, backend="triton")
+    ref = reference.fused_moe(x, gu, dn, ids, w)
+    _assert_every_element(y, ref.float(), dtype)
+
+
+def test_layout_choice():
+    """Experts run packed where every expert (and a gate_up weight's up half) starts on a 16-row
+    block, else on the plain kernel."""
+    assert packable(64, True) and packable(48, False) and not packable(48, True) and not packable(40, False)
+
+
+def test_tile_choice_fills_the_gpu_at_decode():
+    """Decode blocks: the widest tile with about two programs per SM, narrower when few blocks
+    hold slots; prefill blocks: wide tiles, a pipeline."""
+    assert packed_tile_for(16, 4096, 8, 132, False).block_n == 64        # 8 experts x 64 tiles of 64
+    assert packed_tile_for(16, 4096, 128, 132, False).block_n == 128
+    narrow = packed_tile_for(16, 768, 8, 132, True)                      # 192 programs even at 32 columns
+    assert narrow.block_n == 16 and narrow.num_warps == 1 and narrow.swap_ab and narrow.scale_after
+    t = packed_tile_for(128, 4096, 64, 132, False)
+    assert t.block_n == 128 and t.num_stages == 3 and not t.scale_after
+
+
+def test_packed_copy_is_the_only_copy_and_edits_reach_the_next_call(gen):
+    dtype, E, N, K, T, k = torch.float16, 3, 64, 128, 4, 2
+    ex = _experts(gen, E, N, K, 32, False, dtype)
+    ids, w = _ids(gen, T, k, E)
+    x = torch.randn(T, K, generator=gen).to(DEVICE, dtype)
+    grouped_gemm(x, ex, ids, backend="triton")
+    assert ex.weight._codes is None                       # the layout-2 copy holds the codes alone
+    q = ex.qweight                                        # rebuilt from it
+    q[1].bitwise_xor_(0x35)                               # in place, through the rebuilt view
+    ex.scales.data[2].mul_(-0.5)                          # through .data
+    plain = QuantizedExperts(q.clone(), ex.scales.clone(), None, 32)
+    y = grouped_gemm(x, ex, ids, backend="triton").float()
+    _assert_every_element(y, reference.grouped_gemm(x, plain, ids).float(), dtype)
+
+
+def test_module_state_dict_after_a_call_round_trips(gen):
+    dtype, E, I, H, T, k = torch.float16, 4, 32, 64, 5, 2
+    m = W4A16Experts(_experts(gen, E, 2 * I, H, 32, True, dtype), _experts(gen, E, H, I, 32, True, dtype))
+    x = torch.randn(T, H, generator=gen).to(DEVICE, dtype)
+    ids, w = _ids(gen, T, k, E)
+    y = m(x, ids, w)
+    sd = m.state_dict()
+    assert sorted(sd) == sorted(f"{p}_{part}" for p in ("gate_up", "down") for part in ("qweight", "scales", "zeros"))
+    assert sd["gate_up_qweight"].shape == (E, 2 * I, H // 2) and sd["gate_up_qweight"].dtype == torch.uint8
+    other = W4A16Experts(_experts(gen, E, 2 * I, H, 32, True, dtype), _experts(gen, E, H, I, 32, True, dtype))
+    other.load_state_dict(sd)
+    assert torch.equal(other(x, ids, w), y)
