@@ -132,21 +132,28 @@ _loaded._dynamo_marked_constant = True
 
 
 def _launch(x: torch.Tensor, layout: int, tensors: list, shape: tuple, group: int, routing, top_k: int, gather: bool,
-            out: torch.Tensor, tw: Optional[torch.Tensor], silu_mul: bool) -> torch.Tensor:
+            out, tw: Optional[torch.Tensor], silu_mul: bool) -> torch.Tensor:
     """One grouped GEMM on the kernel of ``layout`` (:func:`kernel_tensors`); experts ``shape``
-    (E, N, K) with effective group size ``group``."""
+    (E, N, K) with effective group size ``group``. ``out``: the output tensor, or for a projection
+    with the routing weights (``tw``) a callable that allocates the fp32 rows for a number of
+    K splits ([splits, T*k, N]; the packed kernel splits K when its grid is small)."""
     E, N, K = shape
     if layout == 0:
         from ..backends.triton import moe as kernel
 
         g = -1 if group == K else group
         experts = QuantizedExperts(tensors[0], tensors[1], tensors[2], g)
-        return kernel.grouped_gemm(x, experts, routing, top_k, gather, out, tw, silu_mul=silu_mul)
+        return kernel.grouped_gemm(x, experts, routing, top_k, gather, out(1) if callable(out) else out, tw,
+                                   silu_mul=silu_mul)
     from ..backends.selection import get
     from ..backends.triton import moe_packed
 
     pw = get("triton").from_op_tensors([t for t in tensors if t is not None], E * N, K, group)
-    return moe_packed.grouped_gemm(x, pw, E, routing, top_k, gather, out, tw, silu_mul=silu_mul)
+    n_out = N // 2 if silu_mul else N
+    tile, splits = moe_packed.launch_plan(routing, n_out, pw.K_pad // pw.kc, E, x.device, silu_mul,
+                                          may_split=callable(out))
+    return moe_packed.grouped_gemm(x, pw, E, routing, top_k, gather, out(splits) if callable(out) else out, tw,
+                                   silu_mul=silu_mul, tile=tile, splits=splits)
 
 
 def fused_moe(x: torch.Tensor, gate_up: QuantizedExperts, down: QuantizedExperts, topk_ids: torch.Tensor,
@@ -199,9 +206,10 @@ def _fused_moe(x: torch.Tensor, gu_q: torch.Tensor, gu_s: torch.Tensor, gu_z: Op
     routing = _route(ids, E)
     a = _launch(x.contiguous(), gu_layout, [gu_q, gu_s, gu_z], (E, 2 * I, H), g_gu, routing, k, True,
                 torch.empty(S, I, dtype=x.dtype, device=x.device), None, True)
-    ys = torch.empty(S, H, dtype=torch.float32, device=x.device)   # rows of ids outside [0, E): not read
-    _launch(a, dn_layout, [dn_q, dn_s, dn_z], (E, H, I), g_dn, routing, k, False, ys,
-            topk_weights.reshape(-1).contiguous(), False)
+    # fp32 rows per slot (per K split); rows of ids outside [0, E) are not read
+    ys = _launch(a, dn_layout, [dn_q, dn_s, dn_z], (E, H, I), g_dn, routing, k, False,
+                 lambda splits: torch.empty(splits, S, H, dtype=torch.float32, device=x.device),
+                 topk_weights.reshape(-1).contiguous(), False)
     return combine(ys, ids, E, x.dtype)
 
 

@@ -58,7 +58,8 @@ def _chunk(acc, q_ptrs, c, x_ptrs, s_ptr, z_ptr, rows_all, wrow, offs_h, valid, 
 
 @triton.jit
 def w4a16_moe_packed(x_ptr, qk_ptr, s_ptr, z_ptr, tw_ptr, out_ptr, slots_ptr, bexp_ptr,
-                     N, K, rows_w, chunks, num_slots, top_k, num_experts, stride_xm, stride_om,
+                     N, K, rows_w, chunks, chunks_per_split, num_slots, top_k, num_experts, stride_xm, stride_om,
+                     stride_os,
                      GROUP_LOG2: tl.constexpr, KC: tl.constexpr, ONE_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, SWAP_AB: tl.constexpr, SCALE_AFTER: tl.constexpr,
                      GATHER: tl.constexpr, MUL_WEIGHT: tl.constexpr, HAS_ZEROS: tl.constexpr,
@@ -66,10 +67,13 @@ def w4a16_moe_packed(x_ptr, qk_ptr, s_ptr, z_ptr, tw_ptr, out_ptr, slots_ptr, be
     """x [T, K] (GATHER) or [T*k, K] DTYPE; qk uint8 [E * rows_w / 16, chunks * KC * 8] (layout 2);
     s, z [G_pad, E * rows_w] DTYPE; out [T*k, N]; N the output width (rows_w / 2 with SILU_MUL,
     else rows_w), a multiple of 16. DIRECT: block b is slot b alone and bexp_ptr holds the slots'
-    expert ids (``Routing.direct``)."""
+    expert ids (``Routing.direct``). Split K (grid axis 2, not with SILU_MUL): program s covers
+    chunks [s * chunks_per_split, (s + 1) * chunks_per_split) and writes its partial rows to
+    out + s * stride_os (the combine kernel sums the planes in order)."""
     H: tl.constexpr = KC // 2
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     e = tl.load(bexp_ptr + pid_b).to(tl.int32)
     if (e >= 0) & (e < num_experts):
         offs_m = tl.arange(0, BM)
@@ -102,7 +106,8 @@ def w4a16_moe_packed(x_ptr, qk_ptr, s_ptr, z_ptr, tw_ptr, out_ptr, slots_ptr, be
             acc = tl.zeros((BM, BN), dtype=tl.float32)
         acc_u = acc
         up = N // 16 * (chunks * 16 * H)                  # the up half's codes: N rows further
-        for c in range(0, chunks):
+        c_end = tl.minimum(chunks, (pid_k + 1) * chunks_per_split)
+        for c in range(pid_k * chunks_per_split, c_end):
             acc = _chunk(acc, q_ptrs, c, x_ptrs, s_ptr, z_ptr, rows_all, wrow, offs_h, valid, K, KC, GROUP_LOG2,
                          ONE_SCALE, EVEN_K, BN, SWAP_AB, SCALE_AFTER, HAS_ZEROS, USE_ASM, DTYPE)
             if SILU_MUL:
@@ -115,12 +120,14 @@ def w4a16_moe_packed(x_ptr, qk_ptr, s_ptr, z_ptr, tw_ptr, out_ptr, slots_ptr, be
         if SWAP_AB:
             if MUL_WEIGHT:
                 acc = acc * tl.load(tw_ptr + slots, mask=valid, other=0.0).to(tl.float32)[None, :]
-            out = out_ptr + slots[None, :].to(tl.int64) * stride_om + offs_n[:, None]
+            out = out_ptr + pid_k.to(tl.int64) * stride_os
+            out += slots[None, :].to(tl.int64) * stride_om + offs_n[:, None]
             mask = n_ok[:, None] & valid[None, :]
         else:
             if MUL_WEIGHT:
                 acc = acc * tl.load(tw_ptr + slots, mask=valid, other=0.0).to(tl.float32)[:, None]
-            out = out_ptr + slots[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+            out = out_ptr + pid_k.to(tl.int64) * stride_os
+            out += slots[:, None].to(tl.int64) * stride_om + offs_n[None, :]
             mask = valid[:, None] & n_ok[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -167,7 +174,8 @@ def packed_tile_for(block_m: int, n_out: int, blocks: int, num_sms: int, silu_mu
     only so many bytes at once: a small grid leaves bandwidth unused), the weight as the first MMA
     operand and the scales applied after it, codes straight from global memory to registers, one
     warp per 16 rows up to four; larger blocks take 128-column tiles (64 with SiLU*up, two weight
-    tiles per step), the scales applied before the MMA, a 3-stage pipeline."""
+    tiles per step), the scales applied before the MMA, a 3-stage pipeline, 8 warps for a 128 x 128
+    down tile (4 would spill)."""
     if block_m <= 16:
         bn = 16
         for cand in (128, 64, 32):
@@ -177,7 +185,9 @@ def packed_tile_for(block_m: int, n_out: int, blocks: int, num_sms: int, silu_mu
         if silu_mul:
             bn = max(16, bn // 2)
         return PackedTile(bn, True, True, min(4, bn // 16), 1)
-    return PackedTile(64 if silu_mul else 128, True, False, 4, 3)
+    if silu_mul:     # 8 warps would split 64 weight rows over two warpgroups: each dequantizes them all
+        return PackedTile(64, True, False, 4, 3)
+    return PackedTile(128, True, False, 8 if block_m >= 128 else 4, 3)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -189,27 +199,52 @@ def _num_sms(device: torch.device) -> int:
 _DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
+def split_for(programs: int, chunks: int, num_sms: int) -> int:
+    """K splits for a down projection whose grid has ``programs`` programs and ``chunks`` layout
+    chunks along K: enough to give about two programs per SM, at least 8 chunks each, at most 8."""
+    want = -(-2 * num_sms // max(1, programs))
+    return max(1, min(want, chunks // 8, 8))
+
+
+def launch_plan(routing, n_out: int, chunks: int, num_experts: int, device: torch.device, silu_mul: bool,
+                tile: Optional[PackedTile] = None, may_split: bool = False):
+    """(tile, K splits) for a call: ``tile`` or :func:`packed_tile_for`'s, and splits from
+    :func:`split_for` where ``may_split`` (the caller sums the partial planes), else 1."""
+    blocks = routing.block_expert.numel()
+    used = blocks if routing.direct else min(blocks, num_experts)
+    sms = _num_sms(device)
+    if tile is None:
+        tile = packed_tile_for(routing.block_m, n_out, used, sms, silu_mul)
+    splits = 1
+    if may_split and not silu_mul and routing.block_m <= 16:
+        splits = split_for(used * -(-n_out // tile.block_n), chunks, sms)
+    return tile, splits
+
+
 def grouped_gemm(x: torch.Tensor, pw: PreparedWeight, num_experts: int, routing, top_k: int, gather: bool,
                  out: torch.Tensor, topk_weights: Optional[torch.Tensor] = None, silu_mul: bool = False,
-                 tile: Optional[PackedTile] = None) -> torch.Tensor:
+                 tile: Optional[PackedTile] = None, splits: int = 1) -> torch.Tensor:
     """Launch :func:`w4a16_moe_packed`: x [T, K] (gather) or [T*k, K] contiguous, pw the experts
     [E * Nw, K] in layout 2 (``packable(Nw, silu_mul)``), routing a
     :class:`w4a16.moe.routing.Routing`, out [T*k, Nw] (written for every routed slot; [T*k, Nw/2]
-    with ``silu_mul``), topk_weights float [T*k] contiguous or None; tile: None for
+    with ``silu_mul``; [splits, T*k, Nw] partial sums over K with ``splits`` > 1, not with
+    ``silu_mul``), topk_weights float [T*k] contiguous or None; tile: None for
     :func:`packed_tile_for`'s. Returns out."""
     rows_w = pw.N // num_experts
     expect(packable(rows_w, silu_mul), "experts rows", f"a multiple of {32 if silu_mul else 16}", rows_w)
+    expect(splits == 1 or not silu_mul, "splits", "1 with silu_mul (SiLU needs whole sums)", splits)
     n_out = rows_w // 2 if silu_mul else rows_w
-    blocks = routing.block_expert.numel()
+    chunks = pw.K_pad // pw.kc
     if tile is None:
-        used = blocks if routing.direct else min(blocks, num_experts)
-        tile = packed_tile_for(routing.block_m, n_out, used, _num_sms(x.device), silu_mul)
+        tile, _ = launch_plan(routing, n_out, chunks, num_experts, x.device, silu_mul)
+    per = -(-chunks // splits)
     zeros = pw.zeros_t if pw.zeros_t is not None else pw.scales_t
     tw = topk_weights if topk_weights is not None else out   # unread without MUL_WEIGHT
-    grid = (blocks, triton.cdiv(n_out, tile.block_n))
+    rows = out.shape[-2]
+    grid = (routing.block_expert.numel(), triton.cdiv(n_out, tile.block_n), -(-chunks // per))
     w4a16_moe_packed[grid](x, pw.qk, pw.scales_t, zeros, tw, out, routing.sorted_slots, routing.block_expert,
-                           n_out, pw.K, rows_w, pw.K_pad // pw.kc, routing.slots, top_k, num_experts, x.stride(0),
-                           out.stride(0), GROUP_LOG2=group_log2(pw), KC=pw.kc,
+                           n_out, pw.K, rows_w, chunks, per, routing.slots, top_k, num_experts, x.stride(0),
+                           out.stride(-2), rows * out.stride(-2), GROUP_LOG2=group_log2(pw), KC=pw.kc,
                            ONE_SCALE=pw.group == pw.K or pw.group % pw.kc == 0, EVEN_K=pw.K % pw.kc == 0,
                            BM=routing.block_m, BN=tile.block_n, SWAP_AB=tile.swap_ab, SCALE_AFTER=tile.scale_after,
                            GATHER=gather, MUL_WEIGHT=topk_weights is not None, HAS_ZEROS=pw.zeros_t is not None,

@@ -6,7 +6,8 @@ operations of :func:`w4a16.moe.routing.align` and the final sum:
   ``sorted_slots`` and ``block_expert``, element for element) in one program, for the few slots of
   a decode step (:data:`ALIGN_MAX_SLOTS`); larger calls keep the torch version.
 * :func:`moe_combine_kernel`: y[t] = sum over j of the per-slot rows ys[t*k + j] (fp32, in j
-  order), skipping the choices whose id is outside [0, E), cast to y's dtype.
+  order; each row the sum of its K-split planes in split order), skipping the choices whose id is
+  outside [0, E), cast to y's dtype.
 """
 from __future__ import annotations
 
@@ -61,8 +62,9 @@ def moe_align_kernel(ids_ptr, sorted_ptr, bexp_ptr, S, E, P, NB,
 
 
 @triton.jit
-def moe_combine_kernel(ys_ptr, ids_ptr, y_ptr, H, E, top_k, BLOCK_H: tl.constexpr):
-    """ys fp32 [T*k, H], ids [T*k] -> y [T, H] (program (t, h block))."""
+def moe_combine_kernel(ys_ptr, ids_ptr, y_ptr, H, E, top_k, splits, plane, BLOCK_H: tl.constexpr):
+    """ys fp32 [splits, T*k, H] (``plane`` = T*k*H elements apart), ids [T*k] -> y [T, H]
+    (program (t, h block))."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
@@ -71,7 +73,10 @@ def moe_combine_kernel(ys_ptr, ids_ptr, y_ptr, H, E, top_k, BLOCK_H: tl.constexp
         s = t * top_k + j
         e = tl.load(ids_ptr + s)
         if (e >= 0) & (e < E):
-            acc += tl.load(ys_ptr + s * H + h, mask=hm, other=0.0)
+            row = tl.load(ys_ptr + s * H + h, mask=hm, other=0.0)
+            for p in range(1, splits):
+                row += tl.load(ys_ptr + p * plane + s * H + h, mask=hm, other=0.0)
+            acc += row
     tl.store(y_ptr + t * H + h, acc.to(y_ptr.dtype.element_ty), mask=hm)
 
 
@@ -89,11 +94,13 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Routing:
 
 
 def combine(ys: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
-    """ys fp32 [T*k, H] contiguous, topk_ids [T, k] contiguous -> y [T, H] in ``dtype``."""
+    """ys fp32 [T*k, H] or [splits, T*k, H] (partial sums over K) contiguous, topk_ids [T, k]
+    contiguous -> y [T, H] in ``dtype``."""
     T, k = topk_ids.shape
-    H = ys.shape[1]
+    planes = ys if ys.dim() == 3 else ys.unsqueeze(0)
+    H = ys.shape[-1]
     y = torch.empty(T, H, dtype=dtype, device=ys.device)
     block_h = min(1024, triton.next_power_of_2(H))
-    moe_combine_kernel[(T, triton.cdiv(H, block_h))](ys, topk_ids, y, H, num_experts, k, BLOCK_H=block_h,
-                                                      num_warps=4)
+    moe_combine_kernel[(T, triton.cdiv(H, block_h))](ys, topk_ids, y, H, num_experts, k, planes.shape[0],
+                                                      planes.shape[1] * H, BLOCK_H=block_h, num_warps=4)
     return y

@@ -95,7 +95,7 @@ MOE_ALIGNED = ("x_ptr", "q_ptr", "s_ptr", "z_ptr", "tw_ptr", "out_ptr", "slots_p
 
 
 PACKED_ARGS = ("x_ptr", "qk_ptr", "s_ptr", "z_ptr", "tw_ptr", "out_ptr", "slots_ptr", "bexp_ptr", "N", "K", "rows_w",
-               "chunks", "num_slots", "top_k", "num_experts", "stride_xm", "stride_om")
+               "chunks", "chunks_per_split", "num_slots", "top_k", "num_experts", "stride_xm", "stride_om", "stride_os")
 PACKED_ALIGNED = ("x_ptr", "qk_ptr", "s_ptr", "z_ptr", "tw_ptr", "out_ptr", "slots_ptr", "bexp_ptr", "N", "K",
                   "rows_w", "stride_xm", "stride_om")
 
@@ -118,7 +118,7 @@ def compile_moe(kernel, dtype: str = "fp16", group: int = 128, has_zeros: bool =
     tl_dtype = tl.float16 if dtype == "fp16" else tl.bfloat16
     if isinstance(kernel, PackedKernel):
         kc = chunk_of(group)
-        types = (f"*{dtype}", "*u8", f"*{dtype}", f"*{dtype}", "*fp32", out_t, "*i32", ids_t) + ("i32",) * 9
+        types = (f"*{dtype}", "*u8", f"*{dtype}", f"*{dtype}", "*fp32", out_t, "*i32", ids_t) + ("i32",) * 11
         cx = dict(GROUP_LOG2=-1 if group == -1 else group.bit_length() - 1, KC=kc,
                   ONE_SCALE=group == -1 or group % kc == 0, EVEN_K=True, BM=kernel.block_m, BN=t.block_n,
                   SWAP_AB=t.swap_ab, SCALE_AFTER=t.scale_after, GATHER=kernel.silu_mul,
