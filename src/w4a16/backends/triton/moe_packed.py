@@ -20,6 +20,7 @@ schedule.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -191,9 +192,15 @@ def packed_tile_for(block_m: int, n_out: int, blocks: int, num_sms: int, silu_mu
 
 
 def _num_sms(device: torch.device) -> int:
+    """SMs of ``device`` (132, an H100's or H200's, for the CPU interpreter)."""
     if device.type != "cuda":
         return 132
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 _DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
