@@ -163,3 +163,26 @@ def test_fused_layer_with_a_split_down_projection(gen):
     assert launch_plan(direct(ids), H, I // 128, E, x.device, False, may_split=True)[1] == 2
     y = fused_moe(x, gu, dn, ids, w, backend="triton")
     _assert_every_element(y, reference.fused_moe(x, gu, dn, ids, w).float(), dtype)
+
+
+def test_concurrent_calls_are_correct(gen):
+    """Four threads calling the layer at once (on the CPU the interpreter runs one launch at a time;
+    the first calls of a weight pack it once)."""
+    import threading
+
+    dtype, E, I, H, T, k = torch.float16, 4, 32, 64, 3, 2
+    gu, dn = _experts(gen, E, 2 * I, H, 32, False, dtype), _experts(gen, E, H, I, 32, False, dtype)
+    calls = [(torch.randn(T, H, generator=gen).to(DEVICE, dtype), *_ids(gen, T, k, E)) for _ in range(4)]
+    got = [None] * len(calls)
+
+    def run(i):
+        x, ids, w = calls[i]
+        got[i] = fused_moe(x, gu, dn, ids, w, backend="triton")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (x, ids, w), y in zip(calls, got):
+        _assert_every_element(y, reference.fused_moe(x, gu, dn, ids, w).float(), dtype)

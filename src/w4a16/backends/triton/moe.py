@@ -30,6 +30,7 @@ import triton.language as tl
 from ...errors import expect
 from .dequant import codes_magic, codes_portable
 from .env import interpreting
+from .fast_launch import CachedLaunch
 
 
 @triton.jit
@@ -159,6 +160,7 @@ def tile_for(block_m: int, silu_mul: bool, G: int, one_group: bool) -> MoeTile:
 
 
 _DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_LAUNCH = CachedLaunch(w4a16_moe_gemm)
 
 
 def grouped_gemm(x: torch.Tensor, experts, routing, top_k: int, gather: bool, out: torch.Tensor,
@@ -180,11 +182,10 @@ def grouped_gemm(x: torch.Tensor, experts, routing, top_k: int, gather: bool, ou
     grid = (blocks, triton.cdiv(n_out, tile.block_n))
     zeros = experts.zeros if experts.zeros is not None else experts.scales
     tw = topk_weights if topk_weights is not None else out   # unread without MUL_WEIGHT
-    w4a16_moe_gemm[grid](x, experts.qweight, experts.scales, zeros, tw, out, routing.sorted_slots,
-                          routing.block_expert, n_out, K, G, routing.slots, top_k, E,
-                          x.stride(0), out.stride(0), BLOCK_M=routing.block_m, BLOCK_N=tile.block_n,
-                          BLOCK_K=tile.block_k, ONE_GROUP=one_group, GATHER=gather,
-                          MUL_WEIGHT=topk_weights is not None, HAS_ZEROS=experts.zeros is not None,
-                          SILU_MUL=silu_mul, DIRECT=routing.direct, USE_ASM=not interpreting(), DTYPE=_DTYPES[x.dtype],
-                          num_warps=tile.num_warps, num_stages=tile.num_stages)
+    args = (x, experts.qweight, experts.scales, zeros, tw, out, routing.sorted_slots, routing.block_expert, n_out,
+            K, G, routing.slots, top_k, E, x.stride(0), out.stride(0))
+    cx = dict(BLOCK_M=routing.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, ONE_GROUP=one_group, GATHER=gather,
+              MUL_WEIGHT=topk_weights is not None, HAS_ZEROS=experts.zeros is not None, SILU_MUL=silu_mul,
+              DIRECT=routing.direct, USE_ASM=not interpreting(), DTYPE=_DTYPES[x.dtype])
+    _LAUNCH(grid, args, cx, tile.num_warps, tile.num_stages)
     return out

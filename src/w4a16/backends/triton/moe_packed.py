@@ -31,6 +31,7 @@ import triton.language as tl
 from ...errors import expect
 from .dequant import codes_magic, codes_portable
 from .env import interpreting
+from .fast_launch import CachedLaunch
 from .launch import group_log2
 from .layout import PreparedWeight
 from .tiles import group_params, load_x, scaled_mma, unswizzle
@@ -204,6 +205,7 @@ def _cuda_sms(index: int) -> int:
 
 
 _DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_LAUNCH = CachedLaunch(w4a16_moe_packed)
 
 
 def split_for(programs: int, chunks: int, num_sms: int) -> int:
@@ -249,12 +251,12 @@ def grouped_gemm(x: torch.Tensor, pw: PreparedWeight, num_experts: int, routing,
     tw = topk_weights if topk_weights is not None else out   # unread without MUL_WEIGHT
     rows = out.shape[-2]
     grid = (routing.block_expert.numel(), triton.cdiv(n_out, tile.block_n), -(-chunks // per))
-    w4a16_moe_packed[grid](x, pw.qk, pw.scales_t, zeros, tw, out, routing.sorted_slots, routing.block_expert,
-                           n_out, pw.K, rows_w, chunks, per, routing.slots, top_k, num_experts, x.stride(0),
-                           out.stride(-2), rows * out.stride(-2), GROUP_LOG2=group_log2(pw), KC=pw.kc,
-                           ONE_SCALE=pw.group == pw.K or pw.group % pw.kc == 0, EVEN_K=pw.K % pw.kc == 0,
-                           BM=routing.block_m, BN=tile.block_n, SWAP_AB=tile.swap_ab, SCALE_AFTER=tile.scale_after,
-                           GATHER=gather, MUL_WEIGHT=topk_weights is not None, HAS_ZEROS=pw.zeros_t is not None,
-                           SILU_MUL=silu_mul, DIRECT=routing.direct, USE_ASM=not interpreting(),
-                           DTYPE=_DTYPES[x.dtype], num_warps=tile.num_warps, num_stages=tile.num_stages)
+    args = (x, pw.qk, pw.scales_t, zeros, tw, out, routing.sorted_slots, routing.block_expert, n_out, pw.K, rows_w,
+            chunks, per, routing.slots, top_k, num_experts, x.stride(0), out.stride(-2), rows * out.stride(-2))
+    cx = dict(GROUP_LOG2=group_log2(pw), KC=pw.kc, ONE_SCALE=pw.group == pw.K or pw.group % pw.kc == 0,
+              EVEN_K=pw.K % pw.kc == 0, BM=routing.block_m, BN=tile.block_n, SWAP_AB=tile.swap_ab,
+              SCALE_AFTER=tile.scale_after, GATHER=gather, MUL_WEIGHT=topk_weights is not None,
+              HAS_ZEROS=pw.zeros_t is not None, SILU_MUL=silu_mul, DIRECT=routing.direct, USE_ASM=not interpreting(),
+              DTYPE=_DTYPES[x.dtype])
+    _LAUNCH(grid, args, cx, tile.num_warps, tile.num_stages)
     return out

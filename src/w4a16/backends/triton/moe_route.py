@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ...moe.routing import Routing, padded_length
+from .fast_launch import CachedLaunch
 
 ALIGN_MAX_SLOTS = 1024
 _CHUNK = 64
@@ -80,6 +81,10 @@ def moe_combine_kernel(ys_ptr, ids_ptr, y_ptr, H, E, top_k, splits, plane, BLOCK
     tl.store(y_ptr + t * H + h, acc.to(y_ptr.dtype.element_ty), mask=hm)
 
 
+_ALIGN = CachedLaunch(moe_align_kernel)
+_COMBINE = CachedLaunch(moe_combine_kernel)
+
+
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Routing:
     """:func:`w4a16.moe.routing.align` in one launch (topk_ids [T, k] contiguous, T*k at most
     :data:`ALIGN_MAX_SLOTS`)."""
@@ -87,9 +92,8 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Routing:
     P = padded_length(S, num_experts, block_m)
     sorted_slots = torch.empty(P, dtype=torch.int32, device=topk_ids.device)
     block_expert = torch.empty(P // block_m, dtype=torch.int32, device=topk_ids.device)
-    moe_align_kernel[(1,)](topk_ids, sorted_slots, block_expert, S, num_experts, P, P // block_m,
-                           BLOCK_M=block_m, CHUNK=_CHUNK, E_POW=max(16, triton.next_power_of_2(num_experts)), FILL=1024,
-                           num_warps=8)
+    _ALIGN((1,), (topk_ids, sorted_slots, block_expert, S, num_experts, P, P // block_m),
+           dict(BLOCK_M=block_m, CHUNK=_CHUNK, E_POW=max(16, triton.next_power_of_2(num_experts)), FILL=1024), 8, 3)
     return Routing(sorted_slots, block_expert, block_m, S)
 
 
@@ -101,6 +105,6 @@ def combine(ys: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, dtype: t
     H = ys.shape[-1]
     y = torch.empty(T, H, dtype=dtype, device=ys.device)
     block_h = min(1024, triton.next_power_of_2(H))
-    moe_combine_kernel[(T, triton.cdiv(H, block_h))](ys, topk_ids, y, H, num_experts, k, planes.shape[0],
-                                                      planes.shape[1] * H, BLOCK_H=block_h, num_warps=4)
+    _COMBINE((T, triton.cdiv(H, block_h)), (ys, topk_ids, y, H, num_experts, k, planes.shape[0], planes.shape[1] * H),
+             dict(BLOCK_H=block_h), 4, 3)
     return y
