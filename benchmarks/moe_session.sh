@@ -11,7 +11,7 @@
 #                                          # initcheck) on 24 small random layers (w4a16 fuzz --moe)
 #   tiles                                  # the MoE tests, a short fuzz, then every PackedTile of the
 #                                          # grouped kernel timed per projection (benchmarks/moe_tiles.py)
-#   packed                                 # the MoE tests, w4a16 fuzz --moe, w4a16 bench --moe all,
+#   packed                                 # the MoE tests, w4a16 bench --moe all, w4a16 fuzz --moe,
 #                                          # then the tile sweep at T = 1, 16 for what time is left
 #
 # Logs and tables under $OUT (default /tmp/moe_session). DTYPE (default bf16), T_LIMIT (seconds
@@ -46,16 +46,16 @@ tiles)
         --limit-s "$((LIMIT - 260))" --out "$OUT/tiles" > "$OUT/tiles.txt" 2>&1
     grep -E "^(BEST|WRONG)|failed" "$OUT/tiles.txt" | head -n 60 ;;
 packed)
-    timeout -s INT -k 30 150 $PY -m pytest -q -p no:cacheprovider -n 8 tests/moe tests/bench/test_bench_moe.py \
+    timeout -s INT -k 20 120 $PY -m pytest -q -p no:cacheprovider -n 8 tests/moe tests/bench/test_bench_moe.py \
         > "$OUT/tests.txt" 2>&1
     tail -n 3 "$OUT/tests.txt"
-    timeout 90 $PY -m w4a16 fuzz --moe --cases "${FUZZ_CASES:-300}" --backend triton --progress 100 > "$OUT/fuzz.txt" 2>&1
-    grep FAIL "$OUT/fuzz.txt" | head -n 10; tail -n 1 "$OUT/fuzz.txt"
     timeout 180 $PY -m w4a16 bench --moe all --m 1,16,64,256,4096 --dtype "${DTYPE:-bf16}" --no-progress \
         --out "$OUT/bench" > "$OUT/bench.txt" 2>&1
     grep -E "^\| .* \| (w4a16|torch)" "$OUT/bench.txt" | grep -v loop; tail -n 3 "$OUT/bench.txt"
-    timeout "$((LIMIT - 440))" $PY benchmarks/moe_tiles.py --tokens "${TOKENS:-1,16}" \
-        --limit-s "$((LIMIT - 470))" --out "$OUT/tiles" > "$OUT/tiles.txt" 2>&1
+    timeout 60 $PY -m w4a16 fuzz --moe --cases "${FUZZ_CASES:-200}" --backend triton --progress 100 > "$OUT/fuzz.txt" 2>&1
+    grep FAIL "$OUT/fuzz.txt" | head -n 10; tail -n 1 "$OUT/fuzz.txt"
+    timeout "$((LIMIT - 380))" $PY benchmarks/moe_tiles.py --tokens "${TOKENS:-1,16}" \
+        --limit-s "$((LIMIT - 410))" --out "$OUT/tiles" > "$OUT/tiles.txt" 2>&1
     grep -E "^(BEST|WRONG)|failed" "$OUT/tiles.txt" | head -n 40 ;;
 sanitize)
     pids=()
