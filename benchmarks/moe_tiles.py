@@ -30,7 +30,7 @@ def candidates(block_m: int) -> list:
     """The tiles tried for a block size (those the heuristic picks among them)."""
     T = kernel.PackedTile
     if block_m <= 16:
-        return ([T(bn, True, after, min(4, bn // 16), st) for bn in (16, 32, 64, 128) for after in (True, False)
+        return ([T(bn, True, after, bn // 16, st) for bn in (16, 32, 64, 128) for after in (True, False)
                  for st in (1, 3)] + [T(bn, False, False, 4, st) for bn in (32, 64, 128) for st in (1, 3)])
     return [T(bn, swap, after, w, st) for bn in (64, 128) for swap, after in ((True, False), (False, False), (True, True))
             for w in (4, 8) for st in (3, 4)]

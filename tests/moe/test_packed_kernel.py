@@ -100,8 +100,8 @@ def test_split_k_planes_sum_to_the_rows_and_combine_sums_them(gen, splits):
 
 
 def test_split_rule():
-    """About two programs per SM, at least 8 chunks a split, at most 8 splits."""
-    assert split_for(2 * 64, 112, 132) == 3 and split_for(512, 112, 132) == 1
+    """About four programs per SM, at least 8 chunks a split, at most 8 splits."""
+    assert split_for(2 * 64, 112, 132) == 5 and split_for(600, 112, 132) == 1
     assert split_for(8, 112, 132) == 8 and split_for(8, 12, 132) == 1
 
 
@@ -111,15 +111,16 @@ def test_layout_choice():
     assert packable(64, True) and packable(48, False) and not packable(48, True) and not packable(40, False)
 
 
-def test_tile_choice_fills_the_gpu_at_decode():
-    """Decode blocks: the widest tile with about two programs per SM, narrower when few blocks
-    hold slots; prefill blocks: wide tiles, a pipeline."""
-    assert packed_tile_for(16, 4096, 8, 132, False).block_n == 64        # 8 experts x 64 tiles of 64
-    assert packed_tile_for(16, 4096, 128, 132, False).block_n == 128
-    narrow = packed_tile_for(16, 768, 8, 132, True)                      # 192 programs even at 32 columns
-    assert narrow.block_n == 16 and narrow.num_warps == 1 and narrow.swap_ab and narrow.scale_after
+def test_tile_choice():
+    """Decode blocks: 64 columns and one warp per 16 rows (narrower only for narrow outputs), the
+    scales after the MMA, no pipeline; prefill blocks: wide tiles, a pipeline, 8 warps for 128 x 128."""
+    for blocks in (2, 8, 128):
+        t = packed_tile_for(16, 4096, blocks, 132, True)
+        assert (t.block_n, t.num_warps, t.swap_ab, t.scale_after, t.num_stages) == (64, 4, True, True, 1)
+    assert packed_tile_for(16, 32, 8, 132, False).block_n == 32 and packed_tile_for(16, 16, 8, 132, False).num_warps == 1
     t = packed_tile_for(128, 4096, 64, 132, False)
-    assert t.block_n == 128 and t.num_stages == 3 and not t.scale_after
+    assert t.block_n == 128 and t.num_warps == 8 and t.num_stages == 3 and not t.scale_after
+    assert packed_tile_for(128, 4096, 64, 132, True).num_warps == 4
 
 
 def test_packed_copy_is_the_only_copy_and_edits_reach_the_next_call(gen):

@@ -160,14 +160,14 @@ def moe_cases(dtypes: Iterable[str]) -> List[KernelCase]:
 
 
 def packed_moe_cases(dtypes: Iterable[str]) -> List[KernelCase]:
-    """The packed grouped kernel's tiles: each tile ``packed_tile_for`` can pick (decode widths 16
-    to 128, and the prefill tile) for gate_up and down, the one-token routing on one of them, and
+    """The packed grouped kernel's tiles: each tile ``packed_tile_for`` can pick (decode widths 16,
+    32 and 64, and the prefill tiles) for gate_up and down, the one-token routing on one of them, and
     one decode tile over every group size, symmetric and with zero points (fp16)."""
     from ..backends.triton.moe_packed import PackedKernel, packed_tile_for
 
     out = []
     for silu in (True, False):
-        widths = {packed_tile_for(16, 4096, blocks, 132, silu) for blocks in (1, 32, 64, 128, 512)}
+        widths = {packed_tile_for(16, n, 8, 132, silu) for n in (16, 32, 4096)}
         kernels = [PackedKernel(t, 16, silu) for t in sorted(widths)]
         kernels += [PackedKernel(packed_tile_for(16, 4096, 8, 132, silu), 16, silu, True)]
         kernels += [PackedKernel(packed_tile_for(bm, 4096, 64, 132, silu), bm, silu) for bm in (64, 128)]

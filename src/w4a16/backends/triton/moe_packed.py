@@ -170,23 +170,19 @@ def packable(rows_w: int, silu_mul: bool) -> bool:
 
 
 def packed_tile_for(block_m: int, n_out: int, blocks: int, num_sms: int, silu_mul: bool) -> PackedTile:
-    """The tile for a call: ``blocks`` programs along the grouped order (an upper bound of the
-    blocks that hold slots), ``n_out`` output columns. Decode-sized blocks (block_m 16) take the
-    widest of 128, 64, 32, 16 columns that still gives about two programs per SM (one SM streams
-    only so many bytes at once: a small grid leaves bandwidth unused), the weight as the first MMA
-    operand and the scales applied after it, codes straight from global memory to registers, one
-    warp per 16 rows up to four; larger blocks take 128-column tiles (64 with SiLU*up, two weight
-    tiles per step), the scales applied before the MMA, a 3-stage pipeline, 8 warps for a 128 x 128
-    down tile (4 would spill)."""
+    """The tile for a call (``blocks``: an upper bound of the blocks that hold slots; ``n_out``:
+    output columns). Decode-sized blocks (block_m 16): 64 columns (32 or 16 for narrower outputs),
+    one warp per 16 rows, the weight as the first MMA operand and the scales applied after it,
+    codes straight from global memory to registers. With one warp per 16 rows the grid's warps do
+    not depend on the width, so the widest tile that SASS shows efficient is taken (``w4a16 sass``:
+    2.0 instructions per weight at 64 columns, 2.9-3.6 at 32 and 16); a small grid is filled by
+    splitting K instead (:func:`split_for`, the down projection). Larger blocks take 128-column
+    tiles (64 with SiLU*up, two weight tiles per step), the scales applied before the MMA, a
+    3-stage pipeline, 8 warps for a 128 x 128 down tile (4 would spill). ``blocks`` and
+    ``num_sms`` are kept for rules that weigh the grid."""
     if block_m <= 16:
-        bn = 16
-        for cand in (128, 64, 32):
-            if blocks * -(-n_out // cand) >= 2 * num_sms:
-                bn = cand
-                break
-        if silu_mul:
-            bn = max(16, bn // 2)
-        return PackedTile(bn, True, True, min(4, bn // 16), 1)
+        bn = 64 if n_out > 32 else (32 if n_out > 16 else 16)
+        return PackedTile(bn, True, True, bn // 16, 1)
     if silu_mul:     # 8 warps would split 64 weight rows over two warpgroups: each dequantizes them all
         return PackedTile(64, True, False, 4, 3)
     return PackedTile(128, True, False, 8 if block_m >= 128 else 4, 3)
@@ -210,8 +206,9 @@ _LAUNCH = CachedLaunch(w4a16_moe_packed)
 
 def split_for(programs: int, chunks: int, num_sms: int) -> int:
     """K splits for a down projection whose grid has ``programs`` programs and ``chunks`` layout
-    chunks along K: enough to give about two programs per SM, at least 8 chunks each, at most 8."""
-    want = -(-2 * num_sms // max(1, programs))
+    chunks along K: enough to give about four programs per SM (the dense decode heuristic's grids
+    hold 4-7), at least 8 chunks each, at most 8."""
+    want = -(-4 * num_sms // max(1, programs))
     return max(1, min(want, chunks // 8, 8))
 
 
