@@ -31,7 +31,8 @@ def candidates(block_m: int) -> list:
     T = kernel.PackedTile
     if block_m <= 16:
         return ([T(bn, True, after, bn // 16, st) for bn in (16, 32, 64, 128) for after in (True, False)
-                 for st in (1, 3)] + [T(bn, False, False, 4, st) for bn in (32, 64, 128) for st in (1, 3)])
+                 for st in (1, 3) if after or st == 1]   # (no scale_after with a pipeline: refused at block_m 16)
+                + [T(bn, False, False, 4, 1) for bn in (32, 64, 128)])
     return [T(bn, swap, after, w, st) for bn in (64, 128) for swap, after in ((True, False), (False, False), (True, True))
             for w in (4, 8) for st in (3, 4)]
 

@@ -13,12 +13,13 @@ from w4a16.backends.selection import get
 from w4a16.backends.triton import moe_packed
 from w4a16.backends.triton.moe_packed import PackedTile, packable, packed_tile_for, split_for
 from w4a16.backends.triton.moe_route import combine
+from w4a16.errors import W4A16Error
 from w4a16.moe import QuantizedExperts, W4A16Experts, align, fused_moe, grouped_gemm, reference
 from w4a16.moe.ops import block_m_for, kernel_tensors
 from w4a16.moe.routing import direct
 
-TILES = [None, PackedTile(16, True, True, 1, 1), PackedTile(32, True, False, 2, 1),
-         PackedTile(64, False, False, 4, 2), PackedTile(128, True, True, 4, 3)]
+TILES = [None, PackedTile(16, True, True, 1, 3), PackedTile(32, True, False, 2, 1),
+         PackedTile(64, False, False, 4, 1), PackedTile(128, True, True, 8, 3)]
 
 
 def _experts(gen, E, N, K, g, zeros, dtype):
@@ -105,6 +106,15 @@ def test_split_rule():
     assert split_for(8, 112, 132) == 8 and split_for(8, 12, 132) == 1
 
 
+def test_a_decode_tile_without_scale_after_and_with_a_pipeline_is_refused(gen):
+    ex = _experts(gen, 2, 32, 128, 32, False, torch.float16)
+    ids, w = _ids(gen, 2, 1, 2)
+    out = torch.empty(2, 32, device=DEVICE)
+    with pytest.raises(W4A16Error, match="tile: expected scale_after with a pipeline"):
+        moe_packed.grouped_gemm(torch.zeros(2, 128, dtype=torch.float16, device=DEVICE), ex.weight.prepared(get("triton")),
+                                2, align(ids, 2, 16), 1, True, out, tile=PackedTile(64, True, False, 4, 3))
+
+
 def test_layout_choice():
     """Experts run packed where every expert (and a gate_up weight's up half) starts on a 16-row
     block, else on the plain kernel."""
@@ -112,11 +122,14 @@ def test_layout_choice():
 
 
 def test_tile_choice():
-    """Decode blocks: 64 columns and one warp per 16 rows (narrower only for narrow outputs), the
-    scales after the MMA, no pipeline; prefill blocks: wide tiles, a pipeline, 8 warps for 128 x 128."""
-    for blocks in (2, 8, 128):
-        t = packed_tile_for(16, 4096, blocks, 132, True)
-        assert (t.block_n, t.num_warps, t.swap_ab, t.scale_after, t.num_stages) == (64, 4, True, True, 1)
+    """Decode blocks: one warp per 16 rows, the scales after the MMA, a pipeline; gate_up narrows
+    until about three programs per SM (one token on a small layer), down keeps 64 columns (it
+    splits K); prefill blocks: wide tiles, a pipeline, 8 warps for 128 x 128."""
+    t = packed_tile_for(16, 4096, 128, 132, True)
+    assert (t.block_n, t.num_warps, t.swap_ab, t.scale_after, t.num_stages) == (64, 4, True, True, 3)
+    assert packed_tile_for(16, 768, 8, 132, True).block_n == 16            # Qwen3-30B-A3B, one token
+    assert packed_tile_for(16, 14336, 2, 132, True).block_n == 64          # Mixtral, one token
+    assert packed_tile_for(16, 4096, 2, 132, False).block_n == 64
     assert packed_tile_for(16, 32, 8, 132, False).block_n == 32 and packed_tile_for(16, 16, 8, 132, False).num_warps == 1
     t = packed_tile_for(128, 4096, 64, 132, False)
     assert t.block_n == 128 and t.num_warps == 8 and t.num_stages == 3 and not t.scale_after
@@ -187,3 +200,16 @@ def test_concurrent_calls_are_correct(gen):
         t.join()
     for (x, ids, w), y in zip(calls, got):
         _assert_every_element(y, reference.fused_moe(x, gu, dn, ids, w).float(), dtype)
+
+
+@pytest.mark.parametrize("T,H,I,g", [(1, 40, 64, -1), (5, 40, 64, -1), (1, 48, 40, -1), (6, 56, 96, -1)])
+def test_fused_layer_mixing_packed_and_plain_projections(gen, T, H, I, g):
+    """A layer whose one projection is packed and the other plain (H or I not a multiple of 16,
+    per-channel weights): each kernel writes its rows where the next one reads them."""
+    dtype, E, k = torch.float16, 3, 2
+    gu, dn = _experts(gen, E, 2 * I, H, g, True, dtype), _experts(gen, E, H, I, g, False, dtype)
+    assert 0 in {kernel_tensors(gu, True)[0], kernel_tensors(dn, False)[0]}      # a plain projection
+    x = torch.randn(T, H, generator=gen).to(DEVICE, dtype)
+    ids, w = _ids(gen, T, k, E)
+    y = fused_moe(x, gu, dn, ids, w, backend="triton")
+    _assert_every_element(y, reference.fused_moe(x, gu, dn, ids, w).float(), dtype)

@@ -143,8 +143,11 @@ def _launch(x: torch.Tensor, layout: int, tensors: list, shape: tuple, group: in
 
         g = -1 if group == K else group
         experts = QuantizedExperts(tensors[0], tensors[1], tensors[2], g)
-        return kernel.grouped_gemm(x, experts, routing, top_k, gather, out(1) if callable(out) else out, tw,
-                                   silu_mul=silu_mul)
+        if not callable(out):
+            return kernel.grouped_gemm(x, experts, routing, top_k, gather, out, tw, silu_mul=silu_mul)
+        planes = out(1)          # one plane [1, T*k, N]: the kernel writes its rows
+        kernel.grouped_gemm(x, experts, routing, top_k, gather, planes[0], tw, silu_mul=silu_mul)
+        return planes
     from ..backends.selection import get
     from ..backends.triton import moe_packed
 

@@ -167,7 +167,7 @@ def packed_moe_cases(dtypes: Iterable[str]) -> List[KernelCase]:
 
     out = []
     for silu in (True, False):
-        widths = {packed_tile_for(16, n, 8, 132, silu) for n in (16, 32, 4096)}
+        widths = {packed_tile_for(16, n, b, 132, silu) for n in (16, 32, 768, 4096) for b in (2, 8, 128)}
         kernels = [PackedKernel(t, 16, silu) for t in sorted(widths)]
         kernels += [PackedKernel(packed_tile_for(16, 4096, 8, 132, silu), 16, silu, True)]
         kernels += [PackedKernel(packed_tile_for(bm, 4096, 64, 132, silu), bm, silu) for bm in (64, 128)]

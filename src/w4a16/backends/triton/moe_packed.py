@@ -171,18 +171,22 @@ def packable(rows_w: int, silu_mul: bool) -> bool:
 
 def packed_tile_for(block_m: int, n_out: int, blocks: int, num_sms: int, silu_mul: bool) -> PackedTile:
     """The tile for a call (``blocks``: an upper bound of the blocks that hold slots; ``n_out``:
-    output columns). Decode-sized blocks (block_m 16): 64 columns (32 or 16 for narrower outputs),
-    one warp per 16 rows, the weight as the first MMA operand and the scales applied after it,
-    codes straight from global memory to registers. With one warp per 16 rows the grid's warps do
-    not depend on the width, so the widest tile that SASS shows efficient is taken (``w4a16 sass``:
-    2.0 instructions per weight at 64 columns, 2.9-3.6 at 32 and 16); a small grid is filled by
-    splitting K instead (:func:`split_for`, the down projection). Larger blocks take 128-column
-    tiles (64 with SiLU*up, two weight tiles per step), the scales applied before the MMA, a
-    3-stage pipeline, 8 warps for a 128 x 128 down tile (4 would spill). ``blocks`` and
-    ``num_sms`` are kept for rules that weigh the grid."""
+    output columns), from a sweep of 22 decode tiles per projection on the ``w4a16 bench --moe``
+    presets at T = 1 and 16 on an H100 (bf16; BENCHMARKS.md, 2026-12-07). Decode-sized blocks
+    (block_m 16): one warp per 16 rows, the weight as the first MMA operand and the scales applied
+    after it, a 3-stage pipeline (the best tile at 7 of 8 points of T = 16, 8-20% ahead of the
+    same tiles without it); 64 columns where that gives about three programs per SM, else 32, else
+    16 (one token: the narrow gate_up tiles won by 1.7-1.9x on the Qwen3 shapes). The down
+    projection keeps 64 columns and fills a small grid by splitting K (:func:`split_for`). Larger
+    blocks take 128-column tiles (64 with SiLU*up, two weight tiles per step), the scales applied
+    before the MMA, a 3-stage pipeline, 8 warps for a 128 x 128 down tile (4 would spill)."""
     if block_m <= 16:
-        bn = 64 if n_out > 32 else (32 if n_out > 16 else 16)
-        return PackedTile(bn, True, True, bn // 16, 1)
+        bn = 64
+        if silu_mul:
+            while bn > 16 and blocks * -(-n_out // bn) < 3 * num_sms:
+                bn //= 2
+        bn = min(bn, max(16, 1 << (max(n_out, 1) - 1).bit_length()))
+        return PackedTile(bn, True, True, bn // 16, 3)
     if silu_mul:     # 8 warps would split 64 weight rows over two warpgroups: each dequantizes them all
         return PackedTile(64, True, False, 4, 3)
     return PackedTile(128, True, False, 8 if block_m >= 128 else 4, 3)
@@ -239,6 +243,10 @@ def grouped_gemm(x: torch.Tensor, pw: PreparedWeight, num_experts: int, routing,
     rows_w = pw.N // num_experts
     expect(packable(rows_w, silu_mul), "experts rows", f"a multiple of {32 if silu_mul else 16}", rows_w)
     expect(splits == 1 or not silu_mul, "splits", "1 with silu_mul (SiLU needs whole sums)", splits)
+    # One H100 sweep (Triton 3.6.0) measured a wrong down projection (relative error 0.07) with this
+    # combination at block_m 16; no tile the rule picks has it.
+    expect(not (routing.block_m <= 16 and tile is not None and tile.num_stages > 1 and not tile.scale_after),
+           "tile", "scale_after with a pipeline at decode block sizes", tile)
     n_out = rows_w // 2 if silu_mul else rows_w
     chunks = pw.K_pad // pw.kc
     if tile is None:
