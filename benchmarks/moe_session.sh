@@ -11,6 +11,8 @@
 #                                          # initcheck) on 24 small random layers (w4a16 fuzz --moe)
 #   tiles                                  # the MoE tests, a short fuzz, then every PackedTile of the
 #                                          # grouped kernel timed per projection (benchmarks/moe_tiles.py)
+#   verify                                 # the MoE tests, a short fuzz, the presets at T = 1 and 16
+#                                          # (about 220 s)
 #   packed                                 # the MoE tests, w4a16 bench --moe all, w4a16 fuzz --moe,
 #                                          # then the tile sweep at T = 1, 16 for what time is left
 #
@@ -57,6 +59,14 @@ packed)
     timeout "$((LIMIT - 380))" $PY benchmarks/moe_tiles.py --tokens "${TOKENS:-1,16}" \
         --limit-s "$((LIMIT - 410))" --out "$OUT/tiles" > "$OUT/tiles.txt" 2>&1
     grep -E "^(BEST|WRONG)|failed" "$OUT/tiles.txt" | head -n 40 ;;
+verify)
+    timeout -s INT -k 10 60 $PY -m pytest -q -p no:cacheprovider -n 8 tests/moe > "$OUT/tests.txt" 2>&1
+    tail -n 2 "$OUT/tests.txt"
+    timeout 60 $PY -m w4a16 fuzz --moe --cases "${FUZZ_CASES:-200}" --backend triton --progress 100 > "$OUT/fuzz.txt" 2>&1
+    grep FAIL "$OUT/fuzz.txt" | head -n 5; tail -n 1 "$OUT/fuzz.txt"
+    timeout 100 $PY -m w4a16 bench --moe all --m 1,16 --dtype "${DTYPE:-bf16}" --no-progress --out "$OUT/bench" \
+        > "$OUT/bench.txt" 2>&1
+    grep -E "^\| .* \| w4a16 " "$OUT/bench.txt" | grep -v loop; tail -n 1 "$OUT/bench.txt" ;;
 sanitize)
     pids=()
     for tool in memcheck racecheck synccheck initcheck; do
@@ -80,5 +90,5 @@ final)
     timeout "$((LIMIT - 370))" $PY -m w4a16.e2e.speed --model qwen3-30b-a3b --layers 8 --batches 1 16 --compile \
         --out "$OUT/model" > "$OUT/model.txt" 2>&1
     tail -n 25 "$OUT/model.txt" ;;
-*) echo "phase: check, bench, model, sanitize, tiles, packed or final"; exit 2 ;;
+*) echo "phase: check, bench, model, sanitize, tiles, packed, verify or final"; exit 2 ;;
 esac
