@@ -175,18 +175,19 @@ def packed_tile_for(block_m: int, n_out: int, blocks: int, num_sms: int, silu_mu
     presets at T = 1 and 16 on an H100 (bf16; BENCHMARKS.md, 2026-12-07). Decode-sized blocks
     (block_m 16): one warp per 16 rows, the weight as the first MMA operand and the scales applied
     after it, a 3-stage pipeline (the best tile at 7 of 8 points of T = 16, 8-20% ahead of the
-    same tiles without it); 64 columns where that gives about three programs per SM, else 32, else
-    16 (one token: the narrow gate_up tiles won by 1.7-1.9x on the Qwen3 shapes). The down
-    projection keeps 64 columns and fills a small grid by splitting K (:func:`split_for`). Larger
-    blocks take 128-column tiles (64 with SiLU*up, two weight tiles per step), the scales applied
-    before the MMA, a 3-stage pipeline, 8 warps for a 128 x 128 down tile (4 would spill)."""
+    same tiles without it), 64 columns. Narrower pipelined tiles were 1.15-1.34x faster for one
+    token's gate_up on the Qwen3 shapes, but Triton 3.8 rebuilds their fragments with shuffles
+    (``w4a16 sass``: +27-35% instructions per weight), so one tile serves every supported Triton.
+    A small down projection fills the GPU by splitting K (:func:`split_for`); outputs narrower
+    than 64 take the narrowest tile that covers them, without a pipeline. Larger blocks take
+    128-column tiles (64 with SiLU*up, two weight tiles per step), the scales applied before the
+    MMA, a 3-stage pipeline, 8 warps for a 128 x 128 down tile (4 would spill). ``blocks`` and
+    ``num_sms`` are kept for rules that weigh the grid."""
     if block_m <= 16:
-        bn = 64
-        if silu_mul:
-            while bn > 16 and blocks * -(-n_out // bn) < 3 * num_sms:
-                bn //= 2
-        bn = min(bn, max(16, 1 << (max(n_out, 1) - 1).bit_length()))
-        return PackedTile(bn, True, True, bn // 16, 3)
+        narrow = max(16, 1 << (max(n_out, 1) - 1).bit_length())
+        if narrow < 64:
+            return PackedTile(narrow, True, True, narrow // 16, 1)
+        return PackedTile(64, True, True, 4, 3)
     if silu_mul:     # 8 warps would split 64 weight rows over two warpgroups: each dequantizes them all
         return PackedTile(64, True, False, 4, 3)
     return PackedTile(128, True, False, 8 if block_m >= 128 else 4, 3)
