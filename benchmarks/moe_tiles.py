@@ -73,13 +73,11 @@ def main() -> int:
             ref_h = reference.silu_mul(reference.grouped_gemm(x, gu, ids[0]).to(dtype))
             ref_y = reference.grouped_gemm(acts, dn, ids[0], False, tw.reshape(T, k))
             heur = {}
-            sms = torch.cuda.get_device_properties(0).multi_processor_count
             for proj, w, n_out in (("gate_up", gu, I), ("down", dn, H)):
                 out = torch.empty(S, n_out, dtype=dtype if proj == "gate_up" else torch.float32, device="cuda")
                 nbytes = touched * w.nbytes() / E
                 pw = w.weight.prepared(get("triton"))
-                heur[proj] = kernel.packed_tile_for(bm, n_out, routes[0].block_expert.numel() if T == 1 else min(routes[0].block_expert.numel(), E), sms,
-                                                    proj == "gate_up")
+                heur[proj] = kernel.packed_tile_for(bm, n_out, proj == "gate_up")
                 for tile in sorted(set(candidates(bm)) | {heur[proj]}):
                     def call(r, tile=tile, proj=proj, pw=pw, out=out):
                         if proj == "gate_up":

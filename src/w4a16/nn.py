@@ -24,6 +24,26 @@ from .weight import QuantizedWeight
 _INIT_CODE_BYTE = 0x88  # two codes of 8: with z = 8 the initial weight is exactly 0
 
 
+def codes_from_state_dict(state_dict, key: str, shape: tuple, device, strict: bool, missing_keys: list,
+                          unexpected_keys: list, error_msgs: list) -> Optional[torch.Tensor]:
+    """The plain uint8 codes of ``shape`` under ``key`` (which a module keeps out of its buffers), as
+    a copy on ``device``, for a module's ``_load_from_state_dict``: the key is taken off
+    ``unexpected_keys``; a missing key (with ``strict``) or a wrong tensor is reported in
+    ``missing_keys`` / ``error_msgs`` and gives None."""
+    if key in unexpected_keys:
+        unexpected_keys.remove(key)
+    if key not in state_dict:
+        if strict:
+            missing_keys.append(key)
+        return None
+    value = state_dict[key]
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or tuple(value.shape) != tuple(shape):
+        error_msgs.append(f"{key}: expected a uint8 tensor of shape {tuple(shape)}, got "
+                          f"{getattr(value, 'dtype', type(value).__name__)} {tuple(getattr(value, 'shape', ()))}")
+        return None
+    return value.detach().to(device, copy=True)
+
+
 class W4A16Linear(nn.Module):
     """Linear layer with a 4-bit weight and fp16/bf16 activations.
 
@@ -164,19 +184,11 @@ class W4A16Linear(nn.Module):
         key = prefix + "qweight"
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if key in unexpected_keys:
-            unexpected_keys.remove(key)
-        if key not in state_dict:
-            if strict:
-                missing_keys.append(key)
+        codes = codes_from_state_dict(state_dict, key, (self.out_features, self.in_features // 2), self.scales.device,
+                                      strict, missing_keys, unexpected_keys, error_msgs)
+        if codes is None:
             return
-        value = state_dict[key]
-        shape = (self.out_features, self.in_features // 2)
-        if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or tuple(value.shape) != shape:
-            error_msgs.append(f"{key}: expected a uint8 tensor of shape {shape}, got "
-                              f"{getattr(value, 'dtype', type(value).__name__)} {tuple(getattr(value, 'shape', ()))}")
-            return
-        self._w.qweight = value.detach().to(self.scales.device, copy=True)
+        self._w.qweight = codes
         # scales, zeros and perm were copied into the registered buffers in place (or assigned)
         self._share_params()
 

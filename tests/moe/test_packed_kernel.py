@@ -125,16 +125,16 @@ def test_tile_choice():
     """Decode blocks: 64 columns, four warps, the scales after the MMA, a pipeline (a small down
     projection splits K); narrow outputs take a narrow tile without a pipeline; prefill blocks:
     wide tiles, a pipeline, 8 warps for 128 x 128."""
-    t = packed_tile_for(16, 4096, 128, 132, True)
+    t = packed_tile_for(16, 4096, True)
     assert (t.block_n, t.num_warps, t.swap_ab, t.scale_after, t.num_stages) == (64, 4, True, True, 3)
-    assert packed_tile_for(16, 768, 8, 132, True) == t                     # Qwen3-30B-A3B, one token
-    assert packed_tile_for(16, 14336, 2, 132, True) == t                   # Mixtral, one token
-    assert packed_tile_for(16, 4096, 2, 132, False).block_n == 64
-    tiny = packed_tile_for(16, 16, 8, 132, False)
+    assert packed_tile_for(16, 768, True) == t                     # Qwen3-30B-A3B, one token
+    assert packed_tile_for(16, 14336, True) == t                   # Mixtral, one token
+    assert packed_tile_for(16, 4096, False).block_n == 64
+    tiny = packed_tile_for(16, 16, False)
     assert tiny.block_n == 16 and tiny.num_warps == 1 and tiny.num_stages == 1
-    t = packed_tile_for(128, 4096, 64, 132, False)
+    t = packed_tile_for(128, 4096, False)
     assert t.block_n == 128 and t.num_warps == 8 and t.num_stages == 3 and not t.scale_after
-    assert packed_tile_for(128, 4096, 64, 132, True).num_warps == 4
+    assert packed_tile_for(128, 4096, True).num_warps == 4
 
 
 def test_packed_copy_is_the_only_copy_and_edits_reach_the_next_call(gen):

@@ -40,22 +40,22 @@ def test_shipped_cases_hold_the_moe_kernels_heuristic_tiles():
     """Both grouped kernels: every block size (16, 64, 128; gate_up and down; the one-token variant at
     16) in both dtypes, and a decode gate_up tile over every group size; the plain kernel's tiles
     are its heuristic's, and every tile the packed kernel's rule can pick is compiled."""
-    from w4a16.backends.triton.moe import MoeKernel, tile_for
-    from w4a16.backends.triton.moe_packed import PackedKernel, packed_tile_for
+    from w4a16.backends.triton.moe import MoeTile, tile_for
+    from w4a16.backends.triton.moe_packed import PackedTile, packed_tile_for
 
     cases = shipped_cases(kernels=("triton-moe",))
-    for kind in (MoeKernel, PackedKernel):
-        mine = [c for c in cases if isinstance(c.config, kind)]
+    for kind in (MoeTile, PackedTile):
+        mine = [c for c in cases if isinstance(c.config.tile, kind)]
         got = {(c.config.block_m, c.config.silu_mul, c.config.direct, c.dtype) for c in mine if c.group == 128
                and not c.zeros}
         assert got == {(bm, s, d, dt) for bm in (16, 64, 128) for s in (True, False) for d in (False, True)
                        for dt in ("fp16", "bf16") if not (d and bm != 16)}
         assert {c.group for c in mine} == {32, 64, 128, 256, -1}
-    plain = [c for c in cases if isinstance(c.config, MoeKernel)]
+    plain = [c for c in cases if isinstance(c.config.tile, MoeTile)]
     assert all(c.config.tile == tile_for(c.config.block_m, c.config.silu_mul, c.group, c.group == -1) for c in plain)
-    packed = {c.config.tile for c in cases if isinstance(c.config, PackedKernel)}
-    picks = {packed_tile_for(bm, n, blocks, 132, silu) for bm in (16, 64, 128) for n in (256, 768, 2048, 4096, 14336)
-             for blocks in (1, 2, 8, 16, 64, 128, 256) for silu in (True, False)}
+    packed = {c.config.tile for c in cases if isinstance(c.config.tile, PackedTile)}
+    picks = {packed_tile_for(bm, n, silu) for bm in (16, 64, 128) for n in (16, 32, 256, 768, 2048, 4096, 14336)
+             for silu in (True, False)}
     assert picks <= packed, picks - packed          # every tile the packed rule can pick
 
 

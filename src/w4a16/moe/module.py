@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import spec
 from ..errors import expect
+from ..nn import codes_from_state_dict
 from .ops import fused_moe
 from .weights import QuantizedExperts
 
@@ -128,8 +129,12 @@ class W4A16Experts(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         codes = [w.plain_codes() for w in self.weights()]
         out = super()._apply(fn, *args, **kwargs)
-        gu, dn = (QuantizedExperts(fn(c), self._buffers[f"{p}_scales"], self._buffers[f"{p}_zeros"],
-                                   self._experts[p].group_size) for c, p in zip(codes, PROJECTIONS))
+        moved = [fn(c) for c in codes]
+        if all(m is c for m, c in zip(moved, codes)):
+            self.weights()      # the codes stay (and their packed copy): take in the converted buffers
+            return out
+        gu, dn = (QuantizedExperts(m, self._buffers[f"{p}_scales"], self._buffers[f"{p}_zeros"],
+                                   self._experts[p].group_size) for m, p in zip(moved, PROJECTIONS))
         self.set_weights(gu, dn)
         return out
 
@@ -145,20 +150,12 @@ class W4A16Experts(nn.Module):
                                       error_msgs)
         new = list(self.weights())
         for i, p in enumerate(PROJECTIONS):
-            key = f"{prefix}{p}_qweight"
-            if key in unexpected_keys:
-                unexpected_keys.remove(key)
-            if key not in state_dict:
-                if strict:
-                    missing_keys.append(key)
-                continue
-            value, w = state_dict[key], new[i]
+            w = new[i]
             E, N, K = w.shape
-            if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or tuple(value.shape) != (E, N, K // 2):
-                error_msgs.append(f"{key}: expected a uint8 tensor of shape {(E, N, K // 2)}, got "
-                                  f"{getattr(value, 'dtype', type(value).__name__)} {tuple(getattr(value, 'shape', ()))}")
-                continue
-            new[i] = QuantizedExperts(value.detach().to(w.device, copy=True), w.scales, w.zeros, w.group_size)
+            codes = codes_from_state_dict(state_dict, f"{prefix}{p}_qweight", (E, N, K // 2), w.device, strict,
+                                          missing_keys, unexpected_keys, error_msgs)
+            if codes is not None:
+                new[i] = QuantizedExperts(codes, w.scales, w.zeros, w.group_size)
         self.set_weights(*new)
 
     @classmethod

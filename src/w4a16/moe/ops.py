@@ -131,6 +131,13 @@ def _loaded(name: str) -> str:
 _loaded._dynamo_marked_constant = True
 
 
+def _plain_experts(tensors: list, group: int) -> QuantizedExperts:
+    """The experts of the plain tensors [codes [E, N, K/2], scales, zeros or None] (layout 0) with
+    effective group size ``group`` (K: per channel)."""
+    K = tensors[0].shape[2] * 2
+    return QuantizedExperts(tensors[0], tensors[1], tensors[2], -1 if group == K else group)
+
+
 def _launch(x: torch.Tensor, layout: int, tensors: list, shape: tuple, group: int, routing, top_k: int, gather: bool,
             out, tw: Optional[torch.Tensor], silu_mul: bool) -> torch.Tensor:
     """One grouped GEMM on the kernel of ``layout`` (:func:`kernel_tensors`); experts ``shape``
@@ -141,8 +148,7 @@ def _launch(x: torch.Tensor, layout: int, tensors: list, shape: tuple, group: in
     if layout == 0:
         from ..backends.triton import moe as kernel
 
-        g = -1 if group == K else group
-        experts = QuantizedExperts(tensors[0], tensors[1], tensors[2], g)
+        experts = _plain_experts(tensors, group)
         if not callable(out):
             return kernel.grouped_gemm(x, experts, routing, top_k, gather, out, tw, silu_mul=silu_mul)
         planes = out(1)          # one plane [1, T*k, N]: the kernel writes its rows
@@ -196,8 +202,8 @@ def _fused_moe(x: torch.Tensor, gu_q: torch.Tensor, gu_s: torch.Tensor, gu_z: Op
     """The body of :func:`fused_moe_op` (the arguments are described there)."""
     E, I, H, g_gu, g_dn, gu_layout, dn_layout = dims
     if backend == "reference":
-        as_experts = lambda q, s, z, g: QuantizedExperts(q, s, z, -1 if g == q.shape[2] * 2 else g)  # noqa: E731
-        return reference.fused_moe(x, as_experts(gu_q, gu_s, gu_z, g_gu), as_experts(dn_q, dn_s, dn_z, g_dn),
+        return reference.fused_moe(x, _plain_experts([gu_q, gu_s, gu_z], g_gu),
+                                   _plain_experts([dn_q, dn_s, dn_z], g_dn),
                                    topk_ids, topk_weights)
     from ..backends.triton.moe_route import combine
 

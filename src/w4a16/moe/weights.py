@@ -80,7 +80,8 @@ class QuantizedExperts:
         custom op or a kernel takes); the codes as :meth:`plain_codes` gives them."""
         p = self._w.params
         E = self._E
-        return (self.plain_codes(),) + tuple(None if t is None else t.view(E, -1, t.shape[1]) for t in (p.scales, p.zeros))
+        return (self.plain_codes(),) + tuple(None if t is None else t.view(E, -1, t.shape[1])
+                                             for t in (p.scales, p.zeros))
 
     def plain_codes(self) -> torch.Tensor:
         """uint8 [E, N, K/2] plain codes without holding a rebuilt copy (``QuantizedWeight.plain_codes``)."""

@@ -163,16 +163,17 @@ def packed_moe_cases(dtypes: Iterable[str]) -> List[KernelCase]:
     """The packed grouped kernel's tiles: each tile ``packed_tile_for`` can pick (decode widths 16,
     32 and 64, and the prefill tiles) for gate_up and down, the one-token routing on one of them, and
     one decode tile over every group size, symmetric and with zero points (fp16)."""
-    from ..backends.triton.moe_packed import PackedKernel, packed_tile_for
+    from ..backends.triton.moe import MoeKernel
+    from ..backends.triton.moe_packed import packed_tile_for
 
     out = []
     for silu in (True, False):
-        widths = {packed_tile_for(16, n, b, 132, silu) for n in (16, 32, 768, 4096) for b in (2, 8, 128)}
-        kernels = [PackedKernel(t, 16, silu) for t in sorted(widths)]
-        kernels += [PackedKernel(packed_tile_for(16, 4096, 8, 132, silu), 16, silu, True)]
-        kernels += [PackedKernel(packed_tile_for(bm, 4096, 64, 132, silu), bm, silu) for bm in (64, 128)]
+        widths = {packed_tile_for(16, n, silu) for n in (16, 32, 768, 4096)}
+        kernels = [MoeKernel(t, 16, silu) for t in sorted(widths)]
+        kernels += [MoeKernel(packed_tile_for(16, 4096, silu), 16, silu, True)]
+        kernels += [MoeKernel(packed_tile_for(bm, 4096, silu), bm, silu) for bm in (64, 128)]
         out += [KernelCase("triton-moe", k, dt) for k in kernels for dt in dtypes]
     if "fp16" in dtypes:
-        tile = packed_tile_for(16, 4096, 32, 132, True)
-        out += [KernelCase("triton-moe", PackedKernel(tile, 16, True), "fp16", g, z) for g in GROUPS for z in (False, True)]
+        tile = packed_tile_for(16, 4096, True)
+        out += [KernelCase("triton-moe", MoeKernel(tile, 16, True), "fp16", g, z) for g in GROUPS for z in (False, True)]
     return out

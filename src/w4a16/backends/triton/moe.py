@@ -129,22 +129,26 @@ class MoeTile(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int
+    LABEL = "moe"          # the kernel's name in ``w4a16 sass`` labels
+
+    def short(self) -> str:
+        return f"n{self.block_n} k{self.block_k} w{self.num_warps} s{self.num_stages}"
 
 
 @dataclass(frozen=True)
 class MoeKernel:
-    """A compile-time variant of :func:`w4a16_moe_gemm` as ``w4a16 sass`` names it: the tile, the
-    routing's block size, the gate_up epilogue (SiLU*up) or not, the one-token routing or not."""
+    """A compile-time variant of a grouped MoE kernel as ``w4a16 sass`` names it: the tile (a
+    :class:`MoeTile` for :func:`w4a16_moe_gemm`, a ``moe_packed.PackedTile`` for the packed kernel),
+    the routing's block size, the gate_up epilogue (SiLU*up) or not, the one-token routing or not."""
 
-    tile: MoeTile
+    tile: NamedTuple
     block_m: int
     silu_mul: bool
     direct: bool = False
 
     def short(self) -> str:
-        t = self.tile
-        return (f"moe-{'gate_up' if self.silu_mul else 'down'} m{self.block_m} n{t.block_n} k{t.block_k} "
-                f"w{t.num_warps} s{t.num_stages}{' direct' if self.direct else ''}")
+        return (f"{self.tile.LABEL}-{'gate_up' if self.silu_mul else 'down'} m{self.block_m} {self.tile.short()}"
+                f"{' direct' if self.direct else ''}")
 
 
 def tile_for(block_m: int, silu_mul: bool, G: int, one_group: bool) -> MoeTile:

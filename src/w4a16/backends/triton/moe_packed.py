@@ -21,7 +21,6 @@ schedule.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -142,25 +141,11 @@ class PackedTile(NamedTuple):
     scale_after: bool
     num_warps: int
     num_stages: int
+    LABEL = "moe-packed"   # the kernel's name in ``w4a16 sass`` labels (``moe.MoeKernel``)
 
     def short(self) -> str:
         return (f"n{self.block_n}{'' if self.swap_ab else ' noswap'}{' sa' if self.scale_after else ''} "
                 f"w{self.num_warps} s{self.num_stages}")
-
-
-@dataclass(frozen=True)
-class PackedKernel:
-    """A compile-time variant of :func:`w4a16_moe_packed` as ``w4a16 sass`` names it: the tile, the
-    routing's block size, the gate_up epilogue (SiLU*up) or not, the one-token routing or not."""
-
-    tile: PackedTile
-    block_m: int
-    silu_mul: bool
-    direct: bool = False
-
-    def short(self) -> str:
-        return (f"moe-packed-{'gate_up' if self.silu_mul else 'down'} m{self.block_m} {self.tile.short()}"
-                f"{' direct' if self.direct else ''}")
 
 
 def packable(rows_w: int, silu_mul: bool) -> bool:
@@ -169,20 +154,19 @@ def packable(rows_w: int, silu_mul: bool) -> bool:
     return rows_w % (32 if silu_mul else 16) == 0
 
 
-def packed_tile_for(block_m: int, n_out: int, blocks: int, num_sms: int, silu_mul: bool) -> PackedTile:
-    """The tile for a call (``blocks``: an upper bound of the blocks that hold slots; ``n_out``:
-    output columns), from a sweep of 22 decode tiles per projection on the ``w4a16 bench --moe``
-    presets at T = 1 and 16 on an H100 (bf16; BENCHMARKS.md, 2026-12-07). Decode-sized blocks
-    (block_m 16): one warp per 16 rows, the weight as the first MMA operand and the scales applied
-    after it, a 3-stage pipeline (the best tile at 7 of 8 points of T = 16, 8-20% ahead of the
+def packed_tile_for(block_m: int, n_out: int, silu_mul: bool) -> PackedTile:
+    """The tile for a call (``n_out``: output columns), from a sweep of 22 decode tiles per
+    projection on the ``w4a16 bench --moe`` presets at T = 1 and 16 on an H100 (bf16; BENCHMARKS.md,
+    2026-12-07). Decode-sized blocks (block_m 16): one warp per 16 rows, the weight as the first MMA
+    operand and the scales applied after it, a 3-stage pipeline (the best tile at 7 of 8 points of
+    T = 16, 8-22% ahead of the
     same tiles without it), 64 columns. Narrower pipelined tiles were 1.15-1.34x faster for one
     token's gate_up on the Qwen3 shapes, but Triton 3.8 rebuilds their fragments with shuffles
     (``w4a16 sass``: +27-35% instructions per weight), so one tile serves every supported Triton.
     A small down projection fills the GPU by splitting K (:func:`split_for`); outputs narrower
     than 64 take the narrowest tile that covers them, without a pipeline. Larger blocks take
     128-column tiles (64 with SiLU*up, two weight tiles per step), the scales applied before the
-    MMA, a 3-stage pipeline, 8 warps for a 128 x 128 down tile (4 would spill). ``blocks`` and
-    ``num_sms`` are kept for rules that weigh the grid."""
+    MMA, a 3-stage pipeline, 8 warps for a 128 x 128 down tile (4 would spill)."""
     if block_m <= 16:
         narrow = max(16, 1 << (max(n_out, 1) - 1).bit_length())
         if narrow < 64:
@@ -221,15 +205,13 @@ def launch_plan(routing, n_out: int, chunks: int, num_experts: int, device: torc
                 tile: Optional[PackedTile] = None, may_split: bool = False):
     """(tile, K splits) for a call: ``tile`` or :func:`packed_tile_for`'s, and splits from
     :func:`split_for` where ``may_split`` (the caller sums the partial planes), else 1."""
-    blocks = routing.block_expert.numel()
-    used = blocks if routing.direct else min(blocks, num_experts)
-    sms = _num_sms(device)
     if tile is None:
-        tile = packed_tile_for(routing.block_m, n_out, used, sms, silu_mul)
-    splits = 1
-    if may_split and not silu_mul and routing.block_m <= 16:
-        splits = split_for(used * -(-n_out // tile.block_n), chunks, sms)
-    return tile, splits
+        tile = packed_tile_for(routing.block_m, n_out, silu_mul)
+    if not (may_split and not silu_mul and routing.block_m <= 16):
+        return tile, 1
+    blocks = routing.block_expert.numel()
+    used = blocks if routing.direct else min(blocks, num_experts)   # blocks that can hold slots
+    return tile, split_for(used * -(-n_out // tile.block_n), chunks, _num_sms(device))
 
 
 def grouped_gemm(x: torch.Tensor, pw: PreparedWeight, num_experts: int, routing, top_k: int, gather: bool,

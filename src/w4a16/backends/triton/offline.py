@@ -101,22 +101,22 @@ PACKED_ALIGNED = ("x_ptr", "qk_ptr", "s_ptr", "z_ptr", "tw_ptr", "out_ptr", "slo
 
 
 def compile_moe(kernel, dtype: str = "fp16", group: int = 128, has_zeros: bool = False):
-    """The grouped MoE kernel at ``kernel`` compiled for sm_90a: a MoeKernel
-    (:func:`w4a16.backends.triton.moe.w4a16_moe_gemm`, the plain layout) or a PackedKernel
-    (:func:`w4a16.backends.triton.moe_packed.w4a16_moe_packed`, layout 2). The gate_up variant
+    """The grouped MoE kernel at ``kernel`` (a MoeKernel) compiled for sm_90a: with a MoeTile
+    :func:`w4a16.backends.triton.moe.w4a16_moe_gemm` (the plain layout), with a PackedTile
+    :func:`w4a16.backends.triton.moe_packed.w4a16_moe_packed` (layout 2). The gate_up variant
     writes the activation dtype, down fp32 rows times the routing weights; the direct variant reads
     int64 expert ids (topk_ids). Pointers and sizes compiled as 16-byte aligned, as a real layer's
     are. group -1: one group over K (a run-time size)."""
     import triton.language as tl
 
     from .moe import w4a16_moe_gemm
-    from .moe_packed import PackedKernel, w4a16_moe_packed
+    from .moe_packed import PackedTile, w4a16_moe_packed
 
     t = kernel.tile
     out_t = f"*{dtype}" if kernel.silu_mul else "*fp32"
     ids_t = "*i64" if kernel.direct else "*i32"
     tl_dtype = tl.float16 if dtype == "fp16" else tl.bfloat16
-    if isinstance(kernel, PackedKernel):
+    if isinstance(kernel.tile, PackedTile):
         kc = chunk_of(group)
         types = (f"*{dtype}", "*u8", f"*{dtype}", f"*{dtype}", "*fp32", out_t, "*i32", ids_t) + ("i32",) * 11
         cx = dict(GROUP_LOG2=-1 if group == -1 else group.bit_length() - 1, KC=kc,
@@ -135,7 +135,7 @@ def compile_moe(kernel, dtype: str = "fp16", group: int = 128, has_zeros: bool =
 
 def moe_weights_per_thread(kernel, group: int = 128) -> int:
     """Weights one thread dequantizes per main-loop iteration (two tiles with SiLU*up): BK values of
-    K a step for a MoeKernel, one layout chunk for a PackedKernel."""
+    K a step for a MoeTile, one layout chunk for a PackedTile."""
     t = kernel.tile
     k = getattr(t, "block_k", None) or chunk_of(group)
     return t.block_n * k * (2 if kernel.silu_mul else 1) // (32 * t.num_warps)
