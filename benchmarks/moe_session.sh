@@ -4,7 +4,7 @@
 #   bash benchmarks/moe_session.sh check   # the MoE tests on the GPU (bf16 included), w4a16 fuzz --moe,
 #                                          # then w4a16 bench --moe on two presets at small T
 #   bench                                  # w4a16 bench --moe all --m 1,16,64,256,4096 (bf16)
-#   model                                  # w4a16.e2e.speed --model qwen3-30b-a3b --layers 8 --compile
+#   model                                  # w4a16.e2e.speed --model qwen3-30b-a3b --layers 8 --compile --dtype bf16
 #   final                                  # the MoE tests, w4a16 bench --moe all, the per-kernel
 #                                          # profile (benchmarks/moe_profile.py), then the model phase
 #   sanitize                               # compute-sanitizer (memcheck, racecheck, synccheck,
@@ -36,7 +36,7 @@ bench)
         --out "$OUT/bench" > "$OUT/bench.txt" 2>&1
     tail -n 70 "$OUT/bench.txt" ;;
 model)
-    timeout "$LIMIT" $PY -m w4a16.e2e.speed --model qwen3-30b-a3b --layers 8 --batches 1 16 --compile \
+    timeout "$LIMIT" $PY -m w4a16.e2e.speed --model qwen3-30b-a3b --layers 8 --batches 1 16 --compile --dtype "${DTYPE:-bf16}" \
         --out "$OUT/model" > "$OUT/model.txt" 2>&1
     tail -n 30 "$OUT/model.txt" ;;
 tiles)
@@ -87,7 +87,7 @@ final)
         --out "$OUT/bench" > "$OUT/bench.txt" 2>&1
     grep -E "^\| .* \| (w4a16|torch)" "$OUT/bench.txt" | grep -v loop
     timeout 60 $PY benchmarks/moe_profile.py > "$OUT/profile.txt" 2>&1; cat "$OUT/profile.txt"
-    timeout "$((LIMIT - 370))" $PY -m w4a16.e2e.speed --model qwen3-30b-a3b --layers 8 --batches 1 16 --compile \
+    timeout "$((LIMIT - 370))" $PY -m w4a16.e2e.speed --model qwen3-30b-a3b --layers 8 --batches 1 16 --compile --dtype "${DTYPE:-bf16}" \
         --out "$OUT/model" > "$OUT/model.txt" 2>&1
     tail -n 25 "$OUT/model.txt" ;;
 *) echo "phase: check, bench, model, sanitize, tiles, packed, verify or final"; exit 2 ;;

@@ -4,6 +4,7 @@ weights), CUDA-graph timing over 8 rotating routings; checked against the refere
 one line per (preset, T, projection, tile) and the best tile of each against the heuristic's.
 
     python benchmarks/moe_tiles.py [--presets all] [--tokens 1,16,256,4096] [--dtype bf16] [--out DIR]
+    python benchmarks/moe_tiles.py --check-only --dtype fp16 --tokens 16,512,4096   # correctness of every tile
 """
 import argparse
 import json
@@ -27,11 +28,13 @@ ROUTINGS = 8
 
 
 def candidates(block_m: int) -> list:
-    """The tiles tried for a block size (those the heuristic picks among them)."""
+    """The tiles tried for a block size (those the heuristic picks among them; the ones the kernel
+    refuses, ``moe_packed.tile_refusal``, are left out by the caller)."""
     T = kernel.PackedTile
     if block_m <= 16:
         return ([T(bn, True, after, bn // 16, st) for bn in (16, 32, 64, 128) for after in (True, False)
-                 for st in (1, 3) if after or st == 1]   # (no scale_after with a pipeline: refused at block_m 16)
+                 for st in (1, 3)]
+                + [T(bn, True, True, bn // 16, st) for bn in (64, 128) for st in (2, 4, 5, 6)]
                 + [T(bn, False, False, 4, 1) for bn in (32, 64, 128)])
     return [T(bn, swap, after, w, st) for bn in (64, 128) for swap, after in ((True, False), (False, False), (True, True))
             for w in (4, 8) for st in (3, 4)]
@@ -43,6 +46,7 @@ def main() -> int:
     ap.add_argument("--tokens", default="1,16,256,4096")
     ap.add_argument("--dtype", default="bf16", choices=("fp16", "bf16"))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--check-only", action="store_true", help="check every tile against the reference, no timing")
     ap.add_argument("--limit-s", type=float, default=1e9, help="stop starting new shapes after this many seconds")
     a = ap.parse_args()
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
@@ -78,7 +82,8 @@ def main() -> int:
                 nbytes = touched * w.nbytes() / E
                 pw = w.weight.prepared(get("triton"))
                 heur[proj] = kernel.packed_tile_for(bm, n_out, proj == "gate_up")
-                for tile in sorted(set(candidates(bm)) | {heur[proj]}):
+                tiles = {t for t in candidates(bm) if kernel.tile_refusal(t, bm, proj == "gate_up") is None}
+                for tile in sorted(tiles | {heur[proj]}):
                     def call(r, tile=tile, proj=proj, pw=pw, out=out):
                         if proj == "gate_up":
                             return kernel.grouped_gemm(x, pw, E, r, k, True, out, silu_mul=True, tile=tile)
@@ -86,7 +91,8 @@ def main() -> int:
                     try:
                         got = call(routes[0]).clone()
                         err = rel_error(got, ref_h if proj == "gate_up" else ref_y)
-                        us = GraphTimer().measure([lambda r=r: call(r) for r in routes]).median_us
+                        us = (float("nan") if a.check_only else
+                              GraphTimer().measure([lambda r=r: call(r) for r in routes]).median_us)
                     except Exception as e:   # a tile that does not fit (shared memory) is reported
                         print(f"{preset} T={T} {proj} {tuple(tile)} failed: {type(e).__name__}: {str(e)[:120]}")
                         continue
@@ -99,6 +105,8 @@ def main() -> int:
             for proj in ("gate_up", "down"):
                 mine = [r for r in rows if (r["preset"], r["T"], r["proj"]) == (preset, T, proj)]
                 if mine:
+                    if a.check_only:
+                        continue
                     best = min(mine, key=lambda r: r["us"])
                     h = [r for r in mine if r["heuristic"]]
                     print(f"BEST {preset} T={T} {proj}: {tuple(best['tile'])} {best['us']:.2f} us "

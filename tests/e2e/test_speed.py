@@ -44,15 +44,29 @@ def test_run_returns_both_models(result):
         for d in m.decode:
             assert d.mode == "eager" and "no CUDA" in d.note
             assert d.tokens_per_s == pytest.approx(d.batch * 1e3 / d.step_ms)
-            assert d.graph_check < speed.GRAPH_TOL
+            assert d.graph_check < speed.GRAPH_TOL[torch.float16]
 
 
 def test_logit_checks(result):
     c = result.check
     assert c["layers_quantized"] == 2 * 7
-    assert c["rel_err_vs_dequantized"] < speed.KERNEL_TOL
+    assert c["rel_err_vs_dequantized"] < speed.KERNEL_TOL[torch.float16]
     assert 0 < c["rel_err_vs_fp16"] < speed.FP16_TOL
     assert 0 <= c["top1_vs_fp16"] <= 1
+
+
+def test_bf16_run_names_its_baseline_and_quantizes_to_bf16():
+    """dtype="bf16": the 16-bit model and the W4A16 model's activations are bf16, the baseline row
+    and the ratio rows are named by it, and the checks use bf16's tolerances."""
+    r = speed.run_speed(**dict(RUN, batches=(1,)), dtype="bf16")
+    assert [m.name for m in r.models] == ["bf16", "w4a16 g32 sym"] and r.config["dtype"] == "bf16"
+    assert r.check["rel_err_vs_dequantized"] < speed.KERNEL_TOL[torch.bfloat16]
+    assert "| W4A16 / bf16 |" in speed.format_speed(r)
+
+
+def test_unknown_dtype_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"dtype: expected one of \('fp16', 'bf16'\), got 'fp32'"):
+        speed.run_speed(**RUN, dtype="fp32")
 
 
 def test_table_and_json(result, tmp_path):
@@ -109,11 +123,11 @@ def test_fused_layers_run_and_pass_the_dequantized_check():
     model on dequantized weights, as the plain W4A16 model does."""
     res = speed.run_speed(**dict(RUN, batches=(1,), fuse="layers"))
     assert res.config["fused"] == "layers"
-    assert res.check["rel_err_vs_dequantized"] <= speed.KERNEL_TOL
+    assert res.check["rel_err_vs_dequantized"] <= speed.KERNEL_TOL[torch.float16]
     res = speed.run_speed(**dict(RUN, batches=(1,), fused_layers_too=True, lm_head_int4=True))
     assert [m.name for m in res.models] == ["fp16", "w4a16 g32 sym", "w4a16 g32 sym, fused layers",
                                             "w4a16 g32 sym, fused layers, 4-bit lm_head"]
-    assert res.check["fused_layers_rel_err_vs_dequantized"] <= speed.KERNEL_TOL
+    assert res.check["fused_layers_rel_err_vs_dequantized"] <= speed.KERNEL_TOL[torch.float16]
 
 
 def test_interleaved_eager_times_both_models_in_alternating_blocks(tmp_path):
@@ -192,7 +206,7 @@ def test_moe_model_runs_with_w4a16_experts(monkeypatch):
     r = speed.run_speed(**dict(RUN, config_overrides=tiny, batches=(1,)), model="qwen3-30b-a3b")
     assert r.config["model"] == "qwen3-30b-a3b"
     assert r.check["layers_quantized"] == 2 * (4 + 1)        # q, k, v, o and the experts module per layer
-    assert r.check["rel_err_vs_dequantized"] < speed.KERNEL_TOL and backends
+    assert r.check["rel_err_vs_dequantized"] < speed.KERNEL_TOL[torch.float16] and backends
 
 
 def test_a_failing_peer_is_reported_and_the_run_keeps_what_it_measured(monkeypatch, tmp_path):
@@ -246,7 +260,7 @@ def test_both_lm_head_choices_in_one_run():
     its dequantized weights like the rest."""
     res = speed.run_speed(**dict(RUN, batches=(1,), lm_head_int4=True))
     assert [m.name for m in res.models] == ["fp16", "w4a16 g32 sym", "w4a16 g32 sym, 4-bit lm_head"]
-    assert res.check["lm_head_rel_err_vs_dequantized"] <= speed.KERNEL_TOL
+    assert res.check["lm_head_rel_err_vs_dequantized"] <= speed.KERNEL_TOL[torch.float16]
     assert res.models[2].weight_bytes < res.models[1].weight_bytes
     assert res.config["lm_head_int4"] is True
     assert "| w4a16 g32 sym, 4-bit lm_head / fp16 |" in speed.format_speed(res)

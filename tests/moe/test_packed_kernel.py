@@ -11,7 +11,7 @@ import torch
 from conftest import DEVICE, KERNEL_DTYPES
 from w4a16.backends.selection import get
 from w4a16.backends.triton import moe_packed
-from w4a16.backends.triton.moe_packed import PackedTile, packable, packed_tile_for, split_for
+from w4a16.backends.triton.moe_packed import PackedTile, packable, packed_tile_for, split_for, tile_refusal
 from w4a16.backends.triton.moe_route import combine
 from w4a16.errors import W4A16Error
 from w4a16.moe import QuantizedExperts, W4A16Experts, align, fused_moe, grouped_gemm, reference
@@ -22,8 +22,8 @@ TILES = [None, PackedTile(16, True, True, 1, 3), PackedTile(32, True, False, 2, 
          PackedTile(64, False, False, 4, 1), PackedTile(128, True, True, 8, 3)]
 
 
-def _experts(gen, E, N, K, g, zeros, dtype):
-    return QuantizedExperts.quantize(torch.randn(E, N, K, generator=gen), g, not zeros, dtype).to(DEVICE)
+def _experts(gen, E, N, K, g, zeros, dtype, std=1.0):
+    return QuantizedExperts.quantize(torch.randn(E, N, K, generator=gen) * std, g, not zeros, dtype).to(DEVICE)
 
 
 def _ids(gen, T, k, E):
@@ -80,6 +80,24 @@ def test_fused_layer_on_packed_experts_matches_reference(gen, dtype, g, zeros):
     _assert_every_element(y, ref.float(), dtype)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("T", [16, 128, 512])
+def test_fused_layer_at_every_block_size_on_model_sized_experts(gen, dtype, T):
+    """Qwen3-30B-A3B's expert sizes (H 2048, I 768) with 16 experts, 8 per token: block_m 16, 64
+    and 128 (T = 16, 128, 512), three routings each. A down tile the kernel now refuses computed NaN
+    here at block_m 64 in fp16 on an H100, and right in the interpreter. Weights of std 1/sqrt(K)
+    keep the layer's values far from fp16's range at these K."""
+    E, I, H, k = 16, 768, 2048, 8
+    gu = _experts(gen, E, 2 * I, H, 128, False, dtype, H ** -0.5)
+    dn = _experts(gen, E, H, I, 128, False, dtype, I ** -0.5)
+    x = torch.randn(T, H, generator=gen).to(DEVICE, dtype)
+    for _ in range(3):
+        ids, w = _ids(gen, T, k, E)
+        y = fused_moe(x, gu, dn, ids, w, backend="triton")
+        _assert_every_element(y, reference.fused_moe(x, gu, dn, ids, w).float(), dtype)
+
+
 @pytest.mark.parametrize("splits", [2, 3])
 def test_split_k_planes_sum_to_the_rows_and_combine_sums_them(gen, splits):
     """Down projections with few programs split K: each plane holds a partial sum over its chunks
@@ -115,6 +133,19 @@ def test_a_decode_tile_without_scale_after_and_with_a_pipeline_is_refused(gen):
                                 2, align(ids, 2, 16), 1, True, out, tile=PackedTile(64, True, False, 4, 3))
 
 
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_a_swapped_down_tile_with_four_warps_scales_before_and_a_pipeline_is_refused(gen, block_m):
+    """Measured wrong on an H100 (fp16, block_m 64); gate_up tiles of that shape run."""
+    ex = _experts(gen, 2, 32, 128, 32, False, torch.float16)
+    ids, w = _ids(gen, 2, 1, 2)
+    out = torch.empty(2, 32, device=DEVICE)
+    tile = PackedTile(128, True, False, 4, 3)
+    assert tile_refusal(tile, block_m, True) is None and tile_refusal(tile._replace(num_warps=8), block_m, False) is None
+    with pytest.raises(W4A16Error, match="tile: expected 8 warps for a swapped down tile"):
+        moe_packed.grouped_gemm(torch.zeros(2, 128, dtype=torch.float16, device=DEVICE), ex.weight.prepared(get("triton")),
+                                2, align(ids, 2, block_m), 1, False, out, w.reshape(-1), tile=tile)
+
+
 def test_layout_choice():
     """Experts run packed where every expert (and a gate_up weight's up half) starts on a 16-row
     block, else on the plain kernel."""
@@ -134,7 +165,11 @@ def test_tile_choice():
     assert tiny.block_n == 16 and tiny.num_warps == 1 and tiny.num_stages == 1
     t = packed_tile_for(128, 4096, False)
     assert t.block_n == 128 and t.num_warps == 8 and t.num_stages == 3 and not t.scale_after
+    assert packed_tile_for(64, 4096, False) == t                   # 4 warps computed wrong (tile_refusal)
     assert packed_tile_for(128, 4096, True).num_warps == 4
+    for bm in (16, 64, 128):
+        for n, silu in ((16, False), (768, True), (4096, False)):
+            assert tile_refusal(packed_tile_for(bm, n, silu), bm, silu) is None
 
 
 def test_packed_copy_is_the_only_copy_and_edits_reach_the_next_call(gen):

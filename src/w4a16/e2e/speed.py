@@ -2,9 +2,10 @@
 
 The model is transformers' ``LlamaForCausalLM`` (or, with ``model="qwen3-30b-a3b"``,
 ``Qwen3MoeForCausalLM``: 128 experts of intermediate size 768, 8 per token, its experts run by
-transformers' ``grouped_mm`` implementation in fp16 and by :class:`w4a16.moe.W4A16Experts` once
+transformers' ``grouped_mm`` implementation in 16 bits and by :class:`w4a16.moe.W4A16Experts` once
 quantized) built from a config written here (the published dimensions; ``layers`` shrinks it)
-with random weights in fp16 on the device: nothing is downloaded. The same model is measured in fp16, then quantized in place with
+with random weights in fp16 (or bf16: ``dtype``) on the device: nothing is downloaded. The same model is
+measured in 16 bits, then quantized in place with
 :func:`w4a16.quantize_model` (``lm_head`` left in fp16) and measured again; with ``lm_head_int4``
 its ``lm_head`` is then quantized too and the model measured a third time:
 
@@ -60,8 +61,11 @@ QWEN3_30B_A3B = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_
                      max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
                      tie_word_embeddings=False)
 MODELS = {"llama3-8b": LLAMA3_8B, "qwen3-30b-a3b": QWEN3_30B_A3B}
-KERNEL_TOL = 2e-2   # W4A16 model vs its own dequantized weights, relative Frobenius error of logits
-GRAPH_TOL = 3e-2    # replayed decode step vs a full forward (different GEMM shapes, fp16)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# Relative Frobenius errors of logits, by activation dtype (bf16 keeps 3 fewer mantissa bits than
+# fp16; a wrong kernel gives errors of order 1):
+KERNEL_TOL = {torch.float16: 2e-2, torch.bfloat16: 6e-2}   # W4A16 model vs its own dequantized weights
+GRAPH_TOL = {torch.float16: 3e-2, torch.bfloat16: 8e-2}    # replayed decode step vs a full forward
 FP16_TOL = 1.0      # W4A16 vs fp16 model: beyond this it predicts worse than all-zero logits
 
 
@@ -93,7 +97,7 @@ class SpeedResult:
     config: Dict[str, object]
     device: str
     versions: Dict[str, str]
-    check: Dict[str, float]      # top1_vs_fp16, rel_err_vs_fp16, rel_err_vs_dequantized
+    check: Dict[str, float]      # top1_vs_fp16, rel_err_vs_fp16 (against the 16-bit model, fp16 or bf16), rel_err_vs_dequantized
     models: List[ModelSpeed] = field(default_factory=list)
     interleaved: list = field(default_factory=list)   # e2e.interleaved.InterleavedEager per batch
 
@@ -280,10 +284,10 @@ def decode_speed(model, batch: int, device: str, context: int = 256, prompt_len:
     dec.prefill(prompt)
     got = _finite(dec.run().float(), f"decode batch {batch}")
     want = logits_of(model, torch.cat([prompt, dec.ids], dim=1))[:, -1].to(got.device)
-    err = rel_error(got, want)
-    if err > GRAPH_TOL:
+    err, tol = rel_error(got, want), GRAPH_TOL[_activation_dtype(model)]
+    if err > tol:
         raise RuntimeError(f"decode batch {batch} ({mode}): logits differ from a full forward, "
-                           f"relative error {err:.3g} > {GRAPH_TOL}")
+                           f"relative error {err:.3g} > {tol}")
     time_ms = loop_timer(device)
     time_ms(dec.run, warmup)
     ms = time_ms(dec.run, iters)
@@ -343,10 +347,15 @@ def _against_dequantized(model, vids, ref: torch.Tensor, what: str) -> tuple:
     got = logits_of(model, vids)
     with dequantized_weights(model):
         deq = logits_of(model, vids)
-    err = rel_error(got, deq)
-    if err > KERNEL_TOL:
-        raise RuntimeError(f"{what} disagrees with its dequantized weights: relative error {err:.3g} > {KERNEL_TOL}")
+    err, tol = rel_error(got, deq), KERNEL_TOL[_activation_dtype(model)]
+    if err > tol:
+        raise RuntimeError(f"{what} disagrees with its dequantized weights: relative error {err:.3g} > {tol}")
     return got, float((got.argmax(-1) == ref.argmax(-1)).double().mean()), err
+
+
+def _activation_dtype(model) -> torch.dtype:
+    """The model's activation dtype: its input embeddings' (fp16 or bf16)."""
+    return model.get_input_embeddings().weight.dtype
 
 
 def _measure(name, model, device, batches, prefill_tokens, decode_kw, say, graph_modes=(True,),
@@ -386,7 +395,7 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
               eager_too: bool = False, interleave_eager: bool = False,
               config_overrides=None, compile: bool = False, fuse=True, peers: Sequence[str] = (),
               print_fn: Optional[Callable[[str], None]] = print, model: str = "llama3-8b",
-              lm_head_int4: bool = False, fused_layers_too: bool = False) -> SpeedResult:
+              lm_head_int4: bool = False, fused_layers_too: bool = False, dtype: str = "fp16") -> SpeedResult:
     """Measure fp16 and W4A16 on the Llama-3-8B shape, or another of MODELS (see the module docstring).
 
     Args:
@@ -410,6 +419,10 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
         lm_head_int4: then quantize the W4A16 model's lm_head too (``quantize_model(skip=())``),
             check it against its dequantized weights again and time it as one more row (both
             lm_head choices in one run; quality: ``w4a16.e2e.run_quality(lm_head_too=True)``).
+        dtype: "fp16" or "bf16": the 16-bit model's parameters and the W4A16 model's activations
+            (the 16-bit baseline row is named by it). transformers' ``grouped_mm`` experts fall back
+            to a per-expert loop with a host sync under torch.compile in fp16, so the MoE model's
+            compiled baseline needs "bf16".
         fused_layers_too: after the W4A16 model (fuse=True), move its decoder layers' activation and
             residual adds into the GEMM epilogues (``w4a16.fused_layer.fuse_decoder_layers``), check
             it against its dequantized weights and time it as one more row (before the 4-bit
@@ -421,12 +434,15 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
     from .peers import PEERS, check_peers
 
     check_peers(peers)
+    torch_dtype = DTYPES.get(dtype)
+    if torch_dtype is None:
+        raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {dtype!r}")
     say = print_fn or (lambda s: None)
     kind = model
     dims = model_dims(kind, layers, **(config_overrides or {}))
     config = model_config(kind, dims)
     t0 = time.perf_counter()
-    model = build_model(config, device)
+    model = build_model(config, device, torch_dtype)
     say(f"built {kind} ({dims['num_hidden_layers']} layers, hidden {dims['hidden_size']}) on {device} "
         f"in {time.perf_counter() - t0:.1f} s")
     g = torch.Generator().manual_seed(3)
@@ -437,13 +453,13 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
     dev_name = torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu"
     result = SpeedResult(dict(dims, model=kind, group_size=group_size, symmetric=symmetric, prefill_tokens=prefill_tokens,
                               context=context, verify_tokens=verify_tokens, compile=compile, fused=fuse,
-                              lm_head_int4=lm_head_int4),
+                              lm_head_int4=lm_head_int4, dtype=dtype),
                          dev_name, _versions(), {})
-    result.models.append(_measure("fp16", model, device, batches, prefill_tokens, decode_kw, say, graph_modes))
+    result.models.append(_measure(dtype, model, device, batches, prefill_tokens, decode_kw, say, graph_modes))
 
     t0 = time.perf_counter()
     report = quantize_model(model, group_size=group_size, symmetric=symmetric, skip=("lm_head",),
-                            dtype=torch.float16, progress=False, fuse=fuse)
+                            dtype=torch_dtype, progress=False, fuse=fuse)
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -453,9 +469,9 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
     got, top1, err = _against_dequantized(model, vids, ref, "W4A16 model")
     result.check = {"top1_vs_fp16": top1, "rel_err_vs_fp16": rel_error(got, ref), "rel_err_vs_dequantized": err,
                     "layers_quantized": len(report.replaced)}
-    say("W4A16 logits on a {}-token prompt: top-1 agreement with fp16 {top1_vs_fp16:.3f}, relative error "
+    say("W4A16 logits on a {}-token prompt: top-1 agreement with {} {top1_vs_fp16:.3f}, relative error "
         "{rel_err_vs_fp16:.3g}; vs its own dequantized weights {rel_err_vs_dequantized:.3g}"
-        .format(verify_tokens, **result.check))
+        .format(verify_tokens, dtype, **result.check))
     if result.check["rel_err_vs_fp16"] > FP16_TOL:
         # Random weights make a chaotic network: 4-bit rounding noise grows through 32 random layers,
         # so distance to the fp16 model says nothing here (quality is measured on a real model in
@@ -467,9 +483,9 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
     if interleave_eager:
         from .interleaved import interleaved_eager
         say("eager decode, fp16 and W4A16 in alternating blocks ...")
-        fp16 = build_model(config, device)   # the same random weights as the fp16 model above
+        fp16 = build_model(config, device, torch_dtype)   # the same random weights as the 16-bit model above
         steps = min(5, context - prompt_len - 1)
-        result.interleaved = [interleaved_eager({"fp16": fp16, name: model}, b, device, context, prompt_len,
+        result.interleaved = [interleaved_eager({dtype: fp16, name: model}, b, device, context, prompt_len,
                                                 steps=steps) for b in batches]
         del fp16
     if fused_layers_too:
@@ -484,7 +500,7 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
         name += ", fused layers"
         result.models.append(_measure(name, model, device, batches, prefill_tokens, decode_kw, say, graph_modes))
     if lm_head_int4:
-        head = quantize_model(model, group_size=group_size, symmetric=symmetric, skip=(), dtype=torch.float16,
+        head = quantize_model(model, group_size=group_size, symmetric=symmetric, skip=(), dtype=torch_dtype,
                               progress=False, fuse=False)
         say(f"lm_head: {head}")
         if "lm_head" not in head.replaced:
@@ -495,7 +511,7 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
                                       say, graph_modes))
     for peer in peers:
         say(f"{peer}: quantizing a fresh copy of the fp16 model ...")
-        other = _tolerant(lambda: PEERS[peer](build_model(config, device), group_size), True, say, peer,
+        other = _tolerant(lambda: PEERS[peer](build_model(config, device, torch_dtype), group_size), True, say, peer,
                           lambda why: why)
         if isinstance(other, str):   # it could not even be built (a missing package, its quantizer failed)
             result.models.append(ModelSpeed(peer, 0, 0, nan, error=other))
@@ -534,7 +550,7 @@ def format_speed(result: SpeedResult) -> str:
         lines.append("| " + " | ".join([m.name, format_bytes(m.weight_bytes), _num(m.prefill_ms, ".2f")] + dec) + " |")
     a = result.models[0]
     for i, b in enumerate(result.models[1:]):
-        label = "W4A16 / fp16" if i == 0 else f"{b.name} / fp16"
+        label = f"W4A16 / {a.name}" if i == 0 else f"{b.name} / {a.name}"
         if b.error:
             lines.append(f"| {label} | " + " | ".join(["failed"] * (len(cols) - 1)) + " |")
             continue
@@ -617,6 +633,10 @@ def main(argv: Optional[Sequence[str]] = None) -> SpeedResult:
                    help="other int4 implementations timed in the same harness (torchao-int4)")
     p.add_argument("--lm-head-int4", action="store_true",
                    help="also time the W4A16 model with its lm_head quantized (one more row)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp16",
+                   help="the 16-bit model and the W4A16 model's activations (the MoE model's compiled "
+                        "16-bit baseline needs bf16: transformers' grouped_mm experts fall back to a "
+                        "host-synchronizing loop under torch.compile in fp16)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None, help="folder for speed.json")
     a = p.parse_args(argv)
@@ -626,7 +646,7 @@ def main(argv: Optional[Sequence[str]] = None) -> SpeedResult:
                        a.iters, use_graph=not a.no_graph, compile=a.compile,
                        fuse="layers" if a.fuse_layers else not a.no_fuse,
                        eager_too=a.eager_too, interleave_eager=a.interleave_eager, peers=a.peers, model=a.model,
-                       lm_head_int4=a.lm_head_int4, fused_layers_too=a.fuse_layers_too)
+                       lm_head_int4=a.lm_head_int4, fused_layers_too=a.fuse_layers_too, dtype=a.dtype)
     if a.out:
         print(f"wrote {write_json(result, a.out)}")
     return result

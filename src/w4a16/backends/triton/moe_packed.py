@@ -166,7 +166,8 @@ def packed_tile_for(block_m: int, n_out: int, silu_mul: bool) -> PackedTile:
     A small down projection fills the GPU by splitting K (:func:`split_for`); outputs narrower
     than 64 take the narrowest tile that covers them, without a pipeline. Larger blocks take
     128-column tiles (64 with SiLU*up, two weight tiles per step), the scales applied before the
-    MMA, a 3-stage pipeline, 8 warps for a 128 x 128 down tile (4 would spill)."""
+    MMA, a 3-stage pipeline, 8 warps for a 128-column down tile (4 spill at block_m 128 and, at
+    block_m 64, computed wrong results on an H100: :func:`tile_refusal`)."""
     if block_m <= 16:
         narrow = max(16, 1 << (max(n_out, 1) - 1).bit_length())
         if narrow < 64:
@@ -174,7 +175,23 @@ def packed_tile_for(block_m: int, n_out: int, silu_mul: bool) -> PackedTile:
         return PackedTile(64, True, True, 4, 3)
     if silu_mul:     # 8 warps would split 64 weight rows over two warpgroups: each dequantizes them all
         return PackedTile(64, True, False, 4, 3)
-    return PackedTile(128, True, False, 8 if block_m >= 128 else 4, 3)
+    return PackedTile(128, True, False, 8, 3)
+
+
+def tile_refusal(tile: PackedTile, block_m: int, silu_mul: bool) -> Optional[str]:
+    """Why the kernel refuses ``tile`` at ``block_m`` rows per block (None: it runs). Two launch
+    shapes computed wrong results on an H100 with Triton 3.6.0 while the CPU interpreter computed
+    them right (a compiler fault, not the algorithm; ``benchmarks/moe_tiles.py --check-only``):
+    scales before the MMA with a pipeline at decode block sizes (the down projection, bf16,
+    relative error 0.07), and a down projection (routing weights, fp32 rows) with the weight as the
+    first operand, scales before the MMA, a pipeline and 4 warps (fp16 at block_m 64: NaN, or
+    relative errors of 4.5e-3 to 220 from one run to the next; 8 warps, scales after the MMA or
+    the unswapped tile were right in every run)."""
+    if block_m <= 16 and tile.num_stages > 1 and not tile.scale_after:
+        return "scale_after with a pipeline at decode block sizes"
+    if not silu_mul and tile.swap_ab and not tile.scale_after and tile.num_stages > 1 and tile.num_warps < 8:
+        return "8 warps for a swapped down tile with the scales before the MMA and a pipeline"
+    return None
 
 
 def _num_sms(device: torch.device) -> int:
@@ -226,10 +243,8 @@ def grouped_gemm(x: torch.Tensor, pw: PreparedWeight, num_experts: int, routing,
     rows_w = pw.N // num_experts
     expect(packable(rows_w, silu_mul), "experts rows", f"a multiple of {32 if silu_mul else 16}", rows_w)
     expect(splits == 1 or not silu_mul, "splits", "1 with silu_mul (SiLU needs whole sums)", splits)
-    # One H100 sweep (Triton 3.6.0) measured a wrong down projection (relative error 0.07) with this
-    # combination at block_m 16; no tile the rule picks has it.
-    expect(not (routing.block_m <= 16 and tile is not None and tile.num_stages > 1 and not tile.scale_after),
-           "tile", "scale_after with a pipeline at decode block sizes", tile)
+    refused = None if tile is None else tile_refusal(tile, routing.block_m, silu_mul)
+    expect(refused is None, "tile", refused, tile)
     n_out = rows_w // 2 if silu_mul else rows_w
     chunks = pw.K_pad // pw.kc
     if tile is None:
