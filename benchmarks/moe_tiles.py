@@ -81,7 +81,7 @@ def main() -> int:
                 out = torch.empty(S, n_out, dtype=dtype if proj == "gate_up" else torch.float32, device="cuda")
                 nbytes = touched * w.nbytes() / E
                 pw = w.weight.prepared(get("triton"))
-                heur[proj] = kernel.packed_tile_for(bm, n_out, proj == "gate_up")
+                heur[proj] = kernel.launch_plan(routes[0], n_out, pw.K_pad // pw.kc, E, x.device, proj == "gate_up")[0]
                 tiles = {t for t in candidates(bm) if kernel.tile_refusal(t, bm, proj == "gate_up") is None}
                 for tile in sorted(tiles | {heur[proj]}):
                     def call(r, tile=tile, proj=proj, pw=pw, out=out):

@@ -133,6 +133,36 @@ def test_a_decode_tile_without_scale_after_and_with_a_pipeline_is_refused(gen):
                                 2, align(ids, 2, 16), 1, True, out, tile=PackedTile(64, True, False, 4, 3))
 
 
+@pytest.mark.parametrize("costly", [False, True])
+def test_one_token_gate_up_takes_narrower_tiles_where_triton_builds_them_well(monkeypatch, costly):
+    """Fewer than three programs per SM at 64 columns: halve down to 16 (Qwen3-30B-A3B and
+    Qwen3-235B-A22B: 16, DeepSeek-V3: 32, Mixtral's two wide experts: 64), on a Triton that
+    compiles narrow pipelined tiles well; 64 everywhere on one that does not; down keeps 64."""
+    from w4a16.backends import triton_compat
+
+    monkeypatch.setattr(triton_compat, "NARROW_TILES_COSTLY", costly)
+    widths = [packed_tile_for(16, n, True, blocks, 132).block_n
+              for n, blocks in ((768, 8), (1536, 8), (2048, 8), (14336, 2))]
+    assert widths == ([64] * 4 if costly else [16, 16, 32, 64])
+    t = packed_tile_for(16, 768, True, 8, 132)
+    assert (t.num_warps, t.num_stages, t.scale_after) == (t.block_n // 16, 3, True)
+    assert packed_tile_for(16, 2048, False, 8, 132).block_n == 64
+
+
+def test_one_token_layer_on_narrow_gate_up_tiles_matches_reference(gen):
+    """The rule's narrow tile on a one-token layer (k blocks of 64 columns: few programs)."""
+    from w4a16.backends.triton_compat import NARROW_TILES_COSTLY
+
+    dtype, E, I, H, k = torch.float16, 8, 64, 128, 2
+    gu, dn = _experts(gen, E, 2 * I, H, 32, False, dtype), _experts(gen, E, H, I, 32, False, dtype)
+    x = torch.randn(1, H, generator=gen).to(DEVICE, dtype)
+    ids, w = _ids(gen, 1, k, E)
+    routing = direct(ids)
+    assert moe_packed.launch_plan(routing, I, 1, E, x.device, True)[0].block_n == (64 if NARROW_TILES_COSTLY else 16)
+    _assert_every_element(fused_moe(x, gu, dn, ids, w, backend="triton"),
+                          reference.fused_moe(x, gu, dn, ids, w).float(), dtype)
+
+
 @pytest.mark.parametrize("block_m", [64, 128])
 def test_a_swapped_down_tile_with_four_warps_scales_before_and_a_pipeline_is_refused(gen, block_m):
     """Measured wrong on an H100 (fp16, block_m 64); gate_up tiles of that shape run."""
@@ -158,8 +188,8 @@ def test_tile_choice():
     wide tiles, a pipeline, 8 warps for 128 x 128."""
     t = packed_tile_for(16, 4096, True)
     assert (t.block_n, t.num_warps, t.swap_ab, t.scale_after, t.num_stages) == (64, 4, True, True, 3)
-    assert packed_tile_for(16, 768, True) == t                     # Qwen3-30B-A3B, one token
-    assert packed_tile_for(16, 14336, True) == t                   # Mixtral, one token
+    assert packed_tile_for(16, 768, True) == t                     # many blocks (T = 16 on Qwen3-30B-A3B)
+    assert packed_tile_for(16, 768, True, 128) == t
     assert packed_tile_for(16, 4096, False).block_n == 64
     tiny = packed_tile_for(16, 16, False)
     assert tiny.block_n == 16 and tiny.num_warps == 1 and tiny.num_stages == 1

@@ -54,8 +54,8 @@ def test_shipped_cases_hold_the_moe_kernels_heuristic_tiles():
     plain = [c for c in cases if isinstance(c.config.tile, MoeTile)]
     assert all(c.config.tile == tile_for(c.config.block_m, c.config.silu_mul, c.group, c.group == -1) for c in plain)
     packed = {c.config.tile for c in cases if isinstance(c.config.tile, PackedTile)}
-    picks = {packed_tile_for(bm, n, silu) for bm in (16, 64, 128) for n in (16, 32, 256, 768, 2048, 4096, 14336)
-             for silu in (True, False)}
+    picks = {packed_tile_for(bm, n, silu, blocks) for bm in (16, 64, 128) for n in (16, 32, 256, 768, 2048, 4096, 14336)
+             for silu in (True, False) for blocks in (None, 1, 2, 8, 128)}
     assert picks <= packed, picks - packed          # every tile the packed rule can pick
 
 

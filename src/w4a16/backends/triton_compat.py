@@ -15,6 +15,7 @@ is compiled in CI, ``w4a16 sass``).
 | C launcher of a compiled kernel | one module per kernel, args spread | ``utils.launch``, args in a list with their annotations | same | same |
 | ``make_tensordesc_arg``       | ``(desc, meta)``                 | same           | ``(desc, meta, base_args)`` | same |
 | ptxas for sm_90               | 12.8                             | 12.8           | 12.9               | 13.4 (``ptxas-blackwell``; the wheel's 12.9 ``ptxas`` serves older GPUs) |
+| narrow pipelined MMA tiles (code generation, ``NARROW_TILES_COSTLY``) | as wide ones | same | +27-35% instructions per weight (shuffles) | as 3.6 |
 
 With ``W4A16_SM90_PTXAS=legacy`` in the environment, a Triton that compiles sm_90 with a newer
 ptxas than the one it ships for older GPUs (3.9) compiles it with the older one instead (its
@@ -122,6 +123,14 @@ def release(version: str) -> Tuple[int, int]:
     """(major, minor) of a Triton version string such as "3.9.0" or "3.7.0+git1234"."""
     major, minor = version.split("+")[0].split(".")[:2]
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+# Code generation rather than an API, so the one version test outside ``SUPPORTED``: Triton 3.8
+# builds the MMA operand fragments of the grouped MoE kernel's narrow pipelined tiles (16 and 32
+# columns, one and two warps) with shuffles, +27-35% SASS instructions per weight, where 3.6, 3.7
+# and 3.9 build them within 1.2% of each other (``w4a16 sass``, bf16, sm_90a). The tile rule
+# (``moe_packed.packed_tile_for``) keeps 64-column tiles there.
+NARROW_TILES_COSTLY = release(triton.__version__) == (3, 8)
 
 
 def gluon_unsupported(version: Optional[str] = None) -> Optional[str]:

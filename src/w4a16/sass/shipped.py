@@ -160,17 +160,18 @@ def moe_cases(dtypes: Iterable[str]) -> List[KernelCase]:
 
 
 def packed_moe_cases(dtypes: Iterable[str]) -> List[KernelCase]:
-    """The packed grouped kernel's tiles: each tile ``packed_tile_for`` can pick (decode widths 16,
-    32 and 64, and the prefill tiles) for gate_up and down, the one-token routing on one of them, and
+    """The packed grouped kernel's tiles: each tile ``packed_tile_for`` can pick on this Triton (decode
+    widths 16, 32 and 64, one token's narrower gate_up tiles, and the prefill tiles) for gate_up and
+    down, the one-token routing on them, and
     one decode tile over every group size, symmetric and with zero points (fp16)."""
     from ..backends.triton.moe import MoeKernel
     from ..backends.triton.moe_packed import packed_tile_for
 
     out = []
     for silu in (True, False):
-        widths = {packed_tile_for(16, n, silu) for n in (16, 32, 768, 4096)}
+        widths = {packed_tile_for(16, n, silu, blocks) for n in (16, 32, 768, 2048, 4096) for blocks in (None, 8)}
         kernels = [MoeKernel(t, 16, silu) for t in sorted(widths)]
-        kernels += [MoeKernel(packed_tile_for(16, 4096, silu), 16, silu, True)]
+        kernels += [MoeKernel(packed_tile_for(16, n, silu, 8), 16, silu, True) for n in (768, 4096)]
         kernels += [MoeKernel(packed_tile_for(bm, 4096, silu), bm, silu) for bm in (64, 128)]
         out += [KernelCase("triton-moe", k, dt) for k in kernels for dt in dtypes]
     if "fp16" in dtypes:

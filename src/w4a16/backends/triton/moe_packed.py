@@ -154,25 +154,33 @@ def packable(rows_w: int, silu_mul: bool) -> bool:
     return rows_w % (32 if silu_mul else 16) == 0
 
 
-def packed_tile_for(block_m: int, n_out: int, silu_mul: bool) -> PackedTile:
-    """The tile for a call (``n_out``: output columns), from a sweep of 22 decode tiles per
-    projection on the ``w4a16 bench --moe`` presets at T = 1 and 16 on an H100 (bf16; BENCHMARKS.md,
-    2026-12-07). Decode-sized blocks (block_m 16): one warp per 16 rows, the weight as the first MMA
-    operand and the scales applied after it, a 3-stage pipeline (the best tile at 7 of 8 points of
-    T = 16, 8-22% ahead of the
-    same tiles without it), 64 columns. Narrower pipelined tiles were 1.15-1.34x faster for one
-    token's gate_up on the Qwen3 shapes, but Triton 3.8 rebuilds their fragments with shuffles
-    (``w4a16 sass``: +27-35% instructions per weight), so one tile serves every supported Triton.
+def packed_tile_for(block_m: int, n_out: int, silu_mul: bool, blocks: Optional[int] = None,
+                    num_sms: int = 132) -> PackedTile:
+    """The tile for a call (``n_out``: output columns; ``blocks``: how many blocks can hold slots,
+    None for many), from sweeps of the decode tiles per projection on the ``w4a16 bench --moe``
+    presets at T = 1 and 16 on an H100 (bf16; BENCHMARKS.md, 2026-12-07). Decode-sized blocks
+    (block_m 16): one warp per 16 columns, the weight as the first MMA operand and the scales
+    applied after it, a 3-stage pipeline (the best tile at 7 of 8 points of T = 16, 8-22% ahead of
+    the same tiles without it; 2 to 6 stages measured), 64 columns. A gate_up projection whose grid
+    would hold fewer than three programs per SM (one token: ``blocks`` is k) halves the columns
+    down to 16 (one token's gate_up 1.16-1.30x faster on the Qwen3 and DeepSeek-V3 shapes), except
+    on a Triton that compiles narrow pipelined tiles badly (``triton_compat.NARROW_TILES_COSTLY``).
     A small down projection fills the GPU by splitting K (:func:`split_for`); outputs narrower
     than 64 take the narrowest tile that covers them, without a pipeline. Larger blocks take
     128-column tiles (64 with SiLU*up, two weight tiles per step), the scales applied before the
     MMA, a 3-stage pipeline, 8 warps for a 128-column down tile (4 spill at block_m 128 and, at
     block_m 64, computed wrong results on an H100: :func:`tile_refusal`)."""
+    from ..triton_compat import NARROW_TILES_COSTLY
+
     if block_m <= 16:
         narrow = max(16, 1 << (max(n_out, 1) - 1).bit_length())
         if narrow < 64:
             return PackedTile(narrow, True, True, narrow // 16, 1)
-        return PackedTile(64, True, True, 4, 3)
+        bn = 64
+        if silu_mul and blocks is not None and not NARROW_TILES_COSTLY:
+            while bn > 16 and blocks * -(-n_out // bn) < 3 * num_sms:
+                bn //= 2
+        return PackedTile(bn, True, True, bn // 16, 3)
     if silu_mul:     # 8 warps would split 64 weight rows over two warpgroups: each dequantizes them all
         return PackedTile(64, True, False, 4, 3)
     return PackedTile(128, True, False, 8, 3)
@@ -222,13 +230,14 @@ def launch_plan(routing, n_out: int, chunks: int, num_experts: int, device: torc
                 tile: Optional[PackedTile] = None, may_split: bool = False):
     """(tile, K splits) for a call: ``tile`` or :func:`packed_tile_for`'s, and splits from
     :func:`split_for` where ``may_split`` (the caller sums the partial planes), else 1."""
-    if tile is None:
-        tile = packed_tile_for(routing.block_m, n_out, silu_mul)
-    if not (may_split and not silu_mul and routing.block_m <= 16):
-        return tile, 1
     blocks = routing.block_expert.numel()
     used = blocks if routing.direct else min(blocks, num_experts)   # blocks that can hold slots
-    return tile, split_for(used * -(-n_out // tile.block_n), chunks, _num_sms(device))
+    sms = _num_sms(device)
+    if tile is None:
+        tile = packed_tile_for(routing.block_m, n_out, silu_mul, used, sms)
+    if not (may_split and not silu_mul and routing.block_m <= 16):
+        return tile, 1
+    return tile, split_for(used * -(-n_out // tile.block_n), chunks, sms)
 
 
 def grouped_gemm(x: torch.Tensor, pw: PreparedWeight, num_experts: int, routing, top_k: int, gather: bool,
