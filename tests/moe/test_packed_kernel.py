@@ -164,14 +164,19 @@ def test_one_token_layer_on_narrow_gate_up_tiles_matches_reference(gen):
 
 
 @pytest.mark.parametrize("block_m", [64, 128])
-def test_a_swapped_down_tile_with_four_warps_scales_before_and_a_pipeline_is_refused(gen, block_m):
-    """Measured wrong on an H100 (fp16, block_m 64); gate_up tiles of that shape run."""
+@pytest.mark.parametrize("warps", [4, 8])
+def test_a_swapped_down_tile_with_scales_before_and_a_pipeline_is_refused(gen, block_m, warps):
+    """Measured wrong on an H100 (fp16, block_m 64, 4 warps), and its SASS rewrites registers an
+    issued wgmma reads (8 warps too); gate_up tiles of that shape, scales after the MMA, unswapped
+    or unpipelined down tiles run."""
     ex = _experts(gen, 2, 32, 128, 32, False, torch.float16)
     ids, w = _ids(gen, 2, 1, 2)
     out = torch.empty(2, 32, device=DEVICE)
-    tile = PackedTile(128, True, False, 4, 3)
-    assert tile_refusal(tile, block_m, True) is None and tile_refusal(tile._replace(num_warps=8), block_m, False) is None
-    with pytest.raises(W4A16Error, match="tile: expected 8 warps for a swapped down tile"):
+    tile = PackedTile(128, True, False, warps, 3)
+    assert tile_refusal(tile, block_m, True) is None
+    for ok in (tile._replace(scale_after=True), tile._replace(swap_ab=False), tile._replace(num_stages=1)):
+        assert tile_refusal(ok, block_m, False) is None
+    with pytest.raises(W4A16Error, match="tile: expected scale_after or an unswapped tile"):
         moe_packed.grouped_gemm(torch.zeros(2, 128, dtype=torch.float16, device=DEVICE), ex.weight.prepared(get("triton")),
                                 2, align(ids, 2, block_m), 1, False, out, w.reshape(-1), tile=tile)
 
@@ -194,8 +199,9 @@ def test_tile_choice():
     tiny = packed_tile_for(16, 16, False)
     assert tiny.block_n == 16 and tiny.num_warps == 1 and tiny.num_stages == 1
     t = packed_tile_for(128, 4096, False)
-    assert t.block_n == 128 and t.num_warps == 8 and t.num_stages == 3 and not t.scale_after
-    assert packed_tile_for(64, 4096, False) == t                   # 4 warps computed wrong (tile_refusal)
+    assert (t.block_n, t.num_warps, t.num_stages, t.swap_ab) == (128, 8, 3, False)
+    t = packed_tile_for(64, 4096, False)                           # swapped, scales before: refused
+    assert (t.block_n, t.num_warps, t.num_stages, t.swap_ab, t.scale_after) == (128, 8, 3, True, True)
     assert packed_tile_for(128, 4096, True).num_warps == 4
     for bm in (16, 64, 128):
         for n, silu in ((16, False), (768, True), (4096, False)):

@@ -434,9 +434,10 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
     from .peers import PEERS, check_peers
 
     check_peers(peers)
-    torch_dtype = DTYPES.get(dtype)
-    if torch_dtype is None:
-        raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {dtype!r}")
+    from ..errors import expect
+
+    expect(dtype in DTYPES, "dtype", f"one of {tuple(DTYPES)}", repr(dtype))
+    torch_dtype = DTYPES[dtype]
     say = print_fn or (lambda s: None)
     kind = model
     dims = model_dims(kind, layers, **(config_overrides or {}))

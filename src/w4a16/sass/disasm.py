@@ -123,3 +123,73 @@ def loop_stats(body: List[str], weights_per_thread: int) -> LoopStats:
     return LoopStats(len(body), sum(v for k, v in hist.items() if k.startswith("U")),
                      sum(v for k, v in hist.items() if k.startswith("HGMMA")), weights_per_thread,
                      wait_between_hgmma(body), dict(hist.most_common()))
+
+
+_REG = re.compile(r"^R(\d+)$")
+_NOT_DEST = ("ST", "LDGSTS", "RED", "BAR", "BRA", "EXIT", "HGMMA", "WARPGROUP", "DEPBAR", "SYNCS", "UTMA",
+             "WARPSYNC", "NOP", "RET", "CALL", "MEMBAR", "FENCE", "ERRBAR", "CCTL", "ARRIVES", "LDGDEPBAR")
+
+
+def _written(opcode: str, text: str) -> List[int]:
+    """The vector registers an instruction writes (its destination), [] for none or unknown."""
+    if opcode.startswith(_NOT_DEST):
+        return []
+    operands = _GUARD.sub("", text).split(None, 1)
+    if len(operands) < 2:
+        return []
+    m = _REG.match(operands[1].split(",")[0].strip())
+    if not m:
+        return []
+    width = 4 if ".128" in opcode else 2 if (".64" in opcode or "WIDE" in opcode) else 1
+    if opcode.startswith("LDSM"):
+        width = int(opcode.rsplit(".", 1)[-1]) if opcode.rsplit(".", 1)[-1].isdigit() else 1
+    return list(range(int(m.group(1)), int(m.group(1)) + width))
+
+
+def _hgmma_a_registers(text: str) -> List[int]:
+    """The A-operand registers of an HGMMA that reads A from registers (4: a 16-bit m64 x k16
+    fragment), [] when A comes from shared memory (a descriptor)."""
+    operands = [o.strip() for o in _GUARD.sub("", text).split(None, 1)[1].split(",")]
+    m = _REG.match(operands[1]) if len(operands) > 1 else None
+    return list(range(int(m.group(1)), int(m.group(1)) + 4)) if m else []
+
+
+def register_operand_hazards(ins: List[Instr]) -> List[str]:
+    """Writes to a register that an issued HGMMA reads as its A operand before a wgmma wait
+    (``WARPGROUP.DEPBAR``) covers that HGMMA: the PTX ISA leaves such a write undefined (wgmma reads
+    its register operands asynchronously), and a kernel that does it computes wrong results now
+    and then. Each loop body is followed twice (an HGMMA issued at the end of one iteration and
+    a write at the start of the next), the rest in address order. Returns one line per hazard:
+    the HGMMA's address, the writing instruction's address and text."""
+    found = []
+
+    def walk(seq: List[Instr]) -> None:
+        groups: List[Dict[int, int]] = []     # closed wgmma groups, oldest first: register -> HGMMA address
+        current: Dict[int, int] = {}
+        for a, op, text in seq:
+            if op.startswith("WARPGROUP.DEPBAR"):
+                m = re.search(r"gsb0,\s*0x([0-9a-f]+)", text)
+                keep = int(m.group(1), 16) if m else 0
+                groups = groups[len(groups) - keep:] if keep else []
+                continue
+            if op.startswith("HGMMA"):
+                for r in _hgmma_a_registers(text):
+                    current[r] = a
+                if "gsb0" in text:
+                    groups.append(current)
+                    current = {}
+                continue
+            pending = dict(current)
+            for g in groups:
+                pending.update(g)
+            for r in _written(op, text):
+                if r in pending:
+                    line = f"HGMMA at {pending[r]:#x} reads R{r}, written at {a:#x} before its wait: {text}"
+                    if line not in found:
+                        found.append(line)
+
+    walk(ins)
+    for lo, hi, _ in loops(ins):
+        body = [i for i in ins if lo <= i[0] <= hi]
+        walk(body + body)
+    return found

@@ -39,6 +39,7 @@ class CaseResult:
     uniform: int = 0             # of which on the uniform datapath
     weights_per_thread: int = 0
     wait_between_hgmma: bool = False
+    register_hazards: int = 0    # writes to an in-flight wgmma's register operands (disasm.register_operand_hazards)
     digest: str = ""             # the whole kernel's SASS (disasm.digest)
     error: Optional[str] = None
     failures: List[str] = field(default_factory=list)
@@ -99,6 +100,7 @@ def run_case(case: KernelCase) -> CaseResult:
     r.shared_bytes = int(k.metadata.shared)
     r.hgmma, r.instructions, r.uniform = loop.hgmma, loop.instructions, loop.uniform
     r.weights_per_thread, r.wait_between_hgmma = wpt, loop.wait_between_hgmma
+    r.register_hazards = len(disasm.register_operand_hazards(ins))
     r.digest = disasm.digest(ins)
     return r
 
@@ -123,9 +125,10 @@ def run_cases(cases: Iterable[KernelCase], jobs: int = 0, progress=None) -> List
 def judge(results: List[CaseResult], release: Tuple[int, int], baseline: Optional[dict] = None,
           tolerance: float = 0.05) -> List[str]:
     """Fill each result's ``failures`` and ``allowed``: no compile, spills, a wgmma wait between two
-    HGMMAs (Gluon kernels), no main loop, and with a baseline more than ``tolerance`` (a fraction)
-    growth of instructions per weight; spills and growth that a rule for ``release`` accepts go to
-    ``allowed``. Returns the keys the baseline lacks (not compared)."""
+    HGMMAs (Gluon kernels), a register an issued wgmma reads rewritten before its wait, no main
+    loop, and with a baseline more than ``tolerance`` (a fraction) growth of instructions per
+    weight; spills and growth that a rule for ``release`` accepts go to ``allowed``. Returns the
+    keys the baseline lacks (not compared)."""
     base = (baseline or {}).get("cases", {})
     missing = []
     for r in results:
@@ -141,6 +144,8 @@ def judge(results: List[CaseResult], release: Tuple[int, int], baseline: Optiona
                 r.failures.append(f"{r.spills} spill instructions")
         if not r.kernel.startswith("triton") and r.wait_between_hgmma:
             r.failures.append("a wgmma wait between two HGMMAs")
+        if r.register_hazards:   # undefined behaviour: never allowed
+            r.failures.append(f"{r.register_hazards} writes to registers an issued wgmma reads before its wait")
         if not r.weights_per_thread or not r.instructions:
             r.failures.append("no main loop found")
         if baseline is None:

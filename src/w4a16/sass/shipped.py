@@ -125,6 +125,8 @@ def shipped_cases(dtypes: Iterable[str] = ("fp16", "bf16"), kernels: Iterable[st
     cases += epilogue_cases(dtypes, kernels)
     if "triton-moe" in kernels:
         cases += moe_cases(dtypes)
+    # the Triton kernel's configs as a Hopper launch runs them (GemmConfig.for_wgmma)
+    cases = [replace(c, config=c.config.for_wgmma()) if c.kernel == "triton" else c for c in cases]
     return _unique(cases)
 
 

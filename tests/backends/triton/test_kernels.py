@@ -119,3 +119,21 @@ def test_split_k_leaves_its_tile_counters_at_zero():
         check_gemm(5, 40, 768, 128, None, torch.float16, "cpu", config=cfg, bias=True)
     used = [buf for key, buf in workspace._COUNTERS.items() if key[0] == "cpu"]
     assert used and all(int(buf.abs().sum()) == 0 for buf in used)
+
+
+def test_a_hopper_launch_runs_the_unswapped_twin_of_a_hazardous_config(monkeypatch):
+    """On sm_90 a pipelined swapped config with the scales before the MMA runs as
+    ``GemmConfig.for_wgmma`` says (unswapped): the launch plan's constexprs say so, and the
+    result is still the reference's (the interpreter stands in for the GPU)."""
+    import w4a16.backends.triton.launch as launch
+    monkeypatch.setattr(launch, "uses_wgmma", lambda device: True)
+    cfg = GemmConfig("tile", 64, 32, num_warps=4, num_stages=3)
+    assert cfg.swap_ab and cfg.for_wgmma().swap_ab is False
+    qw = w4a16.quantize(torch.randn(64, 256), 64)
+    pw = w4a16.prepare(qw)
+    plan = launch.launch_plan(pw, 20, cfg, False, False, torch.float16)
+    assert plan[4]["SWAP_AB"] is False
+    x = torch.randn(20, 256).half()
+    out = torch.full((20, 64), float("nan"), dtype=torch.float16)
+    launch.launch_gemm(x, pw, None, 1.0, cfg, out=out)
+    assert not torch.isnan(out).any() and rel_err(out, w4a16.reference.gemm(x, qw)) <= 2e-3

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from ...errors import expect
 
@@ -38,7 +38,9 @@ class GemmConfig:
     num_stages: software-pipelining depth (1..6).
     group_m:    tile-order grouping for L2 reuse ("tile" kernels).
     swap_ab:    True computes y^T = W x^T (the dequantized weight is the first MMA operand, from
-                registers); False computes y = x W^T (the weight is staged in shared memory).
+                registers); False computes y = x W^T (the weight is staged in shared memory). On
+                Hopper a pipelined swapped config with the scales before the MMA runs unswapped
+                (:meth:`for_wgmma`).
     unroll:     layout chunks (128 K values, 64 for g = 32) per main-loop iteration: 1, 2 or 4.
     prefetch:   load the next chunk's scales one iteration ahead (True) or in the iteration that
                 uses them (False; with wide_scales the pipeline then stages them like the codes).
@@ -100,6 +102,21 @@ class GemmConfig:
         dq += " sa" if self.scale_after else ""
         return (f"{self.kind} {self.block_m}x{self.block_n}{sk} "
                 f"w{self.num_warps} s{self.num_stages}{dq}")
+
+    def for_wgmma(self) -> "GemmConfig":
+        """The config a Hopper (sm_90a, wgmma) launch runs: a pipelined config with the weight as
+        the first MMA operand and the scales applied before the MMA runs unswapped. Compiled with
+        the weight in registers (Triton 3.6 to 3.8, and 3.9 with ptxas 12.9), the next
+        iteration's code rewrites the A-operand registers of the previous iteration's last wgmma
+        before waiting for it, which the PTX ISA leaves undefined; the grouped MoE kernel built the
+        same way computed NaN on an H100 (``w4a16 sass`` counts such writes:
+        ``sass.disasm.register_operand_hazards``). Unswapped, the weight reaches the MMA through
+        shared memory and no wgmma reads a register operand; a 256-row tile then keeps at most two
+        stages (with three, 256x128 needs 233,472 bytes of shared memory at group size 64 with zero
+        points, over the 232,448 a block may have). Other configs are returned as they are."""
+        if self.swap_ab and self.num_stages > 1 and not self.scale_after:
+            return replace(self, swap_ab=False, num_stages=min(self.num_stages, 2) if self.block_m >= 256 else self.num_stages)
+        return self
 
 
 # The SPEC's two entry points, plus the decode kernel. split_k of a named "splitk" config is the

@@ -1,6 +1,7 @@
 """Host side of the GEMM kernel: grid, split-K, workspace, launch on torch's current stream."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -45,6 +46,18 @@ def split_plan(cfg: GemmConfig, chunks: int) -> tuple:
     return _cdiv(chunks, per), per
 
 
+def uses_wgmma(device: torch.device) -> bool:
+    """Whether kernels launched on ``device`` compile to Hopper's wgmma (a CUDA device of compute
+    capability 9.x, not Triton's CPU interpreter)."""
+    return device.type == "cuda" and not interpreting() and _capability_major(
+        device.index if device.index is not None else torch.cuda.current_device()) == 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def launch_plan(pw: PreparedWeight, M: int, cfg: GemmConfig, has_bias: bool, atomic_ok: bool,
                 dtype: torch.dtype, epilogue: Optional[str] = None, input_norm: bool = False) -> tuple:
     """(grid, splits, chunks_per_split, atomic, constexprs, static_key, constexpr values) of one
@@ -57,6 +70,8 @@ def launch_plan(pw: PreparedWeight, M: int, cfg: GemmConfig, has_bias: bool, ato
     plan = plans.get(key)
     if plan is not None:
         return plan
+    if uses_wgmma(pw.qk.device):
+        cfg = cfg.for_wgmma()
     chunks = pw.K_pad // pw.kc
     splits, per = split_plan(cfg, chunks)
     atomic = splits > 1 and atomic_ok and epilogue is None

@@ -166,10 +166,12 @@ def packed_tile_for(block_m: int, n_out: int, silu_mul: bool, blocks: Optional[i
     down to 16 (one token's gate_up 1.16-1.30x faster on the Qwen3 and DeepSeek-V3 shapes), except
     on a Triton that compiles narrow pipelined tiles badly (``triton_compat.NARROW_TILES_COSTLY``).
     A small down projection fills the GPU by splitting K (:func:`split_for`); outputs narrower
-    than 64 take the narrowest tile that covers them, without a pipeline. Larger blocks take
-    128-column tiles (64 with SiLU*up, two weight tiles per step), the scales applied before the
-    MMA, a 3-stage pipeline, 8 warps for a 128-column down tile (4 spill at block_m 128 and, at
-    block_m 64, computed wrong results on an H100: :func:`tile_refusal`)."""
+    than 64 take the narrowest tile that covers them, without a pipeline. Larger blocks: gate_up
+    64 columns swapped (two weight tiles per step), the scales applied before the MMA, a 3-stage
+    pipeline; down 128 columns and 8 warps, swapped with the scales after the MMA at block_m 64,
+    unswapped at block_m 128 (the swapped tile with the scales after the MMA spills there): the
+    swapped down tile with the scales before the MMA rewrites registers an issued wgmma reads
+    (:func:`tile_refusal`)."""
     from ..triton_compat import NARROW_TILES_COSTLY
 
     if block_m <= 16:
@@ -183,22 +185,23 @@ def packed_tile_for(block_m: int, n_out: int, silu_mul: bool, blocks: Optional[i
         return PackedTile(bn, True, True, bn // 16, 3)
     if silu_mul:     # 8 warps would split 64 weight rows over two warpgroups: each dequantizes them all
         return PackedTile(64, True, False, 4, 3)
-    return PackedTile(128, True, False, 8, 3)
+    return PackedTile(128, block_m < 128, block_m < 128, 8, 3)
 
 
 def tile_refusal(tile: PackedTile, block_m: int, silu_mul: bool) -> Optional[str]:
-    """Why the kernel refuses ``tile`` at ``block_m`` rows per block (None: it runs). Two launch
-    shapes computed wrong results on an H100 with Triton 3.6.0 while the CPU interpreter computed
-    them right (a compiler fault, not the algorithm; ``benchmarks/moe_tiles.py --check-only``):
-    scales before the MMA with a pipeline at decode block sizes (the down projection, bf16,
-    relative error 0.07), and a down projection (routing weights, fp32 rows) with the weight as the
-    first operand, scales before the MMA, a pipeline and 4 warps (fp16 at block_m 64: NaN, or
-    relative errors of 4.5e-3 to 220 from one run to the next; 8 warps, scales after the MMA or
-    the unswapped tile were right in every run)."""
+    """Why the kernel refuses ``tile`` at ``block_m`` rows per block (None: it runs). Launch shapes
+    that computed wrong results on an H100 with Triton 3.6.0 while the CPU interpreter computed
+    them right (``benchmarks/moe_tiles.py --check-only``): scales before the MMA with a pipeline at
+    decode block sizes (the down projection, bf16, relative error 0.07), and the down projection
+    (routing weights, fp32 rows) swapped with the scales before the MMA and a pipeline (fp16 at
+    block_m 64 with 4 warps: NaN, or relative errors of 4.5e-3 to 220 from one run to the next).
+    Its SASS says why (``w4a16 sass``, ``sass.disasm.register_operand_hazards``; with 8 warps too,
+    and on Triton 3.7 and 3.8): the next iteration rewrites the weight registers the previous
+    iteration's last wgmma reads before waiting for it, which the PTX ISA leaves undefined."""
     if block_m <= 16 and tile.num_stages > 1 and not tile.scale_after:
         return "scale_after with a pipeline at decode block sizes"
-    if not silu_mul and tile.swap_ab and not tile.scale_after and tile.num_stages > 1 and tile.num_warps < 8:
-        return "8 warps for a swapped down tile with the scales before the MMA and a pipeline"
+    if not silu_mul and tile.swap_ab and not tile.scale_after and tile.num_stages > 1:
+        return "scale_after or an unswapped tile for a pipelined down projection"
     return None
 
 

@@ -20,7 +20,7 @@ def chunk_of(group: int) -> int:
 def compile_gemm(cfg: GemmConfig, dtype: str = "fp16", group: int = 128, has_zeros: bool = False,
                  has_bias: bool = True, epilogue: bool = True, even_k: bool = True,
                  aligned: Iterable[str] = ALIGNED_ARGS, epi: int = 0, input_norm: bool = False):
-    """The kernel for ``cfg`` compiled for sm_90a.
+    """The kernel for ``cfg`` compiled for sm_90a (as :meth:`GemmConfig.for_wgmma` runs it).
 
     dtype: "fp16" or "bf16"; group: 32..256 or -1 (per channel); epilogue: the single-split kernel
     (alpha, bias and the store in the kernel) rather than one writing fp32 partials; even_k: K a
@@ -33,6 +33,8 @@ def compile_gemm(cfg: GemmConfig, dtype: str = "fp16", group: int = 128, has_zer
     import triton.language as tl
 
     from .gemm import w4a16_gemm_kernel
+
+    cfg = cfg.for_wgmma()   # what a launch on the GPU this compiles for runs
 
     st = "*fp32" if cfg.wide_scales else f"*{dtype}"
     types = (f"*{dtype}", "*u8", st, st, f"*{dtype}", f"*{dtype}", "*fp32", "*i32",
