@@ -195,9 +195,10 @@ def tile_refusal(tile: PackedTile, block_m: int, silu_mul: bool) -> Optional[str
     decode block sizes (the down projection, bf16, relative error 0.07), and the down projection
     (routing weights, fp32 rows) swapped with the scales before the MMA and a pipeline (fp16 at
     block_m 64 with 4 warps: NaN, or relative errors of 4.5e-3 to 220 from one run to the next).
-    Its SASS says why (``w4a16 sass``, ``sass.disasm.register_operand_hazards``; with 8 warps too,
-    and on Triton 3.7 and 3.8): the next iteration rewrites the weight registers the previous
-    iteration's last wgmma reads before waiting for it, which the PTX ISA leaves undefined."""
+    The SASS of both says why (``w4a16 sass``, ``sass.disasm.register_operand_hazards``; the
+    second with 8 warps too, and on Triton 3.7 and 3.8): the next iteration rewrites the weight
+    registers the previous iteration's last wgmma reads before waiting for it, which the PTX ISA
+    leaves undefined."""
     if block_m <= 16 and tile.num_stages > 1 and not tile.scale_after:
         return "scale_after with a pipeline at decode block sizes"
     if not silu_mul and tile.swap_ab and not tile.scale_after and tile.num_stages > 1:
