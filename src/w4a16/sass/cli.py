@@ -1,7 +1,8 @@
 """``w4a16 sass``: every shipped kernel config compiled for sm_90a with the installed Triton, no GPU
 needed; a table of registers, spills, shared memory, HGMMAs and SASS instructions per weight in the
-main loop; exit status 1 if a config fails to compile, spills, or (with ``--baseline``) spends more
-instructions per weight than the baseline build."""
+main loop; exit status 1 if a config fails to compile, spills, rewrites a register an issued wgmma
+reads before waiting for it, or (with ``--baseline``) spends more instructions per weight than the
+baseline build."""
 from __future__ import annotations
 
 import argparse
