@@ -1,10 +1,11 @@
 """The one place that knows how the Triton releases the package supports differ (3.6 to 3.9).
 
 Kernels and launchers import their version-dependent spellings from here; nothing else in the
-package compares a Triton version or probes for a Triton name. Each difference is detected by the
-feature itself (the name exists or not), never by a version string, so a release that keeps an
-API keeps working; ``SUPPORTED`` only bounds what the Gluon backend promises (every release in it
-is compiled in CI, ``w4a16 sass``).
+package compares a Triton version or probes for a Triton name. Each API difference is detected by
+the feature itself (the name exists or not), never by a version string, so a release that keeps an
+API keeps working (the one code-generation difference, ``NARROW_TILES_COSTLY``, has no name to
+probe); ``SUPPORTED`` only bounds what the Gluon backend promises (every release in it is compiled
+in CI, ``w4a16 sass``).
 
 | what                          | 3.6                              | 3.7            | 3.8                | 3.9              |
 | ----------------------------- | -------------------------------- | -------------- | ------------------ | ---------------- |
