@@ -15,6 +15,9 @@
 #                                          # (about 220 s)
 #   packed                                 # the MoE tests, w4a16 bench --moe all, w4a16 fuzz --moe,
 #                                          # then the tile sweep at T = 1, 16 for what time is left
+#   prefill                                # the MoE tests, the presets at T = 256, 4096, 16384 one
+#                                          # preset at a time, and the Triton backend's prefill tiles
+#                                          # on the Llama-3 layers against cuBLAS (w4a16 bench)
 #
 # Logs and tables under $OUT (default /tmp/moe_session). DTYPE (default bf16), T_LIMIT (seconds
 # for the phase, default 540).
@@ -67,6 +70,17 @@ verify)
     timeout 100 $PY -m w4a16 bench --moe all --m 1,16 --dtype "${DTYPE:-bf16}" --no-progress --out "$OUT/bench" \
         > "$OUT/bench.txt" 2>&1
     grep -E "^\| .* \| w4a16 " "$OUT/bench.txt" | grep -v loop; tail -n 1 "$OUT/bench.txt" ;;
+prefill)
+    timeout -s INT -k 10 80 $PY -m pytest -q -p no:cacheprovider -n 8 tests/moe > "$OUT/tests.txt" 2>&1
+    tail -n 1 "$OUT/tests.txt"
+    for p in mixtral-8x7b qwen3-30b-a3b qwen3-235b-a22b deepseek-v3; do
+        timeout 80 $PY -m w4a16 bench --moe "$p" --m 256,4096,16384 --dtype "${DTYPE:-bf16}" --peers w4a16,torch \
+            --no-progress --out "$OUT/prefill_$p" > "$OUT/prefill_$p.txt" 2>&1
+        grep -E "^\| .* \| (w4a16|torch)" "$OUT/prefill_$p.txt"
+    done
+    timeout 120 $PY -m w4a16 bench --m 256,1024,4096 --peers w4a16-triton,cublas-fp16 --no-progress \
+        --out "$OUT/dense_triton" > "$OUT/dense_triton.txt" 2>&1
+    tail -n 30 "$OUT/dense_triton.txt" ;;
 sanitize)
     pids=()
     for tool in memcheck racecheck synccheck initcheck; do
@@ -90,5 +104,5 @@ final)
     timeout "$((LIMIT - 370))" $PY -m w4a16.e2e.speed --model qwen3-30b-a3b --layers 8 --batches 1 16 --compile --dtype "${DTYPE:-bf16}" \
         --out "$OUT/model" > "$OUT/model.txt" 2>&1
     tail -n 25 "$OUT/model.txt" ;;
-*) echo "phase: check, bench, model, sanitize, tiles, packed, verify or final"; exit 2 ;;
+*) echo "phase: check, bench, model, sanitize, tiles, packed, verify, prefill or final"; exit 2 ;;
 esac
