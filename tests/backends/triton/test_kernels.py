@@ -127,12 +127,14 @@ def test_a_hopper_launch_runs_the_unswapped_twin_of_a_hazardous_config(monkeypat
     result is still the reference's (the interpreter stands in for the GPU)."""
     import w4a16.backends.triton.launch as launch
     monkeypatch.setattr(launch, "uses_wgmma", lambda device: True)
-    cfg = GemmConfig("tile", 64, 32, num_warps=4, num_stages=3)
-    assert cfg.swap_ab and cfg.for_wgmma().swap_ab is False
+    cfg = GemmConfig("tile", 256, 32, num_warps=4, num_stages=3)
+    assert cfg.swap_ab and cfg.for_wgmma() == GemmConfig("tile", 256, 32, num_warps=4, num_stages=2, swap_ab=False)
     qw = w4a16.quantize(torch.randn(64, 256), 64)
     pw = w4a16.prepare(qw)
     plan = launch.launch_plan(pw, 20, cfg, False, False, torch.float16)
-    assert plan[4]["SWAP_AB"] is False
+    assert plan[4]["SWAP_AB"] is False and plan[5][2] == 2           # constexprs and the stages of the twin
+    bound = launch.BoundGemm(pw, 20, torch.float16, False, 1.0, cfg, True)
+    assert bound.cfg == cfg.for_wgmma()                                # what the launch passes Triton
     x = torch.randn(20, 256).half()
     out = torch.full((20, 64), float("nan"), dtype=torch.float16)
     launch.launch_gemm(x, pw, None, 1.0, cfg, out=out)

@@ -115,7 +115,8 @@ class GemmConfig:
         stages (with three, 256x128 needs 233,472 bytes of shared memory at group size 64 with zero
         points, over the 232,448 a block may have). Other configs are returned as they are."""
         if self.swap_ab and self.num_stages > 1 and not self.scale_after:
-            return replace(self, swap_ab=False, num_stages=min(self.num_stages, 2) if self.block_m >= 256 else self.num_stages)
+            stages = min(self.num_stages, 2) if self.block_m >= 256 else self.num_stages
+            return replace(self, swap_ab=False, num_stages=stages)
         return self
 
 

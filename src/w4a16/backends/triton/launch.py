@@ -174,6 +174,8 @@ class BoundGemm:
             pw = widen_scales(pw)
         grid, splits, per, atomic, constexprs, static, cx = launch_plan(pw, M, cfg, has_bias, not deterministic,
                                                                          dtype, epilogue, input_norm)
+        if uses_wgmma(pw.qk.device):
+            cfg = cfg.for_wgmma()    # its launch options too (launch_plan's constexprs are the twin's)
         self.out_shape = out_shape(M, pw.N, epilogue)
         # the norm epilogue: the rows' partial sums of squares per tile column, and a counter per row
         # block after the split-K tiles' counters
