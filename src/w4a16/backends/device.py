@@ -30,6 +30,12 @@ def card_id(device_index: int) -> str:
     return f"{gpu_name(device_index)}/{sm_count(device_index)}"
 
 
+@functools.lru_cache(maxsize=16)
+def capability_major(device_index: int) -> int:
+    """The compute capability's major number of CUDA device ``device_index`` (9: Hopper)."""
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
 def index_of(device: torch.device) -> int:
     """The CUDA index of ``device`` (the current device when it has none)."""
     return device.index if device.index is not None else torch.cuda.current_device()

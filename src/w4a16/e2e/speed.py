@@ -431,11 +431,10 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
         SpeedResult; raises RuntimeError if a check fails.
     """
     from ..model import quantize_model
+    from ..errors import expect
     from .peers import PEERS, check_peers
 
     check_peers(peers)
-    from ..errors import expect
-
     expect(dtype in DTYPES, "dtype", f"one of {tuple(DTYPES)}", repr(dtype))
     torch_dtype = DTYPES[dtype]
     say = print_fn or (lambda s: None)

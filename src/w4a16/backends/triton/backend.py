@@ -106,12 +106,11 @@ class TritonBackend(Backend):
         return heuristic_config(p.M, p.N, p.K, sms_of(p.device))
 
     def candidates(self, p: Problem) -> list:
-        cands = candidate_configs(p.M, p.N, p.K, sms_of(p.device))
-        if p.device.type == "cuda":
-            from .launch import uses_wgmma
+        from .launch import uses_wgmma
 
-            if uses_wgmma(p.device):   # as Hopper launches run them, each once
-                cands = sorted({c.for_wgmma() for c in cands}, key=lambda c: c.short())
+        cands = candidate_configs(p.M, p.N, p.K, sms_of(p.device))
+        if uses_wgmma(p.device):   # as Hopper launches run them, each once
+            cands = sorted({c.for_wgmma() for c in cands}, key=lambda c: c.short())
         return cands
 
     def config_key(self, cfg: GemmConfig) -> str:

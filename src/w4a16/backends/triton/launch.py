@@ -1,7 +1,6 @@
 """Host side of the GEMM kernel: grid, split-K, workspace, launch on torch's current stream."""
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -10,6 +9,7 @@ import triton.language as tl
 from ...config import GemmConfig
 from ...epilogue import code_of, out_shape
 from ...errors import expect
+from ..device import capability_major, index_of
 from .env import interpreting
 from .fast_launch import CachedLaunch, arg_key
 from .gemm import w4a16_gemm_kernel
@@ -49,19 +49,14 @@ def split_plan(cfg: GemmConfig, chunks: int) -> tuple:
 def uses_wgmma(device: torch.device) -> bool:
     """Whether kernels launched on ``device`` compile to Hopper's wgmma (a CUDA device of compute
     capability 9.x, not Triton's CPU interpreter)."""
-    return device.type == "cuda" and not interpreting() and _capability_major(
-        device.index if device.index is not None else torch.cuda.current_device()) == 9
-
-
-@functools.lru_cache(maxsize=None)
-def _capability_major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
+    return device.type == "cuda" and not interpreting() and capability_major(index_of(device)) == 9
 
 
 def launch_plan(pw: PreparedWeight, M: int, cfg: GemmConfig, has_bias: bool, atomic_ok: bool,
                 dtype: torch.dtype, epilogue: Optional[str] = None, input_norm: bool = False) -> tuple:
-    """(grid, splits, chunks_per_split, atomic, constexprs, static_key, constexpr values) of one
-    launch, cached per prepared weight. static_key covers everything the compiled kernel depends
+    """(grid, splits, chunks_per_split, atomic, constexprs, static_key, constexpr values, the config
+    launched: ``cfg`` or, on Hopper, :meth:`GemmConfig.for_wgmma`'s twin) of one launch, cached per
+    prepared weight. static_key covers everything the compiled kernel depends
     on except the alignment of the per-call tensors (x, y, workspace, bias, residual). Atomic
     split-K (finished by the reduce kernel) is used for the plain epilogue only. input_norm: x is
     read RMS-normalized (the kernel's PRO)."""
@@ -88,7 +83,7 @@ def launch_plan(pw: PreparedWeight, M: int, cfg: GemmConfig, has_bias: bool, ato
     zeros = pw.zeros_t if pw.zeros_t is not None else pw.scales_t
     static = (cx, cfg.num_warps, cfg.num_stages, dtype, has_bias, arg_key(pw.qk), arg_key(pw.scales_t),
               arg_key(zeros), tuple(arg_key(v) for v in (M, pw.N, pw.K, chunks, per, pw.qk.shape[0])))
-    plan = plans[key] = (grid, splits, per, atomic, constexprs, static, cx)
+    plan = plans[key] = (grid, splits, per, atomic, constexprs, static, cx, cfg)
     return plan
 
 
@@ -172,10 +167,8 @@ class BoundGemm:
             # fp32 scales are made per bound launch (a few MB, next to a prefill GEMM's
             # milliseconds) rather than kept: the weight holds one prepared copy.
             pw = widen_scales(pw)
-        grid, splits, per, atomic, constexprs, static, cx = launch_plan(pw, M, cfg, has_bias, not deterministic,
-                                                                         dtype, epilogue, input_norm)
-        if uses_wgmma(pw.qk.device):
-            cfg = cfg.for_wgmma()    # its launch options too (launch_plan's constexprs are the twin's)
+        grid, splits, per, atomic, constexprs, static, cx, cfg = launch_plan(pw, M, cfg, has_bias, not deterministic,
+                                                                              dtype, epilogue, input_norm)
         self.out_shape = out_shape(M, pw.N, epilogue)
         # the norm epilogue: the rows' partial sums of squares per tile column, and a counter per row
         # block after the split-K tiles' counters

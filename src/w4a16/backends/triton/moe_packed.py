@@ -20,7 +20,6 @@ schedule.
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -28,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ...errors import expect
+from ..device import sms_of
 from .dequant import codes_magic, codes_portable
 from .env import interpreting
 from .fast_launch import CachedLaunch
@@ -206,18 +206,6 @@ def tile_refusal(tile: PackedTile, block_m: int, silu_mul: bool) -> Optional[str
     return None
 
 
-def _num_sms(device: torch.device) -> int:
-    """SMs of ``device`` (132, an H100's or H200's, for the CPU interpreter)."""
-    if device.type != "cuda":
-        return 132
-    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 _DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _LAUNCH = CachedLaunch(w4a16_moe_packed)
 
@@ -236,7 +224,7 @@ def launch_plan(routing, n_out: int, chunks: int, num_experts: int, device: torc
     :func:`split_for` where ``may_split`` (the caller sums the partial planes), else 1."""
     blocks = routing.block_expert.numel()
     used = blocks if routing.direct else min(blocks, num_experts)   # blocks that can hold slots
-    sms = _num_sms(device)
+    sms = sms_of(device)
     if tile is None:
         tile = packed_tile_for(routing.block_m, n_out, silu_mul, used, sms)
     if not (may_split and not silu_mul and routing.block_m <= 16):
