@@ -1,7 +1,7 @@
 """Host side of the GEMM kernel: grid, split-K, workspace, launch on torch's current stream."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton.language as tl
@@ -52,14 +52,25 @@ def uses_wgmma(device: torch.device) -> bool:
     return device.type == "cuda" and not interpreting() and capability_major(index_of(device)) == 9
 
 
+class LaunchPlan(NamedTuple):
+    """One launch of the GEMM kernel, resolved (:func:`launch_plan`)."""
+
+    grid: tuple
+    splits: int
+    chunks_per_split: int
+    atomic: bool
+    constexprs: dict
+    static: tuple          # everything the compiled kernel depends on but the per-call tensors' alignment
+    cx: tuple              # the constexpr values in signature order
+    cfg: GemmConfig        # the config launched: the caller's, or on Hopper GemmConfig.for_wgmma's twin
+
+
 def launch_plan(pw: PreparedWeight, M: int, cfg: GemmConfig, has_bias: bool, atomic_ok: bool,
-                dtype: torch.dtype, epilogue: Optional[str] = None, input_norm: bool = False) -> tuple:
-    """(grid, splits, chunks_per_split, atomic, constexprs, static_key, constexpr values, the config
-    launched: ``cfg`` or, on Hopper, :meth:`GemmConfig.for_wgmma`'s twin) of one launch, cached per
-    prepared weight. static_key covers everything the compiled kernel depends
-    on except the alignment of the per-call tensors (x, y, workspace, bias, residual). Atomic
-    split-K (finished by the reduce kernel) is used for the plain epilogue only. input_norm: x is
-    read RMS-normalized (the kernel's PRO)."""
+                dtype: torch.dtype, epilogue: Optional[str] = None, input_norm: bool = False) -> LaunchPlan:
+    """The :class:`LaunchPlan` of one launch, cached per prepared weight. Its static key covers
+    everything the compiled kernel depends on except the alignment of the per-call tensors (x, y,
+    workspace, bias, residual). Atomic split-K (finished by the reduce kernel) is used for the plain
+    epilogue only. input_norm: x is read RMS-normalized (the kernel's PRO)."""
     key = (M, cfg, has_bias, atomic_ok, dtype, epilogue, input_norm)
     plans = plans_of(pw)
     plan = plans.get(key)
@@ -83,7 +94,7 @@ def launch_plan(pw: PreparedWeight, M: int, cfg: GemmConfig, has_bias: bool, ato
     zeros = pw.zeros_t if pw.zeros_t is not None else pw.scales_t
     static = (cx, cfg.num_warps, cfg.num_stages, dtype, has_bias, arg_key(pw.qk), arg_key(pw.scales_t),
               arg_key(zeros), tuple(arg_key(v) for v in (M, pw.N, pw.K, chunks, per, pw.qk.shape[0])))
-    plan = plans[key] = (grid, splits, per, atomic, constexprs, static, cx, cfg)
+    plan = plans[key] = LaunchPlan(grid, splits, per, atomic, constexprs, static, cx, cfg)
     return plan
 
 
