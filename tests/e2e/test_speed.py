@@ -277,3 +277,19 @@ def test_a_ratio_of_steps_in_different_modes_is_marked():
     table = speed.format_speed(res)
     assert "| W4A16 / fp16 | 2.00x smaller | 2.00x | 10.00x (cuda-graph vs eager) | 2.00x |" in table
     assert "not a like-for-like ratio" in table and table.count("not a like-for-like") == 1
+
+
+def test_kernel_launches_per_step_and_per_layer_are_reported():
+    """The profiled step's launches by name become a per-step total and a per-layer figure (the
+    step's kernels over the decoder layers) in the table; a step without a profile shows none."""
+    d = speed.DecodeSpeed
+    kinds = {"w4a16 gemm": 0.5, "other gemm": 0.1, "other": 0.2}
+    counts = {"w4a16_decode_kernel": 8.0, "triton_red_fused_rms_norm_0": 4.0, "Memset (Device)": 1.0}
+    res = speed.SpeedResult(dict(model="llama3-8b", num_hidden_layers=2, context=32, prefill_tokens=16), "cuda",
+                            dict(torch="x", transformers="y", triton="z"), {})
+    res.models = [speed.ModelSpeed("fp16", 200, 0, 2.0, [d(1, 20.0, 50.0, "cuda-graph", 0.0)]),
+                  speed.ModelSpeed("w4a16", 100, 0, 1.0, [d(1, 2.0, 500.0, "cuda-graph", 0.0, "", kinds, counts)])]
+    table = speed.format_speed(res)
+    assert "w4a16 b=1: w4a16 gemm 0.50, other gemm 0.10, other 0.20; 13 kernels per step, 6.5 per layer" in table
+    assert "fp16 b=1:" not in table
+    assert speed.kernels_per_layer(res.models[1].decode[0], 2) == 6.5

@@ -43,7 +43,7 @@ import statistics
 import time
 from math import nan
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -80,6 +80,7 @@ class DecodeSpeed:
     graph_check: float   # relative error of a replayed step vs a full forward
     note: str = ""
     kernel_ms: Dict[str, float] = field(default_factory=dict)  # device ms per step by kernel kind (CUDA)
+    kernels: Dict[str, float] = field(default_factory=dict)    # launches per step by kernel name (CUDA)
 
 
 @dataclass
@@ -291,8 +292,8 @@ def decode_speed(model, batch: int, device: str, context: int = 256, prompt_len:
     time_ms = loop_timer(device)
     time_ms(dec.run, warmup)
     ms = time_ms(dec.run, iters)
-    kinds = kernel_breakdown(dec.step) if str(device).startswith("cuda") else {}
-    return DecodeSpeed(batch, ms, batch * 1e3 / ms, mode, err, note, kinds)
+    kinds, counts = kernel_breakdown(dec.step) if str(device).startswith("cuda") else ({}, {})
+    return DecodeSpeed(batch, ms, batch * 1e3 / ms, mode, err, note, kinds, counts)
 
 
 def kernel_kind(name: str) -> str:
@@ -306,9 +307,10 @@ def kernel_kind(name: str) -> str:
 
 
 @torch.no_grad()
-def kernel_breakdown(step: Callable[[], object], iters: int = 3) -> Dict[str, float]:
-    """Device milliseconds per call of ``step`` spent in each :func:`kernel_kind` (eager calls under
-    torch.profiler; the same kernels a captured graph replays)."""
+def kernel_breakdown(step: Callable[[], object], iters: int = 3) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """(device milliseconds per call of ``step`` spent in each :func:`kernel_kind`, launches per
+    call by kernel name) from eager calls under torch.profiler: the same kernels a captured graph
+    replays. Copies and fills (``Memcpy``, ``Memset``) count as kernels of kind "other"."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -319,10 +321,18 @@ def kernel_breakdown(step: Callable[[], object], iters: int = 3) -> Dict[str, fl
             step()
         torch.cuda.synchronize()
     out = {"w4a16 gemm": 0.0, "other gemm": 0.0, "other": 0.0}
+    counts: Dict[str, float] = {}
     for e in prof.events():
         if e.device_type == DeviceType.CUDA:
             out[kernel_kind(e.name)] += e.device_time_total / 1e3 / iters
-    return out
+            counts[e.name] = counts.get(e.name, 0.0) + 1.0 / iters
+    return out, dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def kernels_per_layer(d: "DecodeSpeed", layers: int) -> float:
+    """Kernel launches of one decode step divided by the decoder layers (the embedding, the last
+    norm, the lm_head and the step's bookkeeping included: an upper bound on a layer's own)."""
+    return sum(d.kernels.values()) / max(1, layers)
 
 
 # ---------------------------------------------------------------------- the run
@@ -563,10 +573,13 @@ def format_speed(result: SpeedResult) -> str:
               for b in result.models[1:] if not b.error for da, db in zip(a.decode, b.decode)
               if "failed" not in (da.mode, db.mode) and da.mode != db.mode]
     notes += [f"b={d.batch} {m.name}: {d.note}" for m in result.models for d in m.decode if d.note]
+    layers = int(c["num_hidden_layers"])
     split = [f"{m.name} b={d.batch}: " + ", ".join(f"{k} {v:.2f}" for k, v in d.kernel_ms.items())
+             + (f"; {sum(d.kernels.values()):.0f} kernels per step, {kernels_per_layer(d, layers):.1f} per layer"
+                if d.kernels else "")
              for m in result.models for d in m.decode if d.kernel_ms]
     if split:
-        lines += ["", "device ms per decode step by kernel kind (profiled eager steps):"] + split
+        lines += ["", "device ms per decode step by kernel kind, and kernel launches (profiled eager steps):"] + split
     for it in result.interleaved:
         names = list(it.step_ms)
         lines.append(f"eager b={it.batch}, alternating blocks ({it.blocks} x {it.steps} steps): "
