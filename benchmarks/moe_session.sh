@@ -5,6 +5,7 @@
 #                                          # then w4a16 bench --moe on two presets at small T
 #   bench                                  # w4a16 bench --moe all --m 1,16,64,256,4096 (bf16)
 #   model                                  # w4a16.e2e.speed --model qwen3-30b-a3b --layers 8 --compile --dtype bf16
+#                                          # (HEAD4=1: the 4-bit lm_head's row too)
 #   final                                  # the MoE tests, w4a16 bench --moe all, the per-kernel
 #                                          # profile (benchmarks/moe_profile.py), then the model phase
 #   sanitize                               # compute-sanitizer (memcheck, racecheck, synccheck,
@@ -15,6 +16,10 @@
 #                                          # (about 220 s)
 #   packed                                 # the MoE tests, w4a16 bench --moe all, w4a16 fuzz --moe,
 #                                          # then the tile sweep at T = 1, 16 for what time is left
+#   gluon                                  # the Gluon MoE decode kernel's GPU tests, the presets at
+#                                          # T = 1 (w4a16-gluon against w4a16-triton and torch), its
+#                                          # ring depths (benchmarks/moe_gluon_stages.py;
+#                                          # SWEEP=0 skips them)
 #   prefill                                # the MoE tests, the presets at T = 256, 4096, 16384 one
 #                                          # preset at a time, and the Triton backend's prefill tiles
 #                                          # on the Llama-3 layers against cuBLAS (w4a16 bench)
@@ -40,7 +45,7 @@ bench)
     tail -n 70 "$OUT/bench.txt" ;;
 model)
     timeout "$LIMIT" $PY -m w4a16.e2e.speed --model qwen3-30b-a3b --layers 8 --batches 1 16 --compile --dtype "${DTYPE:-bf16}" \
-        --out "$OUT/model" > "$OUT/model.txt" 2>&1
+        ${HEAD4:+--lm-head-int4} --out "$OUT/model" > "$OUT/model.txt" 2>&1
     tail -n 30 "$OUT/model.txt" ;;
 tiles)
     timeout -s INT -k 30 120 $PY -m pytest -q -p no:cacheprovider -n 8 tests/moe > "$OUT/tests.txt" 2>&1
@@ -81,6 +86,17 @@ prefill)
     timeout 120 $PY -m w4a16 bench --m 256,1024,4096 --peers w4a16-triton,cublas-fp16 --no-progress \
         --out "$OUT/dense_triton" > "$OUT/dense_triton.txt" 2>&1
     tail -n 30 "$OUT/dense_triton.txt" ;;
+gluon)
+    timeout -s INT -k 10 150 $PY -m pytest -q -p no:cacheprovider -x tests/backends/gluon/test_moe_decode_gpu.py \
+        tests/moe/test_moe_gluon_rule.py > "$OUT/tests.txt" 2>&1
+    grep -E "^(FAILED|ERROR|E )" "$OUT/tests.txt" | head -n 30; tail -n 1 "$OUT/tests.txt"
+    timeout 150 $PY -m w4a16 bench --moe all --m 1 --dtype "${DTYPE:-bf16}" --peers w4a16-gluon,w4a16-triton,torch \
+        --no-progress --out "$OUT/decode" > "$OUT/decode.txt" 2>&1
+    grep -E "^\| .* \| (w4a16|torch)" "$OUT/decode.txt"; tail -n 2 "$OUT/decode.txt"
+    if [ "${SWEEP:-1}" = 1 ]; then
+        timeout 200 $PY benchmarks/moe_gluon_stages.py --dtype "${DTYPE:-bf16}" > "$OUT/stages.txt" 2>&1
+        cat "$OUT/stages.txt"
+    fi ;;
 sanitize)
     pids=()
     for tool in memcheck racecheck synccheck initcheck; do
@@ -104,5 +120,5 @@ final)
     timeout "$((LIMIT - 370))" $PY -m w4a16.e2e.speed --model qwen3-30b-a3b --layers 8 --batches 1 16 --compile --dtype "${DTYPE:-bf16}" \
         --out "$OUT/model" > "$OUT/model.txt" 2>&1
     tail -n 25 "$OUT/model.txt" ;;
-*) echo "phase: check, bench, model, sanitize, tiles, packed, verify, prefill or final"; exit 2 ;;
+*) echo "phase: check, bench, model, sanitize, tiles, packed, verify, gluon, prefill or final"; exit 2 ;;
 esac

@@ -51,7 +51,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--progress", type=int, default=0, metavar="EVERY",
                    help="print a progress line every EVERY cases (default 0: none)")
     p.add_argument("--moe", action="store_true",
-                   help="whole mixture-of-experts layers (w4a16.moe.fused_moe; backends auto, triton, reference; "
+                   help="whole mixture-of-experts layers (w4a16.moe.fused_moe; backends auto, triton, gluon, reference; "
                         "--max-mnk bounds T,H,I, default 64,256,512 on the CPU, 300,2048,2048 on a GPU)")
     return p
 

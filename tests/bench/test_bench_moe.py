@@ -15,7 +15,7 @@ def test_fake_run_writes_checked_rows(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "FAKE TIMER" in text
     rows = list(csv.DictReader(open(out / "moe.csv")))
-    assert len(rows) == 2 * 2 * len(moe.PEERS)
+    assert len(rows) == 2 * 2 * len(moe.DEFAULT_PEERS)
     assert {r["peer"] for r in rows} == {"w4a16", "torch-loop", "w4a16-loop"}   # no _grouped_mm on the CPU
     assert all(r["status"] == "ok" and float(r["rel_err"]) < 1e-2 for r in rows)
     assert {(r["preset"], r["top_k"]) for r in rows} == {("qwen3-30b-a3b", "8"), ("mixtral-8x7b", "2")}
@@ -23,6 +23,18 @@ def test_fake_run_writes_checked_rows(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     for png in ("moe_speedup.png", "moe_copy.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_triton_only_peer_is_timed_when_named(tmp_path):
+    """w4a16-triton (fused_moe with backend "triton") beside w4a16, both checked; w4a16-gluon, which
+    the CPU cannot run, is reported as such and the run goes on."""
+    assert main(["bench", "--moe", "qwen3-30b-a3b", "--m", "1,3", "--fake-timer", "--no-progress",
+                 "--peers", "w4a16,w4a16-triton,w4a16-gluon", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "moe.csv")))
+    assert sorted(r["peer"] for r in rows) == ["w4a16", "w4a16", "w4a16-gluon", "w4a16-gluon", "w4a16-triton",
+                                               "w4a16-triton"]
+    assert {r["status"] for r in rows if r["peer"] != "w4a16-gluon"} == {"ok"}
+    assert {r["status"] for r in rows if r["peer"] == "w4a16-gluon"} == {"n/a"}
 
 
 def test_a_wrong_peer_is_recorded_and_fails(tmp_path, monkeypatch, capsys):

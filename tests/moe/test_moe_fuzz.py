@@ -32,4 +32,4 @@ def test_unknown_backend_is_refused():
     from w4a16.errors import W4A16Error
 
     with pytest.raises(W4A16Error, match="--backend: expected one of"):
-        main(["fuzz", "--moe", "--cases", "1", "--backend", "gluon"])
+        main(["fuzz", "--moe", "--cases", "1", "--backend", "cutlass"])

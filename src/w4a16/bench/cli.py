@@ -38,7 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--moe", metavar="PRESETS", default=None,
                    help="time whole mixture-of-experts layers instead: 'all' or a comma list of "
                         "qwen3-30b-a3b, qwen3-235b-a22b, mixtral-8x7b, deepseek-v3 (--m gives the token "
-                        "counts; peers w4a16, torch, w4a16-loop; writes moe.md, moe.csv, moe.json)")
+                        "counts; peers w4a16, torch, w4a16-loop, and w4a16-triton and w4a16-gluon when named; writes moe.md, "
+                        "moe.csv, moe.json)")
     p.add_argument("--m", metavar="M,M,...", default=None,
                    help=f"rows of x (default {','.join(map(str, sh.DEFAULT_M))})")
     p.add_argument("--dtype", default="fp16", metavar="fp16|bf16",
@@ -116,7 +117,7 @@ def _moe_settings(args) -> dict:
     from . import moe
 
     given = args.peers != ",".join(PEER_NAMES)
-    peers = tuple(p.strip() for p in args.peers.split(",") if p.strip()) if given else moe.PEERS
+    peers = tuple(p.strip() for p in args.peers.split(",") if p.strip()) if given else moe.DEFAULT_PEERS
     if not peers or any(p not in moe.PEERS for p in peers):
         raise W4A16Error(f"--peers: expected names from {moe.PEERS} with --moe, got {args.peers!r}")
     return dict(presets=moe.parse_presets(args.moe), tokens=sh.parse_m(args.m) if args.m else moe.DEFAULT_T,

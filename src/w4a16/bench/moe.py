@@ -8,6 +8,8 @@ int4 weights do not stay in L2. Every peer's first result is checked against
 dtype's tolerance) before it is timed; a wrong result is recorded and not timed. Peers:
 
     w4a16         w4a16.moe.fused_moe (backend "auto"), CUDA-graph replay
+    w4a16-triton  the same with backend "triton" (the Triton kernels only)
+    w4a16-gluon   the same with backend "gluon" (on Hopper: one token on the Gluon MoE decode kernel)
     torch         the 16-bit layer on the dequantized weights: torch._grouped_mm over the slots
                   sorted by expert where this torch has it ("torch-grouped_mm"), else a loop over the
                   experts (host syncs: eager timing, "torch-loop")
@@ -42,7 +44,8 @@ PRESETS = {
     "deepseek-v3": (7168, 2048, 256, 8),
 }
 DEFAULT_T = (1, 16, 64, 256, 4096)
-PEERS = ("w4a16", "torch", "w4a16-loop")
+PEERS = ("w4a16", "torch", "w4a16-loop", "w4a16-triton", "w4a16-gluon")
+DEFAULT_PEERS = PEERS[:3]
 ROUTINGS = 8
 FAKE_PROXY = (64, 64, 8, 8)   # --fake-timer computes at most H, I, E, T of this size
 COLUMNS = ("card", "preset", "H", "I", "E", "top_k", "T", "dtype", "group_size", "peer", "timing", "status",
@@ -125,6 +128,9 @@ def _peer_calls(name, x, gu, dn, dense, routes):
     """(calls, eager?, label) for peer ``name``: one call per routing."""
     if name == "w4a16":
         return [lambda r=r: fused_moe(x, gu, dn, *r) for r in routes], False, "w4a16"
+    if name in ("w4a16-triton", "w4a16-gluon"):
+        backend = name.split("-")[1]
+        return [lambda r=r: fused_moe(x, gu, dn, *r, backend=backend) for r in routes], False, name
     if name == "torch":
         if hasattr(torch, "_grouped_mm") and x.is_cuda:
             return [lambda r=r: torch_layer(x, dense[0], dense[1], *r) for r in routes], False, "torch-grouped_mm"

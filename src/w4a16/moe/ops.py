@@ -1,7 +1,9 @@
 """The mixture-of-experts entry points: ``grouped_gemm`` (one projection over the routed experts)
 and ``fused_moe`` (the expert layer: gate_up, SiLU(gate)*up, down, the weighted sum over the k
-choices). Backends: "triton" (a GPU, or Triton's CPU interpreter) and "reference" (plain torch);
-"auto" takes the Triton kernel wherever it runs."""
+choices). Backends: "triton" (a GPU, or Triton's CPU interpreter), "gluon" (on Hopper: one token's
+layer on the Gluon decode kernel, :mod:`w4a16.backends.gluon.moe`, wherever it applies, the Triton
+kernels for the rest) and "reference" (plain torch); "auto" takes "gluon" on a Hopper GPU whose
+Triton builds the Gluon kernels (once ``AUTO_TAKES_GLUON``), else "triton" wherever it runs."""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -14,7 +16,26 @@ from . import reference
 from .routing import align, check_topk, direct
 from .weights import QuantizedExperts
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "gluon", "reference")
+# Whether "auto" takes the Gluon MoE decode kernel on Hopper: only once its GPU tests
+# (tests/backends/gluon/test_moe_decode_gpu.py) have passed on a card (BENCHMARKS.md says which).
+AUTO_TAKES_GLUON = False
+
+
+_GLUON_REASONS: dict = {}
+
+
+def _gluon_unavailable(device: str) -> Optional[str]:
+    """Why the Gluon kernels do not run on ``device`` (e.g. "cuda:0"), or None: the dense Gluon
+    backend's rule, asked once per device. A constant to torch.compile (see :func:`_loaded`)."""
+    from ..backends.selection import get
+
+    if device not in _GLUON_REASONS:
+        _GLUON_REASONS[device] = get("gluon").available(torch.device(device))
+    return _GLUON_REASONS[device]
+
+
+_gluon_unavailable._dynamo_marked_constant = True
 
 
 def _backend(x: torch.Tensor, backend: str) -> str:
@@ -23,10 +44,17 @@ def _backend(x: torch.Tensor, backend: str) -> str:
     expect(backend in BACKENDS, "backend", f"one of {BACKENDS}", repr(backend))
     runs = x.is_cuda or interpreting()
     if backend == "auto":
-        return "triton" if runs else "reference"
+        if not runs:
+            return "reference"
+        gluon = AUTO_TAKES_GLUON and x.is_cuda and _gluon_unavailable(str(x.device)) is None
+        return "gluon" if gluon else "triton"
     if backend == "triton" and not runs:
         raise BackendRefused("backend: expected a backend that runs this call, got 'triton' "
                              "(a CPU tensor without TRITON_INTERPRET=1)")
+    if backend == "gluon":
+        why = _gluon_unavailable(str(x.device))
+        if why:
+            raise BackendRefused(f"backend: expected a backend that runs this call, got 'gluon' ({why})")
     return backend
 
 
@@ -89,7 +117,7 @@ def grouped_gemm(x: torch.Tensor, experts: QuantizedExperts, topk_ids: torch.Ten
     expect(out_dtype in (None, torch.float16, torch.bfloat16, torch.float32), "out_dtype",
            "None, torch.float16, torch.bfloat16 or torch.float32", out_dtype)
     out_dtype = out_dtype or x.dtype
-    if _backend(x, backend) == "reference":
+    if _backend(x, backend) == "reference":   # "gluon": one projection runs on the Triton kernels
         return reference.grouped_gemm(x, experts, topk_ids, gather, topk_weights).to(out_dtype)
     S = topk_ids.numel()
     routing = _route(topk_ids, E)
@@ -172,7 +200,9 @@ def fused_moe(x: torch.Tensor, gate_up: QuantizedExperts, down: QuantizedExperts
     [E, H, I], the router's topk_ids integer [T, k] and topk_weights float [T, k]. The slots are
     grouped by expert on the device once and both GEMMs use that order. A choice whose id is
     outside [0, E) contributes nothing (transformers' experts modules skip the id E, which marks
-    a choice another rank owns); ids are not read on the host (no sync)."""
+    a choice another rank owns); ids are not read on the host (no sync). ``backend`` "gluon" (and
+    "auto" on Hopper with ``AUTO_TAKES_GLUON``) runs one token's layer on the Gluon decode kernel
+    where :func:`gluon_refusal` is None: two launches, no routing or combine kernel."""
     _check(x, gate_up, "gate_up", "H")
     E, I2, H = gate_up.shape
     expect(I2 % 2 == 0, "gate_up.shape[1]", "an even 2*I (gate rows, then up rows)", I2)
@@ -211,6 +241,10 @@ def _fused_moe(x: torch.Tensor, gu_q: torch.Tensor, gu_s: torch.Tensor, gu_z: Op
     S = T * k
     if S == 0:
         return x.new_zeros((T, H))
+    if backend == "gluon" and gluon_refusal(x, gu_s, gu_z, dn_s, dn_z, T, dims) is None:
+        from ..backends.gluon.moe.launch import fused_moe_one_token
+
+        return fused_moe_one_token(x, gu_q, gu_s, dn_q, dn_s, topk_ids, topk_weights, E, I, H, g_gu, g_dn)
     ids = topk_ids.contiguous()
     routing = _route(ids, E)
     a = _launch(x.contiguous(), gu_layout, [gu_q, gu_s, gu_z], (E, 2 * I, H), g_gu, routing, k, True,
@@ -222,6 +256,17 @@ def _fused_moe(x: torch.Tensor, gu_q: torch.Tensor, gu_s: torch.Tensor, gu_z: Op
     return combine(ys, ids, E, x.dtype)
 
 
+def gluon_refusal(x: torch.Tensor, gu_s: torch.Tensor, gu_z: Optional[torch.Tensor], dn_s: torch.Tensor,
+                  dn_z: Optional[torch.Tensor], T: int, dims: List[int]) -> Optional[str]:
+    """None when the Gluon decode kernel computes this :func:`fused_moe_op` call (the arguments as
+    there), else why not (``backends.gluon.moe.launch.refusal``; decided on the host, no sync)."""
+    from ..backends.gluon.moe.launch import refusal
+
+    E, I, H, g_gu, g_dn, gu_layout, dn_layout = dims
+    return refusal(T, E, I, H, g_gu, g_dn, x.dtype, (gu_layout, dn_layout), gu_z is not None or dn_z is not None,
+                   (gu_s.dtype, dn_s.dtype))
+
+
 @torch.library.custom_op("w4a16::fused_moe", mutates_args=())
 def fused_moe_op(x: torch.Tensor, gu_q: torch.Tensor, gu_s: torch.Tensor, gu_z: Optional[torch.Tensor],
                  dn_q: torch.Tensor, dn_s: torch.Tensor, dn_z: Optional[torch.Tensor], topk_ids: torch.Tensor,
@@ -229,7 +274,8 @@ def fused_moe_op(x: torch.Tensor, gu_q: torch.Tensor, gu_s: torch.Tensor, gu_z: 
     """:func:`fused_moe` as a custom op (opaque to torch.compile, captured whole by CUDA graphs):
     the two projections' tensors as :func:`kernel_tensors` gives them (codes, scales, zeros or
     None), dims [E, I, H, gate_up's and down's effective group sizes, gate_up's and down's
-    layouts (0 plain, 2 packed)], backend "triton" or "reference" (plain tensors).
+    layouts (0 plain, 2 packed)], backend "triton", "gluon" (one token on the Gluon kernel where it
+    applies, else as "triton") or "reference" (plain tensors).
     -> y [T, H] in x's dtype."""
     return _fused_moe(x, gu_q, gu_s, gu_z, dn_q, dn_s, dn_z, topk_ids, topk_weights, dims, backend)
 

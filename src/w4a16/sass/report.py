@@ -70,6 +70,9 @@ def _compile(case: KernelCase):
                          input_norm=case.input_norm)
         return k, weights_per_thread(case.config, case.group), None
     from ..backends.gluon import offline
+    if case.kernel == "gluon-moe":
+        k = offline.compile_moe_decode(case.config.gate_up, dtype, group, case.config.split)
+        return k, offline.moe_decode_weights_per_thread(group), None
     if case.kernel == "gluon-decode":
         k = offline.compile_decode(case.config, dtype, case.zeros, group, has_bias=True, split_mode=1,
                                    epi=code_of(case.epilogue))

@@ -7,7 +7,9 @@ dtype and group size they were tuned for; and each kernel's first named config o
 size, symmetric and with zero points (fp16). The grouped MoE kernel ("triton-moe"): the tile its
 heuristic picks for each block size and projection (the one-token variant too), fp16 and bf16,
 symmetric group 128, and its decode gate_up tile over every group size with and without zeros;
-the same for the packed grouped kernel (layout 2), over each tile its rule can pick.
+the same for the packed grouped kernel (layout 2), over each tile its rule can pick. The Gluon MoE
+decode kernel ("gluon-moe"): its gate_up and down launches (down with and without the split sum),
+fp16 and bf16, group 128, and group 256 and per channel in fp16.
 The GEMM epilogues (``w4a16.epilogue``: SiLU(gate) * up, the residual) on the decode heuristic's
 picks for the preset layers at M = 1 and 16 (fp16, bf16) and the Triton kernel's named configs
 (fp16, with the residual and RMSNorm epilogue and the RMSNorm prologue too): what a fused decoder
@@ -19,7 +21,7 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, List, Optional, Tuple
 
-KERNELS = ("gluon-decode", "gluon-prefill", "triton", "triton-moe")
+KERNELS = ("gluon-decode", "gluon-prefill", "triton", "triton-moe", "gluon-moe")
 GROUPS = (32, 64, 128, 256, -1)     # -1: one group over K (compiled with K = 4096)
 PER_CHANNEL_K = 4096
 DECODE_M = (1, 8, 16, 32, 64)
@@ -125,6 +127,8 @@ def shipped_cases(dtypes: Iterable[str] = ("fp16", "bf16"), kernels: Iterable[st
     cases += epilogue_cases(dtypes, kernels)
     if "triton-moe" in kernels:
         cases += moe_cases(dtypes)
+    if "gluon-moe" in kernels:
+        cases += gluon_moe_cases(dtypes)
     # the Triton kernel's configs as a Hopper launch runs them (GemmConfig.for_wgmma)
     cases = [replace(c, config=c.config.for_wgmma()) if c.kernel == "triton" else c for c in cases]
     return _unique(cases)
@@ -159,6 +163,17 @@ def moe_cases(dtypes: Iterable[str]) -> List[KernelCase]:
         out += [KernelCase("triton-moe", MoeKernel(tile_for(16, True, g, g == -1), 16, True), "fp16", g, z)
                 for g in GROUPS for z in (False, True)]
     return out + packed_moe_cases(dtypes)
+
+
+def gluon_moe_cases(dtypes: Iterable[str]) -> List[KernelCase]:
+    """The Gluon MoE decode kernel's variants (see the module docstring)."""
+    from ..backends.gluon.moe.launch import MoeDecodeVariant
+
+    variants = [MoeDecodeVariant(True), MoeDecodeVariant(False, 1), MoeDecodeVariant(False, 0)]
+    out = [KernelCase("gluon-moe", v, dt) for v in variants for dt in dtypes]
+    if "fp16" in dtypes:
+        out += [KernelCase("gluon-moe", v, "fp16", g) for v in variants[:2] for g in (256, -1)]
+    return out
 
 
 def packed_moe_cases(dtypes: Iterable[str]) -> List[KernelCase]:

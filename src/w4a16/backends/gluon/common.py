@@ -10,21 +10,35 @@ from triton.experimental.gluon import language as gl
 from ..triton_compat import barrier, reinterpret
 from .dequant_ptx import dequant_ptx
 
-# the dequant programs (dequant_ptx.py): q * s + o, and q - 8 for symmetric weights scaled after the MMA
-DEQ_FP16 = gl.constexpr(dequant_ptx("fp16", scaled=True))
-DEQ_BF16 = gl.constexpr(dequant_ptx("bf16", scaled=True))
-DEQ_INT_FP16 = gl.constexpr(dequant_ptx("fp16", scaled=False))
-DEQ_INT_BF16 = gl.constexpr(dequant_ptx("bf16", scaled=False))
+# the dequant programs (dequant_ptx.py) by (fp16?, scaled?, code layout): q * s + o, and q - 8 for
+# symmetric weights scaled after the MMA, over the Gluon layout's code bytes (1) or the Triton kernels' (2)
+DEQ_PROGRAMS = gl.constexpr(tuple(dequant_ptx(dt, scaled=sc, order=order) for dt in ("fp16", "bf16")
+                                  for sc in (True, False) for order in ("gluon", "triton")))
 
 
 @gluon.constexpr_function
-def code_smem_layout(W, NCH, KH):
+def dequant_index(DTYPE, SCALED, CODES):
+    """The index in DEQ_PROGRAMS of the dequant for activations of DTYPE (gl.float16 or
+    gl.bfloat16), q * s + o (SCALED) or q - 8, over code bytes of layout CODES (1 or 2)."""
+    return (0 if DTYPE == gl.float16 else 4) + (0 if SCALED else 2) + (1 if CODES == 2 else 0)
+
+
+@gluon.constexpr_function
+def code_smem_layout(W, NCH, KH, CODES=1):
     """Shared layout of one stage's codes viewed as [16 * W, NCH * KH] uint8 (chunk ch = columns
     [ch * KH, (ch + 1) * KH)): offset
     w * NCH * 16 * KH + ch * 16 * KH + lane * KH / 2 + reg (layout.py), expressed through the
-    wgmma A-operand register/lane/warp bases (DotOperandLayout, k_width = 2)."""
-    bases = [[0, 1], [8, 0], [0, 8], [0, 16], [0, 32]][: {32: 4, 64: 5}[KH]]
-    bases += [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]]
+    wgmma A-operand register/lane/warp bases (DotOperandLayout, k_width = 2).
+
+    CODES 2: the codes of the Triton kernels' layout (``backends/triton/layout.py``, version 2),
+    which holds the same fragment bytes per (16-row block, chunk) with two differences: a lane's
+    bytes of the second 32 values of a half chunk lie 512 bytes on (not 16), and a word's bytes
+    are in the order e0 e1 e2 e3 (the dequant's ``prmt`` reorders them: ``dequant_ptx``)."""
+    if CODES == 2 and KH == 64:
+        bases = [[0, 1], [8, 0], [0, 8], [0, 16], [0, 2], [0, 4], [1, 0], [2, 0], [4, 0], [0, 32]]
+    else:
+        bases = [[0, 1], [8, 0], [0, 8], [0, 16], [0, 32]][: {32: 4, 64: 5}[KH]]
+        bases += [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]]
     c = 1
     while c < NCH:
         bases.append([0, KH * c])
@@ -160,10 +174,11 @@ def epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, pid_k, 
 
 @gluon.jit
 def dequant_chunk(cview, s_ring, o_ring, slot, ch: gl.constexpr, a_l: gl.constexpr, KH: gl.constexpr,
-                  GDIV: gl.constexpr, HAS_ZEROS: gl.constexpr, DTYPE: gl.constexpr):
+                  GDIV: gl.constexpr, HAS_ZEROS: gl.constexpr, DTYPE: gl.constexpr, CODES: gl.constexpr = 1):
     """Chunk ``ch`` of a stage's codes (``cview`` [BN, NCH * KH] uint8 in shared memory) as the two
     wgmma A operands (w_lo, w_hi) [BN, KH] in DTYPE: each 16-byte load is a thread's fragment,
-    lop3 magic-number dequant to exact q, then q * s + o with its half chunk's scales/offsets."""
+    lop3 magic-number dequant to exact q, then q * s + o with its half chunk's scales/offsets.
+    CODES: the codes' layout (``code_smem_layout``)."""
     KC: gl.constexpr = 2 * KH
     row_l: gl.constexpr = gl.SliceLayout(1, a_l)
     s_lo, o_lo = scale_pair(s_ring, o_ring, slot, (ch * KC) // GDIV, row_l, HAS_ZEROS)
@@ -173,12 +188,7 @@ def dequant_chunk(cview, s_ring, o_ring, slot, ch: gl.constexpr, a_l: gl.constex
     else:
         s_hi, o_hi = scale_pair(s_ring, o_ring, slot, (ch * KC + KH) // GDIV, row_l, HAS_ZEROS)
     codes = cview.slice(ch * KH, KH, dim=1).load(a_l)
-    if DTYPE == gl.float16:
-        w_lo, w_hi = gl.inline_asm_elementwise(
-            DEQ_FP16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [codes, s_lo, o_lo, s_hi, o_hi],
-            dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
-    else:
-        w_lo, w_hi = gl.inline_asm_elementwise(
-            DEQ_BF16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [codes, s_lo, o_lo, s_hi, o_hi],
-            dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=4)
+    w_lo, w_hi = gl.inline_asm_elementwise(
+        DEQ_PROGRAMS[dequant_index(DTYPE, True, CODES)], "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [codes, s_lo, o_lo, s_hi, o_hi],
+        dtype=(DTYPE.value, DTYPE.value), is_pure=True, pack=4)
     return w_lo, w_hi

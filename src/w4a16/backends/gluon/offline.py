@@ -146,3 +146,30 @@ def prefill_stats(compiled, cfg: Optional[GluonPrefillConfig] = None, group: int
     return {"registers": disasm.registers(cubin), "num_warps": compiled.metadata.num_warps,
             "shared_bytes": compiled.metadata.shared, "spills": disasm.spills(ins),
             "setmaxnreg": sum(1 for _, o, _ in ins if o.startswith("USETMAXREG")), "main_loops": loops_out}
+
+
+def compile_moe_decode(gate_up: bool, dtype=torch.float16, group: int = 128, split: int = 1,
+                       attrs: Optional[dict] = None):
+    """The mixture-of-experts decode kernel (``moe/kernel.py``) compiled for sm_90a: its gate_up
+    launch (``gate_up``) or its down launch (``split``: 1 the partials summed in split order, 0 one
+    K range and one choice)."""
+    from .moe.kernel import w4a16_moe_decode_kernel
+    from .moe.launch import DOWN_CONFIG, GATE_UP_CONFIG, ROWS, box_layouts, moe_constexprs
+
+    cfg = GATE_UP_CONFIG if gate_up else DOWN_CONFIG
+    rows = ROWS // 2 if gate_up else ROWS
+    dt = "fp16" if dtype == torch.float16 else "bf16"
+    cl, xl, sl = box_layouts(dtype)
+    sig = {"c_desc": f"tensordesc<u8[{rows // 16}, 4, 256],{cl!r}>", "x_desc": f"tensordesc<{dt}[{cfg.mt}, 64],{xl!r}>",
+           "s_desc": f"tensordesc<{dt}[1, {rows}],{sl!r}>", "o_desc": f"tensordesc<{dt}[1, {rows}],{sl!r}>",
+           "y_ptr": f"*{dt}", "ids_ptr": "*i64", "tw_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32"}
+    sig.update({k: "i32" for k in ("rows_per_expert", "n_out", "num_experts", "group", "n_stages", "stages_per_split",
+                                   "ksplit", "tiles")})
+    cx = moe_constexprs(cfg, group, dtype, gate_up, 0 if gate_up else split)
+    sig.update({k: "constexpr" for k in cx})
+    return compile_gluon(w4a16_moe_decode_kernel, sig, cx, cfg.warps, cfg.regs, launch_pdl=cfg.pdl, attrs=attrs)
+
+
+def moe_decode_weights_per_thread(group: int = 128) -> int:
+    """Weights one consumer thread of the MoE decode kernel dequantizes per stage (64 rows x 128)."""
+    return decode_weights_per_thread(GluonDecodeConfig(mt=8, warps=4, nch=1, stages=2), group)

@@ -8,7 +8,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
 from ...triton_compat import reinterpret, tma_load
-from ..common import DEQ_INT_BF16, DEQ_INT_FP16, code_smem_layout, dequant_chunk
+from ..common import DEQ_PROGRAMS, code_smem_layout, dequant_chunk, dequant_index
 
 
 @gluon.jit
@@ -40,12 +40,13 @@ def issue_stage(it, st0, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring,
 
 
 @gluon.jit
-def _stage_codes(it, c_ring, bars, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr, STAGES: gl.constexpr):
+def _stage_codes(it, c_ring, bars, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr, STAGES: gl.constexpr,
+                 CODES: gl.constexpr = 1):
     """Wait for stage ``it``; (its slot, its codes viewed as [16 * W, NCH * KH] uint8 in the
-    wgmma A-fragment order of ``code_smem_layout``)."""
+    wgmma A-fragment order of ``code_smem_layout``; CODES: the codes' layout, see there)."""
     slot = it % STAGES
     mbarrier.wait(bars.index(slot), (it // STAGES) & 1)
-    cview = reinterpret(c_ring.index(slot), gl.uint8, [16 * W, NCH * KH], code_smem_layout(W, NCH, KH))
+    cview = reinterpret(c_ring.index(slot), gl.uint8, [16 * W, NCH * KH], code_smem_layout(W, NCH, KH, CODES))
     return slot, cview
 
 
@@ -64,7 +65,7 @@ def _acc_scale(s_ring, slot, gi: gl.constexpr, acc_l: gl.constexpr):
 @gluon.jit
 def _consume_stage_sa(acc, it, c_ring, x_ring, s_ring, bars, acc_l: gl.constexpr, W: gl.constexpr,
                       KH: gl.constexpr, NCH: gl.constexpr, STAGES: gl.constexpr, GDIV: gl.constexpr,
-                      DTYPE: gl.constexpr):
+                      DTYPE: gl.constexpr, CODES: gl.constexpr = 1):
     """_consume_stage for symmetric weights with the scale applied after the MMA: each chunk's
     wgmmas multiply the exact integers q - 8 into a fresh fp32 accumulator per group (one for the
     chunk when both half chunks share a group, else one per half), and acc += s * that once its
@@ -73,16 +74,13 @@ def _consume_stage_sa(acc, it, c_ring, x_ring, s_ring, bars, acc_l: gl.constexpr
     MT: gl.constexpr = acc.shape[1]
     KC: gl.constexpr = 2 * KH
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
-    slot, cview = _stage_codes(it, c_ring, bars, W, KH, NCH, STAGES)
+    slot, cview = _stage_codes(it, c_ring, bars, W, KH, NCH, STAGES, CODES)
     zero = gl.zeros([BN, MT], gl.float32, acc_l)
     for ch in gl.static_range(NCH):
         codes = cview.slice(ch * KH, KH, dim=1).load(a_l)
-        if DTYPE == gl.float16:
-            q_lo, q_hi = gl.inline_asm_elementwise(DEQ_INT_FP16, "=r,=r,=r,=r,r", [codes],
-                                                   dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
-        else:
-            q_lo, q_hi = gl.inline_asm_elementwise(DEQ_INT_BF16, "=r,=r,=r,=r,r", [codes],
-                                                   dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=4)
+        q_lo, q_hi = gl.inline_asm_elementwise(DEQ_PROGRAMS[dequant_index(DTYPE, False, CODES)], "=r,=r,=r,=r,r",
+                                               [codes],
+                                               dtype=(DTYPE.value, DTYPE.value), is_pure=True, pack=4)
         xb = slot * 2 * NCH + 2 * ch
         p_lo = warpgroup_mma(q_lo, x_ring.index(xb).permute((1, 0)), zero, use_acc=False, is_async=True)
         if (ch * KC + KH) // GDIV == (ch * KC) // GDIV:
@@ -123,26 +121,29 @@ def _retire_chunk(acc, p_lo, p_hi, q_lo, q_hi, outstanding: gl.constexpr, s_ring
 def consume_stage(acc, it, c_ring, x_ring, s_ring, o_ring, bars,
                    acc_l: gl.constexpr, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr,
                    STAGES: gl.constexpr, GDIV: gl.constexpr, HAS_ZEROS: gl.constexpr, DTYPE: gl.constexpr,
-                   SA: gl.constexpr = False):
+                   SA: gl.constexpr = False, CODES: gl.constexpr = 1):
     """Wait for stage ``it`` and add its products to acc; all its wgmmas are complete on return.
-    SA: symmetric weights, scale applied after the MMA (``_consume_stage_sa``)."""
+    SA: symmetric weights, scale applied after the MMA (``_consume_stage_sa``). CODES: the codes'
+    layout, 1 the Gluon layout, 2 the Triton kernels' (``common.code_smem_layout``)."""
     if SA:
-        acc = _consume_stage_sa(acc, it, c_ring, x_ring, s_ring, bars, acc_l, W, KH, NCH, STAGES, GDIV, DTYPE)
+        acc = _consume_stage_sa(acc, it, c_ring, x_ring, s_ring, bars, acc_l, W, KH, NCH, STAGES, GDIV, DTYPE,
+                                CODES)
     else:
         acc = _consume_stage_fold(acc, it, c_ring, x_ring, s_ring, o_ring, bars, acc_l, W, KH, NCH, STAGES, GDIV,
-                                  HAS_ZEROS, DTYPE)
+                                  HAS_ZEROS, DTYPE, CODES)
     return acc
 
 
 @gluon.jit
 def _consume_stage_fold(acc, it, c_ring, x_ring, s_ring, o_ring, bars,
                         acc_l: gl.constexpr, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr,
-                        STAGES: gl.constexpr, GDIV: gl.constexpr, HAS_ZEROS: gl.constexpr, DTYPE: gl.constexpr):
+                        STAGES: gl.constexpr, GDIV: gl.constexpr, HAS_ZEROS: gl.constexpr, DTYPE: gl.constexpr,
+                        CODES: gl.constexpr = 1):
     """_consume_stage with the scales (and offsets) folded into the dequant: q * s + o."""
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
-    slot, cview = _stage_codes(it, c_ring, bars, W, KH, NCH, STAGES)
+    slot, cview = _stage_codes(it, c_ring, bars, W, KH, NCH, STAGES, CODES)
     for ch in gl.static_range(NCH):
-        w_lo, w_hi = dequant_chunk(cview, s_ring, o_ring, slot, ch, a_l, KH, GDIV, HAS_ZEROS, DTYPE)
+        w_lo, w_hi = dequant_chunk(cview, s_ring, o_ring, slot, ch, a_l, KH, GDIV, HAS_ZEROS, DTYPE, CODES)
         xb = slot * 2 * NCH + 2 * ch
         acc = warpgroup_mma(w_lo, x_ring.index(xb).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma(w_hi, x_ring.index(xb + 1).permute((1, 0)), acc, is_async=True)

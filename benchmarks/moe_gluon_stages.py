@@ -1,0 +1,61 @@
+"""The Gluon MoE decode kernel's ring depth, timed: one token's expert layer on the ``w4a16 bench
+--moe`` presets with 3, 4, 6 and 8 stages for both launches (``backends.gluon.moe.launch``'s
+configs), against the same layer on the Triton kernels, each checked against the reference first.
+CUDA-graph replay over 8 routings, as ``w4a16 bench --moe`` times it.
+
+    PYTHONPATH=src python3 benchmarks/moe_gluon_stages.py [--dtype bf16] [--presets all] [--stages 3,4,6,8]
+"""
+import argparse
+import dataclasses
+
+import torch
+
+from w4a16.backends.gluon.moe import launch
+from w4a16.bench import ceilings
+from w4a16.bench.moe import PRESETS, ROUTINGS, random_experts
+from w4a16.measure import TOLERANCE, GraphTimer, rel_error
+from w4a16.moe import fused_moe, reference
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dtype", default="bf16", choices=("fp16", "bf16"))
+    p.add_argument("--presets", default="all")
+    p.add_argument("--stages", default="3,4,6,8")
+    a = p.parse_args()
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
+    presets = tuple(PRESETS) if a.presets == "all" else tuple(a.presets.split(","))
+    dev = torch.device("cuda")
+    bw = ceilings.measure_copy_bandwidth(dev)[0]
+    print(f"{torch.cuda.get_device_name()}, copy {bw / 1e12:.2f} TB/s, {a.dtype}, T = 1")
+    gen = torch.Generator().manual_seed(0)
+    wgen = torch.Generator(device=dev).manual_seed(0)
+    base_gu, base_dn = launch.GATE_UP_CONFIG, launch.DOWN_CONFIG
+    print("| preset | kernel | stages | us | of copy |\n|---|---|---:|---:|---:|")
+    for name in presets:
+        H, I, E, k = PRESETS[name]
+        gu, dn = random_experts(E, 2 * I, H, 128, dtype, dev, wgen), random_experts(E, H, I, 128, dtype, dev, wgen)
+        x = torch.randn(1, H, generator=gen).to(dev, dtype)
+        routes = [(torch.rand(1, E, generator=gen).topk(k, dim=1).indices.to(dev),
+                   torch.softmax(torch.randn(1, k, generator=gen), 1).to(dev)) for _ in range(ROUTINGS)]
+        nbytes = k * (gu.nbytes() + dn.nbytes()) / E
+        ref = reference.fused_moe(x, gu, dn, *routes[0])
+        runs = [("triton", None)] + [("gluon", int(s)) for s in a.stages.split(",")]
+        for backend, stages in runs:
+            if stages:
+                launch.GATE_UP_CONFIG = dataclasses.replace(base_gu, stages=stages)
+                launch.DOWN_CONFIG = dataclasses.replace(base_dn, stages=stages)
+            calls = [lambda r=r, b=backend: fused_moe(x, gu, dn, *r, backend=b) for r in routes]
+            err = rel_error(calls[0](), ref)
+            if not err <= TOLERANCE[dtype]:
+                print(f"| {name} | {backend} | {stages or '-'} | WRONG (relative error {err:.3g}) | |")
+                continue
+            us = GraphTimer().measure(calls, nbytes=nbytes).median_us
+            print(f"| {name} | {backend} | {stages or '-'} | {us:.1f} | {nbytes / (us * 1e-6) / bw:.2f} |")
+        launch.GATE_UP_CONFIG, launch.DOWN_CONFIG = base_gu, base_dn
+        gu = dn = calls = None   # free the experts before the next preset
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
