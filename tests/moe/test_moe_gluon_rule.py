@@ -23,7 +23,7 @@ def test_the_model_shapes_are_taken():
 
 @pytest.mark.parametrize("change,why", [
     (dict(T=2), "one token"), (dict(has_zeros=True), "symmetric"), (dict(layouts=(0, 2)), "layout 2"),
-    (dict(I=784), "I % 32"), (dict(H=2080), "H % 64"), (dict(g_gu=64), "gate_up: group size 64"),
+    (dict(I=800), "I % 64"), (dict(H=2080), "H % 64"), (dict(g_gu=64), "gate_up: group size 64"),
     (dict(g_dn=32), "down: group size 32"), (dict(scale_dtypes=(torch.float32, B16)), "scales of dtype"),
     (dict(dtype=torch.float32), "not fp16/bf16")])
 def test_what_it_refuses_and_why(change, why):

@@ -72,7 +72,7 @@ def _compile(case: KernelCase):
     from ..backends.gluon import offline
     if case.kernel == "gluon-moe":
         k = offline.compile_moe_decode(case.config.gate_up, dtype, group, case.config.split)
-        return k, offline.moe_decode_weights_per_thread(group), None
+        return k, offline.moe_decode_weights_per_thread(case.config.gate_up, group), None
     if case.kernel == "gluon-decode":
         k = offline.compile_decode(case.config, dtype, case.zeros, group, has_bias=True, split_mode=1,
                                    epi=code_of(case.epilogue))

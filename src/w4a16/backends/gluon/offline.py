@@ -157,7 +157,7 @@ def compile_moe_decode(gate_up: bool, dtype=torch.float16, group: int = 128, spl
     from .moe.launch import DOWN_CONFIG, GATE_UP_CONFIG, ROWS, box_layouts, moe_constexprs
 
     cfg = GATE_UP_CONFIG if gate_up else DOWN_CONFIG
-    rows = ROWS // 2 if gate_up else ROWS
+    rows = ROWS
     dt = "fp16" if dtype == torch.float16 else "bf16"
     cl, xl, sl = box_layouts(dtype)
     sig = {"c_desc": f"tensordesc<u8[{rows // 16}, 4, 256],{cl!r}>", "x_desc": f"tensordesc<{dt}[{cfg.mt}, 64],{xl!r}>",
@@ -170,6 +170,7 @@ def compile_moe_decode(gate_up: bool, dtype=torch.float16, group: int = 128, spl
     return compile_gluon(w4a16_moe_decode_kernel, sig, cx, cfg.warps, cfg.regs, launch_pdl=cfg.pdl, attrs=attrs)
 
 
-def moe_decode_weights_per_thread(group: int = 128) -> int:
-    """Weights one consumer thread of the MoE decode kernel dequantizes per stage (64 rows x 128)."""
-    return decode_weights_per_thread(GluonDecodeConfig(mt=8, warps=4, nch=1, stages=2), group)
+def moe_decode_weights_per_thread(gate_up: bool, group: int = 128) -> int:
+    """Weights one consumer thread of the MoE decode kernel dequantizes per stage (64 rows x 128,
+    twice for gate_up: the gate and the up rows)."""
+    return (2 if gate_up else 1) * decode_weights_per_thread(GluonDecodeConfig(mt=8, warps=4, nch=1, stages=2), group)

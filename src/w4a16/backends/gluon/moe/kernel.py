@@ -14,11 +14,10 @@ result goes. Token x [1, H], the router's ids [k] and weights [k]; pair j is the
 choice, expert e_j = ids[j] (an id outside [0, E) reads nothing and contributes zero):
 
 - GATE_UP: gate_up weight [E * 2I, H] (gate rows, then up rows, per expert). Program
-  (j, t) of the grid (k * I / (BN / 2), 1) computes gate rows t * BN/2 .. and the same up rows of
-  expert e_j (two half boxes per stage: the warpgroup's first BN/2 rows gate, the rest up) and
-  writes h[j, t * BN/2 + i] = SiLU(gate) * up (each rounded to the activation dtype first, as the
-  unfused layer stores them) into h [k, I]. Gate and up rows land in different warps, so the
-  epilogue passes the fp32 tile through shared memory.
+  (j, t) of the grid (k * I / BN, 1) computes gate rows t * BN .. and the same up rows of expert
+  e_j (a ring for each, filled by the same loads' barrier: two accumulators of one layout) and
+  writes h[j, t * BN + i] = SiLU(gate) * up (each rounded to the activation dtype first, as the
+  unfused layer stores them) into h [k, I].
 - DOWN: down weight [E * H, I]. Program (n, j * KSPLIT + s) of the grid (H / BN, k * KSPLIT)
   computes rows n * BN .. of expert e_j over the s-th K range, from x row j (h [k, I]), times the
   routing weight w_j; the k * KSPLIT partial tiles of an output tile are summed in split order by
@@ -35,43 +34,38 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from ...triton_compat import barrier, reinterpret, tma_load
+from ...triton_compat import tma_load
 from ..common import epilogue, gdc_launch_dependents, gdc_wait
 from ..decode.pipeline import consume_stage
 
 
 @gluon.jit
-def _issue(it, st0, c_desc, x_desc, s_desc, c_ring, c_half, x_ring, s_ring, s_half, bars, row_a, row_b, x_row, group,
+def _issue(it, st0, c_desc, x_desc, s_desc, c_ring, c_up, x_ring, s_ring, s_up, bars, row_a, row_b, x_row, group,
            STAGES: gl.constexpr, NCH: gl.constexpr, KH: gl.constexpr, GATE_UP: gl.constexpr, PART: gl.constexpr = 0):
-    """TMA loads of the program's stage ``it`` (global stage st0 + it) into slot it % STAGES. GATE_UP:
-    the codes and scales as two half boxes (gate rows from row_a, up rows from row_b); else one box
-    from row_a. PART 0: everything; 1: the weight's part (the barrier expects the whole stage); 2:
-    x's part."""
+    """TMA loads of the program's stage ``it`` (global stage st0 + it) into slot it % STAGES: the
+    codes and scales of rows from row_a (and with GATE_UP those of rows from row_b into the up
+    rings), and x. PART 0: everything; 1: the weight's part (the barrier expects the whole stage);
+    2: x's part."""
     KS: gl.constexpr = NCH * 2 * KH
     slot = it % STAGES
     bar = bars.index(slot)
     k0 = (st0 + it) * KS
     g0 = k0 // group
     if PART != 2:
+        NW: gl.constexpr = (2 if GATE_UP else 1) * (c_desc.block_type.nbytes + s_desc.block_type.nbytes)
+        mbarrier.expect(bar, NW + 2 * NCH * x_desc.block_type.nbytes)
+        tma_load(c_desc, [row_a // 16, k0 // 32, 0], bar, c_ring.index(slot))
+        tma_load(s_desc, [g0, row_a], bar, s_ring.index(slot))
         if GATE_UP:
-            mbarrier.expect(bar, 2 * c_desc.block_type.nbytes + 2 * s_desc.block_type.nbytes
-                            + 2 * NCH * x_desc.block_type.nbytes)
-            tma_load(c_desc, [row_a // 16, k0 // 32, 0], bar, c_half.index(2 * slot))
-            tma_load(c_desc, [row_b // 16, k0 // 32, 0], bar, c_half.index(2 * slot + 1))
-            tma_load(s_desc, [g0, row_a], bar, s_half.index(2 * slot))
-            tma_load(s_desc, [g0, row_b], bar, s_half.index(2 * slot + 1))
-        else:
-            mbarrier.expect(bar, c_desc.block_type.nbytes + s_desc.block_type.nbytes
-                            + 2 * NCH * x_desc.block_type.nbytes)
-            tma_load(c_desc, [row_a // 16, k0 // 32, 0], bar, c_ring.index(slot))
-            tma_load(s_desc, [g0, row_a], bar, s_ring.index(slot))
+            tma_load(c_desc, [row_b // 16, k0 // 32, 0], bar, c_up.index(slot))
+            tma_load(s_desc, [g0, row_b], bar, s_up.index(slot))
     if PART != 1:
         for j in gl.static_range(2 * NCH):
             tma_load(x_desc, [x_row, k0 + j * KH], bar, x_ring.index(slot * 2 * NCH + j))
 
 
 @gluon.jit
-def _producer(n_it, st0, c_desc, x_desc, s_desc, c_ring, c_half, x_ring, s_ring, s_half, bars, empty, row_a, row_b,
+def _producer(n_it, st0, c_desc, x_desc, s_desc, c_ring, c_up, x_ring, s_ring, s_up, bars, empty, row_a, row_b,
               x_row, group, STAGES: gl.constexpr, NCH: gl.constexpr, KH: gl.constexpr, GATE_UP: gl.constexpr,
               PDL: gl.constexpr):
     """Worker partition (one warp): the loads of every stage once its slot is free; with PDL the
@@ -81,54 +75,55 @@ def _producer(n_it, st0, c_desc, x_desc, s_desc, c_ring, c_half, x_ring, s_ring,
     if PDL:
         n_pre = gl.minimum(n_it, STAGES)
         for it in range(n_pre):
-            _issue(it, st0, c_desc, x_desc, s_desc, c_ring, c_half, x_ring, s_ring, s_half, bars, row_a, row_b, x_row,
+            _issue(it, st0, c_desc, x_desc, s_desc, c_ring, c_up, x_ring, s_ring, s_up, bars, row_a, row_b, x_row,
                    group, STAGES, NCH, KH, GATE_UP, 1)
         gdc_wait()
         for it in range(n_pre):
-            _issue(it, st0, c_desc, x_desc, s_desc, c_ring, c_half, x_ring, s_ring, s_half, bars, row_a, row_b, x_row,
+            _issue(it, st0, c_desc, x_desc, s_desc, c_ring, c_up, x_ring, s_ring, s_up, bars, row_a, row_b, x_row,
                    group, STAGES, NCH, KH, GATE_UP, 2)
     for it in range(n_pre, n_it):
         slot = it % STAGES
         mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1, pred=it >= STAGES)
-        _issue(it, st0, c_desc, x_desc, s_desc, c_ring, c_half, x_ring, s_ring, s_half, bars, row_a, row_b, x_row,
+        _issue(it, st0, c_desc, x_desc, s_desc, c_ring, c_up, x_ring, s_ring, s_up, bars, row_a, row_b, x_row,
                group, STAGES, NCH, KH, GATE_UP)
     gdc_launch_dependents()
 
 
 @gluon.jit
-def _silu_mul_store(acc, xchg, h_ptr, col0, acc_l: gl.constexpr, BN: gl.constexpr, MT: gl.constexpr,
+def _silu_mul_store(acc, acc_u, h_ptr, col0, acc_l: gl.constexpr, BN: gl.constexpr, MT: gl.constexpr,
                     DTYPE: gl.constexpr):
-    """h[col0 + i] = SiLU(gate_i) * up_i for the token (column 0 of acc [BN, MT]: rows i < BN/2
-    gate, BN/2 + i up), each rounded to DTYPE first; the tile crosses warps through ``xchg``."""
-    HALF: gl.constexpr = BN // 2
-    xchg.store(acc)
-    barrier()
-    rl: gl.constexpr = gl.BlockedLayout([1, MT], [32, 1], [4, 1], [1, 0])
-    gate = xchg.slice(0, HALF, dim=0).load(rl).to(DTYPE).to(gl.float32)
-    up = xchg.slice(HALF, HALF, dim=0).load(rl).to(DTYPE).to(gl.float32)
+    """h[col0 + i] = SiLU(gate_i) * up_i for the token (column 0 of the gate and up tiles [BN, MT]),
+    each rounded to DTYPE first."""
+    gate = acc.to(DTYPE).to(gl.float32)
+    up = acc_u.to(DTYPE).to(gl.float32)
     h = gate / (1.0 + gl.exp(-gate)) * up
-    rows = gl.arange(0, HALF, layout=gl.SliceLayout(1, rl))
-    cols = gl.arange(0, MT, layout=gl.SliceLayout(0, rl))
+    rows = gl.arange(0, BN, layout=gl.SliceLayout(1, acc_l))
+    cols = gl.arange(0, MT, layout=gl.SliceLayout(0, acc_l))
     offs = gl.expand_dims(col0 + rows, 1) + gl.expand_dims(cols, 0) * 0
     gl.store(h_ptr + offs, h.to(DTYPE), mask=gl.expand_dims(cols == 0, 0) & gl.expand_dims(rows >= 0, 1))
 
 
 @gluon.jit
-def _consumer(n_it, c_ring, x_ring, s_ring, bars, empty, xchg, y_ptr, part_ptr, cnt_ptr, n_out, col0, wj, pid_k,
-              nsplit, acc_l: gl.constexpr, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr, MT: gl.constexpr,
-              STAGES: gl.constexpr, GDIV: gl.constexpr, DTYPE: gl.constexpr, SA: gl.constexpr,
+def _consumer(n_it, c_ring, c_up, x_ring, s_ring, s_up, bars, empty, y_ptr, part_ptr, cnt_ptr, n_out, col0, wj,
+              pid_k, nsplit, acc_l: gl.constexpr, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr,
+              MT: gl.constexpr, STAGES: gl.constexpr, GDIV: gl.constexpr, DTYPE: gl.constexpr, SA: gl.constexpr,
               GATE_UP: gl.constexpr, SPLIT: gl.constexpr, PDL: gl.constexpr):
-    """Default partition: dequant + wgmma of every stage (handing each slot back), then the
-    epilogue: GATE_UP SiLU(gate) * up into h; else w_j times the tile into the split sum of y."""
+    """Default partition: dequant + wgmma of every stage (the gate and up rings with GATE_UP),
+    handing each slot back, then the epilogue: GATE_UP SiLU(gate) * up into h; else w_j times the
+    tile into the split sum of y."""
     if PDL:
         gdc_wait()
     acc = gl.zeros([16 * W, MT], gl.float32, acc_l)
+    acc_u = gl.zeros([16 * W, MT], gl.float32, acc_l)
     for it in range(n_it):
         acc = consume_stage(acc, it, c_ring, x_ring, s_ring, s_ring, bars, acc_l, W, KH, NCH, STAGES, GDIV, False,
                             DTYPE, SA, 2)
+        if GATE_UP:
+            acc_u = consume_stage(acc_u, it, c_up, x_ring, s_up, s_up, bars, acc_l, W, KH, NCH, STAGES, GDIV, False,
+                                  DTYPE, SA, 2)
         mbarrier.arrive(empty.index(it % STAGES), count=1)
     if GATE_UP:
-        _silu_mul_store(acc, xchg, y_ptr, col0, acc_l, 16 * W, MT, DTYPE)
+        _silu_mul_store(acc, acc_u, y_ptr, col0, acc_l, 16 * W, MT, DTYPE)
     else:
         epilogue(acc * wj, y_ptr, y_ptr, part_ptr, cnt_ptr, 1, n_out, 1.0, col0, pid_k, nsplit, acc_l, 16 * W, MT,
                  SPLIT, False, DTYPE)
@@ -142,12 +137,12 @@ def w4a16_moe_decode_kernel(
     GDIV: gl.constexpr, DTYPE: gl.constexpr, SA: gl.constexpr, GATE_UP: gl.constexpr, SPLIT: gl.constexpr,
     PDL: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):
-    """See the module docstring. c_desc: codes [E * R / 16, K_pad / 32, 256] in boxes of W / 2 row
-    blocks (GATE_UP) or W; s_desc: scales [G, E * R] in boxes [1, BN / 2] (GATE_UP) or [1, BN]
-    (one scale row per stage); x_desc: x [1, H] (GATE_UP) or h [k, I], boxes [MT, KH]; o_desc is
-    unused (symmetric weights). y_ptr: h [k, I] (GATE_UP) or y [1, H]; part_ptr: fp32 partials
-    [k * ksplit, H] (SPLIT 1); cnt_ptr: a zeroed int32 counter per output tile. rows_per_expert:
-    R; n_out: I (GATE_UP) or H; tiles: I / (BN / 2) (GATE_UP)."""
+    """See the module docstring. c_desc: codes [E * R / 16, K_pad / 32, 256] in boxes of W row
+    blocks; s_desc: scales [G, E * R] in boxes [1, BN] (one scale row per stage); x_desc: x [1, H]
+    (GATE_UP) or h [k, I], boxes [MT, KH]; o_desc is unused (symmetric weights). y_ptr: h [k, I]
+    (GATE_UP) or y [1, H]; part_ptr: fp32 partials [k * ksplit, H] (SPLIT 1); cnt_ptr: a zeroed
+    int32 counter per output tile. rows_per_expert: R; n_out: I (GATE_UP) or H; tiles: I / BN
+    (GATE_UP)."""
     BN: gl.constexpr = 16 * W
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, MT, 16])
     KS: gl.constexpr = NCH * 2 * KH
@@ -155,7 +150,7 @@ def w4a16_moe_decode_kernel(
     pid_k = gl.program_id(1)
     if GATE_UP:
         j = pid_n // tiles
-        col0 = (pid_n - j * tiles) * (BN // 2)
+        col0 = (pid_n - j * tiles) * BN
         e = gl.load(ids_ptr + j).to(gl.int32)
         row_a = e * rows_per_expert + col0
         row_b = row_a + rows_per_expert // 2
@@ -183,25 +178,21 @@ def w4a16_moe_decode_kernel(
     c_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, W, KS // 32, 256], c_desc.layout)
     x_ring = gl.allocate_shared_memory(DTYPE, [STAGES * 2 * NCH] + x_desc.block_type.shape, x_desc.layout)
     s_ring = gl.allocate_shared_memory(DTYPE, [STAGES, 1, BN], s_desc.layout)
-    if GATE_UP:   # the same bytes in half boxes: gate rows, then up rows, per slot
-        CL: gl.constexpr = c_desc.layout
-        SL: gl.constexpr = s_desc.layout
-        c_half = reinterpret(c_ring, gl.uint8, [2 * STAGES, W // 2, KS // 32, 256], CL)
-        s_half = reinterpret(s_ring, DTYPE, [2 * STAGES, 1, BN // 2], SL)
-        xchg = gl.allocate_shared_memory(gl.float32, [BN, MT], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+    if GATE_UP:   # the up rows' codes and scales (each TMA destination 128-byte aligned)
+        c_up = gl.allocate_shared_memory(gl.uint8, [STAGES, W, KS // 32, 256], c_desc.layout)
+        s_up = gl.allocate_shared_memory(DTYPE, [STAGES, 1, BN], s_desc.layout)
     else:
-        c_half = c_ring
-        s_half = s_ring
-        xchg = s_ring
+        c_up = c_ring
+        s_up = s_ring
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
     gl.warp_specialize([
-        (_consumer, (n_it, c_ring, x_ring, s_ring, bars, empty, xchg, y_out, part_ptr, cnt_ptr, n_out, col0, wj,
-                     pid_k, gl.num_programs(1), acc_l, W, KH, NCH, MT, STAGES, GDIV, DTYPE, SA, GATE_UP, SPLIT,
+        (_consumer, (n_it, c_ring, c_up, x_ring, s_ring, s_up, bars, empty, y_out, part_ptr, cnt_ptr, n_out, col0,
+                     wj, pid_k, gl.num_programs(1), acc_l, W, KH, NCH, MT, STAGES, GDIV, DTYPE, SA, GATE_UP, SPLIT,
                      PDL)),
-        (_producer, (n_it, st0, c_desc, x_desc, s_desc, c_ring, c_half, x_ring, s_ring, s_half, bars, empty, row_a,
+        (_producer, (n_it, st0, c_desc, x_desc, s_desc, c_ring, c_up, x_ring, s_ring, s_up, bars, empty, row_a,
                      row_b, x_row, group, STAGES, NCH, KH, GATE_UP, PDL)),
     ], [1], [PRODUCER_REGS])

@@ -12,7 +12,7 @@ from ..decode.config import GluonDecodeConfig, auto_splits
 from ..host import PRODUCER_REGS, gl_dtype, k_ranges, launch, stage_blocks
 from ..layout import half_chunk
 
-ROWS = 64            # weight rows per program (one warpgroup): gate_up 32 gate + 32 up rows
+ROWS = 64            # weight rows per program (one warpgroup; gate_up: and the same up rows)
 STAGES = 6           # shared-memory ring depth (6.2 KB a stage in fp16 and bf16)
 # one token (the wgmma N of 8), one chunk per stage (a stage then spans one group of 128 or more:
 # one scale row), symmetric weights scaled after the MMA; the down launch is a programmatic dependent
@@ -47,8 +47,8 @@ def refusal(T: int, E: int, I: int, H: int, g_gu: int, g_dn: int, dtype: torch.d
         return "zero points: the kernel takes symmetric experts"
     if any(s != dtype for s in scale_dtypes):
         return f"scales of dtype {scale_dtypes}, not the activations' {dtype}"
-    if I % (ROWS // 2) or H % ROWS:
-        return f"I = {I}, H = {H}: the kernel takes I % {ROWS // 2} == 0 and H % {ROWS} == 0"
+    if I % ROWS or H % ROWS:
+        return f"I = {I}, H = {H}: the kernel takes I % {ROWS} == 0 and H % {ROWS} == 0"
     for name, g, K in (("gate_up", g_gu, H), ("down", g_dn, I)):
         if half_chunk(g) != 64 or stage_blocks(GATE_UP_CONFIG, 64, g)[1] != 1 or K % 8:
             return (f"{name}: group size {g} over K = {K}: the kernel takes groups of 128 or more (one "
@@ -149,9 +149,9 @@ def fused_moe_one_token(x: torch.Tensor, gu_q: torch.Tensor, gu_s: torch.Tensor,
     nsplit = k * ksplit
     part = torch.empty(nsplit * H if nsplit > 1 else 1, dtype=torch.float32, device=dev)
     cnt = tile_counters(dev, H // ROWS)
-    # gate_up: (choice, 32 gate + 32 up rows) programs over all of H
-    c_desc, s_desc = _weight_descriptors(gu_q, gu_s, ROWS // 2, x.dtype)
-    tiles = I // (ROWS // 2)
+    # gate_up: (choice, 64 gate + the same 64 up rows) programs over all of H
+    c_desc, s_desc = _weight_descriptors(gu_q, gu_s, ROWS, x.dtype)
+    tiles = I // ROWS
     n_st = -(-H // 128)
     args = (c_desc, _x_descriptor(x), s_desc, s_desc, h, ids, tw, y, y, 2 * I, I, E, g_gu, n_st, n_st, 1, tiles)
     cfg = GATE_UP_CONFIG
