@@ -1,6 +1,6 @@
 """The Gluon MoE decode kernel's ring depth, timed: one token's expert layer on the ``w4a16 bench
---moe`` presets with 3, 4, 6 and 8 stages for both launches (``backends.gluon.moe.launch``'s
-configs), against the same layer on the Triton kernels, each checked against the reference first.
+--moe`` presets with 3, 4, 6 and 8 stages for both launches, or gate_up:down pairs such as 8:4
+(``backends.gluon.moe.launch``'s configs), against the same layer on the Triton kernels, each checked against the reference first.
 CUDA-graph replay over 8 routings, as ``w4a16 bench --moe`` times it.
 
     PYTHONPATH=src python3 benchmarks/moe_gluon_stages.py [--dtype bf16] [--presets all] [--stages 3,4,6,8]
@@ -21,7 +21,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dtype", default="bf16", choices=("fp16", "bf16"))
     p.add_argument("--presets", default="all")
-    p.add_argument("--stages", default="3,4,6,8")
+    p.add_argument("--stages", default="3,4,6,8", help="ring depths, both launches (8) or gate_up:down (8:4)")
     a = p.parse_args()
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
     presets = tuple(PRESETS) if a.presets == "all" else tuple(a.presets.split(","))
@@ -40,11 +40,12 @@ def main() -> None:
                    torch.softmax(torch.randn(1, k, generator=gen), 1).to(dev)) for _ in range(ROUTINGS)]
         nbytes = k * (gu.nbytes() + dn.nbytes()) / E
         ref = reference.fused_moe(x, gu, dn, *routes[0])
-        runs = [("triton", None)] + [("gluon", int(s)) for s in a.stages.split(",")]
+        runs = [("triton", None)] + [("gluon", s) for s in a.stages.split(",")]
         for backend, stages in runs:
             if stages:
-                launch.GATE_UP_CONFIG = dataclasses.replace(base_gu, stages=stages)
-                launch.DOWN_CONFIG = dataclasses.replace(base_dn, stages=stages)
+                gu_st, dn_st = (stages.split(":") * 2)[:2]
+                launch.GATE_UP_CONFIG = dataclasses.replace(base_gu, stages=int(gu_st))
+                launch.DOWN_CONFIG = dataclasses.replace(base_dn, stages=int(dn_st))
             calls = [lambda r=r, b=backend: fused_moe(x, gu, dn, *r, backend=b) for r in routes]
             err = rel_error(calls[0](), ref)
             if not err <= TOLERANCE[dtype]:

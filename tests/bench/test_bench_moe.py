@@ -37,6 +37,18 @@ def test_the_triton_only_peer_is_timed_when_named(tmp_path):
     assert {r["status"] for r in rows if r["peer"] == "w4a16-gluon"} == {"n/a"}
 
 
+def test_each_points_first_timing_is_a_discarded_warm_up(tmp_path, monkeypatch):
+    from w4a16.bench.timing import FakeTimer
+
+    calls = []
+    real = FakeTimer.measure
+    monkeypatch.setattr(FakeTimer, "measure", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
+    assert main(["bench", "--moe", "qwen3-30b-a3b", "--m", "1,2", "--fake-timer", "--no-progress",
+                 "--peers", "w4a16,w4a16-loop", "--out", str(tmp_path)]) == 0
+    assert len(calls) == 2 * (2 + 1)          # two points, two peers and one warm-up each
+    assert len(list(csv.DictReader(open(tmp_path / "moe.csv")))) == 4
+
+
 def test_a_wrong_peer_is_recorded_and_fails(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(moe, "fused_moe", lambda x, *a: x * 0)
     assert main(["bench", "--moe", "mixtral-8x7b", "--m", "4", "--fake-timer", "--no-progress",

@@ -17,6 +17,9 @@ dtype's tolerance) before it is timed; a wrong result is recorded and not timed.
 
 "of copy" is the int4 bytes (codes and scales, both projections) of the experts a call touches,
 averaged over the routings, over the time, against the copy bandwidth measured in the same run.
+The first peer timed at each (preset, T) is timed twice and the first timing discarded: on an H100
+the first timing after a preset's weights were made ran 10-25% slow on the Mixtral-8x7B and
+DeepSeek-V3 presets, whichever peer came first (BENCHMARKS.md, 2026-12-07).
 """
 from __future__ import annotations
 
@@ -192,6 +195,7 @@ def run_moe(presets, tokens, dtype, group_size, peers, device, fake: bool, seed:
         base = dict(card=header["card"], preset=preset, H=H, I=I, E=E, top_k=k, T=T, dtype=spec.dtype_name(dtype),
                     group_size=g, experts_touched=round(touched, 1), touched_mb=round(nbytes / 2**20, 2))
         torch_us = None
+        timed_any = False
         for name in peers:
             if name == "torch" and built["dense"] is None:   # K-major 16-bit weights, made once per preset
                 built["dense"] = tuple(_dense_k_major(w, dtype) for w in (gu, dn))
@@ -209,6 +213,9 @@ def run_moe(presets, tokens, dtype, group_size, peers, device, fake: bool, seed:
                                         speedup_vs_torch=None, note="not timed: differs from the reference"))
                 continue
             timer = FakeTimer("eager" if eager else "graph") if fake else (EagerTimer() if eager else GraphTimer())
+            if not timed_any:   # the point's first timing is a warm-up, discarded (module docstring)
+                timer.measure(calls, nbytes=nbytes)
+                timed_any = True
             us = timer.measure(calls, nbytes=nbytes, nflops=6.0 * T * k * H * I).median_us
             if name == "torch":
                 torch_us = us

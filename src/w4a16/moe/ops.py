@@ -17,9 +17,10 @@ from .routing import align, check_topk, direct
 from .weights import QuantizedExperts
 
 BACKENDS = ("auto", "triton", "gluon", "reference")
-# Whether "auto" takes the Gluon MoE decode kernel on Hopper: only once its GPU tests
-# (tests/backends/gluon/test_moe_decode_gpu.py) have passed on a card (BENCHMARKS.md says which).
-AUTO_TAKES_GLUON = False
+# Whether "auto" takes the Gluon MoE decode kernel on Hopper: once its GPU tests
+# (tests/backends/gluon/test_moe_decode_gpu.py) have passed on a card (an H100, 2026-12-07:
+# BENCHMARKS.md). Off, "gluon" must be asked for by name.
+AUTO_TAKES_GLUON = True
 
 
 _GLUON_REASONS: dict = {}

@@ -13,11 +13,12 @@ from ..host import PRODUCER_REGS, gl_dtype, k_ranges, launch, stage_blocks
 from ..layout import half_chunk
 
 ROWS = 64            # weight rows per program (one warpgroup; gate_up: and the same up rows)
-STAGES = 6           # shared-memory ring depth (6.2 KB a stage in fp16 and bf16)
 # one token (the wgmma N of 8), one chunk per stage (a stage then spans one group of 128 or more:
-# one scale row), symmetric weights scaled after the MMA; the down launch is a programmatic dependent
-GATE_UP_CONFIG = GluonDecodeConfig(mt=8, warps=ROWS // 16, nch=1, stages=STAGES, ws=True, pdl=False)
-DOWN_CONFIG = GluonDecodeConfig(mt=8, warps=ROWS // 16, nch=1, stages=STAGES, ws=True, pdl=True)
+# one scale row), symmetric weights scaled after the MMA; the down launch is a programmatic
+# dependent. Ring depths from benchmarks/moe_gluon_stages.py on an H100 (bf16, the four presets,
+# BENCHMARKS.md): gate_up 8 stages (10.3 KB each), down 4 (6.2 KB).
+GATE_UP_CONFIG = GluonDecodeConfig(mt=8, warps=ROWS // 16, nch=1, stages=8, ws=True, pdl=False)
+DOWN_CONFIG = GluonDecodeConfig(mt=8, warps=ROWS // 16, nch=1, stages=4, ws=True, pdl=True)
 
 
 class MoeDecodeVariant(NamedTuple):
