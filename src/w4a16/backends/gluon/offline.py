@@ -157,11 +157,10 @@ def compile_moe_decode(gate_up: bool, dtype=torch.float16, group: int = 128, spl
     from .moe.launch import DOWN_CONFIG, GATE_UP_CONFIG, ROWS, box_layouts, moe_constexprs
 
     cfg = GATE_UP_CONFIG if gate_up else DOWN_CONFIG
-    rows = ROWS
     dt = "fp16" if dtype == torch.float16 else "bf16"
     cl, xl, sl = box_layouts(dtype)
-    sig = {"c_desc": f"tensordesc<u8[{rows // 16}, 4, 256],{cl!r}>", "x_desc": f"tensordesc<{dt}[{cfg.mt}, 64],{xl!r}>",
-           "s_desc": f"tensordesc<{dt}[1, {rows}],{sl!r}>", "o_desc": f"tensordesc<{dt}[1, {rows}],{sl!r}>",
+    sig = {"c_desc": f"tensordesc<u8[{ROWS // 16}, 4, 256],{cl!r}>", "x_desc": f"tensordesc<{dt}[{cfg.mt}, 64],{xl!r}>",
+           "s_desc": f"tensordesc<{dt}[1, {ROWS}],{sl!r}>", "o_desc": f"tensordesc<{dt}[1, {ROWS}],{sl!r}>",
            "y_ptr": f"*{dt}", "ids_ptr": "*i64", "tw_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32"}
     sig.update({k: "i32" for k in ("rows_per_expert", "n_out", "num_experts", "group", "n_stages", "stages_per_split",
                                    "ksplit", "tiles")})
@@ -173,4 +172,6 @@ def compile_moe_decode(gate_up: bool, dtype=torch.float16, group: int = 128, spl
 def moe_decode_weights_per_thread(gate_up: bool, group: int = 128) -> int:
     """Weights one consumer thread of the MoE decode kernel dequantizes per stage (64 rows x 128,
     twice for gate_up: the gate and the up rows)."""
-    return (2 if gate_up else 1) * decode_weights_per_thread(GluonDecodeConfig(mt=8, warps=4, nch=1, stages=2), group)
+    from .moe.launch import DOWN_CONFIG
+
+    return (2 if gate_up else 1) * decode_weights_per_thread(DOWN_CONFIG, group)

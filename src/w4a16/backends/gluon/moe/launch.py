@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..decode.config import GluonDecodeConfig, auto_splits
-from ..host import PRODUCER_REGS, gl_dtype, k_ranges, launch, stage_blocks
+from ..host import PRODUCER_REGS, gl_dtype, k_ranges, launch, smem_layouts, stage_blocks
 from ..layout import half_chunk
 
 ROWS = 64            # weight rows per program (one warpgroup; gate_up: and the same up rows)
@@ -59,15 +59,11 @@ def refusal(T: int, E: int, I: int, H: int, g_gu: int, g_dn: int, dtype: torch.d
     return None
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=8)
 def box_layouts(dtype: torch.dtype):
-    """(codes, x, scales) shared layouts of the kernel's boxes."""
-    from triton.experimental.gluon import language as gl
-
-    cl = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=3)
-    xl = gl.NVMMASharedLayout.get_default_for([GATE_UP_CONFIG.mt, 64], gl_dtype(dtype))
-    sl = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
-    return cl, xl, sl
+    """(codes, x, scales) shared layouts of the kernel's boxes: the decode kernel's
+    (``host.smem_layouts``) for one token's tile and 64-value half chunks."""
+    return smem_layouts(GATE_UP_CONFIG, 64, dtype)
 
 
 _DESCRIPTORS: dict = {}
