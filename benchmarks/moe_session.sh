@@ -9,7 +9,8 @@
 #   final                                  # the MoE tests, w4a16 bench --moe all, the per-kernel
 #                                          # profile (benchmarks/moe_profile.py), then the model phase
 #   sanitize                               # compute-sanitizer (memcheck, racecheck, synccheck,
-#                                          # initcheck) on 24 small random layers (w4a16 fuzz --moe)
+#                                          # initcheck) on 24 small random layers (w4a16 fuzz --moe);
+#                                          # KERNEL=gluon: on the Gluon decode kernel's GPU tests instead
 #   tiles                                  # the MoE tests, a short fuzz, then every PackedTile of the
 #                                          # grouped kernel timed per projection (benchmarks/moe_tiles.py)
 #   verify                                 # the MoE tests, a short fuzz, the presets at T = 1 and 16
@@ -100,8 +101,12 @@ gluon)
 sanitize)
     pids=()
     for tool in memcheck racecheck synccheck initcheck; do
-        timeout "$LIMIT" compute-sanitizer --tool "$tool" --error-exitcode 9 \
-            $PY -m w4a16 fuzz --moe --cases "${SAN_CASES:-24}" --backend triton > "$OUT/sanitize_$tool.txt" 2>&1 &
+        if [ "${KERNEL:-triton}" = gluon ]; then   # one token's layer: model-sized and ragged shapes, k splits
+            run=($PY -m pytest -q -p no:cacheprovider tests/backends/gluon/test_moe_decode_gpu.py -k "reference or another")
+        else
+            run=($PY -m w4a16 fuzz --moe --cases "${SAN_CASES:-24}" --backend triton)
+        fi
+        timeout "$LIMIT" compute-sanitizer --tool "$tool" --error-exitcode 9 "${run[@]}" > "$OUT/sanitize_$tool.txt" 2>&1 &
         pids+=($!)
     done
     status=0

@@ -53,8 +53,27 @@ def test_down_splits_k_only_where_the_grid_is_small():
     assert down_splits(4096, 1536, 8, cpu) == (6, 2)
 
 
+def test_gate_up_splits_k_only_where_its_grid_is_small(monkeypatch):
+    """The gate_up launch's rule on 132 SMs, two programs resident per SM (two rings of 8 stages):
+    Qwen3-30B-A3B's 96 tiles of 16 stages split K in two (one wave of 192 programs); the bigger
+    layers not; ``GATE_UP_SPLITS`` overrides the rule, never past one stage per range."""
+    from w4a16.backends.gluon.moe import launch
+
+    cpu = torch.device("cpu")
+    assert launch.gate_up_resident() == 2
+    monkeypatch.setattr(launch, "GATE_UP_SPLITS", None)
+    assert launch.gate_up_splits(2048, 768, 8, cpu) == (8, 2)
+    assert launch.gate_up_splits(4096, 1536, 8, cpu) == (32, 1) and launch.gate_up_splits(7168, 2048, 8, cpu) == (56, 1)
+    assert launch.gate_up_splits(4096, 14336, 2, cpu) == (32, 1)
+    monkeypatch.setattr(launch, "GATE_UP_SPLITS", 3)
+    assert launch.gate_up_splits(4096, 14336, 2, cpu) == (11, 3)
+    monkeypatch.setattr(launch, "GATE_UP_SPLITS", 16)
+    assert launch.gate_up_splits(640, 256, 2, cpu) == (1, 5)
+
+
 def test_sass_compiles_both_launches():
     from w4a16.sass.shipped import shipped_cases
 
     labels = {(c.config.short(), c.dtype) for c in shipped_cases(kernels=("gluon-moe",))}
-    assert {("moe-gate_up", "bf16"), ("moe-down split", "fp16"), ("moe-down", "bf16")} <= labels
+    assert {("moe-gate_up", "bf16"), ("moe-gate_up split", "fp16"), ("moe-down split", "fp16"),
+            ("moe-down", "bf16")} <= labels

@@ -8,7 +8,7 @@ size, symmetric and with zero points (fp16). The grouped MoE kernel ("triton-moe
 heuristic picks for each block size and projection (the one-token variant too), fp16 and bf16,
 symmetric group 128, and its decode gate_up tile over every group size with and without zeros;
 the same for the packed grouped kernel (layout 2), over each tile its rule can pick. The Gluon MoE
-decode kernel ("gluon-moe"): its gate_up and down launches (down with and without the split sum),
+decode kernel ("gluon-moe"): its gate_up and down launches, each with and without the split sum,
 fp16 and bf16, group 128, and group 256 and per channel in fp16.
 The GEMM epilogues (``w4a16.epilogue``: SiLU(gate) * up, the residual) on the decode heuristic's
 picks for the preset layers at M = 1 and 16 (fp16, bf16) and the Triton kernel's named configs
@@ -169,10 +169,10 @@ def gluon_moe_cases(dtypes: Iterable[str]) -> List[KernelCase]:
     """The Gluon MoE decode kernel's variants (see the module docstring)."""
     from ..backends.gluon.moe.launch import MoeDecodeVariant
 
-    variants = [MoeDecodeVariant(True), MoeDecodeVariant(False, 1), MoeDecodeVariant(False, 0)]
+    variants = [MoeDecodeVariant(gate_up, split) for gate_up in (True, False) for split in (0, 1)]
     out = [KernelCase("gluon-moe", v, dt) for v in variants for dt in dtypes]
-    if "fp16" in dtypes:
-        out += [KernelCase("gluon-moe", v, "fp16", g) for v in variants[:2] for g in (256, -1)]
+    if "fp16" in dtypes:   # group sizes: each launch in the form it takes on the presets
+        out += [KernelCase("gluon-moe", v, "fp16", g) for v in (variants[0], variants[3]) for g in (256, -1)]
     return out
 
 

@@ -67,6 +67,27 @@ def test_one_token_matches_the_reference(gen, dtype, E, I, H, k, g):
 
 
 @needs_gluon
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("E,I,H,k,g,splits", [(16, 768, 2048, 8, 128, 2), (16, 768, 2048, 8, 128, 16),
+                                              (6, 1024, 384, 3, 128, 3), (4, 256, 640, 2, -1, 2)])
+def test_gate_up_over_k_ranges_matches_the_reference(gen, monkeypatch, dtype, E, I, H, k, g, splits):
+    """The gate_up launch with its K split (the last program of a tile sums the gate and up
+    partials in order): right, and bitwise the same on a second call (the counters were reset)."""
+    from w4a16.backends.gluon.moe import launch
+
+    monkeypatch.setattr(launch, "GATE_UP_SPLITS", splits)
+    assert launch.gate_up_splits(H, I, k, DEVICE)[1] == min(splits, -(-H // 128))
+    gu, dn = _layer(gen, E, I, H, g, dtype)
+    x = torch.randn(1, H, generator=gen).to(DEVICE, dtype)
+    ids, w = _route(gen, k, E)
+    ids[0, -1] = E                                      # a choice of another rank: zero partials, still counted
+    y = torch.full((1, H), float("nan"), dtype=dtype, device=DEVICE)
+    _gluon(x, gu, dn, ids, w, out=y)
+    _check(y, reference.fused_moe(x, gu, dn, ids, w), dtype)
+    assert torch.equal(y, _gluon(x, gu, dn, ids, w))
+
+
+@needs_gluon
 def test_a_choice_another_rank_owns_contributes_nothing(gen):
     dtype, E, I, H = torch.bfloat16, 8, 128, 256
     gu, dn = _layer(gen, E, I, H, 128, dtype)

@@ -82,15 +82,16 @@ class LaunchState:
 STATE = LaunchState()
 
 
-def launch(kernel, grid: tuple, args: tuple, cx: dict, cfg, static: tuple) -> None:
+def launch(kernel, grid: tuple, args: tuple, cx: dict, cfg, static: tuple, n_desc: int = 4) -> None:
     """``kernel[grid](*args, **cx)``, but once a specialization is compiled, launched directly
     through its compiled launcher (Gluon's generic launch binds every argument in Python on each
     call). ``static``: what the compiled kernel depends on beyond the constexprs and the plain
-    arguments' specialization (the config, layout, device last)."""
+    arguments' specialization (the config, layout, device last); ``n_desc``: the leading TMA
+    descriptors in ``args`` (their blocks and layouts are in ``static``, not keyed one by one)."""
     from ..triton.fast_launch import arg_key
     from ..triton_compat import COMPILE_OPTIONS, hooks_active
 
-    key = (static, tuple(cx.values()), tuple(arg_key(a) for a in args[4:]))
+    key = (static, tuple(cx.values()), tuple(arg_key(a) for a in args[n_desc:]))
     compiled = STATE.kernels.get(key) if STATE.direct and not hooks_active() else None
     if compiled is not None and static[-1] == torch._C._cuda_getDevice():
         stream = torch._C._cuda_getCurrentRawStream(static[-1])

@@ -152,7 +152,7 @@ def compile_moe_decode(gate_up: bool, dtype=torch.float16, group: int = 128, spl
                        attrs: Optional[dict] = None):
     """The mixture-of-experts decode kernel (``moe/kernel.py``) compiled for sm_90a: its gate_up
     launch (``gate_up``) or its down launch (``split``: 1 the partials summed in split order, 0 one
-    K range and one choice)."""
+    K range, and for down one choice)."""
     from .moe.kernel import w4a16_moe_decode_kernel
     from .moe.launch import DOWN_CONFIG, GATE_UP_CONFIG, ROWS, box_layouts, moe_constexprs
 
@@ -160,11 +160,11 @@ def compile_moe_decode(gate_up: bool, dtype=torch.float16, group: int = 128, spl
     dt = "fp16" if dtype == torch.float16 else "bf16"
     cl, xl, sl = box_layouts(dtype)
     sig = {"c_desc": f"tensordesc<u8[{ROWS // 16}, 4, 256],{cl!r}>", "x_desc": f"tensordesc<{dt}[{cfg.mt}, 64],{xl!r}>",
-           "s_desc": f"tensordesc<{dt}[1, {ROWS}],{sl!r}>", "o_desc": f"tensordesc<{dt}[1, {ROWS}],{sl!r}>",
+           "s_desc": f"tensordesc<{dt}[1, {ROWS}],{sl!r}>",
            "y_ptr": f"*{dt}", "ids_ptr": "*i64", "tw_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32"}
     sig.update({k: "i32" for k in ("rows_per_expert", "n_out", "num_experts", "group", "n_stages", "stages_per_split",
                                    "ksplit", "tiles")})
-    cx = moe_constexprs(cfg, group, dtype, gate_up, 0 if gate_up else split)
+    cx = moe_constexprs(cfg, group, dtype, gate_up, split)
     sig.update({k: "constexpr" for k in cx})
     return compile_gluon(w4a16_moe_decode_kernel, sig, cx, cfg.warps, cfg.regs, launch_pdl=cfg.pdl, attrs=attrs)
 

@@ -14,10 +14,12 @@ result goes. Token x [1, H], the router's ids [k] and weights [k]; pair j is the
 choice, expert e_j = ids[j] (an id outside [0, E) reads nothing and contributes zero):
 
 - GATE_UP: gate_up weight [E * 2I, H] (gate rows, then up rows, per expert). Program
-  (j, t) of the grid (k * I / BN, 1) computes gate rows t * BN .. and the same up rows of expert
-  e_j (a ring for each, filled by the same loads' barrier: two accumulators of one layout) and
-  writes h[j, t * BN + i] = SiLU(gate) * up (each rounded to the activation dtype first, as the
-  unfused layer stores them) into h [k, I].
+  (j * I / BN + t, s) of the grid (k * I / BN, KSPLIT) computes gate rows t * BN .. and the same
+  up rows of expert e_j over the s-th K range (a ring for each, filled by the same loads' barrier:
+  two accumulators of one layout) and writes h[j, t * BN + i] = SiLU(gate) * up (each rounded to
+  the activation dtype first, as the unfused layer stores them) into h [k, I]; with KSPLIT > 1
+  (SPLIT 1) the last of a tile's programs to arrive sums the gate and up partials in split order
+  first (``_split_silu_mul_store``: deterministic), so a small layer's grid can fill the GPU.
 - DOWN: down weight [E * H, I]. Program (n, j * KSPLIT + s) of the grid (H / BN, k * KSPLIT)
   computes rows n * BN .. of expert e_j over the s-th K range, from x row j (h [k, I]), times the
   routing weight w_j; the k * KSPLIT partial tiles of an output tile are summed in split order by
@@ -35,6 +37,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from ...triton_compat import tma_load
+from ...triton_compat import barrier
 from ..common import epilogue, gdc_launch_dependents, gdc_wait
 from ..decode.pipeline import consume_stage
 
@@ -104,13 +107,42 @@ def _silu_mul_store(acc, acc_u, h_ptr, col0, acc_l: gl.constexpr, BN: gl.constex
 
 
 @gluon.jit
+def _split_silu_mul_store(acc, acc_u, h_ptr, part_ptr, cnt_ptr, col0, pid_k, nsplit, acc_l: gl.constexpr,
+                          BN: gl.constexpr, MT: gl.constexpr, DTYPE: gl.constexpr):
+    """This K range's gate and up partials (the token's column of the tiles [BN, MT]) into
+    part [nsplit, units, 2, BN] fp32 at unit = program_id(0); the tile's counter (``cnt_ptr +
+    unit``) counts arrivals, and the last of ``nsplit`` sums both in split order, resets the
+    counter and stores SiLU(gate) * up (``_silu_mul_store``)."""
+    unit = gl.program_id(0)
+    n_units = gl.num_programs(0)
+    rows = gl.arange(0, BN, layout=gl.SliceLayout(1, acc_l))
+    cols = gl.arange(0, MT, layout=gl.SliceLayout(0, acc_l))
+    offs = gl.expand_dims(rows, 1) + gl.expand_dims(cols, 0) * 0
+    mask = gl.expand_dims(cols == 0, 0) & gl.expand_dims(rows >= 0, 1)
+    mine = part_ptr + (pid_k * n_units + unit) * (2 * BN)
+    gl.store(mine + offs, acc, mask=mask)
+    gl.store(mine + BN + offs, acc_u, mask=mask)
+    barrier()
+    arrived = gl.atomic_add(cnt_ptr + unit, 1, sem="acq_rel", scope="gpu")
+    if arrived == nsplit - 1:
+        gate = gl.zeros([BN, MT], gl.float32, acc_l)
+        up = gl.zeros([BN, MT], gl.float32, acc_l)
+        for s in range(0, nsplit):
+            theirs = part_ptr + (s * n_units + unit) * (2 * BN)
+            gate += gl.load(theirs + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            up += gl.load(theirs + BN + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        gl.atomic_xchg(cnt_ptr + unit, 0, sem="relaxed", scope="gpu")
+        _silu_mul_store(gate, up, h_ptr, col0, acc_l, BN, MT, DTYPE)
+
+
+@gluon.jit
 def _consumer(n_it, c_ring, c_up, x_ring, s_ring, s_up, bars, empty, y_ptr, part_ptr, cnt_ptr, n_out, col0, wj,
               pid_k, nsplit, acc_l: gl.constexpr, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr,
               MT: gl.constexpr, STAGES: gl.constexpr, GDIV: gl.constexpr, DTYPE: gl.constexpr, SA: gl.constexpr,
               GATE_UP: gl.constexpr, SPLIT: gl.constexpr, PDL: gl.constexpr):
     """Default partition: dequant + wgmma of every stage (the gate and up rings with GATE_UP),
-    handing each slot back, then the epilogue: GATE_UP SiLU(gate) * up into h; else w_j times the
-    tile into the split sum of y."""
+    handing each slot back, then the epilogue: GATE_UP SiLU(gate) * up into h (SPLIT 1: after the
+    split sum of both); else w_j times the tile into the split sum of y."""
     if PDL:
         gdc_wait()
     acc = gl.zeros([16 * W, MT], gl.float32, acc_l)
@@ -123,7 +155,10 @@ def _consumer(n_it, c_ring, c_up, x_ring, s_ring, s_up, bars, empty, y_ptr, part
                                   DTYPE, SA, 2)
         mbarrier.arrive(empty.index(it % STAGES), count=1)
     if GATE_UP:
-        _silu_mul_store(acc, acc_u, y_ptr, col0, acc_l, 16 * W, MT, DTYPE)
+        if SPLIT == 1:
+            _split_silu_mul_store(acc, acc_u, y_ptr, part_ptr, cnt_ptr, col0, pid_k, nsplit, acc_l, 16 * W, MT, DTYPE)
+        else:
+            _silu_mul_store(acc, acc_u, y_ptr, col0, acc_l, 16 * W, MT, DTYPE)
     else:
         epilogue(acc * wj, y_ptr, y_ptr, part_ptr, cnt_ptr, 1, n_out, 1.0, col0, pid_k, nsplit, acc_l, 16 * W, MT,
                  SPLIT, False, DTYPE)
@@ -131,7 +166,7 @@ def _consumer(n_it, c_ring, c_up, x_ring, s_ring, s_up, bars, empty, y_ptr, part
 
 @gluon.jit
 def w4a16_moe_decode_kernel(
-    c_desc, x_desc, s_desc, o_desc, y_ptr, ids_ptr, tw_ptr, part_ptr, cnt_ptr,
+    c_desc, x_desc, s_desc, y_ptr, ids_ptr, tw_ptr, part_ptr, cnt_ptr,
     rows_per_expert, n_out, num_experts, group, n_stages, stages_per_split, ksplit, tiles,
     MT: gl.constexpr, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr, STAGES: gl.constexpr,
     GDIV: gl.constexpr, DTYPE: gl.constexpr, SA: gl.constexpr, GATE_UP: gl.constexpr, SPLIT: gl.constexpr,
@@ -139,9 +174,10 @@ def w4a16_moe_decode_kernel(
 ):
     """See the module docstring. c_desc: codes [E * R / 16, K_pad / 32, 256] in boxes of W row
     blocks; s_desc: scales [G, E * R] in boxes [1, BN] (one scale row per stage); x_desc: x [1, H]
-    (GATE_UP) or h [k, I], boxes [MT, KH]; o_desc is unused (symmetric weights). y_ptr: h [k, I]
-    (GATE_UP) or y [1, H]; part_ptr: fp32 partials [k * ksplit, H] (SPLIT 1); cnt_ptr: a zeroed
-    int32 counter per output tile. rows_per_expert: R; n_out: I (GATE_UP) or H; tiles: I / BN
+    (GATE_UP) or h [k, I], boxes [MT, KH] (symmetric weights: no offsets). y_ptr: h [k, I]
+    (GATE_UP) or y [1, H]; part_ptr: fp32 partials (SPLIT 1), [ksplit, k * I / BN, 2, BN]
+    (GATE_UP) or [k * ksplit, H]; cnt_ptr: a zeroed int32 counter per output tile. n_stages: the
+    K stages of 128 values; stages_per_split: those of a K range. rows_per_expert: R; n_out: I (GATE_UP) or H; tiles: I / BN
     (GATE_UP)."""
     BN: gl.constexpr = 16 * W
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, MT, 16])
@@ -155,8 +191,8 @@ def w4a16_moe_decode_kernel(
         row_a = e * rows_per_expert + col0
         row_b = row_a + rows_per_expert // 2
         x_row = 0
-        st0 = 0
-        n_it = n_stages
+        st0 = pid_k * stages_per_split
+        n_it = gl.minimum(stages_per_split, n_stages - st0)
         y_out = y_ptr + j * n_out
         wj = 1.0
     else:

@@ -19,17 +19,21 @@ ROWS = 64            # weight rows per program (one warpgroup; gate_up: and the 
 # BENCHMARKS.md): gate_up 8 stages (10.3 KB each), down 4 (6.2 KB).
 GATE_UP_CONFIG = GluonDecodeConfig(mt=8, warps=ROWS // 16, nch=1, stages=8, ws=True, pdl=False)
 DOWN_CONFIG = GluonDecodeConfig(mt=8, warps=ROWS // 16, nch=1, stages=4, ws=True, pdl=True)
+# K ranges of the gate_up launch: 1 (one range); None lets ``gate_up_splits``'s rule choose (it
+# splits Qwen3-30B-A3B's small layer in two); benchmarks/moe_gluon_stages.py times both
+GATE_UP_SPLITS: Optional[int] = 1
 
 
 class MoeDecodeVariant(NamedTuple):
-    """A compile-time variant of the kernel as ``w4a16 sass`` names it: the gate_up launch, or the
-    down launch with its partials summed in split order (split 1) or one K range and one choice."""
+    """A compile-time variant of the kernel as ``w4a16 sass`` names it: the gate_up or the down
+    launch, with its partials summed in split order (split 1) or one K range (and for down one
+    choice)."""
 
     gate_up: bool
     split: int = 1
 
     def short(self) -> str:
-        return "moe-gate_up" if self.gate_up else f"moe-down{' split' if self.split else ''}"
+        return f"moe-{'gate_up' if self.gate_up else 'down'}{' split' if self.split else ''}"
 
 
 def refusal(T: int, E: int, I: int, H: int, g_gu: int, g_dn: int, dtype: torch.dtype, layouts: tuple,
@@ -118,6 +122,29 @@ def down_splits(H: int, I: int, top_k: int, device: torch.device) -> tuple:
     return k_ranges(n_stages, splits)
 
 
+def gate_up_resident(cfg: GluonDecodeConfig = None) -> int:
+    """gate_up programs per SM by shared memory: two rings of codes and scales (gate, up) and one
+    of x per stage, 1 KB reserved per program and 1 KB of barriers and slack (228 KB per SM)."""
+    cfg = cfg or GATE_UP_CONFIG
+    stage = 2 * (ROWS * 128 // 2 + ROWS * 2) + cfg.mt * 128 * 2
+    return max(1, (228 * 1024) // (cfg.stages * stage + 2048))
+
+
+def gate_up_splits(H: int, I: int, top_k: int, device: torch.device) -> tuple:
+    """(stages per K range, K ranges) of the gate_up launch: ``GATE_UP_SPLITS`` if set, else as
+    many ranges (of 2 stages or more) as keep its top_k * I / 64 tiles within one wave of resident
+    programs: a small layer such as Qwen3-30B-A3B's (96 tiles of 16 stages) splits K in two, a
+    grid of a wave or more stays whole (no partial sums)."""
+    from ...device import sms_of
+
+    n_stages = -(-H // 128)
+    splits = GATE_UP_SPLITS
+    if splits is None:
+        slots = sms_of(device) * gate_up_resident()
+        splits = max(1, min(slots // (I // ROWS * top_k), n_stages // 2))
+    return k_ranges(n_stages, splits)
+
+
 def fused_moe_one_token(x: torch.Tensor, gu_q: torch.Tensor, gu_s: torch.Tensor, dn_q: torch.Tensor,
                         dn_s: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, E: int, I: int,
                         H: int, g_gu: int, g_dn: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -141,24 +168,28 @@ def fused_moe_one_token(x: torch.Tensor, gu_q: torch.Tensor, gu_s: torch.Tensor,
     from ...workspace import tile_counters
     from .kernel import w4a16_moe_decode_kernel as kernel
 
-    # down's K ranges and workspace first: no kernel (a first counters' fill) between the two launches
+    # both launches' K ranges and workspaces first: no kernel (a first counters' fill) between them;
+    # down's tile counters first, then gate_up's (its programs may still run while down's start)
     sps, ksplit = down_splits(H, I, k, dev)
     nsplit = k * ksplit
     part = torch.empty(nsplit * H if nsplit > 1 else 1, dtype=torch.float32, device=dev)
-    cnt = tile_counters(dev, H // ROWS)
-    # gate_up: (choice, 64 gate + the same 64 up rows) programs over all of H
-    c_desc, s_desc = _weight_descriptors(gu_q, gu_s, ROWS, x.dtype)
     tiles = I // ROWS
+    gu_sps, gu_split = gate_up_splits(H, I, k, dev)
+    part_gu = torch.empty(gu_split * k * tiles * 2 * ROWS if gu_split > 1 else 1, dtype=torch.float32, device=dev)
+    cnt = tile_counters(dev, H // ROWS + k * tiles)
+    # gate_up: (choice, 64 gate + the same 64 up rows) programs over all of H, or over its K ranges
+    c_desc, s_desc = _weight_descriptors(gu_q, gu_s, ROWS, x.dtype)
     n_st = -(-H // 128)
-    args = (c_desc, _x_descriptor(x), s_desc, s_desc, h, ids, tw, y, y, 2 * I, I, E, g_gu, n_st, n_st, 1, tiles)
+    args = (c_desc, _x_descriptor(x), s_desc, h, ids, tw, part_gu, cnt[H // ROWS:], 2 * I, I, E, g_gu, n_st,
+            gu_sps, gu_split, tiles)
     cfg = GATE_UP_CONFIG
-    launch(kernel, (k * tiles, 1), args, moe_constexprs(cfg, g_gu, x.dtype, True, 0), cfg,
-           (cfg, "moe", True, gu_q.shape[1], index_of(dev)))
+    launch(kernel, (k * tiles, gu_split), args, moe_constexprs(cfg, g_gu, x.dtype, True, 1 if gu_split > 1 else 0),
+           cfg, (cfg, "moe", True, gu_q.shape[1], index_of(dev)), n_desc=3)
     # down: (64-row tile, choice x K range) programs; a tile's partials summed in order by the last
     n_st = -(-I // 128)
     c_desc, s_desc = _weight_descriptors(dn_q, dn_s, ROWS, x.dtype)
-    args = (c_desc, _x_descriptor(h), s_desc, s_desc, y, ids, tw, part, cnt, H, H, E, g_dn, n_st, sps, ksplit, 0)
+    args = (c_desc, _x_descriptor(h), s_desc, y, ids, tw, part, cnt, H, H, E, g_dn, n_st, sps, ksplit, 0)
     cfg = DOWN_CONFIG
     launch(kernel, (H // ROWS, nsplit), args, moe_constexprs(cfg, g_dn, x.dtype, False, 1 if nsplit > 1 else 0), cfg,
-           (cfg, "moe", False, dn_q.shape[1], index_of(dev)))
+           (cfg, "moe", False, dn_q.shape[1], index_of(dev)), n_desc=3)
     return y
