@@ -19,9 +19,10 @@ ROWS = 64            # weight rows per program (one warpgroup; gate_up: and the 
 # BENCHMARKS.md): gate_up 8 stages (10.3 KB each), down 4 (6.2 KB).
 GATE_UP_CONFIG = GluonDecodeConfig(mt=8, warps=ROWS // 16, nch=1, stages=8, ws=True, pdl=False)
 DOWN_CONFIG = GluonDecodeConfig(mt=8, warps=ROWS // 16, nch=1, stages=4, ws=True, pdl=True)
-# K ranges of the gate_up launch: 1 (one range); None lets ``gate_up_splits``'s rule choose (it
-# splits Qwen3-30B-A3B's small layer in two); benchmarks/moe_gluon_stages.py times both
-GATE_UP_SPLITS: Optional[int] = 1
+# K ranges of the gate_up launch: None lets ``gate_up_splits``'s rule choose (it splits only
+# Qwen3-30B-A3B's small layer, in two: 16.1 -> 15.6 us on an H100; 2 ranges cost the bigger
+# presets 6-8%, BENCHMARKS.md); benchmarks/moe_gluon_stages.py sets a number to time it
+GATE_UP_SPLITS: Optional[int] = None
 
 
 class MoeDecodeVariant(NamedTuple):
