@@ -171,7 +171,7 @@ def gluon_moe_cases(dtypes: Iterable[str]) -> List[KernelCase]:
 
     variants = [MoeDecodeVariant(gate_up, split) for gate_up in (True, False) for split in (0, 1)]
     out = [KernelCase("gluon-moe", v, dt) for v in variants for dt in dtypes]
-    if "fp16" in dtypes:   # group sizes: each launch in the form it takes on the presets
+    if "fp16" in dtypes:   # group sizes: the gate_up launch whole, the down launch with its split sum
         out += [KernelCase("gluon-moe", v, "fp16", g) for v in (variants[0], variants[3]) for g in (256, -1)]
     return out
 

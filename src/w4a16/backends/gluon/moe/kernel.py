@@ -36,8 +36,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from ...triton_compat import tma_load
-from ...triton_compat import barrier
+from ...triton_compat import barrier, tma_load
 from ..common import epilogue, gdc_launch_dependents, gdc_wait
 from ..decode.pipeline import consume_stage
 
@@ -177,8 +176,8 @@ def w4a16_moe_decode_kernel(
     (GATE_UP) or h [k, I], boxes [MT, KH] (symmetric weights: no offsets). y_ptr: h [k, I]
     (GATE_UP) or y [1, H]; part_ptr: fp32 partials (SPLIT 1), [ksplit, k * I / BN, 2, BN]
     (GATE_UP) or [k * ksplit, H]; cnt_ptr: a zeroed int32 counter per output tile. n_stages: the
-    K stages of 128 values; stages_per_split: those of a K range. rows_per_expert: R; n_out: I (GATE_UP) or H; tiles: I / BN
-    (GATE_UP)."""
+    K stages of 128 values; stages_per_split: those of a K range; rows_per_expert: R; n_out: I
+    (GATE_UP) or H; tiles: I / BN (GATE_UP)."""
     BN: gl.constexpr = 16 * W
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, MT, 16])
     KS: gl.constexpr = NCH * 2 * KH

@@ -123,7 +123,7 @@ def down_splits(H: int, I: int, top_k: int, device: torch.device) -> tuple:
     return k_ranges(n_stages, splits)
 
 
-def gate_up_resident(cfg: GluonDecodeConfig = None) -> int:
+def gate_up_resident(cfg: Optional[GluonDecodeConfig] = None) -> int:
     """gate_up programs per SM by shared memory: two rings of codes and scales (gate, up) and one
     of x per stage, 1 KB reserved per program and 1 KB of barriers and slack (228 KB per SM)."""
     cfg = cfg or GATE_UP_CONFIG
