@@ -23,7 +23,8 @@
 #                                          # SWEEP=0 skips them)
 #   prefill                                # the MoE tests, the presets at T = 256, 4096, 16384 one
 #                                          # preset at a time, and the Triton backend's prefill tiles
-#                                          # on the Llama-3 layers against cuBLAS (w4a16 bench)
+#                                          # on the Llama-3 layers against cuBLAS (w4a16 bench;
+#                                          # DENSE=0 skips them)
 #
 # Logs and tables under $OUT (default /tmp/moe_session). DTYPE (default bf16), T_LIMIT (seconds
 # for the phase, default 540).
@@ -80,13 +81,15 @@ prefill)
     timeout -s INT -k 10 80 $PY -m pytest -q -p no:cacheprovider -n 8 tests/moe > "$OUT/tests.txt" 2>&1
     tail -n 1 "$OUT/tests.txt"
     for p in mixtral-8x7b qwen3-30b-a3b qwen3-235b-a22b deepseek-v3; do
-        timeout 80 $PY -m w4a16 bench --moe "$p" --m 256,4096,16384 --dtype "${DTYPE:-bf16}" --peers w4a16,torch \
+        timeout 120 $PY -m w4a16 bench --moe "$p" --m 256,4096,16384 --dtype "${DTYPE:-bf16}" --peers w4a16,torch \
             --no-progress --out "$OUT/prefill_$p" > "$OUT/prefill_$p.txt" 2>&1
         grep -E "^\| .* \| (w4a16|torch)" "$OUT/prefill_$p.txt"
     done
-    timeout 120 $PY -m w4a16 bench --m 256,1024,4096 --peers w4a16-triton,cublas-fp16 --no-progress \
-        --out "$OUT/dense_triton" > "$OUT/dense_triton.txt" 2>&1
-    tail -n 30 "$OUT/dense_triton.txt" ;;
+    if [ "${DENSE:-1}" = 1 ]; then
+        timeout 120 $PY -m w4a16 bench --m 256,1024,4096 --peers w4a16-triton,cublas-fp16 --no-progress \
+            --out "$OUT/dense_triton" > "$OUT/dense_triton.txt" 2>&1
+        tail -n 30 "$OUT/dense_triton.txt"
+    fi ;;
 gluon)
     timeout -s INT -k 10 150 $PY -m pytest -q -p no:cacheprovider -x tests/backends/gluon/test_moe_decode_gpu.py \
         tests/moe/test_moe_gluon_rule.py > "$OUT/tests.txt" 2>&1

@@ -49,6 +49,34 @@ def test_each_points_first_timing_is_a_discarded_warm_up(tmp_path, monkeypatch):
     assert len(list(csv.DictReader(open(tmp_path / "moe.csv")))) == 4
 
 
+def test_a_peer_that_cannot_be_timed_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
+    """A timing that raises (a peer a CUDA graph cannot capture, say) gives an n/a row with the reason;
+    the peers after it are timed."""
+    from w4a16.bench.timing import FakeTimer
+
+    real = FakeTimer.measure
+
+    def measure(self, calls, *a, **kw):
+        if self.name == "eager":                  # the loop peers
+            raise RuntimeError("Cannot copy between CPU and CUDA tensors during CUDA graph capture")
+        return real(self, calls, *a, **kw)
+
+    monkeypatch.setattr(FakeTimer, "measure", measure)
+    assert main(["bench", "--moe", "qwen3-30b-a3b", "--m", "2", "--fake-timer", "--no-progress",
+                 "--peers", "torch,w4a16", "--out", str(tmp_path)]) == 0
+    rows = {r["peer"]: r for r in csv.DictReader(open(tmp_path / "moe.csv"))}
+    assert rows["torch-loop"]["status"] == "n/a" and "CUDA graph capture" in rows["torch-loop"]["note"]
+    assert rows["w4a16"]["status"] == "ok" and float(rows["w4a16"]["median_us"]) > 0
+
+
+def test_torch_grouped_mm_is_graph_timed_only_where_its_fast_kernel_runs():
+    import torch
+    assert moe.grouped_mm_capturable(torch.bfloat16, (9, 0))
+    assert moe.grouped_mm_capturable(torch.bfloat16, (10, 0))
+    assert not moe.grouped_mm_capturable(torch.float16, (9, 0))      # offsets copied to the host
+    assert not moe.grouped_mm_capturable(torch.bfloat16, (8, 0))
+
+
 def test_a_wrong_peer_is_recorded_and_fails(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(moe, "fused_moe", lambda x, *a: x * 0)
     assert main(["bench", "--moe", "mixtral-8x7b", "--m", "4", "--fake-timer", "--no-progress",

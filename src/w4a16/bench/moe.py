@@ -11,8 +11,10 @@ dtype's tolerance) before it is timed; a wrong result is recorded and not timed.
     w4a16-triton  the same with backend "triton" (the Triton kernels only)
     w4a16-gluon   the same with backend "gluon" (on Hopper: one token on the Gluon MoE decode kernel)
     torch         the 16-bit layer on the dequantized weights: torch._grouped_mm over the slots
-                  sorted by expert where this torch has it ("torch-grouped_mm"), else a loop over the
-                  experts (host syncs: eager timing, "torch-loop")
+                  sorted by expert where this torch has it ("torch-grouped_mm"; its fast kernel
+                  takes bf16 on sm90 and sm100, other dtypes and cards fall back to a loop that
+                  copies the offsets to the host: eager timing, "torch-grouped_mm-fallback"), else
+                  a loop over the experts (host syncs: eager timing, "torch-loop")
     w4a16-loop    w4a16.gemm per touched expert (the naive use of the dense op; eager timing)
 
 "of copy" is the int4 bytes (codes and scales, both projections) of the experts a call touches,
@@ -127,6 +129,13 @@ def loop_layer(x, ids, tw, gate_up, down, linear: Callable) -> torch.Tensor:
     return out.to(x.dtype)
 
 
+def grouped_mm_capturable(dtype: torch.dtype, capability: tuple) -> bool:
+    """Whether torch._grouped_mm runs its fast kernel, which a CUDA graph can capture: bf16 on
+    sm90 or sm100 (torch 2.9 to 2.11); otherwise it loops over the groups after copying the offsets
+    to the host."""
+    return dtype == torch.bfloat16 and capability[0] in (9, 10)
+
+
 def _peer_calls(name, x, gu, dn, dense, routes):
     """(calls, eager?, label) for peer ``name``: one call per routing."""
     if name == "w4a16":
@@ -136,7 +145,9 @@ def _peer_calls(name, x, gu, dn, dense, routes):
         return [lambda r=r: fused_moe(x, gu, dn, *r, backend=backend) for r in routes], False, name
     if name == "torch":
         if hasattr(torch, "_grouped_mm") and x.is_cuda:
-            return [lambda r=r: torch_layer(x, dense[0], dense[1], *r) for r in routes], False, "torch-grouped_mm"
+            fast = grouped_mm_capturable(x.dtype, torch.cuda.get_device_capability(x.device))
+            return ([lambda r=r: torch_layer(x, dense[0], dense[1], *r) for r in routes], not fast,
+                    "torch-grouped_mm" if fast else "torch-grouped_mm-fallback")
         dense_lin = lambda rows, e, w: rows @ dense[0 if w == "gate_up" else 1][e]   # noqa: E731
         return [lambda r=r: loop_layer(x, *r, gu, dn, dense_lin) for r in routes], True, "torch-loop"
     import w4a16
@@ -213,10 +224,15 @@ def run_moe(presets, tokens, dtype, group_size, peers, device, fake: bool, seed:
                                         speedup_vs_torch=None, note="not timed: differs from the reference"))
                 continue
             timer = FakeTimer("eager" if eager else "graph") if fake else (EagerTimer() if eager else GraphTimer())
-            if not timed_any:   # the point's first timing is a warm-up, discarded (module docstring)
-                timer.measure(calls, nbytes=nbytes)
-                timed_any = True
-            us = timer.measure(calls, nbytes=nbytes, nflops=6.0 * T * k * H * I).median_us
+            try:
+                if not timed_any:   # the point's first timing is a warm-up, discarded (module docstring)
+                    timer.measure(calls, nbytes=nbytes)
+                    timed_any = True
+                us = timer.measure(calls, nbytes=nbytes, nflops=6.0 * T * k * H * I).median_us
+            except Exception as e:   # e.g. a peer a CUDA graph cannot capture: reported, the run goes on
+                result.rows.append(dict(row, status="n/a", rel_err=err, median_us=None, frac_copy=None,
+                                        speedup_vs_torch=None, note=f"not timed: {type(e).__name__}: {str(e)[:160]}"))
+                continue
             if name == "torch":
                 torch_us = us
             result.rows.append(dict(row, status="ok", rel_err=err, median_us=us,

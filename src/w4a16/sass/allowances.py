@@ -1,7 +1,8 @@
 """Known, explained departures of a Triton release's build from the baseline build (3.6.0), each
 bounded: ``w4a16 sass --baseline`` accepts a case beyond the tolerance only when a rule here names
 its Triton release (major.minor) and kernel, matches its config label, and the departure stays
-within the rule's bound. A release with no rules must match the baseline within the tolerance,
+within the rule's bound. The same rules name the few spills a shipped config is accepted with on
+any release (bounded inside its main loop too, and only where the spilling config measured faster). A release with no rules must match the baseline within the tolerance,
 so a new Triton that changes the kernels fails CI until someone looks.
 
 Each rule says why, with the evidence (``w4a16 sass`` on a CPU machine, 2026-12-06); GPU timings
@@ -22,6 +23,20 @@ class Allowance:
     spills: int = 0            # accepted spill instructions (LDL/STL)
     label: str = ".*"          # regular expression the config label must match in full
     why: str = ""
+    loop_spills: Optional[int] = None  # of the spills, how many may lie inside the main loop (None: any)
+
+
+_WIDE_DOWN_WHY = (
+    "The MoE kernel's prefill down tile at 128 rows per block (128 columns, 8 warps, swapped, the "
+    "scales after the MMA): its fp32 accumulator and the MMA's partial sums fill the 255 registers, "
+    "and ptxas stores 16-25 values the loop does not change before the main loop and reloads them for"
+    " the epilogue, once per tile (3.6: 48 spill instructions in bf16 and fp16; 3.7 and 3.8: 32 and "
+    "50, with 5.1% more main-loop instructions per weight in bf16, where they spill less; 3.9: 38 and"
+    " 50, the bf16 build with one STL and one LDL inside the loop, beside 293 other instructions per "
+    "iteration, and 7-8.5% more instructions per weight, as the release's other packed tiles). On an "
+    "H100 (bf16, Mixtral-8x7B's down projection, Triton 3.6) it ran 1.39x (4096 tokens) and 1.27x "
+    "(16384) faster than the unswapped spill-free tile, which stages the dequantized weight through "
+    "shared memory.")
 
 
 ALLOWANCES = (
@@ -57,7 +72,10 @@ ALLOWANCES = (
         "(0 -> 2 each), a mov of every register wgmma operand (IMAD.MOV.U32 2 -> 34) and descriptors "
         "from 32-bit addresses (UMOV 4 -> 8); without one (decode, direct down) uniform moves only "
         "(UMOV 4 -> 13). Up to +12.3% (m64 gate_up 64 wide, fp16).")),
-)
+) + tuple(
+    Allowance(release, "triton-moe", growth, spills=56, label=r"moe-packed-down m128 n128 sa w8 s3",
+              why=_WIDE_DOWN_WHY, loop_spills=loop)
+    for release, growth, loop in (((3, 6), 0.01, 0), ((3, 7), 0.06, 0), ((3, 8), 0.06, 0), ((3, 9), 0.13, 2)))
 
 
 def allowance_for(release: Tuple[int, int], kernel: str, label: str) -> Optional[Allowance]:

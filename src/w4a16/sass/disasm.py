@@ -106,6 +106,7 @@ class LoopStats:
     weights_per_thread: int
     wait_between_hgmma: bool
     histogram: Dict[str, int]
+    spills: int = 0              # local-memory loads and stores inside the loop (each iteration pays them)
 
     @property
     def per_weight(self) -> float:
@@ -122,7 +123,8 @@ def loop_stats(body: List[str], weights_per_thread: int) -> LoopStats:
     hist = collections.Counter(body)
     return LoopStats(len(body), sum(v for k, v in hist.items() if k.startswith("U")),
                      sum(v for k, v in hist.items() if k.startswith("HGMMA")), weights_per_thread,
-                     wait_between_hgmma(body), dict(hist.most_common()))
+                     wait_between_hgmma(body), dict(hist.most_common()),
+                     sum(v for k, v in hist.items() if k.startswith(("LDL", "STL"))))
 
 
 _REG = re.compile(r"^R(\d+)$")
