@@ -269,7 +269,8 @@ def timing(ms, budget, cfg_for):
 
 SPLIT_CONFIGS = [GluonPrefillConfig(128, 64, 1, 4, pingpong=False, splits=2), GluonPrefillConfig(128, 64, 1, 4, splits=2),
                  GluonPrefillConfig(128, 64, 1, 4, pingpong=False, splits=3), GluonPrefillConfig(64, 64, 2, 4, splits=2),
-                 GluonPrefillConfig(64, 64, 2, 4, splits=4)]
+                 GluonPrefillConfig(64, 64, 2, 4, splits=4), GluonPrefillConfig(128, 64, 1, 4, stream=True),
+                 GluonPrefillConfig(128, 64, 1, 4, pingpong=False, stream=True), GluonPrefillConfig(64, 64, 2, 4, stream=True)]
 
 
 def sweep(shapes, ms, budget, extra=()):
@@ -300,7 +301,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer correctness cases, M = 1024 and 4096 only")
     ap.add_argument("--sweep", action="store_true", help="time every candidate on 70B gate_up, 8B qkv, 70B down")
     ap.add_argument("--split-sweep", action="store_true",
-                    help="time the candidates and the K-split configs on the small layers at M = 128, 256")
+                    help="time the candidates and the K-split and stream-K configs on the small layers at M = 128, 256")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--budget", type=float, default=240.0, help="seconds for the whole run (timing stops early)")
     ap.add_argument("--config", default=None, help="a named prefill config for the timing table (default: heuristic)")

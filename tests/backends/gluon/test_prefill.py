@@ -183,12 +183,15 @@ def test_candidates_compile():
 
 @pytestmark_sass
 @pytest.mark.parametrize("cfg", [GluonPrefillConfig(128, 64, 1, 4, pingpong=False, splits=2),
-                                 GluonPrefillConfig(128, 64, 1, 4, splits=3), GluonPrefillConfig(64, 64, 2, 4, splits=2)],
+                                 GluonPrefillConfig(128, 64, 1, 4, splits=3), GluonPrefillConfig(64, 64, 2, 4, splits=2),
+                                 GluonPrefillConfig(128, 64, 1, 4, stream=True),
+                                 GluonPrefillConfig(128, 64, 1, 4, pingpong=False, stream=True),
+                                 GluonPrefillConfig(64, 64, 2, 4, stream=True)],
                          ids=lambda c: c.short())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_split_k_configs_sass(cfg, dtype):
-    """K-split prefill configs: the same main loops as without the split (no spills, no wait between
-    HGMMAs) and a spill-free split epilogue."""
+    """K-split and stream-K prefill configs: the same main loops as without the split (no spills, no
+    wait between HGMMAs) and a spill-free split epilogue."""
     _check(cfg, dtype, True, 128, strict=True)
 
 
@@ -199,6 +202,28 @@ def test_split_k_config_rules():
                 dict(splits=33)):
         with pytest.raises(W4A16Error, match="splits"):
             GluonPrefillConfig(**bad)
+    sk = GluonPrefillConfig(128, 64, 1, 4, stream=True)
+    assert sk.short().endswith("sk") and sk.epi_parts == 4 and sk != GluonPrefillConfig(128, 64, 1, 4)
+    for bad in (dict(mt=256, bn=64, stages=3, stream=True), dict(mt=128, bn=128, stages=3, stream=True),
+                dict(splits=2, stream=True)):
+        with pytest.raises(W4A16Error, match="stream"):
+            GluonPrefillConfig(**bad)
+
+
+@pytest.mark.parametrize("tiles,n_k,programs", [(6, 22, 132), (128, 64, 132), (192, 32, 132), (256, 112, 132),
+                                                (1, 1, 132), (5, 3, 4), (300, 7, 132), (132, 16, 132)])
+def test_stream_runs_deal_every_stage_once(tiles, n_k, programs):
+    """Stream-K's runs: at most ``programs`` runs of equal length (the last shorter) that cover
+    the tiles' stages once each, and the most pieces of a tile is what the runs cut it into."""
+    from w4a16.backends.gluon.prefill.launch import stream_runs
+
+    run, pieces, grid = stream_runs(tiles, n_k, programs)
+    total = tiles * n_k
+    assert 1 <= grid <= programs and (grid - 1) * run < total <= grid * run
+    owner = [min(i // run, grid - 1) for i in range(total)]
+    assert owner == sorted(owner) and set(owner) == set(range(grid))
+    cut = [len(set(owner[t * n_k:(t + 1) * n_k])) for t in range(tiles)]
+    assert pieces == max(cut)
 
 
 @pytestmark_sass
@@ -260,6 +285,35 @@ def test_run_prefill_host_path(monkeypatch):
         assert args[1].block_shape == [cfg.mt, 32]
     from w4a16.backends.workspace import plans_of
     assert sum(1 for k in plans_of(pw) if k[0] == "prefill") == 3
+
+
+@pytestmark_sass
+def test_run_prefill_host_path_stream_k(monkeypatch):
+    """A stream-K config up to the launch: STREAM set and SPLIT not, one program per run of stages
+    (``stream_runs``), fp32 partials for the most pieces of a tile and a zeroed counter per slice."""
+    import types
+
+    from w4a16.backends.gluon.layout import prepare_decode
+    from w4a16.backends.gluon.prefill import launch as pl
+
+    calls = []
+    monkeypatch.setattr(pl, "launch", lambda kernel, grid, args, cx, cfg, static: calls.append((grid, args, cx)))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=132))
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
+    gen = torch.Generator().manual_seed(4)
+    N, K, M = 200, 1376, 300
+    pw = prepare_decode(torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=gen),
+                        (torch.rand(N, K // 32, generator=gen) * 0.01).half(), None, 32)
+    cfg = GluonPrefillConfig(128, 64, 1, 4, stream=True)
+    pl.run_prefill(torch.randn(M, K, generator=gen).half(), pw, None, 1.0, cfg)
+    grid, args, cx = calls[-1]
+    n_k, n_tn, n_tm, n_split, kps = args[12:17]
+    assert cx["STREAM"] and not cx["SPLIT"] and cx["EPI_PARTS"] == 4
+    assert (n_tn, n_tm, n_k) == (2, 3, 22)                     # 6 tiles of 22 stages (64 of K each)
+    assert (kps, n_split, grid[0]) == (*pl.stream_runs(6, 22, 132)[:2], pl.stream_runs(6, 22, 132)[2])
+    assert grid == (132, 1) and kps == 1 and n_split == 22     # one stage per program: 22 pieces a tile
+    assert args[7].numel() == n_split * M * N and args[7].dtype == torch.float32
+    assert args[8].numel() >= 6 * 2 * 4 and int(args[8].abs().sum()) == 0
 
 
 def test_direct_launch_with_a_prefill_config(monkeypatch):

@@ -50,7 +50,9 @@ def test_matrix(dtype, group, zeros):
 
 
 SPLIT_CONFIGS = [GluonPrefillConfig(128, 64, 1, 4, pingpong=False, splits=2), GluonPrefillConfig(128, 64, 1, 4, splits=3),
-                 GluonPrefillConfig(64, 64, 2, 4, splits=4)]
+                 GluonPrefillConfig(64, 64, 2, 4, splits=4), GluonPrefillConfig(128, 64, 1, 4, stream=True),
+                 GluonPrefillConfig(128, 64, 1, 4, pingpong=False, stream=True),
+                 GluonPrefillConfig(64, 64, 2, 4, stream=True)]   # stream-K: not yet run on a GPU
 
 
 def _all_configs():

@@ -51,6 +51,13 @@ class GluonPrefillConfig:
               64- and 128-token tiles of 64 rows per warpgroup only (the others spill in the split
               epilogue). Compile-verified only (no spills, no wait between HGMMAs, partition-local
               barriers): not among the candidates the tuner times until it has run on a GPU.
+    stream:   stream-K: the tiles' K stages, laid end to end, are dealt out in equal runs, one per
+              persistent program (one wave); a tile shared by several programs is summed by the
+              last of them in program order (fp32 partials, deterministic), so a grid of fewer
+              tiles than about two waves keeps every SM busy with at most one partial per program
+              boundary (``splits`` writes one per range of every tile). Same tiles as ``splits``
+              (not with it). Compile-verified only: not among the tuner's candidates until it has
+              run on a GPU.
     """
 
     mt: int = 128
@@ -64,6 +71,7 @@ class GluonPrefillConfig:
     creg: int = 0
     epi: int = 0
     splits: int = 1
+    stream: bool = False
 
     def __post_init__(self):
         expect(self.mt in PREFILL_TOKEN_TILES, "mt", f"one of {PREFILL_TOKEN_TILES}", self.mt)
@@ -77,6 +85,9 @@ class GluonPrefillConfig:
         expect(isinstance(self.splits, int) and 1 <= self.splits <= 32, "splits", "an int in 1..32", self.splits)
         expect(self.splits == 1 or (self.mt <= 128 and self.bn == 64), "splits",
                "1 for 256-token or 128-row-per-warpgroup tiles (their split epilogue spills)", self.splits)
+        expect(not self.stream or (self.splits == 1 and self.mt <= 128 and self.bn == 64), "stream",
+               "False with splits > 1, 256-token or 128-row-per-warpgroup tiles (their split epilogue spills)",
+               self.stream)
         expect(self.creg == 0 or (self.regs <= self.creg <= self.max_creg and self.creg % 8 == 0), "creg",
                f"0 or a multiple of 8 from maxnreg to {self.max_creg}", self.creg)
 
@@ -104,7 +115,7 @@ class GluonPrefillConfig:
     def epi_parts(self) -> int:
         if self.epi:
             return self.epi
-        if self.splits > 1 and self.mt == 128:
+        if (self.splits > 1 or self.stream) and self.mt == 128:
             return 4   # the split epilogue's reduction: 4 token slices keep the 128-token tile spill-free
         return 1 if self.mt * self.bn <= 128 * 64 else 4
 
@@ -121,7 +132,7 @@ class GluonPrefillConfig:
         s += f"r{self.maxnreg}" if self.maxnreg else ""
         s += f"e{self.epi}" if self.epi else ""
         s += f"c{self.creg}" if self.creg else ""
-        return s + (f"k{self.splits}" if self.splits > 1 else "")
+        return s + (f"k{self.splits}" if self.splits > 1 else "") + ("sk" if self.stream else "")
 
     def smem_bytes(self, kh: int, elem: int = 2, has_zeros: bool = False, group: int = 128) -> int:
         """Shared memory of the ring (codes + x + scales [+ offsets] of both warpgroups)."""

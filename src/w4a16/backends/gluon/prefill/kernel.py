@@ -53,30 +53,63 @@ def _tile_coords(t, n_tn, n_tm, GROUP_N: gl.constexpr):
 
 
 @gluon.jit
-def _work(w, n_split, kps, n_k, SPLIT: gl.constexpr):
-    """(tile, split, first K stage, end K stage) of work item w: the splits of one tile are
-    consecutive items (SPLIT False: one item per tile, all of K)."""
-    if SPLIT:
-        t = w // n_split
-        s = w - t * n_split
-        k_lo = s * kps
-        return t, s, k_lo, gl.minimum(k_lo + kps, n_k)
+def _items(n_work, n_k, kps, STREAM: gl.constexpr):
+    """(first, end) of this program's work items; they are visited with the step :func:`_step`.
+    STREAM: the tiles that the program's run of K stages [pid * kps, (pid + 1) * kps) touches (the
+    tiles' stages laid end to end, n_work tiles of n_k stages); else every num_programs-th item."""
+    if STREAM:
+        start = gl.program_id(0) * kps
+        end = gl.minimum(start + kps, n_work * n_k)
+        return start // n_k, (end + n_k - 1) // n_k
     else:
-        return w, 0, 0, n_k
+        return gl.program_id(0), n_work
+
+
+@gluon.jit
+def _step(STREAM: gl.constexpr):
+    """The stride between a program's work items (1: stream-K's consecutive tiles)."""
+    if STREAM:
+        return 1
+    else:
+        return gl.num_programs(0)
+
+
+@gluon.jit
+def _work(w, n_split, kps, n_k, SPLIT: gl.constexpr, STREAM: gl.constexpr):
+    """(tile, piece, first K stage, end K stage, pieces) of work item w. SPLIT: the n_split K
+    ranges of one tile are consecutive items (a piece each). STREAM: item w is tile w, of which this
+    program runs the stages inside its run (``_items``); the tile's pieces are the runs of the
+    programs that share it, in program order. Else one item per tile, all of K, one piece."""
+    if STREAM:
+        start = gl.program_id(0) * kps
+        first = (w * n_k) // kps
+        last = ((w + 1) * n_k - 1) // kps
+        return (w, gl.program_id(0) - first, gl.maximum(start - w * n_k, 0),
+                gl.minimum(start + kps - w * n_k, n_k), last - first + 1)
+    else:
+        if SPLIT:
+            t = w // n_split
+            s = w - t * n_split
+            k_lo = s * kps
+            return t, s, k_lo, gl.minimum(k_lo + kps, n_k), n_split
+        else:
+            return w, 0, 0, n_k, 1
 
 
 @gluon.jit
 def _pf_producer(n_work, n_tn, n_tm, n_k, n_split, kps, c_desc, x_desc, s_desc, o_desc, c0, c1, x_ring, s0, s1, o0,
                  o1, full, empty, group, BN: gl.constexpr, MT: gl.constexpr, STAGES: gl.constexpr, NCH: gl.constexpr,
-                 KH: gl.constexpr, GROUP_N: gl.constexpr, HAS_ZEROS: gl.constexpr, SPLIT: gl.constexpr):
+                 KH: gl.constexpr, GROUP_N: gl.constexpr, HAS_ZEROS: gl.constexpr, SPLIT: gl.constexpr,
+                 STREAM: gl.constexpr):
     """Worker partition (one warp): TMA loads of every stage of every tile of the program."""
     KS: gl.constexpr = NCH * 2 * KH
     RB: gl.constexpr = BN // 16
     NB: gl.constexpr = 2 * c_desc.block_type.nbytes + 2 * NCH * x_desc.block_type.nbytes + 2 * s_desc.block_type.nbytes
     NBZ: gl.constexpr = NB + 2 * o_desc.block_type.nbytes
     it = 0
-    for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
-        t, split, k_lo, k_hi = _work(w, n_split, kps, n_k, SPLIT)
+    w_lo, w_end = _items(n_work, n_k, kps, STREAM)
+    for w in range(w_lo, w_end, _step(STREAM)):
+        t, piece, k_lo, k_hi, pieces = _work(w, n_split, kps, n_k, SPLIT, STREAM)
         pid_n, pid_m = _tile_coords(t, n_tn, n_tm, GROUP_N)
         row0 = pid_n * 2 * BN
         tok0 = pid_m * MT
@@ -250,14 +283,16 @@ def _pf_consumer(n_work, n_tn, n_tm, n_k, n_split, kps, c_ring, x_ring, s_ring, 
                  BN: gl.constexpr, MT: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr, STAGES: gl.constexpr,
                  GDIV: gl.constexpr, GROUP_N: gl.constexpr, HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr,
                  DTYPE: gl.constexpr, WG: gl.constexpr, PINGPONG: gl.constexpr, HOLD: gl.constexpr,
-                 EPI_PARTS: gl.constexpr, SPLIT: gl.constexpr, EPI: gl.constexpr):
-    """Consumer warpgroup WG: its BN rows of every tile of the program, then the tile's epilogue."""
+                 EPI_PARTS: gl.constexpr, SPLIT: gl.constexpr, EPI: gl.constexpr, STREAM: gl.constexpr):
+    """Consumer warpgroup WG: its BN rows of every tile of the program, then the tile's epilogue
+    (a tile of several pieces: the split epilogue, the last piece to arrive sums them)."""
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, MT, 16])
     turn_mine = turns.index(WG)
     turn_other = turns.index(1 - WG)
     it = 0
-    for w in range(gl.program_id(0), n_work, gl.num_programs(0)):
-        t, split, k_lo, k_hi = _work(w, n_split, kps, n_k, SPLIT)
+    w_lo, w_end = _items(n_work, n_k, kps, STREAM)
+    for w in range(w_lo, w_end, _step(STREAM)):
+        t, piece, k_lo, k_hi, pieces = _work(w, n_split, kps, n_k, SPLIT, STREAM)
         pid_n, pid_m = _tile_coords(t, n_tn, n_tm, GROUP_N)
         row0 = pid_n * 2 * BN + WG * BN
         tok0 = pid_m * MT
@@ -266,8 +301,15 @@ def _pf_consumer(n_work, n_tn, n_tm, n_k, n_split, kps, c_ring, x_ring, s_ring, 
             acc = _pf_stage(acc, it, c_ring, x_ring, s_ring, o_ring, full, empty, turn_mine, turn_other, acc_l,
                             BN, KH, NCH, STAGES, GDIV, HAS_ZEROS, DTYPE, WG, PINGPONG, HOLD)
             it += 1
-        if SPLIT:
-            _pf_split_epilogue(acc, y_ptr, bias_ptr, res_ptr, part_ptr, cnt_ptr, t, split, n_split, M, N, alpha, row0, tok0,
+        if STREAM:
+            if pieces == 1:
+                _pf_epilogue(acc, y_ptr, bias_ptr, res_ptr, M, N, alpha, row0, tok0, BN, MT, HAS_BIAS, DTYPE, EPI_PARTS,
+                             EPI)
+            else:
+                _pf_split_epilogue(acc, y_ptr, bias_ptr, res_ptr, part_ptr, cnt_ptr, t, piece, pieces, M, N, alpha, row0,
+                                   tok0, BN, MT, HAS_BIAS, DTYPE, EPI_PARTS, WG, EPI)
+        elif SPLIT:
+            _pf_split_epilogue(acc, y_ptr, bias_ptr, res_ptr, part_ptr, cnt_ptr, t, piece, pieces, M, N, alpha, row0, tok0,
                                BN, MT, HAS_BIAS, DTYPE, EPI_PARTS, WG, EPI)
         else:
             _pf_epilogue(acc, y_ptr, bias_ptr, res_ptr, M, N, alpha, row0, tok0, BN, MT, HAS_BIAS, DTYPE, EPI_PARTS, EPI)
@@ -281,14 +323,19 @@ def w4a16_prefill_kernel(
     GPS: gl.constexpr, GDIV: gl.constexpr, GROUP_N: gl.constexpr, PINGPONG: gl.constexpr, HOLD: gl.constexpr,
     HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, EPI_PARTS: gl.constexpr,
     SPLIT: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, EPI: gl.constexpr,
+    STREAM: gl.constexpr,
 ):
     """See the module docstring. n_k: stages of K per tile; n_tn / n_tm: row tiles (of 2 * BN) and
     token tiles (of MT). GPS: groups per stage (scale box rows); GDIV: g when a stage spans several
     groups, else 1 << 30. SPLIT: each tile's K is split in n_split ranges of kps stages (work items
     tile x split); fp32 partials go to part_ptr [n_split, M, N] and int32 counters cnt_ptr
     [tiles * 2 * EPI_PARTS] (zero before, left zero after) let the last split of each slice sum
-    them in split order (deterministic). Without SPLIT, part_ptr, cnt_ptr, n_split and kps are unused.
-    EPI: the epilogue (common.store_out); res_ptr: the residual [M, N] with EPI 2, else None."""
+    them in split order (deterministic). STREAM (stream-K, not with SPLIT): the tiles' K stages laid
+    end to end are dealt out in runs of kps stages, one run per program (grid = ceil(tiles * n_k /
+    kps)); a tile whose stages fall in several runs is summed the same way over its pieces (the
+    runs in program order; part_ptr holds n_split >= the most pieces of a tile). Without SPLIT or
+    STREAM, part_ptr, cnt_ptr, n_split and kps are unused. EPI: the epilogue (common.store_out);
+    res_ptr: the residual [M, N] with EPI 2, else None."""
     n_tiles = n_tn * n_tm
     if SPLIT:
         n_work = n_tiles * n_split
@@ -317,10 +364,10 @@ def w4a16_prefill_kernel(
     gl.warp_specialize([
         (_pf_consumer, (n_work, n_tn, n_tm, n_k, n_split, kps, c0, x_ring, s0, o0, full, empty, turns, y_ptr,
                         bias_ptr, res_ptr, part_ptr, cnt_ptr, M, N, alpha, BN, MT, KH, NCH, STAGES, GDIV, GROUP_N,
-                        HAS_ZEROS, HAS_BIAS, DTYPE, 0, PINGPONG, HOLD, EPI_PARTS, SPLIT, EPI)),
+                        HAS_ZEROS, HAS_BIAS, DTYPE, 0, PINGPONG, HOLD, EPI_PARTS, SPLIT, EPI, STREAM)),
         (_pf_consumer, (n_work, n_tn, n_tm, n_k, n_split, kps, c1, x_ring, s1, o1, full, empty, turns, y_ptr,
                         bias_ptr, res_ptr, part_ptr, cnt_ptr, M, N, alpha, BN, MT, KH, NCH, STAGES, GDIV, GROUP_N,
-                        HAS_ZEROS, HAS_BIAS, DTYPE, 1, PINGPONG, HOLD, EPI_PARTS, SPLIT, EPI)),
+                        HAS_ZEROS, HAS_BIAS, DTYPE, 1, PINGPONG, HOLD, EPI_PARTS, SPLIT, EPI, STREAM)),
         (_pf_producer, (n_work, n_tn, n_tm, n_k, n_split, kps, c_desc, x_desc, s_desc, o_desc, c0, c1, x_ring, s0,
-                        s1, o0, o1, full, empty, group, BN, MT, STAGES, NCH, KH, GROUP_N, HAS_ZEROS, SPLIT)),
+                        s1, o0, o1, full, empty, group, BN, MT, STAGES, NCH, KH, GROUP_N, HAS_ZEROS, SPLIT, STREAM)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

@@ -25,12 +25,13 @@ def epilogue_parts(cfg: GluonPrefillConfig, epi: int) -> int:
 @functools.lru_cache(maxsize=1024)
 def prefill_constexprs(cfg: GluonPrefillConfig, kh: int, group: int, has_zeros: bool, has_bias: bool, dtype,
                 split: bool = False, epi: int = 0):
-    """The kernel's trailing constexpr arguments, in signature order (epi: the epilogue's code)."""
+    """The kernel's trailing constexpr arguments, in signature order (epi: the epilogue's code;
+    split: K ranges per tile; ``cfg.stream`` gives STREAM, with which ``split`` must be False)."""
     ks, gps, gdiv = stage_blocks(cfg, kh, group)
     return dict(MT=cfg.mt, BN=cfg.bn, KH=kh, NCH=cfg.nch, STAGES=cfg.stages, GPS=gps, GDIV=gdiv,
                 GROUP_N=cfg.group_n, PINGPONG=bool(cfg.pingpong), HOLD=bool(cfg.hold), HAS_ZEROS=bool(has_zeros),
                 HAS_BIAS=bool(has_bias), DTYPE=gl_dtype(dtype), EPI_PARTS=epilogue_parts(cfg, epi), SPLIT=bool(split),
-                CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=PRODUCER_REGS, EPI=epi)
+                CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=PRODUCER_REGS, EPI=epi, STREAM=bool(cfg.stream))
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,21 @@ class PrefillPlan:
     n_k: int
     n_tn: int
     n_tm: int
-    n_split: int   # K ranges per tile (1: no split)
-    kps: int       # stages per K range
+    n_split: int   # K ranges per tile (1: no split); stream-K: the most pieces of a tile
+    kps: int       # stages per K range; stream-K: stages per program
     grid: tuple
     dummy_f32: object   # stands for the partials and counters when there is no split
+
+
+def stream_runs(tiles: int, n_k: int, programs: int) -> tuple:
+    """Stream-K over ``tiles`` tiles of ``n_k`` K stages for at most ``programs`` programs: (stages
+    per program, the most pieces one tile is cut into, programs launched). Runs of
+    ceil(tiles * n_k / programs) stages; tile t's stages [t * n_k, (t + 1) * n_k) meet the runs
+    t * n_k // run to ((t + 1) * n_k - 1) // run."""
+    total = tiles * n_k
+    run = -(-total // max(1, programs))
+    pieces = max(((t + 1) * n_k - 1) // run - (t * n_k) // run + 1 for t in range(tiles))
+    return run, pieces, -(-total // run)
 
 
 def plan_for(pw: GluonPrepared, M: int, cfg: GluonPrefillConfig) -> PrefillPlan:
@@ -61,10 +73,14 @@ def plan_for(pw: GluonPrepared, M: int, cfg: GluonPrefillConfig) -> PrefillPlan:
     n_tn = -(-pw.N // cfg.rows)
     n_tm = -(-M // cfg.mt)
     n_k = -(-pw.K // ks)
-    kps, n_split = k_ranges(n_k, cfg.splits)
     sms = torch.cuda.get_device_properties(pw.codes.device).multi_processor_count
+    if cfg.stream:
+        kps, n_split, programs = stream_runs(n_tn * n_tm, n_k, sms)
+    else:
+        kps, n_split = k_ranges(n_k, cfg.splits)
+        programs = min(n_tn * n_tm * n_split, sms)
     plan = PrefillPlan(c_desc=c_desc, s_desc=s_desc, o_desc=o_desc, xl=xl, kh=kh, n_k=n_k, n_tn=n_tn, n_tm=n_tm,
-                       n_split=n_split, kps=kps, grid=(min(n_tn * n_tm * n_split, sms), 1),
+                       n_split=n_split, kps=kps, grid=(programs, 1),
                        dummy_f32=torch.zeros(1, dtype=torch.float32, device=pw.codes.device))
     plans[key] = plan
     return plan
@@ -91,10 +107,10 @@ def run_prefill(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor
     plan = plan_for(pw, M, cfg)
     y = out if out is not None else torch.empty(M, out_features(N, epilogue), dtype=x2.dtype, device=x2.device)
     x_desc = TensorDescriptor(x2, [M, K], [K, 1], [cfg.mt, plan.kh], plan.xl)
-    split = plan.n_split > 1
+    split = plan.n_split > 1 and not cfg.stream
     cx = prefill_constexprs(cfg, plan.kh, pw.group, pw.has_zeros, bias is not None, x2.dtype, split,
                             code_of(epilogue))
-    if split:
+    if plan.n_split > 1:
         part = torch.empty(plan.n_split * M * N, dtype=torch.float32, device=x2.device)
         # per (tile, warpgroup, epilogue slice); this (device, stream)'s buffer, kept at zero by the kernels
         cnt = tile_counters(x2.device, plan.n_tn * plan.n_tm * 2 * cx["EPI_PARTS"])
