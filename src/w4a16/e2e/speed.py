@@ -307,10 +307,10 @@ def kernel_kind(name: str) -> str:
 
 
 @torch.no_grad()
-def kernel_breakdown(step: Callable[[], object], iters: int = 3) -> Tuple[Dict[str, float], Dict[str, float]]:
-    """(device milliseconds per call of ``step`` spent in each :func:`kernel_kind`, launches per
-    call by kernel name) from eager calls under torch.profiler: the same kernels a captured graph
-    replays. Copies and fills (``Memcpy``, ``Memset``) count as kernels of kind "other"."""
+def kernel_table(step: Callable[[], object], iters: int = 3) -> Dict[str, Tuple[float, float]]:
+    """{CUDA kernel name: (device microseconds per call of ``step``, launches per call)} from eager
+    calls under torch.profiler (after one call outside it): the same kernels a captured graph
+    replays. Copies and fills (``Memcpy``, ``Memset``) count as kernels."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -320,12 +320,22 @@ def kernel_breakdown(step: Callable[[], object], iters: int = 3) -> Tuple[Dict[s
         for _ in range(iters):
             step()
         torch.cuda.synchronize()
-    out = {"w4a16 gemm": 0.0, "other gemm": 0.0, "other": 0.0}
-    counts: Dict[str, float] = {}
+    table: Dict[str, Tuple[float, float]] = {}
     for e in prof.events():
         if e.device_type == DeviceType.CUDA:
-            out[kernel_kind(e.name)] += e.device_time_total / 1e3 / iters
-            counts[e.name] = counts.get(e.name, 0.0) + 1.0 / iters
+            us, n = table.get(e.name, (0.0, 0.0))
+            table[e.name] = (us + e.device_time_total / iters, n + 1.0 / iters)
+    return table
+
+
+def kernel_breakdown(step: Callable[[], object], iters: int = 3) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """(device milliseconds per call of ``step`` spent in each :func:`kernel_kind`, launches per
+    call by kernel name), from :func:`kernel_table`; copies and fills are of kind "other"."""
+    out = {"w4a16 gemm": 0.0, "other gemm": 0.0, "other": 0.0}
+    table = kernel_table(step, iters)
+    for name, (us, _) in table.items():
+        out[kernel_kind(name)] += us / 1e3
+    counts = {name: n for name, (_, n) in table.items()}
     return out, dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
