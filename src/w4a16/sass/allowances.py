@@ -2,8 +2,9 @@
 bounded: ``w4a16 sass --baseline`` accepts a case beyond the tolerance only when a rule here names
 its Triton release (major.minor) and kernel, matches its config label, and the departure stays
 within the rule's bound. The same rules name the few spills a shipped config is accepted with on
-any release (bounded inside its main loop too, and only where the spilling config measured faster). A release with no rules must match the baseline within the tolerance,
-so a new Triton that changes the kernels fails CI until someone looks.
+any release (bounded inside its main loop too, and only where the spilling config measured
+faster). A release with no rules must match the baseline within the tolerance, so a new Triton
+that changes the kernels fails CI until someone looks.
 
 Each rule says why, with the evidence (``w4a16 sass`` on a CPU machine, 2026-12-06); GPU timings
 of the same builds are in BENCHMARKS.md.
