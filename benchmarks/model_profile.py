@@ -14,18 +14,17 @@ import collections
 import torch
 
 from w4a16.e2e.decoder import StaticDecoder
-from w4a16.e2e.speed import DTYPES, build_model, kernel_kind, kernel_table, model_config, model_dims
+from w4a16.e2e.speed import DTYPES, build_model, kernel_kinds, kernel_table, model_config, model_dims
 from w4a16.model import quantize_model
 
 
 def report(name: str, times: dict, top: int, layers: int) -> None:
+    """The totals of a ``kernel_table`` by kind, then its ``top`` kernels by device time."""
     total = sum(t for t, _ in times.values())
-    kinds = collections.Counter()
-    for k, (t, _) in times.items():
-        kinds[kernel_kind(k)] += t
+    kinds = collections.Counter(kernel_kinds(times))
     launches = sum(c for _, c in times.values())
     print(f"\n{name}: {total / 1e3:.3f} ms of kernels, {launches:.0f} launches ({launches / layers:.1f} per layer); "
-          + ", ".join(f"{k} {v / 1e3:.3f} ms" for k, v in kinds.most_common()))
+          + ", ".join(f"{k} {v:.3f} ms" for k, v in kinds.most_common()))
     print("| us | launches | kernel |\n|---:|---:|---|")
     for k, (t, c) in sorted(times.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"| {t:.1f} | {c:.0f} | {k[:110]} |")

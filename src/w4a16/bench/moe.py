@@ -164,6 +164,11 @@ def _peer_calls(name, x, gu, dn, dense, routes):
     return [lambda r=r: loop_layer(x, *r, gu, dn, lin) for r in routes], True, "w4a16-loop"
 
 
+def _untimed(row: dict, status: str, rel_err, note: str) -> dict:
+    """``row`` as a point that was not timed (``status`` "n/a" or "wrong"), with the reason."""
+    return dict(row, status=status, rel_err=rel_err, median_us=None, frac_copy=None, speedup_vs_torch=None, note=note)
+
+
 def run_moe(presets, tokens, dtype, group_size, peers, device, fake: bool, seed: int = 0,
             progress: bool = True) -> MoeResult:
     """Measure every (preset, T) with every peer (module docstring)."""
@@ -216,12 +221,10 @@ def run_moe(presets, tokens, dtype, group_size, peers, device, fake: bool, seed:
             try:
                 err = rel_error(calls[0](), ref)
             except Exception as e:   # a peer that cannot run here: reported, the run goes on
-                result.rows.append(dict(row, status="n/a", rel_err=None, median_us=None, frac_copy=None,
-                                        speedup_vs_torch=None, note=f"{type(e).__name__}: {str(e)[:160]}"))
+                result.rows.append(_untimed(row, "n/a", None, f"{type(e).__name__}: {str(e)[:160]}"))
                 continue
             if not err <= TOLERANCE[dtype] * (5 if name == "torch" else 1):   # 16-bit layers round h, a
-                result.rows.append(dict(row, status="wrong", rel_err=err, median_us=None, frac_copy=None,
-                                        speedup_vs_torch=None, note="not timed: differs from the reference"))
+                result.rows.append(_untimed(row, "wrong", err, "not timed: differs from the reference"))
                 continue
             timer = FakeTimer("eager" if eager else "graph") if fake else (EagerTimer() if eager else GraphTimer())
             try:
@@ -230,8 +233,7 @@ def run_moe(presets, tokens, dtype, group_size, peers, device, fake: bool, seed:
                     timed_any = True
                 us = timer.measure(calls, nbytes=nbytes, nflops=6.0 * T * k * H * I).median_us
             except Exception as e:   # e.g. a peer a CUDA graph cannot capture: reported, the run goes on
-                result.rows.append(dict(row, status="n/a", rel_err=err, median_us=None, frac_copy=None,
-                                        speedup_vs_torch=None, note=f"not timed: {type(e).__name__}: {str(e)[:160]}"))
+                result.rows.append(_untimed(row, "n/a", err, f"not timed: {type(e).__name__}: {str(e)[:160]}"))
                 continue
             if name == "torch":
                 torch_us = us

@@ -328,15 +328,21 @@ def kernel_table(step: Callable[[], object], iters: int = 3) -> Dict[str, Tuple[
     return table
 
 
-def kernel_breakdown(step: Callable[[], object], iters: int = 3) -> Tuple[Dict[str, float], Dict[str, float]]:
-    """(device milliseconds per call of ``step`` spent in each :func:`kernel_kind`, launches per
-    call by kernel name), from :func:`kernel_table`; copies and fills are of kind "other"."""
+def kernel_kinds(table: Dict[str, Tuple[float, float]]) -> Dict[str, float]:
+    """Device milliseconds per :func:`kernel_kind` of a :func:`kernel_table` (copies and fills are
+    of kind "other")."""
     out = {"w4a16 gemm": 0.0, "other gemm": 0.0, "other": 0.0}
-    table = kernel_table(step, iters)
     for name, (us, _) in table.items():
         out[kernel_kind(name)] += us / 1e3
+    return out
+
+
+def kernel_breakdown(step: Callable[[], object], iters: int = 3) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """(device milliseconds per call of ``step`` spent in each :func:`kernel_kind`, launches per
+    call by kernel name), from :func:`kernel_table`."""
+    table = kernel_table(step, iters)
     counts = {name: n for name, (_, n) in table.items()}
-    return out, dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    return kernel_kinds(table), dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def kernels_per_layer(d: "DecodeSpeed", layers: int) -> float:
