@@ -126,6 +126,24 @@ def store_out(out, y_ptr, res_ptr, offs, mask, offs_n, offs_m, M, N, EPI: gl.con
 
 
 @gluon.jit
+def split_arrive(counter, expected):
+    """The arrival of one piece of a tile summed by its last piece, after this program stored its
+    fp32 partial: all threads' stores are made visible (CTA barrier, then a gpu-scope acq_rel
+    add on the tile's int32 counter), and True for the program that arrives last of ``expected``,
+    which then sees every partial (read them with ``.cg`` loads) and calls :func:`split_release`.
+    The one arrival protocol of the decode, stream-K, prefill and MoE kernels."""
+    barrier()
+    arrived = gl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+    return arrived == expected - 1
+
+
+@gluon.jit
+def split_release(counter):
+    """The last piece resets the tile's counter to 0, ready for the next call (see split_arrive)."""
+    gl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+
+
+@gluon.jit
 def epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, pid_k, nsplit,
               acc_l: gl.constexpr, BN: gl.constexpr, MT: gl.constexpr, SPLIT: gl.constexpr,
               HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, part_stride=None, cnt_idx=None, res_ptr=None,
@@ -151,16 +169,14 @@ def epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, pid_k, 
             else:
                 gl.store(part_ptr + pid_k * part_stride + offs, acc, mask=mask)
                 counter = cnt_ptr + cnt_idx
-            barrier()
-            arrived = gl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if arrived == nsplit - 1:
+            if split_arrive(counter, nsplit):
                 total = gl.zeros([BN, MT], gl.float32, acc_l)
                 for s in range(0, nsplit):
                     if part_stride is None:
                         total += gl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
                     else:
                         total += gl.load(part_ptr + s * part_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
-                gl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+                split_release(counter)
                 out = total * alpha
                 if HAS_BIAS:
                     out += gl.expand_dims(gl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32), 1)

@@ -21,8 +21,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from ...triton_compat import barrier
-from ..common import epilogue, gdc_launch_dependents, gdc_wait
+from ..common import epilogue, gdc_launch_dependents, gdc_wait, split_arrive, split_release
 from .pipeline import allocate_rings, consume_stage, issue_stage
 
 
@@ -78,17 +77,15 @@ def _sk_tile_done(acc, t, kb, ke, u0, n_stages, n_units, y_ptr, bias_ptr, res_pt
         offs = gl.expand_dims(offs_m, 0) * BN + gl.expand_dims(offs_n, 1)
         mine = 2 * gl.program_id(0) + (t != u0 // n_stages).to(gl.int32)
         gl.store(part_ptr + mine * (M * BN) + offs, acc, mask=mask)
-        barrier()
         ts = t * n_stages
         first = ((ts + 1) * P - 1) // n_units            # the program holding unit ts
         last = ((ts + n_stages) * P - 1) // n_units      # ... and unit ts + n_stages - 1
-        arrived = gl.atomic_add(cnt_ptr + t, 1, sem="acq_rel", scope="gpu")
-        if arrived == last - first:
+        if split_arrive(cnt_ptr + t, last - first + 1):
             total = gl.zeros([BN, MT], gl.float32, acc_l)
             for q in range(first, last + 1):
                 qs = 2 * q + ((q * n_units // P) // n_stages != t).to(gl.int32)
                 total += gl.load(part_ptr + qs * (M * BN) + offs, mask=mask, other=0.0, cache_modifier=".cg")
-            gl.atomic_xchg(cnt_ptr + t, 0, sem="relaxed", scope="gpu")
+            split_release(cnt_ptr + t)
             epilogue(total, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, 0, 1, acc_l, BN, MT, 0,
                       HAS_BIAS, DTYPE, res_ptr=res_ptr, EPI=EPI)
 

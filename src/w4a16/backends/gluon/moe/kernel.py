@@ -36,8 +36,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from ...triton_compat import barrier, tma_load
-from ..common import epilogue, gdc_launch_dependents, gdc_wait
+from ...triton_compat import tma_load
+from ..common import epilogue, gdc_launch_dependents, gdc_wait, split_arrive, split_release
 from ..decode.pipeline import consume_stage
 
 
@@ -121,16 +121,14 @@ def _split_silu_mul_store(acc, acc_u, h_ptr, part_ptr, cnt_ptr, col0, pid_k, nsp
     mine = part_ptr + (pid_k * n_units + unit) * (2 * BN)
     gl.store(mine + offs, acc, mask=mask)
     gl.store(mine + BN + offs, acc_u, mask=mask)
-    barrier()
-    arrived = gl.atomic_add(cnt_ptr + unit, 1, sem="acq_rel", scope="gpu")
-    if arrived == nsplit - 1:
+    if split_arrive(cnt_ptr + unit, nsplit):
         gate = gl.zeros([BN, MT], gl.float32, acc_l)
         up = gl.zeros([BN, MT], gl.float32, acc_l)
         for s in range(0, nsplit):
             theirs = part_ptr + (s * n_units + unit) * (2 * BN)
             gate += gl.load(theirs + offs, mask=mask, other=0.0, cache_modifier=".cg")
             up += gl.load(theirs + BN + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        gl.atomic_xchg(cnt_ptr + unit, 0, sem="relaxed", scope="gpu")
+        split_release(cnt_ptr + unit)
         _silu_mul_store(gate, up, h_ptr, col0, acc_l, BN, MT, DTYPE)
 
 
