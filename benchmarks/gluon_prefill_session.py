@@ -149,12 +149,13 @@ def smoke_all(cfgs, per_cfg_timeout=60):
 
 
 def sanitize_cases():
-    """A few small ragged calls over the named configs (ragged M, N and K tails, zeros, bias, bf16),
-    for compute-sanitizer's memcheck / racecheck / synccheck; exits 1 if any result is wrong."""
+    """A few small ragged calls over the named configs and the stream-K ones (ragged M, N and K
+    tails, zeros, bias, bf16), for compute-sanitizer's memcheck / racecheck / synccheck; exits 1 if
+    any result is wrong."""
     bad = 0
     cases = ((65, 72, 576, 64, "float", torch.float16, True, 0.5), (300, 200, 1376, 32, "int", torch.bfloat16, False, 1.0),
              (129, 136, 4096, -1, None, torch.float16, True, 1.0))
-    for i, cfg in enumerate(NAMED.values()):
+    for i, cfg in enumerate(list(NAMED.values()) + [c for c in SPLIT_CONFIGS if c.stream]):
         M, N, K, g, zeros, dtype, bias, alpha = cases[i % len(cases)]
         err, why = check(M, N, K, g, zeros, dtype, bias, alpha, cfg, seed=i)
         print(f"sanitize {cfg.short()} M={M} N={N} K={K} g={g} err={err} {why or ''}", flush=True)
@@ -306,6 +307,8 @@ def main():
     ap.add_argument("--budget", type=float, default=240.0, help="seconds for the whole run (timing stops early)")
     ap.add_argument("--config", default=None, help="a named prefill config for the timing table (default: heuristic)")
     ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--split-correctness", action="store_true",
+                    help="the option matrix (quick) on each K-split and stream-K config that passed the smoke test")
     ap.add_argument("--smoke", nargs="+", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--smoke-determinism", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--sanitize", action="store_true", help="only a few small ragged cases (for compute-sanitizer)")
@@ -331,6 +334,9 @@ def main():
         for cfg in ok[1:]:
             if time.time() - T0 < a.budget * 0.4:
                 fails += correctness(cfg, True)
+    if a.split_correctness:
+        for cfg in (c for c in SPLIT_CONFIGS if c in ok):
+            fails += correctness(cfg, True)
     ms = (1024, 4096) if a.quick else (256, 1024, 4096)
     fixed = NAMED[a.config] if a.config else None
     cfg_for = (lambda M, N, K: fixed) if fixed else (lambda M, N, K: prefill_heuristic(M, N, K, 128, 132))
