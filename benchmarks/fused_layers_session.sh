@@ -11,6 +11,7 @@
 #
 # Logs and tables under $OUT (default /tmp/fused_layers). MS (bench rows), BENCH_LAYERS (a prefix of the
 # bench layers, e.g. 8B), LAYERS (model layers, default 32), ITERS (default 20), DTYPE (the model's, fp16 or bf16),
+# ATTENTION (every model's: sdpa, the default, or packed-gqa),
 # T_LIMIT (seconds for the phase, default 560).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +30,8 @@ check)
     tail -n 25 "$OUT/epilogue_bench.txt" ;;
 model)
     timeout "$LIMIT" $PY -m w4a16.e2e.speed --layers "${LAYERS:-32}" --batches 1 16 --iters "${ITERS:-20}" --compile \
-        --fuse-layers-too --lm-head-int4 --dtype "${DTYPE:-fp16}" --out "$OUT" > "$OUT/model.txt" 2>&1
+        --fuse-layers-too --lm-head-int4 --dtype "${DTYPE:-fp16}" --attention "${ATTENTION:-sdpa}" --out "$OUT" \
+        > "$OUT/model.txt" 2>&1
     tail -n 30 "$OUT/model.txt" ;;
 *) echo "phase: check or model"; exit 2 ;;
 esac

@@ -7,6 +7,7 @@ decoder layers' epilogues fused, ``w4a16.fused_layer``), side by side.
 
     python benchmarks/model_profile.py prefill [--model qwen3-30b-a3b] [--layers 8] [--tokens 2048] [--dtype bf16]
     python benchmarks/model_profile.py decode --model llama3-8b --layers 8 --batches 1,16 --compile --fuse-layers
+        [--attention packed-gqa]
 """
 import argparse
 import collections
@@ -14,7 +15,7 @@ import collections
 import torch
 
 from w4a16.e2e.decoder import StaticDecoder
-from w4a16.e2e.speed import DTYPES, build_model, kernel_kinds, kernel_table, model_config, model_dims
+from w4a16.e2e.speed import ATTENTIONS, DTYPES, build_model, kernel_kinds, kernel_table, model_config, model_dims
 from w4a16.model import quantize_model
 
 
@@ -56,13 +57,15 @@ def main() -> None:
     ap.add_argument("--fuse-layers", action="store_true", help="fuse the quantized decoder layers' epilogues")
     ap.add_argument("--lm-head-int4", action="store_true", help="quantize the lm_head too")
     ap.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
+    ap.add_argument("--attention", default="sdpa", choices=ATTENTIONS, help="both models' attention (w4a16.e2e.speed)")
     ap.add_argument("--top", type=int, default=20)
     a = ap.parse_args()
     dtype = DTYPES[a.dtype]
-    config = model_config(a.model, model_dims(a.model, a.layers))
+    config = model_config(a.model, model_dims(a.model, a.layers), a.attention)
     model = build_model(config, "cuda", dtype)
     ids = torch.randint(0, config.vocab_size, (1, a.tokens), generator=torch.Generator().manual_seed(1)).cuda()
-    print(f"{a.model}, {a.layers} layers, {a.dtype}, {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"{a.model}, {a.layers} layers, {a.dtype}, attention {a.attention}, {torch.cuda.get_device_name()}, "
+          f"torch {torch.__version__}")
     for label, run in runs(model, a, ids):
         report(f"{a.dtype}, {label}", kernel_table(run), a.top, a.layers)
     quantize_model(model, group_size=128, skip=() if a.lm_head_int4 else ("lm_head",), dtype=dtype, progress=False,

@@ -293,3 +293,14 @@ def test_kernel_launches_per_step_and_per_layer_are_reported():
     assert "w4a16 b=1: w4a16 gemm 0.50, other gemm 0.10, other 0.20; 13 kernels per step, 6.5 per layer" in table
     assert "fp16 b=1:" not in table
     assert speed.kernels_per_layer(res.models[1].decode[0], 2) == 6.5
+
+
+def test_packed_gqa_attention_runs_for_every_model_and_is_recorded():
+    """attention="packed-gqa": the run goes through with w4a16.attention's function in every model
+    (the logits checks pass), and the table's head says so."""
+    res = speed.run_speed(**dict(RUN, batches=(1,)), attention="packed-gqa")
+    assert res.config["attention"] == "packed-gqa"
+    assert res.check["rel_err_vs_dequantized"] <= speed.KERNEL_TOL[torch.float16]
+    assert "attention packed-gqa" in speed.format_speed(res)
+    with pytest.raises(ValueError, match=r"attention: expected one of \('sdpa', 'packed-gqa'\), got 'flash'"):
+        speed.run_speed(**dict(RUN, batches=(1,)), attention="flash")

@@ -120,17 +120,31 @@ def model_dims(model: str, layers: Optional[int] = None, **overrides) -> Dict[st
     return dims
 
 
-def model_config(model: str, dims: Dict[str, object]):
-    """The transformers config of ``model`` from :func:`model_dims`: SDPA attention; the MoE model's
-    experts run by transformers' ``grouped_mm`` implementation (torch._grouped_mm) where it has one."""
-    if model == "llama3-8b":
-        return llama_config(dims)
-    from transformers import Qwen3MoeConfig
+ATTENTIONS = ("sdpa", "packed-gqa")
 
-    cfg = Qwen3MoeConfig(**dims)
-    cfg._attn_implementation = "sdpa"
-    if hasattr(cfg, "_experts_implementation") and hasattr(torch, "_grouped_mm"):
-        cfg._experts_implementation = "grouped_mm"
+
+def model_config(model: str, dims: Dict[str, object], attention: str = "sdpa"):
+    """The transformers config of ``model`` from :func:`model_dims`: SDPA attention, or with
+    ``attention="packed-gqa"`` :func:`w4a16.attention.packed_gqa_sdpa` (a decode token's query heads
+    folded onto the cache's key/value heads instead of the cache repeated per query head); the MoE
+    model's experts run by transformers' ``grouped_mm`` implementation (torch._grouped_mm) where
+    it has one."""
+    from ..errors import expect
+
+    expect(attention in ATTENTIONS, "attention", f"one of {ATTENTIONS}", repr(attention))
+    if model == "llama3-8b":
+        cfg = llama_config(dims)
+    else:
+        from transformers import Qwen3MoeConfig
+
+        cfg = Qwen3MoeConfig(**dims)
+        cfg._attn_implementation = "sdpa"
+        if hasattr(cfg, "_experts_implementation") and hasattr(torch, "_grouped_mm"):
+            cfg._experts_implementation = "grouped_mm"
+    if attention == "packed-gqa":
+        from ..attention import register
+
+        cfg._attn_implementation = register()
     return cfg
 
 
@@ -421,7 +435,8 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
               eager_too: bool = False, interleave_eager: bool = False,
               config_overrides=None, compile: bool = False, fuse=True, peers: Sequence[str] = (),
               print_fn: Optional[Callable[[str], None]] = print, model: str = "llama3-8b",
-              lm_head_int4: bool = False, fused_layers_too: bool = False, dtype: str = "fp16") -> SpeedResult:
+              lm_head_int4: bool = False, fused_layers_too: bool = False, dtype: str = "fp16",
+              attention: str = "sdpa") -> SpeedResult:
     """Measure fp16 and W4A16 on the Llama-3-8B shape, or another of MODELS (see the module docstring).
 
     Args:
@@ -449,6 +464,8 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
             (the 16-bit baseline row is named by it). transformers' ``grouped_mm`` experts fall back
             to a per-expert loop with a host sync under torch.compile in fp16, so the MoE model's
             compiled baseline needs "bf16".
+        attention: "sdpa" (transformers' SDPA attention) or "packed-gqa" (:mod:`w4a16.attention`),
+            for every model of the run alike (:func:`model_config`).
         fused_layers_too: after the W4A16 model (fuse=True), move its decoder layers' activation and
             residual adds into the GEMM epilogues (``w4a16.fused_layer.fuse_decoder_layers``), check
             it against its dequantized weights and time it as one more row (before the 4-bit
@@ -466,7 +483,7 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
     say = print_fn or (lambda s: None)
     kind = model
     dims = model_dims(kind, layers, **(config_overrides or {}))
-    config = model_config(kind, dims)
+    config = model_config(kind, dims, attention)
     t0 = time.perf_counter()
     model = build_model(config, device, torch_dtype)
     say(f"built {kind} ({dims['num_hidden_layers']} layers, hidden {dims['hidden_size']}) on {device} "
@@ -479,7 +496,7 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
     dev_name = torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu"
     result = SpeedResult(dict(dims, model=kind, group_size=group_size, symmetric=symmetric, prefill_tokens=prefill_tokens,
                               context=context, verify_tokens=verify_tokens, compile=compile, fused=fuse,
-                              lm_head_int4=lm_head_int4, dtype=dtype),
+                              lm_head_int4=lm_head_int4, dtype=dtype, attention=attention),
                          dev_name, _versions(), {})
     result.models.append(_measure(dtype, model, device, batches, prefill_tokens, decode_kw, say, graph_modes))
 
@@ -563,7 +580,8 @@ def format_speed(result: SpeedResult) -> str:
     head = (f"{shape} shape, {c['num_hidden_layers']} layers, {result.device} "
             f"(torch {result.versions['torch']}, transformers {result.versions['transformers']}, "
             f"triton {result.versions['triton']}); decode on a {c['context']}-slot KV cache"
-            + (", decode step through torch.compile" if c.get("compile") else ""))
+            + (", decode step through torch.compile" if c.get("compile") else "")
+            + (f", attention {c['attention']}" if c.get("attention", "sdpa") != "sdpa" else ""))
     cols = ["model", "weights", f"prefill {c['prefill_tokens']} ms"] + [
         f"decode b={b} tok/s" + (f" ({m})" if both else "") for b, m in steps]
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -666,6 +684,9 @@ def main(argv: Optional[Sequence[str]] = None) -> SpeedResult:
                    help="the 16-bit model and the W4A16 model's activations (the MoE model's compiled "
                         "16-bit baseline needs bf16: transformers' grouped_mm experts fall back to a "
                         "host-synchronizing loop under torch.compile in fp16)")
+    p.add_argument("--attention", choices=ATTENTIONS, default="sdpa",
+                   help="every model's attention: transformers' SDPA, or packed-gqa (w4a16.attention: a decode "
+                        "token's query heads folded onto the cache's heads, no repeated cache)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None, help="folder for speed.json")
     a = p.parse_args(argv)
@@ -675,7 +696,8 @@ def main(argv: Optional[Sequence[str]] = None) -> SpeedResult:
                        a.iters, use_graph=not a.no_graph, compile=a.compile,
                        fuse="layers" if a.fuse_layers else not a.no_fuse,
                        eager_too=a.eager_too, interleave_eager=a.interleave_eager, peers=a.peers, model=a.model,
-                       lm_head_int4=a.lm_head_int4, fused_layers_too=a.fuse_layers_too, dtype=a.dtype)
+                       lm_head_int4=a.lm_head_int4, fused_layers_too=a.fuse_layers_too, dtype=a.dtype,
+                       attention=a.attention)
     if a.out:
         print(f"wrote {write_json(result, a.out)}")
     return result
