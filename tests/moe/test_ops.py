@@ -52,6 +52,24 @@ def test_fused_moe_matches_reference(gen, dtype, T, k, E, g, zeros, kind):
     assert torch.isfinite(y).all() and _rel(y, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("wide", [False, True])
+def test_fused_moe_over_many_slots_matches_reference(gen, monkeypatch, wide):
+    """More slots than the one-launch align kernel takes (1040 > ALIGN_MAX_SLOTS): the grouping by
+    the torch operations and by the two-launch align kernels (ops.WIDE_ALIGN) both give the
+    reference's layer."""
+    from w4a16.moe import ops
+
+    monkeypatch.setattr(ops, "WIDE_ALIGN", wide)
+    T, k, E, H, I = 130, 8, 16, 64, 32
+    gu, dn = _experts(gen, E, 2 * I, H, 32, False, torch.float16), _experts(gen, E, H, I, 32, False, torch.float16)
+    x = torch.randn(T, H, generator=gen).to(DEVICE, torch.float16)
+    ids, w = _routing(gen, T, k, E, "random")
+    ids[3, 0] = E                                   # another rank's choice
+    y = fused_moe(x, gu, dn, ids, w, backend="triton")
+    ref = reference.fused_moe(x, gu, dn, ids, w)
+    assert torch.isfinite(y).all() and _rel(y, ref) < TOL[torch.float16]
+
+
 @pytest.mark.parametrize("gather", [True, False])
 def test_kernel_writes_every_routed_row_of_a_poisoned_output(gen, gather):
     E, N, K, T, k = 5, 72, 64, 11, 3

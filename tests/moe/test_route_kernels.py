@@ -1,5 +1,5 @@
-"""The MoE layer's small kernels and tiles: the one-launch align kernel gives torch's grouped order
-element for element (random routings over several chunks, ids out of range, experts with no
+"""The MoE layer's small kernels and tiles: the one-launch align kernel and the two-launch one of
+prefill give torch's grouped order element for element (random routings over several chunks, ids out of range, experts with no
 slots, E not a power of two); the combine kernel sums each token's routed rows and skips the
 others, even when those rows hold NaN; the gate_up kernel's SiLU*up epilogue and every tile shape
 the heuristic can pick match the reference on a poisoned output."""
@@ -11,6 +11,23 @@ from w4a16.backends.triton import moe as kernel
 from w4a16.backends.triton import moe_route
 from w4a16.moe import QuantizedExperts, reference
 from w4a16.moe.routing import align
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """moe_route's torch.empty fills what it allocates with -7 (a cell the kernels leave unwritten
+    then differs from torch's order)."""
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        return real(*args, **kwargs).fill_(-7)
+    monkeypatch.setattr(moe_route.torch, "empty", empty)
+
+
+def _assert_same_order(got, want):
+    assert torch.equal(got.sorted_slots.cpu(), want.sorted_slots.cpu())
+    assert torch.equal(got.block_expert.cpu(), want.block_expert.cpu())
+    assert (got.block_m, got.slots) == (want.block_m, want.slots)
 
 
 def _ids(gen, T, k, E):
@@ -25,16 +42,33 @@ def test_align_kernel_equals_torch_align(gen, T, k, E, bm):
     if T > 2:
         ids[2, -1] = -1
     got, want = moe_route.align(ids, E, bm), align(ids, E, bm)
-    assert torch.equal(got.sorted_slots.cpu(), want.sorted_slots.cpu())
-    assert torch.equal(got.block_expert.cpu(), want.block_expert.cpu())
-    assert (got.block_m, got.slots) == (want.block_m, want.slots)
+    _assert_same_order(got, want)
+
+
+@pytest.mark.parametrize("T,k,E,bm", [(2048, 8, 128, 64), (300, 8, 256, 128), (1500, 1, 5, 128), (700, 2, 7, 64),
+                                      (130, 8, 128, 16), (3, 2, 4, 16)])
+def test_wide_align_kernels_equal_torch_align(gen, poisoned_empty, T, k, E, bm):
+    """The two-launch align of prefill (several chunks of slots, the last one partial; ids out of
+    range; experts with no slots; few slots too) gives torch's order, every cell written (its
+    buffers start poisoned)."""
+    ids = _ids(gen, T, k, E)
+    ids[0, 0] = E
+    if T > 2:
+        ids[2, -1] = -1
+    got, want = moe_route.align_wide(ids, E, bm), align(ids, E, bm)
+    _assert_same_order(got, want)
+
+
+def test_wide_align_all_slots_on_one_expert(poisoned_empty):
+    ids = torch.full((1300, 1), 2, device=DEVICE)
+    got, want = moe_route.align_wide(ids, 4, 64), align(ids, 4, 64)
+    _assert_same_order(got, want)
 
 
 def test_align_kernel_all_slots_on_one_expert():
     ids = torch.full((70, 1), 2, device=DEVICE)
     got, want = moe_route.align(ids, 4, 16), align(ids, 4, 16)
-    assert torch.equal(got.sorted_slots.cpu(), want.sorted_slots.cpu())
-    assert torch.equal(got.block_expert.cpu(), want.block_expert.cpu())
+    _assert_same_order(got, want)
 
 
 def test_combine_sums_routed_rows_and_skips_the_rest(gen):

@@ -21,6 +21,12 @@ BACKENDS = ("auto", "triton", "gluon", "reference")
 # (tests/backends/gluon/test_moe_decode_gpu.py) have passed on a card (an H100, 2026-12-07:
 # BENCHMARKS.md). Off, "gluon" must be asked for by name.
 AUTO_TAKES_GLUON = True
+# Whether calls of more than ALIGN_MAX_SLOTS slots group them with the two-launch align kernels
+# (``moe_route.align_wide``: prefill's twenty-odd torch operations, each a launch and host time,
+# down to two launches) instead of :func:`w4a16.moe.routing.align`. Their results equal it element
+# for element in Triton's interpreter (tests/moe/test_route_kernels.py) and they compile for
+# sm_90a; on once those tests have passed on a GPU.
+WIDE_ALIGN = False
 
 
 _GLUON_REASONS: dict = {}
@@ -70,7 +76,8 @@ def block_m_for(slots: int, num_experts: int) -> int:
 def _route(topk_ids: torch.Tensor, num_experts: int):
     """The grouped order of topk_ids [T, k] for the Triton kernels: none for one token (``direct``:
     its k choices are k experts), one launch of the align kernel for the few slots of a decode
-    step, the torch version above that (same result)."""
+    step; above that two launches (``moe_route.align_wide``, with :data:`WIDE_ALIGN`) or the
+    torch version, :func:`w4a16.moe.routing.align` (the same result)."""
     from ..backends.triton import moe_route
 
     if topk_ids.shape[0] == 1:
@@ -79,6 +86,8 @@ def _route(topk_ids: torch.Tensor, num_experts: int):
     bm = block_m_for(S, num_experts)
     if S <= moe_route.ALIGN_MAX_SLOTS:
         return moe_route.align(topk_ids.contiguous(), num_experts, bm)
+    if WIDE_ALIGN:
+        return moe_route.align_wide(topk_ids.contiguous(), num_experts, bm)
     return align(topk_ids, num_experts, bm)
 
 
