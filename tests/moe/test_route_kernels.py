@@ -1,9 +1,9 @@
 """The MoE layer's small kernels and tiles: the one-launch align kernel and the two-launch one of
-prefill give torch's grouped order element for element (random routings over several chunks, ids out of range, experts with no
-slots, E not a power of two); the combine kernel sums each token's routed rows and skips the
-others, even when those rows hold NaN; the gate_up kernel's SiLU*up epilogue and every tile shape
-the heuristic can pick match the reference on a poisoned output; the align kernels compile for
-sm_90a."""
+prefill give torch's grouped order element for element (random routings over several chunks, ids
+out of range, experts with no slots, E not a power of two) and compile for sm_90a; the combine
+kernel sums each token's routed rows and skips the others, even when those rows hold NaN; the
+gate_up kernel's SiLU*up epilogue and every tile shape the heuristic can pick match the reference
+on a poisoned output."""
 import pytest
 import torch
 
