@@ -11,7 +11,7 @@ from typing import List, Optional
 import torch
 
 from .. import spec
-from ..errors import BackendRefused, expect
+from ..errors import BackendRefused, expect, fail
 from . import reference
 from .routing import align, check_topk, direct
 from .weights import QuantizedExperts
@@ -92,13 +92,18 @@ def _route(topk_ids: torch.Tensor, num_experts: int):
 
 
 def _check(x: torch.Tensor, experts, arg: str, K_name: str) -> None:
+    """x [T, K] against ``experts`` (named ``arg``; K named ``K_name``). The messages are formatted
+    only on failure (every eager MoE layer call runs these checks)."""
     expect(isinstance(experts, QuantizedExperts), arg, "a w4a16.moe.QuantizedExperts", type(experts).__name__)
-    expect(isinstance(x, torch.Tensor) and x.dim() == 2, "x", "a 2-D tensor [T, K]",
-           f"{x.dim()}-D" if isinstance(x, torch.Tensor) else type(x).__name__)
+    if not (isinstance(x, torch.Tensor) and x.dim() == 2):
+        fail("x", "a 2-D tensor [T, K]", f"{x.dim()}-D" if isinstance(x, torch.Tensor) else type(x).__name__)
     spec.check_activation_dtype(x.dtype, "x")
-    expect(x.dtype == experts.dtype, "x.dtype", f"{arg}'s scales dtype {experts.dtype}", x.dtype)
-    expect(x.device == experts.device, "x.device", f"{arg}'s device {experts.device}", x.device)
-    expect(x.shape[1] == experts.shape[2], f"x.shape[1] ({K_name})", f"{arg}'s K = {experts.shape[2]}", x.shape[1])
+    if x.dtype != experts.dtype:
+        fail("x.dtype", f"{arg}'s scales dtype {experts.dtype}", x.dtype)
+    if x.device != experts.device:
+        fail("x.device", f"{arg}'s device {experts.device}", x.device)
+    if x.shape[1] != experts.shape[2]:
+        fail(f"x.shape[1] ({K_name})", f"{arg}'s K = {experts.shape[2]}", x.shape[1])
 
 
 def grouped_gemm(x: torch.Tensor, experts: QuantizedExperts, topk_ids: torch.Tensor,
@@ -218,12 +223,12 @@ def fused_moe(x: torch.Tensor, gate_up: QuantizedExperts, down: QuantizedExperts
     expect(I2 % 2 == 0, "gate_up.shape[1]", "an even 2*I (gate rows, then up rows)", I2)
     expect(isinstance(down, QuantizedExperts), "down", "a w4a16.moe.QuantizedExperts", type(down).__name__)
     expect(tuple(down.shape) == (E, H, I2 // 2), "down.shape", (E, H, I2 // 2), tuple(down.shape))
-    expect(down.dtype == x.dtype and down.device == x.device, "down", f"{x.dtype} on {x.device}",
-           f"{down.dtype} on {down.device}")
+    if not (down.dtype == x.dtype and down.device == x.device):
+        fail("down", f"{x.dtype} on {x.device}", f"{down.dtype} on {down.device}")
     T = x.shape[0]
     check_topk(topk_ids, topk_weights, T, E)
-    expect(topk_ids.device == x.device and topk_weights.device == x.device, "topk_ids/topk_weights device",
-           x.device, f"{topk_ids.device} / {topk_weights.device}")
+    if not (topk_ids.device == x.device and topk_weights.device == x.device):
+        fail("topk_ids/topk_weights device", x.device, f"{topk_ids.device} / {topk_weights.device}")
     # Traced calls go through the custom op; eager ones call its body directly (the same
     # computation without the op's dispatch, tens of microseconds per layer on the host).
     run = fused_moe_op if torch.compiler.is_compiling() else _fused_moe

@@ -183,7 +183,7 @@ def grouped_gemm(x: torch.Tensor, experts, routing, top_k: int, gather: bool, ou
         expect(one_group or G % tile.block_k == 0, "tile.block_k", f"a divisor of the group size {G}", tile.block_k)
     else:
         tile = tile_for(routing.block_m, silu_mul, G, one_group)
-    grid = (blocks, triton.cdiv(n_out, tile.block_n))
+    grid = (blocks, -(-n_out // tile.block_n))
     zeros = experts.zeros if experts.zeros is not None else experts.scales
     tw = topk_weights if topk_weights is not None else out   # unread without MUL_WEIGHT
     args = (x, experts.qweight, experts.scales, zeros, tw, out, routing.sorted_slots, routing.block_expert, n_out,

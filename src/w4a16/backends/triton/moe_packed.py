@@ -255,7 +255,7 @@ def grouped_gemm(x: torch.Tensor, pw: PreparedWeight, num_experts: int, routing,
     zeros = pw.zeros_t if pw.zeros_t is not None else pw.scales_t
     tw = topk_weights if topk_weights is not None else out   # unread without MUL_WEIGHT
     rows = out.shape[-2]
-    grid = (routing.block_expert.numel(), triton.cdiv(n_out, tile.block_n), -(-chunks // per))
+    grid = (routing.block_expert.numel(), -(-n_out // tile.block_n), -(-chunks // per))
     args = (x, pw.qk, pw.scales_t, zeros, tw, out, routing.sorted_slots, routing.block_expert, n_out, pw.K, rows_w,
             chunks, per, routing.slots, top_k, num_experts, x.stride(0), out.stride(-2), rows * out.stride(-2))
     cx = dict(GROUP_LOG2=group_log2(pw), KC=pw.kc, ONE_SCALE=pw.group == pw.K or pw.group % pw.kc == 0,

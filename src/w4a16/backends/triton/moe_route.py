@@ -159,6 +159,12 @@ _COMBINE = CachedLaunch(moe_combine_kernel)
 _WIDE_CHUNK = 512
 
 
+def _pow2_at_least(n: int, least: int = 16) -> int:
+    """The smallest power of two >= n and >= least (plain integers: Triton's own helpers are
+    constexpr functions, several microseconds of host time per call)."""
+    return max(least, 1 << (max(n, 1) - 1).bit_length())
+
+
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Routing:
     """:func:`w4a16.moe.routing.align` in one launch (topk_ids [T, k] contiguous, T*k at most
     :data:`ALIGN_MAX_SLOTS`)."""
@@ -167,7 +173,7 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Routing:
     sorted_slots = torch.empty(P, dtype=torch.int32, device=topk_ids.device)
     block_expert = torch.empty(P // block_m, dtype=torch.int32, device=topk_ids.device)
     _ALIGN((1,), (topk_ids, sorted_slots, block_expert, S, num_experts, P, P // block_m),
-           dict(BLOCK_M=block_m, CHUNK=_CHUNK, E_POW=max(16, triton.next_power_of_2(num_experts)), FILL=1024), 8, 3)
+           dict(BLOCK_M=block_m, CHUNK=_CHUNK, E_POW=_pow2_at_least(num_experts), FILL=1024), 8, 3)
     return Routing(sorted_slots, block_expert, block_m, S)
 
 
@@ -181,7 +187,7 @@ def align_wide(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Routin
     counts = torch.empty(n_chunks, num_experts, dtype=torch.int32, device=dev)
     sorted_slots = torch.empty(P, dtype=torch.int32, device=dev)
     block_expert = torch.empty(P // block_m, dtype=torch.int32, device=dev)
-    e_pow = max(16, triton.next_power_of_2(num_experts))
+    e_pow = _pow2_at_least(num_experts)
     _COUNT((n_chunks,), (topk_ids, counts, S, num_experts), dict(CHUNK=_WIDE_CHUNK, SUB=_CHUNK, E_POW=e_pow), 4, 2)
     _PLACE((n_chunks,), (topk_ids, counts, sorted_slots, block_expert, S, num_experts, P, P // block_m, n_chunks),
            dict(BLOCK_M=block_m, CHUNK=_WIDE_CHUNK, SUB=_CHUNK, E_POW=e_pow, ROWS=16, FILL=1024), 8, 2)
@@ -195,7 +201,7 @@ def combine(ys: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, dtype: t
     planes = ys if ys.dim() == 3 else ys.unsqueeze(0)
     H = ys.shape[-1]
     y = torch.empty(T, H, dtype=dtype, device=ys.device)
-    block_h = min(1024, triton.next_power_of_2(H))
-    _COMBINE((T, triton.cdiv(H, block_h)), (ys, topk_ids, y, H, num_experts, k, planes.shape[0], planes.shape[1] * H),
+    block_h = min(1024, _pow2_at_least(H, 1))
+    _COMBINE((T, -(-H // block_h)), (ys, topk_ids, y, H, num_experts, k, planes.shape[0], planes.shape[1] * H),
              dict(BLOCK_H=block_h), 4, 3)
     return y
