@@ -25,6 +25,10 @@
 #                                          # preset at a time, and the Triton backend's prefill tiles
 #                                          # on the Llama-3 layers against cuBLAS (w4a16 bench;
 #                                          # DENSE=0 skips them)
+#   host                                   # the MoE tests (the align kernels on the GPU), then the
+#                                          # prefill forward's host time in bf16, W4A16 and W4A16 with
+#                                          # the two-launch align kernels (benchmarks/host_profile.py
+#                                          # --moe-prefill 2048: what ops.WIDE_ALIGN waits for)
 #
 # Logs and tables under $OUT (default /tmp/moe_session). DTYPE (default bf16), T_LIMIT (seconds
 # for the phase, default 540).
@@ -90,6 +94,12 @@ prefill)
             --out "$OUT/dense_triton" > "$OUT/dense_triton.txt" 2>&1
         tail -n 30 "$OUT/dense_triton.txt"
     fi ;;
+host)
+    timeout -s INT -k 10 100 $PY -m pytest -q -p no:cacheprovider -n 8 tests/moe > "$OUT/tests.txt" 2>&1
+    grep -E "^(FAILED|ERROR)" "$OUT/tests.txt" | head -n 20; tail -n 1 "$OUT/tests.txt"
+    timeout $((LIMIT - 120)) $PY benchmarks/host_profile.py --out "$OUT/host" --only-models --moe-prefill 2048 \
+        > "$OUT/host_profile.txt" 2>&1
+    grep -E "moe prefill|model step|logits equal" "$OUT/host_profile.txt" ;;
 gluon)
     timeout -s INT -k 10 150 $PY -m pytest -q -p no:cacheprovider -x tests/backends/gluon/test_moe_decode_gpu.py \
         tests/moe/test_moe_gluon_rule.py > "$OUT/tests.txt" 2>&1
@@ -128,5 +138,5 @@ final)
     timeout "$((LIMIT - 370))" $PY -m w4a16.e2e.speed --model qwen3-30b-a3b --layers 8 --batches 1 16 --compile --dtype "${DTYPE:-bf16}" \
         --out "$OUT/model" > "$OUT/model.txt" 2>&1
     tail -n 25 "$OUT/model.txt" ;;
-*) echo "phase: check, bench, model, sanitize, tiles, packed, verify, gluon, prefill or final"; exit 2 ;;
+*) echo "phase: check, bench, model, sanitize, tiles, packed, verify, gluon, prefill, host or final"; exit 2 ;;
 esac
