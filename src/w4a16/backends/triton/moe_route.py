@@ -15,6 +15,8 @@ operations of :func:`w4a16.moe.routing.align` and the final sum:
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -165,6 +167,18 @@ def _pow2_at_least(n: int, least: int = 16) -> int:
     return max(least, 1 << (max(n, 1) - 1).bit_length())
 
 
+@functools.lru_cache(maxsize=64)
+def route_launches(num_experts: int, block_m: int) -> dict:
+    """How the align kernels launch for ``num_experts`` experts and blocks of ``block_m`` rows:
+    kernel -> (constexprs, num_warps, num_stages), for :func:`align`, :func:`align_wide` and the
+    offline compile (``offline.compile_route_kernels``). Cached: callers must not change it."""
+    e_pow = _pow2_at_least(num_experts)
+    return {moe_align_kernel: (dict(BLOCK_M=block_m, CHUNK=_CHUNK, E_POW=e_pow, FILL=1024), 8, 3),
+            moe_count_kernel: (dict(CHUNK=_WIDE_CHUNK, SUB=_CHUNK, E_POW=e_pow), 4, 2),
+            moe_place_kernel: (dict(BLOCK_M=block_m, CHUNK=_WIDE_CHUNK, SUB=_CHUNK, E_POW=e_pow, ROWS=16, FILL=1024),
+                               8, 2)}
+
+
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Routing:
     """:func:`w4a16.moe.routing.align` in one launch (topk_ids [T, k] contiguous, T*k at most
     :data:`ALIGN_MAX_SLOTS`)."""
@@ -173,7 +187,7 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Routing:
     sorted_slots = torch.empty(P, dtype=torch.int32, device=topk_ids.device)
     block_expert = torch.empty(P // block_m, dtype=torch.int32, device=topk_ids.device)
     _ALIGN((1,), (topk_ids, sorted_slots, block_expert, S, num_experts, P, P // block_m),
-           dict(BLOCK_M=block_m, CHUNK=_CHUNK, E_POW=_pow2_at_least(num_experts), FILL=1024), 8, 3)
+           *route_launches(num_experts, block_m)[moe_align_kernel])
     return Routing(sorted_slots, block_expert, block_m, S)
 
 
@@ -187,10 +201,10 @@ def align_wide(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Routin
     counts = torch.empty(n_chunks, num_experts, dtype=torch.int32, device=dev)
     sorted_slots = torch.empty(P, dtype=torch.int32, device=dev)
     block_expert = torch.empty(P // block_m, dtype=torch.int32, device=dev)
-    e_pow = _pow2_at_least(num_experts)
-    _COUNT((n_chunks,), (topk_ids, counts, S, num_experts), dict(CHUNK=_WIDE_CHUNK, SUB=_CHUNK, E_POW=e_pow), 4, 2)
+    launches = route_launches(num_experts, block_m)
+    _COUNT((n_chunks,), (topk_ids, counts, S, num_experts), *launches[moe_count_kernel])
     _PLACE((n_chunks,), (topk_ids, counts, sorted_slots, block_expert, S, num_experts, P, P // block_m, n_chunks),
-           dict(BLOCK_M=block_m, CHUNK=_WIDE_CHUNK, SUB=_CHUNK, E_POW=e_pow, ROWS=16, FILL=1024), 8, 2)
+           *launches[moe_place_kernel])
     return Routing(sorted_slots, block_expert, block_m, S)
 
 

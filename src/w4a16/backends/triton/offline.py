@@ -1,5 +1,5 @@
-"""Offline compilation of the Triton GEMM kernel (``gemm.py``) and the grouped MoE kernel
-(``moe.py``) for sm_90a (``GPUTarget("cuda", 90, 32)``) on any machine: what ``w4a16 sass`` reads
+"""Offline compilation of the Triton GEMM kernel (``gemm.py``), the grouped MoE kernel
+(``moe.py``) and the MoE layer's align kernels (``moe_route.py``) for sm_90a (``GPUTarget("cuda", 90, 32)``) on any machine: what ``w4a16 sass`` reads
 and the C library bakes (the dense kernel)."""
 from __future__ import annotations
 
@@ -133,6 +133,21 @@ def compile_moe(kernel, dtype: str = "fp16", group: int = 128, has_zeros: bool =
               GATHER=kernel.silu_mul, MUL_WEIGHT=not kernel.silu_mul, HAS_ZEROS=has_zeros, SILU_MUL=kernel.silu_mul,
               DIRECT=kernel.direct, USE_ASM=True, DTYPE=tl_dtype)
     return _compile_sm90a(w4a16_moe_gemm, MOE_ARGS, types, MOE_ALIGNED, cx, t.num_warps, t.num_stages)
+
+
+def compile_route_kernels(num_experts: int = 256, block_m: int = 128) -> list:
+    """The MoE align kernels (``moe_route``: the one-program align of decode, the count and place
+    kernels of ``align_wide``) compiled for sm_90a for ``num_experts`` experts, launched as
+    ``moe_route.route_launches`` says: a Triton release that cannot lower them fails here, on a
+    machine without a GPU (the interpreter runs them without lowering)."""
+    from .moe_route import route_launches
+
+    types = {"ids_ptr": "*i64", "counts_ptr": "*i32", "sorted_ptr": "*i32", "bexp_ptr": "*i32"}
+    out = []
+    for fn, (cx, warps, stages) in route_launches(num_experts, block_m).items():
+        names = [a for a in fn.arg_names if a not in cx]
+        out.append(_compile_sm90a(fn, names, [types.get(a, "i32") for a in names], (), cx, warps, stages))
+    return out
 
 
 def moe_weights_per_thread(kernel, group: int = 128) -> int:
