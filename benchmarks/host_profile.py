@@ -99,55 +99,59 @@ def model_profile(layers: int, out: str) -> None:
               f"  w4a16/fp16 {res['w4a16'] / res['fp16']:.3f}", flush=True)
 
 
+def _issue_and_syncs(m, ids) -> tuple:
+    """(last-position logits, median host ms to issue a forward of ``m`` over ``ids``, the messages
+    of the synchronizing calls one forward makes), eager, no grad."""
+    import time
+    import warnings
+
+    with torch.no_grad():
+        logits = m(input_ids=ids, use_cache=False).logits[0, -1].float()
+        torch.cuda.synchronize()
+        issue = []
+        for _ in range(5):
+            t = time.perf_counter()
+            m(input_ids=ids, use_cache=False)
+            issue.append((time.perf_counter() - t) * 1e3)
+            torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                m(input_ids=ids, use_cache=False)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    return logits, sorted(issue)[2], [str(w.message).splitlines()[0][:160] for w in caught]
+
+
 def moe_prefill_profile(layers: int, tokens: int, out: str) -> None:
     """The prefill forward over [1, tokens] of the Qwen3-30B-A3B-shaped model (bf16, W4A16 as the
     whole-model run quantizes it, and the same with ``w4a16.moe.ops.WIDE_ALIGN``; the last two's
     outputs compared): wall time per forward, the host's time to issue one (the call
     returning before the GPU is done: near the wall time means the host, or a sync, bounds it), the
     synchronizing operations torch reports (``torch.cuda.set_sync_debug_mode``), and a cProfile."""
-    import time
-    import warnings
-
     from w4a16.e2e.speed import build_model, model_config, model_dims
-
     from w4a16.moe import ops
 
     cfg = model_config("qwen3-30b-a3b", model_dims("qwen3-30b-a3b", layers))
     ids = torch.randint(0, cfg.vocab_size, (1, tokens), device="cuda")
+    m = build_model(cfg, "cuda", torch.bfloat16)
     logits = {}
-    for tag in ("bf16", "w4a16", "w4a16-wide-align"):
-        ops.WIDE_ALIGN = tag == "w4a16-wide-align"
-        if tag != "w4a16-wide-align":   # (the wide-align row reuses the quantized model)
-            m = build_model(cfg, "cuda", torch.bfloat16)
-        if tag == "w4a16":
-            w4a16.quantize_model(m, group_size=128, skip=("lm_head",), dtype=torch.bfloat16, progress=False, fuse=True)
-        with torch.no_grad():
-            logits[tag] = m(input_ids=ids, use_cache=False).logits[0, -1].float()
-            torch.cuda.synchronize()
-            issue = []
-            for _ in range(5):
-                t = time.perf_counter()
-                m(input_ids=ids, use_cache=False)
-                issue.append((time.perf_counter() - t) * 1e3)
-                torch.cuda.synchronize()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    m(input_ids=ids, use_cache=False)
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-            torch.cuda.synchronize()
-        syncs = sorted({str(w.message).splitlines()[0][:160] for w in caught})
-        print(f"moe prefill {tag}, {layers} layers, {tokens} tokens: host issue {sorted(issue)[2]:.2f} ms per forward; "
-              f"{len(caught)} synchronizing calls" + "".join(f"\n  sync: {x}" for x in syncs), flush=True)
-        if tag == "w4a16-wide-align":
-            print(f"  last logits equal to the torch grouping's: {torch.equal(logits['w4a16'], logits[tag])}", flush=True)
-        _profile_steps(m, ids, f"moe_prefill_{tag}", out, steps=5)
-        if tag == "bf16":
-            del m
-            torch.cuda.empty_cache()
-    ops.WIDE_ALIGN = False
+    try:
+        for tag in ("bf16", "w4a16", "w4a16-wide-align"):
+            if tag == "w4a16":   # the same model quantized; the wide-align row reuses it
+                w4a16.quantize_model(m, group_size=128, skip=("lm_head",), dtype=torch.bfloat16, progress=False,
+                                     fuse=True)
+            ops.WIDE_ALIGN = tag == "w4a16-wide-align"
+            logits[tag], issue_ms, syncs = _issue_and_syncs(m, ids)
+            print(f"moe prefill {tag}, {layers} layers, {tokens} tokens: host issue {issue_ms:.2f} ms per forward; "
+                  f"{len(syncs)} synchronizing calls" + "".join(f"\n  sync: {x}" for x in sorted(set(syncs))), flush=True)
+            if tag == "w4a16-wide-align":
+                print(f"  last logits equal to the torch grouping's: {torch.equal(logits['w4a16'], logits[tag])}", flush=True)
+            _profile_steps(m, ids, f"moe_prefill_{tag}", out, steps=5)
+    finally:
+        ops.WIDE_ALIGN = False
 
 
 def main() -> None:
