@@ -8,10 +8,15 @@
 #                                                   # benchmarks/epilogue_bench.py
 #   model                                           # w4a16.e2e.speed, Llama-3-8B shape, compiled:
 #                                                   # fp16, W4A16, W4A16 with fused layers, + 4-bit lm_head
+#   attention                                       # the decode attention GPU tests (fused and packed),
+#                                                   # then the kernels of a compiled decode step
+#                                                   # (benchmarks/model_profile.py, 8 layers, fused layers)
+#                                                   # with each attention of PROFILE_ATTENTIONS
 #
 # Logs and tables under $OUT (default /tmp/fused_layers). MS (bench rows), BENCH_LAYERS (a prefix of the
 # bench layers, e.g. 8B), LAYERS (model layers, default 32), ITERS (default 20), DTYPE (the model's, fp16 or bf16),
-# ATTENTION (every model's: sdpa, the default, or packed-gqa),
+# ATTENTION (every model's: sdpa, the default, packed-gqa or fused-decode), PROFILE_ATTENTIONS (default
+# "packed-gqa fused-decode"),
 # T_LIMIT (seconds for the phase, default 560).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,5 +38,14 @@ model)
         --fuse-layers-too --lm-head-int4 --dtype "${DTYPE:-fp16}" --attention "${ATTENTION:-sdpa}" --out "$OUT" \
         > "$OUT/model.txt" 2>&1
     tail -n 30 "$OUT/model.txt" ;;
-*) echo "phase: check or model"; exit 2 ;;
+attention)
+    timeout -s INT -k 30 $((LIMIT / 5)) $PY -m pytest -q -p no:cacheprovider -n 4 tests/test_fused_attention.py \
+        tests/test_attention.py > "$OUT/attention_tests.txt" 2>&1
+    grep -E "^(FAILED|ERROR)" "$OUT/attention_tests.txt" | head -n 20; tail -n 1 "$OUT/attention_tests.txt"
+    for att in ${PROFILE_ATTENTIONS:-packed-gqa fused-decode}; do
+        timeout $((LIMIT * 2 / 5)) $PY benchmarks/model_profile.py decode --model llama3-8b --layers 8 --batches 1,16 \
+            --compile --fuse-layers --dtype "${DTYPE:-fp16}" --attention "$att" --top 14 > "$OUT/profile_$att.txt" 2>&1
+        grep -E "ms of kernels" "$OUT/profile_$att.txt"
+    done ;;
+*) echo "phase: check, model or attention"; exit 2 ;;
 esac

@@ -295,12 +295,21 @@ def test_kernel_launches_per_step_and_per_layer_are_reported():
     assert speed.kernels_per_layer(res.models[1].decode[0], 2) == 6.5
 
 
-def test_packed_gqa_attention_runs_for_every_model_and_is_recorded():
-    """attention="packed-gqa": the run goes through with w4a16.attention's function in every model
-    (the logits checks pass), and the table's head says so."""
-    res = speed.run_speed(**dict(RUN, batches=(1,)), attention="packed-gqa")
-    assert res.config["attention"] == "packed-gqa"
+@pytest.mark.parametrize("attention", ["packed-gqa", "fused-decode"])
+def test_attention_choice_runs_for_every_model_and_is_recorded(attention, monkeypatch):
+    """attention="packed-gqa" / "fused-decode": the run goes through with w4a16.attention's function
+    or w4a16.fused_attention's kernel in every model (the logits checks pass), and the table's head
+    says so."""
+    from w4a16 import fused_attention
+
+    calls = []
+    real = fused_attention.decode_attention_op
+    monkeypatch.setattr(fused_attention, "decode_attention_op", lambda *a: (calls.append(1), real(*a))[1])
+    res = speed.run_speed(**dict(RUN, batches=(1,)), attention=attention)
+    assert res.config["attention"] == attention
     assert res.check["rel_err_vs_dequantized"] <= speed.KERNEL_TOL[torch.float16]
-    assert "attention packed-gqa" in speed.format_speed(res)
-    with pytest.raises(ValueError, match=r"attention: expected one of \('sdpa', 'packed-gqa'\), got 'flash'"):
+    assert f"attention {attention}" in speed.format_speed(res)
+    assert bool(calls) == (attention == "fused-decode")
+    with pytest.raises(ValueError, match=r"attention: expected one of \('sdpa', 'packed-gqa', 'fused-decode'\), "
+                                         r"got 'flash'"):
         speed.run_speed(**dict(RUN, batches=(1,)), attention="flash")

@@ -120,13 +120,16 @@ def model_dims(model: str, layers: Optional[int] = None, **overrides) -> Dict[st
     return dims
 
 
-ATTENTIONS = ("sdpa", "packed-gqa")
+ATTENTIONS = ("sdpa", "packed-gqa", "fused-decode")
 
 
 def model_config(model: str, dims: Dict[str, object], attention: str = "sdpa"):
     """The transformers config of ``model`` from :func:`model_dims`: SDPA attention, or with
     ``attention="packed-gqa"`` :func:`w4a16.attention.packed_gqa_sdpa` (a decode token's query heads
-    folded onto the cache's key/value heads instead of the cache repeated per query head); the MoE
+    folded onto the cache's key/value heads instead of the cache repeated per query head), or with
+    ``attention="fused-decode"`` SDPA plus :mod:`w4a16.fused_attention` for decode steps (rotary
+    embedding, cache write and attention in one kernel; :func:`build_model` converts the
+    attention modules of a config so marked); the MoE
     model's experts run by transformers' ``grouped_mm`` implementation (torch._grouped_mm) where
     it has one."""
     from ..errors import expect
@@ -145,6 +148,7 @@ def model_config(model: str, dims: Dict[str, object], attention: str = "sdpa"):
         from ..attention import register
 
         cfg._attn_implementation = register()
+    cfg.w4a16_fused_decode_attention = attention == "fused-decode"
     return cfg
 
 
@@ -164,7 +168,9 @@ def llama_config(dims: Dict[str, object]):
 def build_model(config, device: str = "cuda", dtype: torch.dtype = torch.float16, seed: int = 0):
     """The causal LM of ``config`` (``LlamaForCausalLM``, ``Qwen3MoeForCausalLM``) with transformers'
     random init (normal, std ``initializer_range``), created directly on ``device`` with parameters
-    in ``dtype`` (the rotary ``inv_freq`` buffer stays fp32, as transformers makes it); eval mode."""
+    in ``dtype`` (the rotary ``inv_freq`` buffer stays fp32, as transformers makes it); eval mode;
+    its attention modules converted by ``use_fused_decode_attention`` where :func:`model_config`
+    asked for it."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -178,6 +184,10 @@ def build_model(config, device: str = "cuda", dtype: torch.dtype = torch.float16
     for name, p in model.named_parameters():
         if p.dtype != dtype:
             p.data = p.data.to(dtype)
+    if getattr(config, "w4a16_fused_decode_attention", False):
+        from ..fused_attention import use_fused_decode_attention
+
+        use_fused_decode_attention(model)
     return model.to(device).eval()
 
 
@@ -464,8 +474,9 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
             (the 16-bit baseline row is named by it). transformers' ``grouped_mm`` experts fall back
             to a per-expert loop with a host sync under torch.compile in fp16, so the MoE model's
             compiled baseline needs "bf16".
-        attention: "sdpa" (transformers' SDPA attention) or "packed-gqa" (:mod:`w4a16.attention`),
-            for every model of the run alike (:func:`model_config`).
+        attention: "sdpa" (transformers' SDPA attention), "packed-gqa" (:mod:`w4a16.attention`) or
+            "fused-decode" (:mod:`w4a16.fused_attention`), for every model of the run alike
+            (:func:`model_config`).
         fused_layers_too: after the W4A16 model (fuse=True), move its decoder layers' activation and
             residual adds into the GEMM epilogues (``w4a16.fused_layer.fuse_decoder_layers``), check
             it against its dequantized weights and time it as one more row (before the 4-bit
@@ -686,7 +697,9 @@ def main(argv: Optional[Sequence[str]] = None) -> SpeedResult:
                         "host-synchronizing loop under torch.compile in fp16)")
     p.add_argument("--attention", choices=ATTENTIONS, default="sdpa",
                    help="every model's attention: transformers' SDPA, or packed-gqa (w4a16.attention: a decode "
-                        "token's query heads folded onto the cache's heads, no repeated cache)")
+                        "token's query heads folded onto the cache's heads, no repeated cache), or fused-decode "
+                        "(w4a16.fused_attention: a decode step's rotary embedding, cache write and attention in "
+                        "one kernel)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None, help="folder for speed.json")
     a = p.parse_args(argv)
