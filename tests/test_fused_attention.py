@@ -152,3 +152,28 @@ def test_other_attention_is_left_alone():
 
     assert "is not one of" in fa.why_not_fused_attention(Other())
     assert fa.use_fused_decode_attention(torch.nn.Sequential(Other())) == []
+
+
+@pytest.mark.parametrize("dtype,head_dim,groups,batch,mask", [
+    ("fp16", 128, 4, 1, 1), ("bf16", 128, 8, 16, 2), ("fp16", 64, 1, 64, 0), ("fp16", 256, 8, 1, 1)])
+def test_kernel_compiles_for_sm90a_without_spills(dtype, head_dim, groups, batch, mask):
+    """The kernel lowers for sm_90a with the installed Triton as its launches run it, spill-free
+    (``offline.compile_decode_attention``; a worker process without Triton's interpreter, which runs
+    kernels on a CPU without lowering them; no GPU needed)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from w4a16.backends.triton.env import interpreter_unset
+
+    pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from w4a16.backends.triton.offline import "
+            "compile_decode_attention; from w4a16.sass import disasm; "
+            f"k = compile_decode_attention({dtype!r}, {head_dim}, {groups}, batch={batch}, mask={mask}); "
+            "c = k.asm['cubin']; print('registers', disasm.registers(c), 'spills', "
+            "disasm.spills(disasm.instructions(c)))")
+    with interpreter_unset():
+        r = subprocess.run([sys.executable, "-c", code, src], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "spills 0" in r.stdout, r.stdout

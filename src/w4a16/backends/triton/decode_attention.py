@@ -7,8 +7,8 @@ of SPLITS equal ranges (whole BLOCK_N blocks) of the slots 0..pos, pos = ``lengt
 of the new token, read on the device: no host sync, a CUDA graph replays it for every
 position). It ropes the G = Hq / Hkv query heads of its group ([BLOCK_G >= 16, D], for the tensor
 cores) and the new key, and attends over its slots with an online softmax; the one program whose
-range holds pos writes the new key and value into the cache and uses them from registers for that
-slot. With several splits, each writes its partial (running max, sum and fp32 accumulator) and
+range holds pos writes the new key and value into the cache and takes that slot's score and value
+from registers (its tiles read zeros there: no thread reads back what another one wrote). With several splits, each writes its partial (running max, sum and fp32 accumulator) and
 the last program of the (b, h) pair to arrive (an acquire-release counter, reset after use)
 combines them in split order: deterministic. The last program of the whole grid to arrive
 advances ``length`` by one (every program has read it by then).
@@ -89,17 +89,21 @@ def decode_attention_kernel(
         tl.store(keys_ptr + cache + pos * stride_cs + d, k_new)
         tl.store(values_ptr + cache + pos * stride_cs + d, v_new)
 
+    s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale   # the new slot's scores
+    v_new32 = v_new.to(tl.float32)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < end
+        is_new = n == pos
+        # the new slot is not read back (another thread of this program wrote it): zeros in the
+        # tiles, its score and value taken from registers
         offs = cache + n[:, None] * stride_cs + d[None, :]
-        new = (n == pos)[:, None]
-        kt = tl.where(new, k_new[None, :], tl.load(keys_ptr + offs, mask=n_ok[:, None], other=0.0))
-        vt = tl.where(new, v_new[None, :], tl.load(values_ptr + offs, mask=n_ok[:, None], other=0.0))
-        s = tl.dot(q, tl.trans(kt)) * scale
+        kt = tl.load(keys_ptr + offs, mask=(n_ok & ~is_new)[:, None], other=0.0)
+        vt = tl.load(values_ptr + offs, mask=(n_ok & ~is_new)[:, None], other=0.0)
+        s = tl.where(is_new[None, :], s_new[:, None], tl.dot(q, tl.trans(kt)) * scale)
         if MASK_KIND == 1:
             n_ok = n_ok & (tl.load(mask_ptr + b * stride_mb + n, mask=n_ok, other=0) != 0)
         if MASK_KIND == 2:
@@ -110,7 +114,9 @@ def decode_attention_kernel(
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), vt)
+        p16 = p.to(dtype)
+        p_new = tl.sum(tl.where(is_new[None, :], p16.to(tl.float32), 0.0), 1)
+        acc = acc * alpha[:, None] + tl.dot(p16, vt) + p_new[:, None] * v_new32[None, :]
         m_i = m_new
 
     out_offs = b * stride_ob + (h * G + g)[:, None] * D + d[None, :]
