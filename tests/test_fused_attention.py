@@ -14,6 +14,12 @@ from w4a16.errors import W4A16Error
 from conftest import DEVICE, KERNEL_DTYPES
 
 
+def _norms(D, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return dict(q_norm=(1 + torch.randn(D, generator=gen) / 4).to(DEVICE, dtype),
+                k_norm=(1 + torch.randn(D, generator=gen) / 4).to(DEVICE, dtype), norm_eps=(1e-6, 3e-5))
+
+
 def _problem(B, Hq, Hkv, S, D, pos, mask, dtype, seed):
     """Random q, k, v, rotary cos/sin, a cache whose slots past pos hold NaN, the mask."""
     gen = torch.Generator().manual_seed(seed)
@@ -42,6 +48,7 @@ def _tolerance(dtype):
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("B,Hq,Hkv,S,D,pos,mask", [
     (1, 8, 2, 300, 32, 250, None),         # several splits, the combine
     (1, 8, 2, 300, 32, 5, "bool"),         # splits with nothing to do
@@ -49,13 +56,14 @@ def _tolerance(dtype):
     (2, 6, 3, 64, 64, 0, None),            # the first token
     (2, 40, 8, 129, 128, 128, "bool"),     # 5 query heads per cache head, Llama's head width
 ])
-def test_kernel_equals_reference(B, Hq, Hkv, S, D, pos, mask, dtype):
+def test_kernel_equals_reference(B, Hq, Hkv, S, D, pos, mask, qk_norm, dtype):
     args = _problem(B, Hq, Hkv, S, D, pos, mask, dtype, seed=B * 1000 + pos)
+    norms = _norms(D, dtype, pos) if qk_norm else {}
     mine = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
     ref = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
     out = kernel_module.decode_attention(*mine, scale=0.17, out=torch.full((B, Hq * D), float("nan"),
-                                                                            dtype=dtype, device=DEVICE))
-    expected = fa.decode_attention_reference(*ref, scale=0.17)
+                                                                            dtype=dtype, device=DEVICE), **norms)
+    expected = fa.decode_attention_reference(*ref, scale=0.17, **norms)
     torch.testing.assert_close(out.float(), expected.float(), **_tolerance(dtype))
     # the cache: the new key (roped) and value at pos, every other slot as it was (NaN included)
     torch.testing.assert_close(mine[5], ref[5], rtol=0, atol=0, equal_nan=True)
@@ -94,6 +102,9 @@ def test_consecutive_steps_on_one_cache():
     (lambda a: a.__setitem__(8, torch.ones(2, 79, dtype=torch.bool, device=DEVICE)),
      r"mask: expected \[2 or 1, 80\] with contiguous rows, got \(2, 79\)"),
     (lambda a: a.__setitem__(6, a[6].transpose(1, 2).contiguous().transpose(1, 2)), r"values: expected shape"),
+    (lambda a: a.append(None) or a.append(None) or a.append(a[3][0]), r"q_norm, k_norm: expected both given or "
+                                                                      r"neither, got q_norm None, k_norm given"),
+    (lambda a: a.append(None) or a.extend([a[3][0, :16]] * 2), r"q_norm.shape: expected \(32,\) contiguous"),
 ])
 def test_bad_arguments_are_named(change, message):
     args = list(_problem(2, 8, 4, 80, 32, 40, None, torch.float16, seed=5))
@@ -112,13 +123,18 @@ def _tiny(kind):
                   num_hidden_layers=2, vocab_size=300, max_position_embeddings=128)
     if kind == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    else:
+    elif kind == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    else:
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=32))
+        for name, p in model.named_parameters():   # norms that are not all ones
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.data = 1 + torch.randn_like(p) / 4
     model.config._attn_implementation = "sdpa"
     return model.eval().to(DEVICE, torch.float16)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_model_decode_steps_equal_unconverted(kind, monkeypatch):
     """Prefill (the model's own path) and three decode steps (the fused kernel) of a converted tiny
     model on a static cache equal the unconverted model's."""
@@ -154,9 +170,10 @@ def test_other_attention_is_left_alone():
     assert fa.use_fused_decode_attention(torch.nn.Sequential(Other())) == []
 
 
-@pytest.mark.parametrize("dtype,head_dim,groups,batch,mask", [
-    ("fp16", 128, 4, 1, 1), ("bf16", 128, 8, 16, 2), ("fp16", 64, 1, 64, 0), ("fp16", 256, 8, 1, 1)])
-def test_kernel_compiles_for_sm90a_without_spills(dtype, head_dim, groups, batch, mask):
+@pytest.mark.parametrize("dtype,head_dim,groups,batch,mask,qk_norm", [
+    ("fp16", 128, 4, 1, 1, False), ("bf16", 128, 8, 16, 2, False), ("fp16", 64, 1, 64, 0, False),
+    ("fp16", 256, 8, 1, 1, False), ("bf16", 128, 8, 1, 1, True)])
+def test_kernel_compiles_for_sm90a_without_spills(dtype, head_dim, groups, batch, mask, qk_norm):
     """The kernel lowers for sm_90a with the installed Triton as its launches run it, spill-free
     (``offline.compile_decode_attention``; a worker process without Triton's interpreter, which runs
     kernels on a CPU without lowering them; no GPU needed)."""
@@ -170,7 +187,8 @@ def test_kernel_compiles_for_sm90a_without_spills(dtype, head_dim, groups, batch
     src = str(Path(__file__).resolve().parents[1] / "src")
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from w4a16.backends.triton.offline import "
             "compile_decode_attention; from w4a16.sass import disasm; "
-            f"k = compile_decode_attention({dtype!r}, {head_dim}, {groups}, batch={batch}, mask={mask}); "
+            f"k = compile_decode_attention({dtype!r}, {head_dim}, {groups}, batch={batch}, mask={mask}, "
+            f"qk_norm={qk_norm}); "
             "c = k.asm['cubin']; print('registers', disasm.registers(c), 'spills', "
             "disasm.spills(disasm.instructions(c)))")
     with interpreter_unset():

@@ -7,11 +7,11 @@ ramp. :func:`decode_attention` does all of it in one launch
 (``w4a16.backends.triton.decode_attention``), on the cache's own grouped heads.
 
     from w4a16.fused_attention import use_fused_decode_attention
-    use_fused_decode_attention(model)   # a transformers Llama / Qwen2 / Mistral model
+    use_fused_decode_attention(model)   # a transformers Llama / Qwen2 / Qwen3 / Mistral model
 
 converts every attention module of :data:`ATTENTION_CLASSES` in place (the 16-bit and the W4A16
 model alike: q, k and v come from the module's own projections, views of one GEMM where they are
-fused). Its forward takes the fused path for one query token on an initialized static cache layer
+fused; Qwen3's per-head RMSNorms of q and k run in the kernel too). Its forward takes the fused path for one query token on an initialized static cache layer
 (transformers' ``StaticLayer``) with a mask shared by the heads; every other call (prefill, a
 dynamic cache, training, ...) is the model's own forward. The attended slots are 0..pos (pos the
 new token's slot, kept by the cache): a causal step; a mask, where the model gives one, is applied
@@ -19,19 +19,21 @@ on top (padding, sliding windows).
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .errors import expect
 
-ATTENTION_CLASSES = ("LlamaAttention", "Qwen2Attention", "MistralAttention")
+ATTENTION_CLASSES = ("LlamaAttention", "Qwen2Attention", "MistralAttention", "Qwen3Attention", "Qwen3MoeAttention")
+# per-head RMSNorms of q and k (Qwen3) computing weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)
+HEAD_NORM_CLASSES = ("Qwen3RMSNorm", "Qwen3MoeRMSNorm")
 _MASKED_IMPLEMENTATIONS = ("sdpa", "eager", "w4a16_packed_gqa")   # 4-D [B, 1, Q, S] masks or None
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
-def check_decode_attention(q, k, v, cos, sin, keys, values, length, mask) -> None:
+def check_decode_attention(q, k, v, cos, sin, keys, values, length, mask, q_norm=None, k_norm=None) -> None:
     """Raise W4A16Error unless the arguments fit :func:`decode_attention` (see there)."""
     expect(keys.dim() == 4, "keys", "a 4-D tensor [B, Hkv, S, D]", tuple(keys.shape))
     B, Hkv, S, D = keys.shape
@@ -58,9 +60,17 @@ def check_decode_attention(q, k, v, cos, sin, keys, values, length, mask) -> Non
         expect(mask.dtype == torch.bool or mask.dtype.is_floating_point, "mask.dtype", "bool or floating",
                mask.dtype)
         expect(mask.device == keys.device, "mask.device", keys.device, mask.device)
+    expect((q_norm is None) == (k_norm is None), "q_norm, k_norm", "both given or neither",
+           f"q_norm {'given' if q_norm is not None else 'None'}, k_norm {'given' if k_norm is not None else 'None'}")
+    for name, t in (("q_norm", q_norm), ("k_norm", k_norm)):
+        if t is not None:
+            expect(tuple(t.shape) == (D,) and t.stride(0) == 1, f"{name}.shape", f"({D},) contiguous", tuple(t.shape))
+            expect(t.dtype == keys.dtype and t.device == keys.device, name, f"{keys.dtype} on {keys.device}",
+                   f"{t.dtype} on {t.device}")
 
 
-def decode_attention_reference(q, k, v, cos, sin, keys, values, length, mask, scale: float) -> torch.Tensor:
+def decode_attention_reference(q, k, v, cos, sin, keys, values, length, mask, scale: float, q_norm=None,
+                               k_norm=None, norm_eps=(0.0, 0.0)) -> torch.Tensor:
     """:func:`decode_attention` in torch (fp32 arithmetic, the rounding points of the kernel;
     reads ``length`` on the host)."""
     B, Hkv, S, D = keys.shape
@@ -71,13 +81,17 @@ def decode_attention_reference(q, k, v, cos, sin, keys, values, length, mask, sc
         return torch.full((B, Hkv * G * D), float("nan"), dtype=keys.dtype, device=keys.device)
     cos32, sin32 = cos.float()[:, None, :], sin.float()[:, None, :]
 
-    def rope(x):   # [B, H, D]
+    def rope(x, w, eps):   # [B, H, D], the head norm's weight [D] or None
+        if w is not None:
+            x32 = x.float()
+            x = (w.float() * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype).float())
+            x = x.to(keys.dtype)
         x = x.float()
         return (x * cos32 + torch.cat([-x[..., D // 2:], x[..., :D // 2]], -1) * sin32).to(keys.dtype)
 
-    keys[:, :, pos] = rope(k.view(B, Hkv, D))
+    keys[:, :, pos] = rope(k.view(B, Hkv, D), k_norm, norm_eps[1])
     values[:, :, pos] = v.view(B, Hkv, D)
-    qr = rope(q.view(B, Hkv * G, D)).view(B, Hkv, G, D).float()
+    qr = rope(q.view(B, Hkv * G, D), q_norm, norm_eps[0]).view(B, Hkv, G, D).float()
     s = qr @ keys[:, :, :pos + 1].float().transpose(-1, -2) * scale          # [B, Hkv, G, pos + 1]
     if mask is not None:
         m = mask[:, :pos + 1].expand(B, pos + 1)[:, None, None, :]
@@ -91,25 +105,28 @@ def decode_attention_reference(q, k, v, cos, sin, keys, values, length, mask, sc
 @torch.library.custom_op("w4a16::decode_attention", mutates_args=("keys", "values", "length"))
 def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                         keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, mask: Optional[torch.Tensor],
-                        scale: float) -> torch.Tensor:
+                        scale: float, q_norm: Optional[torch.Tensor], k_norm: Optional[torch.Tensor],
+                        norm_eps: List[float]) -> torch.Tensor:
     """:func:`decode_attention` as a custom op (opaque to torch.compile, captured by CUDA graphs)."""
     from .backends.triton.env import interpreting
 
     if q.is_cuda or interpreting():
         from .backends.triton.decode_attention import decode_attention as kernel
 
-        return kernel(q, k, v, cos, sin, keys, values, length, mask, scale)
-    return decode_attention_reference(q, k, v, cos, sin, keys, values, length, mask, scale)
+        return kernel(q, k, v, cos, sin, keys, values, length, mask, scale, q_norm, k_norm, norm_eps)
+    return decode_attention_reference(q, k, v, cos, sin, keys, values, length, mask, scale, q_norm, k_norm, norm_eps)
 
 
 @decode_attention_op.register_fake
-def _decode_attention_fake(q, k, v, cos, sin, keys, values, length, mask, scale):
+def _decode_attention_fake(q, k, v, cos, sin, keys, values, length, mask, scale, q_norm, k_norm, norm_eps):
     return q.new_empty(q.shape)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor,
-                     mask: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
+                     mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                     q_norm: Optional[torch.Tensor] = None, k_norm: Optional[torch.Tensor] = None,
+                     norm_eps: Tuple[float, float] = (1e-6, 1e-6)) -> torch.Tensor:
     """One decode token's attention with its rotary embedding and cache write (module docstring).
 
     q [B, Hq*D], k and v [B, Hkv*D] (the projections' outputs, heads in order, last dim
@@ -118,11 +135,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     ``length``), length int64 [] (the new token's slot; advanced by one; a full cache, length >= S,
     gives NaN and writes nothing), mask None or [B or 1, S]
     (bool, True attends; or additive), scale (default D ** -0.5); all fp16 or all bf16 (the mask
-    aside), one device, D in :data:`HEAD_DIMS` -> out [B, Hq*D]: softmax(q_r k_r^T * scale + mask)
-    V over slots 0..length, q_r and k_r roped (rotate_half convention)."""
-    check_decode_attention(q, k, v, cos, sin, keys, values, length, mask)
+    aside), one device, D in :data:`HEAD_DIMS`; q_norm and k_norm (both or neither) [D]: each head
+    of q and of k RMS-normalized with these weights before the rotary embedding, eps ``norm_eps``
+    (q's, k's), as Qwen3's attention does -> out [B, Hq*D]: softmax(q_r k_r^T * scale + mask) V
+    over slots 0..length, q_r and k_r roped (rotate_half convention)."""
+    check_decode_attention(q, k, v, cos, sin, keys, values, length, mask, q_norm, k_norm)
     scale = keys.shape[-1] ** -0.5 if scale is None else float(scale)
-    return decode_attention_op(q, k, v, cos, sin, keys, values, length, mask, scale)
+    return decode_attention_op(q, k, v, cos, sin, keys, values, length, mask, scale, q_norm, k_norm,
+                               [float(e) for e in norm_eps])
 
 
 class FusedDecodeAttention(nn.Module):
@@ -138,8 +158,11 @@ class FusedDecodeAttention(nn.Module):
         B = hidden_states.shape[0]
         q, k, v = (proj(hidden_states).reshape(B, -1) for proj in (self.q_proj, self.k_proj, self.v_proj))
         cos, sin = (t.reshape(t.shape[0], -1).expand(B, -1) for t in position_embeddings)
+        qn, kn = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
+        norms = {} if qn is None else dict(q_norm=qn.weight, k_norm=kn.weight,
+                                           norm_eps=(qn.variance_epsilon, kn.variance_epsilon))
         out = decode_attention(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length, mask,
-                               self.scaling)
+                               self.scaling, **norms)
         return self.o_proj(out.view(B, 1, -1)), None
 
 
@@ -157,6 +180,9 @@ def _fused_inputs(module: nn.Module, x: torch.Tensor, position_embeddings, mask,
         return None
     keys = layer.keys
     if keys.dtype != x.dtype or keys.shape[0] != x.shape[0] or keys.shape[-1] not in HEAD_DIMS:
+        return None
+    if any(getattr(module, n, None) is not None and getattr(module, n).weight.dtype != x.dtype
+           for n in ("q_norm", "k_norm")):
         return None
     if module.config._attn_implementation not in _MASKED_IMPLEMENTATIONS:
         return None
@@ -179,6 +205,11 @@ def why_not_fused_attention(module: nn.Module) -> Optional[str]:
             return f"the module has no {attr}"
     if module.head_dim not in HEAD_DIMS:
         return f"head dim {module.head_dim} is not one of {HEAD_DIMS}"
+    norms = [getattr(module, n, None) for n in ("q_norm", "k_norm")]
+    if any(n is not None for n in norms):
+        for n in norms:
+            if type(n).__name__ not in HEAD_NORM_CLASSES or tuple(n.weight.shape) != (module.head_dim,):
+                return f"q_norm / k_norm is not a per-head RMSNorm of {HEAD_NORM_CLASSES}"
     return None
 
 

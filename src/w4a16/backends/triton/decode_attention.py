@@ -33,28 +33,45 @@ MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 
 
 @triton.jit
-def _rope(x_ptr, cos_ptr, sin_ptr, rows, row_ok, D: tl.constexpr):
-    """Rows x [R, D] (row r at x_ptr + rows[r] * D) roped with cos, sin [D]: x * cos +
-    rotate_half(x) * sin in fp32, rotate_half(x) = [-x[D/2:], x[:D/2]]."""
+def _head_rms_norm(x, w_ptr, cols, eps, dtype: tl.constexpr, D: tl.constexpr):
+    """Per-row RMSNorm of x [R, D] (columns ``cols`` of the norm weight, a permutation of 0..D-1)
+    as transformers' Qwen3 head norm computes it: w * (x * rsqrt(mean(x^2) + eps)).to(dtype), the
+    product rounded to dtype."""
+    x = x.to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps)
+    w = tl.load(w_ptr + cols).to(tl.float32)
+    return (w[None, :] * (x * r[:, None]).to(dtype).to(tl.float32)).to(dtype)
+
+
+@triton.jit
+def _rope(x_ptr, cos_ptr, sin_ptr, rows, row_ok, nw_ptr, eps, dtype: tl.constexpr, D: tl.constexpr,
+          NORM: tl.constexpr):
+    """Rows x [R, D] (row r at x_ptr + rows[r] * D), RMS-normalized per row first with weight nw [D]
+    where NORM, roped with cos, sin [D]: x * cos + rotate_half(x) * sin in fp32,
+    rotate_half(x) = [-x[D/2:], x[:D/2]]."""
     d = tl.arange(0, D)
     half: tl.constexpr = D // 2
-    x = tl.load(x_ptr + rows[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-    rot = tl.load(x_ptr + rows[:, None] * D + ((d + half) % D)[None, :], mask=row_ok[:, None], other=0.0)
+    turned = (d + half) % D
+    x = tl.load(x_ptr + rows[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+    rot = tl.load(x_ptr + rows[:, None] * D + turned[None, :], mask=row_ok[:, None], other=0.0)
+    if NORM:
+        x = _head_rms_norm(x, nw_ptr, d, eps, dtype, D)
+        rot = _head_rms_norm(rot, nw_ptr, turned, eps, dtype, D)
     rot = tl.where(d[None, :] < half, -rot.to(tl.float32), rot.to(tl.float32))
     cos = tl.load(cos_ptr + d).to(tl.float32)
     sin = tl.load(sin_ptr + d).to(tl.float32)
-    return x * cos[None, :] + rot * sin[None, :]
+    return x.to(tl.float32) * cos[None, :] + rot * sin[None, :]
 
 
 @triton.jit
 def decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, len_ptr, mask_ptr, out_ptr,
-    part_ptr, ml_ptr, counter_ptr,
+    part_ptr, ml_ptr, counter_ptr, qn_ptr, kn_ptr,
     stride_qb, stride_kb, stride_vb, stride_cosb, stride_sinb,
     stride_cb, stride_ch, stride_cs, stride_mb, stride_ob,
-    HKV, S, scale,
+    HKV, S, scale, qn_eps, kn_eps,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-    MASK_KIND: tl.constexpr,
+    MASK_KIND: tl.constexpr, QK_NORM: tl.constexpr,
 ):
     """q [B, Hq*D], k and v [B, Hkv*D] (rows at the given strides, heads contiguous), cos and sin
     [B, D] (row strides, 0 for one row shared), keys and values [B, Hkv, S, D] (same strides, last
@@ -62,7 +79,8 @@ def decode_attention_kernel(
     output is NaN), mask [B or 1, S] (bool: True attends;
     or additive; row stride 0 when shared) or unused -> out [B, Hq*D] (row stride stride_ob);
     part fp32 [B*Hkv, SPLITS, BLOCK_G, D] and ml fp32 [B*Hkv, SPLITS, 2, BLOCK_G] (SPLITS > 1);
-    counter int32 [B*Hkv + 1] zero, left zero (module docstring)."""
+    counter int32 [B*Hkv + 1] zero, left zero; qn, kn [D] and their eps: the per-head RMSNorm of q and
+    of k before the rotary embedding (QK_NORM; Qwen3) (module docstring)."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // HKV
@@ -78,11 +96,12 @@ def decode_attention_kernel(
     g = tl.arange(0, BLOCK_G)
     g_ok = g < G
     dtype = keys_ptr.dtype.element_ty
-    q = _rope(q_ptr + b * stride_qb, cos_ptr + b * stride_cosb, sin_ptr + b * stride_sinb, h * G + g, g_ok, D)
+    q = _rope(q_ptr + b * stride_qb, cos_ptr + b * stride_cosb, sin_ptr + b * stride_sinb, h * G + g, g_ok,
+              qn_ptr, qn_eps, dtype, D, QK_NORM)
     q = q.to(dtype)
     one = tl.arange(0, 1)
     k_new = tl.sum(_rope(k_ptr + b * stride_kb, cos_ptr + b * stride_cosb, sin_ptr + b * stride_sinb,
-                         h + one, one < 1, D), 0).to(dtype)
+                         h + one, one < 1, kn_ptr, kn_eps, dtype, D, QK_NORM), 0).to(dtype)
     v_new = tl.load(v_ptr + b * stride_vb + h * D + d)
     cache = b.to(tl.int64) * stride_cb + h * stride_ch
     if (pos >= start) & (pos < end):   # this program's range holds the new token's slot (pos < S)
@@ -171,11 +190,13 @@ def _sms(device: torch.device) -> int:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor, mask, scale: float,
+                     q_norm: torch.Tensor = None, k_norm: torch.Tensor = None, norm_eps: tuple = (0.0, 0.0),
                      out: torch.Tensor = None) -> torch.Tensor:
     """The kernel (module docstring) on tensors the caller has checked (``w4a16.fused_attention``):
     q [B, Hq*D], k, v [B, Hkv*D], cos, sin [B, D] (row stride 0 allowed), keys, values [B, Hkv, S,
     D], length int64 [], mask None or [B or 1, S] bool / floating (row stride 0 allowed), all last
-    dims contiguous -> out [B, Hq*D] in q's dtype (written into ``out`` when given: contiguous);
+    dims contiguous; q_norm and k_norm None or both [D] (per-head RMSNorm weights, eps ``norm_eps``
+    (q's, k's)) -> out [B, Hq*D] in q's dtype (written into ``out`` when given: contiguous);
     keys, values and length updated in place."""
     B, Hkv, S, D = keys.shape
     G = q.shape[1] // (Hkv * D)
@@ -188,10 +209,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     counters = tile_counters(q.device, B * Hkv + 1)
     kind = MASK_NONE if mask is None else MASK_BOOL if mask.dtype == torch.bool else MASK_ADDITIVE
     m = out if mask is None else mask
+    norm = q_norm is not None
     _LAUNCH((B * Hkv, splits), (q, k, v, cos, sin, keys, values, length, m, out, part, ml, counters,
+                                q_norm if norm else q, k_norm if norm else q,
                                 q.stride(0), k.stride(0), v.stride(0), cos.stride(0), sin.stride(0),
                                 keys.stride(0), keys.stride(1), keys.stride(2),
                                 0 if mask is None or mask.shape[0] == 1 else mask.stride(0), out.stride(0), Hkv, S,
-                                float(scale)),
-            dict(cx, MASK_KIND=kind), warps, stages)
+                                float(scale), float(norm_eps[0]), float(norm_eps[1])),
+            dict(cx, MASK_KIND=kind, QK_NORM=norm), warps, stages)
     return out
