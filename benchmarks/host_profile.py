@@ -138,6 +138,7 @@ def moe_prefill_profile(layers: int, tokens: int, out: str) -> None:
     ids = torch.randint(0, cfg.vocab_size, (1, tokens), device="cuda")
     m = build_model(cfg, "cuda", torch.bfloat16)
     logits = {}
+    default = ops.WIDE_ALIGN
     try:
         for tag in ("bf16", "w4a16", "w4a16-wide-align"):
             if tag == "w4a16":   # the same model quantized; the wide-align row reuses it
@@ -151,7 +152,7 @@ def moe_prefill_profile(layers: int, tokens: int, out: str) -> None:
                 print(f"  last logits equal to the torch grouping's: {torch.equal(logits['w4a16'], logits[tag])}", flush=True)
             _profile_steps(m, ids, f"moe_prefill_{tag}", out, steps=5)
     finally:
-        ops.WIDE_ALIGN = False
+        ops.WIDE_ALIGN = default
 
 
 def main() -> None:

@@ -24,9 +24,10 @@ AUTO_TAKES_GLUON = True
 # Whether calls of more than ALIGN_MAX_SLOTS slots group them with the two-launch align kernels
 # (``moe_route.align_wide``: prefill's twenty-odd torch operations, each a launch and host time,
 # down to two launches) instead of :func:`w4a16.moe.routing.align`. Their results equal it element
-# for element in Triton's interpreter (tests/moe/test_route_kernels.py) and they compile for
-# sm_90a; on once those tests have passed on a GPU.
-WIDE_ALIGN = False
+# for element (tests/moe/test_route_kernels.py: Triton's interpreter, and an H100, where the MoE
+# tests passed and a Qwen3-30B-A3B-shaped prefill gave the same logits both ways, its host time
+# 31.7 -> 16.4 ms: BENCHMARKS.md, 2026-12-07).
+WIDE_ALIGN = True
 
 
 _GLUON_REASONS: dict = {}
