@@ -60,6 +60,9 @@ def _compile(case: KernelCase):
     import torch
     group = PER_CHANNEL_K if case.group == -1 else case.group
     dtype = torch.float16 if case.dtype == "fp16" else torch.bfloat16
+    if case.kernel == "triton-attention":
+        from ..backends.triton.offline import attention_elements_per_thread, compile_decode_attention
+        return compile_decode_attention(case.config, case.dtype), attention_elements_per_thread(case.config), None
     if case.kernel == "triton-moe":
         from ..backends.triton.offline import compile_moe, moe_weights_per_thread
         return (compile_moe(case.config, case.dtype, case.group, case.zeros),

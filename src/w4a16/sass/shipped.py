@@ -9,7 +9,9 @@ heuristic picks for each block size and projection (the one-token variant too), 
 symmetric group 128, and its decode gate_up tile over every group size with and without zeros;
 the same for the packed grouped kernel (layout 2), over each tile its rule can pick. The Gluon MoE
 decode kernel ("gluon-moe"): its gate_up and down launches, each with and without the split sum,
-fp16 and bf16, group 128, and group 256 and per channel in fp16.
+fp16 and bf16, group 128, and group 256 and per channel in fp16. The decode attention kernel
+("triton-attention"): the head layouts of :func:`attention_cases`, fp16 and bf16 (its "weights"
+per thread are the cache elements a thread loads per loop iteration).
 The GEMM epilogues (``w4a16.epilogue``: SiLU(gate) * up, the residual) on the decode heuristic's
 picks for the preset layers at M = 1 and 16 (fp16, bf16) and the Triton kernel's named configs
 (fp16, with the residual and RMSNorm epilogue and the RMSNorm prologue too): what a fused decoder
@@ -21,7 +23,7 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, List, Optional, Tuple
 
-KERNELS = ("gluon-decode", "gluon-prefill", "triton", "triton-moe", "gluon-moe")
+KERNELS = ("gluon-decode", "gluon-prefill", "triton", "triton-moe", "gluon-moe", "triton-attention")
 GROUPS = (32, 64, 128, 256, -1)     # -1: one group over K (compiled with K = 4096)
 PER_CHANNEL_K = 4096
 DECODE_M = (1, 8, 16, 32, 64)
@@ -129,6 +131,8 @@ def shipped_cases(dtypes: Iterable[str] = ("fp16", "bf16"), kernels: Iterable[st
         cases += moe_cases(dtypes)
     if "gluon-moe" in kernels:
         cases += gluon_moe_cases(dtypes)
+    if "triton-attention" in kernels:
+        cases += attention_cases(dtypes)
     # the Triton kernel's configs as a Hopper launch runs them (GemmConfig.for_wgmma)
     cases = [replace(c, config=c.config.for_wgmma()) if c.kernel == "triton" else c for c in cases]
     return _unique(cases)
@@ -163,6 +167,17 @@ def moe_cases(dtypes: Iterable[str]) -> List[KernelCase]:
         out += [KernelCase("triton-moe", MoeKernel(tile_for(16, True, g, g == -1), 16, True), "fp16", g, z)
                 for g in GROUPS for z in (False, True)]
     return out + packed_moe_cases(dtypes)
+
+
+def attention_cases(dtypes: Iterable[str]) -> List[KernelCase]:
+    """The decode attention kernel's variants (``w4a16.fused_attention``): Llama-3's heads at batch
+    1 and 16 (bool mask), Qwen3-30B-A3B's with the q/k head norms, and head widths 64 (no mask,
+    batch 64) and 256 (additive mask)."""
+    from ..backends.triton.decode_attention import AttentionVariant as V
+
+    variants = [V(), V(batch=16), V(groups=8, kv_heads=4, qk_norm=True), V(head_dim=64, groups=1, batch=64, mask=0),
+                V(head_dim=256, groups=8, kv_heads=1, mask=2)]
+    return [KernelCase("triton-attention", v, dt) for v in variants for dt in dtypes]
 
 
 def gluon_moe_cases(dtypes: Iterable[str]) -> List[KernelCase]:

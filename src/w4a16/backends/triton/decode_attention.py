@@ -21,6 +21,7 @@ the activations' dtype for the p.V product (as flash attention kernels do), fp32
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -171,6 +172,24 @@ def decode_attention_kernel(
 
 _LAUNCH = CachedLaunch(decode_attention_kernel)
 BLOCK_N = 64
+
+
+@dataclass(frozen=True)
+class AttentionVariant:
+    """One compiled form of the kernel, for ``w4a16 sass``: ``batch`` rows of ``kv_heads`` cache
+    heads of width ``head_dim``, ``groups`` query heads per cache head, on a cache of ``slots``
+    slots and 132 multiprocessors; mask 0 none, 1 bool, 2 additive; qk_norm: Qwen3's head norms."""
+    head_dim: int = 128
+    groups: int = 4
+    kv_heads: int = 8
+    batch: int = 1
+    slots: int = 4096
+    mask: int = MASK_BOOL
+    qk_norm: bool = False
+
+    def short(self) -> str:
+        return (f"attn d{self.head_dim} g{self.groups} h{self.kv_heads} b{self.batch} s{self.slots} "
+                f"{('none', 'bool', 'additive')[self.mask]}{' qknorm' if self.qk_norm else ''}")
 
 
 @functools.lru_cache(maxsize=256)

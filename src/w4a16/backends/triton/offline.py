@@ -150,20 +150,18 @@ def compile_route_kernels(num_experts: int = 256, block_m: int = 128) -> list:
     return out
 
 
-def compile_decode_attention(dtype: str = "fp16", head_dim: int = 128, groups: int = 4, kv_heads: int = 8,
-                             batch: int = 1, slots: int = 4096, mask: int = 1, sms: int = 132, qk_norm: bool = False):
-    """The decode attention kernel (``decode_attention``) compiled for sm_90a as its launch for
-    ``batch`` rows of ``kv_heads`` cache heads, ``groups`` query heads per cache head, ``slots``
-    cache slots on ``sms`` multiprocessors runs it (mask 0: none, 1: bool, 2: additive; qk_norm: the
-    per-head RMSNorm of q and k, Qwen3). Returns
+def compile_decode_attention(variant, dtype: str = "fp16", sms: int = 132):
+    """The decode attention kernel (``decode_attention``) compiled for sm_90a as its launch runs
+    ``variant`` (a ``decode_attention.AttentionVariant``) on ``sms`` multiprocessors. Returns
     Triton's compiled kernel (``.asm["cubin"]`` for ``w4a16.sass.disasm``)."""
     from .decode_attention import attention_launch, decode_attention_kernel
 
-    _, cx, warps, stages = attention_launch(batch, kv_heads, groups, head_dim, slots, sms)
-    cx = dict(cx, MASK_KIND=mask, QK_NORM=qk_norm)
+    v = variant
+    _, cx, warps, stages = attention_launch(v.batch, v.kv_heads, v.groups, v.head_dim, v.slots, sms)
+    cx = dict(cx, MASK_KIND=v.mask, QK_NORM=v.qk_norm)
     act = f"*{dtype}"
     types = dict(q_ptr=act, k_ptr=act, v_ptr=act, cos_ptr=act, sin_ptr=act, keys_ptr=act, values_ptr=act,
-                 len_ptr="*i64", mask_ptr={0: act, 1: "*i1", 2: act}[mask], out_ptr=act, part_ptr="*fp32",
+                 len_ptr="*i64", mask_ptr={0: act, 1: "*i1", 2: act}[v.mask], out_ptr=act, part_ptr="*fp32",
                  ml_ptr="*fp32", counter_ptr="*i32", qn_ptr=act, kn_ptr=act, scale="fp32", qn_eps="fp32",
                  kn_eps="fp32")
     names = [a for a in decode_attention_kernel.arg_names if a not in cx]
@@ -171,6 +169,16 @@ def compile_decode_attention(dtype: str = "fp16", head_dim: int = 128, groups: i
     aligned = [a for a in names if a.endswith("_ptr") or a.startswith("stride")]
     return _compile_sm90a(decode_attention_kernel, names, [types.get(a, "i32") for a in names], aligned, cx,
                           warps, stages)
+
+
+def attention_elements_per_thread(variant, sms: int = 132) -> int:
+    """Cache elements (keys and values) one thread loads per main-loop iteration of the decode
+    attention kernel (the "weights" of ``w4a16 sass``'s instructions-per-weight)."""
+    from .decode_attention import attention_launch
+
+    v = variant
+    _, cx, warps, _ = attention_launch(v.batch, v.kv_heads, v.groups, v.head_dim, v.slots, sms)
+    return 2 * cx["BLOCK_N"] * v.head_dim // (32 * warps)
 
 
 def moe_weights_per_thread(kernel, group: int = 128) -> int:
