@@ -31,7 +31,8 @@ from w4a16.bench.shapes import preset_layers  # noqa: E402
 from w4a16.backends.gluon.layout import GluonPrepared, prepare_weight  # noqa: E402
 from session_cases import option_matrix  # noqa: E402
 from session_log import SessionLog  # noqa: E402
-from w4a16.backends.gluon.prefill.config import NAMED, GluonPrefillConfig, prefill_candidates, prefill_heuristic  # noqa: E402,F401
+from w4a16.backends.gluon.prefill.config import (NAMED, SPLIT_CONFIGS, GluonPrefillConfig,  # noqa: E402,F401
+                                                 prefill_candidates, prefill_heuristic)
 from w4a16.backends.gluon.prefill.launch import run_prefill  # noqa: E402
 from w4a16.backends.gluon.support import call_reason  # noqa: E402
 from w4a16.measure import GraphTimer, copies_for, graph_replay_matches_eager, random_weight  # noqa: E402
@@ -266,12 +267,6 @@ def timing(ms, budget, cfg_for):
         import math
         log(f"geomean gluon / cuBLAS fp16 at M >= 1024: {math.exp(sum(map(math.log, ratios)) / len(ratios)):.3f}x "
             f"(min {min(ratios):.2f}x) over {len(ratios)} calls")
-
-
-SPLIT_CONFIGS = [GluonPrefillConfig(128, 64, 1, 4, pingpong=False, splits=2), GluonPrefillConfig(128, 64, 1, 4, splits=2),
-                 GluonPrefillConfig(128, 64, 1, 4, pingpong=False, splits=3), GluonPrefillConfig(64, 64, 2, 4, splits=2),
-                 GluonPrefillConfig(64, 64, 2, 4, splits=4), GluonPrefillConfig(128, 64, 1, 4, stream=True),
-                 GluonPrefillConfig(128, 64, 1, 4, pingpong=False, stream=True), GluonPrefillConfig(64, 64, 2, 4, stream=True)]
 
 
 def sweep(shapes, ms, budget, extra=()):

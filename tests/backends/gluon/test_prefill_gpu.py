@@ -13,7 +13,7 @@ from gluon_helpers import skip_unless_gluon  # noqa: E402
 skip_unless_gluon()
 
 from w4a16 import reference  # noqa: E402
-from w4a16.backends.gluon.prefill.config import NAMED, GluonPrefillConfig, prefill_candidates  # noqa: E402
+from w4a16.backends.gluon.prefill.config import NAMED, SPLIT_CONFIGS, GluonPrefillConfig, prefill_candidates  # noqa: E402
 from w4a16.backends.gluon.prefill.launch import run_prefill  # noqa: E402
 from w4a16.backends.gluon.support import call_reason  # noqa: E402
 from gluon_helpers import option_matrix, prep, rel  # noqa: E402
@@ -47,12 +47,6 @@ def test_matrix(dtype, group, zeros):
             assert call_reason(M, N, K, w.group_size_effective, dtype, x, "prefill") is None
             ref = reference.gemm(x, w, bias, alpha)
             assert rel(_run(x, pw, bias, alpha, cfg), ref) <= tol, (M, N, K, group, zeros)
-
-
-SPLIT_CONFIGS = [GluonPrefillConfig(128, 64, 1, 4, pingpong=False, splits=2), GluonPrefillConfig(128, 64, 1, 4, splits=3),
-                 GluonPrefillConfig(64, 64, 2, 4, splits=4), GluonPrefillConfig(128, 64, 1, 4, stream=True),
-                 GluonPrefillConfig(128, 64, 1, 4, pingpong=False, stream=True),
-                 GluonPrefillConfig(64, 64, 2, 4, stream=True)]   # stream-K: not yet run on a GPU
 
 
 def _all_configs():

@@ -158,6 +158,16 @@ NAMED: Dict[str, GluonPrefillConfig] = {
 }
 
 
+# The K-split and stream-K configs (not among the tuner's candidates: on an H100 none beat the
+# unsplit tiles at M = 128 and 256, BENCHMARKS.md), which the GPU tests and the prefill session
+# still check and time.
+SPLIT_CONFIGS: List[GluonPrefillConfig] = [
+    GluonPrefillConfig(128, 64, 1, 4, pingpong=False, splits=2), GluonPrefillConfig(128, 64, 1, 4, splits=2),
+    GluonPrefillConfig(128, 64, 1, 4, pingpong=False, splits=3), GluonPrefillConfig(128, 64, 1, 4, splits=3),
+    GluonPrefillConfig(64, 64, 2, 4, splits=2), GluonPrefillConfig(64, 64, 2, 4, splits=4),
+    GluonPrefillConfig(128, 64, 1, 4, stream=True), GluonPrefillConfig(128, 64, 1, 4, pingpong=False, stream=True),
+    GluonPrefillConfig(64, 64, 2, 4, stream=True)]
+
 def fits(cfg: GluonPrefillConfig, kh: int, has_zeros: bool, group: int) -> bool:
     return cfg.smem_bytes(kh, 2, has_zeros, group) <= SMEM_LIMIT
 
