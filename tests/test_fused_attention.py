@@ -51,7 +51,8 @@ def _tolerance(dtype):
 @pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("B,Hq,Hkv,S,D,pos,mask", [
     (1, 8, 2, 300, 32, 250, None),         # several splits, the combine
-    (1, 8, 2, 300, 32, 5, "bool"),         # splits with nothing to do
+    (1, 8, 2, 300, 32, 5, "bool"),         # one split holds every slot, the others nothing
+    (1, 8, 2, 300, 32, 100, "additive"),   # two of the splits hold slots
     (3, 16, 4, 100, 16, 99, "additive"),   # the last slot, a mask row shared by the batch
     (2, 6, 3, 64, 64, 0, None),            # the first token
     (2, 40, 8, 129, 128, 128, "bool"),     # 5 query heads per cache head, Llama's head width

@@ -73,12 +73,6 @@ ALLOWANCES = (
         "(0 -> 2 each), a mov of every register wgmma operand (IMAD.MOV.U32 2 -> 34) and descriptors "
         "from 32-bit addresses (UMOV 4 -> 8); without one (decode, direct down) uniform moves only "
         "(UMOV 4 -> 13). Up to +12.3% (m64 gate_up 64 wide, fp16).")),
-    Allowance((3, 8), "triton-attention", 0.07, label=r"attn d256 .*", why=(
-        "The decode attention kernel with 256-wide heads: Triton 3.8 computes the cache tiles' addresses "
-        "with 64-bit adds in the loop (IADD3 53 -> 70, IMAD.X 4 -> 20 per iteration) and reduces the "
-        "softmax's row max and sum over more shuffles (SHFL.BFLY 18 -> 24): +4.4% (fp16) and +5.3% "
-        "(bf16) instructions per cache element (w4a16 sass, 2026-12-07). Its 64- and 128-wide builds "
-        "are 4% longer to 7% shorter than on 3.6.")),
 ) + tuple(
     Allowance(release, "triton-moe", growth, spills=56, label=r"moe-packed-down m128 n128 sa w8 s3",
               why=_WIDE_DOWN_WHY, loop_spills=loop)

@@ -8,9 +8,11 @@ of the new token, read on the device: no host sync, a CUDA graph replays it for 
 position). It ropes the G = Hq / Hkv query heads of its group ([BLOCK_G >= 16, D], for the tensor
 cores) and the new key, and attends over its slots with an online softmax; the one program whose
 range holds pos writes the new key and value into the cache and takes that slot's score and value
-from registers (its tiles read zeros there: no thread reads back what another one wrote). With several splits, each writes its partial (running max, sum and fp32 accumulator) and
-the last program of the (b, h) pair to arrive (an acquire-release counter, reset after use)
-combines them in split order: deterministic. The last program of the whole grid to arrive
+from registers (its tiles read zeros there: no thread reads back what another one wrote). The
+first ``active`` splits hold slots (the ranges are whole blocks, so a short cache fills fewer
+than SPLITS): one alone writes the output; several each write a partial (running max, sum and
+fp32 accumulator), and the last of them to arrive (an acquire-release counter per (b, h), reset
+after use) combines them in split order: deterministic. The last program of the whole grid to arrive
 advances ``length`` by one (every program has read it by then).
 
 Arithmetic, like transformers' SDPA decode: q and k roped in fp32 and rounded to the activations'
@@ -141,22 +143,26 @@ def decode_attention_kernel(
 
     out_offs = b * stride_ob + (h * G + g)[:, None] * D + d[None, :]
     nan_if_full = tl.where(full, float("nan"), 1.0)
+    active = tl.cdiv(filled, chunk)   # the splits whose range holds slots (the first ones)
     if SPLITS == 1:
         tl.store(out_ptr + out_offs, (acc / l_i[:, None] * nan_if_full).to(dtype), mask=g_ok[:, None])
-    else:
+    elif active == 1:   # one range holds every slot: no partials, no combine
+        if split == 0:
+            tl.store(out_ptr + out_offs, (acc / l_i[:, None] * nan_if_full).to(dtype), mask=g_ok[:, None])
+    elif split < active:
         part = (bh * SPLITS + split) * BLOCK_G
         tl.store(part_ptr + (part + g)[:, None] * D + d[None, :], acc)
         tl.store(ml_ptr + part * 2 + g, m_i)
         tl.store(ml_ptr + part * 2 + BLOCK_G + g, l_i)
         arrived = tl.atomic_add(counter_ptr + bh, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLITS - 1:   # the last split of (b, h): combine in split order
+        if arrived == active - 1:   # the last active split of (b, h): combine in split order
             m_all = tl.full([BLOCK_G], float("-inf"), tl.float32)
-            for j in range(SPLITS):
+            for j in range(active):
                 m_all = tl.maximum(m_all, tl.load(ml_ptr + (bh * SPLITS + j) * BLOCK_G * 2 + g))
             m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
             l_all = tl.zeros([BLOCK_G], tl.float32)
             o_all = tl.zeros([BLOCK_G, D], tl.float32)
-            for j in range(SPLITS):
+            for j in range(active):
                 pj = (bh * SPLITS + j) * BLOCK_G
                 w = tl.exp(tl.load(ml_ptr + pj * 2 + g) - m_all)
                 l_all += w * tl.load(ml_ptr + pj * 2 + BLOCK_G + g)
