@@ -24,7 +24,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from .errors import expect
+from .errors import expect, fail
 
 ATTENTION_CLASSES = ("LlamaAttention", "Qwen2Attention", "MistralAttention", "Qwen3Attention", "Qwen3MoeAttention")
 # per-head RMSNorms of q and k (Qwen3) computing weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)
@@ -33,8 +33,36 @@ _MASKED_IMPLEMENTATIONS = ("sdpa", "eager", "w4a16_packed_gqa")   # 4-D [B, 1, Q
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
+def _fits(q, k, v, cos, sin, keys, values, length, mask, q_norm, k_norm) -> bool:
+    """Whether every check of :func:`check_decode_attention` holds (no message formatted: an eager
+    decode step calls this once per layer)."""
+    if keys.dim() != 4 or keys.dtype not in (torch.float16, torch.bfloat16) or keys.stride(3) != 1:
+        return False
+    B, Hkv, S, D = keys.shape
+    dt, dev = keys.dtype, keys.device
+    if (D not in HEAD_DIMS or values.shape != keys.shape or values.stride() != keys.stride() or q.dim() != 2
+            or q.shape[0] != B or q.shape[1] % (Hkv * D)):
+        return False
+    if k.shape != (B, Hkv * D) or v.shape != (B, Hkv * D) or cos.shape != (B, D) or sin.shape != (B, D):
+        return False
+    if any(t.dtype != dt or t.stride(-1) != 1 or t.device != dev for t in (q, k, v, cos, sin, values)):
+        return False
+    if length.dtype != torch.int64 or length.dim() != 0 or length.device != dev:
+        return False
+    if mask is not None and (mask.dim() != 2 or mask.shape[0] not in (1, B) or mask.shape[1] != S
+                             or mask.stride(1) != 1 or not (mask.dtype == torch.bool or mask.dtype.is_floating_point)
+                             or mask.device != dev):
+        return False
+    if (q_norm is None) != (k_norm is None):
+        return False
+    return q_norm is None or all(t.shape == (D,) and t.stride(0) == 1 and t.dtype == dt and t.device == dev
+                                 for t in (q_norm, k_norm))
+
+
 def check_decode_attention(q, k, v, cos, sin, keys, values, length, mask, q_norm=None, k_norm=None) -> None:
     """Raise W4A16Error unless the arguments fit :func:`decode_attention` (see there)."""
+    if _fits(q, k, v, cos, sin, keys, values, length, mask, q_norm, k_norm):
+        return
     expect(keys.dim() == 4, "keys", "a 4-D tensor [B, Hkv, S, D]", tuple(keys.shape))
     B, Hkv, S, D = keys.shape
     expect(D in HEAD_DIMS, "keys.shape[3] (head dim)", f"one of {HEAD_DIMS}", D)
@@ -67,6 +95,8 @@ def check_decode_attention(q, k, v, cos, sin, keys, values, length, mask, q_norm
             expect(tuple(t.shape) == (D,) and t.stride(0) == 1, f"{name}.shape", f"({D},) contiguous", tuple(t.shape))
             expect(t.dtype == keys.dtype and t.device == keys.device, name, f"{keys.dtype} on {keys.device}",
                    f"{t.dtype} on {t.device}")
+    fail("decode_attention's arguments", "the shapes, dtypes, strides and devices of its docstring",
+         "a combination the checks above do not name")   # _fits and the checks disagree: never silent
 
 
 def decode_attention_reference(q, k, v, cos, sin, keys, values, length, mask, scale: float, q_norm=None,
