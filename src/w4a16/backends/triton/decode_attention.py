@@ -79,11 +79,11 @@ def decode_attention_kernel(
     """q [B, Hq*D], k and v [B, Hkv*D] (rows at the given strides, heads contiguous), cos and sin
     [B, D] (row strides, 0 for one row shared), keys and values [B, Hkv, S, D] (same strides, last
     contiguous), length int64 [] (the new token's slot; at S or past it nothing is written and the
-    output is NaN), mask [B or 1, S] (bool: True attends;
-    or additive; row stride 0 when shared) or unused -> out [B, Hq*D] (row stride stride_ob);
-    part fp32 [B*Hkv, SPLITS, BLOCK_G, D] and ml fp32 [B*Hkv, SPLITS, 2, BLOCK_G] (SPLITS > 1);
-    counter int32 [B*Hkv + 1] zero, left zero; qn, kn [D] and their eps: the per-head RMSNorm of q and
-    of k before the rotary embedding (QK_NORM; Qwen3) (module docstring)."""
+    output is NaN), mask [B or 1, S] (bool: True attends; or additive; row stride 0 when shared)
+    or unused -> out [B, Hq*D] (row stride stride_ob); part fp32 [B*Hkv, SPLITS, BLOCK_G, D] and
+    ml fp32 [B*Hkv, SPLITS, 2, BLOCK_G] (SPLITS > 1); counter int32 [B*Hkv + 1] zero, left zero;
+    qn, kn [D] and their eps: the per-head RMSNorm of q and of k before the rotary embedding
+    (QK_NORM; Qwen3). See the module docstring."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // HKV
