@@ -11,9 +11,10 @@ ramp. :func:`decode_attention` does all of it in one launch
 
 converts every attention module of :data:`ATTENTION_CLASSES` in place (the 16-bit and the W4A16
 model alike: q, k and v come from the module's own projections, views of one GEMM where they are
-fused; Qwen3's per-head RMSNorms of q and k run in the kernel too). Its forward takes the fused path for one query token on an initialized static cache layer
-(transformers' ``StaticLayer``) with a mask shared by the heads; every other call (prefill, a
-dynamic cache, training, ...) is the model's own forward. The attended slots are 0..pos (pos the
+fused; Qwen3's per-head RMSNorms of q and k run in the kernel too). Its forward takes the fused
+path for one query token on an initialized static cache layer (transformers' ``StaticLayer``)
+with a mask shared by the heads; every other call (prefill, a dynamic cache, training, ...) is
+the model's own forward. The attended slots are 0..pos (pos the
 new token's slot, kept by the cache): a causal step; a mask, where the model gives one, is applied
 on top (padding, sliding windows).
 """
@@ -163,11 +164,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     contiguous), cos and sin [B, D] (the rotary embedding at the new token's position, rows may
     share one), keys and values [B, Hkv, S, D] (the static cache, updated in place at slot
     ``length``), length int64 [] (the new token's slot; advanced by one; a full cache, length >= S,
-    gives NaN and writes nothing), mask None or [B or 1, S]
-    (bool, True attends; or additive), scale (default D ** -0.5); all fp16 or all bf16 (the mask
-    aside), one device, D in :data:`HEAD_DIMS`; q_norm and k_norm (both or neither) [D]: each head
-    of q and of k RMS-normalized with these weights before the rotary embedding, eps ``norm_eps``
-    (q's, k's), as Qwen3's attention does -> out [B, Hq*D]: softmax(q_r k_r^T * scale + mask) V
+    gives NaN and writes nothing), mask None or [B or 1, S] (bool, True attends; or additive),
+    scale (default D ** -0.5); all fp16 or all bf16 (the mask aside), one device, D in
+    :data:`HEAD_DIMS`; q_norm and k_norm (both or neither) [D]: each head of q and of k
+    RMS-normalized with these weights before the rotary embedding, eps ``norm_eps`` (q's, k's), as
+    Qwen3's attention does -> out [B, Hq*D]: softmax(q_r k_r^T * scale + mask) V
     over slots 0..length, q_r and k_r roped (rotate_half convention)."""
     check_decode_attention(q, k, v, cos, sin, keys, values, length, mask, q_norm, k_norm)
     scale = keys.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -199,7 +200,8 @@ class FusedDecodeAttention(nn.Module):
 def _fused_inputs(module: nn.Module, x: torch.Tensor, position_embeddings, mask, kwargs: dict):
     """(the cache layer, the mask as [B or 1, S] or None) when ``module``'s call takes the fused
     path, else None."""
-    if module.training or x.dim() != 3 or x.shape[1] != 1 or position_embeddings is None or kwargs.get("output_attentions"):
+    if (module.training or x.dim() != 3 or x.shape[1] != 1 or position_embeddings is None
+            or kwargs.get("output_attentions")):
         return None
     cache = kwargs.get("past_key_values", kwargs.get("cache"))
     layers = getattr(cache, "layers", None)
