@@ -9,7 +9,9 @@
 #   model                                           # w4a16.e2e.speed, Llama-3-8B shape, compiled:
 #                                                   # fp16, W4A16, W4A16 with fused layers, + 4-bit lm_head
 #   attention                                       # the decode attention GPU tests (fused and packed),
-#                                                   # then the kernels of a compiled decode step
+#                                                   # benchmarks/attention_bench.py (the one-kernel
+#                                                   # attention against torch's operations), then the
+#                                                   # kernels of a compiled decode step
 #                                                   # (benchmarks/model_profile.py, 8 layers, fused layers)
 #                                                   # with each attention of PROFILE_ATTENTIONS
 #
@@ -42,8 +44,11 @@ attention)
     timeout -s INT -k 30 $((LIMIT / 5)) $PY -m pytest -q -p no:cacheprovider -n 4 tests/test_fused_attention.py \
         tests/test_attention.py > "$OUT/attention_tests.txt" 2>&1
     grep -E "^(FAILED|ERROR)" "$OUT/attention_tests.txt" | head -n 20; tail -n 1 "$OUT/attention_tests.txt"
+    timeout $((LIMIT / 5)) $PY benchmarks/attention_bench.py --dtype "${DTYPE:-fp16}" --out "$OUT" \
+        > "$OUT/attention_bench.txt" 2>&1
+    tail -n 26 "$OUT/attention_bench.txt"
     for att in ${PROFILE_ATTENTIONS:-packed-gqa fused-decode}; do
-        timeout $((LIMIT * 2 / 5)) $PY benchmarks/model_profile.py decode --model llama3-8b --layers 8 --batches 1,16 \
+        timeout $((LIMIT * 3 / 10)) $PY benchmarks/model_profile.py decode --model llama3-8b --layers 8 --batches 1,16 \
             --compile --fuse-layers --dtype "${DTYPE:-fp16}" --attention "$att" --top 14 > "$OUT/profile_$att.txt" 2>&1
         grep -E "ms of kernels" "$OUT/profile_$att.txt"
     done ;;
