@@ -7,7 +7,7 @@ decoder layers' epilogues fused, ``w4a16.fused_layer``), side by side.
 
     python benchmarks/model_profile.py prefill [--model qwen3-30b-a3b] [--layers 8] [--tokens 2048] [--dtype bf16]
     python benchmarks/model_profile.py decode --model llama3-8b --layers 8 --batches 1,16 --compile --fuse-layers
-        [--attention packed-gqa]
+        [--attention packed-gqa] [--fused-routers]
 """
 import argparse
 import collections
@@ -58,10 +58,12 @@ def main() -> None:
     ap.add_argument("--lm-head-int4", action="store_true", help="quantize the lm_head too")
     ap.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
     ap.add_argument("--attention", default="sdpa", choices=ATTENTIONS, help="both models' attention (w4a16.e2e.speed)")
+    ap.add_argument("--fused-routers", action="store_true",
+                    help="both models' MoE routers on one kernel (w4a16.moe.router)")
     ap.add_argument("--top", type=int, default=20)
     a = ap.parse_args()
     dtype = DTYPES[a.dtype]
-    config = model_config(a.model, model_dims(a.model, a.layers), a.attention)
+    config = model_config(a.model, model_dims(a.model, a.layers), a.attention, a.fused_routers)
     model = build_model(config, "cuda", dtype)
     ids = torch.randint(0, config.vocab_size, (1, a.tokens), generator=torch.Generator().manual_seed(1)).cuda()
     print(f"{a.model}, {a.layers} layers, {a.dtype}, attention {a.attention}, {torch.cuda.get_device_name()}, "

@@ -178,11 +178,14 @@ def test_unknown_or_missing_peer_is_a_clear_error():
             peers.torchao_int4(torch.nn.Linear(8, 8))
 
 
-def test_moe_model_runs_with_w4a16_experts(monkeypatch):
+@pytest.mark.parametrize("fused_routers", [False, True])
+def test_moe_model_runs_with_w4a16_experts(monkeypatch, fused_routers):
     """The Qwen3-30B-A3B-shaped run (tiny here): its experts become W4A16Experts, checked against the
     dequantized experts like every other layer; the experts run the Triton kernel (interpreter),
-    so the check compares it with the reference."""
+    so the check compares it with the reference. fused_routers: every model's routers run
+    w4a16.moe.router's kernel, and the table's head says so."""
     from w4a16.moe import module as moe_module
+    from w4a16.moe import router
 
     real = moe_module.W4A16Experts.forward
     backends = []
@@ -203,10 +206,15 @@ def test_moe_model_runs_with_w4a16_experts(monkeypatch):
                 num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2, vocab_size=512)
     dims = speed.model_dims("qwen3-30b-a3b")
     assert (dims["num_experts"], dims["num_experts_per_tok"], dims["moe_intermediate_size"]) == (128, 8, 768)
-    r = speed.run_speed(**dict(RUN, config_overrides=tiny, batches=(1,)), model="qwen3-30b-a3b")
-    assert r.config["model"] == "qwen3-30b-a3b"
+    calls = []
+    real_op = router.router_topk_op
+    monkeypatch.setattr(router, "router_topk_op", lambda *a: (calls.append(1), real_op(*a))[1])
+    r = speed.run_speed(**dict(RUN, config_overrides=tiny, batches=(1,)), model="qwen3-30b-a3b",
+                        fused_routers=fused_routers)
+    assert r.config["model"] == "qwen3-30b-a3b" and r.config["fused_routers"] == fused_routers
     assert r.check["layers_quantized"] == 2 * (4 + 1)        # q, k, v, o and the experts module per layer
     assert r.check["rel_err_vs_dequantized"] < speed.KERNEL_TOL[torch.float16] and backends
+    assert bool(calls) == fused_routers and ("fused routers" in speed.format_speed(r)) == fused_routers
 
 
 def test_a_failing_peer_is_reported_and_the_run_keeps_what_it_measured(monkeypatch, tmp_path):

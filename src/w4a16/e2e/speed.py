@@ -123,13 +123,14 @@ def model_dims(model: str, layers: Optional[int] = None, **overrides) -> Dict[st
 ATTENTIONS = ("sdpa", "packed-gqa", "fused-decode")
 
 
-def model_config(model: str, dims: Dict[str, object], attention: str = "sdpa"):
+def model_config(model: str, dims: Dict[str, object], attention: str = "sdpa", fused_routers: bool = False):
     """The transformers config of ``model`` from :func:`model_dims`: SDPA attention, or with
     ``attention="packed-gqa"`` :func:`w4a16.attention.packed_gqa_sdpa` (a decode token's query heads
     folded onto the cache's key/value heads instead of the cache repeated per query head), or with
     ``attention="fused-decode"`` SDPA plus :mod:`w4a16.fused_attention` for decode steps (rotary
     embedding, cache write and attention in one kernel; :func:`build_model` converts the
-    attention modules of a config so marked); the MoE
+    attention modules of a config so marked); ``fused_routers``: the MoE routers' softmax, top-k
+    and renormalization in one kernel (:mod:`w4a16.moe.router`, converted by build_model too); the MoE
     model's experts run by transformers' ``grouped_mm`` implementation (torch._grouped_mm) where
     it has one."""
     from ..errors import expect
@@ -149,6 +150,7 @@ def model_config(model: str, dims: Dict[str, object], attention: str = "sdpa"):
 
         cfg._attn_implementation = register()
     cfg.w4a16_fused_decode_attention = attention == "fused-decode"
+    cfg.w4a16_fused_routers = bool(fused_routers)
     return cfg
 
 
@@ -169,8 +171,8 @@ def build_model(config, device: str = "cuda", dtype: torch.dtype = torch.float16
     """The causal LM of ``config`` (``LlamaForCausalLM``, ``Qwen3MoeForCausalLM``) with transformers'
     random init (normal, std ``initializer_range``), created directly on ``device`` with parameters
     in ``dtype`` (the rotary ``inv_freq`` buffer stays fp32, as transformers makes it); eval mode;
-    its attention modules converted by ``use_fused_decode_attention`` where :func:`model_config`
-    asked for it."""
+    its attention modules converted by ``use_fused_decode_attention`` and its MoE routers by
+    ``use_fused_routers`` where :func:`model_config` asked for them."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -188,6 +190,10 @@ def build_model(config, device: str = "cuda", dtype: torch.dtype = torch.float16
         from ..fused_attention import use_fused_decode_attention
 
         use_fused_decode_attention(model)
+    if getattr(config, "w4a16_fused_routers", False):
+        from ..moe.router import use_fused_routers
+
+        use_fused_routers(model)
     return model.to(device).eval()
 
 
@@ -446,7 +452,7 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
               config_overrides=None, compile: bool = False, fuse=True, peers: Sequence[str] = (),
               print_fn: Optional[Callable[[str], None]] = print, model: str = "llama3-8b",
               lm_head_int4: bool = False, fused_layers_too: bool = False, dtype: str = "fp16",
-              attention: str = "sdpa") -> SpeedResult:
+              attention: str = "sdpa", fused_routers: bool = False) -> SpeedResult:
     """Measure fp16 and W4A16 on the Llama-3-8B shape, or another of MODELS (see the module docstring).
 
     Args:
@@ -477,6 +483,8 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
         attention: "sdpa" (transformers' SDPA attention), "packed-gqa" (:mod:`w4a16.attention`) or
             "fused-decode" (:mod:`w4a16.fused_attention`), for every model of the run alike
             (:func:`model_config`).
+        fused_routers: every model's MoE routers on one kernel after their GEMM
+            (:mod:`w4a16.moe.router`; the MoE model only).
         fused_layers_too: after the W4A16 model (fuse=True), move its decoder layers' activation and
             residual adds into the GEMM epilogues (``w4a16.fused_layer.fuse_decoder_layers``), check
             it against its dequantized weights and time it as one more row (before the 4-bit
@@ -494,7 +502,7 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
     say = print_fn or (lambda s: None)
     kind = model
     dims = model_dims(kind, layers, **(config_overrides or {}))
-    config = model_config(kind, dims, attention)
+    config = model_config(kind, dims, attention, fused_routers)
     t0 = time.perf_counter()
     model = build_model(config, device, torch_dtype)
     say(f"built {kind} ({dims['num_hidden_layers']} layers, hidden {dims['hidden_size']}) on {device} "
@@ -507,7 +515,8 @@ def run_speed(layers: Optional[int] = None, batches: Sequence[int] = (1, 16), pr
     dev_name = torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu"
     result = SpeedResult(dict(dims, model=kind, group_size=group_size, symmetric=symmetric, prefill_tokens=prefill_tokens,
                               context=context, verify_tokens=verify_tokens, compile=compile, fused=fuse,
-                              lm_head_int4=lm_head_int4, dtype=dtype, attention=attention),
+                              lm_head_int4=lm_head_int4, dtype=dtype, attention=attention,
+                              fused_routers=bool(fused_routers)),
                          dev_name, _versions(), {})
     result.models.append(_measure(dtype, model, device, batches, prefill_tokens, decode_kw, say, graph_modes))
 
@@ -592,7 +601,8 @@ def format_speed(result: SpeedResult) -> str:
             f"(torch {result.versions['torch']}, transformers {result.versions['transformers']}, "
             f"triton {result.versions['triton']}); decode on a {c['context']}-slot KV cache"
             + (", decode step through torch.compile" if c.get("compile") else "")
-            + (f", attention {c['attention']}" if c.get("attention", "sdpa") != "sdpa" else ""))
+            + (f", attention {c['attention']}" if c.get("attention", "sdpa") != "sdpa" else "")
+            + (", fused routers" if c.get("fused_routers") else ""))
     cols = ["model", "weights", f"prefill {c['prefill_tokens']} ms"] + [
         f"decode b={b} tok/s" + (f" ({m})" if both else "") for b, m in steps]
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -700,6 +710,9 @@ def main(argv: Optional[Sequence[str]] = None) -> SpeedResult:
                         "token's query heads folded onto the cache's heads, no repeated cache), or fused-decode "
                         "(w4a16.fused_attention: a decode step's rotary embedding, cache write and attention in "
                         "one kernel)")
+    p.add_argument("--fused-routers", action="store_true",
+                   help="every model's MoE routers: softmax, top-k and renormalization in one kernel "
+                        "(w4a16.moe.router)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None, help="folder for speed.json")
     a = p.parse_args(argv)
@@ -710,7 +723,7 @@ def main(argv: Optional[Sequence[str]] = None) -> SpeedResult:
                        fuse="layers" if a.fuse_layers else not a.no_fuse,
                        eager_too=a.eager_too, interleave_eager=a.interleave_eager, peers=a.peers, model=a.model,
                        lm_head_int4=a.lm_head_int4, fused_layers_too=a.fuse_layers_too, dtype=a.dtype,
-                       attention=a.attention)
+                       attention=a.attention, fused_routers=a.fused_routers)
     if a.out:
         print(f"wrote {write_json(result, a.out)}")
     return result

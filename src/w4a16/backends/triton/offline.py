@@ -181,6 +181,18 @@ def attention_elements_per_thread(variant, sms: int = 132) -> int:
     return 2 * cx["BLOCK_N"] * v.head_dim // (32 * warps)
 
 
+def compile_router_topk(num_experts: int = 128, k: int = 8, dtype: str = "bf16"):
+    """The router top-k kernel (``moe_topk``) compiled for sm_90a for ``num_experts`` experts and
+    top ``k`` on ``dtype`` logits (a Triton release that cannot lower it fails here, on a machine
+    without a GPU)."""
+    from .moe_topk import router_topk_kernel
+
+    cx = dict(K=k, E_POW=max(16, 1 << (num_experts - 1).bit_length()), RENORM=True)
+    names = [a for a in router_topk_kernel.arg_names if a not in cx]
+    types = dict(logits_ptr=f"*{dtype}", w_ptr=f"*{dtype}", ids_ptr="*i64")
+    return _compile_sm90a(router_topk_kernel, names, [types.get(a, "i32") for a in names], (), cx, 4, 1)
+
+
 def moe_weights_per_thread(kernel, group: int = 128) -> int:
     """Weights one thread dequantizes per main-loop iteration (two tiles with SiLU*up): BK values of
     K a step for a MoeTile, one layout chunk for a PackedTile."""
