@@ -5,7 +5,8 @@
 #                                          # then w4a16 bench --moe on two presets at small T
 #   bench                                  # w4a16 bench --moe all --m 1,16,64,256,4096 (bf16)
 #   model                                  # w4a16.e2e.speed --model qwen3-30b-a3b --layers 8 --compile --dtype bf16
-#                                          # (HEAD4=1: the 4-bit lm_head's row too)
+#                                          # (HEAD4=1: the 4-bit lm_head's row too; ATTENTION=fused-decode
+#                                          # and ROUTERS=1: every model's attention / routers fused)
 #   final                                  # the MoE tests, w4a16 bench --moe all, the per-kernel
 #                                          # profile (benchmarks/moe_profile.py), then the model phase
 #   sanitize                               # compute-sanitizer (memcheck, racecheck, synccheck,
@@ -51,7 +52,8 @@ bench)
     tail -n 70 "$OUT/bench.txt" ;;
 model)
     timeout "$LIMIT" $PY -m w4a16.e2e.speed --model qwen3-30b-a3b --layers 8 --batches 1 16 --compile --dtype "${DTYPE:-bf16}" \
-        ${HEAD4:+--lm-head-int4} --out "$OUT/model" > "$OUT/model.txt" 2>&1
+        ${HEAD4:+--lm-head-int4} --attention "${ATTENTION:-sdpa}" ${ROUTERS:+--fused-routers} --out "$OUT/model" \
+        > "$OUT/model.txt" 2>&1
     tail -n 30 "$OUT/model.txt" ;;
 tiles)
     timeout -s INT -k 30 120 $PY -m pytest -q -p no:cacheprovider -n 8 tests/moe > "$OUT/tests.txt" 2>&1
