@@ -168,6 +168,7 @@ SPLIT_CONFIGS: List[GluonPrefillConfig] = [
     GluonPrefillConfig(128, 64, 1, 4, stream=True), GluonPrefillConfig(128, 64, 1, 4, pingpong=False, stream=True),
     GluonPrefillConfig(64, 64, 2, 4, stream=True)]
 
+
 def fits(cfg: GluonPrefillConfig, kh: int, has_zeros: bool, group: int) -> bool:
     return cfg.smem_bytes(kh, 2, has_zeros, group) <= SMEM_LIMIT
 
