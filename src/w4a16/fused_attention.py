@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .errors import expect, fail
+from .mixins import mixed_class
 
 ATTENTION_CLASSES = ("LlamaAttention", "Qwen2Attention", "MistralAttention", "Qwen3Attention", "Qwen3MoeAttention")
 # per-head RMSNorms of q and k (Qwen3) computing weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)
@@ -245,17 +246,6 @@ def why_not_fused_attention(module: nn.Module) -> Optional[str]:
     return None
 
 
-def _fused_class(cls: type) -> type:
-    made = _FUSED_CLASSES.get(cls)
-    if made is None:
-        made = _FUSED_CLASSES[cls] = type(f"W4A16Decode{cls.__name__}", (FusedDecodeAttention, cls),
-                                          {"__module__": __name__})
-    return made
-
-
-_FUSED_CLASSES: dict = {}
-
-
 def use_fused_decode_attention(model: nn.Module) -> List[str]:
     """Convert, in place, every attention module of ``model`` that :func:`why_not_fused_attention`
     accepts (module docstring); returns their names. Converting twice changes nothing."""
@@ -264,6 +254,6 @@ def use_fused_decode_attention(model: nn.Module) -> List[str]:
         if isinstance(module, FusedDecodeAttention):
             continue
         if why_not_fused_attention(module) is None:
-            module.__class__ = _fused_class(type(module))
+            module.__class__ = mixed_class(FusedDecodeAttention, type(module), "W4A16Decode")
             done.append(name)
     return done

@@ -38,6 +38,7 @@ from torch import nn
 
 from .epilogue import PAIR_ROWS, interleave_rows, pair_gate_up
 from .fused import FusedW4A16Linear
+from .mixins import mixed_class
 from .nn import W4A16Linear
 from .weight import QuantizedWeight
 
@@ -152,18 +153,6 @@ def why_not_fused(layer: nn.Module) -> Optional[str]:
     return None
 
 
-def _fused_class(cls: type) -> type:
-    """The subclass of a decoder layer class with the fused forward (one per class)."""
-    made = _FUSED_CLASSES.get(cls)
-    if made is None:
-        made = _FUSED_CLASSES[cls] = type(f"W4A16Fused{cls.__name__}", (FusedDecoderLayer, cls),
-                                          {"__module__": __name__})
-    return made
-
-
-_FUSED_CLASSES: dict = {}
-
-
 def fuse_decoder_layers(model: nn.Module) -> List[str]:
     """Convert, in place, every decoder layer of ``model`` that :func:`why_not_fused` accepts (see
     the module docstring); returns their names."""
@@ -180,6 +169,6 @@ def fuse_decoder_layers(model: nn.Module) -> List[str]:
                 and norm.weight.shape == (qkv.in_features,)):
             qkv.__class__ = NormedFusedW4A16Linear
             qkv.__dict__["input_norm"] = norm
-        layer.__class__ = _fused_class(type(layer))
+        layer.__class__ = mixed_class(FusedDecoderLayer, type(layer), "W4A16Fused")
         done.append(name)
     return done

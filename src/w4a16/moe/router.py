@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import expect
+from ..mixins import mixed_class
 
 # router class -> whether its weights come back in the logits' dtype (else fp32); each computes
 # softmax(fp32) -> topk -> renormalize (Mixtral always, the Qwen ones when norm_topk_prob)
@@ -92,9 +93,6 @@ def why_not_fused_router(module: nn.Module) -> Optional[str]:
     return None
 
 
-_FUSED_CLASSES: dict = {}
-
-
 def use_fused_routers(model: nn.Module) -> List[str]:
     """Convert, in place, every router of ``model`` that :func:`why_not_fused_router` accepts;
     returns their names. Converting twice changes nothing."""
@@ -103,10 +101,6 @@ def use_fused_routers(model: nn.Module) -> List[str]:
         if isinstance(module, FusedRouter) or why_not_fused_router(module) is not None:
             continue
         cls = type(module)
-        made = _FUSED_CLASSES.get(cls)
-        if made is None:
-            made = _FUSED_CLASSES[cls] = type(f"W4A16Fused{cls.__name__}", (FusedRouter, cls),
-                                              {"__module__": __name__, "_cast_weights": ROUTER_CLASSES[cls.__name__]})
-        module.__class__ = made
+        module.__class__ = mixed_class(FusedRouter, cls, "W4A16Fused", _cast_weights=ROUTER_CLASSES[cls.__name__])
         done.append(name)
     return done
