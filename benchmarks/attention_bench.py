@@ -14,14 +14,13 @@ RMSNorms). Prints a table and writes attention_bench.csv under --out.
 from __future__ import annotations
 
 import argparse
-import csv
-import os
 
 import torch
 import torch.nn.functional as F
 
 from w4a16.fused_attention import decode_attention, decode_attention_reference
 from w4a16.measure import GraphTimer, rel_error
+from session_log import write_rows
 
 MODELS = {"llama3-8b": (32, 8, 128, False), "qwen3-30b-a3b": (32, 4, 128, True)}
 
@@ -104,11 +103,7 @@ def main(argv=None) -> list:
                 print(f"{model:<14} {B:>3} {ctx:>6} {tf:>9.2f} {tu:>9.2f} {tu / tf:>5.2f}x", flush=True)
                 del t
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "attention_bench.csv"), "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=list(rows[0]))
-            wr.writeheader()
-            wr.writerows(rows)
+        write_rows(rows, a.out, "attention_bench.csv")
     return rows
 
 

@@ -10,14 +10,13 @@ Prints a table and writes epilogue_bench.csv under --out.
 from __future__ import annotations
 
 import argparse
-import csv
-import os
 
 import torch
 
 import w4a16
 from w4a16 import epilogue as E
 from w4a16.measure import GraphTimer, copies_for, random_weight
+from session_log import write_rows
 
 LAYERS = {"8B gate_up (silu_mul)": (14336, 4096, "silu_mul"), "8B down (residual)": (4096, 14336, "residual"),
           "8B o (residual)": (4096, 4096, "residual"), "70B gate_up (silu_mul)": (28672, 8192, "silu_mul"),
@@ -77,11 +76,7 @@ def main(argv=None) -> list:
                              ratio=round(ts / tf, 3), choice=w4a16.ops.choose(x, ws[0], epilogue=epilogue).label))
             print(f"{name:<24} {M:>5} {tf:>9.2f} {ts:>12.2f} {ts / tf:>6.2f}x", flush=True)
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "epilogue_bench.csv"), "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=list(rows[0]))
-            wr.writeheader()
-            wr.writerows(rows)
+        write_rows(rows, a.out, "epilogue_bench.csv")
     return rows
 
 

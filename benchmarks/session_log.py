@@ -1,6 +1,10 @@
-"""The Gluon session scripts' log: every line printed and, once ``open`` names a file, written
-there too (flushed per line, so a run cut off by a time limit leaves its log)."""
+"""The session scripts' outputs: the Gluon sessions' log (every line printed and, once ``open``
+names a file, written there too, flushed per line, so a run cut off by a time limit leaves its
+log), and the benchmarks' CSV tables (:func:`write_rows`)."""
 from __future__ import annotations
+
+import csv
+import os
 
 
 class SessionLog:
@@ -16,3 +20,13 @@ class SessionLog:
         if self.file:
             self.file.write(line + "\n")
             self.file.flush()
+
+
+def write_rows(rows: list, out_dir: str, name: str) -> None:
+    """``rows`` (dicts with the same keys, in column order) as the CSV file ``name`` under
+    ``out_dir`` (created)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, name), "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+        wr.writeheader()
+        wr.writerows(rows)
