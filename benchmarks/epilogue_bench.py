@@ -1,7 +1,9 @@
 """The GEMM epilogues against the separate kernels they replace, on a GPU: a Llama-3-8B layer's
-gate_up GEMM writing SiLU(gate) * up against the GEMM plus torch's SiLU and multiply, and its o and
-down GEMMs adding the residual against the GEMM plus torch's add (CUDA-graph replay, weights
-rotated through enough copies to leave L2; ``backend="auto"``).
+gate_up GEMM writing SiLU(gate) * up against the GEMM plus torch's SiLU and multiply, its o and
+down GEMMs adding the residual against the GEMM plus torch's add, and adding the residual and
+writing the RMSNorm of the sum against the residual GEMM plus the norm compiled by torch.compile
+(one Inductor kernel, as in a compiled model) (CUDA-graph replay, weights rotated through enough
+copies to leave L2; ``backend="auto"``).
 
     python benchmarks/epilogue_bench.py [--m 1,16,64,2048] [--dtype fp16] [--layers 8B] [--out DIR]
 
@@ -19,7 +21,9 @@ from w4a16.measure import GraphTimer, copies_for, random_weight
 from session_log import write_rows
 
 LAYERS = {"8B gate_up (silu_mul)": (14336, 4096, "silu_mul"), "8B down (residual)": (4096, 14336, "residual"),
-          "8B o (residual)": (4096, 4096, "residual"), "70B gate_up (silu_mul)": (28672, 8192, "silu_mul"),
+          "8B o (residual)": (4096, 4096, "residual"), "8B o (residual_rmsnorm)": (4096, 4096, "residual_rmsnorm"),
+          "8B down (residual_rmsnorm)": (4096, 14336, "residual_rmsnorm"),
+          "70B gate_up (silu_mul)": (28672, 8192, "silu_mul"),
           "70B down (residual)": (8192, 28672, "residual")}
 
 
@@ -47,6 +51,7 @@ def main(argv=None) -> list:
     gen = torch.Generator().manual_seed(0)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     timer = GraphTimer()
+    compiled_norm = torch.compile(E.rms_norm, dynamic=False)
     rows = []
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
           f"{__import__('triton').__version__}, {a.dtype}")
@@ -59,14 +64,21 @@ def main(argv=None) -> list:
         for M in (int(m) for m in a.m.split(",")):
             x = torch.randn(M, K, generator=gen).to(dtype).cuda()
             r = torch.randn(M, N, generator=gen).to(dtype).cuda()
+            nw = (torch.rand(N, generator=gen) + 0.5).to(dtype).cuda()
             if epilogue == "silu_mul":
                 fused = [lambda w=w: w4a16.gemm(x, w, epilogue="silu_mul") for w in ws]
                 separate = [lambda w=w: E.silu_mul(w4a16.gemm(x, w)) for w in ws]
+            elif epilogue == "residual_rmsnorm":
+                fused = [lambda w=w: w4a16.gemm(x, w, residual=r, epilogue=epilogue, norm_weight=nw, norm_eps=1e-5)[1]
+                         for w in ws]
+                separate = [lambda w=w: compiled_norm(w4a16.gemm(x, w, residual=r), nw, 1e-5) for w in ws]
             else:
                 fused = [lambda w=w: w4a16.gemm(x, w, residual=r) for w in ws]
                 separate = [lambda w=w: w4a16.gemm(x, w) + r for w in ws]
-            want = w4a16.reference.gemm(x[:1].cpu(), ws[0].to("cpu"), epilogue=epilogue,
-                                        residual=None if epilogue != "residual" else r[:1].cpu())
+            want = w4a16.reference.gemm(x[:1].cpu(), ws[0].to("cpu"), epilogue=E.chosen_as(epilogue),
+                                        residual=None if epilogue == "silu_mul" else r[:1].cpu())
+            if epilogue == "residual_rmsnorm":
+                want = E.rms_norm(want, nw.cpu(), 1e-5)
             got = fused[0]()[:1].cpu()
             err = float((got.double() - want.double()).norm() / want.double().norm())
             if err > 1e-2:

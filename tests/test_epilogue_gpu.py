@@ -1,7 +1,8 @@
 """The GEMM epilogues on the GPU: SiLU(gate) * up and the residual in the Gluon decode kernel (split,
-stream-K), the Gluon prefill kernel (every named config, a K-split one) and the Triton kernel, fp16
-and bf16, into NaN-poisoned outputs, every element against the reference; the fused decoder
-layers of a tiny Llama against the unfused model, eager and in a CUDA graph."""
+stream-K), the Gluon prefill kernel (every named config, a K-split one) and the Triton kernel, the
+residual and the rows' RMSNorm in the Gluon decode kernel (configs with a producer warp) and the
+Triton kernel, fp16 and bf16, into NaN-poisoned outputs, every element against the reference; the
+fused decoder layers of a tiny Llama against the unfused model, eager and in a CUDA graph."""
 import pytest
 import torch
 
@@ -17,6 +18,14 @@ from w4a16 import epilogue as E  # noqa: E402
 from w4a16.measure import random_weight  # noqa: E402
 
 HOPPER = torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.fixture(autouse=True)
+def kernel_norm(monkeypatch):
+    """The Gluon decode kernel's own RMSNorm epilogue, on for these tests whatever its default."""
+    from w4a16.backends.gluon.decode import config
+
+    monkeypatch.setattr(config, "KERNEL_NORM", True)
 DTYPES = pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 
 
@@ -52,6 +61,12 @@ def test_gluon_epilogues(name, M, cfg, dtype):
     r = torch.randn(M, 2080, generator=gen).to(dtype).cuda()
     y = run_epilogue(x, w, "residual", residual=r, config=cfg, backend="gluon")
     close_everywhere(y, w4a16.reference.gemm(x.cpu(), w.to("cpu"), residual=r.cpu()), dtype)
+    # the norm in the kernel where the config has it (E.out_shape), after it in torch otherwise
+    norm = E.Norm((torch.rand(2080, generator=gen) + 0.5).to(dtype).cuda(), 1e-5)
+    for rep in range(2):   # the row counter is back at zero after each call
+        h, n = run_epilogue(x, w, "residual_rmsnorm", residual=r, norm=norm, config=cfg, backend="gluon")
+        close_everywhere(h, w4a16.reference.gemm(x.cpu(), w.to("cpu"), residual=r.cpu()), dtype)
+        close_everywhere(n, E.rms_norm(h.cpu(), norm.weight.cpu(), norm.eps), dtype)
 
 
 @DTYPES
@@ -74,7 +89,8 @@ def test_triton_epilogues(M, dtype):
 @pytest.mark.parametrize("M", [1, 16, 300])
 def test_residual_rmsnorm(M, backend, dtype):
     """h and its RMSNorm: the Triton kernel's own row reduction (every named config, several row
-    blocks at M = 300), the Gluon kernels' residual epilogue with the norm run in torch."""
+    blocks at M = 300), the Gluon decode kernel's (M = 1, 16) and the Gluon prefill kernel's
+    residual epilogue with the norm run in torch (M = 300)."""
     if backend == "gluon" and not HOPPER:
         pytest.skip("the Gluon kernels need an sm_90 GPU")
     gen = torch.Generator().manual_seed(M + 7)
@@ -142,7 +158,7 @@ def test_fused_decoder_layers_eager_and_graph(dtype):
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon kernels need an sm_90 GPU")
-@pytest.mark.parametrize("epilogue", ["silu_mul", "residual"])
+@pytest.mark.parametrize("epilogue", ["silu_mul", "residual", "residual_rmsnorm"])
 def test_bound_decode_launch_with_epilogues(epilogue):
     """The bound eager launch (Triton's C launcher called directly) with an epilogue gives bitwise
     run_decode's results, for inputs at several addresses, and really takes its fast path."""
@@ -156,14 +172,20 @@ def test_bound_decode_launch_with_epilogues(epilogue):
     pw = prepare_weight(w)
     cfg = GluonDecodeConfig(16, 4, 2, 4, splits=3)
     bound = BoundDecode(pw, 5, torch.float16, False, 1.0, cfg, True, epilogue)
+    norm = None
+    if epilogue == "residual_rmsnorm":
+        norm = E.Norm((torch.rand(1024, generator=gen) + 0.5).half().cuda(), 1e-6)
     for rep in range(2):
         for i in range(3):
             x = torch.randn(5, 4096, generator=gen).half().cuda()
-            r = torch.randn(5, 1024, generator=gen).half().cuda() if epilogue == "residual" else None
-            y = bound(x, None, r)
-            assert torch.equal(y, run_decode(x, pw, None, 1.0, cfg, True, None, epilogue, r)), (rep, i)
+            r = torch.randn(5, 1024, generator=gen).half().cuda() if epilogue != "silu_mul" else None
+            y = bound(x, None, r, norm)
+            assert torch.equal(y, run_decode(x, pw, None, 1.0, cfg, True, None, epilogue, r, norm)), (rep, i)
     assert bound.fast is not None, "the bound call never resolved its direct launch"
     if epilogue == "silu_mul":
         silu_mul_close(y, x, w, None, 1.0, torch.float16)
-    else:
+    elif epilogue == "residual":
         close_everywhere(y, w4a16.reference.gemm(x.cpu(), w, residual=r.cpu()), torch.float16)
+    else:
+        close_everywhere(y[0], w4a16.reference.gemm(x.cpu(), w, residual=r.cpu()), torch.float16)
+        close_everywhere(y[1], E.rms_norm(y[0].cpu(), norm.weight.cpu(), norm.eps), torch.float16)

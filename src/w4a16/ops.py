@@ -131,7 +131,7 @@ def bound_run(b, prepared, M: int, dtype: torch.dtype, has_bias: bool, alpha: fl
         def normalized(x2, bias, residual=None, norm=None, input_norm=None):
             return inner(rms_norm(x2, input_norm.weight, input_norm.eps), bias, residual, norm)
         return normalized
-    kernel_epilogue = run_as(epilogue, b.epilogues)
+    kernel_epilogue = run_as(epilogue, b.config_epilogues(cfg))
     run = b.bind(prepared, M, dtype, has_bias, alpha, cfg, deterministic, kernel_epilogue, input_norm)
     if epilogue != "residual_rmsnorm":
         return run
@@ -289,13 +289,15 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
     if compiling and isinstance(M, int) and isinstance(config, str):
         # Traced: the choice is computed once, at trace time, outside the graph (no graph break
         # in the selection code, which reads files and device properties).
-        name, config_key = _traced_choice(M, N, K, w.group_size_effective, x.dtype, w.params.zeros is not None, x.device,
-                                          config, backend, chosen_as(epilogue))
+        name, config_key, kernel_epilogue = _traced_choice(M, N, K, w.group_size_effective, x.dtype,
+                                                           w.params.zeros is not None, x.device, config, backend,
+                                                           epilogue)
         choice = None
         b = get_backend(name)
     else:
         choice = choose(x, w, config, backend, chosen_as(epilogue))
         b, config_key = choice.backend, choice.config_key
+        kernel_epilogue = run_as(epilogue, b.config_epilogues(choice.config))
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if w.params.perm is not None:
         x2 = x2.index_select(1, w.params.perm)
@@ -317,7 +319,6 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
     if compiling or needs_grad:
         # a backend without the norm runs the residual epilogue in the op and the norm as traced torch
         # code after it (Inductor fuses it into one kernel; autograd differentiates it)
-        kernel_epilogue = run_as(epilogue, b.epilogues)
         extra = (norm.weight, norm.eps) if kernel_epilogue == "residual_rmsnorm" else ()
         if in_norm is not None:
             extra = (*(extra or (None, 0.0)), in_norm.weight, in_norm.eps)
@@ -358,10 +359,11 @@ def _assume_constant_result(fn):
 @_assume_constant_result
 def _traced_choice(M: int, N: int, K: int, group: int, dtype: torch.dtype, zeros: bool, device: torch.device,
                    config, backend: str, epilogue: Optional[str] = None) -> tuple:
-    """(backend name, config key) for a call torch.compile is tracing: run by Dynamo at trace time
-    and taken as a constant. The graph is specialized on the shapes it depends on."""
-    c = choose_backend(Problem(M, N, K, group, dtype, zeros, device, epilogue), backend, config)
-    return c.backend.name, c.config_key
+    """(backend name, config key, the epilogue its kernel runs: ``run_as``) for a call torch.compile
+    is tracing: run by Dynamo at trace time and taken as a constant. The graph is specialized on
+    the shapes it depends on."""
+    c = choose_backend(Problem(M, N, K, group, dtype, zeros, device, chosen_as(epilogue)), backend, config)
+    return c.backend.name, c.config_key, run_as(epilogue, c.backend.config_epilogues(c.config))
 
 
 class _Call(NamedTuple):

@@ -139,6 +139,11 @@ class Backend(abc.ABC):
         return self.name
 
     # ------------------------------------------------------------------ running
+    def config_epilogues(self, cfg: Any) -> tuple:
+        """The epilogues ``run`` applies with ``cfg`` (by default :attr:`epilogues`, which a
+        backend's selection goes by; one whose configs differ narrows it per config)."""
+        return self.epilogues
+
     @abc.abstractmethod
     def run(self, x2: torch.Tensor, prepared: Any, bias: Optional[torch.Tensor], alpha: float, cfg: Any,
             deterministic: bool = True, out: Optional[torch.Tensor] = None, epilogue: Optional[str] = None,

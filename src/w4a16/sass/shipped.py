@@ -12,10 +12,10 @@ decode kernel ("gluon-moe"): its gate_up and down launches, each with and withou
 fp16 and bf16, group 128, and group 256 and per channel in fp16. The decode attention kernel
 ("triton-attention"): the head layouts of :func:`attention_cases`, fp16 and bf16 (its "weights"
 per thread are the cache elements a thread loads per loop iteration).
-The GEMM epilogues (``w4a16.epilogue``: SiLU(gate) * up, the residual) on the decode heuristic's
-picks for the preset layers at M = 1 and 16 (fp16, bf16) and the Triton kernel's named configs
-(fp16, with the residual and RMSNorm epilogue and the RMSNorm prologue too): what a fused decoder
-layer runs at decode.
+The GEMM epilogues (``w4a16.epilogue``: SiLU(gate) * up, the residual, the residual and the rows'
+RMSNorm) on the decode heuristic's picks for the preset layers at M = 1 and 16 (fp16, bf16) and the
+Triton kernel's named configs (fp16, with the RMSNorm prologue too): what a fused decoder layer
+runs at decode.
 """
 from __future__ import annotations
 
@@ -28,8 +28,7 @@ GROUPS = (32, 64, 128, 256, -1)     # -1: one group over K (compiled with K = 40
 PER_CHANNEL_K = 4096
 DECODE_M = (1, 8, 16, 32, 64)
 EPILOGUE_M = (1, 16)
-EPILOGUES = ("silu_mul", "residual")
-TRITON_EPILOGUES = EPILOGUES + ("residual_rmsnorm",)
+EPILOGUES = ("silu_mul", "residual", "residual_rmsnorm")
 
 
 @dataclass(frozen=True)
@@ -145,10 +144,10 @@ def epilogue_cases(dtypes: Iterable[str], kernels: Iterable[str]) -> List[Kernel
     out = []
     if "gluon-decode" in kernels:
         out += [KernelCase("gluon-decode", c, dt, epilogue=e) for c in decode_picks(EPILOGUE_M) for dt in dtypes
-                for e in EPILOGUES]
+                for e in EPILOGUES if e != "residual_rmsnorm" or c.norm_epilogue]
     if "triton" in kernels and "fp16" in tuple(dtypes):
         out += [KernelCase("triton", c, "fp16", epilogue=e) for c in NAMED_CONFIGS.values()
-                for e in TRITON_EPILOGUES]
+                for e in EPILOGUES]
         # the RMSNorm prologue (alone, and with the epilogue a fused layer's o projection runs)
         out += [KernelCase("triton", c, "fp16", epilogue=e, input_norm=True) for c in NAMED_CONFIGS.values()
                 for e in (None, "residual_rmsnorm")]

@@ -40,3 +40,23 @@ def test_refusals_name_the_reason():
     # per-channel weights of any K that TMA takes, small and odd ones included (the fuzz's cases)
     assert problem_reason(2, 14, 80, 80, torch.bfloat16) is None
     assert problem_reason(64, 90, 16, 16, torch.bfloat16) is None
+
+
+def test_the_norm_epilogue_runs_in_the_kernel_only_where_it_compiles(monkeypatch):
+    """"residual_rmsnorm" is the kernel's own with warp-specialized, non-stream-K decode configs
+    while KERNEL_NORM is on; the other configs (and every config while it is off) run the
+    residual epilogue, and w4a16.gemm the norm after it."""
+    from w4a16.backends.gluon.decode import config
+    from w4a16.backends.gluon.decode.config import GluonDecodeConfig
+    from w4a16.backends.gluon.prefill.config import NAMED as PREFILL
+
+    b = get("gluon")
+    ws, sk, single = (GluonDecodeConfig(8, 4, 2, 4), GluonDecodeConfig(8, 4, 2, 4, sk=True),
+                      GluonDecodeConfig(8, 4, 2, 4, ws=False))
+    prefill = next(iter(PREFILL.values()))
+    for on in (False, True):
+        monkeypatch.setattr(config, "KERNEL_NORM", on)
+        assert ("residual_rmsnorm" in b.config_epilogues(ws)) is on
+        for cfg in (sk, single, prefill):
+            assert b.config_epilogues(cfg) == (None, "silu_mul", "residual")
+    assert ws.norm_epilogue and not sk.norm_epilogue and not single.norm_epilogue

@@ -17,8 +17,10 @@ from typing import List, Optional
 
 import torch
 
+from ...errors import expect
 from ..base import Backend, Problem
 from ..device import sms_of
+from .decode import config as decode_config
 from .decode.config import NAMED, GluonDecodeConfig, candidates, heuristic
 from .layout import GLUON_LAYOUT_VERSION, GluonPrepared, decode_params, prepare_decode, unpack_decode
 from .prefill.config import NAMED as PREFILL_NAMED
@@ -46,7 +48,10 @@ class GluonBackend(Backend):
     name = "gluon"
     layout_version = GLUON_LAYOUT_VERSION
     config_type = (GluonDecodeConfig, GluonPrefillConfig)   # isinstance() takes the tuple
-    epilogues = (None, "silu_mul", "residual")   # "residual_rmsnorm": its norm runs in torch after the kernel
+    # "residual_rmsnorm": in the decode kernel (configs with ``norm_epilogue``, while
+    # decode.config.KERNEL_NORM is on); with the others and the prefill kernel w4a16.gemm runs its
+    # norm in torch after the kernel
+    epilogues = (None, "silu_mul", "residual", "residual_rmsnorm")
 
     def available(self, device: torch.device) -> Optional[str]:
         if device.type != "cuda":   # before Triton is imported: a CPU process may not have it set up for Gluon
@@ -137,6 +142,11 @@ class GluonBackend(Backend):
         return cfg.short()
 
     # ------------------------------------------------------------------ running
+    def config_epilogues(self, cfg) -> tuple:
+        if isinstance(cfg, GluonPrefillConfig) or not (decode_config.KERNEL_NORM and cfg.norm_epilogue):
+            return self.epilogues[:3]
+        return self.epilogues
+
     def bind(self, prepared, M, dtype, has_bias, alpha, cfg, deterministic=True, epilogue=None, input_norm=False):
         if isinstance(cfg, GluonPrefillConfig):
             return super().bind(prepared, M, dtype, has_bias, alpha, cfg, deterministic, epilogue)
@@ -146,6 +156,8 @@ class GluonBackend(Backend):
 
     def run(self, x2, prepared, bias, alpha, cfg, deterministic=True, out=None, epilogue=None, residual=None,
             norm=None, input_norm=None):
+        expect(epilogue in self.config_epilogues(cfg), "epilogue", f"one of {self.config_epilogues(cfg)} with config "
+               f"{cfg.short()} (w4a16.gemm runs the norm of 'residual_rmsnorm' after the kernel there)", epilogue)
         if x2.data_ptr() % 16:  # TMA needs a 16-byte aligned base: take an aligned copy
             x2 = x2.clone()
         if isinstance(cfg, GluonPrefillConfig):
@@ -154,7 +166,7 @@ class GluonBackend(Backend):
             return run_prefill(x2, prepared, bias, alpha, cfg, deterministic, out, epilogue, residual)
         from .decode.launch import run_decode
 
-        return run_decode(x2, prepared, bias, alpha, cfg, deterministic, out, epilogue, residual)
+        return run_decode(x2, prepared, bias, alpha, cfg, deterministic, out, epilogue, residual, norm)
 
     def kernel_info(self, x2, prepared, bias, cfg) -> dict:
         from .host import STATE

@@ -1,7 +1,7 @@
 """Device-side pieces the Gluon kernels share (decode, its stream-K variant and prefill): the
 shared-memory view of the codes, the programmatic-dependent-launch controls, the dequant of one
 chunk into the wgmma A-operand layout, and the epilogue (alpha, bias, SiLU(gate) * up or a residual,
-cast, masked store, and the K-split reduction in split order).
+with or without the rows' RMSNorm, cast, masked store, and the K-split reduction in split order).
 """
 import triton  # noqa: F401
 from triton.experimental import gluon
@@ -106,10 +106,14 @@ def _pairs(t):
 
 
 @gluon.jit
-def store_out(out, y_ptr, res_ptr, offs, mask, offs_n, offs_m, M, N, EPI: gl.constexpr, DTYPE: gl.constexpr):
+def store_out(out, y_ptr, res_ptr, offs, mask, offs_n, offs_m, M, N, EPI: gl.constexpr, DTYPE: gl.constexpr,
+              row0=0, nw_ptr=None, ss_ptr=None, rc_ptr=None, eps=None):
     """Store the fp32 tile out [BN weight rows, MT tokens] (alpha and bias applied) into y after
     the epilogue EPI: 0 none (y [M, N] at offs, mask); 2 + residual [M, N] (read at offs);
-    1 SiLU(gate) * up of the interleaved gate/up rows into y [M, N/2]."""
+    1 SiLU(gate) * up of the interleaved gate/up rows into y [M, N/2]; 3 + residual into y[0] of
+    y [2, M, N] and, once every row tile of the call has stored its part, the RMSNorm of the rows
+    into y[1] (:func:`norm_rows`; the tile's first row ``row0``, the norm weight ``nw_ptr`` [N],
+    the partial sums ``ss_ptr`` [N tiles, M], the call's row counter ``rc_ptr``, ``eps``)."""
     if EPI == 1:
         n_idx = gl.expand_dims(offs_n, 1) + gl.expand_dims(offs_m, 0) * 0
         m_idx = gl.expand_dims(offs_m, 0) + gl.expand_dims(offs_n, 1) * 0
@@ -120,9 +124,49 @@ def store_out(out, y_ptr, res_ptr, offs, mask, offs_n, offs_m, M, N, EPI: gl.con
         # weight row 16b + i (i < 8) of the gate half is output column 8b + i
         gl.store(y_ptr + m_g * (N // 2) + (n_g - 8 * (n_g // 16)), h.to(DTYPE), mask=(n_g < N) & (m_g < M))
     else:
-        if EPI == 2:
+        if EPI >= 2:
             out += gl.load(res_ptr + offs, mask=mask, other=0.0).to(gl.float32)
-        gl.store(y_ptr + offs, out.to(DTYPE), mask=mask)
+        h = out.to(DTYPE)
+        gl.store(y_ptr + offs, h, mask=mask)
+        if EPI == 3:
+            BN: gl.constexpr = out.shape[0]
+            hf = gl.where(mask, h.to(gl.float32), 0.0)
+            norm_rows(gl.sum(hf * hf, axis=0), offs_m, y_ptr, nw_ptr, ss_ptr, rc_ptr, row0 // BN, (N + BN - 1) // BN,
+                      M, N, eps, DTYPE, BN // 16)
+
+
+NORM_STEP = gl.constexpr(4096)   # elements of a row the norm's last program reads per step
+
+
+@gluon.jit
+def norm_rows(ss, offs_m, y_ptr, nw_ptr, ss_ptr, rc_ptr, tile, n_tiles, M, N, eps, DTYPE: gl.constexpr,
+              NW: gl.constexpr):
+    """The RMSNorm of the call's rows of h = y[0] [M, N] into y[1], once every row tile has stored
+    its part of h: ``ss`` [MT] (tokens ``offs_m``) is this tile's sum of squares of its columns of
+    h (as stored, in DTYPE), kept at ss_ptr[tile, M]; the last of the ``n_tiles`` tiles to arrive
+    at ``rc_ptr`` (``split_arrive``) takes the rows one by one with its NW warps: sums the row's
+    partials in a fixed order, reads the row of h back (L2, ``.cg``) NORM_STEP elements at a time
+    (32 a thread with 4 warps: one step for a 4096-wide row) and writes
+    weight * (h * rsqrt(mean + eps)) (the product with rsqrt rounded to DTYPE, then the weight's
+    product rounded: ``w4a16.epilogue.rms_norm``), then resets the counter for the next call."""
+    gl.store(ss_ptr + tile * M + offs_m, ss, mask=offs_m < M)
+    if split_arrive(rc_ptr, n_tiles):
+        L: gl.constexpr = gl.BlockedLayout([NORM_STEP // (32 * NW)], [32], [NW], [0])
+        cols = gl.arange(0, NORM_STEP, layout=L)
+        for m in range(0, M):
+            total = 0.0
+            for t0 in range(0, n_tiles, NORM_STEP):   # the row's partials, NORM_STEP tiles a step
+                t = t0 + cols
+                total += gl.sum(gl.load(ss_ptr + t * M + m, mask=t < n_tiles, other=0.0, cache_modifier=".cg"), axis=0)
+            rstd = 1.0 / gl.sqrt_rn(total / N + eps)
+            for n0 in range(0, N, NORM_STEP):
+                c = n0 + cols
+                c_ok = c < N
+                h = gl.load(y_ptr + m * N + c, mask=c_ok, other=0.0, cache_modifier=".cg").to(gl.float32)
+                w = gl.load(nw_ptr + c, mask=c_ok, other=0.0).to(gl.float32)
+                u = (h * rstd).to(DTYPE).to(gl.float32)
+                gl.store(y_ptr + (M + m) * N + c, (w * u).to(DTYPE), mask=c_ok)
+        split_release(rc_ptr)
 
 
 @gluon.jit
@@ -147,13 +191,13 @@ def split_release(counter):
 def epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, pid_k, nsplit,
               acc_l: gl.constexpr, BN: gl.constexpr, MT: gl.constexpr, SPLIT: gl.constexpr,
               HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, part_stride=None, cnt_idx=None, res_ptr=None,
-              EPI: gl.constexpr = 0):
+              EPI: gl.constexpr = 0, nw_ptr=None, ss_ptr=None, rc_ptr=None, eps=None):
     """alpha * acc (+ bias), the epilogue EPI (``store_out``), cast and stored into y [M, N] ([M, N/2]
     with EPI 1) at rows row0.. (the tile's BN rows, MT tokens, masked). SPLIT 1: this program's
     fp32 partial goes to ``part_ptr + pid_k * part_stride`` (None: M * N), the tile's counter
     ``cnt_ptr + cnt_idx`` (None: the program id) counts arrivals, and the last of ``nsplit`` sums
     the partials in split order, stores, and resets the counter. SPLIT 2: fp32 atomics into
-    part_ptr (the host finishes; EPI 0 only)."""
+    part_ptr (the host finishes; EPI 0 only). EPI 3: nw_ptr, ss_ptr, rc_ptr, eps of ``store_out``."""
     offs_n = row0 + gl.arange(0, BN, layout=gl.SliceLayout(1, acc_l))
     offs_m = gl.arange(0, MT, layout=gl.SliceLayout(0, acc_l))
     n_ok = offs_n < N
@@ -180,12 +224,14 @@ def epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, pid_k, 
                 out = total * alpha
                 if HAS_BIAS:
                     out += gl.expand_dims(gl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32), 1)
-                store_out(out, y_ptr, res_ptr, offs, mask, offs_n, offs_m, M, N, EPI, DTYPE)
+                store_out(out, y_ptr, res_ptr, offs, mask, offs_n, offs_m, M, N, EPI, DTYPE, row0, nw_ptr, ss_ptr, rc_ptr,
+                          eps)
         else:
             out = acc * alpha
             if HAS_BIAS:
                 out += gl.expand_dims(gl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(gl.float32), 1)
-            store_out(out, y_ptr, res_ptr, offs, mask, offs_n, offs_m, M, N, EPI, DTYPE)
+            store_out(out, y_ptr, res_ptr, offs, mask, offs_n, offs_m, M, N, EPI, DTYPE, row0, nw_ptr, ss_ptr, rc_ptr,
+                          eps)
 
 
 @gluon.jit

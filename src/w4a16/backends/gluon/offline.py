@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from ...errors import expect
 from ...sass import disasm
 from ..triton.env import interpreter_unset
 from ..triton_compat import COMPILE_OPTIONS
@@ -37,14 +38,14 @@ def compile_gluon(kernel, signature: dict, constexprs: dict, num_warps: int, max
 
 def _desc_signature(dt: str, rows: int, ks: int, mt: int, kh: int, gps: int, layouts, epi: int = 0) -> dict:
     """The kernels' leading arguments (descriptors and pointers). The residual pointer is an
-    argument with the residual epilogue (epi 2) only, else a constexpr None (no kernel parameter:
-    the C library's parameter list does not change)."""
+    argument with the residual epilogues (epi 2, 3) only, else a constexpr None (no kernel
+    parameter: the C library's parameter list does not change)."""
     cl, xl, sl = layouts
     return {"c_desc": f"tensordesc<u8[{rows // 16}, {ks // 32}, 256],{cl!r}>",
             "x_desc": f"tensordesc<{dt}[{mt}, {kh}],{xl!r}>",
             "s_desc": f"tensordesc<{dt}[{gps}, {rows}],{sl!r}>",
             "o_desc": f"tensordesc<{dt}[{gps}, {rows}],{sl!r}>",
-            "y_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "res_ptr": f"*{dt}" if epi == 2 else "constexpr",
+            "y_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "res_ptr": f"*{dt}" if epi in (2, 3) else "constexpr",
             "part_ptr": "*fp32", "cnt_ptr": "*i32"}
 
 
@@ -54,6 +55,8 @@ def compile_decode(cfg: GluonDecodeConfig, dtype=torch.float16, has_zeros: bool 
     kernel, whose split mode is always 3); epi: the epilogue's code (w4a16.epilogue.CODES)."""
     from .decode.kernel import w4a16_decode_kernel
     from .decode.stream_k import w4a16_decode_sk_kernel
+    expect(epi != 3 or cfg.norm_epilogue, "epi", f"not 3 (the RMSNorm epilogue) with config {cfg.short()} "
+           "(GluonDecodeConfig.norm_epilogue)", epi)
     if cfg.sk:
         split_mode = 3
     kh = half_chunk(group)
@@ -62,9 +65,14 @@ def compile_decode(cfg: GluonDecodeConfig, dtype=torch.float16, has_zeros: bool 
     sig = _desc_signature(dt, 16 * cfg.warps, ks, cfg.mt, kh, gps, smem_layouts(cfg, kh, dtype), epi)
     sig.update({"M": "i32", "N": "i32", "group": "i32", "n_stages": "i32",
                 ("n_units" if cfg.sk else "stages_per_split"): "i32", "alpha": "fp32"})
+    # the RMSNorm epilogue's weight, partial sums and epsilon: constexpr None without it
+    norm = {"nw_ptr": f"*{dt}", "ss_ptr": "*fp32", "eps": "fp32"}
+    sig.update(norm if epi == 3 else {k: "constexpr" for k in norm})
     cx = decode_constexprs(cfg, kh, group, split_mode, has_zeros, has_bias, dtype, epi)
     sig.update({k: "constexpr" for k in cx})
-    cx = cx if epi == 2 else {"res_ptr": None, **cx}
+    if epi != 3:
+        cx = {**{k: None for k in norm}, **cx}
+    cx = cx if epi in (2, 3) else {"res_ptr": None, **cx}
     return compile_gluon(w4a16_decode_sk_kernel if cfg.sk else w4a16_decode_kernel, sig, cx, cfg.warps, cfg.regs,
                          launch_pdl=cfg.pdl, attrs=attrs)
 

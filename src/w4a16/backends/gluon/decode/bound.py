@@ -15,18 +15,18 @@ from typing import Optional
 
 import torch
 
-from ....epilogue import code_of, out_features
+from ....epilogue import code_of, out_shape
 from ...triton_compat import direct_launcher, hooks_active
 from ..host import STATE
 from ..layout import GluonPrepared
 from .config import GluonDecodeConfig
-from .launch import decode_constexprs, plan_for, run_decode, workspace_of
+from .launch import decode_constexprs, norm_args, plan_for, run_decode, workspace_of
 
 MAX_X_DESCRIPTORS = 64   # encoded x descriptors kept per bound call (distinct activation buffers)
 
 
 class BoundDecode:
-    """``f(x2 [M, K] contiguous, bias [N] or None, residual [M, N] or None, None, None) -> y``: ``run_decode``
+    """``f(x2 [M, K] contiguous, bias [N] or None, residual [M, N] or None, norm, None) -> y``: ``run_decode``
     for one weight, row count, dtype, bias presence, alpha, config, determinism and epilogue, with
     the launch resolved once. Results are those of :func:`run_decode` (same kernel, same arguments)."""
 
@@ -35,26 +35,27 @@ class BoundDecode:
         self.pw, self.M, self.dtype, self.alpha, self.cfg, self.det = pw, M, dtype, float(alpha), cfg, deterministic
         self.has_bias = has_bias
         self.epilogue = epilogue
-        self.n_out = out_features(pw.N, epilogue)
+        self.out_shape = out_shape(M, pw.N, epilogue)
         self.fast = None          # the resolved launch, after the first generic call
         self.x_desc: dict = {}    # x.data_ptr() -> expanded descriptor arguments
 
     def __call__(self, x2: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor] = None,
                  norm=None, input_norm=None) -> torch.Tensor:
-        # norm, input_norm: the Backend.bind call shape; the Gluon kernels take neither (w4a16.gemm runs
-        # those norms in torch around this call), so they are always None here
+        # norm: the "residual_rmsnorm" epilogue's Norm (else None); input_norm: the Backend.bind call
+        # shape, always None (the Gluon kernels take no input norm: w4a16.gemm runs it in torch first)
         f = self.fast
         dev = x2.get_device()
         if (f is None or dev != f[0] or dev != torch._C._cuda_getDevice() or hooks_active() or x2.data_ptr() & 15
-                or bias is not None and bias.data_ptr() & 15 or residual is not None and residual.data_ptr() & 15):
+                or bias is not None and bias.data_ptr() & 15 or residual is not None and residual.data_ptr() & 15
+                or norm is not None and norm.weight.data_ptr() & 15):
             if x2.data_ptr() & 15:   # TMA needs a 16-byte aligned base
                 x2 = x2.clone()
-            y = run_decode(x2, self.pw, bias, self.alpha, self.cfg, self.det, None, self.epilogue, residual)
+            y = run_decode(x2, self.pw, bias, self.alpha, self.cfg, self.det, None, self.epilogue, residual, norm)
             if f is None:
                 self.fast = self._resolve(x2)
             return y
         _, direct, function, packed, c_arg, tail_w, plan, cx = f
-        y = torch.empty(self.M, self.n_out, dtype=self.dtype, device=x2.device)
+        y = torch.empty(self.out_shape, dtype=self.dtype, device=x2.device)
         ptr = x2.data_ptr()
         xa = self.x_desc.get(ptr)
         if xa is None:
@@ -63,7 +64,8 @@ class BoundDecode:
         part, cnt = workspace_of(plan, x2.device)
         direct.launch(plan.grid[0], plan.grid[1], stream, function, packed,
                       [*c_arg, *xa, *tail_w, y, bias if bias is not None else y, residual, part, cnt, self.M, self.pw.N,
-                       self.pw.group, plan.n_stages, plan.sps, self.alpha, *cx])
+                       self.pw.group, plan.n_stages, plan.sps, self.alpha, *norm_args(plan, self.M, norm, x2.device),
+                       *cx])
         return y
 
     def _encode_x(self, x2, plan, direct) -> list:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 from typing import Dict, List
@@ -9,6 +10,12 @@ from typing import Dict, List
 from ....errors import expect
 
 TOKEN_TILES = (8, 16, 32, 64)
+# Whether the backend runs "residual_rmsnorm" in the decode kernel (configs with ``norm_epilogue``)
+# instead of the residual epilogue and the norm in torch after it. The kernel's norm compiles
+# spill-free for sm_90a on Triton 3.6.0 to 3.9.0 (``w4a16 sass``); on by default once its GPU
+# tests have passed (tests/test_epilogue_gpu.py turns it on for itself). W4A16_GLUON_KERNEL_NORM=1
+# turns it on for a process.
+KERNEL_NORM = os.environ.get("W4A16_GLUON_KERNEL_NORM", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,14 @@ class GluonDecodeConfig:
         if self.sk and self.mt >= 32:
             return 128      # ... and at 104 (2 programs per SM either way)
         return 80 if (self.warps == 4 and self.mt <= 16) else 104
+
+    @property
+    def norm_epilogue(self) -> bool:
+        """Whether the kernel runs the "residual_rmsnorm" epilogue itself (``common.norm_rows``):
+        with a producer warp and no stream-K. The single-partition kernel (at 128 registers) and
+        the stream-K consumer (whose tile loop keeps the pipeline's state live, at 80) spill
+        registers in it on sm_90a; with those configs ``w4a16.gemm`` runs the norm after the kernel."""
+        return self.ws and not self.sk
 
     def scale_after(self, has_zeros: bool, group: int) -> bool:
         """Whether the kernel applies the scales after the MMA for this weight (see ``sa``): symmetric

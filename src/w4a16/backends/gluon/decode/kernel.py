@@ -26,7 +26,8 @@ PDL (a programmatic dependent launch): the weight's part of the first stages is 
 written long before it), x's part and every store after it; ``launch_dependents`` once every
 load is issued.
 
-Epilogue: alpha, bias (fp32), SiLU(gate) * up or a residual (EPI), cast, masked store of y. With several K splits (SPLIT = 1)
+Epilogue: alpha, bias (fp32), SiLU(gate) * up or a residual (EPI), with the rows' RMSNorm written
+by the last tile to finish (EPI 3, ``common.norm_rows``), cast, masked store of y. With several K splits (SPLIT = 1)
 each program writes its fp32 partial tile to ``part[split]`` and the last program of a tile to
 arrive (acq_rel counter per tile, reset to 0 after) sums the partials in split order and writes
 y: deterministic, one launch. SPLIT = 2 adds the partials atomically into a zeroed fp32 buffer
@@ -43,8 +44,8 @@ from .pipeline import allocate_rings, consume_stage, issue_stage
 
 
 @gluon.jit
-def _ws_consumer(n_it, c_ring, x_ring, s_ring, o_ring, bars, empty, y_ptr, bias_ptr, res_ptr, part_ptr, cnt_ptr, M,
-                 N, alpha, row0, pid_k, nsplit, acc_l: gl.constexpr, W: gl.constexpr, KH: gl.constexpr,
+def _ws_consumer(n_it, c_ring, x_ring, s_ring, o_ring, bars, empty, y_ptr, bias_ptr, res_ptr, part_ptr, cnt_ptr,
+                 nw_ptr, ss_ptr, M, N, alpha, eps, row0, pid_k, nsplit, acc_l: gl.constexpr, W: gl.constexpr, KH: gl.constexpr,
                  NCH: gl.constexpr, MT: gl.constexpr, STAGES: gl.constexpr, GDIV: gl.constexpr, SPLIT: gl.constexpr,
                  HAS_ZEROS: gl.constexpr, HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, SA: gl.constexpr,
                  PDL: gl.constexpr, EPI: gl.constexpr):
@@ -62,7 +63,8 @@ def _ws_consumer(n_it, c_ring, x_ring, s_ring, o_ring, bars, empty, y_ptr, bias_
                              HAS_ZEROS, DTYPE, SA)
         mbarrier.arrive(empty.index(it % STAGES), count=1)
     epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, pid_k, nsplit, acc_l, 16 * W, MT, SPLIT,
-              HAS_BIAS, DTYPE, res_ptr=res_ptr, EPI=EPI)
+              HAS_BIAS, DTYPE, res_ptr=res_ptr, EPI=EPI, nw_ptr=nw_ptr, ss_ptr=ss_ptr,
+              rc_ptr=cnt_ptr + gl.num_programs(0), eps=eps)
 
 
 @gluon.jit
@@ -95,7 +97,7 @@ def _ws_producer(n_it, st0, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ri
 @gluon.jit
 def w4a16_decode_kernel(
     c_desc, x_desc, s_desc, o_desc, y_ptr, bias_ptr, res_ptr, part_ptr, cnt_ptr,
-    M, N, group, n_stages, stages_per_split, alpha,
+    M, N, group, n_stages, stages_per_split, alpha, nw_ptr, ss_ptr, eps,
     MT: gl.constexpr, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr, STAGES: gl.constexpr,
     GPS: gl.constexpr, GDIV: gl.constexpr, SPLIT: gl.constexpr, HAS_ZEROS: gl.constexpr,
     HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, WS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
@@ -107,7 +109,10 @@ def w4a16_decode_kernel(
     software pipeline. SA: symmetric weights with the scale applied after the MMA. PDL: launched
     as a programmatic dependent (the weight's first stages load before the wait for the previous
     grid, x and every store after it). EPI: the epilogue (common.store_out); res_ptr: the residual
-    [M, N] with EPI 2, else None (a constexpr: no kernel parameter)."""
+    [M, N] with EPI 2 and 3, else None (a constexpr: no kernel parameter). EPI 3 (the residual and
+    the rows' RMSNorm, y [2, M, N]): nw_ptr the norm weight [N], ss_ptr fp32 [N tiles, M] scratch,
+    eps, and cnt_ptr holds one counter after the tiles' (the call's row counter, zero before and
+    after); all three None otherwise."""
     BN: gl.constexpr = 16 * W
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, MT, 16])
 
@@ -123,7 +128,7 @@ def w4a16_decode_kernel(
     if WS:
         gl.warp_specialize([
             (_ws_consumer, (n_it, c_ring, x_ring, s_ring, o_ring, bars, empty, y_ptr, bias_ptr, res_ptr, part_ptr,
-                            cnt_ptr, M, N, alpha, row0, pid_k, nsplit, acc_l, W, KH, NCH, MT, STAGES, GDIV, SPLIT,
+                            cnt_ptr, nw_ptr, ss_ptr, M, N, alpha, eps, row0, pid_k, nsplit, acc_l, W, KH, NCH, MT, STAGES, GDIV, SPLIT,
                             HAS_ZEROS, HAS_BIAS, DTYPE, SA, PDL, EPI)),
             (_ws_producer, (n_it, st0, c_desc, x_desc, s_desc, o_desc, c_ring, x_ring, s_ring, o_ring, bars, empty,
                             row0, group, STAGES, NCH, KH, GPS, W, HAS_ZEROS, PDL)),
@@ -158,4 +163,5 @@ def w4a16_decode_kernel(
         if PDL:
             gdc_launch_dependents()
         epilogue(acc, y_ptr, bias_ptr, part_ptr, cnt_ptr, M, N, alpha, row0, pid_k, nsplit, acc_l, BN, MT, SPLIT,
-                  HAS_BIAS, DTYPE, res_ptr=res_ptr, EPI=EPI)
+                  HAS_BIAS, DTYPE, res_ptr=res_ptr, EPI=EPI, nw_ptr=nw_ptr, ss_ptr=ss_ptr,
+                  rc_ptr=cnt_ptr + gl.num_programs(0), eps=eps)

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from ....epilogue import code_of, out_features
+from ....epilogue import code_of, out_shape
 from ....errors import expect
 from ...workspace import plans_of, tile_counters
 from ..host import PRODUCER_REGS, check_x2, gl_dtype, k_ranges, launch, stage_blocks, weight_descriptors
@@ -42,7 +42,8 @@ class DecodePlan:
     kh: int
     split_mode: int         # SPLIT of the kernel: 0, 1 or 2 (split_mode_of), 3 stream-K
     part_numel: int         # fp32 partials the launch needs (0: none; split mode 2: the zeroed sum)
-    n_counters: int         # tile counters it needs (0: none)
+    n_counters: int         # tile counters it needs (0: none; with the RMSNorm epilogue one more, the rows')
+    n_tiles: int            # N tiles (the RMSNorm epilogue's partial sums: [n_tiles, M] fp32)
 
     @property
     def kernel(self):
@@ -74,9 +75,11 @@ def plan_for(pw: GluonPrepared, M: int, cfg: GluonDecodeConfig, deterministic: b
              epilogue: Optional[str] = None) -> DecodePlan:
     """The launch plan of M rows on ``pw`` with ``cfg``, cached per prepared weight. With an
     epilogue the K-split partials are summed in split order (the atomic mode leaves the finish to
-    the host, which applies alpha and bias only), whatever ``deterministic`` says."""
+    the host, which applies alpha and bias only), whatever ``deterministic`` says; with
+    "residual_rmsnorm" the counters hold the rows' one after the tiles'."""
     deterministic = deterministic or epilogue is not None
-    key = (M, cfg, deterministic)
+    norm = epilogue == "residual_rmsnorm"
+    key = (M, cfg, deterministic, norm)
     plans = plans_of(pw)
     plan = plans.get(key)
     if plan is not None:
@@ -92,7 +95,7 @@ def plan_for(pw: GluonPrepared, M: int, cfg: GluonDecodeConfig, deterministic: b
     if progs:
         plan = DecodePlan(c_desc=c_desc, s_desc=s_desc, o_desc=o_desc, grid=(progs, 1), splits=progs,
                           sps=n_tiles * n_stages, n_stages=n_stages, dummy_f32=dummy, xl=xl, kh=kh, split_mode=3,
-                          part_numel=2 * progs * M * bn, n_counters=n_tiles)
+                          part_numel=2 * progs * M * bn, n_counters=n_tiles + norm, n_tiles=n_tiles)
     else:
         if cfg.splits and not cfg.sk:
             splits = min(cfg.splits, n_stages)
@@ -104,7 +107,7 @@ def plan_for(pw: GluonPrepared, M: int, cfg: GluonDecodeConfig, deterministic: b
         plan = DecodePlan(c_desc=c_desc, s_desc=s_desc, o_desc=o_desc, grid=(n_tiles, splits), splits=splits,
                           sps=sps, n_stages=n_stages, dummy_f32=dummy, xl=xl, kh=kh, split_mode=mode,
                           part_numel={0: 0, 1: splits * M * pw.N, 2: M * pw.N}[mode],
-                          n_counters=n_tiles if mode == 1 else 0)
+                          n_counters=(n_tiles if mode == 1 or norm else 0) + norm, n_tiles=n_tiles)
     plans[key] = plan
     return plan
 
@@ -119,31 +122,46 @@ def workspace_of(plan: DecodePlan, device) -> tuple:
     return part, cnt
 
 
+def norm_args(plan: DecodePlan, M: int, norm, device) -> tuple:
+    """The kernel's (nw_ptr, ss_ptr, eps): with the RMSNorm epilogue (``norm`` a
+    ``w4a16.epilogue.Norm``) its weight, fresh fp32 partial sums [N tiles, M] and epsilon; else
+    None three times (constexprs: no kernel parameters)."""
+    if norm is None:
+        return None, None, None
+    return norm.weight, torch.empty(plan.n_tiles, M, dtype=torch.float32, device=device), float(norm.eps)
+
+
 def run_decode(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor], alpha: float,
                cfg: GluonDecodeConfig, deterministic: bool = True,
                out: Optional[torch.Tensor] = None, epilogue: Optional[str] = None,
-               residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+               residual: Optional[torch.Tensor] = None, norm=None) -> torch.Tensor:
     """y [M, N] = alpha * x2 @ W^T + bias, then the epilogue, with the Gluon decode kernel, on
     torch's current stream.
 
     x2: contiguous [M, K] fp16/bf16 (M <= cfg.mt); pw: the weight in the Gluon layout (same dtype);
-    bias: [N] or None; epilogue: None, "silu_mul" (y [M, N / 2]) or "residual" (residual [M, N]
-    contiguous). deterministic=False adds K-split partials with fp32 atomics (the plain epilogue
-    only: with another the partials are summed in split order).
+    bias: [N] or None; epilogue: None, "silu_mul" (y [M, N / 2]), "residual" (residual [M, N]
+    contiguous) or "residual_rmsnorm" (the residual, and ``norm`` a ``w4a16.epilogue.Norm``
+    whose weight [N] is contiguous in x2's dtype: y [2, M, N], h and its RMSNorm).
+    deterministic=False adds K-split partials with fp32 atomics (the plain epilogue only: with
+    another the partials are summed in split order).
     """
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     M, K = x2.shape
     N = pw.N
     expect(1 <= M <= cfg.mt, "x2.shape[0] (M)", f"1..{cfg.mt} (the config's token tile)", M)
     check_x2(x2, pw)
+    expect((norm is not None) == (epilogue == "residual_rmsnorm"), "norm",
+           "a Norm with epilogue='residual_rmsnorm', else None", norm)
+    expect(norm is None or cfg.norm_epilogue, "epilogue", f"not 'residual_rmsnorm' with config {cfg.short()} "
+           "(GluonDecodeConfig.norm_epilogue)", epilogue)
     plan = plan_for(pw, M, cfg, deterministic, epilogue)
-    y = out if out is not None else torch.empty(M, out_features(N, epilogue), dtype=x2.dtype, device=x2.device)
+    y = out if out is not None else torch.empty(out_shape(M, N, epilogue), dtype=x2.dtype, device=x2.device)
     x_desc = TensorDescriptor(x2, [M, K], [K, 1], [cfg.mt, plan.kh], plan.xl)
     part, cnt = workspace_of(plan, x2.device)
     cx = decode_constexprs(cfg, plan.kh, pw.group, plan.split_mode, pw.has_zeros, bias is not None, x2.dtype,
                            code_of(epilogue))
     args = (plan.c_desc, x_desc, plan.s_desc, plan.o_desc, y, bias if bias is not None else y, residual, part, cnt,
-            M, N, pw.group, plan.n_stages, plan.sps, float(alpha))
+            M, N, pw.group, plan.n_stages, plan.sps, float(alpha), *norm_args(plan, M, norm, x2.device))
     launch(plan.kernel, plan.grid, args, cx, cfg, (cfg, plan.kh, pw.K_pad, x2.get_device()))
     if plan.split_mode == 2:
         r = part.view(M, N) * float(alpha)

@@ -118,7 +118,7 @@ def _sk_consumer(u0, u1, n_stages, n_units, c_ring, x_ring, s_ring, o_ring, bars
 @gluon.jit
 def w4a16_decode_sk_kernel(
     c_desc, x_desc, s_desc, o_desc, y_ptr, bias_ptr, res_ptr, part_ptr, cnt_ptr,
-    M, N, group, n_stages, n_units, alpha,
+    M, N, group, n_stages, n_units, alpha, nw_ptr, ss_ptr, eps,
     MT: gl.constexpr, W: gl.constexpr, KH: gl.constexpr, NCH: gl.constexpr, STAGES: gl.constexpr,
     GPS: gl.constexpr, GDIV: gl.constexpr, SPLIT: gl.constexpr, HAS_ZEROS: gl.constexpr,
     HAS_BIAS: gl.constexpr, DTYPE: gl.constexpr, WS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
@@ -126,8 +126,9 @@ def w4a16_decode_sk_kernel(
 ):
     """The decode kernel's arguments (``kernel.w4a16_decode_kernel``), with n_units = n_tiles *
     n_stages in place of stages_per_split; part_ptr: fp32 [2 * P, M, BN]; cnt_ptr: int32
-    [n_tiles], zero before and after. SPLIT and WS are accepted for the common signature (the
-    schedule is always stream-K with a producer warp)."""
+    [n_tiles], zero before and after. SPLIT, WS, nw_ptr, ss_ptr and eps are accepted for the
+    common signature (the schedule is always stream-K with a producer warp; the RMSNorm epilogue,
+    EPI 3, is not built here: its registers spill in the tile loop, GluonDecodeConfig.norm_epilogue)."""
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, MT, 16])
     P = gl.num_programs(0)
     pid = gl.program_id(0)
