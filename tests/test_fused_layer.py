@@ -155,3 +155,51 @@ def test_both_norms_run_in_the_gemms():
     for h in hooks:
         h.remove()
     assert rel_error(other, fused) <= 1e-3
+
+
+def test_the_norm_after_each_layer_runs_in_its_down_projection(monkeypatch):
+    """The down GEMM of each layer writes the layer's output and the norm that reads it (the next
+    layer's input norm, the model's final norm after the last): no RMSNorm module computes
+    anything, nothing handed is held after the forward, and the logits are the quantized model's."""
+    from w4a16.fused_layer import HandedRMSNorm
+
+    plain = _tiny("llama", seed=3)
+    model = copy.deepcopy(plain)
+    w4a16.quantize_model(plain, group_size=64, progress=False)
+    w4a16.quantize_model(model, group_size=64, progress=False, fuse="layers")
+    handed = [model.model.layers[1].input_layernorm, model.model.norm]
+    assert all(isinstance(m, HandedRMSNorm) for m in handed)
+    assert not isinstance(model.model.layers[0].input_layernorm, HandedRMSNorm)   # nothing before layer 0
+    ids = torch.randint(0, 300, (2, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = plain(input_ids=ids).logits
+        computed = []
+        base = transformers.models.llama.modeling_llama.LlamaRMSNorm
+        original = base.forward
+        monkeypatch.setattr(base, "forward", lambda self, x: computed.append(self) or original(self, x))
+        got = model(input_ids=ids).logits
+    assert computed == []
+    assert all(m.__dict__["w4a16_handed"] is None for m in handed)
+    assert rel_error(got, want) <= 3e-3
+
+
+def test_a_handed_norm_serves_only_its_own_tensor():
+    """What a down projection handed to a norm is returned for exactly that tensor; any other input
+    is normalized by the module itself, and the handed pair is dropped either way."""
+    from w4a16.fused_layer import HandedRMSNorm
+
+    model = _tiny("qwen2", seed=8)
+    w4a16.quantize_model(model, group_size=64, progress=False, fuse="layers")
+    norm = model.model.norm
+    assert isinstance(norm, HandedRMSNorm)
+    gen = torch.Generator().manual_seed(9)
+    h, other = (torch.randn(1, 3, 128, generator=gen).half() for _ in range(2))
+    marker = torch.full_like(h, 7.0)
+    norm.__dict__["w4a16_handed"] = (h, marker)
+    assert torch.equal(norm(h), marker) and norm.__dict__["w4a16_handed"] is None
+    norm.__dict__["w4a16_handed"] = (h, marker)
+    with torch.no_grad():
+        got = norm(other)
+    assert norm.__dict__["w4a16_handed"] is None
+    want = type(norm).__mro__[2].forward(norm, other)
+    assert torch.equal(got, want) and not torch.equal(got, marker)

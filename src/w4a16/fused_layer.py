@@ -17,7 +17,14 @@ residual adds as kernels of their own, each reading and writing the activations 
   writes h and norm2(h));
 * norm1 of such a class moves into the fused q/k/v projection (``self_attn.qkv_proj`` becomes a
   :class:`NormedFusedW4A16Linear`, which reads its input RMS-normalized: ``gemm(input_norm=...)``),
-  and the attention module gets the layer's input as it is.
+  and the attention module gets the layer's input as it is;
+* the norm that reads a layer's output (the next layer's norm1, or the model's final norm after
+  the last layer; of a class in :data:`NORM_CLASSES`) moves into the layer's down projection: the
+  "residual_rmsnorm" epilogue writes the layer's output y and that norm of it, and hands
+  (y, norm(y)) to the norm module (its class gets :class:`HandedRMSNorm` mixed in), which returns
+  the handed norm when it is called with exactly that y (the fused q/k/v projection asks it first).
+  Anything else between the layers (a hook that replaces the output, a layer called on its own)
+  finds nothing handed for its tensor, and the norm is computed as before.
 
 The attention module (rotary embedding, cache, attention kernel) is the model's own, called with
 the layer's keyword arguments as the model's layer calls it.
@@ -49,6 +56,33 @@ MLP_CLASSES = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP")
 NORM_CLASSES = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
 
 
+def is_rms_norm(module) -> bool:
+    """Whether ``module`` is an RMSNorm of :data:`NORM_CLASSES` (handed or not)."""
+    return getattr(type(module), "norm_class", type(module).__name__) in NORM_CLASSES
+
+
+class HandedRMSNorm(nn.Module):
+    """Mixed into an RMSNorm of :data:`NORM_CLASSES` whose input a fused layer's down projection
+    normalizes in its epilogue: ``forward(x)`` returns the norm handed for x (:func:`take_handed`),
+    else computes it."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        n = take_handed(self, hidden_states)
+        return n if n is not None else super().forward(hidden_states)
+
+
+def take_handed(norm: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The normalized tensor handed to ``norm`` together with exactly ``x`` (the same tensor object),
+    else None; what was handed is dropped either way (nothing is held between calls)."""
+    if not isinstance(norm, HandedRMSNorm):
+        return None
+    pair = norm.__dict__["w4a16_handed"]
+    if pair is None:
+        return None
+    norm.__dict__["w4a16_handed"] = None
+    return pair[1] if pair[0] is x else None
+
+
 class DeferredW4A16Linear(W4A16Linear):
     """An output projection whose GEMM the decoder layer runs: ``forward(x)`` returns x as it is
     (the attention module calls it last), :meth:`project` computes x @ W^T + bias + residual."""
@@ -77,7 +111,10 @@ class NormedFusedW4A16Linear(FusedW4A16Linear):
                 epilogue: Optional[str] = None) -> torch.Tensor:
         """x [..., in_features] un-normalized -> [..., out_features] = norm(x) @ W^T + bias."""
         norm = self.__dict__["input_norm"]
-        if type(norm).__name__ not in NORM_CLASSES or norm.weight.dtype != x.dtype:
+        normed = take_handed(norm, x)
+        if normed is not None:   # the previous layer's down projection normalized x
+            return W4A16Linear.forward(self, normed, residual, epilogue)
+        if not is_rms_norm(norm) or norm.weight.dtype != x.dtype:
             return W4A16Linear.forward(self, norm(x), residual, epilogue)   # the module itself computes it
         return W4A16Linear.forward(self, x, residual, epilogue, input_norm=(norm.weight, float(norm.variance_epsilon)))
 
@@ -98,6 +135,12 @@ class W4A16GatedMLP(nn.Module):
         """x [..., H] in the module's dtype -> [..., H] (+ residual [..., H])."""
         return self.down_proj(self.gate_up_paired(x, epilogue="silu_mul"), residual)
 
+    def forward_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module) -> tuple:
+        """(y, norm(y)) for y = forward(x, residual): x, residual, both results [..., H]; ``norm`` an
+        RMSNorm of :data:`NORM_CLASSES` (weight [H] in x's dtype), run in the down GEMM's epilogue."""
+        return self.down_proj(self.gate_up_paired(x, epilogue="silu_mul"), residual, "residual_rmsnorm", norm.weight,
+                              float(norm.variance_epsilon))
+
 
 class FusedDecoderLayer(nn.Module):
     """The forward of a converted decoder layer (mixed into a subclass of the layer's own class)."""
@@ -111,11 +154,16 @@ class FusedDecoderLayer(nn.Module):
         attn_in = hidden_states if normed_in_qkv else self.input_layernorm(hidden_states)
         attn_out, _ = self.self_attn(hidden_states=attn_in, **kwargs)
         norm = self.post_attention_layernorm
-        if type(norm).__name__ in NORM_CLASSES and norm.weight.dtype == attn_out.dtype:
+        if is_rms_norm(norm) and norm.weight.dtype == attn_out.dtype:
             hidden_states, normed = self.self_attn.o_proj.project_norm(attn_out, hidden_states, norm)
         else:
             hidden_states = self.self_attn.o_proj.project(attn_out, hidden_states)
             normed = norm(hidden_states)
+        nxt = self.__dict__["w4a16_next_norm"]
+        if isinstance(nxt, HandedRMSNorm) and nxt.weight.dtype == normed.dtype:
+            out, out_normed = self.mlp.forward_norm(normed, hidden_states, nxt)
+            nxt.__dict__["w4a16_handed"] = (out, out_normed)
+            return out
         return self.mlp(normed, hidden_states)
 
 
@@ -165,10 +213,37 @@ def fuse_decoder_layers(model: nn.Module) -> List[str]:
         layer.self_attn.o_proj.__class__ = DeferredW4A16Linear
         qkv = getattr(layer.self_attn, "qkv_proj", None)
         norm = getattr(layer, "input_layernorm", None)
-        if (type(qkv) is FusedW4A16Linear and len(qkv.splits) == 3 and type(norm).__name__ in NORM_CLASSES
+        if (type(qkv) is FusedW4A16Linear and len(qkv.splits) == 3 and is_rms_norm(norm)
                 and norm.weight.shape == (qkv.in_features,)):
             qkv.__class__ = NormedFusedW4A16Linear
             qkv.__dict__["input_norm"] = norm
         layer.__class__ = mixed_class(FusedDecoderLayer, type(layer), "W4A16Fused")
+        layer.__dict__["w4a16_next_norm"] = None   # hand_over_norms links the layers of a list
         done.append(name)
+    hand_over_norms(model)
     return done
+
+
+def hand_over_norms(model: nn.Module) -> None:
+    """Link each converted layer in a ``layers`` list to the norm that reads its output (see the
+    module docstring): the next layer's ``input_layernorm`` when that layer is converted, or the
+    list's owner's ``norm`` after the last layer, where it is an RMSNorm of :data:`NORM_CLASSES`
+    over the layer's hidden size."""
+    for owner in model.modules():
+        layers = getattr(owner, "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            continue
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, FusedDecoderLayer):
+                continue
+            if i + 1 < len(layers):
+                nxt = layers[i + 1].input_layernorm if isinstance(layers[i + 1], FusedDecoderLayer) else None
+            else:
+                nxt = getattr(owner, "norm", None)
+            hidden = layer.mlp.down_proj.out_features
+            if nxt is None or not is_rms_norm(nxt) or tuple(nxt.weight.shape) != (hidden,):
+                continue
+            if not isinstance(nxt, HandedRMSNorm):
+                nxt.__class__ = mixed_class(HandedRMSNorm, type(nxt), "W4A16Handed", norm_class=type(nxt).__name__)
+                nxt.__dict__["w4a16_handed"] = None
+            layer.__dict__["w4a16_next_norm"] = nxt   # not a submodule: its owner registers it
