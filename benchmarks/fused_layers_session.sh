@@ -14,7 +14,12 @@
 #                                                   # kernels of a compiled decode step
 #                                                   # (benchmarks/model_profile.py, 8 layers, fused layers)
 #                                                   # with each attention of PROFILE_ATTENTIONS
+#   peer                                            # w4a16.e2e.speed with the torchao int4 peer (bf16,
+#                                                   # compiled; TORCHAO_WHEEL: its wheel, installed into
+#                                                   # /tmp/torchao-peer without dependencies)
 #
+# Every phase runs the Gluon decode kernel's own RMSNorm epilogue (W4A16_GLUON_KERNEL_NORM=1, the
+# setting of w4a16.backends.gluon.decode.config.KERNEL_NORM; KERNEL_NORM=0 here: the norm in torch).
 # Logs and tables under $OUT (default /tmp/fused_layers). MS (bench rows), BENCH_LAYERS (a prefix of the
 # bench layers, e.g. 8B), LAYERS (model layers, default 32), ITERS (default 20), DTYPE (the model's, fp16 or bf16),
 # ATTENTION (every model's: sdpa, the default, packed-gqa or fused-decode), PROFILE_ATTENTIONS (default
@@ -23,6 +28,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/session_setup.sh fused_layers 560
+export W4A16_GLUON_KERNEL_NORM=${KERNEL_NORM:-1}
 case "${1:-check}" in
 check)
     G=tests/backends/gluon
@@ -52,5 +58,12 @@ attention)
             --compile --fuse-layers --dtype "${DTYPE:-fp16}" --attention "$att" --top 14 > "$OUT/profile_$att.txt" 2>&1
         grep -E "ms of kernels" "$OUT/profile_$att.txt"
     done ;;
-*) echo "phase: check, model or attention"; exit 2 ;;
+peer)
+    wheel=${TORCHAO_WHEEL:?TORCHAO_WHEEL: the torchao wheel (the GPU machine has no network)}
+    $PY -m pip install -q --no-deps --target /tmp/torchao-peer "$wheel" || exit 1
+    PYTHONPATH="src:/tmp/torchao-peer" timeout "$LIMIT" $PY -m w4a16.e2e.speed --layers "${LAYERS:-32}" --batches 1 16 \
+        --iters "${ITERS:-20}" --compile --fuse-layers-too --dtype bf16 --attention "${ATTENTION:-sdpa}" \
+        --peers torchao-int4 --out "$OUT" > "$OUT/peer.txt" 2>&1
+    tail -n 30 "$OUT/peer.txt" ;;
+*) echo "phase: check, model, attention or peer"; exit 2 ;;
 esac
