@@ -2,8 +2,9 @@
 gate_up GEMM writing SiLU(gate) * up against the GEMM plus torch's SiLU and multiply, its o and
 down GEMMs adding the residual against the GEMM plus torch's add, and adding the residual and
 writing the RMSNorm of the sum against the residual GEMM plus the norm compiled by torch.compile
-(one Inductor kernel, as in a compiled model) (CUDA-graph replay, weights rotated through enough
-copies to leave L2; ``backend="auto"``).
+(one Inductor kernel, as in a compiled model; the Gluon decode kernel writes the norm itself at
+every M here: where it stops paying sets ``decode.config.NORM_MAX_ELEMENTS``) (CUDA-graph replay,
+weights rotated through enough copies to leave L2; ``backend="auto"``).
 
     python benchmarks/epilogue_bench.py [--m 1,16,64,2048] [--dtype fp16] [--layers 8B] [--out DIR]
 
@@ -42,7 +43,7 @@ def _weights(I_or_N: int, K: int, epilogue: str, dtype, copies: int, gen):
 
 def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--m", default="1,16,64,2048", help="rows of x (comma separated)")
+    p.add_argument("--m", default="1,2,4,8,16,64,2048", help="rows of x (comma separated)")
     p.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16")
     p.add_argument("--layers", default="", help="only the layers whose name starts with this (e.g. 8B)")
     p.add_argument("--out", default=None)
@@ -51,6 +52,8 @@ def main(argv=None) -> list:
     gen = torch.Generator().manual_seed(0)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     timer = GraphTimer()
+    from w4a16.backends.gluon.decode import config as gluon_decode
+    gluon_decode.KERNEL_NORM, gluon_decode.NORM_MAX_ELEMENTS = True, 1 << 30
     compiled_norm = torch.compile(E.rms_norm, dynamic=False)
     rows = []
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "

@@ -38,7 +38,7 @@ check)
         -k "epilogue or fused or bound or fast_path or split or every_config or stream or kernels or graph or compile" \
         > "$OUT/tests.txt" 2>&1
     grep -E "^(FAILED|ERROR)" "$OUT/tests.txt" | head -n 20; tail -n 1 "$OUT/tests.txt"
-    timeout $((LIMIT * 2 / 5)) $PY benchmarks/epilogue_bench.py --m "${MS:-1,16,64,2048}" --layers "${BENCH_LAYERS:-}" --out "$OUT" \
+    timeout $((LIMIT * 2 / 5)) $PY benchmarks/epilogue_bench.py --m "${MS:-1,2,4,8,16,64,2048}" --layers "${BENCH_LAYERS:-}" --out "$OUT" \
         > "$OUT/epilogue_bench.txt" 2>&1
     tail -n 25 "$OUT/epilogue_bench.txt" ;;
 model)

@@ -73,7 +73,7 @@ def run_epilogue(x, w, epilogue, residual=None, bias=None, alpha=1.0, norm=None,
     y = w4a16.gemm(x, w, bias, alpha, epilogue=epilogue, residual=residual, **extra, **kw)
     choice = w4a16.ops.choose(x, w, kw.get("config", "auto"), kw.get("backend", "auto"), E.chosen_as(epilogue))
     b = choice.backend
-    if epilogue not in b.config_epilogues(choice.config):   # the residual epilogue, the norm in torch
+    if epilogue not in b.config_epilogues(choice.config, x.numel() // x.shape[-1], w.shape[0]):   # the norm in torch
         return y
     N, K = w.shape
     x2 = x.reshape(-1, K)

@@ -22,10 +22,12 @@ HOPPER = torch.cuda.get_device_capability()[0] == 9
 
 @pytest.fixture(autouse=True)
 def kernel_norm(monkeypatch):
-    """The Gluon decode kernel's own RMSNorm epilogue, on for these tests whatever its default."""
+    """The Gluon decode kernel's own RMSNorm epilogue, on for these tests at every size, whatever
+    its default."""
     from w4a16.backends.gluon.decode import config
 
     monkeypatch.setattr(config, "KERNEL_NORM", True)
+    monkeypatch.setattr(config, "NORM_MAX_ELEMENTS", 1 << 30)
 DTYPES = pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 
 

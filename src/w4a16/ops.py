@@ -114,24 +114,25 @@ def gemm_op(x: torch.Tensor, weight: List[torch.Tensor], bias: Optional[torch.Te
     with _on_device_of(x):
         run = bound_run(b, _op_prepared(b, weight, shape), x.shape[0], x.dtype, bias is not None, alpha,
                         b.config_from_key(config), deterministic, epilogue or None, packed=True,
-                        input_norm=in_norm is not None)
+                        input_norm=in_norm is not None, N=shape[0])
         return run(x, bias, residual, norm, in_norm)
 
 
 def bound_run(b, prepared, M: int, dtype: torch.dtype, has_bias: bool, alpha: float, cfg, deterministic: bool,
-              epilogue: Optional[str], packed: bool = False, input_norm: bool = False) -> Callable:
+              epilogue: Optional[str], packed: bool = False, input_norm: bool = False, N: int = 0) -> Callable:
     """``b.bind(...)`` for ``epilogue`` as a callable ``run(x2, bias, residual=None, norm=None,
     input_norm=None)``. With "residual_rmsnorm" it returns (h, n) ([2, M, N] when ``packed``); a
     backend whose kernels lack that epilogue runs "residual" and the norm in torch
     (``w4a16.epilogue.rms_norm``). ``input_norm``: each call passes the Norm x2 is normalized with,
-    by the kernel where the backend does it (``Backend.input_norm``), else in torch first."""
+    by the kernel where the backend does it (``Backend.input_norm``), else in torch first. ``N``:
+    the weight's rows (0: not known), for :meth:`Backend.config_epilogues`."""
     if input_norm and not b.input_norm:
-        inner = bound_run(b, prepared, M, dtype, has_bias, alpha, cfg, deterministic, epilogue, packed)
+        inner = bound_run(b, prepared, M, dtype, has_bias, alpha, cfg, deterministic, epilogue, packed, N=N)
 
         def normalized(x2, bias, residual=None, norm=None, input_norm=None):
             return inner(rms_norm(x2, input_norm.weight, input_norm.eps), bias, residual, norm)
         return normalized
-    kernel_epilogue = run_as(epilogue, b.config_epilogues(cfg))
+    kernel_epilogue = run_as(epilogue, b.config_epilogues(cfg, M, N))
     run = b.bind(prepared, M, dtype, has_bias, alpha, cfg, deterministic, kernel_epilogue, input_norm)
     if epilogue != "residual_rmsnorm":
         return run
@@ -297,7 +298,7 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
     else:
         choice = choose(x, w, config, backend, chosen_as(epilogue))
         b, config_key = choice.backend, choice.config_key
-        kernel_epilogue = run_as(epilogue, b.config_epilogues(choice.config))
+        kernel_epilogue = run_as(epilogue, b.config_epilogues(choice.config, M, N))
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if w.params.perm is not None:
         x2 = x2.index_select(1, w.params.perm)
@@ -328,7 +329,7 @@ def gemm(x: torch.Tensor, w: QuantizedWeight, bias: Optional[torch.Tensor] = Non
             y = (y[0], y[1]) if kernel_epilogue == epilogue else (y, rms_norm(y, norm.weight, norm.eps))
         return _shaped(y, out)
     run = bound_run(b, prepared, x2.shape[0], x2.dtype, bias is not None, float(alpha), choice.config,
-                    bool(deterministic), epilogue, input_norm=in_norm is not None)
+                    bool(deterministic), epilogue, input_norm=in_norm is not None, N=N)
     y = run(x2, bias) if r2 is None and in_norm is None else run(x2, bias, r2, norm, in_norm)
     if key is not None and x.is_contiguous() and (in_norm is None or w.params.perm is None):
         calls = _calls_of(w)
@@ -363,7 +364,7 @@ def _traced_choice(M: int, N: int, K: int, group: int, dtype: torch.dtype, zeros
     is tracing: run by Dynamo at trace time and taken as a constant. The graph is specialized on
     the shapes it depends on."""
     c = choose_backend(Problem(M, N, K, group, dtype, zeros, device, chosen_as(epilogue)), backend, config)
-    return c.backend.name, c.config_key, run_as(epilogue, c.backend.config_epilogues(c.config))
+    return c.backend.name, c.config_key, run_as(epilogue, c.backend.config_epilogues(c.config, M, N))
 
 
 class _Call(NamedTuple):

@@ -139,9 +139,10 @@ class Backend(abc.ABC):
         return self.name
 
     # ------------------------------------------------------------------ running
-    def config_epilogues(self, cfg: Any) -> tuple:
-        """The epilogues ``run`` applies with ``cfg`` (by default :attr:`epilogues`, which a
-        backend's selection goes by; one whose configs differ narrows it per config)."""
+    def config_epilogues(self, cfg: Any, M: int = 0, N: int = 0) -> tuple:
+        """The epilogues ``run`` applies with ``cfg`` to an output of M rows and N columns (0:
+        not known) (by default :attr:`epilogues`, which a backend's selection goes by; one whose
+        configs or sizes differ narrows it)."""
         return self.epilogues
 
     @abc.abstractmethod

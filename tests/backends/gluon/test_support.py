@@ -44,8 +44,8 @@ def test_refusals_name_the_reason():
 
 def test_the_norm_epilogue_runs_in_the_kernel_only_where_it_compiles(monkeypatch):
     """"residual_rmsnorm" is the kernel's own with warp-specialized, non-stream-K decode configs
-    while KERNEL_NORM is on; the other configs (and every config while it is off) run the
-    residual epilogue, and w4a16.gemm the norm after it."""
+    on outputs of at most NORM_MAX_ELEMENTS while KERNEL_NORM is on; the other configs and sizes
+    (and everything while it is off) run the residual epilogue, and w4a16.gemm the norm after it."""
     from w4a16.backends.gluon.decode import config
     from w4a16.backends.gluon.decode.config import GluonDecodeConfig
     from w4a16.backends.gluon.prefill.config import NAMED as PREFILL
@@ -54,9 +54,12 @@ def test_the_norm_epilogue_runs_in_the_kernel_only_where_it_compiles(monkeypatch
     ws, sk, single = (GluonDecodeConfig(8, 4, 2, 4), GluonDecodeConfig(8, 4, 2, 4, sk=True),
                       GluonDecodeConfig(8, 4, 2, 4, ws=False))
     prefill = next(iter(PREFILL.values()))
+    small = config.NORM_MAX_ELEMENTS // 4096
     for on in (False, True):
         monkeypatch.setattr(config, "KERNEL_NORM", on)
-        assert ("residual_rmsnorm" in b.config_epilogues(ws)) is on
+        assert ("residual_rmsnorm" in b.config_epilogues(ws, small, 4096)) is on
+        for M, N in ((small + 1, 4096), (0, 0), (1, config.NORM_MAX_ELEMENTS + 1)):
+            assert b.config_epilogues(ws, M, N) == (None, "silu_mul", "residual")
         for cfg in (sk, single, prefill):
-            assert b.config_epilogues(cfg) == (None, "silu_mul", "residual")
+            assert b.config_epilogues(cfg, 1, 4096) == (None, "silu_mul", "residual")
     assert ws.norm_epilogue and not sk.norm_epilogue and not single.norm_epilogue

@@ -48,9 +48,8 @@ class GluonBackend(Backend):
     name = "gluon"
     layout_version = GLUON_LAYOUT_VERSION
     config_type = (GluonDecodeConfig, GluonPrefillConfig)   # isinstance() takes the tuple
-    # "residual_rmsnorm": in the decode kernel (configs with ``norm_epilogue``, while
-    # decode.config.KERNEL_NORM is on); with the others and the prefill kernel w4a16.gemm runs its
-    # norm in torch after the kernel
+    # "residual_rmsnorm": in the decode kernel where decode.config.kernel_norm says so; elsewhere,
+    # and with the prefill kernel, w4a16.gemm runs its norm in torch after the kernel
     epilogues = (None, "silu_mul", "residual", "residual_rmsnorm")
 
     def available(self, device: torch.device) -> Optional[str]:
@@ -142,8 +141,8 @@ class GluonBackend(Backend):
         return cfg.short()
 
     # ------------------------------------------------------------------ running
-    def config_epilogues(self, cfg) -> tuple:
-        if isinstance(cfg, GluonPrefillConfig) or not (decode_config.KERNEL_NORM and cfg.norm_epilogue):
+    def config_epilogues(self, cfg, M: int = 0, N: int = 0) -> tuple:
+        if isinstance(cfg, GluonPrefillConfig) or not decode_config.kernel_norm(cfg, M, N):
             return self.epilogues[:3]
         return self.epilogues
 
@@ -156,8 +155,9 @@ class GluonBackend(Backend):
 
     def run(self, x2, prepared, bias, alpha, cfg, deterministic=True, out=None, epilogue=None, residual=None,
             norm=None, input_norm=None):
-        expect(epilogue in self.config_epilogues(cfg), "epilogue", f"one of {self.config_epilogues(cfg)} with config "
-               f"{cfg.short()} (w4a16.gemm runs the norm of 'residual_rmsnorm' after the kernel there)", epilogue)
+        native = self.config_epilogues(cfg, x2.shape[0], prepared.N)
+        expect(epilogue in native, "epilogue", f"one of {native} with config {cfg.short()} and M = {x2.shape[0]} "
+               "(w4a16.gemm runs the norm of 'residual_rmsnorm' after the kernel there)", epilogue)
         if x2.data_ptr() % 16:  # TMA needs a 16-byte aligned base: take an aligned copy
             x2 = x2.clone()
         if isinstance(cfg, GluonPrefillConfig):

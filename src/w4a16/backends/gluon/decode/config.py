@@ -10,12 +10,23 @@ from typing import Dict, List
 from ....errors import expect
 
 TOKEN_TILES = (8, 16, 32, 64)
-# Whether the backend runs "residual_rmsnorm" in the decode kernel (configs with ``norm_epilogue``)
-# instead of the residual epilogue and the norm in torch after it. The kernel's norm compiles
-# spill-free for sm_90a on Triton 3.6.0 to 3.9.0 (``w4a16 sass``); on by default once its GPU
-# tests have passed (tests/test_epilogue_gpu.py turns it on for itself). W4A16_GLUON_KERNEL_NORM=1
-# turns it on for a process.
+# Whether the backend runs "residual_rmsnorm" in the decode kernel (:func:`kernel_norm`) instead of
+# the residual epilogue and the norm in torch after it. The kernel's norm compiles spill-free for
+# sm_90a on Triton 3.6.0 to 3.9.0 (``w4a16 sass``); on by default once its GPU tests have passed
+# (tests/test_epilogue_gpu.py turns it on for itself). W4A16_GLUON_KERNEL_NORM=1 turns it on for a
+# process.
 KERNEL_NORM = os.environ.get("W4A16_GLUON_KERNEL_NORM", "0") == "1"
+# The largest output (M x N elements) whose norm the decode kernel writes itself: its last program
+# reads and writes the rows alone, 4096 elements (one L2 round trip) a step, which a separate norm
+# kernel spreads over the GPU. By estimate (not measured yet: benchmarks/epilogue_bench.py times
+# the crossover) four 4096-wide rows, where the serial tail is about a separate kernel's launch.
+NORM_MAX_ELEMENTS = 16384
+
+
+def kernel_norm(cfg: "GluonDecodeConfig", M: int, N: int) -> bool:
+    """Whether the decode kernel with ``cfg`` writes the "residual_rmsnorm" epilogue's norm of an
+    [M, N] output itself: KERNEL_NORM on, ``cfg.norm_epilogue``, 0 < M * N <= NORM_MAX_ELEMENTS."""
+    return KERNEL_NORM and cfg.norm_epilogue and 0 < M * N <= NORM_MAX_ELEMENTS
 
 
 @dataclass(frozen=True)
