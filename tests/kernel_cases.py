@@ -1,6 +1,7 @@
 """Shared checks of the kernels against the reference (used by CPU-interpreter and GPU tests)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import w4a16
@@ -62,3 +63,23 @@ def identity_probe(K, N, group_size, zeros, dtype, device, config="auto"):
     x = torch.eye(K, dtype=dtype, device=device)
     y = w4a16.gemm(x, qw, config=config)
     assert torch.equal(y.t().cpu(), qw.dequantize(dtype).cpu())
+
+
+def run_offline(code: str) -> str:
+    """stdout of the Python ``code`` run in a worker process that imports w4a16 from this checkout
+    and runs without Triton's interpreter (which runs kernels on a CPU but does not lower them):
+    compiles for sm_90a on a machine without a GPU. Skips without Triton's NVIDIA backend; fails,
+    with the worker's stderr, when it exits non-zero."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from w4a16.backends.triton.env import interpreter_unset
+
+    pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    with interpreter_unset():
+        r = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); " + code, src],
+                           capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout

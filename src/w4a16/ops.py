@@ -122,15 +122,15 @@ def bound_run(b, prepared, M: int, dtype: torch.dtype, has_bias: bool, alpha: fl
               epilogue: Optional[str], packed: bool = False, input_norm: bool = False, N: int = 0) -> Callable:
     """``b.bind(...)`` for ``epilogue`` as a callable ``run(x2, bias, residual=None, norm=None,
     input_norm=None)``. With "residual_rmsnorm" it returns (h, n) ([2, M, N] when ``packed``); a
-    backend whose kernels lack that epilogue runs "residual" and the norm in torch
-    (``w4a16.epilogue.rms_norm``). ``input_norm``: each call passes the Norm x2 is normalized with,
-    by the kernel where the backend does it (``Backend.input_norm``), else in torch first. ``N``:
+    backend whose kernels lack that epilogue runs "residual" and the norm after it
+    (:func:`eager_rms_norm`). ``input_norm``: each call passes the Norm x2 is normalized with, by
+    the kernel where the backend does it (``Backend.input_norm``), else before it. ``N``:
     the weight's rows (0: not known), for :meth:`Backend.config_epilogues`."""
     if input_norm and not b.input_norm:
         inner = bound_run(b, prepared, M, dtype, has_bias, alpha, cfg, deterministic, epilogue, packed, N=N)
 
         def normalized(x2, bias, residual=None, norm=None, input_norm=None):
-            return inner(rms_norm(x2, input_norm.weight, input_norm.eps), bias, residual, norm)
+            return inner(eager_rms_norm(x2, input_norm), bias, residual, norm)
         return normalized
     kernel_epilogue = run_as(epilogue, b.config_epilogues(cfg, M, N))
     run = b.bind(prepared, M, dtype, has_bias, alpha, cfg, deterministic, kernel_epilogue, input_norm)
@@ -147,9 +147,19 @@ def bound_run(b, prepared, M: int, dtype: torch.dtype, has_bias: bool, alpha: fl
 
     def composed(x2, bias, residual=None, norm=None, input_norm=None):
         h = run(x2, bias, residual, None, input_norm)
-        n = rms_norm(h, norm.weight, norm.eps)
+        n = eager_rms_norm(h, norm)
         return torch.stack([h, n]) if packed else (h, n)
     return composed
+
+
+def eager_rms_norm(h: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """``w4a16.epilogue.rms_norm`` of h [M, N] (contiguous, fp16/bf16) with ``norm`` (weight [N]
+    contiguous in h's dtype) for an eager call: one Triton launch on a GPU
+    (``backends/triton/rms_norm.py``), torch's operations elsewhere."""
+    if h.is_cuda:
+        from .backends.triton.rms_norm import rms_norm_rows
+        return rms_norm_rows(h, norm.weight, norm.eps)
+    return rms_norm(h, norm.weight, norm.eps)
 
 
 def _on_device_of(x: torch.Tensor):

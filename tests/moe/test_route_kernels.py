@@ -172,17 +172,8 @@ def test_route_kernels_compile_for_sm90a():
     """The align kernels compile for sm_90a with the installed Triton, launched as their launches
     are (``offline.compile_route_kernels``; a worker process started without Triton's
     interpreter, which runs them on a CPU but does not lower them; no GPU needed)."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    from kernel_cases import run_offline
 
-    from w4a16.backends.triton.env import interpreter_unset
-
-    pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from w4a16.backends.triton.offline import "
-            "compile_route_kernels; print('compiled', len(compile_route_kernels()))")
-    with interpreter_unset():
-        r = subprocess.run([sys.executable, "-c", code, src], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "compiled 3" in r.stdout, r.stdout
+    out = run_offline("from w4a16.backends.triton.offline import compile_route_kernels; "
+                      "print('compiled', len(compile_route_kernels()))")
+    assert "compiled 3" in out, out

@@ -102,19 +102,10 @@ def test_other_modules_are_left_alone():
 def test_kernel_compiles_for_sm90a():
     """The kernel lowers for sm_90a with the installed Triton (``offline.compile_router_topk``; a
     worker process without Triton's interpreter; no GPU needed)."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    from kernel_cases import run_offline
 
-    from w4a16.backends.triton.env import interpreter_unset
-
-    pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from w4a16.backends.triton.offline import "
-            "compile_router_topk; from w4a16.sass import disasm; "
-            "ks = [compile_router_topk(128, 8), compile_router_topk(8, 2, 'fp16'), compile_router_topk(256, 8)]; "
-            "print('spills', sum(disasm.spills(disasm.instructions(k.asm['cubin'])) for k in ks))")
-    with interpreter_unset():
-        r = subprocess.run([sys.executable, "-c", code, src], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "spills 0" in r.stdout, r.stdout
+    out = run_offline("from w4a16.backends.triton.offline import compile_router_topk; from w4a16.sass import disasm; "
+                      "ks = [compile_router_topk(128, 8), compile_router_topk(8, 2, 'fp16'), "
+                      "compile_router_topk(256, 8)]; "
+                      "print('spills', sum(disasm.spills(disasm.instructions(k.asm['cubin'])) for k in ks))")
+    assert "spills 0" in out, out

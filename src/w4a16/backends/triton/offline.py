@@ -193,6 +193,18 @@ def compile_router_topk(num_experts: int = 128, k: int = 8, dtype: str = "bf16")
     return _compile_sm90a(router_topk_kernel, names, [types.get(a, "i32") for a in names], (), cx, 4, 1)
 
 
+def compile_rms_norm(N: int = 4096, dtype: str = "fp16"):
+    """The one-launch RMSNorm of rows (``rms_norm``) compiled for sm_90a for rows of N elements of
+    ``dtype``, with the block and warps its launcher picks."""
+    from .rms_norm import MAX_BLOCK, rms_norm_kernel
+
+    block = min(MAX_BLOCK, max(16, 1 << (N - 1).bit_length()))
+    names = ["h_ptr", "w_ptr", "y_ptr", "N", "eps"]
+    types = [f"*{dtype}"] * 3 + ["i32", "fp32"]
+    return _compile_sm90a(rms_norm_kernel, names, types, ("h_ptr", "w_ptr", "y_ptr"), dict(BLOCK=block),
+                          8 if block >= 2048 else 4, 1)
+
+
 def moe_weights_per_thread(kernel, group: int = 128) -> int:
     """Weights one thread dequantizes per main-loop iteration (two tiles with SiLU*up): BK values of
     K a step for a MoeTile, one layout chunk for a PackedTile."""
