@@ -6,7 +6,7 @@ writing the RMSNorm of the sum against the residual GEMM plus the norm compiled 
 every M here: where it stops paying sets ``decode.config.NORM_MAX_ELEMENTS``) (CUDA-graph replay,
 weights rotated through enough copies to leave L2; ``backend="auto"``).
 
-    python benchmarks/epilogue_bench.py [--m 1,16,64,2048] [--dtype fp16] [--layers 8B] [--out DIR]
+    python benchmarks/epilogue_bench.py [--m 1,2,4,8,16,64,2048] [--dtype fp16] [--layers 8B] [--out DIR]
 
 Prints a table and writes epilogue_bench.csv under --out.
 """
