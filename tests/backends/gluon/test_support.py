@@ -63,3 +63,22 @@ def test_the_norm_epilogue_runs_in_the_kernel_only_where_it_compiles(monkeypatch
         for cfg in (sk, single, prefill):
             assert b.config_epilogues(cfg, 1, 4096) == (None, "silu_mul", "residual")
     assert ws.norm_epilogue and not sk.norm_epilogue and not single.norm_epilogue
+
+
+def test_the_norm_epilogue_is_refused_where_the_kernel_does_not_run_it():
+    """A backend call or an offline compile asking the kernel for the norm where it does not run
+    it gets an error naming the argument, before anything is launched or compiled."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from w4a16.backends.gluon.decode.config import GluonDecodeConfig
+    from w4a16.backends.gluon.offline import compile_decode
+    from w4a16.errors import W4A16Error
+
+    sk = GluonDecodeConfig(8, 4, 2, 4, sk=True)
+    with pytest.raises(W4A16Error, match="^epi: expected not 3"):
+        compile_decode(sk, epi=3)
+    x2 = torch.zeros(1, 64, dtype=torch.float16)
+    with pytest.raises(W4A16Error, match="^epilogue: expected one of .* with config g8x64c2s4wssk and M = 1"):
+        get("gluon").run(x2, SimpleNamespace(N=4096), None, 1.0, sk, epilogue="residual_rmsnorm")

@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import torch
 
-from ...errors import expect
+from ...errors import fail
 from ..base import Backend, Problem
 from ..device import sms_of
 from .decode import config as decode_config
@@ -156,8 +156,9 @@ class GluonBackend(Backend):
     def run(self, x2, prepared, bias, alpha, cfg, deterministic=True, out=None, epilogue=None, residual=None,
             norm=None, input_norm=None):
         native = self.config_epilogues(cfg, x2.shape[0], prepared.N)
-        expect(epilogue in native, "epilogue", f"one of {native} with config {cfg.short()} and M = {x2.shape[0]} "
-               "(w4a16.gemm runs the norm of 'residual_rmsnorm' after the kernel there)", epilogue)
+        if epilogue not in native:   # the message formatted only on failure (a call's host time)
+            fail("epilogue", f"one of {native} with config {cfg.short()} and M = {x2.shape[0]} "
+                 "(w4a16.gemm runs the norm of 'residual_rmsnorm' after the kernel there)", epilogue)
         if x2.data_ptr() % 16:  # TMA needs a 16-byte aligned base: take an aligned copy
             x2 = x2.clone()
         if isinstance(cfg, GluonPrefillConfig):

@@ -44,6 +44,11 @@ def router_topk_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_t,
 _LAUNCH = CachedLaunch(router_topk_kernel)
 
 
+def topk_constexprs(E: int, k: int, renormalize: bool) -> dict:
+    """The kernel's constexprs for E experts and top k (what the offline compile builds too)."""
+    return dict(K=k, E_POW=max(16, 1 << (E - 1).bit_length()), RENORM=bool(renormalize))
+
+
 def router_topk(logits: torch.Tensor, k: int, renormalize: bool, out_dtype: torch.dtype, out=None) -> tuple:
     """(w [T, k] in out_dtype, ids int64 [T, k]) for logits [T, E] (last dim contiguous, k a power
     of two at most E) on the kernel (module docstring), written into ``out`` = (w, ids) when given
@@ -53,5 +58,5 @@ def router_topk(logits: torch.Tensor, k: int, renormalize: bool, out_dtype: torc
                                           torch.empty(T, k, dtype=torch.int64, device=logits.device))
     if T:
         _LAUNCH((T,), (logits, w, ids, E, logits.stride(0)),
-                dict(K=k, E_POW=max(16, 1 << (E - 1).bit_length()), RENORM=bool(renormalize)), 4, 1)
+                topk_constexprs(E, k, renormalize), 4, 1)
     return w, ids

@@ -185,9 +185,9 @@ def compile_router_topk(num_experts: int = 128, k: int = 8, dtype: str = "bf16")
     """The router top-k kernel (``moe_topk``) compiled for sm_90a for ``num_experts`` experts and
     top ``k`` on ``dtype`` logits (a Triton release that cannot lower it fails here, on a machine
     without a GPU)."""
-    from .moe_topk import router_topk_kernel
+    from .moe_topk import router_topk_kernel, topk_constexprs
 
-    cx = dict(K=k, E_POW=max(16, 1 << (num_experts - 1).bit_length()), RENORM=True)
+    cx = topk_constexprs(num_experts, k, True)
     names = [a for a in router_topk_kernel.arg_names if a not in cx]
     types = dict(logits_ptr=f"*{dtype}", w_ptr=f"*{dtype}", ids_ptr="*i64")
     return _compile_sm90a(router_topk_kernel, names, [types.get(a, "i32") for a in names], (), cx, 4, 1)
@@ -196,13 +196,12 @@ def compile_router_topk(num_experts: int = 128, k: int = 8, dtype: str = "bf16")
 def compile_rms_norm(N: int = 4096, dtype: str = "fp16"):
     """The one-launch RMSNorm of rows (``rms_norm``) compiled for sm_90a for rows of N elements of
     ``dtype``, with the block and warps its launcher picks."""
-    from .rms_norm import MAX_BLOCK, rms_norm_kernel
+    from .rms_norm import launch_shape, rms_norm_kernel
 
-    block = min(MAX_BLOCK, max(16, 1 << (N - 1).bit_length()))
+    block, warps = launch_shape(N)
     names = ["h_ptr", "w_ptr", "y_ptr", "N", "eps"]
     types = [f"*{dtype}"] * 3 + ["i32", "fp32"]
-    return _compile_sm90a(rms_norm_kernel, names, types, ("h_ptr", "w_ptr", "y_ptr"), dict(BLOCK=block),
-                          8 if block >= 2048 else 4, 1)
+    return _compile_sm90a(rms_norm_kernel, names, types, ("h_ptr", "w_ptr", "y_ptr"), dict(BLOCK=block), warps, 1)
 
 
 def moe_weights_per_thread(kernel, group: int = 128) -> int:

@@ -43,6 +43,12 @@ def rms_norm_kernel(h_ptr, w_ptr, y_ptr, N, eps, BLOCK: tl.constexpr):
 _LAUNCH = CachedLaunch(rms_norm_kernel)
 
 
+def launch_shape(N: int) -> tuple:
+    """(BLOCK, num_warps) of the launch for rows of N elements (what the offline compile builds too)."""
+    block = min(MAX_BLOCK, max(16, 1 << (N - 1).bit_length()))
+    return block, 8 if block >= 2048 else 4
+
+
 def rms_norm_rows(h: torch.Tensor, weight: torch.Tensor, eps: float, out=None) -> torch.Tensor:
     """y [M, N] = the RMSNorm of h [M, N] (contiguous, fp16/bf16) with ``weight`` [N] (h's dtype,
     contiguous) and ``eps``, into ``out`` (contiguous, h's shape and dtype) when given; the caller
@@ -50,6 +56,6 @@ def rms_norm_rows(h: torch.Tensor, weight: torch.Tensor, eps: float, out=None) -
     M, N = h.shape
     y = out if out is not None else torch.empty_like(h)
     if M and N:
-        block = min(MAX_BLOCK, max(16, 1 << (N - 1).bit_length()))
-        _LAUNCH((M,), (h, weight, y, N, float(eps)), dict(BLOCK=block), 8 if block >= 2048 else 4, 1)
+        block, warps = launch_shape(N)
+        _LAUNCH((M,), (h, weight, y, N, float(eps)), dict(BLOCK=block), warps, 1)
     return y

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from ....epilogue import code_of, out_shape
-from ....errors import expect
+from ....errors import expect, fail
 from ...workspace import plans_of, tile_counters
 from ..host import PRODUCER_REGS, check_x2, gl_dtype, k_ranges, launch, stage_blocks, weight_descriptors
 from ..layout import GluonPrepared
@@ -152,8 +152,9 @@ def run_decode(x2: torch.Tensor, pw: GluonPrepared, bias: Optional[torch.Tensor]
     check_x2(x2, pw)
     expect((norm is not None) == (epilogue == "residual_rmsnorm"), "norm",
            "a Norm with epilogue='residual_rmsnorm', else None", norm)
-    expect(norm is None or cfg.norm_epilogue, "epilogue", f"not 'residual_rmsnorm' with config {cfg.short()} "
-           "(GluonDecodeConfig.norm_epilogue)", epilogue)
+    if norm is not None and not cfg.norm_epilogue:   # the message formatted only on failure
+        fail("epilogue", f"not 'residual_rmsnorm' with config {cfg.short()} (GluonDecodeConfig.norm_epilogue)",
+             epilogue)
     plan = plan_for(pw, M, cfg, deterministic, epilogue)
     y = out if out is not None else torch.empty(out_shape(M, N, epilogue), dtype=x2.dtype, device=x2.device)
     x_desc = TensorDescriptor(x2, [M, K], [K, 1], [cfg.mt, plan.kh], plan.xl)
